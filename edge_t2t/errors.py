@@ -1,0 +1,24 @@
+"""Errors a user can cause. The CLI prints them on one line and exits non-zero;
+anything else that escapes is a bug and keeps its traceback."""
+
+
+class EdgeT2TError(Exception):
+    """Base class: the message names the file involved and the fix."""
+
+    exit_code = 2
+
+
+class ModelError(EdgeT2TError):
+    """A model file (GGUF, ONNX, manifest) is missing, corrupt or of the wrong kind."""
+
+
+class ImageError(EdgeT2TError):
+    """An image could not be read or decoded."""
+
+
+class InputError(EdgeT2TError):
+    """A user-supplied file (captions, annotations, text list) is malformed."""
+
+
+class StoreError(EdgeT2TError):
+    """An index directory is missing, locked, inconsistent or built with another embedder."""
