@@ -1,0 +1,340 @@
+"""The caption pipeline: find images -> load -> cache lookup -> VLM -> parse and check -> cache put.
+
+The VLM is loaded lazily, on the first cache miss, so a fully cached run never loads the model.
+Model and mmproj hashes for the cache key come from the cache's file-hash memo instead, so even
+a multi-GB GGUF is hashed once per (path, size, mtime).
+
+Retry policy: an answer with no usable variant at all (unparsable, or cut off before the first
+variant closed) is retried once with temperature 0.7. A greedy retry would give the same bytes,
+so only a sampled one can help; it stays reproducible because the VLM's sampler seed is fixed.
+Answers that parse but have quality problems (too few variants, duplicates, percentages) are
+kept, with the problems in the record's `problems` field: they still carry retrieval signal, and
+re-sampling would double the cost of every such image on a slow model for an uncertain gain.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import prompts
+from .captions import CacheKey, CaptionCache, sha256_file
+from .errors import EdgeT2TError, ImageError, ModelError
+from .images import DEFAULT_MAX_MEGAPIXELS, LoadedImage, find_images, load_image, to_png_bytes
+from .records import CaptionRecord
+
+RETRY_TEMPERATURE = 0.7
+
+
+@dataclass
+class Failure:
+    path: str
+    reason: str  # one line
+
+
+@dataclass
+class CaptionSummary:
+    total: int = 0  # images found
+    captioned: int = 0  # written by the model in this run
+    cached: int = 0  # served from the cache
+    failed: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    with_problems: int = 0  # records (fresh or cached) kept with quality problems
+    retries: int = 0
+    seconds: float = 0.0
+    load_seconds: float = 0.0  # loading the VLM (0 when it was never loaded)
+    model_calls: int = 0  # generate() calls that reached the model
+    model_loaded: bool = False
+    test_model: bool = False
+    interrupted: bool = False
+
+    @property
+    def done(self) -> int:
+        return self.captioned + self.cached
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total, "captioned": self.captioned, "cached": self.cached, "failed": self.failed,
+            "failures": [{"path": f.path, "reason": f.reason} for f in self.failures],
+            "with_problems": self.with_problems, "retries": self.retries,
+            "seconds": round(self.seconds, 3), "load_seconds": round(self.load_seconds, 3),
+            "model_calls": self.model_calls, "model_loaded": self.model_loaded,
+            "test_model": self.test_model, "interrupted": self.interrupted,
+        }  # fmt: skip
+
+
+@dataclass
+class Callbacks:
+    """Hooks for the CLI (progress bar, printing); all optional."""
+
+    on_total: Callable[[int], None] | None = None  # number of images found, before any work
+    on_record: Callable[[CaptionRecord], None] | None = None
+    on_failure: Callable[[Failure], None] | None = None
+    on_model_loaded: Callable[[Any], None] | None = None  # the VLM object
+    on_notice: Callable[[str], None] | None = None  # e.g. "finishing the current image..."
+
+
+@contextmanager
+def _stop_after_current(notice: Callable[[str], None]) -> Iterator[dict[str, bool]]:
+    """First Ctrl-C: finish the current image, then stop. Second Ctrl-C: stop at once.
+
+    Only the main thread can take signals; elsewhere Ctrl-C stays a plain KeyboardInterrupt.
+    """
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        notice("interrupt: finishing the current image, then stopping (Ctrl-C again to stop now)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def generation_params(vlm_cfg: Any, *, n_variants: int, max_tokens: int, temperature: float,
+                      max_megapixels: float, bands: tuple[int, int, int] | None) -> dict[str, Any]:  # fmt: skip
+    """Everything besides image, model, mmproj and prompt that changes the answer: the cache key."""
+    return {
+        "family": getattr(vlm_cfg, "family", None) or "auto",  # auto-detection is a function of the model bytes
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "seed": getattr(vlm_cfg, "seed", 0),
+        "n_variants": n_variants,
+        "max_megapixels": max_megapixels,
+        "bands": list(bands) if bands else None,
+    }
+
+
+def _default_vlm_factory(cfg: Any) -> Any:
+    from .vlm import VLM
+
+    return VLM(cfg)
+
+
+def caption_images(
+    paths: Iterable[str | os.PathLike],
+    vlm_cfg: Any | None,
+    *,
+    n_variants: int = prompts.DEFAULT_VARIANTS,
+    prompt_file: str | os.PathLike | None = None,
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+    bands: tuple[int, int, int] | None = None,
+    cache: CaptionCache | None = None,
+    max_tokens: int | None = None,
+    temperature: float = 0.0,
+    on_record: Callable[[CaptionRecord], None] | None = None,
+    callbacks: Callbacks | None = None,
+    vlm_factory: Callable[[Any], Any] | None = None,
+) -> CaptionSummary:
+    """Caption every image under `paths`; return counts and failures.
+
+    `vlm_cfg` is an edge_t2t.vlm.VLMConfig (model, mmproj, family, threads, ...), or None for the
+    one named by $EDGE_T2T_VLM/$EDGE_T2T_MMPROJ or found in models/vlm/. `cache=None`
+    disables the cache. `max_tokens=None` sizes the cap to the schema (prompts.default_max_tokens).
+    Each finished record goes to `on_record` as soon as it exists (so a
+    caller writing JSONL loses nothing on Ctrl-C). A bad image is a Failure, never an exception.
+    Ctrl-C stops after the current image and returns with `interrupted=True`.
+    """
+    if vlm_cfg is None:  # env or models/vlm/, else a ModelError that says how to supply one
+        from .vlm import VLMConfig, resolve_vlm_paths
+
+        vlm_cfg = VLMConfig(*resolve_vlm_paths(None, None))
+    cb = callbacks or Callbacks()
+    emit_record = on_record or cb.on_record or (lambda r: None)
+    prompt = prompts.build_prompt(n_variants, prompt_file)
+    max_tokens = max_tokens or prompts.default_max_tokens(n_variants)
+    json_schema = prompts.schema(n_variants)
+    params = generation_params(
+        vlm_cfg, n_variants=n_variants, max_tokens=max_tokens, temperature=temperature,
+        max_megapixels=max_megapixels, bands=bands,
+    )  # fmt: skip
+    summary = CaptionSummary()
+    started = time.perf_counter()
+
+    def fail(path: Path | str, reason: str) -> None:
+        failure = Failure(str(path), reason)
+        summary.failed += 1
+        summary.failures.append(failure)
+        if cb.on_failure:
+            cb.on_failure(failure)
+
+    image_paths = list(find_images(paths, on_error=fail))
+    summary.total = len(image_paths)
+    if cb.on_total:
+        cb.on_total(summary.total)
+
+    vlm = None
+    model_sha = mmproj_sha = ""
+    if cache is not None and image_paths:
+        try:
+            model_sha = cache.file_sha256(vlm_cfg.model)
+            mmproj_sha = cache.file_sha256(vlm_cfg.mmproj)
+        except OSError:
+            model_sha = mmproj_sha = ""  # unreadable model: leave it to the VLM loader to explain
+
+    def get_vlm() -> Any:
+        nonlocal vlm, model_sha, mmproj_sha
+        if vlm is None:
+            t0 = time.perf_counter()
+            vlm = (vlm_factory or _default_vlm_factory)(vlm_cfg)
+            summary.load_seconds = time.perf_counter() - t0
+            summary.model_loaded = True
+            summary.test_model = summary.test_model or bool(getattr(vlm, "is_test_model", False))
+            model_sha = model_sha or getattr(vlm, "model_sha256", "") or sha256_file(vlm_cfg.model)
+            mmproj_sha = mmproj_sha or getattr(vlm, "mmproj_sha256", "") or sha256_file(vlm_cfg.mmproj)
+            if cb.on_model_loaded:
+                cb.on_model_loaded(vlm)
+        return vlm
+
+    notice = cb.on_notice or (lambda msg: None)
+    try:
+        with _stop_after_current(notice) as flag:
+            for path in image_paths:
+                if flag["stop"]:
+                    summary.interrupted = True
+                    break
+                try:
+                    record = _caption_one(
+                        path, get_vlm, cache, lambda: (model_sha, mmproj_sha), prompt, json_schema,
+                        params, summary, max_megapixels=max_megapixels, bands=bands,
+                    )  # fmt: skip
+                except ImageError as exc:
+                    fail(path, str(exc).removeprefix(f"{path}: "))
+                    continue
+                except _Unusable as exc:
+                    fail(path, str(exc))
+                    continue
+                except KeyboardInterrupt:  # second Ctrl-C, mid-image: drop this one
+                    summary.interrupted = True
+                    break
+                if record.cached:
+                    summary.cached += 1
+                else:
+                    summary.captioned += 1
+                summary.test_model = summary.test_model or record.test_model
+                if record.extra.get("problems"):
+                    summary.with_problems += 1
+                emit_record(record)
+            else:
+                summary.interrupted = summary.interrupted or flag["stop"]
+    except KeyboardInterrupt:  # outside the per-image try (e.g. between images, in a callback)
+        summary.interrupted = True
+    finally:
+        if vlm is not None:
+            summary.model_calls = int(getattr(vlm, "calls", 0))
+            close = getattr(vlm, "close", None)
+            if close:
+                close()
+        summary.seconds = time.perf_counter() - started
+    return summary
+
+
+class _Unusable(EdgeT2TError):
+    """The model gave no usable variant for one image (after the retry)."""
+
+
+def _caption_one(
+    path: Path,
+    get_vlm: Callable[[], Any],
+    cache: CaptionCache | None,
+    shas: Callable[[], tuple[str, str]],
+    prompt: prompts.Prompt,
+    json_schema: dict[str, Any],
+    params: dict[str, Any],
+    summary: CaptionSummary,
+    *,
+    max_megapixels: float,
+    bands: tuple[int, int, int] | None,
+) -> CaptionRecord:
+    t0 = time.perf_counter()
+    loaded: LoadedImage = load_image(path, max_megapixels=max_megapixels, bands=bands)
+    key = None
+    model_sha, mmproj_sha = shas()
+    if cache is not None and model_sha:
+        key = CacheKey.make(loaded.sha256, model_sha, mmproj_sha, prompt.version, params)
+        hit = cache.get(key)
+        if hit is not None:
+            hit.image = str(path)  # the same bytes may live under another name now
+            hit.cached = True
+            return hit
+
+    vlm = get_vlm()
+    if cache is not None and key is None:  # hashes became known only when the model loaded
+        model_sha, mmproj_sha = shas()
+        key = CacheKey.make(loaded.sha256, model_sha, mmproj_sha, prompt.version, params)
+        hit = cache.get(key)
+        if hit is not None:
+            hit.image, hit.cached = str(path), True
+            return hit
+
+    png = to_png_bytes(loaded.image)
+    constrained = bool(getattr(vlm, "supports_grammar", True))
+    n = prompt.n_variants
+    gen = {"max_tokens": params["max_tokens"], "temperature": params["temperature"]}
+    try:
+        text = vlm.generate(png, prompt.text, json_schema=json_schema if constrained else None, mime="image/png", **gen)
+        variants = prompts.parse_output(text, n, constrained)
+        retried = False
+        if not variants:
+            retried = True
+            summary.retries += 1
+            text = _generate_retry(vlm, png, prompt.text, json_schema if constrained else None, params)
+            variants = prompts.parse_output(text, n, constrained)
+    except ModelError as exc:  # e.g. this image does not fit the context: fail the image, not the run
+        raise _Unusable(str(exc)) from None
+    if not variants:
+        snippet = " ".join(text.split())[:80]
+        raise _Unusable(f"the model gave no usable description (after one retry); it wrote: {snippet!r}")
+    problems = prompts.check_quality(variants, n)
+
+    extra: dict[str, Any] = {
+        "model_sha256": model_sha,
+        "mmproj_sha256": mmproj_sha,
+        "model_name": getattr(vlm, "model_name", ""),
+        "width": loaded.width,
+        "height": loaded.height,
+    }
+    if loaded.notes:
+        extra["image_notes"] = loaded.notes
+    if problems:
+        extra["problems"] = problems
+    if retried:
+        extra["retried"] = True
+    record = CaptionRecord(
+        image=str(path),
+        sha256=loaded.sha256,
+        model=Path(getattr(vlm, "model_path", "") or "").name or str(getattr(vlm, "model_name", "")),
+        mmproj=Path(getattr(vlm, "mmproj_path", "") or "").name,
+        family=str(getattr(vlm, "family", "") or params["family"]),
+        prompt_version=prompt.version,
+        variants=variants,
+        seconds=time.perf_counter() - t0,
+        test_model=bool(getattr(vlm, "is_test_model", False)),
+        cached=False,
+        constrained=constrained,
+        extra=extra,
+    )
+    if cache is not None and key is not None:
+        cache.put(key, record)
+    return record
+
+
+def _generate_retry(vlm: Any, png: bytes, prompt_text: str, json_schema: dict[str, Any] | None,
+                    params: dict[str, Any]) -> str:  # fmt: skip
+    """Sampled retry (see the module docstring); reproducible, as the VLM's sampler seed is fixed."""
+    return vlm.generate(png, prompt_text, json_schema=json_schema, max_tokens=params["max_tokens"],
+                        temperature=RETRY_TEMPERATURE, mime="image/png")  # fmt: skip

@@ -1,0 +1,220 @@
+"""`edge-t2t bench-quant`: the accuracy cost of quantization, one configuration matrix on one data set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+
+# The matrix axes, as edge_t2t.quantcost defines them (kept literal so that `edge-t2t --help`
+# does not import numpy; tests/test_quantcost.py checks they agree).
+EMBEDDERS = ("fp32", "int8")
+DTYPES = ("f32", "f16", "i8")
+MODES = ("exact", "hnsw", "rescore")
+AGREE_K = 10
+
+DESCRIPTION = """\
+Measure what quantization costs. One matrix, same data and queries for every configuration:
+embedder fp32/int8 x index dtype f32/f16/i8 x search exact/hnsw/rescore, and with --vlm the VLM
+at several GGUF precisions (the F16 model is quantized with llama.cpp's quantizer to --quantize
+types; --vlm-variants adds GGUFs of your own).
+
+Without a VLM the image side is the reference captions (leave-one-out, as `edge-t2t eval`).
+With a VLM, each precision captions the images in --images; annotated images give absolute
+recall, and --queries annotation captions are the queries for agreement.
+
+For every configuration: T2I/I2T R@1/5/10 and mR; agreement with fp32/f32/exact(/F16):
+recall of the reference's top 1/5/10, Jaccard@10, Kendall tau-b@10 over the union of the two
+lists, and the mR delta; index size, embedder size, indexing time, single-thread query p50
+and the peak RSS of the search path (a fresh subprocess per configuration unless --no-isolate).
+Writes quant_cost.json and quant_cost.md into --out (bench/quant_cost.py also draws a PNG).
+"""
+
+
+def _csv(allowed: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(x.strip() for x in text.split(",") if x.strip())
+        bad = [x for x in items if x not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: use a comma-separated subset of {','.join(allowed)}")
+        return items
+
+    return parse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench-quant",
+        help="measure the accuracy cost of quantization (embedder, index, search, VLM)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--annotations", required=True, type=Path, metavar="FILE",
+                   help="COCO caption JSON or Karpathy-style dataset_*.json")
+    p.add_argument("--split", metavar="NAME", default=None, help="split of a Karpathy file (default: test when present)")
+    p.add_argument("--max-images", type=int, default=None, metavar="N", help="only the first N annotated images")
+    p.add_argument("--embedders", type=_csv(EMBEDDERS), default=EMBEDDERS, metavar="LIST",
+                   help=f"embedder precisions (default: {','.join(EMBEDDERS)})")
+    p.add_argument("--dtypes", type=_csv(DTYPES), default=DTYPES, metavar="LIST",
+                   help=f"index dtypes (default: {','.join(DTYPES)}; b1 is not offered, see the report)")
+    p.add_argument("--modes", type=_csv(MODES), default=MODES, metavar="LIST",
+                   help=f"search modes (default: {','.join(MODES)})")
+    p.add_argument("--vlm", type=Path, metavar="F16.gguf", default=None,
+                   help="reference GGUF text model (F16); quantized by the bench")
+    p.add_argument("--mmproj", type=Path, metavar="MMPROJ.gguf", default=None, help="the VLM's vision projector")
+    p.add_argument("--quantize", type=_csv(("Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")),
+                   default=("Q8_0", "Q4_K_M"), metavar="LIST", help="types to quantize --vlm to (default: Q8_0,Q4_K_M)")
+    p.add_argument("--no-quantize", action="store_true", help="quantize nothing; compare --vlm with --vlm-variants only")
+    p.add_argument("--vlm-variants", type=Path, nargs="+", default=[], metavar="GGUF",
+                   help="more GGUF text models (same mmproj) to compare with --vlm")
+    p.add_argument("--images", type=Path, metavar="DIR", default=None, help="images the VLMs caption (needed with --vlm)")
+    p.add_argument("--variants", type=int, default=5, metavar="N", help="descriptions per image (default: 5)")
+    p.add_argument("--max-tokens", type=int, default=1024, metavar="N", help="VLM answer limit (default: 1024)")
+    p.add_argument("--queries", type=int, default=200, metavar="N",
+                   help="queries timed per configuration, and annotation captions used as VLM-path queries (default: 200)")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="time searches in this process (faster; RSS is then the process peak)")
+    p.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
+                   help="keep index directories and quantized GGUFs here (default: a temporary folder, removed)")
+    p.add_argument("--model-dir", type=Path, default=None, metavar="DIR", help="built embedder folder (default: models/embedder)")
+    p.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                   help="where quant_cost.json and quant_cost.md go (default: the current directory)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.set_defaults(func=run)
+
+
+def options_from_args(args: argparse.Namespace):
+    from ..quantcost import Options, VLMSpec
+
+    vlm = None
+    if args.vlm is not None or args.vlm_variants:
+        if args.vlm is None or args.mmproj is None or args.images is None:
+            raise InputError("--vlm needs --mmproj MMPROJ.gguf and --images DIR (and --vlm-variants needs --vlm)")
+        for path in (args.vlm, args.mmproj, *args.vlm_variants):
+            if not path.is_file():
+                raise InputError(f"{path}: no such GGUF file; check the path")
+        if not args.images.is_dir():
+            raise InputError(f"{args.images}: not a directory of images; pass --images DIR")
+        vlm = VLMSpec(
+            model=args.vlm, mmproj=args.mmproj, images=args.images,
+            quantize_to=() if args.no_quantize else tuple(args.quantize),
+            variants=tuple(args.vlm_variants), n_variants=args.variants, max_tokens=args.max_tokens,
+        )  # fmt: skip
+    if args.queries < 1 or (args.max_images is not None and args.max_images < 1):
+        raise InputError("--queries and --max-images must be at least 1")
+    return Options(
+        embedder_dir=args.model_dir, embedders=tuple(args.embedders), dtypes=tuple(args.dtypes),
+        modes=tuple(args.modes), latency_queries=args.queries, vlm_queries=args.queries,
+        isolate=not args.no_isolate, work_dir=args.work_dir, vlm=vlm,
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .. import quantcost
+    from ..annotations import load_annotations
+
+    opts = options_from_args(args)
+    ann = load_annotations(args.annotations, split=args.split)
+    if args.max_images is not None:
+        ann = ann.subset(args.max_images)
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True, disable=not console.is_terminal,
+    ) as bar:
+        task = bar.add_task("bench-quant", total=None)
+        hooks = quantcost.Progress(
+            on_total=lambda n: bar.update(task, total=n),
+            on_step=lambda name: bar.update(task, advance=1, description=name),
+            on_notice=lambda msg: console.print(f"edge-t2t: {msg}"),
+        )
+        report = quantcost.run(ann, opts, hooks)
+    try:
+        paths = write_outputs(report, args.out)
+    except OSError as exc:
+        raise InputError(f"cannot write results to {args.out} ({exc.strerror}); choose a writable --out DIR") from exc
+    if args.json:
+        print(json.dumps(report, indent=2, default=json_default))
+    else:
+        print(markdown_table(report))
+    print("wrote " + ", ".join(paths.values()), file=sys.stderr)
+    return 130 if report["interrupted"] else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def _f(x, nd: int = 1) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def markdown_table(report: dict) -> str:
+    cols = ("config (vlm/embedder/dtype/mode)", "T2I R@1", "R@5", "R@10", "I2T R@1", "R@5", "R@10", "mR", "ΔmR",
+            "ΔmR (1e-3 ties)", "ref-recall@10", "Jaccard@10", "τ@10", "index MiB", "embedder MiB", "index s",
+            "query p50 ms", "search RSS MiB")  # fmt: skip
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for c in report["configs"]:
+        rec, ag, size, tm, se = c["recall"] or {}, c["agreement"] or {}, c["size"], c["time"], c["search"]
+        t2i, i2t = rec.get("t2i") or {}, rec.get("i2t") or {}
+        k = ag.get("k", AGREE_K)
+        lines.append("| " + " | ".join([
+            c["name"], _f(t2i.get("R@1")), _f(t2i.get("R@5")), _f(t2i.get("R@10")),
+            _f(i2t.get("R@1")), _f(i2t.get("R@5")), _f(i2t.get("R@10")), _f(rec.get("mR")),
+            _f(ag.get("delta_mR"), 2), _f(ag.get("delta_mR_coarse"), 2), _f(ag.get(f"ref_recall@{k}"), 3),
+            _f(ag.get(f"jaccard@{k}"), 3), _f(ag.get(f"kendall_tau@{k}"), 3),
+            _f(size["index_bytes_for_mode"] / 2**20, 2), _f(size["embedder_onnx_bytes"] / 2**20),
+            _f(tm["index_seconds"], 2), _f(se["query_ms_p50"], 2), _f(se["peak_rss_mib"], 0),
+        ]) + " |")  # fmt: skip
+    scope = report["configs"][0]["search"].get("rss_scope", "") if report["configs"] else ""
+    notes = [
+        "",
+        f"Reference: {', '.join(sorted({c['reference'] for c in report['configs']}))}. Recall in percent, ties "
+        "count against the query (oracle rows: leave-one-out over the reference captions). ΔmR (1e-3 ties): "
+        "the same with scores rounded to 3 decimals; where ΔmR > 0 and this is 0, the 'gain' is exact ties "
+        "(verbatim-duplicate captions) broken by float16 rounding, not better retrieval.",
+        f"Agreement over the T2I top-{AGREE_K} image lists (fewer when there are fewer images): ref-recall = share "
+        "of the reference's list found, Jaccard = |∩|/|∪|, τ = Kendall tau-b over the union (missing = last).",
+        "index MiB: files the mode reads (hnsw: graph + keys; exact: exact vectors + keys; rescore: all). "
+        "index s: embedding the image-side texts + writing the vindex files. query p50: one query embedded on "
+        f"1 thread + vector search + best per image (no SQLite). search RSS: {scope}.",
+        report["b1"],
+    ]
+    if report.get("vlm", {}).get("note"):
+        notes.append("**" + report["vlm"]["note"] + "**")
+    if report.get("interrupted"):
+        notes.append("**Interrupted: only the configurations above were finished.**")
+    notes.append(f"Wall time {report['wall_seconds']:.1f} s; process peak RSS {report['process_peak_rss_mib']:.0f} MiB.")
+    return "\n".join(lines + notes) + "\n"
+
+
+def write_outputs(report: dict, out_dir: Path, name: str = "quant_cost") -> dict[str, str]:
+    """<name>.json and <name>.md, each atomically (the PNG plot is bench/quant_cost.py's)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for suffix, text in ((".json", json.dumps(report, indent=2, default=json_default) + "\n"),
+                         (".md", f"# {name}\n\n" + markdown_table(report))):  # fmt: skip
+        p = out_dir / f"{name}{suffix}"
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, p)
+        paths[suffix[1:]] = str(p)
+    return paths
+
+
+def json_default(obj):
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,110 @@
+"""`edge-t2t index`: describe images and add them to an index (incremental, resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "index",
+        help="describe images and add them to a searchable index",
+        description=(
+            "Describe images with a GGUF vision-language model (--vlm/--mmproj, through the caption "
+            "cache) or take descriptions from a captions file (--captions: our JSONL, RSRT JSONL, COCO "
+            "or Karpathy JSON), embed every description variant, and add them to the index. Re-running "
+            "is incremental: unchanged files are skipped, moved files keep their descriptions, deleted "
+            "files are removed. Work is committed in batches; Ctrl-C keeps every finished batch."
+        ),
+    )
+    p.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders (optional with --captions)")
+    p.add_argument("--vlm", metavar="GGUF", help="the VLM's text model (default: $EDGE_T2T_VLM or models/vlm/)")
+    p.add_argument("--mmproj", metavar="GGUF", help="the VLM's vision projector (default: $EDGE_T2T_MMPROJ or models/vlm/)")
+    p.add_argument("--captions", metavar="FILE", help="take descriptions from this file instead of a VLM")
+    p.add_argument("--index", metavar="DIR", help="index directory (default: $EDGE_T2T_INDEX or ./.edge-t2t)")
+    p.add_argument("--dtype", choices=["f32", "f16", "i8"], default=None,
+                   help="vector type of the HNSW index, fixed when the index is created (default: i8)")
+    p.add_argument("--precision", choices=["fp32", "int8"], default="int8", help="ONNX embedder to use (default: int8)")
+    p.add_argument("--text-mode", choices=["joined", "fields"], default=None,
+                   help="embed one text per variant (joined, the paper's form) or one per field; fixed at creation")
+    p.add_argument("--variants", type=int, default=5, metavar="N", help="descriptions per image from the VLM (default: 5)")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="cap on generated tokens per image (default: what the schema needs)")
+    p.add_argument("--prompt-file", metavar="FILE", help="your own VLM prompt (plain text, {n} = variant count)")
+    p.add_argument("--max-megapixels", type=float, default=None, metavar="MP", help="downscale larger images for the VLM")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for llama.cpp (default: all available)")
+    p.add_argument("--cache-dir", metavar="DIR", help="caption cache directory (default: $EDGE_T2T_CACHE_DIR or ~/.cache/edge-t2t)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per commit (default: 32)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the caption cache")
+    p.add_argument("--wait", action="store_true", help="wait for another index run on this index instead of refusing")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.set_defaults(func=run)
+
+
+def _print_summary(s, console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"Index {s.index_dir}", show_header=False)
+    for k, v in s.counts().items():
+        t.add_row(k.replace("_", " "), str(v))
+    for k, v in s.stage_seconds.items():
+        t.add_row(f"{k.replace('_', ' ')} time", f"{v:.2f} s")
+    console.print(t)
+    for path, why in s.failures[:20]:
+        console.print(f"[red]failed[/red] {path}: {why}", markup=True, highlight=False)
+    if len(s.failures) > 20:
+        console.print(f"... and {len(s.failures) - 20} more failures (see --json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .. import config
+    from ..errors import InputError
+    from ..indexer import Indexer
+
+    index_dir = config.index_dir(args.index)
+    if not args.paths and not args.captions:
+        raise InputError("nothing to index: give image folders/files, or --captions FILE")
+    vlm_cfg = None
+    caption_kwargs: dict = {}
+    if args.vlm or args.mmproj or not args.captions:
+        from ..vlm import VLMConfig, resolve_vlm_paths
+
+        try:
+            model, mmproj = resolve_vlm_paths(args.vlm, args.mmproj)
+            vlm_cfg = VLMConfig(model=model, mmproj=mmproj, n_threads=args.threads)
+        except Exception:
+            if args.vlm or args.mmproj:
+                raise
+            vlm_cfg = None  # no VLM configured: fine while every image is already described
+        if vlm_cfg is not None and not args.no_cache:
+            from ..captions import CaptionCache
+
+            caption_kwargs["cache"] = CaptionCache(Path(args.cache_dir) / "captions.sqlite" if args.cache_dir else None)
+        for name in ("max_tokens", "prompt_file", "max_megapixels"):
+            if getattr(args, name) is not None:
+                caption_kwargs[name] = getattr(args, name)
+    err = Console(stderr=True)
+    indexer = Indexer(
+        index_dir, precision=args.precision, dtype=args.dtype, text_mode=args.text_mode,
+        batch_size=args.batch_size, wait=args.wait, progress=not args.no_progress,
+        vlm_cfg=vlm_cfg, n_variants=args.variants, caption_kwargs=caption_kwargs,
+    )  # fmt: skip
+    summary = indexer.run([Path(p) for p in args.paths], captions_file=args.captions)
+    if args.json:
+        json.dump(summary.to_dict(), sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        _print_summary(summary, err)
+    if summary.interrupted:
+        print(
+            f"edge-t2t: interrupted; kept {summary.added} newly indexed image(s) "
+            f"(every finished batch is committed in {index_dir}); run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    return 1 if summary.failed else 0

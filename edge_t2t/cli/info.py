@@ -1,0 +1,89 @@
+"""`edge-t2t info`: what an index holds and how it was built."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "info",
+        help="show what an index holds: counts, models, embedder, sizes, last run",
+        description="Counts, description models and prompt version, embedder, vector dtype, text mode, "
+        "file sizes and the last indexing run of an index.",
+    )
+    p.add_argument("--index", metavar="DIR", help="index directory (default: $EDGE_T2T_INDEX or ./.edge-t2t)")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=run)
+
+
+def gather(index_dir) -> dict:
+    from .. import vindex
+    from ..store import Store
+
+    with Store(index_dir) as store:
+        meta = store.meta()
+        counts = store.counts()
+        state = vindex.on_disk_state(index_dir)
+        counts["vectors"] = state["count"] if state else 0
+        files = {}
+        for f in sorted(index_dir.iterdir()):
+            if f.is_file():
+                files[f.name] = f.stat().st_size
+        ident = meta.get("embedder_identity", {})
+        return {
+            "index": str(index_dir),
+            "counts": counts,
+            "descriptions": store.provenance(),
+            "test_model": any(d["test_model"] for d in store.provenance()),
+            "embedder": ident,
+            "dtype": meta.get("dtype"),
+            "text_mode": meta.get("text_mode"),
+            "created_at": meta.get("created_at"),
+            "vectors_consistent": bool(state) and vindex.is_consistent(
+                index_dir, store.variant_keys(), int(meta.get("dim", 0) or 0), meta.get("dtype", "")),
+            "files": files,
+            "last_run": store.last_run(),
+        }
+
+
+def _when(t) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .. import config
+
+    info = gather(config.index_dir(args.index))
+    if args.json:
+        json.dump(info, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    c = info["counts"]
+    t = Table(title=f"Index {escape(info['index'])}", show_header=False)
+    t.add_row("images", f"{c['images_ok']} ok, {c['images_failed']} failed")
+    t.add_row("variants", f"{c['variants']} ({c['texts']} embedded texts, {c['vectors']} vectors)")
+    emb = info["embedder"]
+    t.add_row("embedder", f"{emb.get('name', '?')} dim {emb.get('dim', '?')}, {emb.get('pooling', '?')} pooling, "
+              f"weights {str(emb.get('weights_sha256', ''))[:12]}")
+    t.add_row("vectors", f"{info['dtype']}, text mode {info['text_mode']}"
+              + ("" if info["vectors_consistent"] else " (stale: rebuilt on next search/index)"))
+    for d in info["descriptions"]:
+        flag = " [TEST MODEL]" if d["test_model"] else ""
+        t.add_row("descriptions", escape(f"{d['images']} images by {d['model']} ({d['family'] or '-'}), "
+                                         f"prompt {d['prompt_version']}{flag}"))
+    for name, size in info["files"].items():
+        t.add_row(f"file {escape(name)}", f"{size / 1024:.1f} KiB")
+    r = info["last_run"]
+    if r:
+        counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items())
+        t.add_row("last run", f"{r['status']} {_when(r['started'])} -> {_when(r['finished'])}: {counts}")
+    Console().print(t)
+    return 0

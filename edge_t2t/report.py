@@ -1,0 +1,95 @@
+"""Search results as a rich table, JSON lines, or a self-contained HTML page."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from .search import Hit
+
+THUMB_SIZE = 160
+
+
+def print_table(hits: Sequence[Hit], query: str = "", console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"Results for {query!r}" if query else None, show_lines=False)
+    table.add_column("#", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("image", overflow="fold")
+    table.add_column("best-matching description", overflow="fold")
+    for h in hits:
+        # Texts come from files and models: keep rich from reading [brackets] as markup.
+        from rich.markup import escape
+
+        table.add_row(str(h.rank), f"{h.score:.4f}", escape(h.image), escape(h.text))
+    console.print(table)
+
+
+def write_jsonl(hits: Sequence[Hit], out: TextIO = sys.stdout) -> None:
+    for h in hits:
+        out.write(json.dumps(h.to_dict(), ensure_ascii=False) + "\n")
+
+
+def _thumbnail(image: str) -> str:
+    """A data URI, or '' when the file is not here (e.g. names imported from a captions file)."""
+    path = Path(image)
+    if not path.is_file():
+        return ""
+    try:
+        from .images import thumbnail_data_uri
+
+        return thumbnail_data_uri(path, THUMB_SIZE)
+    except Exception:  # an unreadable image still gets its row, with a placeholder
+        return ""
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:.5em;vertical-align:top;text-align:left}
+.ph{width:THUMBpx;height:THUMBpx;background:#eee;color:#888;display:flex;align-items:center;justify-content:center;
+font-size:12px;text-align:center}
+.path{font-family:monospace;font-size:12px;word-break:break-all}
+""".replace("THUMB", str(THUMB_SIZE))
+
+
+def render_html(hits: Sequence[Hit], query: str, index_dir: str = "") -> str:
+    rows = []
+    for h in hits:
+        uri = _thumbnail(h.image)
+        thumb = (
+            f'<img src="{uri}" alt="{html.escape(h.image, quote=True)}" width="{THUMB_SIZE}">'
+            if uri
+            else '<div class="ph">image not<br>available here</div>'
+        )
+        rows.append(
+            f"<tr><td>{h.rank}</td><td>{thumb}</td><td>{h.score:.4f}</td>"
+            f'<td><div class="path">{html.escape(h.image)}</div><p>{html.escape(h.text)}</p>'
+            f"<small>variant {h.variant}, {html.escape(h.field)}</small></td></tr>"
+        )
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>edge-t2t: {html.escape(query)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{html.escape(query)}</h1><p>Index {html.escape(str(index_dir))}, {len(hits)} results, {stamp}.</p>"
+        "<table><tr><th>#</th><th>image</th><th>score</th><th>best-matching description</th></tr>"
+        + "\n".join(rows)
+        + "</table></body></html>\n"
+    )
+
+
+def write_html(hits: Sequence[Hit], path: str | os.PathLike, query: str, index_dir: str = "") -> Path:
+    """Write the page atomically (temp file + os.replace)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render_html(hits, query, index_dir), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

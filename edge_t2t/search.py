@@ -1,0 +1,230 @@
+"""Text-to-text search: embed the query, fetch the nearest variant texts, score each image by the
+maximum cosine over its variants (the paper's rule), and return the top k images.
+
+Images, not texts, are ranked, so the variant search over-fetches: it starts at
+k * texts_per_image * 2 candidates and doubles until k distinct images survive or every vector
+has been seen. Ties are broken by image path so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import vindex
+from .errors import StoreError
+from .records import Variant
+from .store import Store
+
+DEFAULT_MODE = "rescore"
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    score: float
+    image: str
+    variant: int  # ordinal of the best-matching variant of that image
+    text: str  # the text of that variant (or field) that matched best
+    field: str = "joined"
+
+    def to_dict(self) -> dict:
+        """The JSON-lines contract: rank, score, image, variant, text."""
+        return {"rank": self.rank, "score": round(self.score, 6), "image": self.image, "variant": self.variant, "text": self.text}
+
+
+def variant_texts(variant: Variant, text_mode: str) -> list[tuple[str, str]]:
+    """(field, text) pairs to embed for one variant: one 'joined' text, or one per field."""
+    if text_mode == "joined":
+        text = variant.joined_text()
+        return [("joined", text)] if text else []
+    fields = (
+        ("one_sentence", variant.one_sentence.strip()),
+        ("features", variant.features_text()),
+        ("caption", variant.caption.strip()),
+    )
+    return [(name, text) for name, text in fields if text]
+
+
+def _warn(msg: str) -> None:
+    print(f"edge-t2t: {msg}", file=sys.stderr)
+
+
+def open_for_search(index_dir: str | os.PathLike) -> tuple[Store, vindex.VectorIndex]:
+    """Open the store and its vector files, rebuilding the files from SQLite when they are missing
+    or stale (e.g. an `index` run was killed between its commit and its save)."""
+    from .store import IndexLock
+
+    store = Store(index_dir)
+    dim = int(store.get_meta("dim", 0) or 0)
+    dtype = store.get_meta("dtype", "i8")
+    keys = store.variant_keys()
+    if len(keys) == 0:
+        store.close()
+        raise StoreError(
+            f"the index at {index_dir} is empty (no described images): add images with "
+            f"'edge-t2t index PATH --index {index_dir}'"
+        )
+    if not vindex.is_consistent(index_dir, keys, dim, dtype):
+        lock = IndexLock(index_dir)
+        try:
+            lock.acquire()
+        except StoreError:
+            # An index run is between a commit and its save: search the files as they are (they lag
+            # by at most one batch; texts deleted since are skipped in rank_images).
+            if vindex.on_disk_state(index_dir) is None:
+                store.close()
+                raise StoreError(
+                    f"the vector files in {index_dir} are being written by an index run; try again in a moment"
+                ) from None
+            _warn(f"{index_dir} is being indexed right now; results may miss its newest images")
+            return store, vindex.VectorIndex(index_dir)
+        try:
+            _warn(f"vector files in {index_dir} were missing or stale; rebuilt them from store.sqlite")
+            vindex.rebuild(index_dir, store, dim, dtype)
+        finally:
+            lock.release()
+    return store, vindex.VectorIndex(index_dir)
+
+
+def rank_images(
+    store: Store,
+    vectors: vindex.VectorIndex,
+    query_vecs: np.ndarray,
+    k: int,
+    mode: str = DEFAULT_MODE,
+    exclude_image_ids: Iterable[int] = (),
+    oversample: int = 4,
+) -> list[Hit]:
+    """Top k images for one or more query vectors; an image's score is the max over all
+    (query, variant text) pairs."""
+    if k < 1:
+        raise StoreError(f"-k must be at least 1, got {k}")
+    exclude = np.asarray(sorted(set(exclude_image_ids)), dtype=np.int64)
+    n = len(vectors)
+    per_image = max(1, store.max_texts_per_image())
+    fetch = min(n, k * per_image * 2 + len(exclude) * per_image)
+    while True:
+        cands = vectors.search(query_vecs, fetch, mode=mode, oversample=oversample)
+        keys = np.concatenate([c.keys for c in cands])
+        image_ids = np.concatenate([c.image_ids for c in cands])
+        scores = np.concatenate([c.scores for c in cands]).astype(np.float64)
+        keep = ~np.isin(image_ids, exclude)
+        keys, image_ids, scores = keys[keep], image_ids[keep], scores[keep]
+        order = np.lexsort((keys, -scores))  # best first; equal scores by key for determinism
+        _, first = np.unique(image_ids[order], return_index=True)
+        best = order[first]  # each image's best (query, text) pair
+        if len(best) >= k or fetch >= n:
+            break
+        fetch = min(n, fetch * 2)
+    rows = store.variant_rows(keys[best])
+    found = [(float(scores[i]), rows[int(keys[i])]) for i in best if int(keys[i]) in rows]
+    found.sort(key=lambda sr: (-sr[0], sr[1].image))
+    return [
+        Hit(rank=r + 1, score=s, image=row.image, variant=row.ordinal, text=row.text, field=row.field)
+        for r, (s, row) in enumerate(found[:k])
+    ]
+
+
+def _load_embedder(embedder, precision: str):
+    if embedder is not None:
+        return embedder
+    from .embedder import Embedder
+
+    return Embedder(precision=precision)
+
+
+def search(
+    index_dir: str | os.PathLike,
+    query: str,
+    k: int = 10,
+    embedder=None,
+    mode: str = DEFAULT_MODE,
+    precision: str = "int8",
+    warn: Callable[[str], None] = _warn,
+) -> list[Hit]:
+    """The top k images for a text query."""
+    if not query or not query.strip():
+        raise StoreError("the query is empty: give some words to search for")
+    if mode not in vindex.MODES:
+        raise StoreError(f"unknown search mode {mode!r}: use one of {', '.join(vindex.MODES)}")
+    store, vectors = open_for_search(index_dir)
+    try:
+        emb = _load_embedder(embedder, precision)
+        store.check_identity(emb.identity)
+        before = emb.truncated
+        qv = emb.embed([query])
+        if emb.truncated > before:
+            warn(f"the query is longer than the embedder's {emb.max_tokens} tokens; only its start was used")
+        return rank_images(store, vectors, qv, k, mode)
+    finally:
+        store.close()
+
+
+def search_by_variants(
+    index_dir: str | os.PathLike,
+    variants: list[Variant],
+    k: int = 10,
+    embedder=None,
+    mode: str = DEFAULT_MODE,
+    precision: str = "int8",
+    exclude_sha256: str = "",
+    exclude_path: str = "",
+) -> list[Hit]:
+    """Image-to-image by text: each variant of the query image is a query; an image scores the max
+    over (query variant, image variant) pairs. Optionally drop the query image itself."""
+    if not variants:
+        raise StoreError("the query image has no descriptions to search with")
+    store, vectors = open_for_search(index_dir)
+    try:
+        emb = _load_embedder(embedder, precision)
+        store.check_identity(emb.identity)
+        text_mode = store.get_meta("text_mode", "joined")
+        texts = [t for v in variants for _, t in variant_texts(v, text_mode)]
+        qv = emb.embed(texts)
+        exclude: list[int] = []
+        if exclude_sha256 or exclude_path:
+            exclude = [
+                int(r[0])
+                for r in store.conn.execute(
+                    "SELECT id FROM images WHERE (sha256 != '' AND sha256 = ?) OR path = ?",
+                    (exclude_sha256, exclude_path),
+                )
+            ]
+        return rank_images(store, vectors, qv, k, mode, exclude_image_ids=exclude)
+    finally:
+        store.close()
+
+
+def query_image_variants(index_dir, image_path: str | os.PathLike, vlm_cfg=None, n_variants: int = 5) -> tuple[list[Variant], str]:
+    """Descriptions of a query image and its sha256: reused from the index when the same file
+    content is already there, else written by the configured VLM (through the caption cache)."""
+    from .images import load_image
+
+    path = Path(image_path)
+    loaded = load_image(path)
+    with Store(index_dir) as store:
+        row = store.ok_image_with_sha(loaded.sha256)
+        if row is not None:
+            stored = store.variants_of(row.id)
+            if stored:
+                return stored, loaded.sha256
+    if vlm_cfg is None:
+        raise StoreError(
+            f"{path} is not in the index, so it must be described first: pass --vlm MODEL.gguf --mmproj MMPROJ.gguf"
+        )
+    from .captioning import caption_images
+    from .captions import CaptionCache
+
+    records = []
+    with CaptionCache() as cache:  # a query image described once is not described again
+        summary = caption_images([path], vlm_cfg, n_variants=n_variants, cache=cache, on_record=records.append)
+    if not records:
+        reasons = "; ".join(f.reason for f in summary.failures) or "no description"
+        raise StoreError(f"{path} could not be described by the VLM ({reasons}); try another --vlm model")
+    return records[0].variants, loaded.sha256

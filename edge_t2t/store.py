@@ -1,0 +1,505 @@
+"""The index's store of record: one SQLite file (`store.sqlite`) inside the index directory.
+
+It holds every image, every embedded variant text and its vector (float32 blob), the embedder's
+identity and the run history. The usearch file beside it is a cache of the vectors that can always
+be rebuilt from here (see vindex.py): vectors live in SQLite because re-embedding would need the
+embedder at rebuild time and could not be verified, while 1.5 KiB per text is cheap.
+
+Writes happen in explicit transactions, one per batch of images, so a Ctrl-C or SIGKILL leaves
+a consistent store and the next `index` run resumes where the last commit stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import StoreError
+from .records import Feature, Variant
+
+STORE_FILE = "store.sqlite"
+LOCK_FILE = "index.lock"
+
+
+_V1 = """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE descriptions (
+            id INTEGER PRIMARY KEY,
+            model TEXT NOT NULL, mmproj TEXT NOT NULL, family TEXT NOT NULL,
+            prompt_version TEXT NOT NULL, test_model INTEGER NOT NULL, constrained INTEGER NOT NULL,
+            UNIQUE (model, mmproj, family, prompt_version, test_model, constrained)
+        );
+        CREATE TABLE images (
+            id INTEGER PRIMARY KEY,
+            path TEXT NOT NULL UNIQUE,
+            size INTEGER, mtime_ns INTEGER, sha256 TEXT NOT NULL DEFAULT '',
+            width INTEGER, height INTEGER,
+            status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+            error TEXT,
+            source TEXT NOT NULL DEFAULT '',  -- 'vlm' or 'captions'
+            desc_hash TEXT NOT NULL DEFAULT '',  -- of the imported descriptions: re-import only on change
+            description_id INTEGER REFERENCES descriptions(id),
+            indexed_at REAL NOT NULL
+        );
+        CREATE INDEX images_sha256 ON images(sha256);
+        -- One row per embedded text; its id is the usearch key. AUTOINCREMENT so a deleted key is
+        -- never reused (a stale usearch file can then never map a key to the wrong text).
+        CREATE TABLE variants (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+            ordinal INTEGER NOT NULL,
+            field TEXT NOT NULL,
+            one_sentence TEXT NOT NULL, features TEXT NOT NULL, caption TEXT NOT NULL,
+            text TEXT NOT NULL,
+            vector BLOB NOT NULL
+        );
+        CREATE INDEX variants_image ON variants(image_id);
+        CREATE TABLE runs (
+            id INTEGER PRIMARY KEY,
+            started REAL NOT NULL, finished REAL,
+            status TEXT NOT NULL,
+            counts TEXT NOT NULL DEFAULT '{}',
+            stage_seconds TEXT NOT NULL DEFAULT '{}',
+            args TEXT NOT NULL DEFAULT '{}'
+        );
+"""
+
+
+# MIGRATIONS[i] takes a store from schema version i to i + 1 (version 0 = an empty file): an SQL
+# script, or a function of the connection for steps that need Python (e.g. re-encoding blobs).
+Migration = str | Callable[[sqlite3.Connection], None]
+MIGRATIONS: list[Migration] = [_V1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(conn: sqlite3.Connection, migrations: list[Migration] = MIGRATIONS) -> int:
+    """Bring the schema up to len(migrations), one transaction per step; return the new version."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(migrations):
+        raise StoreError(
+            f"the store was written by a newer edge-t2t (schema v{version}, this one knows "
+            f"v{len(migrations)}): upgrade edge-t2t or index into another --index directory"
+        )
+    for target in range(version + 1, len(migrations) + 1):
+        step = migrations[target - 1]
+        try:
+            if isinstance(step, str):
+                # executescript() commits first, so the transaction lives inside the script.
+                conn.executescript(f"BEGIN IMMEDIATE;\n{step}\n;PRAGMA user_version = {target};\nCOMMIT;")
+            else:
+                conn.execute("BEGIN IMMEDIATE")
+                step(conn)
+                conn.execute(f"PRAGMA user_version = {target}")
+                conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    return len(migrations)
+
+
+@dataclass
+class ImageRow:
+    id: int
+    path: str
+    size: int | None
+    mtime_ns: int | None
+    sha256: str
+    width: int | None
+    height: int | None
+    status: str
+    error: str | None
+    source: str
+    desc_hash: str
+
+
+@dataclass
+class VariantRow:
+    key: int
+    image_id: int
+    image: str
+    ordinal: int
+    field: str
+    text: str
+
+
+@dataclass
+class NewText:
+    """One text to store for an image: a variant (or one field of it) and its vector."""
+
+    ordinal: int
+    field: str  # 'joined', 'one_sentence', 'features' or 'caption'
+    variant: Variant
+    text: str
+    vector: np.ndarray
+
+
+def _features_json(v: Variant) -> str:
+    return json.dumps([{"name": f.name, "position": f.position, "size": f.size} for f in v.features])
+
+
+class Store:
+    """An open store. Use as a context manager, or call close()."""
+
+    def __init__(self, index_dir: str | os.PathLike, *, create: bool = False):
+        self.dir = Path(index_dir)
+        self.path = self.dir / STORE_FILE
+        if not self.path.exists():
+            if not create:
+                raise StoreError(
+                    f"no index at {self.dir} ({STORE_FILE} missing): build one with "
+                    f"'edge-t2t index PATH --index {self.dir}' or point --index / EDGE_T2T_INDEX at one"
+                )
+            self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per batch.
+            self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self.conn.execute("PRAGMA busy_timeout=30000")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            migrate(self.conn)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path} is not a readable edge-t2t store ({exc}): delete {self.dir} and re-index") from exc
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+            self.conn.execute("COMMIT")
+        except BaseException:
+            # A Ctrl-C can land inside COMMIT itself; roll back only what is still open, so the
+            # original exception (not "no transaction is active") is what propagates.
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+
+    # -- meta ---------------------------------------------------------------------------------
+    def meta(self) -> dict:
+        return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
+
+    def get_meta(self, key: str, default=None):
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_meta(self, key: str, value) -> None:
+        self.conn.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, json.dumps(value)),
+        )
+
+    def check_identity(self, identity: dict) -> None:
+        """Refuse an embedder other than the one the stored vectors came from."""
+        stored = self.get_meta("embedder_identity")
+        if stored is None or stored == identity:
+            return
+        raise StoreError(
+            f"{self.path} was built with embedder {_describe(stored)}, but the current one is "
+            f"{_describe(identity)}: use the same embedder (--precision / EDGE_T2T_EMBEDDER) or "
+            f"re-index into a new --index directory"
+        )
+
+    # -- images -------------------------------------------------------------------------------
+    def images(self) -> dict[str, ImageRow]:
+        rows = self.conn.execute(
+            "SELECT id, path, size, mtime_ns, sha256, width, height, status, error, source, desc_hash FROM images"
+        )
+        return {r[1]: ImageRow(*r) for r in rows}
+
+    def ok_image_with_sha(self, sha256: str, exclude_ids: Iterable[int] = ()) -> ImageRow | None:
+        if not sha256:
+            return None
+        skip = set(exclude_ids)
+        for r in self.conn.execute(
+            "SELECT id, path, size, mtime_ns, sha256, width, height, status, error, source, desc_hash FROM images "
+            "WHERE sha256 = ? AND status = 'ok' ORDER BY id",
+            (sha256,),
+        ):
+            if r[0] not in skip:
+                return ImageRow(*r)
+        return None
+
+    def _description_id(self, prov: dict | None) -> int | None:
+        if not prov:
+            return None
+        values = (
+            prov.get("model", ""), prov.get("mmproj", ""), prov.get("family", ""),
+            prov.get("prompt_version", ""), int(bool(prov.get("test_model"))), int(bool(prov.get("constrained", True))),
+        )
+        self.conn.execute(
+            "INSERT OR IGNORE INTO descriptions(model, mmproj, family, prompt_version, test_model, constrained) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            values,
+        )
+        return self.conn.execute(
+            "SELECT id FROM descriptions WHERE model=? AND mmproj=? AND family=? AND prompt_version=? "
+            "AND test_model=? AND constrained=?",
+            values,
+        ).fetchone()[0]
+
+    def put_image(
+        self, path: str, *, size=None, mtime_ns=None, sha256="", width=None, height=None,
+        status="ok", error=None, source="", provenance: dict | None = None, desc_hash: str = "",
+        description_id: int | None = None,
+    ) -> int:
+        """Insert or replace the image at `path` (its old texts go with it); return its id."""
+        self.conn.execute("DELETE FROM images WHERE path = ?", (path,))
+        cur = self.conn.execute(
+            "INSERT INTO images(path, size, mtime_ns, sha256, width, height, status, error, source, "
+            "desc_hash, description_id, indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (path, size, mtime_ns, sha256, width, height, status, error, source, desc_hash,
+             description_id if provenance is None else self._description_id(provenance), time.time()),
+        )
+        return int(cur.lastrowid)
+
+    def remove_path(self, path: str) -> list[int]:
+        """Delete the image stored at `path`, if any; return its removed variant keys."""
+        row = self.conn.execute("SELECT id FROM images WHERE path = ?", (path,)).fetchone()
+        return self.remove_images([row[0]]) if row else []
+
+    def update_image_file(self, image_id: int, *, path: str, size, mtime_ns) -> None:
+        """A moved/renamed or touched file whose content (sha256) did not change."""
+        self.conn.execute(
+            "UPDATE images SET path = ?, size = ?, mtime_ns = ? WHERE id = ?", (path, size, mtime_ns, image_id)
+        )
+
+    def remove_images(self, image_ids: Iterable[int]) -> list[int]:
+        """Delete images with their texts; return the removed variant keys."""
+        keys: list[int] = []
+        for image_id in image_ids:
+            keys += [r[0] for r in self.conn.execute("SELECT id FROM variants WHERE image_id = ?", (image_id,))]
+            self.conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
+        return keys
+
+    # -- variants -----------------------------------------------------------------------------
+    def add_texts(self, image_id: int, texts: list[NewText]) -> list[int]:
+        keys = []
+        for t in texts:
+            vec = np.ascontiguousarray(t.vector, dtype=np.float32)
+            cur = self.conn.execute(
+                "INSERT INTO variants(image_id, ordinal, field, one_sentence, features, caption, text, vector) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (image_id, t.ordinal, t.field, t.variant.one_sentence, _features_json(t.variant),
+                 t.variant.caption, t.text, vec.tobytes()),
+            )
+            keys.append(int(cur.lastrowid))
+        return keys
+
+    def description_of(self, image_id: int) -> tuple[int | None, str]:
+        """(description_id, desc_hash) of an image, to carry over to a copy of it."""
+        row = self.conn.execute("SELECT description_id, desc_hash FROM images WHERE id = ?", (image_id,)).fetchone()
+        return (row[0], row[1]) if row else (None, "")
+
+    def read_texts(self, image_id: int) -> list[tuple]:
+        """An image's stored text rows, to re-insert under another image (see insert_texts)."""
+        return self.conn.execute(
+            "SELECT ordinal, field, one_sentence, features, caption, text, vector FROM variants "
+            "WHERE image_id = ? ORDER BY id",
+            (image_id,),
+        ).fetchall()
+
+    def insert_texts(self, image_id: int, rows: list[tuple]) -> tuple[list[int], np.ndarray]:
+        keys = []
+        for r in rows:
+            cur = self.conn.execute(
+                "INSERT INTO variants(image_id, ordinal, field, one_sentence, features, caption, text, vector) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (image_id, *r),
+            )
+            keys.append(int(cur.lastrowid))
+        dim = int(self.get_meta("dim", 0) or 0)
+        vecs = np.stack([np.frombuffer(r[6], dtype=np.float32) for r in rows]) if rows else np.zeros((0, dim), np.float32)
+        return keys, vecs
+
+    def copy_texts(self, from_image: int, to_image: int) -> tuple[list[int], np.ndarray]:
+        """Reuse another image's descriptions and vectors (same file content elsewhere)."""
+        return self.insert_texts(to_image, self.read_texts(from_image))
+
+    def variants_of(self, image_id: int) -> list[Variant]:
+        """The distinct variants stored for an image, by ordinal (for reuse and `search --image`)."""
+        out: dict[int, Variant] = {}
+        for ordinal, one, feats, cap in self.conn.execute(
+            "SELECT ordinal, one_sentence, features, caption FROM variants WHERE image_id = ? ORDER BY ordinal, id",
+            (image_id,),
+        ):
+            if ordinal not in out:
+                out[ordinal] = Variant(one, tuple(Feature.from_any(f) for f in json.loads(feats)), cap)
+        return [out[o] for o in sorted(out)]
+
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(keys int64, image_ids int64, vectors float32 (n, dim)) ordered by key."""
+        dim = int(self.get_meta("dim", 0) or 0)
+        rows = self.conn.execute("SELECT id, image_id, vector FROM variants ORDER BY id").fetchall()
+        keys = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        image_ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
+        if rows:
+            vecs = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+        else:
+            vecs = np.zeros((0, dim), np.float32)
+        return keys, image_ids, vecs
+
+    def variant_keys(self) -> np.ndarray:
+        return np.fromiter((r[0] for r in self.conn.execute("SELECT id FROM variants ORDER BY id")), dtype=np.int64)
+
+    def variant_rows(self, keys: Iterable[int]) -> dict[int, VariantRow]:
+        keys = [int(k) for k in keys]
+        out: dict[int, VariantRow] = {}
+        for i in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
+            chunk = keys[i : i + 500]
+            q = ",".join("?" * len(chunk))
+            for r in self.conn.execute(
+                "SELECT v.id, v.image_id, i.path, v.ordinal, v.field, v.text FROM variants v "
+                f"JOIN images i ON i.id = v.image_id WHERE v.id IN ({q})",
+                chunk,
+            ):
+                out[r[0]] = VariantRow(*r)
+        return out
+
+    def image_paths(self) -> dict[int, str]:
+        return dict(self.conn.execute("SELECT id, path FROM images"))
+
+    def max_texts_per_image(self) -> int:
+        """Texts of the image that has most (sizes search's over-fetch). Kept in meta by the
+        indexer (an upper bound: deletions never lower it) so a search does not scan the table."""
+        known = self.get_meta("max_texts_per_image")
+        if known:
+            return int(known)
+        row = self.conn.execute("SELECT MAX(c) FROM (SELECT COUNT(*) c FROM variants GROUP BY image_id)").fetchone()
+        return int(row[0] or 0)
+
+    def note_texts_per_image(self, n: int) -> None:
+        """Raise the recorded maximum texts per image to n (call inside the batch transaction)."""
+        if n > int(self.get_meta("max_texts_per_image", 0) or 0):
+            self.set_meta("max_texts_per_image", int(n))
+
+    # -- runs and summary ---------------------------------------------------------------------
+    def start_run(self, args: dict) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO runs(started, status, args) VALUES (?, 'running', ?)", (time.time(), json.dumps(args))
+        )
+        return int(cur.lastrowid)
+
+    def finish_run(self, run_id: int, status: str, counts: dict, stage_seconds: dict) -> None:
+        self.conn.execute(
+            "UPDATE runs SET finished = ?, status = ?, counts = ?, stage_seconds = ? WHERE id = ?",
+            (time.time(), status, json.dumps(counts), json.dumps(stage_seconds), run_id),
+        )
+
+    def last_run(self) -> dict | None:
+        r = self.conn.execute(
+            "SELECT id, started, finished, status, counts, stage_seconds, args FROM runs ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        if not r:
+            return None
+        return {
+            "id": r[0], "started": r[1], "finished": r[2], "status": r[3],
+            "counts": json.loads(r[4]), "stage_seconds": json.loads(r[5]), "args": json.loads(r[6]),
+        }
+
+    def counts(self) -> dict:
+        q = self.conn.execute
+        return {
+            "images_ok": q("SELECT COUNT(*) FROM images WHERE status = 'ok'").fetchone()[0],
+            "images_failed": q("SELECT COUNT(*) FROM images WHERE status = 'failed'").fetchone()[0],
+            "variants": q("SELECT COUNT(DISTINCT image_id || ':' || ordinal) FROM variants").fetchone()[0],
+            "texts": q("SELECT COUNT(*) FROM variants").fetchone()[0],
+        }
+
+    def provenance(self) -> list[dict]:
+        rows = self.conn.execute(
+            "SELECT d.model, d.mmproj, d.family, d.prompt_version, d.test_model, d.constrained, COUNT(i.id) "
+            "FROM descriptions d JOIN images i ON i.description_id = d.id GROUP BY d.id ORDER BY d.id"
+        )
+        keys = ("model", "mmproj", "family", "prompt_version", "test_model", "constrained", "images")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+
+def _describe(identity: dict) -> str:
+    sha = str(identity.get("weights_sha256", ""))[:12]
+    return f"{identity.get('name', '?')} (dim {identity.get('dim', '?')}, weights {sha}, {identity.get('pooling', '?')} pooling)"
+
+
+# -- lock ---------------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+class IndexLock:
+    """`index.lock` holding the writer's pid, created with O_EXCL. A lock whose pid is dead is
+    stale (the writer was killed) and is taken over; a live one makes us refuse, or wait."""
+
+    def __init__(self, index_dir: str | os.PathLike, *, wait: bool = False, poll_s: float = 0.5):
+        self.path = Path(index_dir) / LOCK_FILE
+        self.wait = wait
+        self.poll_s = poll_s
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if (pid and not _pid_alive(pid)) or (not pid and self._old_enough()):
+                    self.path.unlink(missing_ok=True)  # stale: its writer is gone
+                    continue
+                if not self.wait:
+                    raise StoreError(
+                        f"{self.path.parent} is being indexed by process {pid or '?'} ({self.path}): wait for it, "
+                        f"pass --wait, or delete {self.path} if that process is not edge-t2t"
+                    ) from None
+                time.sleep(self.poll_s)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            self.held = True
+            return
+
+    def _old_enough(self) -> bool:
+        # An empty lock file is a writer between open() and write(); only a stale one stays empty.
+        try:
+            return time.time() - self.path.stat().st_mtime > 5
+        except OSError:
+            return True
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> IndexLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

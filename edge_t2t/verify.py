@@ -1,0 +1,510 @@
+"""`edge-t2t verify`: is an index directory sound, and if its vector files are not, rebuild them.
+
+What is checked, in order (each check fills one entry of `VerifyReport.checks`):
+
+- sqlite: `PRAGMA integrity_check` and `PRAGMA foreign_key_check` of store.sqlite.
+- schema: the schema version (PRAGMA user_version) equals store.SCHEMA_VERSION, and the tables exist.
+- variants: every embedded text has exactly one vector of the stored dimension, finite and
+  L2-normalised (a torn or foreign blob fails that); every 'ok' image has texts, every 'failed'
+  image has none.
+- vectors: the usearch graph, keys.npy and exact.npy against SQLite: count, keys, dimension, dtype,
+  the image of each key, and the vectors themselves.
+- models: the embedder files recorded in the store's manifest still have their sha256; VLM GGUFs
+  recorded in the descriptions table (only if the store records their path/sha256, see below).
+- lock and runs: a leftover index.lock, a run that never finished (a kill).
+
+Problems vs warnings. The vector files are a cache derived from SQLite, written after each commit
+(temp file + os.replace). A kill between a commit and the next save therefore leaves files that
+lag SQLite, or whose three files disagree in count: that state is expected, `search` and `index`
+rebuild it on open, so it is a *warning* ("stale", fix: --repair). What no crash can produce is a
+problem: a corrupt SQLite file, a wrong schema, a bad vector blob, a vector file that cannot be
+read (writes are atomic, so a torn file means disk damage or tampering), a graph of another
+dimension or dtype than the store says, a key whose vector or image differs from SQLite's (keys
+are never reused), or a model file whose sha256 changed. A missing model file is a warning: the
+index stays searchable as long as the embedder is present somewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import config
+from .errors import StoreError
+
+_TABLES = ("meta", "descriptions", "images", "variants", "runs")
+_MAX_LISTED = 10  # keys/rows named per problem line; the count is always given
+_NORM_TOLERANCE = 1e-3
+# exact.npy holds float16 for f16/i8 indexes: its round-off stays well under this per component.
+_EXACT_TOLERANCE = 2e-3
+# An i8 graph keeps about 2 decimal digits; its stored vector must still point the same way.
+_GRAPH_MIN_COSINE = 0.98
+
+
+@dataclass
+class VerifyReport:
+    index_dir: str
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    checks: dict = field(default_factory=dict)
+    repaired: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "index": self.index_dir,
+            "problems": list(self.problems),
+            "warnings": list(self.warnings),
+            "checks": self.checks,
+            "repaired": self.repaired,
+        }
+
+
+def _listed(items) -> str:
+    items = list(items)
+    shown = ", ".join(str(x) for x in items[:_MAX_LISTED])
+    return shown + (f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- SQLite ---------------------------------------------------------------------------------------
+def _connect(path: Path) -> sqlite3.Connection:
+    # A plain read-write connection, never migrated: verify must report an old schema, not fix it.
+    # (A read-only URI connection cannot open a WAL database whose -shm file is missing.)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def _check_sqlite(conn: sqlite3.Connection, rep: VerifyReport, where: Path) -> bool:
+    try:
+        rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+    except sqlite3.DatabaseError as exc:
+        rep.problems.append(f"{where}: not a readable SQLite database ({exc}); delete the index directory and re-index")
+        rep.checks["sqlite"] = {"ok": False, "error": str(exc)}
+        return False
+    ok = rows == ["ok"]
+    if not ok:
+        for line in rows[:_MAX_LISTED]:
+            rep.problems.append(f"{where}: integrity_check: {line}")
+        if len(rows) > _MAX_LISTED:
+            rep.problems.append(f"{where}: integrity_check: +{len(rows) - _MAX_LISTED} more lines")
+    rep.checks["sqlite"] = {"ok": ok, "integrity_check": rows[:_MAX_LISTED]}
+    return ok
+
+
+def _check_schema(conn: sqlite3.Connection, rep: VerifyReport, where: Path) -> bool:
+    from .store import SCHEMA_VERSION
+
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    missing = [t for t in _TABLES if t not in tables]
+    rep.checks["schema"] = {"version": version, "expected": SCHEMA_VERSION, "missing_tables": missing}
+    ok = True
+    if version != SCHEMA_VERSION:
+        how = "run `edge-t2t index` with this edge-t2t to migrate it" if version < SCHEMA_VERSION else "upgrade edge-t2t"
+        rep.problems.append(f"{where}: schema version {version}, this edge-t2t expects {SCHEMA_VERSION}; {how}")
+        ok = False
+    if missing:
+        rep.problems.append(f"{where}: missing tables {', '.join(missing)}; delete the index directory and re-index")
+        ok = False
+    return ok
+
+
+def _check_foreign_keys(conn: sqlite3.Connection, rep: VerifyReport, where: Path) -> None:
+    rows = conn.execute("PRAGMA foreign_key_check").fetchall()
+    rep.checks["sqlite"]["foreign_key_violations"] = len(rows)
+    if rows:
+        by_table: dict[str, list[int]] = {}
+        for table, rowid, _parent, _fk in rows:
+            by_table.setdefault(table, []).append(rowid)
+        for table, rowids in by_table.items():
+            rep.problems.append(
+                f"{where}: {len(rowids)} row(s) of {table} point at missing parents (rowids {_listed(rowids)}); "
+                "re-index the affected images"
+            )
+
+
+def _meta(conn: sqlite3.Connection) -> dict:
+    out = {}
+    for key, value in conn.execute("SELECT key, value FROM meta"):
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _check_variants(conn, meta: dict, rep: VerifyReport, where: Path):
+    """Check each text's vector blob; return (keys, image_ids, vectors) of the SQLite side."""
+    dim = int(meta.get("dim") or 0)
+    rows = conn.execute("SELECT id, image_id, vector FROM variants ORDER BY id").fetchall()
+    info: dict = {"texts": len(rows), "dim": dim}
+    rep.checks["variants"] = info
+    if rows and not dim:
+        rep.problems.append(f"{where}: {len(rows)} texts are stored but meta has no 'dim'; re-index into a new directory")
+        return None
+    bad_size = [r[0] for r in rows if r[2] is None or len(r[2]) != dim * 4]
+    if bad_size:
+        rep.problems.append(
+            f"{where}: {len(bad_size)} text(s) lack a {dim}-dim float32 vector (variant keys {_listed(bad_size)}); "
+            "re-index the affected images"
+        )
+    good = [r for r in rows if r[2] is not None and len(r[2]) == dim * 4]
+    keys = np.fromiter((r[0] for r in good), dtype=np.int64, count=len(good))
+    image_ids = np.fromiter((r[1] for r in good), dtype=np.int64, count=len(good))
+    vecs = (
+        np.frombuffer(b"".join(r[2] for r in good), dtype=np.float32).reshape(len(good), dim)
+        if good
+        else np.zeros((0, dim), np.float32)
+    )
+    finite = np.isfinite(vecs).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], vecs, 0), axis=1)
+    bad_norm = keys[~finite | (np.abs(norms - 1.0) > _NORM_TOLERANCE)]
+    if len(bad_norm):
+        rep.problems.append(
+            f"{where}: {len(bad_norm)} vector(s) are not finite unit vectors (variant keys {_listed(bad_norm.tolist())}); "
+            "re-index the affected images"
+        )
+    info.update(bad_size=len(bad_size), bad_norm=int(len(bad_norm)))
+
+    q = conn.execute
+    ok_without = [r[0] for r in q(
+        "SELECT path FROM images i WHERE status = 'ok' AND NOT EXISTS (SELECT 1 FROM variants v WHERE v.image_id = i.id)"
+    )]
+    failed_with = [r[0] for r in q(
+        "SELECT DISTINCT i.path FROM images i JOIN variants v ON v.image_id = i.id WHERE i.status = 'failed'"
+    )]
+    info.update(ok_images_without_texts=len(ok_without), failed_images_with_texts=len(failed_with))
+    if ok_without:
+        rep.problems.append(
+            f"{where}: {len(ok_without)} image(s) marked ok have no texts, so they can never be found: {_listed(ok_without)}; "
+            "touch them and run `edge-t2t index` again"
+        )
+    if failed_with:
+        rep.problems.append(f"{where}: {len(failed_with)} failed image(s) still have texts: {_listed(failed_with)}")
+    return keys, image_ids, vecs
+
+
+# -- vector files ---------------------------------------------------------------------------------
+def _check_vectors(index_dir: Path, meta: dict, sql, rep: VerifyReport) -> str:
+    """Compare the vector files with SQLite; return 'match', 'stale', 'missing', 'empty' or 'corrupt'."""
+    from . import vindex
+
+    keys, image_ids, vecs = sql
+    dim = int(meta.get("dim") or 0)
+    dtype = str(meta.get("dtype") or "")
+    info: dict = {"sqlite_count": int(len(keys)), "dim": dim, "dtype": dtype}
+    rep.checks["vectors"] = info
+    paths = vindex.files(index_dir)
+    present = [p for p in paths if p.exists()]
+    if not present:
+        if len(keys) == 0:
+            info["state"] = "empty"
+            return "empty"
+        info["state"] = "missing"
+        rep.warnings.append(
+            f"{index_dir}: vector files are missing ({len(keys)} texts in SQLite); the next search rebuilds them, "
+            "or run `edge-t2t verify --repair`"
+        )
+        return "missing"
+    if len(present) < len(paths):
+        info["state"] = "stale"
+        rep.warnings.append(
+            f"{index_dir}: vector files incomplete (missing {', '.join(p.name for p in paths if p not in present)}), "
+            "as a kill mid-save leaves them; rebuilt on the next search, or run `edge-t2t verify --repair`"
+        )
+        return "stale"
+
+    # Through vindex: it imports onnxruntime before usearch (the other order segfaults).
+    Index = vindex.usearch_index_class()
+
+    usearch_path, exact_path, keys_path = paths
+    corrupt: list[str] = []
+    try:
+        umeta = Index.metadata(str(usearch_path))
+        view = Index.restore(str(usearch_path), view=True) if umeta is not None else None
+    except Exception as exc:  # usearch raises RuntimeError / ValueError on a damaged file
+        umeta, view = None, None
+        corrupt.append(f"{usearch_path}: unreadable ({exc})")
+    else:
+        if umeta is None or view is None:
+            corrupt.append(f"{usearch_path}: unreadable (not a usearch index)")
+    try:
+        key_rows = np.load(keys_path, mmap_mode="r")
+        if key_rows.ndim != 2 or key_rows.shape[1] != 2 or key_rows.dtype != np.int64:
+            corrupt.append(f"{keys_path}: shape {key_rows.shape} {key_rows.dtype}, expected (n, 2) int64")
+    except (OSError, ValueError) as exc:
+        key_rows = None
+        corrupt.append(f"{keys_path}: unreadable ({exc})")
+    try:
+        exact = np.load(exact_path, mmap_mode="r")
+        if exact.ndim != 2:
+            corrupt.append(f"{exact_path}: shape {exact.shape}, expected (n, dim)")
+    except (OSError, ValueError) as exc:
+        exact = None
+        corrupt.append(f"{exact_path}: unreadable ({exc})")
+
+    if not corrupt:
+        file_dim, file_dtype = int(umeta["dimensions"]), str(umeta["kind_scalar"].name).lower()
+        info.update(usearch_count=int(umeta["count_present"]), usearch_dim=file_dim, usearch_dtype=file_dtype,
+                    keys_count=len(key_rows), exact_count=len(exact))
+        if file_dim != dim:
+            corrupt.append(f"{usearch_path}: {file_dim}-dim vectors, the store says {dim}")
+        if dtype and file_dtype != dtype:
+            corrupt.append(f"{usearch_path}: dtype {file_dtype}, the store says {dtype}")
+        if exact.shape[1:] != (dim,):
+            corrupt.append(f"{exact_path}: {exact.shape[1:]} columns, the store says {dim}")
+    if corrupt:
+        info["state"] = "corrupt"
+        for line in corrupt:
+            rep.problems.append(f"{line}; rebuild it from SQLite with `edge-t2t verify --repair`")
+        return "corrupt"
+
+    graph_keys = np.sort(np.asarray(view.keys, dtype=np.int64)) if len(view) else np.zeros(0, np.int64)
+    file_keys = np.asarray(key_rows[:, 0])
+    in_sql = np.isin(file_keys, keys)
+    # Same key, different content: impossible after a crash, because keys are never reused.
+    sql_row = np.searchsorted(keys, file_keys[in_sql])
+    file_rows = np.flatnonzero(in_sql)
+    wrong_image = file_keys[in_sql][np.asarray(key_rows[file_rows, 1]) != image_ids[sql_row]]
+    if len(exact) == len(key_rows) and len(file_rows):
+        diff = np.abs(np.asarray(exact[file_rows], dtype=np.float32) - vecs[sql_row]).max(axis=1)
+        wrong_vec = file_keys[in_sql][diff > _EXACT_TOLERANCE]
+    else:
+        wrong_vec = np.zeros(0, np.int64)
+    common = np.intersect1d(graph_keys, keys)
+    wrong_graph = np.zeros(0, np.int64)
+    if len(common):
+        got = np.asarray(view.get(common.astype(np.uint64), dtype=np.float32), dtype=np.float32).reshape(len(common), -1)
+        want = vecs[np.searchsorted(keys, common)]
+        cos = (got * want).sum(axis=1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-12)
+        wrong_graph = common[cos < _GRAPH_MIN_COSINE]
+    for name, bad in ((keys_path, wrong_image), (exact_path, wrong_vec), (usearch_path, wrong_graph)):
+        if len(bad):
+            what = "image" if name == keys_path else "vector"
+            rep.problems.append(
+                f"{name}: {len(bad)} key(s) have another {what} than SQLite (keys {_listed(bad.tolist())}); "
+                "rebuild with `edge-t2t verify --repair`"
+            )
+    if len(wrong_image) or len(wrong_vec) or len(wrong_graph):
+        info["state"] = "corrupt"
+        return "corrupt"
+
+    sql_set = keys
+    missing_graph = np.setdiff1d(sql_set, graph_keys)
+    extra_graph = np.setdiff1d(graph_keys, sql_set)
+    files_agree = len(file_keys) == len(exact) == len(graph_keys) and np.array_equal(np.sort(file_keys), graph_keys)
+    info.update(missing_from_usearch=int(len(missing_graph)), extra_in_usearch=int(len(extra_graph)))
+    if files_agree and not len(missing_graph) and not len(extra_graph):
+        info["state"] = "match"
+        return "match"
+    info["state"] = "stale"
+    detail = []
+    if len(missing_graph):
+        detail.append(f"{len(missing_graph)} SQLite key(s) not in {usearch_path.name}")
+    if len(extra_graph):
+        detail.append(f"{len(extra_graph)} key(s) in {usearch_path.name} no longer in SQLite")
+    if not files_agree:
+        detail.append(f"{keys_path.name}/{exact_path.name}/{usearch_path.name} hold {len(file_keys)}/{len(exact)}/{len(graph_keys)} vectors")
+    rep.warnings.append(
+        f"{index_dir}: vector files are stale ({'; '.join(detail)}), as a kill between a commit and the next save "
+        "leaves them; the next search or index rebuilds them, or run `edge-t2t verify --repair`"
+    )
+    return "stale"
+
+
+# -- models ---------------------------------------------------------------------------------------
+def _check_models(conn, meta: dict, rep: VerifyReport) -> None:
+    models: dict = {}
+    rep.checks["models"] = models
+    manifest = meta.get("embedder_manifest") or {}
+    files = manifest.get("files") or {}
+    # The store records the embedder's manifest (file names + sha256), not where it lived; the
+    # directory a search would use now is the one that matters.
+    emb_dir = Path(meta["embedder_dir"]) if meta.get("embedder_dir") else config.embedder_dir()
+    emb: dict = {"dir": str(emb_dir), "dir_recorded": "embedder_dir" in meta, "files": {}}
+    models["embedder"] = emb
+    if not files:
+        emb["status"] = "not_recorded"
+        if meta.get("embedder_identity"):
+            rep.warnings.append("the store records no embedder file hashes (meta 'embedder_manifest'); model files not checked")
+    for name, want in files.items():
+        path = emb_dir / name
+        if not path.is_file():
+            emb["files"][name] = "missing"
+            rep.warnings.append(f"{path}: embedder file recorded in the store is missing; run `edge-t2t models build-embedder`")
+            continue
+        got = _sha256(path)
+        emb["files"][name] = "ok" if got == want else "changed"
+        if got != want:
+            rep.problems.append(
+                f"{path}: sha256 {got[:12]} differs from the {want[:12]} recorded in the store; "
+                "rebuild it with `edge-t2t models build-embedder --force`, or re-index with the new embedder"
+            )
+    identity = meta.get("embedder_identity") or {}
+    current = config.embedder_dir() / "manifest.json"
+    if identity and current.is_file():
+        try:
+            src_sha = json.loads(current.read_text(encoding="utf-8")).get("source_weights_sha256")
+        except (OSError, ValueError):
+            src_sha = None
+        emb["current_weights_match"] = src_sha == identity.get("weights_sha256")
+        if src_sha and src_sha != identity.get("weights_sha256"):
+            rep.problems.append(
+                f"{current}: built from weights {src_sha[:12]}, the index from {str(identity.get('weights_sha256'))[:12]}; "
+                "searches will be refused: rebuild the embedder from the original weights or re-index"
+            )
+
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(descriptions)")}
+    vlm: dict = {"columns": sorted(cols)}
+    models["vlm"] = vlm
+    pairs = [("model", "model_sha256", "model_path"), ("mmproj", "mmproj_sha256", "mmproj_path")]
+    recorded = [(n, s, p) for n, s, p in pairs if s in cols and p in cols]
+    if not recorded:
+        vlm["status"] = "not_recorded"
+        vlm["missing"] = [c for _, s, p in pairs for c in (s, p) if c not in cols]
+        n_rows = conn.execute("SELECT COUNT(*) FROM descriptions WHERE test_model = 0 OR test_model = 1").fetchone()[0]
+        vlm["descriptions"] = n_rows
+        return
+    vlm["status"] = "checked"
+    vlm["files"] = {}
+    for name, sha_col, path_col in recorded:
+        for path_s, want in conn.execute(f"SELECT DISTINCT {path_col}, {sha_col} FROM descriptions"):
+            if not path_s or not want:
+                continue
+            path = Path(path_s)
+            if not path.is_file():
+                vlm["files"][path_s] = "missing"
+                rep.warnings.append(f"{path}: VLM {name} recorded in the store is missing (only needed to describe new images)")
+                continue
+            got = _sha256(path)
+            vlm["files"][path_s] = "ok" if got == want else "changed"
+            if got != want:
+                rep.problems.append(
+                    f"{path}: sha256 {got[:12]} differs from the {want[:12]} recorded for the indexed descriptions; "
+                    "new images would be described by another model: restore the file or re-index"
+                )
+
+
+# -- lock and runs --------------------------------------------------------------------------------
+def _check_lock_and_runs(index_dir: Path, conn, rep: VerifyReport) -> None:
+    from .store import LOCK_FILE, _pid_alive
+
+    lock = index_dir / LOCK_FILE
+    info: dict = {"present": lock.exists()}
+    rep.checks["lock"] = info
+    if lock.exists():
+        try:
+            pid = int(lock.read_text().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        info.update(pid=pid, alive=_pid_alive(pid))
+        if info["alive"]:
+            rep.warnings.append(f"{lock}: an index run (pid {pid}) is writing; this report is of its last commit")
+        else:
+            rep.warnings.append(f"{lock}: left by process {pid or '?'}, which is gone; the next index run takes it over")
+    row = conn.execute("SELECT id, status FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+    rep.checks["last_run"] = {"id": row[0], "status": row[1]} if row else None
+    if row and row[1] == "running" and not info.get("alive"):
+        rep.warnings.append(
+            f"run {row[0]} never finished (killed?); its committed batches are kept and the next index run resumes"
+        )
+
+
+# -- entry point ----------------------------------------------------------------------------------
+def verify_index(index_dir: str | os.PathLike, *, repair: bool = False, check_models: bool = True) -> VerifyReport:
+    """Check an index directory; with repair=True rebuild its vector files from SQLite (atomically)
+    when they are stale or corrupt and SQLite itself is sound. Raises StoreError if there is no index."""
+    from .store import STORE_FILE
+
+    index_dir = Path(index_dir)
+    store_path = index_dir / STORE_FILE
+    if not store_path.is_file():
+        raise StoreError(
+            f"no index at {index_dir} ({STORE_FILE} missing): pass --index PATH (or EDGE_T2T_INDEX) "
+            f"of a directory made by `edge-t2t index`"
+        )
+    rep = VerifyReport(index_dir=str(index_dir))
+    state = _verify_once(index_dir, rep, check_models)
+    if repair and state in ("stale", "missing", "corrupt"):
+        if not _sqlite_is_sound(rep):
+            rep.problems.append(f"{store_path}: not repairing the vector files while SQLite itself has problems")
+            return rep
+        _repair(index_dir)
+        rep.repaired = True
+        after = VerifyReport(index_dir=str(index_dir), repaired=True)
+        _verify_once(index_dir, after, check_models)
+        return after
+    return rep
+
+
+def _sqlite_is_sound(rep: VerifyReport) -> bool:
+    c = rep.checks
+    return bool(c.get("sqlite", {}).get("ok")) and not c.get("schema", {}).get("missing_tables") and \
+        c.get("schema", {}).get("version") == c.get("schema", {}).get("expected") and "variants" in c and \
+        not c["variants"].get("bad_size") and not c["variants"].get("bad_norm")
+
+
+def _verify_once(index_dir: Path, rep: VerifyReport, check_models: bool) -> str | None:
+    from .store import STORE_FILE
+
+    store_path = index_dir / STORE_FILE
+    conn = _connect(store_path)
+    try:
+        if not _check_sqlite(conn, rep, store_path):
+            return None
+        if not _check_schema(conn, rep, store_path):
+            return None
+        # One read transaction: every query below sees the same commit, even while `index` writes.
+        conn.execute("BEGIN")
+        try:
+            _check_foreign_keys(conn, rep, store_path)
+            meta = _meta(conn)
+            rep.checks["counts"] = {
+                "images_ok": conn.execute("SELECT COUNT(*) FROM images WHERE status = 'ok'").fetchone()[0],
+                "images_failed": conn.execute("SELECT COUNT(*) FROM images WHERE status = 'failed'").fetchone()[0],
+            }
+            sql = _check_variants(conn, meta, rep, store_path)
+            if check_models:
+                _check_models(conn, meta, rep)
+            _check_lock_and_runs(index_dir, conn, rep)
+        finally:
+            conn.execute("COMMIT")
+        if sql is None:
+            return None
+        return _check_vectors(index_dir, meta, sql, rep)
+    except sqlite3.DatabaseError as exc:
+        rep.problems.append(f"{store_path}: {exc}; delete the index directory and re-index")
+        return None
+    finally:
+        conn.close()
+
+
+def _repair(index_dir: Path) -> int:
+    """Rebuild the vector files from SQLite under the index lock (refused while `index` runs)."""
+    from . import vindex
+    from .store import IndexLock, Store
+
+    with IndexLock(index_dir), Store(index_dir) as store:
+        dim = int(store.get_meta("dim", 0) or 0)
+        dtype = store.get_meta("dtype", "i8")
+        return vindex.rebuild(index_dir, store, dim, dtype)

@@ -1,0 +1,132 @@
+"""`edge-t2t caption` as a user runs it: a subprocess over the real RSICD samples with the tiny test VLM."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edge_t2t import config, prompts
+
+ROOT = Path(__file__).resolve().parents[2]
+# Enough for the schema's longest one-variant answer even at one character per token.
+FAST = ["--variants", "1", "--max-tokens", "1300", "--threads", "2"]
+
+
+@pytest.fixture(scope="module")
+def vlm_args() -> list[str]:
+    pytest.importorskip("llama_cpp")
+    from edge_t2t.testvlm import MMPROJ_FILE, MODEL_FILE, build_test_vlm
+
+    out = config.test_vlm_dir()
+    build_test_vlm(out)
+    return ["--vlm", str(out / MODEL_FILE), "--mmproj", str(out / MMPROJ_FILE)]
+
+
+def _env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_T2T_")}
+    env.update({"EDGE_T2T_CACHE_DIR": str(tmp / "cache"), "PYTHONPATH": str(ROOT), **extra})
+    return env
+
+
+def _caption(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_t2t", "caption", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def _check_record(rec: dict) -> None:
+    keys = {"image", "sha256", "model", "mmproj", "family", "prompt_version", "variants", "seconds",
+            "test_model", "cached", "constrained"}  # fmt: skip
+    assert keys <= set(rec)
+    assert rec["sha256"] == hashlib.sha256(Path(rec["image"]).read_bytes()).hexdigest()
+    assert rec["test_model"] is True and rec["prompt_version"] == prompts.PROMPT_VERSION
+    assert 1 <= len(rec["variants"]) and set(rec["variants"][0]) == {"one_sentence", "features", "caption"}
+    for v in rec["variants"]:
+        assert len(v["one_sentence"]) <= prompts.ONE_SENTENCE_MAX and len(v["caption"]) <= prompts.CAPTION_MAX
+        for f in v["features"]:
+            assert set(f) == {"name", "position", "size"}
+            assert f["position"] in prompts.POSITIONS and f["size"] in prompts.SIZES
+
+
+@pytest.mark.slow
+def test_caption_samples_then_all_cached(vlm_args: list[str], rsicd_samples: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "zero.jpg").write_bytes(b"")
+    (bad / "notes.jpg").write_text("not an image")
+    (bad / "cut.png").write_bytes((rsicd_samples / "square_146.jpg").read_bytes()[:500])
+    out = tmp_path / "caps.jsonl"
+    env = _env(tmp_path)
+    proc = _caption([str(rsicd_samples), str(bad), "--out", str(out), "--json", *vlm_args, *FAST], env)
+    assert proc.returncode == 1, proc.stderr  # some images failed -> 1, the rest written
+    lines = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert lines == [json.loads(x) for x in out.read_text().splitlines()]
+    samples = sorted(p.name for p in rsicd_samples.glob("*.jpg"))
+    assert sorted(Path(r["image"]).name for r in lines) == samples
+    for rec in lines:
+        _check_record(rec)
+        assert rec["cached"] is False
+    assert "TEST model" in proc.stderr and "placeholder" in proc.stderr
+    for name in ("zero.jpg", "notes.jpg", "cut.png"):
+        assert proc.stderr.count(name) >= 2  # once as it happens, once in the summary
+    assert "3 failed" in proc.stderr
+
+    # Second run, human output: a table on stdout, records only in --out, all from the cache.
+    out2 = tmp_path / "again.jsonl"
+    again = _caption([str(rsicd_samples), "--out", str(out2), *vlm_args, *FAST], env)
+    assert again.returncode == 0, again.stderr
+    cached = [json.loads(x) for x in out2.read_text().splitlines()]
+    assert [r["cached"] for r in cached] == [True] * len(samples)
+    assert [r["variants"] for r in cached] == [r["variants"] for r in lines]
+    assert "0 captioned, 5 from cache" in again.stderr
+    assert all(name in again.stdout for name in samples) and not again.stdout.lstrip().startswith("{")
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_finished_captions(vlm_args: list[str], tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"t{i}.png")
+    out = tmp_path / "caps.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_t2t", "caption", str(folder), "--out", str(out), "--json", "--no-cache",
+         *vlm_args, *FAST],
+        env=_env(tmp_path), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    first = proc.stdout.readline()  # the first finished caption
+    assert first, proc.stderr.read()
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    rest, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err
+    kept = [json.loads(x) for x in out.read_text().splitlines()]
+    assert 1 <= len(kept) < 3 and kept[0] == json.loads(first)
+    assert f"kept {len(kept)} finished caption(s)" in err
+    assert time.monotonic() - t0 < 600
+
+
+def test_no_vlm_explains_how_to_get_one(tmp_path: Path, rsicd_samples: Path) -> None:
+    env = _env(tmp_path, EDGE_T2T_MODELS_DIR=str(tmp_path / "nomodels"))
+    proc = _caption([str(rsicd_samples)], env, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "--vlm" in proc.stderr
+
+
+def test_help_lists_contract_options() -> None:
+    proc = subprocess.run([sys.executable, "-m", "edge_t2t", "caption", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert proc.returncode == 0
+    for opt in ("--vlm", "--mmproj", "--family", "--out", "--json", "--variants", "--prompt-file",
+                "--max-megapixels", "--threads", "--gpu-layers", "--max-tokens", "--cache-dir", "--no-cache"):  # fmt: skip
+        assert opt in proc.stdout, opt

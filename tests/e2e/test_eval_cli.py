@@ -1,0 +1,157 @@
+"""`edge-t2t eval` end to end: the --json contract on a Karpathy file made here and on the RSICD
+COCO file, --out files, --source index over an index built by `edge-t2t index`, and errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_t2t import config
+
+ROOT = Path(__file__).resolve().parents[2]
+RECALLS = {"R@1", "R@5", "R@10"}
+TOP_KEYS = {
+    "t2i", "i2t", "mR", "t2i_mean", "i2t_mean",
+    "t2i_nodup", "i2t_nodup", "mR_nodup", "t2i_mean_nodup", "i2t_mean_nodup",
+    "counts", "config",
+}
+COUNT_KEYS = {
+    "images", "captions", "distinct_captions", "duplicate_captions", "images_without_captions",
+    "images_with_one_caption", "queries", "t2i_queries", "t2i_queries_dup", "i2t_queries", "i2t_queries_dup",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def embedder_built():
+    if not (config.embedder_dir() / "manifest.json").is_file():
+        pytest.skip("embedder not built: run `make models` (edge-t2t models build-embedder)")
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_t2t", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"edge-t2t {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def check_contract(out: dict) -> None:
+    assert set(out) == TOP_KEYS
+    for key in ("t2i", "i2t", "t2i_nodup", "i2t_nodup"):
+        assert set(out[key]) == RECALLS
+    assert COUNT_KEYS <= set(out["counts"])
+    six = [*out["t2i"].values(), *out["i2t"].values()]
+    if None not in six:
+        assert all(0.0 <= v <= 100.0 for v in six)
+        assert out["mR"] == pytest.approx(sum(six) / 6)
+        assert out["t2i_mean"] == pytest.approx(sum(out["t2i"].values()) / 3)
+        # recall can only grow with k
+        for d in ("t2i", "i2t"):
+            assert out[d]["R@1"] <= out[d]["R@5"] <= out[d]["R@10"]
+
+
+def karpathy_file(tmp_path: Path) -> Path:
+    def sents(*texts):
+        return [{"raw": t, "tokens": t.split()} for t in texts]
+
+    data = {
+        "dataset": "toy",
+        "images": [
+            {"filename": "harbour_1.jpg", "split": "test",
+             "sentences": sents("many boats are moored in a harbour .", "boats line the piers of a harbour .",
+                                "many boats are moored in a harbour .")},
+            {"filename": "forest_2.jpg", "split": "test",
+             "sentences": sents("a dense green forest covers the hills .", "thick trees cover the whole area .")},
+            {"filename": "airport_3.jpg", "split": "test",
+             "sentences": sents("two airplanes are parked next to a terminal .",
+                                "a runway runs beside the airport terminal .")},
+            {"filename": "river_4.jpg", "split": "test", "sentences": sents("a river winds through farmland .")},
+            {"filename": "empty_5.jpg", "split": "test", "sentences": []},
+            {"filename": "desert_6.jpg", "split": "train",
+             "sentences": sents("yellow sand dunes in a desert .", "a desert with dunes .")},
+        ],
+    }
+    path = tmp_path / "dataset_toy.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_json_contract_on_karpathy_file(tmp_path):
+    path = karpathy_file(tmp_path)
+    out = json.loads(cli("eval", "--annotations", str(path), "--json").stdout)
+    check_contract(out)
+    c = out["counts"]
+    # test split (the default): 5 images, 3 + 2 + 2 + 1 + 0 captions, one verbatim repeat (harbour)
+    assert (c["images"], c["captions"], c["duplicate_captions"]) == (5, 8, 1)
+    assert c["images_without_captions"] == 1 and c["images_with_one_caption"] == 1
+    # the river's single caption cannot be asked under leave-one-out: 8 - 1 queries each way,
+    # of which the two copies of the repeated harbour caption are dups
+    assert c["t2i_queries"] == 7 and c["i2t_queries"] == 7 and c["queries"] == 14
+    assert c["t2i_candidates"] == 4  # the caption-less image has nothing to represent it
+    assert c["t2i_queries_dup"] == 2 and c["skipped_single_caption"] == 1
+    assert out["config"]["split"] == "test" and out["config"]["format"] == "karpathy"
+
+    train = json.loads(cli("eval", "--annotations", str(path), "--split", "train", "--json").stdout)
+    check_contract(train)
+    assert (train["counts"]["images"], train["counts"]["captions"]) == (1, 2)
+
+
+def test_json_contract_on_rsicd_coco_and_out_files(shared_data, tmp_path):
+    coco = shared_data / "rsicd" / "captions_val.json"
+    proc = cli("eval", "--annotations", str(coco), "--max-images", "100", "--json", "--out", str(tmp_path))
+    out = json.loads(proc.stdout)
+    check_contract(out)
+    c = out["counts"]
+    assert c["images"] == 100 and c["captions"] == 500 and c["t2i_queries"] == 500
+    assert c["duplicate_captions"] > 0 and c["t2i_queries_dup"] > 0  # RSICD repeats captions
+    assert out["config"]["format"] == "coco" and out["config"]["dtype"] == "f32"
+    written = json.loads((tmp_path / "eval-oracle-int8-f32.json").read_text())
+    assert written["mR"] == out["mR"] and written["counts"] == out["counts"]
+    md = (tmp_path / "eval-oracle-int8-f32.md").read_text()
+    assert "| T2I |" in md and "| I2T (no dup) |" in md
+    assert not list(tmp_path.glob("*.tmp"))
+
+    table = cli("eval", "--annotations", str(coco), "--max-images", "30", "--dtype", "i8")
+    assert "T2I" in table.stdout and "mR" in table.stdout
+
+
+def test_index_source_over_an_index_of_the_captions(tmp_path):
+    # An index whose descriptions ARE the reference captions (edge-t2t index --captions): each
+    # caption's own image holds that very text (cosine 1) and the toy captions of different
+    # scenes are far apart, so every T2I and I2T query must hit at rank 0.
+    path = karpathy_file(tmp_path)
+    index = tmp_path / "ix"
+    cli("index", "--captions", str(path), "--index", str(index), "--dtype", "f32", "--no-progress")
+    # exact numpy; the index's own usearch file (rescore, then hnsw mode); a fresh i8 HNSW index
+    runs = (["--exact"], [], ["--mode", "hnsw"], ["--dtype", "i8"])
+    for extra in runs:
+        out = json.loads(cli("eval", "--annotations", str(path), "--source", "index", "--index", str(index),
+                             "--json", *extra).stdout)
+        check_contract(out)
+        assert out["t2i"]["R@1"] == 100.0 and out["i2t"]["R@1"] == 100.0
+        c = out["counts"]
+        # the caption-less image is not in the index; the train image is indexed but not annotated here
+        assert c["images_not_in_index"] == 1 and c["index_images_not_annotated"] == 1
+        assert c["t2i_queries"] == 8 and c["i2t_queries"] == 4
+        cfg = out["config"]
+        assert cfg["exact"] is (extra == ["--exact"])
+        assert cfg["dtype"] == ("i8" if "i8" in extra else "f32")
+        if extra in ([], ["--mode", "hnsw"]):
+            assert cfg["mode"] == ("hnsw" if extra else "rescore") and "own search" in cfg["scoring"]
+
+
+def test_errors_name_the_file(tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 9, "caption": "x"}]}')
+    proc = cli("eval", "--annotations", str(bad), "--json", check=False)
+    assert proc.returncode == 2
+    assert str(bad) in proc.stderr and "image_id 9" in proc.stderr
+    good = karpathy_file(tmp_path)
+    missing = cli("eval", "--annotations", str(good), "--source", "index", "--index", str(tmp_path / "none"),
+                  check=False)
+    assert missing.returncode == 2 and str(tmp_path / "none") in missing.stderr

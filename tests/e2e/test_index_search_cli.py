@@ -1,0 +1,363 @@
+"""End-to-end: the `index`, `search` and `info` commands as a user runs them (subprocesses), with
+the real ONNX embedder. Search output is compared with snapshots, rclip-style: scores rounded to
+4 decimals; set EDGE_T2T_UPDATE_SNAPSHOTS=1 to rewrite them after an intended change."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SNAPSHOTS = Path(__file__).resolve().parent / "snapshots"
+UPDATE = os.environ.get("EDGE_T2T_UPDATE_SNAPSHOTS") == "1"
+
+
+def _env(tmp: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["EDGE_T2T_CACHE_DIR"] = str(tmp / "cache")
+    env.pop("EDGE_T2T_INDEX", None)
+    env["COLUMNS"] = "200"
+    return env
+
+
+def cli(tmp: Path, *args, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_t2t", *map(str, args)],
+        capture_output=True, text=True, env=_env(tmp), cwd=tmp, timeout=timeout,
+    )  # fmt: skip
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"edge-t2t {' '.join(map(str, args))} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def jsonl(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def embedder_built():
+    from edge_t2t.embedder import Embedder
+    from edge_t2t.errors import ModelError
+
+    try:
+        Embedder(precision="fp32")
+    except ModelError as exc:
+        pytest.fail(f"the ONNX embedder is not built ({exc}); run `make models`")
+
+
+# -- snapshot over a small hand-made captions file ------------------------------------------------
+SCENES = [
+    ("harbour_1.jpg", "A harbour with moored boats.", [("pier", "east", "long"), ("boats", "centre", "small")],
+     "Several small boats are moored along a long pier on the east side of a calm harbour."),
+    ("stadium_1.jpg", "An oval stadium with a green pitch.", [("pitch", "centre", "large"), ("stands", "across", "medium")],
+     "A large green football pitch fills the centre, ringed by stands and a red running track."),
+    ("forest_1.jpg", "Dense forest covering hills.", [("trees", "across", "large"), ("path", "south", "small")],
+     "Dark green tree canopy covers the whole scene with a narrow path in the south."),
+    ("airport_1.jpg", "An airport with two runways.", [("runway", "centre", "long"), ("terminal", "north", "large")],
+     "Two long runways cross the centre; a large terminal with parked planes lies to the north."),
+    ("farmland_1.jpg", "Rectangular crop fields.", [("fields", "across", "large"), ("farmhouse", "west", "small")],
+     "Brown and green rectangular fields with a small farmhouse on the west edge."),
+    ("river_1.jpg", "A river winding through a town.", [("river", "centre", "large"), ("bridge", "north", "small")],
+     "A wide river curves through houses, crossed by a small bridge in the north."),
+]
+QUERIES = ["a football pitch with stands and a running track", "planes at an airport terminal", "a bridge over a river", "boats in a harbour"]
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("small")
+    caps = tmp / "captions.jsonl"
+    with open(caps, "w") as fh:
+        for name, one, feats, cap in SCENES:
+            variant = {"one_sentence": one, "features": [{"name": n, "position": p, "size": s} for n, p, s in feats],
+                       "caption": cap}  # fmt: skip
+            fh.write(json.dumps({"image": name, "variants": [variant, {"one_sentence": cap}]}) + "\n")
+    cli(tmp, "index", "--captions", caps, "--index", tmp / "ix", "--dtype", "f32", "--precision", "fp32", "--json")
+    return tmp, tmp / "ix"
+
+
+def _normalise(hits: list[dict]) -> list[dict]:
+    return [{**h, "score": round(h["score"], 4)} for h in hits]
+
+
+def test_search_json_matches_snapshot(small_index):
+    tmp, ix = small_index
+    got = {}
+    for q in QUERIES:
+        out = cli(tmp, "search", q, "--index", ix, "-k", "3", "--json", "--mode", "exact", "--precision", "fp32").stdout
+        got[q] = _normalise(jsonl(out))
+    snap = SNAPSHOTS / "small_search.json"
+    if UPDATE:
+        SNAPSHOTS.mkdir(exist_ok=True)
+        snap.write_text(json.dumps(got, indent=2) + "\n")
+    assert snap.exists(), f"{snap} missing: run with EDGE_T2T_UPDATE_SNAPSHOTS=1 to create it"
+    assert got == json.loads(snap.read_text())
+    # and the snapshot itself is sensible: each query finds its scene first
+    assert [got[q][0]["image"] for q in QUERIES] == ["stadium_1.jpg", "airport_1.jpg", "river_1.jpg", "harbour_1.jpg"]
+
+
+def test_index_json_summary_and_rerun_skips(small_index):
+    tmp, ix = small_index
+    again = json.loads(cli(tmp, "index", "--captions", tmp / "captions.jsonl", "--index", ix, "--json").stdout)
+    assert again["added"] == 0 and again["skipped"] == len(SCENES) and again["failed"] == 0
+    assert set(again["stage_seconds"]) >= {"caption", "embed", "store", "index_save"}
+
+
+def test_html_report_is_self_contained_and_escaped(small_index):
+    tmp, ix = small_index
+    page = tmp / "out.html"
+    cli(tmp, "search", "<b>harbour</b> & boats", "--index", ix, "-k", "2", "--html", page)
+    html = page.read_text()
+    assert "&lt;b&gt;harbour&lt;/b&gt; &amp; boats" in html and "<b>harbour</b>" not in html
+    assert 'class="ph"' in html and "<img" not in html  # imported names have no file here: placeholders
+    assert "harbour_1.jpg" in html and not list(tmp.glob("*.tmp"))
+
+
+def test_captions_with_path_resolves_names_and_embeds_thumbnails(tmp_path, rsicd_samples):
+    imgs = tmp_path / "imgs"
+    shutil.copytree(rsicd_samples, imgs)
+    caps = tmp_path / "caps.jsonl"
+    with open(caps, "w") as fh:
+        for f in sorted(imgs.glob("*.jpg")):
+            scene = f.stem.split("_")[0]
+            fh.write(json.dumps({"image": f.name, "variants": [f"an aerial photo of a {scene} area"]}) + "\n")
+    summary = json.loads(cli(tmp_path, "index", imgs, "--captions", caps, "--index", tmp_path / "ix", "--json").stdout)
+    assert summary["added"] == 5 and summary["failed"] == 0
+    page = tmp_path / "r.html"
+    hits = jsonl(cli(tmp_path, "search", "an airport", "--index", tmp_path / "ix", "-k", "2", "--json",
+                     "--html", page).stdout)  # fmt: skip
+    assert hits[0]["image"] == str((imgs / "airport_17.jpg").resolve())
+    assert page.read_text().count("data:image/jpeg;base64,") == 2
+    # a deleted file leaves the index on the next run
+    (imgs / "square_102.jpg").unlink()
+    summary = json.loads(cli(tmp_path, "index", imgs, "--captions", caps, "--index", tmp_path / "ix", "--json").stdout)
+    assert (summary["removed"], summary["skipped"], summary["added"]) == (1, 4, 0)
+
+
+def test_info_reports_counts_models_and_files(small_index):
+    tmp, ix = small_index
+    info = json.loads(cli(tmp, "info", "--index", ix, "--json").stdout)
+    assert info["counts"]["images_ok"] == len(SCENES)
+    assert info["counts"]["texts"] == info["counts"]["vectors"] == 2 * len(SCENES)
+    assert info["dtype"] == "f32" and info["text_mode"] == "joined" and info["vectors_consistent"]
+    assert info["embedder"]["name"] and info["embedder"]["dim"] == 384
+    assert {"store.sqlite", "vectors.usearch", "exact.npy", "keys.npy"} <= set(info["files"])
+    assert info["last_run"]["status"] == "ok" and info["descriptions"][0]["test_model"] == 0
+    text = cli(tmp, "info", "--index", ix).stdout
+    assert "images" in text and "joined" in text
+
+
+def test_long_query_is_truncated_with_a_notice(small_index):
+    tmp, ix = small_index
+    query = "stadium " + " ".join(["green grass field with people"] * 80)
+    proc = cli(tmp, "search", query, "--index", ix, "-k", "2", "--json")
+    assert len(jsonl(proc.stdout)) == 2 and "longer than" in proc.stderr
+
+
+def test_empty_and_missing_indexes_give_clear_errors(tmp_path):
+    from edge_t2t.store import Store
+
+    Store(tmp_path / "empty", create=True).close()
+    proc = cli(tmp_path, "search", "anything", "--index", tmp_path / "empty", ok=False)
+    assert proc.returncode == 2 and "empty" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli(tmp_path, "search", "anything", "--index", tmp_path / "nowhere", ok=False)
+    assert proc.returncode == 2 and "edge-t2t index" in proc.stderr
+    proc = cli(tmp_path, "info", "--index", tmp_path / "nowhere", ok=False)
+    assert proc.returncode == 2
+
+
+def test_mismatched_embedder_is_refused(small_index, tmp_path):
+    tmp, ix = small_index
+    other = tmp_path / "other"
+    shutil.copytree(ix, other, ignore=shutil.ignore_patterns("index.lock"))
+    with sqlite3.connect(other / "store.sqlite") as c:
+        ident = json.loads(c.execute("SELECT value FROM meta WHERE key='embedder_identity'").fetchone()[0])
+        ident["name"] = "some-other-embedder"
+        c.execute("UPDATE meta SET value = ? WHERE key='embedder_identity'", (json.dumps(ident),))
+    proc = cli(tmp_path, "search", "harbour", "--index", other, ok=False)
+    assert proc.returncode == 2 and "some-other-embedder" in proc.stderr and "all-MiniLM" in proc.stderr
+
+
+# -- the real RSICD COCO captions -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def coco_index(tmp_path_factory, shared_data) -> tuple[Path, Path, Path]:
+    tmp = tmp_path_factory.mktemp("coco")
+    caps = shared_data / "rsicd" / "captions_val.json"
+    summary = json.loads(cli(tmp, "index", "--captions", caps, "--index", tmp / "ix", "--json").stdout)
+    assert summary["added"] == 1092 and summary["failed"] == 0
+    return tmp, tmp / "ix", caps
+
+
+def test_coco_stadium_query_finds_stadiums(coco_index):
+    tmp, ix, _ = coco_index
+    hits = jsonl(cli(tmp, "search", "a stadium with a green field", "--index", ix, "-k", "10", "--json").stdout)
+    assert [h["rank"] for h in hits] == list(range(1, 11)) and len({h["image"] for h in hits}) == 10
+    words = ("stadium", "playground", "field")
+    assert all(any(w in h["text"] for w in words) for h in hits[:5])
+    assert sum(h["image"].startswith(("stadium", "playground")) for h in hits) >= 8
+
+
+def test_coco_modes_agree_at_the_top(coco_index):
+    tmp, ix, _ = coco_index
+    top = {}
+    for mode in ("hnsw", "rescore", "exact"):
+        hits = jsonl(cli(tmp, "search", "storage tanks", "--index", ix, "-k", "5", "--json", "--mode", mode).stdout)
+        top[mode] = [h["image"] for h in hits]
+    assert top["rescore"] == top["exact"]
+    assert top["hnsw"][0] == top["exact"][0]
+
+
+def test_coco_info_counts(coco_index):
+    tmp, ix, _ = coco_index
+    info = json.loads(cli(tmp, "info", "--index", ix, "--json").stdout)
+    c = info["counts"]
+    assert c["images_ok"] == 1092 and c["images_failed"] == 0 and c["texts"] == c["vectors"] > 1092
+    assert info["dtype"] == "i8" and info["descriptions"][0]["model"] == "imported:coco"
+
+
+def _wait_for_first_commit(proc, index_dir: Path, timeout: float = 120) -> int:
+    """Poll the store (read-only) until a batch is committed and its vectors saved."""
+    committed = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (index_dir / "vectors.usearch").exists():
+            try:
+                with sqlite3.connect(f"file:{index_dir / 'store.sqlite'}?mode=ro", uri=True, timeout=5) as c:
+                    committed = c.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+            except sqlite3.OperationalError:
+                committed = 0
+            if committed >= 32:
+                break
+        time.sleep(0.05)
+    return committed
+
+
+def test_ctrl_c_exits_130_and_says_what_was_kept(coco_index, tmp_path):
+    _, _, caps = coco_index
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_t2t", "index", "--captions", str(caps), "--index", str(tmp_path / "ix"),
+         "--batch-size", "32", "--no-progress"],
+        env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    committed = _wait_for_first_commit(proc, tmp_path / "ix")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert committed >= 32 and proc.returncode == 130, err
+    assert "interrupted; kept" in err and "Traceback" not in err
+    assert not (tmp_path / "ix" / "index.lock").exists()  # released on the way out
+    info = json.loads(cli(tmp_path, "info", "--index", tmp_path / "ix", "--json").stdout)
+    assert info["last_run"]["status"] == "interrupted" and info["counts"]["images_ok"] % 32 == 0
+
+
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(coco_index, tmp_path):
+    tmp, ix, caps = coco_index
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_t2t", "index", "--captions", str(caps), "--index", str(killed),
+         "--batch-size", "32", "--no-progress", "--json"],
+        env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        committed = _wait_for_first_commit(proc, killed)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert 32 <= committed < 1092, "the run should be killed after its first batch commit"
+    with sqlite3.connect(killed / "store.sqlite") as c:
+        kept = c.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+    assert kept % 32 == 0  # whole batches only: a batch is one transaction
+    assert (killed / "index.lock").exists()  # the dead writer's lock is left behind (and is stale)
+
+    resumed = json.loads(cli(tmp_path, "index", "--captions", caps, "--index", killed, "--json").stdout)
+    assert resumed["skipped"] == kept and resumed["added"] == 1092 - kept
+
+    def dump(path):
+        with sqlite3.connect(path / "store.sqlite") as c:
+            return sorted(c.execute(
+                "SELECT i.path, v.ordinal, v.text FROM variants v JOIN images i ON i.id = v.image_id"
+            ).fetchall())  # fmt: skip
+
+    assert dump(killed) == dump(ix)
+    q = "many white storage tanks"
+    a = jsonl(cli(tmp_path, "search", q, "--index", killed, "-k", "10", "--json", "--mode", "exact").stdout)
+    b = jsonl(cli(tmp_path, "search", q, "--index", ix, "-k", "10", "--json", "--mode", "exact").stdout)
+    assert [(h["image"], round(h["score"], 4)) for h in a] == [(h["image"], round(h["score"], 4)) for h in b]
+    info = json.loads(cli(tmp_path, "info", "--index", killed, "--json").stdout)
+    assert info["vectors_consistent"] and info["counts"]["vectors"] == info["counts"]["texts"]
+
+
+# -- the VLM path, with the repository's tiny test VLM (random weights: texts are placeholders) ----
+@pytest.fixture(scope="module")
+def test_vlm() -> tuple[Path, Path]:
+    from edge_t2t import config
+
+    d = config.test_vlm_dir()
+    manifest = d / "manifest.json"
+    if not manifest.exists():
+        pytest.fail(f"the test VLM is not built ({manifest} missing); run `make models`")
+    m = json.loads(manifest.read_text())
+    return d / m["quantized"].get("Q4_K_M", m["model"]), d / m["mmproj"]
+
+
+@pytest.mark.slow
+def test_vlm_incremental_add_touch_rename_delete_and_image_search(tmp_path, rsicd_samples, test_vlm):
+    model, mmproj = test_vlm
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    names = ["airport_17.jpg", "square_102.jpg", "sparseresidential_3.jpg"]
+    for n in names[:2]:
+        shutil.copy(rsicd_samples / n, imgs / n)
+    ix = tmp_path / "ix"
+    base = ["index", imgs, "--index", ix, "--vlm", model, "--mmproj", mmproj, "--variants", "2",
+            "--max-tokens", "1024", "--threads", "2", "--json"]  # fmt: skip
+
+    def index() -> dict:
+        proc = cli(tmp_path, *base, ok=False, timeout=600)
+        assert proc.returncode in (0, 1), proc.stderr  # 1 = some image failed (the test VLM can babble)
+        return json.loads(proc.stdout)
+
+    s = index()
+    assert s["added"] + s["failed"] == 2
+    first_failed = s["failed"]  # failed images are retried on every run
+    info = json.loads(cli(tmp_path, "info", "--index", ix, "--json").stdout)
+    if s["added"]:
+        assert info["test_model"] is True and info["descriptions"][0]["family"]
+
+    shutil.copy(rsicd_samples / names[2], imgs / names[2])  # add
+    s = index()
+    assert s["added"] + s["failed"] == 1 + first_failed and s["skipped"] == 2 - first_failed
+
+    os.utime(imgs / names[0], ns=(2_000_000_000, 2_000_000_000))  # touch: unchanged content
+    s = index()
+    assert s["added"] == 0 and s["skipped"] >= 2
+
+    os.rename(imgs / names[0], imgs / "renamed.jpg")  # rename: descriptions follow the content
+    s = index()
+    assert s["added"] == 0 and (s["moved"] == 1 or s["failed"] >= 1)
+
+    (imgs / names[1]).unlink()  # delete
+    s = index()
+    assert s["removed"] == 1 and s["added"] == 0
+    paths = {Path(p).name for p in json.loads(cli(tmp_path, "info", "--index", ix, "--json").stdout)["files"]}
+    assert "store.sqlite" in paths
+
+    with sqlite3.connect(ix / "store.sqlite") as c:
+        stored = {Path(r[0]).name: r[1] for r in c.execute("SELECT path, status FROM images")}
+    assert names[1] not in stored and names[0] not in stored
+    ok = [n for n, st in stored.items() if st == "ok"]
+    if ok:  # image-to-image: an indexed image reuses its stored descriptions (no VLM call)
+        query = imgs / ok[0]
+        hits = jsonl(cli(tmp_path, "search", "--image", query, "--index", ix, "--json", "--mode", "exact").stdout)
+        assert hits[0]["image"] == str(query.resolve()) and hits[0]["score"] == pytest.approx(1.0, abs=0.01)
+        hits = jsonl(cli(tmp_path, "search", "--image", query, "--index", ix, "--json", "--exclude-self").stdout)
+        assert str(query.resolve()) not in [h["image"] for h in hits]

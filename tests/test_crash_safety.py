@@ -1,0 +1,313 @@
+"""Crash safety of `edge-t2t index`: SIGKILL at 20+ seeded moments, SIGINT, and a full disk.
+
+Kill moments come from two sources, both seeded:
+- named stages, through the fault wrapper in helpers_media (the child process wraps the VLM's
+  generate, Embedder.embed, Store.transaction, the .npy and usearch saves, and kills itself at the
+  N-th time it reaches one): captioning, embedding, before and after each SQLite COMMIT, between
+  a vector file's temp write and its os.replace, and between the .npy files and the usearch save;
+- plain timers (SIGKILL from outside after a random delay), which land anywhere, start-up included.
+
+After each kill: the store opens, `verify` passes (stale vector files are allowed: a kill between a
+commit and the save leaves them, and they are rebuilt on open), and the kill-chain finally resumes
+to the same images, texts and search results as an uninterrupted run with the cache off.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import helpers_media as hm
+import pytest
+
+from edge_t2t.store import Store
+from edge_t2t.verify import verify_index
+
+N_IMAGES = 16
+BATCH = "2"
+SEED = 20240611
+# fp32: the int8 embedder quantises activations per batch (DynamicQuantizeLinear over the whole
+# padded batch), so a text's int8 vector depends on which texts share its batch (cosine ~0.995
+# between alone and batched), and a resumed run batches differently from an uninterrupted one.
+# That is an embedder property, not crash damage; fp32 vectors are batch-independent (~1e-8).
+PRECISION = "fp32"
+QUERIES = ("a river next to a green forest", "buildings and roads", "large parking lot in the north")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("crash")
+    images = root / "images"
+    hm.make_pngs(images, N_IMAGES)
+    model, mmproj = hm.test_vlm_files()
+    ctx = {"root": root, "images": images, "model": model, "mmproj": mmproj}
+    # The uninterrupted reference: cold, cache off, so it shares nothing with the killed runs.
+    ref = root / "ref"
+    env = hm.child_env(root / "cache_ref")
+    res = hm.run_cli(*_index_args(ctx, ref), "--no-cache", env=env)
+    assert res.returncode in (0, 1) and not hm.has_traceback(res.stderr), res.stderr[-3000:]
+    # The random-weight test VLM writes unparsable text for some images; those would be retried
+    # by every run and slow the kill chain, so they leave the set (and the reference) here.
+    for f in json.loads(res.stdout)["failures"]:
+        assert "no usable description" in f["error"], f
+        Path(f["image"]).unlink()
+    assert len(list(images.glob("*.png"))) >= 10, "the test VLM failed on too many images"
+    res = hm.run_cli(*_index_args(ctx, ref), "--no-cache", env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ctx["ref"] = ref
+    ctx["ref_state"] = _state(ref)
+    ctx["ref_search"] = _search(ctx, ref)
+    return ctx
+
+
+def _index_args(ctx: dict, index: Path) -> tuple[str, ...]:
+    return ("index", str(ctx["images"]), "--index", str(index), "--vlm", str(ctx["model"]), "--mmproj",
+            str(ctx["mmproj"]), "--variants", "1", "--batch-size", BATCH, "--precision", PRECISION, "--json",
+            "--no-progress")  # fmt: skip
+
+
+def _state(index: Path) -> dict:
+    conn = sqlite3.connect(index / "store.sqlite")
+    try:
+        images = sorted(conn.execute("SELECT path, sha256, status FROM images"))
+        texts = sorted(conn.execute(
+            "SELECT i.path, v.ordinal, v.field, v.text FROM variants v JOIN images i ON i.id = v.image_id"
+        ))  # fmt: skip
+    finally:
+        conn.close()
+    return {"images": images, "texts": texts}
+
+
+def _search(ctx: dict, index: Path) -> dict:
+    env = hm.child_env(ctx["root"] / "cache_search")
+    out = {}
+    for mode in ("exact", "rescore"):
+        for q in QUERIES:
+            res = hm.run_cli("search", q, "--index", str(index), "--json", "-k", "5", "--mode", mode,
+                             "--precision", PRECISION, env=env)  # fmt: skip
+            assert res.returncode == 0, res.stderr[-2000:]
+            hits = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+            out[(mode, q)] = [(h["image"], round(h["score"], 4)) for h in hits]
+    return out
+
+
+def _check_after_interruption(index: Path, what: str) -> None:
+    """The store opens and verify passes (same code as `edge-t2t verify`, in-process for speed)."""
+    if not (index / "store.sqlite").exists():
+        return  # killed before the store was created: nothing to check
+    with Store(index) as store:
+        store.counts()
+    rep = verify_index(index, check_models=False)
+    assert rep.ok, f"after {what}: {rep.problems}"
+
+
+def _assert_same_as_reference(ctx: dict, index: Path) -> None:
+    state = _state(index)
+    assert state["images"] == ctx["ref_state"]["images"]
+    assert state["texts"] == ctx["ref_state"]["texts"]
+    assert _search(ctx, index) == ctx["ref_search"]
+
+
+STAGE_RANGES = {"caption": 3, "embed": 3, "commit_before": 4, "commit_after": 4, "save_npy": 6, "save_usearch": 3}
+KILLS_WANTED = 22
+MAX_RUNS = 45
+
+
+def _next_fault(rng: random.Random, run: int) -> dict:
+    if run < 4:  # the cache is cold: die while captioning
+        return {"stage": "caption", "at": rng.randint(1, STAGE_RANGES["caption"]), "action": "kill"}
+    if rng.random() < 0.2:
+        return {"delay": round(rng.uniform(0.5, 5.0), 2)}
+    stage = rng.choice(list(STAGE_RANGES))
+    return {"stage": stage, "at": rng.randint(1, STAGE_RANGES[stage]), "action": "kill"}
+
+
+def _one_run(ctx: dict, index: Path, env: dict, fault: dict) -> tuple[int, str]:
+    argv, extra = hm.cli_argv(*_index_args(ctx, index), faults=[fault] if "stage" in fault else None)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, **extra}, cwd=hm.ROOT)  # fmt: skip
+    if "delay" in fault:
+        try:
+            proc.wait(timeout=fault["delay"])
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+    _out, err = proc.communicate(timeout=600)
+    return proc.returncode, err
+
+
+def test_sigkill_at_random_moments(setup: dict) -> None:
+    """One seeded sequence of runs, each killed at a drawn stage/occurrence or after a drawn delay.
+    A run that is not killed completes its index, which is then compared with the reference and
+    replaced by a fresh index directory, so the kills keep landing on real work."""
+    rng = random.Random(SEED)
+    root = setup["root"]
+    env = hm.child_env(root / "cache_kill")  # cold at first: the first runs die while captioning
+    killed: list[dict] = []
+    completed: list[Path] = []
+    index = root / "killed_0"
+    t0 = time.monotonic()
+    for run in range(MAX_RUNS):
+        if len(killed) >= KILLS_WANTED:
+            break
+        fault = _next_fault(rng, run)
+        rc, err = _one_run(setup, index, env, fault)
+        what = f"run {run} {fault}"
+        assert not hm.has_traceback(err), f"{what}: {err[-3000:]}"
+        if rc == -signal.SIGKILL:
+            killed.append(fault)
+        else:
+            assert rc == 0, f"{what}: rc {rc}: {err[-2000:]}"
+        _check_after_interruption(index, what)
+        if run % 7 == 6:  # now and then through the real CLI as well
+            res = hm.run_cli("verify", "--index", str(index), "--skip-models", env=env)
+            assert res.returncode == 0, f"{what}: {res.stdout}{res.stderr}"
+        if rc == 0:  # this index is complete: it must equal the uninterrupted run
+            assert _state(index) == setup["ref_state"], f"{index} after {what}"
+            completed.append(index)
+            index = root / f"killed_{len(completed)}"
+    print(f"\n[crash] {len(killed)} kills in {run + 1} runs, {len(completed)} indexes completed, "
+          f"{time.monotonic() - t0:.0f} s")  # fmt: skip
+    assert len(killed) >= 20, f"only {len(killed)} runs were killed: {killed}"
+    stages_hit = {k.get("stage", "timer") for k in killed}
+    assert set(STAGE_RANGES) | {"timer"} <= stages_hit, f"stages never hit: {set(STAGE_RANGES) | {'timer'} - stages_hit}"
+
+    # The last, interrupted index resumes to the same images, texts and search results.
+    res = hm.run_cli(*_index_args(setup, index), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert verify_index(index).ok
+    _assert_same_as_reference(setup, index)
+    if completed:
+        assert _search(setup, completed[0]) == setup["ref_search"]
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"stage": "caption", "at": 3, "action": "int"},  # mid-captioning: finish the image, then stop
+        {"stage": "embed", "at": 2, "action": "int"},
+        {"stage": "commit_after", "at": 3, "action": "int"},  # between a commit and its vector save
+    ],
+    ids=["caption", "embed", "after-commit"],
+)
+def test_sigint_keeps_finished_work(setup: dict, tmp_path: Path, fault: dict) -> None:
+    env = hm.child_env(tmp_path / "cache")
+    index = tmp_path / "idx"
+    res = hm.run_cli(*_index_args(setup, index), env=env, faults=[fault])
+    assert not hm.has_traceback(res.stderr), res.stderr[-3000:]
+    assert res.returncode == 130, f"rc {res.returncode}; stderr: {res.stderr[-2000:]}"
+    lines = [ln for ln in res.stderr.splitlines() if "interrupted" in ln]
+    assert len(lines) == 1 and "kept" in lines[0], res.stderr[-2000:]
+    _check_after_interruption(index, f"SIGINT {fault}")
+    # An interrupt is not a failure: no image may be recorded as failed because of it.
+    conn = sqlite3.connect(index / "store.sqlite")
+    failed = conn.execute("SELECT path, error FROM images WHERE status = 'failed'").fetchall()
+    conn.close()
+    assert failed == [], f"images marked failed by the interrupt: {failed}"
+    res2 = hm.run_cli(*_index_args(setup, index), env=env)
+    assert res2.returncode == 0, res2.stderr[-2000:]
+    _assert_same_as_reference(setup, index)
+
+
+def test_sigint_from_outside(setup: dict, tmp_path: Path) -> None:
+    """A real Ctrl-C (SIGINT from another process) once the first batch is committed."""
+    env = hm.child_env(tmp_path / "cache")
+    index = tmp_path / "idx"
+    argv, _ = hm.cli_argv(*_index_args(setup, index))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=hm.ROOT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            conn = sqlite3.connect(f"file:{index / 'store.sqlite'}?mode=ro", uri=True, timeout=1)
+            n = conn.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+            conn.close()
+        except sqlite3.Error:
+            n = 0
+        if n:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the interrupt landed")
+    assert not hm.has_traceback(err), err[-3000:]
+    assert proc.returncode == 130, err[-2000:]
+    _check_after_interruption(index, "SIGINT from outside")
+
+
+# -- disk full ----------------------------------------------------------------------------------
+def _captions_jsonl(shared_data: Path, path: Path, n_images: int) -> Path:
+    coco = json.loads((shared_data / "rsicd" / "captions_val.json").read_text())
+    names = {img["id"]: img["file_name"] for img in coco["images"]}
+    caps: dict[str, list[str]] = {}
+    for ann in coco["annotations"]:
+        caps.setdefault(names[ann["image_id"]], []).append(ann["caption"])
+    with open(path, "w") as fh:
+        for name in sorted(caps)[:n_images]:
+            fh.write(json.dumps({"image": name, "variants": caps[name]}) + "\n")
+    return path
+
+
+def _disk_full_run(argv: list[str], env: dict, preexec=None) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=hm.ROOT, timeout=600, preexec_fn=preexec)
+
+
+def _assert_clean_failure(res: subprocess.CompletedProcess) -> None:
+    assert res.returncode not in (0, 130) and res.returncode > 0, f"rc {res.returncode}: {res.stderr[-2000:]}"
+    assert not hm.has_traceback(res.stderr), res.stderr[-3000:]
+    msg = [ln for ln in res.stderr.splitlines() if ln.startswith("edge-t2t:")]
+    assert msg, res.stderr[-2000:]
+
+
+def test_disk_full_on_tmpfs(shared_data: Path, tmp_path: Path) -> None:
+    """The index lives on a 1 MiB tmpfs: a clear error, then (space freed) verify passes and the
+    same command completes."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here (the RLIMIT_FSIZE test covers the case)")
+    try:
+        captions = _captions_jsonl(shared_data, tmp_path / "caps.jsonl", 150)
+        env = hm.child_env(tmp_path / "cache")
+        argv, _ = hm.cli_argv("index", "--captions", str(captions), "--index", str(mnt / "idx"), "--batch-size", "10",
+                              "--json", "--no-progress")  # fmt: skip
+        res = _disk_full_run(argv, env)
+        assert res.returncode > 0, f"rc {res.returncode}: {res.stderr[-2000:]}"
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
+        _check_after_interruption(mnt / "idx", "disk full")  # consistency first, then the message
+        res2 = _disk_full_run(argv, env)
+        assert res2.returncode == 0, res2.stderr[-2000:]
+        assert json.loads(res2.stdout)["failed"] == 0
+        rep = verify_index(mnt / "idx", check_models=False)
+        assert rep.ok and rep.checks["counts"]["images_ok"] == 150
+        _assert_clean_failure(res)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_full_by_file_size_limit(shared_data: Path, tmp_path: Path) -> None:
+    """RLIMIT_FSIZE in the child: a write past 1 MiB fails with EFBIG (SIGXFSZ ignored), as on a
+    full disk. Needs no root."""
+    import resource
+
+    captions = _captions_jsonl(shared_data, tmp_path / "caps.jsonl", 150)
+    env = hm.child_env(tmp_path / "cache")
+    index = tmp_path / "idx"
+    argv, _ = hm.cli_argv("index", "--captions", str(captions), "--index", str(index), "--batch-size", "10",
+                          "--json", "--no-progress")  # fmt: skip
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    res = _disk_full_run(argv, env, limit)
+    assert res.returncode > 0, f"rc {res.returncode}: {res.stderr[-2000:]}"
+    _check_after_interruption(index, "file size limit")  # consistency first, then the message
+    res2 = _disk_full_run(argv, env)
+    assert res2.returncode == 0, res2.stderr[-2000:]
+    assert verify_index(index, check_models=False).ok
+    _assert_clean_failure(res)

@@ -1,0 +1,277 @@
+"""Hostile and broken image files, through `edge-t2t index` (test VLM) and `edge-t2t caption`.
+
+Every bad file must get one line naming it, the run must go on, the summary must count it, and
+every good file in the same folder must still be indexed. All files are generated here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import helpers_media as hm
+import pytest
+
+GOOD = ("good_a.png", "good_b.jpg", "sixteen_bit.tif", "four_band.tif", "sixteen_bit_4band.tif", "rgb.tif")
+BAD = ("trunc.png", "trunc.jpg", "trunc.tif", "empty.png", "text.jpg", "bomb.png")
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("hostile")
+    d = root / "images"
+    d.mkdir()
+    hm.make_png(d / "good_a.png", 1)
+    hm.make_jpeg(d / "good_b.jpg", 2)
+    hm.make_tiff16(d / "sixteen_bit.tif", seed=3)
+    hm.make_tiff_4band(d / "four_band.tif", seed=4)
+    hm.make_tiff16(d / "sixteen_bit_4band.tif", seed=5, bands=4)
+    hm.make_tiff_rgb(d / "rgb.tif", seed=6)
+    hm.truncate(hm.make_png(root / "src.png", 10, size=96), d / "trunc.png", 0.4)
+    hm.truncate(hm.make_jpeg(root / "src.jpg", 11, size=96), d / "trunc.jpg", 0.4)
+    hm.truncate(hm.make_tiff_rgb(root / "src.tif", seed=12, size=96), d / "trunc.tif", 0.4)
+    hm.zero_byte(d / "empty.png")
+    hm.text_named_image(d / "text.jpg")
+    hm.png_bomb(d / "bomb.png")
+    hm.symlink_loops(d / "loops")
+    weird = hm.non_utf8_name(d / "odd_names")
+    model, mmproj = hm.test_vlm_files()
+    env = hm.child_env(root / "cache")
+    return {"root": root, "dir": d, "weird": weird, "model": model, "mmproj": mmproj, "env": env}
+
+
+VLM_GIBBERISH = "the model gave no usable description"
+
+
+def _assert_reached_model(summary: dict, name: str) -> None:
+    """`name` was indexed, or failed only because the random-weight test VLM wrote unparsable text
+    (which proves the image decoded and reached the model; that VLM's output is not ours to judge)."""
+    fails = {Path(f["image"]).name: f["error"] for f in summary["failures"]}
+    assert name not in fails or VLM_GIBBERISH in fails[name], f"{name}: {fails.get(name)}"
+
+
+def _index(media: dict, index: Path, *extra: str, faults=None) -> subprocess.CompletedProcess:
+    return hm.run_cli(
+        "index", str(media["dir"]), "--index", str(index), "--vlm", str(media["model"]), "--mmproj", str(media["mmproj"]),
+        "--variants", "1", "--batch-size", "4", *extra, env=media["env"], faults=faults,
+    )  # fmt: skip
+
+
+def _rows(index: Path) -> dict[str, tuple[str, str | None, str]]:
+    conn = sqlite3.connect(index / "store.sqlite")
+    conn.text_factory = lambda b: b.decode("utf-8", "surrogateescape")
+    try:
+        return {r[0]: (r[1], r[2], r[3]) for r in conn.execute("SELECT path, status, error, sha256 FROM images")}
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def indexed(media: dict) -> dict:
+    index = media["root"] / "idx"
+    res = _index(media, index, "--json", "--no-progress")
+    return {"index": index, "res": res}
+
+
+def test_index_survives_broken_files(media: dict, indexed: dict) -> None:
+    res = indexed["res"]
+    assert not hm.has_traceback(res.stderr), res.stderr[-3000:]
+    assert res.returncode == 1, f"expected 1 (some images failed); stderr: {res.stderr[-2000:]}"
+    summary = json.loads(res.stdout)
+    failed_paths = {Path(f["image"]).name for f in summary["failures"]}
+    for name in BAD:
+        assert name in failed_paths, f"{name} not reported; failures: {summary['failures']}"
+    for f in summary["failures"]:
+        assert "\n" not in f["error"] and f["error"].strip()
+    assert summary["failed"] >= len(BAD), "the summary must count every failed image"
+    for name in (*GOOD, media["weird"].name):
+        _assert_reached_model(summary, name)
+    assert summary["added"] >= 1
+
+
+def test_good_files_in_the_same_folder_are_indexed(media: dict, indexed: dict) -> None:
+    rows = _rows(indexed["index"])
+    by_name = {Path(p).name: v for p, v in rows.items()}
+    for name in GOOD:  # every good file is stored: described, or failed by the VLM's gibberish
+        assert name in by_name, f"{name} missing from the store"
+        status, error, _ = by_name[name]
+        assert status == "ok" or VLM_GIBBERISH in (error or ""), f"{name}: {by_name[name]}"
+    for name in BAD:
+        status, error, _ = by_name[name]
+        assert status == "failed" and error, name
+    # 16-bit and 4-band TIFFs must work: they are what remote-sensing imagery is. Their decoding
+    # is checked directly too, so the VLM's luck cannot hide a decoder failure.
+    from edge_t2t.images import load_image
+
+    for name in ("sixteen_bit.tif", "four_band.tif", "sixteen_bit_4band.tif"):
+        loaded = load_image(media["dir"] / name)
+        assert loaded.image.mode == "RGB" and loaded.image.size == (40, 40)
+    # The bomb was refused before decoding, for its declared size.
+    assert "MP" in by_name["bomb.png"][1] or "bomb" in by_name["bomb.png"][1]
+
+
+def test_non_utf8_file_name_is_indexed_and_searchable(media: dict, indexed: dict) -> None:
+    rows = _rows(indexed["index"])
+    weird = str(media["weird"].resolve())
+    assert weird in rows, f"non-UTF-8 name missing; paths: {sorted(rows)}"
+    assert rows[weird][0] == "ok" or VLM_GIBBERISH in (rows[weird][1] or "")
+    n_ok = sum(1 for v in rows.values() if v[0] == "ok")
+    res = hm.run_cli("search", "residential area", "--index", str(indexed["index"]), "--json", "-k", "20",
+                     env=media["env"])  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    hits = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+    assert len(hits) == n_ok
+    if rows[weird][0] == "ok":
+        assert weird in {h["image"] for h in hits}
+
+
+def test_symlink_loops_do_not_hang_or_crash(media: dict, indexed: dict) -> None:
+    # Reached through loop_dir, the good files must not be indexed twice.
+    rows = _rows(indexed["index"])
+    assert not any("loop_dir" in p for p in rows), [p for p in rows if "loop_dir" in p]
+    summary = json.loads(indexed["res"].stdout)
+    reported = " ".join(f["image"] + " " + f["error"] for f in summary["failures"])
+    assert "self_loop.png" in reported
+
+
+def test_verify_passes_and_rerun_is_a_noop(media: dict, indexed: dict) -> None:
+    res = hm.run_cli("verify", "--index", str(indexed["index"]), "--json", env=media["env"])
+    assert res.returncode == 0, res.stdout
+    again = _index(media, indexed["index"], "--json", "--no-progress")
+    assert not hm.has_traceback(again.stderr)
+    summary = json.loads(again.stdout)
+    ok = sum(1 for v in _rows(indexed["index"]).values() if v[0] == "ok")
+    assert summary["added"] == 0 and summary["skipped"] >= ok
+
+
+def test_failures_are_one_line_each_in_the_human_output(media: dict, tmp_path: Path) -> None:
+    res = _index(media, tmp_path / "idx", "--no-progress", "--batch-size", "32")
+    assert res.returncode == 1 and not hm.has_traceback(res.stderr)
+    for name in BAD:
+        lines = [ln for ln in res.stderr.splitlines() if name in ln]
+        assert lines, f"{name} not named on stderr:\n{res.stderr[-3000:]}"
+        assert any("failed" in ln.lower() or "skipping" in ln.lower() for ln in lines), lines
+
+
+def test_caption_command_survives_broken_files(media: dict) -> None:
+    res = hm.run_cli("caption", str(media["dir"]), "--vlm", str(media["model"]), "--mmproj", str(media["mmproj"]),
+                     "--variants", "1", "--json", env=media["env"])  # fmt: skip
+    assert not hm.has_traceback(res.stderr), res.stderr[-3000:]
+    assert res.returncode == 1
+    records = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+    described = {Path(r["image"]).name for r in records}
+    for name in BAD:
+        lines = [ln for ln in res.stderr.splitlines() if name in ln]
+        assert lines, f"{name} not named on stderr"
+    for name in GOOD:  # described, or refused only for the test VLM's gibberish
+        lines = [ln for ln in res.stderr.splitlines() if name in ln]
+        assert name in described or any(VLM_GIBBERISH in ln for ln in lines), f"{name}: {lines}"
+    # Each record's sha256 is of the bytes that were described.
+    for r in records:
+        p = Path(r["image"])
+        if p.exists():
+            assert r["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_file_rewritten_between_hash_and_caption(media: dict, tmp_path: Path) -> None:
+    """The first file the indexer hashes is rewritten right after its hash (fault injection in the
+    child process): the store must not pair the old hash with a description of the new pixels."""
+    d = tmp_path / "imgs"
+    hm.make_png(d / "a.png", 21)
+    hm.make_png(d / "b.png", 22)
+    index = tmp_path / "idx"
+    args = ("index", str(d), "--index", str(index), "--vlm", str(media["model"]), "--mmproj", str(media["mmproj"]),
+            "--variants", "1", "--json", "--no-progress")  # fmt: skip
+    res = hm.run_cli(*args, env=media["env"], faults=[{"stage": "hashed", "at": 1, "action": "rewrite", "seed": 555}])
+    assert not hm.has_traceback(res.stderr), res.stderr[-3000:]
+    rows = _rows(index)
+    for path, (status, _err, sha) in rows.items():
+        now = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        if status == "ok":
+            assert sha == now, f"{path}: stored sha256 {sha[:12]} is not that of the described bytes {now[:12]}"
+    # Whatever the first run did, a second run must converge on the file as it is now.
+    res2 = hm.run_cli(*args, env=media["env"])
+    assert res2.returncode == 0, res2.stderr[-2000:]
+    for path, (status, _err, sha) in _rows(index).items():
+        assert status == "ok" and sha == hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_unreadable_file(media: dict, tmp_path: Path) -> None:
+    """A chmod-000 file next to a good one. Root ignores permission bits through the
+    CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH capabilities, so as root the child runs under
+    `setpriv --bounding-set -dac_override,-dac_read_search`: still uid 0, but the kernel now
+    enforces the bits, and the read really fails with EACCES (nothing is simulated). As a normal
+    user the bits bite anyway. Skipped only if root and setpriv is missing."""
+    import shutil
+
+    d = tmp_path / "imgs"
+    hm.make_png(d / "ok.png", 31)
+    locked = hm.make_png(d / "locked.png", 32)
+    locked.chmod(0o000)
+    argv, _ = hm.cli_argv("index", str(d), "--index", str(tmp_path / "idx"), "--vlm", str(media["model"]),
+                          "--mmproj", str(media["mmproj"]), "--variants", "1", "--json", "--no-progress")  # fmt: skip
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: cannot make permission bits apply")
+        argv = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *argv]
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, env=hm.child_env(tmp_path / "cache"),
+                             cwd=hm.ROOT, timeout=600)  # fmt: skip
+    finally:
+        locked.chmod(0o644)
+    assert not hm.has_traceback(res.stderr), res.stderr[-3000:]
+    summary = json.loads(res.stdout)
+    failed = {Path(f["image"]).name: f["error"] for f in summary["failures"]}
+    assert "locked.png" in failed and "ermission" in failed["locked.png"], summary["failures"]
+    assert summary["failed"] >= 1, "the summary must count the unreadable file"
+    _assert_reached_model(summary, "ok.png")
+
+
+def _bomb(d: Path, root: Path) -> Path:
+    return hm.png_bomb(d / "bomb.png")
+
+
+SINGLE_BAD = {
+    "truncated-png": lambda d, root: hm.truncate(hm.make_png(root / "s.png", 10, size=96), d / "trunc.png", 0.4),
+    "truncated-jpeg": lambda d, root: hm.truncate(hm.make_jpeg(root / "s.jpg", 11, size=96), d / "trunc.jpg", 0.4),
+    "truncated-tiff": lambda d, root: hm.truncate(hm.make_tiff_rgb(root / "s.tif", 12, size=96), d / "trunc.tif", 0.4),
+    "zero-bytes": lambda d, root: hm.zero_byte(d / "empty.png"),
+    "text-as-jpeg": lambda d, root: hm.text_named_image(d / "text.jpg"),
+    "decompression-bomb": _bomb,
+    "symlink-self-loop": lambda d, root: hm.symlink_loops(d / "loops")[1],
+}
+SINGLE_GOOD = {
+    "tiff-16bit": lambda d, root: hm.make_tiff16(d / "sixteen.tif", seed=3),
+    "tiff-4band": lambda d, root: hm.make_tiff_4band(d / "four.tif", seed=4),
+    "tiff-16bit-4band": lambda d, root: hm.make_tiff16(d / "sixteen4.tif", seed=5, bands=4),
+    "non-utf8-name": lambda d, root: hm.non_utf8_name(d / "odd"),
+}
+
+
+@pytest.mark.parametrize("case", list(SINGLE_BAD) + list(SINGLE_GOOD))
+def test_each_case_alone_next_to_a_good_image(media: dict, tmp_path: Path, case: str) -> None:
+    """One hostile (or odd but valid) file beside one good PNG, so each failure is attributed."""
+    d = tmp_path / "imgs"
+    hm.make_png(d / "companion.png", 0)  # seed 0: a file the test VLM describes
+    made = (SINGLE_BAD.get(case) or SINGLE_GOOD[case])(d, tmp_path)
+    res = hm.run_cli("index", str(d), "--index", str(tmp_path / "idx"), "--vlm", str(media["model"]), "--mmproj",
+                     str(media["mmproj"]), "--variants", "1", "--json", "--no-progress", env=media["env"])  # fmt: skip
+    assert not hm.has_traceback(res.stderr), res.stderr[-2500:]
+    summary = json.loads(res.stdout)
+    _assert_reached_model(summary, "companion.png")
+    failures = {Path(f["image"]).name: f["error"] for f in summary["failures"]}
+    if case in SINGLE_BAD:
+        assert res.returncode == 1, res.stderr[-2000:]
+        assert made.name in failures and failures[made.name].strip(), summary["failures"]
+        assert "\n" not in failures[made.name]
+        assert summary["failed"] == len(summary["failures"]), f"the summary's count misses failures: {summary}"
+    else:
+        _assert_reached_model(summary, made.name)
+        rows = _rows(tmp_path / "idx")
+        assert str(made.resolve()) in rows
+    rep = hm.run_cli("verify", "--index", str(tmp_path / "idx"), "--skip-models", env=media["env"])
+    assert rep.returncode == 0, rep.stdout + rep.stderr

@@ -1,0 +1,233 @@
+"""`index` orchestration: incremental runs (add, touch, rename, copy, delete, change), the VLM
+path, interruption and resume, and refusals. Uses the fake embedder and a stand-in captioner."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import pytest
+from fake_embedder import FakeEmbedder
+from PIL import Image
+
+from edge_t2t import captioning, vindex
+from edge_t2t.errors import StoreError
+from edge_t2t.indexer import Indexer
+from edge_t2t.records import CaptionRecord, Variant
+from edge_t2t.store import IndexLock, Store
+
+COLOURS = {"a": (200, 30, 30), "b": (30, 200, 30), "c": (30, 30, 200), "d": (200, 200, 30), "e": (90, 90, 90)}
+
+
+def make_image(path, colour):
+    Image.new("RGB", (16, 12), colour).save(path)
+
+
+def texts_of(ix) -> dict[str, list[str]]:
+    with Store(ix) as st:
+        rows = st.conn.execute(
+            "SELECT i.path, v.text FROM variants v JOIN images i ON i.id = v.image_id ORDER BY i.path, v.ordinal, v.id"
+        ).fetchall()
+    out: dict[str, list[str]] = {}
+    for path, text in rows:
+        out.setdefault(os.path.basename(path), []).append(text)
+    return out
+
+
+def consistent(ix) -> bool:
+    with Store(ix) as st:
+        return vindex.is_consistent(ix, st.variant_keys(), int(st.get_meta("dim")), st.get_meta("dtype"))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name in "abc":
+        make_image(d / f"{name}.png", COLOURS[name])
+    caps = tmp_path / "caps.jsonl"
+    with open(caps, "w") as fh:
+        for name in "abcd":  # d is described but not on disk: ignored
+            fh.write(json.dumps({"image": f"{name}.png", "variants": [f"scene {name} one", f"scene {name} two"]}) + "\n")
+    return d, caps
+
+
+def test_incremental_add_touch_rename_copy_delete_change(tmp_path, folder):
+    d, caps = folder
+    ix, emb = tmp_path / "ix", FakeEmbedder()
+    run = lambda: Indexer(ix, embedder=emb, batch_size=2).run([d], captions_file=caps)  # noqa: E731
+
+    s = run()
+    assert (s.added, s.skipped, s.failed) == (3, 0, 0) and consistent(ix)
+    assert sorted(texts_of(ix)) == ["a.png", "b.png", "c.png"]
+    with Store(ix) as st:
+        row = st.images()[str((d / "a.png").resolve())]
+        assert (row.width, row.height, row.source) == (16, 12, "captions") and len(row.sha256) == 64
+
+    calls = emb.calls
+    s = run()  # nothing changed: skipped without hashing or embedding
+    assert (s.added, s.skipped) == (0, 3) and emb.calls == calls
+
+    os.utime(d / "a.png", ns=(1_000_000_000, 1_000_000_000))  # touched, same bytes
+    s = run()
+    assert (s.added, s.skipped) == (0, 3) and emb.calls == calls
+    with Store(ix) as st:
+        assert st.images()[str((d / "a.png").resolve())].mtime_ns == 1_000_000_000
+
+    before = texts_of(ix)["b.png"]
+    os.rename(d / "b.png", d / "b_renamed.png")  # not in the captions file: the sha256 carries it
+    s = run()
+    assert (s.moved, s.added, s.removed, s.failed) == (1, 0, 0, 0)
+    assert "b.png" not in texts_of(ix) and texts_of(ix)["b_renamed.png"] == before and consistent(ix)
+
+    (d / "c_copy.png").write_bytes((d / "c.png").read_bytes())
+    s = run()
+    assert (s.reused, s.added) == (1, 0)
+    assert texts_of(ix)["c_copy.png"] == texts_of(ix)["c.png"] and consistent(ix)
+
+    (d / "a.png").unlink()
+    s = run()
+    assert s.removed == 1 and "a.png" not in texts_of(ix) and consistent(ix)
+
+    make_image(d / "c.png", (1, 2, 3))  # new content under a described name: re-described
+    s = run()
+    assert s.added == 1 and consistent(ix)
+    with Store(ix) as st:
+        assert st.counts()["images_ok"] == 3
+
+    make_image(d / "e.png", COLOURS["e"])  # not in the captions file, no VLM: a failure
+    s = run()
+    assert s.failed == 1 and s.failures[0][0].endswith("e.png") and "captions" in s.failures[0][1]
+    with Store(ix) as st:
+        assert st.counts()["images_failed"] == 1
+
+
+def test_swapped_files_swap_their_descriptions_without_describing_again(tmp_path, folder):
+    d, caps = folder
+    ix, emb = tmp_path / "ix", FakeEmbedder()
+    Indexer(ix, embedder=emb).run([d], captions_file=caps)
+    before = texts_of(ix)
+    a, b = (d / "a.png").read_bytes(), (d / "b.png").read_bytes()
+    (d / "a.png").write_bytes(b)
+    (d / "b.png").write_bytes(a)
+    calls = emb.calls
+    s = Indexer(ix, embedder=emb).run([d], captions_file=caps)
+    assert (s.reused, s.added, s.failed) == (2, 0, 0) and emb.calls == calls
+    after = texts_of(ix)
+    assert after["a.png"] == before["b.png"] and after["b.png"] == before["a.png"] and consistent(ix)
+    with Store(ix) as st:
+        assert st.provenance()[0]["images"] == 3  # provenance follows the copied descriptions
+
+
+@dataclass
+class FakeSummary:
+    failures: list = field(default_factory=list)
+    interrupted: bool = False
+
+
+class FakeCaptioner:
+    """Stands in for captioning.caption_images: records from the file name; can stop early."""
+
+    def __init__(self, stop_after: int | None = None, fail: str = ""):
+        self.stop_after = stop_after
+        self.fail = fail
+        self.done = 0
+
+    def __call__(self, paths, vlm_cfg, *, n_variants=5, on_record=None, **kw):
+        out = FakeSummary()
+        for p in paths:
+            if self.stop_after is not None and self.done >= self.stop_after:
+                out.interrupted = True
+                break
+            if self.fail and p.name == self.fail:
+                out.failures.append(captioning.Failure(str(p), "model produced nothing"))
+                continue
+            self.done += 1
+            on_record(CaptionRecord(
+                image=str(p), sha256="", model="test.gguf", mmproj="mm.gguf", family="test",
+                prompt_version="p1", variants=[Variant(f"{p.stem} variant {i}") for i in range(n_variants)],
+                test_model=True,
+            ))  # fmt: skip
+        return out
+
+
+def five_images(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name, colour in COLOURS.items():
+        make_image(d / f"{name}.png", colour)
+    return d
+
+
+def test_vlm_path_records_provenance_and_failures(tmp_path, monkeypatch):
+    d = five_images(tmp_path)
+    monkeypatch.setattr(captioning, "caption_images", FakeCaptioner(fail="c.png"))
+    s = Indexer(tmp_path / "ix", embedder=FakeEmbedder(), vlm_cfg=object(), n_variants=3).run([d])
+    assert (s.added, s.failed) == (4, 1) and "model produced nothing" in s.failures[0][1]
+    with Store(tmp_path / "ix") as st:
+        assert st.counts()["texts"] == 12
+        prov = st.provenance()
+        assert prov[0]["model"] == "test.gguf" and prov[0]["test_model"] == 1 and prov[0]["images"] == 4
+        assert {r.source for r in st.images().values() if r.status == "ok"} == {"vlm"}
+
+
+def test_interrupted_run_keeps_finished_batches_and_resumes_to_the_same_state(tmp_path, monkeypatch):
+    d = five_images(tmp_path)
+    emb = FakeEmbedder()
+    monkeypatch.setattr(captioning, "caption_images", FakeCaptioner())
+    Indexer(tmp_path / "clean", embedder=emb, vlm_cfg=object(), batch_size=2).run([d])
+
+    monkeypatch.setattr(captioning, "caption_images", FakeCaptioner(stop_after=3))  # Ctrl-C in batch 2
+    s = Indexer(tmp_path / "ix", embedder=emb, vlm_cfg=object(), batch_size=2).run([d])
+    assert s.interrupted and s.added == 3 and consistent(tmp_path / "ix")
+    with Store(tmp_path / "ix") as st:
+        assert st.last_run()["status"] == "interrupted"
+
+    monkeypatch.setattr(captioning, "caption_images", FakeCaptioner())
+    s = Indexer(tmp_path / "ix", embedder=emb, vlm_cfg=object(), batch_size=2).run([d])
+    assert (s.added, s.skipped, s.interrupted) == (2, 3, False)
+    assert texts_of(tmp_path / "ix") == texts_of(tmp_path / "clean") and consistent(tmp_path / "ix")
+
+
+def test_ctrl_c_mid_batch_rolls_that_batch_back(tmp_path, monkeypatch):
+    d = five_images(tmp_path)
+    emb = FakeEmbedder()
+    real_embed = emb.embed
+    calls = {"n": 0}
+
+    def embed_then_interrupt(texts, batch_size=32):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_embed(texts)
+
+    emb.embed = embed_then_interrupt
+    monkeypatch.setattr(captioning, "caption_images", FakeCaptioner())
+    s = Indexer(tmp_path / "ix", embedder=emb, vlm_cfg=object(), batch_size=2).run([d])
+    assert s.interrupted and s.added == 2
+    assert len(texts_of(tmp_path / "ix")) == 2 and consistent(tmp_path / "ix")
+
+
+def test_refuses_changing_dtype_or_text_mode_and_other_embedders(tmp_path, folder):
+    d, caps = folder
+    ix = tmp_path / "ix"
+    Indexer(ix, embedder=FakeEmbedder(), dtype="f16").run([d], captions_file=caps)
+    with pytest.raises(StoreError, match="--dtype f16"):
+        Indexer(ix, embedder=FakeEmbedder(), dtype="i8").run([d], captions_file=caps)
+    with pytest.raises(StoreError, match="--text-mode joined"):
+        Indexer(ix, embedder=FakeEmbedder(), text_mode="fields").run([d], captions_file=caps)
+    with pytest.raises(StoreError, match="other-model"):
+        Indexer(ix, embedder=FakeEmbedder(name="other-model")).run([d], captions_file=caps)
+
+
+def test_second_writer_is_refused_while_the_lock_is_held(tmp_path, folder):
+    d, caps = folder
+    with IndexLock(tmp_path / "ix"), pytest.raises(StoreError, match=f"process {os.getpid()}"):
+        Indexer(tmp_path / "ix", embedder=FakeEmbedder()).run([d], captions_file=caps)
+
+
+def test_no_describer_for_new_images_is_a_clear_error(tmp_path):
+    d = five_images(tmp_path)
+    with pytest.raises(StoreError, match="--vlm"):
+        Indexer(tmp_path / "ix", embedder=FakeEmbedder()).run([d])

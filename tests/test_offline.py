@@ -1,0 +1,228 @@
+"""The offline guarantee: edge-t2t indexes and searches with no network at all, and its code has no
+way to reach one.
+
+- End to end in a network namespace with no interfaces (`unshare -n`; root, or `unshare -rn` where
+  user namespaces are allowed). Where neither is permitted, the same commands run with
+  socket.socket replaced by a function that raises (weaker: it only covers Python sockets); the
+  test prints which of the two ran.
+- Statically: no module of the package imports a network client (ast walk).
+- Dynamically: importing every module of the package loads no network client module.
+- llama-cpp-python itself imports urllib to fetch image URLs; our guard is that vlm.py only ever
+  hands it data: URIs, checked by driving VLM.generate with a stand-in llama object.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import helpers_media as hm
+import pytest
+
+PACKAGE = hm.ROOT / "edge_t2t"
+# Modules that open network connections, or exist to. (`urllib.parse` and `html` are text
+# utilities and are allowed; `urllib.request` is not.)
+NETWORK_MODULES = {
+    "socket", "ssl", "http", "http.client", "http.server", "urllib.request", "urllib3", "requests", "httpx",
+    "aiohttp", "ftplib", "smtplib", "poplib", "imaplib", "telnetlib", "xmlrpc", "websockets", "websocket",
+    "huggingface_hub", "asyncio", "socketserver", "grpc", "paramiko",
+}  # fmt: skip
+NOSOCKET = (
+    "import socket, sys\n"
+    "def _refuse(*a, **k):\n"
+    "    raise OSError('network disabled by test_offline')\n"
+    "class _NoSocket(socket.socket):  # a class, so ssl.SSLSocket can still subclass it\n"
+    "    def __init__(self, *a, **k):\n"
+    "        _refuse()\n"
+    "socket.socket = _NoSocket\n"
+    "socket.create_connection = _refuse\n"
+    "socket.getaddrinfo = _refuse\n"
+    "sys.argv[0] = 'edge-t2t'\n"
+    "from edge_t2t.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def _isolation() -> list[str] | None:
+    """The command prefix that runs a command with no network, or None if none is permitted."""
+    if not shutil.which("unshare"):
+        return None
+    for prefix in (["unshare", "-n"], ["unshare", "-rn"]):
+        probe = subprocess.run(
+            [*prefix, sys.executable, "-c",
+             "import socket\ntry:\n    socket.create_connection(('1.1.1.1', 53), timeout=2)\nexcept OSError:\n    print('isolated')"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if probe.returncode == 0 and probe.stdout.strip() == "isolated":
+            return prefix
+    return None
+
+
+def test_index_and_search_with_no_network(rsicd_samples: Path, tmp_path: Path, capsys) -> None:
+    model, mmproj = hm.test_vlm_files()
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sorted(rsicd_samples.glob("*.jpg")):
+        shutil.copy(p, images / p.name)
+    env = hm.child_env(tmp_path / "cache")
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        env.pop(var, None)  # nothing may depend on these
+    prefix = _isolation()
+    how = f"{' '.join(prefix)} (network namespace without interfaces)" if prefix else "socket.socket patched to raise"
+    with capsys.disabled():
+        print(f"\n[test_offline] isolation: {how}")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        if prefix:
+            argv = [*prefix, sys.executable, "-m", "edge_t2t", *args]
+        else:
+            argv = [sys.executable, "-c", NOSOCKET, *args]
+        return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=hm.ROOT, timeout=600)
+
+    index = tmp_path / "idx"
+    res = run("index", str(images), "--index", str(index), "--vlm", str(model), "--mmproj", str(mmproj),
+              "--variants", "1", "--json", "--no-progress")  # fmt: skip
+    assert res.returncode in (0, 1) and not hm.has_traceback(res.stderr), res.stderr[-3000:]
+    summary = json.loads(res.stdout)
+    # rc 1 only for images the random-weight test VLM answered with unparsable text (not a network
+    # matter); everything else must have been described and indexed inside the namespace.
+    assert all("no usable description" in f["error"] for f in summary["failures"]), summary["failures"]
+    assert summary["added"] + summary["failed"] == len(list(images.glob("*.jpg"))) and summary["added"] >= 3
+    res = run("search", "a residential area with trees", "--index", str(index), "--json", "-k", "3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    hits = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+    assert len(hits) == 3 and all(Path(h["image"]).parent == images.resolve() for h in hits)
+    res = run("verify", "--index", str(index))
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+            "import_module", "__import__",
+        ) and node.args and isinstance(node.args[0], ast.Constant):  # fmt: skip
+            found.add(str(node.args[0].value))
+    return found
+
+
+def _is_network(name: str) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in NETWORK_MODULES)
+
+
+def test_no_module_imports_a_network_client() -> None:
+    """Every import statement in the package, top level or inside functions."""
+    offenders = {}
+    files = sorted(PACKAGE.rglob("*.py"))
+    assert len(files) > 10
+    for path in files:
+        bad = sorted(n for n in _imports(path) if _is_network(n))
+        if bad:
+            offenders[str(path.relative_to(hm.ROOT))] = bad
+    assert offenders == {}, f"network imports in the package: {offenders}"
+
+
+def test_importing_the_package_loads_no_network_client() -> None:
+    """Import every module of the package in a fresh interpreter and list the network modules that
+    appeared. The baseline is what the interpreter and our pinned dependencies' *import-time* code
+    already load (numpy, sqlite3, json, pathlib...): only what our imports add is attributed to us.
+    Heavy libraries are imported inside functions, so they are not loaded here; the end-to-end test
+    above covers them at run time with the network really gone."""
+    code = (
+        "import sys, json, pkgutil, importlib\n"
+        "import numpy, sqlite3, pathlib, hashlib, dataclasses, argparse\n"
+        "before = set(sys.modules)\n"
+        "import edge_t2t\n"
+        "names = [m.name for m in pkgutil.walk_packages(edge_t2t.__path__, 'edge_t2t.')\n"
+        "         if not m.name.endswith('__main__')]  # importing __main__ would run the CLI\n"
+        "for n in names:\n"
+        "    importlib.import_module(n)\n"
+        "print(json.dumps({'modules': names, 'added': sorted(set(sys.modules) - before)}))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=hm.ROOT, timeout=120,
+                         env=hm.child_env(hm.ROOT / ".pytest_cache" / "unused"))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    assert "edge_t2t.cli" in out["modules"] and len(out["modules"]) > 10
+    network = sorted(m for m in out["added"] if _is_network(m))
+    assert network == [], f"importing edge_t2t loaded network modules: {network}"
+
+
+def test_vlm_hands_llama_cpp_only_data_uris() -> None:
+    """VLM.generate with a stand-in for the llama object: the image must travel as a data: URI
+    whose payload is exactly the given bytes (any other URL would make llama-cpp-python fetch it)."""
+    from edge_t2t import vlm
+
+    seen: list[dict] = []
+
+    class FakeLlama:
+        def create_chat_completion(self, messages, **kwargs):
+            seen.append({"messages": messages, **kwargs})
+            return {"choices": [{"message": {"content": "{}"}}]}
+
+    obj = vlm.VLM.__new__(vlm.VLM)  # skip loading: only the message building is under test
+    obj._llama = FakeLlama()
+    obj.cfg = vlm.VLMConfig(model=Path("m.gguf"), mmproj=Path("p.gguf"), seed=3)
+    obj.model_path = Path("m.gguf")
+    obj.supports_grammar = True
+    obj.calls = 0
+    obj.n_ctx = 4096
+    png = hm.make_png(hm.ROOT / ".pytest_cache" / "offline_probe.png", 1).read_bytes()
+    for mime in ("image/png", "image/jpeg"):
+        obj.generate(png, "describe", mime=mime)
+    urls = [part["image_url"]["url"] for call in seen for m in call["messages"] for part in m["content"]
+            if isinstance(part, dict) and part.get("type") == "image_url"]  # fmt: skip
+    assert len(urls) == 2
+    for url, mime in zip(urls, ("image/png", "image/jpeg"), strict=True):
+        assert url.startswith(f"data:{mime};base64,")
+        assert base64.b64decode(url.split(",", 1)[1]) == png
+    obj._llama = None  # nothing to close
+
+
+def test_nothing_refers_to_a_model_hub() -> None:
+    """No hub download APIs and no reliance on HF_HUB_OFFLINE-style switches: the models are built
+    locally (embedder from an installed package's files, test VLM generated)."""
+    needles = ("huggingface_hub", "hf_hub_download", "snapshot_download", "from_pretrained", "HF_HUB_OFFLINE",
+               "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "urlopen", "urlretrieve")  # fmt: skip
+    hits = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        hits += [f"{path.relative_to(hm.ROOT)}: {n}" for n in needles if n in text]
+    assert hits == [], hits
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_no_sockets_left_open_by_a_search(tmp_path: Path) -> None:
+    """A quieter check on the import side: a process that imported the whole CLI and its heavy
+    libraries holds no socket file descriptors."""
+    code = (
+        "import os, sys\n"
+        "import onnxruntime, tokenizers, numpy, PIL.Image, gguf\n"
+        "from edge_t2t import vindex\n"
+        "vindex.usearch_index_class()\n"
+        "import edge_t2t.cli, edge_t2t.search, edge_t2t.indexer, edge_t2t.verify\n"
+        "fds = os.listdir('/proc/self/fd')\n"
+        "links = []\n"
+        "for fd in fds:\n"
+        "    try:\n"
+        "        links.append(os.readlink(f'/proc/self/fd/{fd}'))\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "print('\\n'.join(links))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=hm.ROOT, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(hm.ROOT)})  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not [ln for ln in res.stdout.splitlines() if ln.startswith("socket:")]

@@ -1,0 +1,213 @@
+"""Search over an index built with a deterministic fake embedder: max-over-variants scoring,
+over-fetching to k distinct images, ties, modes, refusals, and image-to-image search."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+from fake_embedder import FakeEmbedder
+
+from edge_t2t import search as S
+from edge_t2t.errors import StoreError
+from edge_t2t.indexer import Indexer
+from edge_t2t.records import Feature, Variant
+from edge_t2t.store import Store
+
+SCENES = {
+    "harbour.jpg": ["boats moored in a harbour", "a pier with ships and cranes", "container port by the sea"],
+    "stadium.jpg": ["a stadium with a green field", "oval running track around grass", "sports ground seats"],
+    "forest.jpg": ["dense green forest", "trees covering hills", "woodland with a small path"],
+    "farm.jpg": ["farmland with green fields", "crop fields and a barn", "rectangular fields of crops"],
+    "town.jpg": ["houses and roads", "a small town with a church", "residential streets with roofs"],
+    "twin_a.jpg": ["identical twin scene text"],
+    "twin_b.jpg": ["identical twin scene text"],
+}
+
+
+def write_jsonl(path, scenes):
+    with open(path, "w") as fh:
+        for name, texts in scenes.items():
+            fh.write(json.dumps({"image": name, "variants": [{"one_sentence": t} for t in texts]}) + "\n")
+    return path
+
+
+@pytest.fixture
+def emb():
+    return FakeEmbedder()
+
+
+@pytest.fixture
+def index(tmp_path, emb):
+    ix = tmp_path / "ix"
+    Indexer(ix, embedder=emb, dtype="f32").run([], captions_file=write_jsonl(tmp_path / "c.jsonl", SCENES))
+    return ix
+
+
+def test_image_score_is_max_cosine_over_its_variants(index, emb):
+    hits = S.search(index, "green field", k=len(SCENES), embedder=emb, mode="exact")
+    q = emb.embed(["green field"])[0]
+    by_image = {h.image: h for h in hits}
+    for name, raw in SCENES.items():
+        texts = [Variant(t).joined_text() for t in raw]  # what the index embeds
+        cos = emb.embed(texts) @ q
+        assert by_image[name].score == pytest.approx(float(cos.max()), abs=1e-5)
+        assert by_image[name].text == texts[int(cos.argmax())]
+        assert by_image[name].variant == int(cos.argmax())
+    assert [h.rank for h in hits] == list(range(1, len(SCENES) + 1))
+    assert all(a.score >= b.score for a, b in zip(hits, hits[1:], strict=False))
+
+
+def test_k_distinct_images_survive_many_variants_each(tmp_path, emb):
+    # 30 images x 20 near-identical variants: the first fetch sees few images, so it must grow.
+    scenes = {f"img{i:02d}.jpg": [f"red roof house number {j}" for j in range(20)] for i in range(30)}
+    ix = tmp_path / "ix"
+    Indexer(ix, embedder=emb, dtype="i8").run([], captions_file=write_jsonl(tmp_path / "c.jsonl", scenes))
+    for mode in ("hnsw", "rescore", "exact"):
+        hits = S.search(ix, "red roof", k=12, embedder=emb, mode=mode)
+        assert len(hits) == 12 and len({h.image for h in hits}) == 12
+
+
+def test_ties_are_broken_by_image_path(index, emb):
+    hits = S.search(index, "identical twin scene text", k=2, embedder=emb, mode="exact")
+    assert [h.image for h in hits] == ["twin_a.jpg", "twin_b.jpg"]
+    assert hits[0].score == pytest.approx(hits[1].score)
+
+
+def test_modes_agree_on_the_ranking(index, emb):
+    ranks = {m: [h.image for h in S.search(index, "boats and ships in port", k=3, embedder=emb, mode=m)]
+             for m in ("hnsw", "rescore", "exact")}  # fmt: skip
+    assert ranks["exact"][0] == "harbour.jpg"
+    assert ranks["rescore"] == ranks["exact"]
+    assert ranks["hnsw"][0] == ranks["exact"][0]
+
+
+def test_empty_index_gives_a_clear_error(tmp_path, emb):
+    Store(tmp_path / "ix", create=True).close()
+    with pytest.raises(StoreError, match="empty"):
+        S.search(tmp_path / "ix", "anything", embedder=emb)
+
+
+def test_missing_index_names_the_fix(tmp_path, emb):
+    with pytest.raises(StoreError, match="edge-t2t index"):
+        S.search(tmp_path / "none", "anything", embedder=emb)
+
+
+def test_other_embedder_is_refused_naming_both(index):
+    other = FakeEmbedder(name="another-model")
+    with pytest.raises(StoreError) as err:
+        S.search(index, "green field", embedder=other)
+    assert "another-model" in str(err.value) and "fake-bow" in str(err.value)
+
+
+def test_long_query_is_truncated_with_a_warning(index, emb):
+    warnings = []
+    query = "stadium " + " ".join(f"word{i}" for i in range(200))
+    hits = S.search(index, query, k=3, embedder=emb, warn=warnings.append)
+    assert len(hits) == 3
+    assert warnings and "longer than" in warnings[0]
+    assert not S.search(index, "stadium", k=1, embedder=emb, warn=warnings.append) or len(warnings) == 1
+
+
+def test_stale_vector_files_are_rebuilt_on_search(index, emb):
+    (index / "vectors.usearch").unlink()
+    hits = S.search(index, "dense forest trees", k=1, embedder=emb, mode="hnsw")
+    assert hits[0].image == "forest.jpg"
+    assert (index / "vectors.usearch").exists()
+
+
+def test_search_by_variants_maxes_over_pairs_and_excludes_self(index, emb):
+    with Store(index) as st:
+        row = st.images()["stadium.jpg"]
+        variants = st.variants_of(row.id)
+    hits = S.search_by_variants(index, variants, k=3, embedder=emb, mode="exact")
+    assert hits[0].image == "stadium.jpg" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    hits = S.search_by_variants(index, variants, k=3, embedder=emb, mode="exact", exclude_path="stadium.jpg")
+    assert "stadium.jpg" not in [h.image for h in hits] and len(hits) == 3
+
+
+def test_fields_mode_embeds_one_text_per_field(tmp_path, emb):
+    v = Variant("an airport", (Feature("runway", "centre", "long"), Feature("terminal", "north")), "planes parked")
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"image": "a.jpg", "variants": [v.to_dict()]}) + "\n"
+                    + json.dumps({"image": "b.jpg", "variants": [{"one_sentence": "a lake"}]}) + "\n")
+    ix = tmp_path / "ix"
+    Indexer(ix, embedder=emb, text_mode="fields").run([], captions_file=path)
+    with sqlite3.connect(ix / "store.sqlite") as c:
+        fields = [r[0] for r in c.execute("SELECT field FROM variants v JOIN images i ON i.id = v.image_id "
+                                          "WHERE i.path = 'a.jpg' ORDER BY v.id")]
+    assert fields == ["one_sentence", "features", "caption"]
+    hits = S.search(ix, "long runway in the centre", k=1, embedder=emb, mode="exact")
+    assert hits[0].image == "a.jpg" and "runway" in hits[0].text
+    assert S.variant_texts(v, "joined") == [("joined", v.joined_text())]
+
+
+def test_hit_json_contract():
+    h = S.Hit(rank=1, score=0.123456789, image="a.jpg", variant=2, text="t")
+    assert set(h.to_dict()) == {"rank", "score", "image", "variant", "text"}
+    assert np.isclose(h.to_dict()["score"], 0.123457)
+
+
+def test_search_during_an_index_run_uses_the_files_as_they_are(index, emb, capsys):
+    from edge_t2t.store import IndexLock
+
+    with Store(index) as st, st.transaction():  # committed, but the writer has not saved yet
+        st.remove_images([st.images()["forest.jpg"].id])
+    with IndexLock(index):  # the (simulated) index run holds the lock
+        hits = S.search(index, "dense green forest", k=3, embedder=emb, mode="exact")
+    assert "forest.jpg" not in [h.image for h in hits] and len(hits) >= 2
+    assert "being indexed" in capsys.readouterr().err
+    # once the lock is free, the next search rebuilds the files from SQLite
+    hits = S.search(index, "dense green forest", k=3, embedder=emb, mode="exact")
+    assert "rebuilt" in capsys.readouterr().err and "forest.jpg" not in [h.image for h in hits]
+
+
+def test_reports_table_jsonl_and_html(tmp_path, rsicd_samples):
+    import io
+
+    from rich.console import Console
+
+    from edge_t2t import report
+
+    real = str(rsicd_samples / "airport_17.jpg")
+    hits = [S.Hit(1, 0.9, real, 0, "runway [bold]x[/bold] <script>"), S.Hit(2, 0.5, "gone.jpg", 3, "a & b")]
+    buf = io.StringIO()
+    report.write_jsonl(hits, buf)
+    rows = [json.loads(line) for line in buf.getvalue().splitlines()]
+    assert [r["image"] for r in rows] == [real, "gone.jpg"] and rows[1]["variant"] == 3
+    console = Console(file=io.StringIO(), width=200)
+    report.print_table(hits, query="q", console=console)
+    assert "[bold]x[/bold]" in console.file.getvalue()  # shown literally, not read as markup
+    page = report.write_html(hits, tmp_path / "r.html", "q <i>", "ix")
+    html = page.read_text()
+    assert html.count("data:image/jpeg;base64,") == 1 and 'class="ph"' in html
+    assert "&lt;script&gt;" in html and "<script>" not in html and "q &lt;i&gt;" in html
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_query_image_is_described_by_the_vlm_unless_already_indexed(index, emb, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from edge_t2t import captioning
+    from edge_t2t.records import CaptionRecord
+
+    calls = []
+
+    def fake_caption_images(paths, vlm_cfg, *, n_variants=5, cache=None, on_record=None, **kw):
+        calls.append(paths)
+        on_record(CaptionRecord(image=str(paths[0]), sha256="", model="m", mmproj="p", family="f",
+                                prompt_version="1", variants=[Variant("boats moored at a pier")]))  # fmt: skip
+        return captioning.CaptionSummary()
+
+    monkeypatch.setattr(captioning, "caption_images", fake_caption_images)
+    monkeypatch.setenv("EDGE_T2T_CACHE_DIR", str(tmp_path / "cache"))
+    img = tmp_path / "query.png"
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(img)
+    with pytest.raises(StoreError, match="--vlm"):
+        S.query_image_variants(index, img, vlm_cfg=None)
+    variants, sha = S.query_image_variants(index, img, vlm_cfg=object())
+    assert calls and variants[0].one_sentence == "boats moored at a pier" and len(sha) == 64
+    hits = S.search_by_variants(index, variants, k=1, embedder=emb, mode="exact")
+    assert hits[0].image == "harbour.jpg"

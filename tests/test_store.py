@@ -1,0 +1,172 @@
+"""The SQLite store of record: schema and migrations, round trips, transactions, the index lock."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge_t2t import store as store_mod
+from edge_t2t.errors import StoreError
+from edge_t2t.records import Feature, Variant
+from edge_t2t.store import IndexLock, NewText, Store
+
+
+def _variant(i: int) -> Variant:
+    return Variant(f"scene {i}", (Feature("river", "west", "large"),), f"caption {i}")
+
+
+def _add_image(st: Store, path: str, n: int = 2, sha: str = "") -> tuple[int, list[int]]:
+    rng = np.random.default_rng(len(path))
+    with st.transaction():
+        image_id = st.put_image(path, size=10, mtime_ns=1, sha256=sha or path, provenance={"model": "m"})
+        texts = [NewText(i, "joined", _variant(i), _variant(i).joined_text(), rng.normal(size=8)) for i in range(n)]
+        keys = st.add_texts(image_id, texts)
+    return image_id, keys
+
+
+def test_new_store_has_current_schema_wal_and_foreign_keys(tmp_path):
+    with Store(tmp_path / "ix", create=True) as st:
+        assert st.conn.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
+        assert st.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert st.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        tables = {r[0] for r in st.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"meta", "images", "variants", "descriptions", "runs"} <= tables
+
+
+def test_missing_store_names_the_directory_and_the_fix(tmp_path):
+    with pytest.raises(StoreError, match="edge-t2t index"):
+        Store(tmp_path / "nothing")
+
+
+def test_migrates_from_v0_and_to_a_later_version_keeping_data(tmp_path):
+    path = tmp_path / "s.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 0  # hand-made v0: an empty file
+    assert store_mod.migrate(conn) == 1
+    conn.execute("INSERT INTO meta VALUES ('k', '1')")
+
+    def v2(c):  # a Python step, as a later schema change would add
+        c.execute("ALTER TABLE images ADD COLUMN note TEXT NOT NULL DEFAULT ''")
+
+    v3 = "CREATE TABLE tags (image_id INTEGER, tag TEXT);"  # and an SQL step
+    assert store_mod.migrate(conn, store_mod.MIGRATIONS + [v2, v3]) == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert conn.execute("SELECT value FROM meta WHERE key='k'").fetchone()[0] == "1"
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(images)")}
+    assert "note" in cols
+    conn.execute("INSERT INTO tags VALUES (1, 'x')")
+    # A store newer than this code is refused, not silently used.
+    with pytest.raises(StoreError, match="newer edge-t2t"):
+        store_mod.migrate(conn)
+
+
+def test_failed_migration_rolls_back(tmp_path):
+    conn = sqlite3.connect(tmp_path / "s.sqlite", isolation_level=None)
+    store_mod.migrate(conn)
+
+    def broken(c):
+        c.execute("CREATE TABLE half (x)")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        store_mod.migrate(conn, store_mod.MIGRATIONS + [broken])
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert not conn.execute("SELECT name FROM sqlite_master WHERE name='half'").fetchall()
+
+
+def test_texts_and_vectors_round_trip_and_cascade_on_delete(tmp_path):
+    with Store(tmp_path, create=True) as st:
+        st.set_meta("dim", 8)
+        a, keys_a = _add_image(st, "/x/a.jpg", 3)
+        b, keys_b = _add_image(st, "/x/b.jpg", 2)
+        keys, image_ids, vecs = st.all_vectors()
+        assert keys.tolist() == sorted(keys_a + keys_b)
+        assert vecs.shape == (5, 8) and vecs.dtype == np.float32
+        assert image_ids.tolist().count(a) == 3
+        assert [v.one_sentence for v in st.variants_of(a)] == ["scene 0", "scene 1", "scene 2"]
+        assert st.variants_of(a)[0].features == (Feature("river", "west", "large"),)
+        rows = st.variant_rows(keys_b)
+        assert {r.image for r in rows.values()} == {"/x/b.jpg"}
+        assert st.counts() == {"images_ok": 2, "images_failed": 0, "variants": 5, "texts": 5}
+        with st.transaction():
+            removed = st.remove_images([a])
+        assert sorted(removed) == sorted(keys_a)
+        assert st.all_vectors()[0].tolist() == sorted(keys_b)
+        # Keys are never reused after a delete (AUTOINCREMENT): a stale vector file cannot alias.
+        _, keys_c = _add_image(st, "/x/c.jpg", 1)
+        assert keys_c[0] > max(keys_a + keys_b)
+
+
+def test_copy_texts_reuses_descriptions_and_vectors(tmp_path):
+    with Store(tmp_path, create=True) as st:
+        st.set_meta("dim", 8)
+        a, _ = _add_image(st, "/x/a.jpg", 2)
+        with st.transaction():
+            b = st.put_image("/x/copy.jpg", sha256="/x/a.jpg")
+            keys, vecs = st.copy_texts(a, b)
+        orig = st.all_vectors()
+        assert len(keys) == 2 and np.array_equal(vecs, orig[2][:2])
+        assert st.variants_of(b) == st.variants_of(a)
+
+
+def test_transaction_rolls_back_on_error(tmp_path):
+    with Store(tmp_path, create=True) as st:
+        with pytest.raises(KeyboardInterrupt), st.transaction():
+            st.put_image("/x/a.jpg")
+            raise KeyboardInterrupt
+        assert st.images() == {}
+
+
+def test_identity_mismatch_names_both_embedders(tmp_path):
+    with Store(tmp_path, create=True) as st:
+        st.set_meta("embedder_identity", {"name": "model-a", "dim": 384, "weights_sha256": "aa", "pooling": "mean"})
+        st.check_identity({"name": "model-a", "dim": 384, "weights_sha256": "aa", "pooling": "mean"})
+        with pytest.raises(StoreError) as err:
+            st.check_identity({"name": "model-b", "dim": 768, "weights_sha256": "bb", "pooling": "cls"})
+        assert "model-a" in str(err.value) and "model-b" in str(err.value)
+
+
+def test_runs_are_recorded(tmp_path):
+    with Store(tmp_path, create=True) as st:
+        run = st.start_run({"paths": ["x"]})
+        st.finish_run(run, "ok", {"added": 3}, {"embed": 1.5})
+        last = st.last_run()
+        assert last["status"] == "ok" and last["counts"]["added"] == 3 and last["finished"] >= last["started"]
+
+
+def test_lock_refuses_a_live_holder_and_names_its_pid(tmp_path):
+    with IndexLock(tmp_path):
+        assert (tmp_path / "index.lock").read_text() == str(__import__("os").getpid())
+        with pytest.raises(StoreError, match=str(__import__("os").getpid())):
+            IndexLock(tmp_path).acquire()
+    assert not (tmp_path / "index.lock").exists()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # its pid is now free (dead)
+    (tmp_path / "index.lock").write_text(str(proc.pid))
+    with IndexLock(tmp_path) as lock:
+        assert lock.held
+
+
+def test_wait_blocks_until_the_holder_releases(tmp_path):
+    first = IndexLock(tmp_path)
+    first.acquire()
+    released = []
+
+    def release_later():
+        time.sleep(0.5)
+        released.append(time.monotonic())
+        first.release()
+
+    threading.Thread(target=release_later).start()
+    with IndexLock(tmp_path, wait=True, poll_s=0.05):
+        got = time.monotonic()
+    assert released and got >= released[0]

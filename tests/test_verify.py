@@ -1,0 +1,269 @@
+"""`edge-t2t verify` against stores built directly with store.py + vindex.py (no models needed):
+each test damages one thing and checks that verify names it, and that --repair fixes what it can."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_t2t import vindex
+from edge_t2t.records import Feature, Variant
+from edge_t2t.store import LOCK_FILE, SCHEMA_VERSION, STORE_FILE, NewText, Store
+from edge_t2t.verify import verify_index
+
+ROOT = Path(__file__).resolve().parent.parent
+DIM = 16
+
+
+def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    v = rng.standard_normal((n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _build(index_dir: Path, *, images: int = 6, texts: int = 3, dtype: str = "i8", manifest: dict | None = None) -> Path:
+    """A small sound index: `images` ok images with `texts` texts each, plus one failed image."""
+    rng = np.random.default_rng(0)
+    with Store(index_dir, create=True) as store:
+        with store.transaction():
+            store.set_meta("dim", DIM)
+            store.set_meta("dtype", dtype)
+            store.set_meta("text_mode", "joined")
+            store.set_meta("embedder_identity", {"name": "fake", "dim": DIM, "weights_sha256": "x" * 64, "pooling": "mean"})
+            if manifest is not None:
+                store.set_meta("embedder_manifest", manifest)
+            for i in range(images):
+                image_id = store.put_image(f"/data/img{i}.png", size=10, mtime_ns=1, sha256=f"{i:064x}", source="vlm",
+                                           provenance={"model": "m.gguf", "mmproj": "p.gguf", "family": "llava-1.5",
+                                                       "prompt_version": "v1", "test_model": True})
+                vecs = _unit(rng, texts)
+                variant = Variant("a field", (Feature("river", "west", "large"),), "a caption")
+                store.add_texts(image_id, [NewText(j, "joined", variant, f"text {i}.{j}", vecs[j]) for j in range(texts)])
+            store.put_image("/data/broken.png", status="failed", error="cannot decode")
+        vindex.rebuild(index_dir, store, DIM, dtype)
+    return index_dir
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_t2t", "verify", *args],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=120,
+    )
+
+
+@pytest.mark.parametrize("dtype", ["i8", "f16", "f32"])
+def test_sound_index_passes(tmp_path: Path, dtype: str) -> None:
+    index = _build(tmp_path / "idx", dtype=dtype)
+    rep = verify_index(index)
+    assert rep.ok, rep.problems
+    assert rep.checks["vectors"]["state"] == "match"
+    assert rep.checks["variants"]["texts"] == 18
+    assert rep.checks["counts"] == {"images_ok": 6, "images_failed": 1}
+    assert rep.checks["schema"]["version"] == SCHEMA_VERSION
+    # The store records VLM file names only, so verify says what it could not check.
+    assert rep.checks["models"]["vlm"]["status"] == "not_recorded"
+    assert "model_sha256" in rep.checks["models"]["vlm"]["missing"]
+
+
+def test_stale_vectors_are_a_warning_and_repair_fixes_them(tmp_path: Path) -> None:
+    index = _build(tmp_path / "idx")
+    # A commit whose save never happened (what a SIGKILL between the two leaves).
+    with Store(index) as store, store.transaction():
+        image_id = store.put_image("/data/new.png", sha256="f" * 64)
+        store.add_texts(image_id, [NewText(0, "joined", Variant("x"), "new", _unit(np.random.default_rng(5), 1)[0])])
+    rep = verify_index(index)
+    assert rep.ok, rep.problems
+    assert rep.checks["vectors"]["state"] == "stale"
+    assert rep.checks["vectors"]["missing_from_usearch"] == 1
+    assert any("stale" in w for w in rep.warnings)
+    fixed = verify_index(index, repair=True)
+    assert fixed.ok and fixed.repaired
+    assert fixed.checks["vectors"]["state"] == "match"
+    assert verify_index(index).checks["vectors"]["state"] == "match"
+
+
+def test_missing_vector_files_are_rebuilt(tmp_path: Path) -> None:
+    index = _build(tmp_path / "idx")
+    for p in vindex.files(index):
+        p.unlink()
+    rep = verify_index(index)
+    assert rep.ok and rep.checks["vectors"]["state"] == "missing"
+    assert verify_index(index, repair=True).checks["vectors"]["state"] == "match"
+    assert all(p.exists() for p in vindex.files(index))
+
+
+def test_garbage_usearch_file_is_a_problem(tmp_path: Path) -> None:
+    index = _build(tmp_path / "idx")
+    (index / vindex.USEARCH_FILE).write_bytes(b"\x00garbage" * 100)
+    rep = verify_index(index)
+    assert not rep.ok
+    assert rep.checks["vectors"]["state"] == "corrupt"
+    assert any(vindex.USEARCH_FILE in p for p in rep.problems)
+    fixed = verify_index(index, repair=True)
+    assert fixed.ok, fixed.problems
+    assert fixed.checks["vectors"]["state"] == "match"
+
+
+def test_wrong_dtype_and_wrong_vectors_are_problems(tmp_path: Path) -> None:
+    index = _build(tmp_path / "idx", dtype="i8")
+    with Store(index) as store:
+        vindex.rebuild(index, store, DIM, "f16")  # files of another dtype than meta says
+    rep = verify_index(index)
+    assert not rep.ok and any("dtype f16" in p for p in rep.problems)
+
+    index2 = _build(tmp_path / "idx2", dtype="f32")
+    exact = np.load(index2 / vindex.EXACT_FILE)
+    exact[2] = -exact[2]  # same key, other vector: no crash can do that
+    np.save(index2 / vindex.EXACT_FILE, exact)
+    rep2 = verify_index(index2)
+    assert not rep2.ok
+    keys = np.load(index2 / vindex.KEYS_FILE)
+    assert any(vindex.EXACT_FILE in p and str(int(keys[2, 0])) in p for p in rep2.problems)
+
+
+def test_bad_vector_blobs_are_problems(tmp_path: Path) -> None:
+    index = _build(tmp_path / "idx")
+    conn = sqlite3.connect(index / STORE_FILE)
+    ids = [r[0] for r in conn.execute("SELECT id FROM variants ORDER BY id LIMIT 2")]
+    conn.execute("UPDATE variants SET vector = ? WHERE id = ?", (b"\x00" * 10, ids[0]))  # torn blob
+    conn.execute("UPDATE variants SET vector = ? WHERE id = ?", (np.full(DIM, 3.0, np.float32).tobytes(), ids[1]))
+    conn.commit()
+    conn.close()
+    rep = verify_index(index)
+    assert not rep.ok
+    assert any(f"variant keys {ids[0]}" in p and "lack" in p for p in rep.problems)
+    assert any("not finite unit vectors" in p and str(ids[1]) in p for p in rep.problems)
+    # SQLite is the source the repair would copy from: verify must refuse to repair from it.
+    assert not verify_index(index, repair=True).repaired
+
+
+def test_ok_image_without_texts_is_a_problem(tmp_path: Path) -> None:
+    index = _build(tmp_path / "idx")
+    conn = sqlite3.connect(index / STORE_FILE)
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("DELETE FROM variants WHERE image_id = (SELECT id FROM images WHERE path = '/data/img3.png')")
+    conn.commit()
+    conn.close()
+    rep = verify_index(index)
+    assert any("/data/img3.png" in p and "no texts" in p for p in rep.problems)
+
+
+def test_schema_version_mismatch(tmp_path: Path) -> None:
+    index = _build(tmp_path / "idx")
+    conn = sqlite3.connect(index / STORE_FILE)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    rep = verify_index(index)
+    assert not rep.ok
+    assert any(f"schema version {SCHEMA_VERSION + 1}" in p for p in rep.problems)
+
+
+def test_corrupt_sqlite_is_a_problem(tmp_path: Path) -> None:
+    index = _build(tmp_path / "idx", images=40)
+    path = index / STORE_FILE
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # all pages into the main file
+    conn.close()
+    data = bytearray(path.read_bytes())
+    page = 4096
+    assert len(data) > 4 * page
+    # Scribble over interior pages (not page 1, so the header still says SQLite).
+    for start in range(2 * page, len(data) - page, 3 * page):
+        data[start + 100 : start + 400] = os.urandom(300)
+    path.write_bytes(bytes(data))
+    rep = verify_index(index)
+    assert not rep.ok
+    assert any(STORE_FILE in p for p in rep.problems)
+
+
+def test_not_a_database(tmp_path: Path) -> None:
+    index = tmp_path / "idx"
+    index.mkdir()
+    (index / STORE_FILE).write_bytes(b"this is not sqlite at all" * 200)
+    rep = verify_index(index)
+    assert not rep.ok
+    assert any("not a readable SQLite database" in p or "not a database" in p for p in rep.problems)
+
+
+def test_embedder_files_changed_or_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    emb = tmp_path / "embedder"
+    emb.mkdir()
+    files = {"model.int8.onnx": b"int8 weights", "tokenizer.json": b"{}"}
+    for name, data in files.items():
+        (emb / name).write_bytes(data)
+    manifest = {"files": {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}}
+    monkeypatch.setenv("EDGE_T2T_EMBEDDER", str(emb))
+    index = _build(tmp_path / "idx", manifest=manifest)
+    rep = verify_index(index)
+    assert rep.ok, rep.problems
+    assert rep.checks["models"]["embedder"]["files"] == {"model.int8.onnx": "ok", "tokenizer.json": "ok"}
+
+    (emb / "model.int8.onnx").write_bytes(b"int8 weights, edited")
+    (emb / "tokenizer.json").unlink()
+    rep = verify_index(index)
+    assert not rep.ok
+    assert any("model.int8.onnx" in p and "sha256" in p for p in rep.problems)
+    assert any("tokenizer.json" in w and "missing" in w for w in rep.warnings)
+    assert not any("tokenizer.json" in p for p in rep.problems)
+
+
+def test_stale_lock_and_unfinished_run_are_warnings(tmp_path: Path) -> None:
+    index = _build(tmp_path / "idx")
+    with Store(index) as store, store.transaction():
+        store.start_run({"paths": []})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (index / LOCK_FILE).write_text(str(dead.pid))
+    rep = verify_index(index)
+    assert rep.ok
+    assert rep.checks["lock"]["present"] and not rep.checks["lock"]["alive"]
+    assert any(LOCK_FILE in w for w in rep.warnings)
+    assert any("never finished" in w for w in rep.warnings)
+
+
+def test_cli_exit_codes_and_json(tmp_path: Path) -> None:
+    index = _build(tmp_path / "idx")
+    good = _cli("--index", str(index), "--json")
+    assert good.returncode == 0, good.stderr
+    out = json.loads(good.stdout)
+    assert out["ok"] is True and out["problems"] == [] and {"sqlite", "schema", "variants", "vectors"} <= set(out["checks"])
+
+    text = _cli("--index", str(index))
+    assert text.returncode == 0 and text.stdout.startswith("ok: ")
+
+    (index / vindex.KEYS_FILE).write_bytes(b"junk")
+    bad = _cli("--index", str(index))
+    assert bad.returncode == 1
+    problem_lines = [ln for ln in bad.stdout.splitlines() if ln.startswith("problem: ")]
+    assert problem_lines and all(vindex.KEYS_FILE in ln for ln in problem_lines)
+
+    repaired = _cli("--index", str(index), "--repair", "--json")
+    assert repaired.returncode == 0, repaired.stdout
+    assert json.loads(repaired.stdout)["repaired"] is True
+
+    missing = _cli("--index", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2
+    assert "Traceback" not in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and "nowhere" in missing.stderr
+
+
+def test_repair_refuses_while_an_index_run_holds_the_lock(tmp_path: Path) -> None:
+    index = _build(tmp_path / "idx")
+    for p in vindex.files(index):
+        p.unlink()
+    (index / LOCK_FILE).write_text(str(os.getpid()))  # a live writer (this process)
+    try:
+        res = _cli("--index", str(index), "--repair")
+    finally:
+        (index / LOCK_FILE).unlink()
+    assert res.returncode == 2
+    assert LOCK_FILE in res.stderr and str(os.getpid()) in res.stderr and "Traceback" not in res.stderr
+    assert not (index / vindex.USEARCH_FILE).exists()
