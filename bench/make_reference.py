@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import io
 import json
 import os
@@ -88,7 +89,6 @@ def main() -> None:
     vectors = model.encode(texts, batch_size=16, convert_to_numpy=True, normalize_embeddings=True)
     meta = {
         "model": "sentence-transformers/all-MiniLM-L6-v2",
-        "model_dir": str(model_dir),
         "max_seq_length": model.max_seq_length,
         "sentence_transformers": sentence_transformers.__version__,
         "torch": torch.__version__,
@@ -97,8 +97,17 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    np.savez_compressed(buf, texts=np.array(texts, dtype=np.str_), vectors=vectors.astype(np.float32),
-                        meta=np.array(json.dumps(meta)))
+    # RSICD captions stay in ../shared: store their positions in the sorted distinct list and a
+    # hash of their text, never the text itself.
+    captions = texts[:N_CAPTIONS]
+    distinct = sorted({a["caption"].strip() for a in json.loads(
+        (shared_data_dir() / "rsicd" / "captions_val.json").read_text(encoding="utf-8"))["annotations"]
+        if a["caption"].strip()})
+    positions = [distinct.index(t) for t in captions]
+    digest = hashlib.sha256("\n".join(captions).encode("utf-8")).hexdigest()
+    np.savez_compressed(buf, rsicd_positions=np.array(positions, dtype=np.int64),
+                        rsicd_sha256=np.array(digest), own_texts=np.array(texts[N_CAPTIONS:], dtype=np.str_),
+                        vectors=vectors.astype(np.float32), meta=np.array(json.dumps(meta)))
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, args.out)

@@ -259,7 +259,8 @@ def run_demo(opts: DemoOptions, console=None, on_step: Callable[[Step], None] | 
         summary = _index(index, emb(), opts.progress, [opts.user_images], vlm_cfg=cfg)
         hits = search(index, opts.user_query, k=5, embedder=emb())
         print_table(hits, opts.user_query, console)
-        s.note = f"{summary.added} new, {summary.skipped} unchanged, {summary.failed} failed in {index}"
+        s.note = (f"{'TEST VLM (placeholder captions, ranking meaningless)' if is_test else 'configured VLM'}: "
+                  f"{summary.added} new, {summary.skipped} unchanged, {summary.failed} failed in {index}")
         s.details = {"test_model": is_test, "added": summary.added, "failed": summary.failed}
         console.print(s.note, highlight=False)
 

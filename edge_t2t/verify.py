@@ -409,6 +409,11 @@ def _check_models(conn, meta: dict, rep: VerifyReport) -> None:
 def _check_lock_and_runs(index_dir: Path, conn, rep: VerifyReport) -> None:
     from .store import LOCK_FILE, _pid_alive
 
+    # A kill between a temp write and its os.replace leaves `<file>.tmp`: harmless, never read.
+    leftovers = sorted(p.name for p in index_dir.glob("*.tmp"))
+    rep.checks["temp_files"] = leftovers
+    if leftovers:
+        rep.warnings.append(f"{index_dir}: leftover temp file(s) of a killed save: {_listed(leftovers)} (harmless; --repair removes them)")
     lock = index_dir / LOCK_FILE
     info: dict = {"present": lock.exists()}
     rep.checks["lock"] = info
@@ -445,7 +450,7 @@ def verify_index(index_dir: str | os.PathLike, *, repair: bool = False, check_mo
         )
     rep = VerifyReport(index_dir=str(index_dir))
     state = _verify_once(index_dir, rep, check_models)
-    if repair and state in ("stale", "missing", "corrupt"):
+    if repair and (state in ("stale", "missing", "corrupt") or rep.checks.get("temp_files")):
         if not _sqlite_is_sound(rep):
             rep.problems.append(f"{store_path}: not repairing the vector files while SQLite itself has problems")
             return rep
@@ -507,4 +512,7 @@ def _repair(index_dir: Path) -> int:
     with IndexLock(index_dir), Store(index_dir) as store:
         dim = int(store.get_meta("dim", 0) or 0)
         dtype = store.get_meta("dtype", "i8")
-        return vindex.rebuild(index_dir, store, dim, dtype)
+        n = vindex.rebuild(index_dir, store, dim, dtype)
+        for tmp in index_dir.glob("*.tmp"):  # safe under the lock: no save is in flight
+            tmp.unlink(missing_ok=True)
+        return n

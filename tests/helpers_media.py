@@ -216,7 +216,9 @@ def cli_argv(*args: str, faults: list[dict] | None = None) -> tuple[list[str], d
 def run_cli(*args: str, env: dict[str, str], faults: list[dict] | None = None, timeout: float = 600,
             cwd: Path = ROOT) -> subprocess.CompletedProcess:  # fmt: skip
     argv, extra = cli_argv(*args, faults=faults)
-    return subprocess.run(argv, capture_output=True, text=True, env={**env, **extra}, cwd=cwd, timeout=timeout)
+    # surrogateescape: a non-UTF-8 byte in the output is kept for the test to judge, not a harness crash
+    return subprocess.run(argv, capture_output=True, text=True, errors="surrogateescape", env={**env, **extra},
+                          cwd=cwd, timeout=timeout)  # fmt: skip
 
 
 def has_traceback(text: str) -> bool:

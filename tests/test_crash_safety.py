@@ -28,7 +28,7 @@ import pytest
 from edge_t2t.store import Store
 from edge_t2t.verify import verify_index
 
-N_IMAGES = 16
+N_IMAGES = 24
 BATCH = "2"
 SEED = 20240611
 # fp32: the int8 embedder quantises activations per batch (DynamicQuantizeLinear over the whole
@@ -140,6 +140,7 @@ def _one_run(ctx: dict, index: Path, env: dict, fault: dict) -> tuple[int, str]:
     return proc.returncode, err
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments(setup: dict) -> None:
     """One seeded sequence of runs, each killed at a drawn stage/occurrence or after a drawn delay.
     A run that is not killed completes its index, which is then compared with the reference and

@@ -5,6 +5,7 @@ tests/fixtures/embedder_reference.npz was made by bench/make_reference.py (torch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -31,10 +32,23 @@ def model_dir() -> Path:
     return out
 
 
+def rsicd_distinct_captions(shared: Path) -> list[str]:
+    """The sorted distinct RSICD validation captions the fixture's positions refer to."""
+    data = json.loads((shared / "rsicd" / "captions_val.json").read_text(encoding="utf-8"))
+    return sorted({a["caption"].strip() for a in data["annotations"] if a["caption"].strip()})
+
+
 @pytest.fixture(scope="session")
-def reference() -> tuple[list[str], np.ndarray, dict]:
+def reference(shared_data) -> tuple[list[str], np.ndarray, dict]:
+    """Reference texts and vectors. RSICD captions are not copied into the repo: the fixture keeps
+    their positions in ../shared's caption list and a sha256 that proves they are the same texts."""
     data = np.load(FIXTURE)
-    return [str(t) for t in data["texts"]], data["vectors"], json.loads(str(data["meta"]))
+    distinct = rsicd_distinct_captions(shared_data)
+    captions = [distinct[int(i)] for i in data["rsicd_positions"]]
+    digest = hashlib.sha256("\n".join(captions).encode("utf-8")).hexdigest()
+    assert digest == str(data["rsicd_sha256"]), "../shared RSICD captions differ from those the fixture was made on"
+    texts = captions + [str(t) for t in data["own_texts"]]
+    return texts, data["vectors"], json.loads(str(data["meta"]))
 
 
 @pytest.fixture(scope="session")

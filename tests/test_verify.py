@@ -23,6 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DIM = 16
 
 
+@pytest.fixture(autouse=True)
+def _no_current_embedder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """These stores carry a made-up embedder identity: point the 'current embedder' at an empty
+    folder so the comparison with a built one (models/embedder) does not apply."""
+    monkeypatch.setenv("EDGE_T2T_EMBEDDER", str(tmp_path / "no-embedder"))
+
+
 def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
     v = rng.standard_normal((n, DIM)).astype(np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
@@ -267,3 +274,24 @@ def test_repair_refuses_while_an_index_run_holds_the_lock(tmp_path: Path) -> Non
     assert res.returncode == 2
     assert LOCK_FILE in res.stderr and str(os.getpid()) in res.stderr and "Traceback" not in res.stderr
     assert not (index / vindex.USEARCH_FILE).exists()
+
+
+def test_leftover_temp_files_are_a_warning_and_repair_removes_them(tmp_path: Path) -> None:
+    index = _build(tmp_path / "idx")
+    (index / (vindex.EXACT_FILE + ".tmp")).write_bytes(b"half a save")
+    rep = verify_index(index)
+    assert rep.ok and rep.checks["temp_files"] == [vindex.EXACT_FILE + ".tmp"]
+    assert any(".tmp" in w for w in rep.warnings)
+    fixed = verify_index(index, repair=True)
+    assert fixed.ok and fixed.repaired and fixed.checks["temp_files"] == []
+    assert not (index / (vindex.EXACT_FILE + ".tmp")).exists()
+
+
+def test_embedder_built_from_other_weights_is_a_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    emb = tmp_path / "other-embedder"
+    emb.mkdir()
+    (emb / "manifest.json").write_text(json.dumps({"source_weights_sha256": "y" * 64, "files": {}}))
+    monkeypatch.setenv("EDGE_T2T_EMBEDDER", str(emb))
+    rep = verify_index(_build(tmp_path / "idx"))
+    assert not rep.ok and rep.checks["models"]["embedder"]["current_weights_match"] is False
+    assert any("manifest.json" in p and "weights" in p for p in rep.problems)

@@ -44,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"problem: {line}")
     for line in rep.warnings:
         print(f"warning: {line}", file=sys.stderr)
+    vlm = rep.checks.get("models", {}).get("vlm", {})
+    if vlm.get("status") == "not_recorded":
+        print(f"note: the store records VLM file names only (no {', '.join(vlm.get('missing', []))}); "
+              "the VLM files behind the descriptions were not checked", file=sys.stderr)
     counts = rep.checks.get("counts", {})
     texts = rep.checks.get("variants", {}).get("texts", 0)
     state = rep.checks.get("vectors", {}).get("state", "?")
