@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--variants", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=1300)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads for both arms (1 is fastest for the tiny test model)")
     ap.add_argument("--vlm", help="text GGUF (default: the generated test VLM)")
     ap.add_argument("--mmproj")
     args = ap.parse_args()

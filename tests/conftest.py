@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edge_t2t import config
@@ -22,3 +25,19 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def rsicd_samples(shared_data: Path) -> Path:
     return shared_data / "rsicd" / "samples"
+
+
+@pytest.fixture(scope="session")
+def reference(shared_data: Path) -> tuple[list[str], np.ndarray, dict]:
+    """sentence-transformers reference texts and vectors (made by bench/make_reference.py).
+
+    RSICD captions are not copied into the repo: the fixture keeps their positions in the sorted
+    distinct caption list of ../shared and a sha256 proving they are the same texts."""
+    data = np.load(ROOT / "tests" / "fixtures" / "embedder_reference.npz")
+    annotations = json.loads((shared_data / "rsicd" / "captions_val.json").read_text(encoding="utf-8"))
+    distinct = sorted({a["caption"].strip() for a in annotations["annotations"] if a["caption"].strip()})
+    captions = [distinct[int(i)] for i in data["rsicd_positions"]]
+    digest = hashlib.sha256("\n".join(captions).encode("utf-8")).hexdigest()
+    assert digest == str(data["rsicd_sha256"]), "../shared RSICD captions differ from those the fixture was made on"
+    texts = captions + [str(t) for t in data["own_texts"]]
+    return texts, data["vectors"], json.loads(str(data["meta"]))

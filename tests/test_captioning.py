@@ -231,7 +231,7 @@ def test_vlm_cfg():
 
     out = config.test_vlm_dir()
     build_test_vlm(out)
-    return VLMConfig(model=out / MODEL_FILE, mmproj=out / MMPROJ_FILE, n_threads=2)
+    return VLMConfig(model=out / MODEL_FILE, mmproj=out / MMPROJ_FILE)
 
 
 def test_tiny_test_vlm_end_to_end_then_cached(test_vlm_cfg, rsicd_samples: Path, tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ tests/fixtures/embedder_reference.npz was made by bench/make_reference.py (torch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -18,8 +17,6 @@ from edge_t2t.cli import main as cli_main
 from edge_t2t.embedder import Embedder
 from edge_t2t.errors import InputError, ModelError
 
-FIXTURE = Path(__file__).parent / "fixtures" / "embedder_reference.npz"
-
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
@@ -30,25 +27,6 @@ def model_dir() -> Path:
     if not (out / "manifest.json").is_file():
         build_embedder(out=out)
     return out
-
-
-def rsicd_distinct_captions(shared: Path) -> list[str]:
-    """The sorted distinct RSICD validation captions the fixture's positions refer to."""
-    data = json.loads((shared / "rsicd" / "captions_val.json").read_text(encoding="utf-8"))
-    return sorted({a["caption"].strip() for a in data["annotations"] if a["caption"].strip()})
-
-
-@pytest.fixture(scope="session")
-def reference(shared_data) -> tuple[list[str], np.ndarray, dict]:
-    """Reference texts and vectors. RSICD captions are not copied into the repo: the fixture keeps
-    their positions in ../shared's caption list and a sha256 that proves they are the same texts."""
-    data = np.load(FIXTURE)
-    distinct = rsicd_distinct_captions(shared_data)
-    captions = [distinct[int(i)] for i in data["rsicd_positions"]]
-    digest = hashlib.sha256("\n".join(captions).encode("utf-8")).hexdigest()
-    assert digest == str(data["rsicd_sha256"]), "../shared RSICD captions differ from those the fixture was made on"
-    texts = captions + [str(t) for t in data["own_texts"]]
-    return texts, data["vectors"], json.loads(str(data["meta"]))
 
 
 @pytest.fixture(scope="session")

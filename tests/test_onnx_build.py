@@ -21,8 +21,6 @@ from edge_t2t.onnx_build import (
     sha256_file,
 )
 
-FIXTURE = Path(__file__).parent / "fixtures" / "embedder_reference.npz"
-
 
 @pytest.fixture(scope="session")
 def source() -> Path:
@@ -95,11 +93,10 @@ def test_graph_has_dynamic_batch_and_sequence(built):
     assert {"LayerNormalization", "Erf", "Softmax"} <= ops
 
 
-def test_built_model_matches_reference(built):
+def test_built_model_matches_reference(built, reference):
     from edge_t2t.embedder import Embedder
 
-    data = np.load(FIXTURE)
-    texts, ref = [str(t) for t in data["texts"][:20]], data["vectors"][:20]
+    texts, ref = reference[0][:20], reference[1][:20]
     vecs = Embedder(built[0], precision="fp32", threads=2).embed(texts)
     assert float((vecs * ref).sum(1).min()) >= 0.9999
 

@@ -295,3 +295,14 @@ def test_embedder_built_from_other_weights_is_a_problem(tmp_path: Path, monkeypa
     rep = verify_index(_build(tmp_path / "idx"))
     assert not rep.ok and rep.checks["models"]["embedder"]["current_weights_match"] is False
     assert any("manifest.json" in p and "weights" in p for p in rep.problems)
+
+
+def test_key_pointing_at_another_image_is_a_problem(tmp_path: Path) -> None:
+    index = _build(tmp_path / "idx", dtype="f32")
+    rows = np.load(index / vindex.KEYS_FILE)
+    rows[0, 1] = rows[-1, 1]  # key of image 1 now claims the last image: results would name the wrong file
+    np.save(index / vindex.KEYS_FILE, rows)
+    rep = verify_index(index)
+    assert not rep.ok and rep.checks["vectors"]["state"] == "corrupt"
+    assert any(vindex.KEYS_FILE in p and "another image" in p and str(int(rows[0, 0])) in p for p in rep.problems)
+    assert verify_index(index, repair=True).ok

@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS, metavar="MP",
                    help=f"downscale larger images for the VLM; images over 4x this are refused (default {DEFAULT_MAX_MEGAPIXELS:g})")  # fmt: skip
     p.add_argument("--bands", metavar="R,G,B", help="1-based bands of multi-band images to show as RGB, e.g. 4,3,2")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for llama.cpp (default: all available)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for llama.cpp (default: 1 for models under 64 MiB, else all available CPUs)")
     p.add_argument("--gpu-layers", type=int, default=0, metavar="N", help="layers to offload to a GPU (default 0)")
     p.add_argument("--max-tokens", type=int, metavar="N",
                    help="cap on generated tokens per image (default: what the schema's longest answer needs, "
@@ -191,12 +191,16 @@ def _print_table(records: list, limit: int = 20) -> None:
     if not records:
         return
     table = Table(show_lines=False)
-    table.add_column("image", no_wrap=True)
-    table.add_column("cached")
-    table.add_column("s", justify="right")
-    table.add_column("first description", overflow="ellipsis", no_wrap=True, max_width=70)
+    # The description is cut here, not by rich: rich squeezes the short columns to nothing when a
+    # no-wrap column is wider than the terminal, and a table that hides which file it describes is
+    # useless. --json / --out carry the full text.
+    table.add_column("image", overflow="fold")
+    table.add_column("cached", no_wrap=True)
+    table.add_column("s", justify="right", no_wrap=True)
+    table.add_column("first description", no_wrap=True)
     for r in records[:limit]:
         first = r.variants[0].one_sentence if r.variants else ""
+        first = first if len(first) <= 30 else first[:29] + "…"
         table.add_row(Path(r.image).name, "yes" if r.cached else "", f"{r.seconds:.1f}", first)
     if len(records) > limit:
         table.add_row(f"... {len(records) - limit} more", "", "", "")

@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-tokens", type=int, metavar="N", help="cap on generated tokens per image (default: what the schema needs)")
     p.add_argument("--prompt-file", metavar="FILE", help="your own VLM prompt (plain text, {n} = variant count)")
     p.add_argument("--max-megapixels", type=float, default=None, metavar="MP", help="downscale larger images for the VLM")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for llama.cpp (default: all available)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for llama.cpp (default: 1 for models under 64 MiB, else all available CPUs)")
     p.add_argument("--cache-dir", metavar="DIR", help="caption cache directory (default: $EDGE_T2T_CACHE_DIR or ~/.cache/edge-t2t)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per commit (default: 32)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the caption cache")

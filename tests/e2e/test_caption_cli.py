@@ -19,7 +19,9 @@ from edge_t2t import config, prompts
 
 ROOT = Path(__file__).resolve().parents[2]
 # Enough for the schema's longest one-variant answer even at one character per token.
-FAST = ["--variants", "1", "--max-tokens", "1300", "--threads", "2"]
+# No --threads: the tiny test model runs fastest on one thread (vlm.py picks 1 for small models);
+# two threads on a busy 2-core machine were 30x slower.
+FAST = ["--variants", "1", "--max-tokens", "1300"]
 
 
 @pytest.fixture(scope="module")
