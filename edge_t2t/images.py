@@ -64,6 +64,11 @@ def find_images(
         except OSError as exc:
             report(path, exc.strerror or str(exc))
             return False
+        if not _utf8_name(path):
+            # The store, the cache and every JSON output are UTF-8 text: a name that cannot be
+            # written there is refused up front rather than failing halfway through a batch.
+            report(path, "file name is not valid UTF-8: rename the file (e.g. with convmv) and run again")
+            return False
         key = (st.st_dev, st.st_ino)
         if key in seen_files:
             return False
@@ -108,6 +113,14 @@ def find_images(
                 yield path
         else:
             report(path, "no such file or directory")
+
+
+def _utf8_name(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes, kept by Python as lone surrogates
+        return False
+    return True
 
 
 @dataclass

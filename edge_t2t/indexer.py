@@ -13,9 +13,11 @@ an interrupted run keeps every finished batch and the next run resumes from ther
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -89,8 +91,16 @@ def _image_size(path: Path) -> tuple[int | None, int | None]:
     try:
         with Image.open(path) as im:  # reads the header only
             return im.size
-    except (OSError, UnidentifiedImageError, ValueError):
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         return None, None
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """A write failed because the disk (or the file-size limit) is full."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    text = str(exc).lower()
+    return "disk is full" in text or "disk i/o error" in text
 
 
 def _record_hash(rec: CaptionRecord) -> str:
@@ -295,8 +305,21 @@ class Indexer:
             except KeyboardInterrupt:
                 summary.interrupted = True
                 status = "interrupted"
+            except (OSError, sqlite3.OperationalError) as exc:
+                if not _out_of_space(exc):
+                    raise
+                # Every batch committed before this one is intact (one transaction per batch, vector
+                # files replaced atomically); the failed batch rolled back and is redone next run.
+                raise StoreError(
+                    f"could not write the index in {self.dir}: {exc} (disk full?). Free space and run "
+                    f"the same command again; the {summary.added} images committed so far are kept"
+                ) from None
             finally:
-                store.finish_run(run_id, status, summary.counts(), {k: round(v, 3) for k, v in summary.stage_seconds.items()})
+                try:
+                    store.finish_run(run_id, status, summary.counts(),
+                                     {k: round(v, 3) for k, v in summary.stage_seconds.items()})
+                except sqlite3.OperationalError:
+                    pass  # a full disk can refuse even this row; the run history is not the record
         return summary
 
     def _run(self, store: Store, paths: list[Path], records: list[CaptionRecord], summary: IndexSummary) -> None:
@@ -427,8 +450,12 @@ class Indexer:
                                     status="failed", error=p.error)
                     continue
                 rec = p.record
+                # A VLM record carries the sha256 of the very bytes it described; if the file changed
+                # after our own hash, that is the one to keep (the stale size/mtime then make the
+                # next run look at the file again).
+                sha = rec.sha256 if p.from_vlm and rec.sha256 else (p.sha256 or rec.sha256)
                 image_id = store.put_image(
-                    p.path, size=p.size, mtime_ns=p.mtime_ns, sha256=p.sha256 or rec.sha256, width=w, height=h,
+                    p.path, size=p.size, mtime_ns=p.mtime_ns, sha256=sha, width=w, height=h,
                     source="vlm" if p.from_vlm else "captions",
                     provenance=_provenance(rec), desc_hash=_record_hash(rec),
                 )

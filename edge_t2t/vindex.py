@@ -16,6 +16,7 @@ so a crash mid-save would otherwise leave a torn graph.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,21 +206,39 @@ class Candidates:
     scores: np.ndarray  # float32 cosine
 
 
+_REOPEN_TRIES = 50
+_REOPEN_WAIT_S = 0.02
+
+
+class _MixedFiles(Exception):
+    """The graph and keys.npy come from two different saves."""
+
+
 class VectorIndex:
     """A read-only, memory-mapped view for searching."""
 
     def __init__(self, index_dir: str | os.PathLike):
         self.dir = Path(index_dir)
-        self.key_rows = np.load(self.dir / KEYS_FILE, mmap_mode="r")
-        self.exact = np.load(self.dir / EXACT_FILE, mmap_mode="r")
-        if len(self.key_rows) != len(self.exact):  # replaced by a writer between the two loads
-            raise StoreError(f"the vector files in {self.dir} changed while being read; run the search again")
-        self._view = None
-        self._f32: np.ndarray | None = None
+        self._open_files()
         meta = usearch_index_class().metadata(str(self.dir / USEARCH_FILE))
         if meta is None:
             raise StoreError(f"{self.dir / USEARCH_FILE} is unreadable: run 'edge-t2t index --index {self.dir}' to rebuild it")
         self.dtype = str(meta["kind_scalar"].name).lower()
+
+    def _open_files(self) -> None:
+        """Map keys and exact vectors. A running `index` replaces the three files one after the
+        other (exact, keys, graph: each atomically), so a reader can catch a mixed set; it then waits
+        for the writer's next replace and maps again."""
+        for _ in range(_REOPEN_TRIES):
+            self.key_rows = np.load(self.dir / KEYS_FILE, mmap_mode="r")
+            self.exact = np.load(self.dir / EXACT_FILE, mmap_mode="r")
+            if len(self.key_rows) == len(self.exact):
+                break
+            time.sleep(_REOPEN_WAIT_S)
+        else:
+            raise StoreError(f"the vector files in {self.dir} keep changing while being read; run the search again")
+        self._view = None
+        self._f32: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.key_rows)
@@ -249,6 +268,15 @@ class VectorIndex:
     def search(self, query_vecs: np.ndarray, k: int, mode: str = "rescore", oversample: int = 4) -> list[Candidates]:
         """Up to k variant candidates per query. hnsw: the graph's (quantised) scores; rescore:
         fetch k*oversample from the graph and re-score them with exact vectors; exact: brute force."""
+        for _ in range(_REOPEN_TRIES):
+            try:
+                return self._search(query_vecs, k, mode, oversample)
+            except _MixedFiles:
+                time.sleep(_REOPEN_WAIT_S)  # the graph is newer than keys/exact: a writer is saving
+                self._open_files()
+        raise StoreError(f"the vector files in {self.dir} keep changing while being read; run the search again")
+
+    def _search(self, query_vecs: np.ndarray, k: int, mode: str, oversample: int) -> list[Candidates]:
         if mode not in MODES:
             raise StoreError(f"unknown search mode {mode!r}: use one of {', '.join(MODES)}")
         q = np.atleast_2d(np.asarray(query_vecs, dtype=np.float32))
@@ -276,6 +304,8 @@ class VectorIndex:
             keys = all_keys[i][:cnt].astype(np.int64)
             dists = all_dists[i][:cnt].astype(np.float32)
             rows = self._rows_of(keys)
+            if len(rows) and (rows.max() >= len(self.key_rows) or (self.key_rows[rows, 0] != keys).any()):
+                raise _MixedFiles  # keys the graph knows but keys.npy does not (yet)
             if mode == "rescore":
                 scores = np.einsum("ij,j->i", np.asarray(self.exact[rows], dtype=np.float32), q[i])
             else:
