@@ -7,7 +7,6 @@ hit can be served without loading the model, and any change to those inputs is a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
@@ -19,6 +18,7 @@ from typing import Any
 
 from . import config
 from .errors import InputError, StoreError
+from .fileio import sha256_file
 from .records import CaptionRecord, Variant
 
 CACHE_FILENAME = "captions.sqlite"
@@ -138,14 +138,6 @@ class CaptionCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class JsonlWriter:

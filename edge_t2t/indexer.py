@@ -25,6 +25,7 @@ from pathlib import Path
 
 from . import vindex
 from .errors import InputError, StoreError
+from .fileio import sha256_file
 from .records import CaptionRecord
 from .search import variant_texts
 from .store import IndexLock, NewText, Store
@@ -75,14 +76,6 @@ class _Pending:
     error: str = ""
     from_vlm: bool = False
     dropped: bool = False  # not reached before Ctrl-C: left for the next run
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _image_size(path: Path) -> tuple[int | None, int | None]:

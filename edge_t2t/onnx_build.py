@@ -14,7 +14,6 @@ in numpy by the embedder (it always returns unit vectors, whatever the source mo
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelError
+from .fileio import sha256_file
 
 # Bump when the graph or the quantisation changes: a manifest with another version is rebuilt.
 BUILDER_VERSION = "1"
@@ -67,14 +67,6 @@ def default_source_dir() -> Path:
             "or pass --from DIR with a sentence-transformers model folder"
         )
     return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ tools/mtmd/clip-impl.h + clip.cpp for the mmproj with an "mlp" projector).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import config
 from .errors import ModelError
+from .fileio import sha256_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -274,14 +274,6 @@ def _write_and_replace(w: Any, tmp: Path, path: Path) -> None:
         w.close()
         tmp.unlink(missing_ok=True)
         raise
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:

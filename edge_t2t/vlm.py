@@ -19,6 +19,7 @@ from typing import Any
 
 from . import config
 from .errors import ImageError, ModelError
+from .fileio import sha256_file
 from .gguf_check import GGUFInfo, check_pair, inspect_gguf
 
 
@@ -55,18 +56,12 @@ _SHA_LOCK = threading.Lock()
 
 def file_sha256(path: Path) -> str:
     """sha256 of a file, streamed, cached in memory per (path, size, mtime)."""
-    import hashlib
-
     st = os.stat(path)
     key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     with _SHA_LOCK:
         if key in _SHA_CACHE:
             return _SHA_CACHE[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    digest = h.hexdigest()
+    digest = sha256_file(path)
     with _SHA_LOCK:
         _SHA_CACHE[key] = digest
     return digest
