@@ -10,7 +10,6 @@ the user's own images from $DEMO_IMAGES. Every step is timed; a step that cannot
 from __future__ import annotations
 
 import html
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 from . import config
 from . import scenes as S
 from .errors import EdgeT2TError
+from .fileio import atomic_write_text
 
 RSICD_QUERY = "a stadium surrounded by a green field"
 USER_QUERY_DEFAULT = "buildings next to a road"
@@ -88,10 +88,7 @@ def _write_html(path: Path, title: str, sections: list[str]) -> Path:
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{css}</style></head><body><h1>{html.escape(title)}</h1>" + "\n".join(sections)
             + "</body></html>\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, page)
 
 
 def _rank_of(hits, expected: str) -> int | None:

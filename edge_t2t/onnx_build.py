@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelError
-from .fileio import sha256_file
+from .fileio import atomic_write_text, sha256_file
 
 # Bump when the graph or the quantisation changes: a manifest with another version is rebuilt.
 BUILDER_VERSION = "1"
@@ -489,7 +489,5 @@ def build_embedder(
         "source_dir": str(src.resolve()),
         "source_weights_sha256": weights_sha,
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "manifest.json")
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return {**manifest, "skipped": False}

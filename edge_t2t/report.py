@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from .fileio import atomic_write_text
 from .search import Hit
 
 THUMB_SIZE = 160
@@ -88,8 +89,4 @@ def render_html(hits: Sequence[Hit], query: str, index_dir: str = "") -> str:
 
 def write_html(hits: Sequence[Hit], path: str | os.PathLike, query: str, index_dir: str = "") -> Path:
     """Write the page atomically (temp file + os.replace)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_html(hits, query, index_dir), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, render_html(hits, query, index_dir))

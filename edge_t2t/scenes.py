@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .fileio import atomic_write_text
 from .records import CaptionRecord, Feature, Variant
 
 ROWS = ("north", "centre", "south")
@@ -487,9 +488,7 @@ def write_scene_set(out_dir: str | os.PathLike, n: int = 40, seed: int = 0,
         record.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         lines.append(json.dumps(record.to_dict()))
     captions = out / "captions.jsonl"
-    tmp = captions.with_name(captions.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, captions)
+    atomic_write_text(captions, "\n".join(lines) + "\n")
     return paths, captions
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import config
 from .errors import ModelError
-from .fileio import sha256_file
+from .fileio import atomic_write_text, sha256_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -350,8 +350,6 @@ def build_test_vlm(out_dir: Path | None = None, seed: int = 0, force: bool = Fal
         "versions": _versions(),
         "build_seconds": round(time.perf_counter() - t0, 3),
     }
-    tmp = _tmp_path(out_dir / MANIFEST)
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out_dir / MANIFEST)
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     manifest["reused"] = False
     return manifest

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 from ..errors import InputError
+from ..fileio import atomic_write_text
 
 # The matrix axes, as edge_t2t.quantcost defines them (kept literal so that `edge-t2t --help`
 # does not import numpy; tests/test_quantcost.py checks they agree).
@@ -203,9 +203,7 @@ def write_outputs(report: dict, out_dir: Path, name: str = "quant_cost") -> dict
     for suffix, text in ((".json", json.dumps(report, indent=2, default=json_default) + "\n"),
                          (".md", f"# {name}\n\n" + markdown_table(report))):  # fmt: skip
         p = out_dir / f"{name}{suffix}"
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, p)
+        atomic_write_text(p, text)
         paths[suffix[1:]] = str(p)
     return paths
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from ..errors import InputError
+from ..fileio import atomic_write_text
 
 DESCRIPTION = """\
 Retrieval evaluation against reference captions (COCO caption JSON or Karpathy-style
@@ -204,10 +204,6 @@ def _print_table(result: dict) -> None:
     console.print(f"{cfg['seconds']} s", style="dim")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_outputs(result: dict, out_dir: Path) -> tuple[Path, Path]:
@@ -218,8 +214,8 @@ def write_outputs(result: dict, out_dir: Path) -> tuple[Path, Path]:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-        _write_atomic(json_path, json.dumps(result, indent=2) + "\n")
-        _write_atomic(md_path, f"# edge-t2t eval: {stem}\n\n" + markdown_table(result))
+        atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(md_path, f"# edge-t2t eval: {stem}\n\n" + markdown_table(result))
     except OSError as exc:
         raise InputError(f"cannot write results to {out_dir} ({exc.strerror}); choose a writable --out DIR") from exc
     return json_path, md_path
