@@ -17,8 +17,24 @@ from .search import Hit
 THUMB_SIZE = 160
 
 
+TABLE_TEXT_CHARS = 160  # a joined variant runs to ~1,000 characters; --json/--html carry it whole
+
+
+def _short_path(image: str) -> str:
+    """Relative to the working directory when under it: the table is for reading."""
+    try:
+        return os.path.relpath(image) if os.path.isabs(image) and not os.path.relpath(image).startswith("..") else image
+    except ValueError:  # another drive on Windows
+        return image
+
+
+def _shorten(text: str, limit: int = TABLE_TEXT_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
 def print_table(hits: Sequence[Hit], query: str = "", console=None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -29,9 +45,7 @@ def print_table(hits: Sequence[Hit], query: str = "", console=None) -> None:
     table.add_column("best-matching description", overflow="fold")
     for h in hits:
         # Texts come from files and models: keep rich from reading [brackets] as markup.
-        from rich.markup import escape
-
-        table.add_row(str(h.rank), f"{h.score:.4f}", escape(h.image), escape(h.text))
+        table.add_row(str(h.rank), f"{h.score:.4f}", escape(_short_path(h.image)), escape(_shorten(h.text)))
     console.print(table)
 
 
