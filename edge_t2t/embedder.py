@@ -150,11 +150,20 @@ class Embedder:
         ids = self.tokenize(texts)
         # Sort by length so each batch pads to a similar length; rows go back by index.
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        # int8 runs one text per call. onnxruntime's dynamic quantization picks one activation scale
+        # per tensor, i.e. per batch, so a batched text's vector would depend on its batch-mates
+        # (cosine down to 0.988 against the same text alone). One text per call gives a text the same
+        # vector wherever it is embedded (index, query, resumed run) for ~25% of int8's batched
+        # throughput (bench/embed_throughput.py).
+        step = 1 if self.precision == "int8" else batch_size
+        done = reported = 0
+        for start in range(0, len(order), step):
+            chunk = order[start : start + step]
             out[chunk] = self._run([ids[i] for i in chunk])
-            if progress is not None:
-                progress(len(chunk))
+            done += len(chunk)
+            if progress is not None and (done - reported >= batch_size or done == len(order)):
+                progress(done - reported)
+                reported = done
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return (out / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 

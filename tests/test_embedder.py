@@ -108,6 +108,17 @@ def test_batch_size_and_order_do_not_change_vectors(fp32, reference):
     np.testing.assert_allclose(shuffled, base[perm], atol=2e-6)
 
 
+def test_int8_vector_does_not_depend_on_batch_mates(int8, reference):
+    """Dynamic quantization scales activations per call; int8 therefore embeds one text per call,
+    so a text gets the same vector alone, in a batch, or in another order (bitwise here)."""
+    texts = reference[0][:30] + ["", "a stadium"]
+    alone = np.stack([int8.embed([t])[0] for t in texts])
+    np.testing.assert_array_equal(int8.embed(texts, batch_size=64), alone)
+    perm = list(range(len(texts)))
+    random.Random(5).shuffle(perm)
+    np.testing.assert_array_equal(int8.embed([texts[i] for i in perm], batch_size=7), alone[perm])
+
+
 def test_progress_reports_every_text(int8):
     seen: list[int] = []
     vecs = int8.embed([f"text number {i}" for i in range(10)], batch_size=3, progress=seen.append)
