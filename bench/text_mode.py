@@ -1,5 +1,6 @@
-"""Which text to embed per description variant: "joined" (one text, as in the paper) or "fields"
-(one vector per field: one_sentence, features, caption).
+"""Which text to embed per description variant: "joined" (one text, as in the paper), "fields"
+(one vector per field: one_sentence, features, caption), "sentences" (one vector per one_sentence,
+per feature and per caption sentence) or "sentences+joined" (those plus the joined text).
 
 Measured on synthetic scenes whose ground truth is exact (edge_t2t.scenes): each image is scored by
 the max cosine over its texts, in plain numpy (no index), with the real ONNX embedder at fp32 and
@@ -22,8 +23,19 @@ from _common import peak_rss_mib, write_results
 
 from edge_t2t import scenes as S
 from edge_t2t.embedder import Embedder
+from edge_t2t.search import variant_texts
 
-MODES = ("joined", "fields")
+MODES = ("joined", "fields", "sentences", "sentences+joined")
+BASELINE = "joined"
+
+
+def variant_parts(v, mode: str) -> list[str]:
+    """The texts the product stores for a mode (edge_t2t.search.variant_texts); "sentences+joined"
+    is a bench-only candidate: the sentences plus the joined text."""
+    if mode == "sentences+joined":
+        parts = [t for _, t in variant_texts(v, "sentences")]
+        return parts + [t for _, t in variant_texts(v, "joined") if t not in parts]
+    return [t for _, t in variant_texts(v, mode)]
 
 
 def image_texts(records, mode: str) -> tuple[list[str], np.ndarray]:
@@ -32,10 +44,17 @@ def image_texts(records, mode: str) -> tuple[list[str], np.ndarray]:
     owner: list[int] = []
     for i, rec in enumerate(records):
         for v in rec.variants:
-            parts = [v.joined_text()] if mode == "joined" else v.field_texts()
+            parts = variant_parts(v, mode)
             texts += parts
             owner += [i] * len(parts)
     return texts, np.asarray(owner)
+
+
+def text_counts(records, mode: str) -> dict:
+    """Texts per image as stored (one row per variant text) and distinct per image."""
+    stored = [sum(len(variant_parts(v, mode)) for v in r.variants) for r in records]
+    distinct = [len({t for v in r.variants for t in variant_parts(v, mode)}) for r in records]
+    return {"stored_per_image": round(float(np.mean(stored)), 2), "distinct_per_image": round(float(np.mean(distinct)), 2)}
 
 
 def ranks(query_vecs: np.ndarray, text_vecs: np.ndarray, owner: np.ndarray, n_images: int,
@@ -81,6 +100,7 @@ def main() -> int:
     # rr[(seed, query_set, precision, mode)] = reciprocal ranks per query
     rr: dict[tuple, np.ndarray] = {}
     per_seed_counts = {}
+    counts: dict[str, list[dict]] = {m: [] for m in MODES}
     for seed in args.seeds:
         scenes = S.make_scenes(args.n, seed)
         records = [S.describe(s, seed=seed) for s in scenes]
@@ -91,6 +111,8 @@ def main() -> int:
         generated = [(spec.text, sid) for spec, sid in S.unique_queries(scenes) if spec.text not in fixed_texts]
         sets = {"fixed": fixed, "generated": generated}
         per_seed_counts[seed] = {k: len(v) for k, v in sets.items()}
+        for mode in MODES:
+            counts[mode].append(text_counts(records, mode))
         for prec, emb in embedders.items():
             qcache = {}
             for name, qs in sets.items():
@@ -122,33 +144,43 @@ def main() -> int:
                     per_mode[mode] = np.concatenate(parts)
                     r = np.rint(1.0 / per_mode[mode]).astype(int)
                     rows.append({"group": gname, "queries": qset, "precision": prec, "mode": mode, **metrics(r)})
-                lo, hi = paired_bootstrap(per_mode["joined"], per_mode["fields"])
-                j, f = per_mode["joined"].mean(), per_mode["fields"].mean()
-                comparisons.append({
-                    "group": gname, "queries": qset, "precision": prec,
-                    "MRR_joined": round(float(j), 4), "MRR_fields": round(float(f), 4),
-                    "fields_over_joined": round(float(f / j), 3),
-                    "MRR_diff_fields_minus_joined_95ci": [round(lo, 4), round(hi, 4)],
-                })
+                for mode in MODES:
+                    if mode == BASELINE:
+                        continue
+                    lo, hi = paired_bootstrap(per_mode[BASELINE], per_mode[mode])
+                    j, f = per_mode[BASELINE].mean(), per_mode[mode].mean()
+                    comparisons.append({
+                        "group": gname, "queries": qset, "precision": prec, "mode": mode,
+                        "MRR_joined": round(float(j), 4), "MRR_mode": round(float(f), 4),
+                        "mode_over_joined": round(float(f / j), 3),
+                        "MRR_diff_mode_minus_joined_95ci": [round(lo, 4), round(hi, 4)],
+                    })
 
     lines = ["| scenes | queries | precision | mode | n | R@1 | R@5 | MRR |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['group']} | {r['queries']} | {r['precision']} | {r['mode']} | {r['n']} | "
                      f"{r['R@1']:.3f} | {r['R@5']:.3f} | {r['MRR']:.3f} |")
     lines += ["", "Paired comparison (reciprocal rank per query, 2000 bootstrap resamples of queries):", "",
-              "| scenes | queries | precision | MRR joined | MRR fields | fields/joined | 95% CI of fields-joined |",
-              "|---|---|---|---|---|---|---|"]
+              "| scenes | queries | precision | mode | MRR joined | MRR mode | mode/joined | 95% CI of mode-joined |",
+              "|---|---|---|---|---|---|---|---|"]
     for c in comparisons:
-        lo, hi = c["MRR_diff_fields_minus_joined_95ci"]
-        lines.append(f"| {c['group']} | {c['queries']} | {c['precision']} | {c['MRR_joined']:.3f} | "
-                     f"{c['MRR_fields']:.3f} | {c['fields_over_joined']:.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+        lo, hi = c["MRR_diff_mode_minus_joined_95ci"]
+        lines.append(f"| {c['group']} | {c['queries']} | {c['precision']} | {c['mode']} | {c['MRR_joined']:.3f} | "
+                     f"{c['MRR_mode']:.3f} | {c['mode_over_joined']:.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+    text_cost = {m: {k: round(float(np.mean([c[k] for c in cs])), 1) for k in cs[0]} for m, cs in counts.items()}
+    lines += ["", "Storage: texts (= vectors) per image, mean over all seeds; 'distinct' is what is left when "
+              "repeats across an image's variants are dropped.", "",
+              "| mode | stored per image | distinct per image | vs joined |", "|---|---|---|---|"]
+    for m, c in text_cost.items():
+        lines.append(f"| {m} | {c['stored_per_image']:.1f} | {c['distinct_per_image']:.1f} | "
+                     f"{c['stored_per_image'] / text_cost[BASELINE]['stored_per_image']:.1f}x |")
     lines += ["", f"{args.n} scenes per seed, 5 ground-truth variants per scene; image score = max cosine over its "
-              "texts (joined: 5 texts/image; fields: up to 15). 'fixed' = the 18 directional queries; "
+              "texts. 'fixed' = the 18 directional queries; "
               "'generated' = all other template queries satisfied by exactly one scene."]
     table = "\n".join(lines)
     write_results("text_mode", {
         "scenes_per_seed": args.n, "seeds": args.seeds, "query_counts": per_seed_counts,
-        "rows": rows, "comparisons": comparisons,
+        "rows": rows, "comparisons": comparisons, "texts_per_image": text_cost,
         "seconds": round(time.perf_counter() - t_start, 1), "peak_rss_mib": round(peak_rss_mib(), 1),
     }, table)
     print(table)

@@ -20,7 +20,7 @@ from . import config
 from .errors import ModelError
 
 PRECISIONS = ("fp32", "int8")
-_BUILD_HINT = "run `edge-t2t models build-embedder` (or `make models`)"
+_BUILD_HINT = "run `edge-t2t models build-embedder`"
 
 
 def _load_manifest(model_dir: Path) -> dict:

@@ -14,8 +14,8 @@ Two data paths:
   LOO as ``edge-t2t eval``. fetch = 2 x 10 x (max distinct captions per image) + 1, which keeps
   R@1/5/10 exact for exact search (an image outside the fetched texts already has >= 10 images
   ahead of it).
-* ``vlm``: each GGUF precision captions the images in --images; their variant texts ("joined"
-  mode, as `edge-t2t index` embeds them) are the index, every captioned image a candidate. The
+* ``vlm``: each GGUF precision captions the images in --images; their variant texts (the default
+  text mode, as `edge-t2t index` embeds them) are the index, every captioned image a candidate. The
   queries are the captions of the annotated images among them (known targets: absolute recall by
   ``evaluate.index_ranks`` over the search results, I2T read from the same T2I searches) plus a
   fixed sample of other annotation captions (agreement only). With no annotated image among
@@ -439,6 +439,7 @@ def _vlm_rows(ann: Annotations, opts: Options, work: Path, embedders: dict, prog
               rows: list[_Row], info: dict) -> None:  # fmt: skip
     """Caption with every VLM precision, then append rows as _oracle_rows does; facts go to ``info``."""
     from .captioning import caption_images
+    from .indexer import DEFAULT_TEXT_MODE
     from .search import variant_texts
     from .vindex import VectorIndex
     from .vlm import VLMConfig
@@ -457,7 +458,7 @@ def _vlm_rows(ann: Annotations, opts: Options, work: Path, embedders: dict, prog
         if summary.interrupted:
             raise KeyboardInterrupt
         captions[label] = {
-            Path(r.image).name: [t for v in r.variants for _, t in variant_texts(v, "joined")] for r in records
+            Path(r.image).name: [t for v in r.variants for _, t in variant_texts(v, DEFAULT_TEXT_MODE)] for r in records
         }
         info["test_model"] = info["test_model"] or summary.test_model
         if info["test_model"]:

@@ -144,6 +144,27 @@ def test_fields_mode_embeds_one_text_per_field(tmp_path, emb):
     assert S.variant_texts(v, "joined") == [("joined", v.joined_text())]
 
 
+def test_sentences_mode_embeds_each_short_statement_once(tmp_path, emb):
+    v = Variant("An airport.", (Feature("runway", "centre", "long"), Feature("tanks", "south", "large"), Feature("")),
+                "Planes are parked.  A runway is in the centre!  Is that a lake? Planes are parked.")
+    pairs = S.variant_texts(v, "sentences")
+    assert pairs == [("one_sentence", "An airport."), ("feature", "long runway in the centre"),
+                     ("feature", "large tanks in the south"), ("sentence", "Planes are parked."),
+                     ("sentence", "A runway is in the centre!"), ("sentence", "Is that a lake?")]
+    assert S.variant_texts(Variant("a lake"), "sentences") == [("one_sentence", "a lake")]
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"image": "a.jpg", "variants": [v.to_dict()]}) + "\n"
+                    + json.dumps({"image": "b.jpg", "variants": [{"one_sentence": "a lake"}]}) + "\n")
+    ix = tmp_path / "ix"
+    Indexer(ix, embedder=emb, text_mode="sentences").run([], captions_file=path)
+    with sqlite3.connect(ix / "store.sqlite") as c:
+        stored = [tuple(r) for r in c.execute("SELECT field, text FROM variants v JOIN images i ON i.id = v.image_id "
+                                               "WHERE i.path = 'a.jpg' ORDER BY v.id")]
+    assert stored == pairs
+    hits = S.search(ix, "large tanks in the south", k=1, embedder=emb, mode="exact")
+    assert hits[0].image == "a.jpg" and hits[0].text == "large tanks in the south"
+
+
 def test_hit_json_contract():
     h = S.Hit(rank=1, score=0.123456789, image="a.jpg", variant=2, text="t")
     assert set(h.to_dict()) == {"rank", "score", "image", "variant", "text"}
