@@ -211,6 +211,7 @@ def caption_images(
                     record = _caption_one(
                         path, get_vlm, cache, lambda: (model_sha, mmproj_sha), prompt, json_schema,
                         params, summary, max_megapixels=max_megapixels, bands=bands,
+                        model_files=(vlm_cfg.model, vlm_cfg.mmproj),
                     )  # fmt: skip
                 except ImageError as exc:
                     fail(path, str(exc).removeprefix(f"{path}: "))
@@ -247,6 +248,18 @@ class _Unusable(EdgeT2TError):
     """The model gave no usable variant for one image (after the retry)."""
 
 
+def _model_files(model: Any, mmproj: Any, model_sha: str, mmproj_sha: str) -> dict[str, str]:
+    """The record's `model_path`/`model_sha256`/`mmproj_path`/`mmproj_sha256` extra keys: the index
+    stores them so `verify` can tell when a model file changed. Absolute paths, as `verify` may run
+    from another directory; the hashes are the ones already computed (cache key or VLM load)."""
+    return {
+        "model_path": str(Path(model).resolve()),
+        "model_sha256": model_sha,
+        "mmproj_path": str(Path(mmproj).resolve()),
+        "mmproj_sha256": mmproj_sha,
+    }
+
+
 def _caption_one(
     path: Path,
     get_vlm: Callable[[], Any],
@@ -259,27 +272,33 @@ def _caption_one(
     *,
     max_megapixels: float,
     bands: tuple[int, int, int] | None,
+    model_files: tuple[Any, Any],
 ) -> CaptionRecord:
     t0 = time.perf_counter()
     loaded: LoadedImage = load_image(path, max_megapixels=max_megapixels, bands=bands)
     key = None
     model_sha, mmproj_sha = shas()
+
+    def served(hit: CaptionRecord) -> CaptionRecord:
+        hit.image = str(path)  # the same bytes may live under another name now
+        hit.cached = True
+        # The key's hashes are those of the model files named now (which may have moved since).
+        hit.extra.update(_model_files(*model_files, model_sha, mmproj_sha))
+        return hit
+
     if cache is not None and model_sha:
         key = CacheKey.make(loaded.sha256, model_sha, mmproj_sha, prompt.version, params)
         hit = cache.get(key)
         if hit is not None:
-            hit.image = str(path)  # the same bytes may live under another name now
-            hit.cached = True
-            return hit
+            return served(hit)
 
     vlm = get_vlm()
-    if cache is not None and key is None:  # hashes became known only when the model loaded
-        model_sha, mmproj_sha = shas()
+    model_sha, mmproj_sha = shas()  # without a cache, the hashes become known only when the model loads
+    if cache is not None and key is None:
         key = CacheKey.make(loaded.sha256, model_sha, mmproj_sha, prompt.version, params)
         hit = cache.get(key)
         if hit is not None:
-            hit.image, hit.cached = str(path), True
-            return hit
+            return served(hit)
 
     png = to_png_bytes(loaded.image)
     constrained = bool(getattr(vlm, "supports_grammar", True))
@@ -302,8 +321,8 @@ def _caption_one(
     problems = prompts.check_quality(variants, n)
 
     extra: dict[str, Any] = {
-        "model_sha256": model_sha,
-        "mmproj_sha256": mmproj_sha,
+        **_model_files(getattr(vlm, "model_path", None) or model_files[0],
+                       getattr(vlm, "mmproj_path", None) or model_files[1], model_sha, mmproj_sha),
         "model_name": getattr(vlm, "model_name", ""),
         "width": loaded.width,
         "height": loaded.height,

@@ -28,7 +28,7 @@ from .errors import InputError, StoreError
 from .fileio import sha256_file
 from .records import CaptionRecord
 from .search import variant_texts
-from .store import IndexLock, NewText, Store
+from .store import MODEL_FILE_COLUMNS, IndexLock, NewText, Store
 
 TEXT_MODES = ("joined", "fields", "sentences")
 # One text per summary, feature and caption sentence: on held-out synthetic scenes it doubled R@1
@@ -105,9 +105,12 @@ def _record_hash(rec: CaptionRecord) -> str:
 
 
 def _provenance(rec: CaptionRecord) -> dict:
+    # The VLM's file paths and sha256 ride in the record's extra (captioning.py puts them there);
+    # imported captions have none, which the store keeps as NULL.
     return {
         "model": rec.model, "mmproj": rec.mmproj, "family": rec.family, "prompt_version": rec.prompt_version,
         "test_model": rec.test_model, "constrained": rec.constrained,
+        **{c: rec.extra.get(c) or None for c in MODEL_FILE_COLUMNS},
     }
 
 

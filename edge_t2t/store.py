@@ -73,10 +73,37 @@ _V1 = """
 """
 
 
+# v2: where the VLM files that wrote each description set lived and their sha256, so `verify` can
+# tell when a model file changed under the index. NULL for imported captions (no model file).
+# The files are part of a description set's identity (a model replaced under the same name is
+# another set), and SQLite cannot change a table's UNIQUE constraint in place, so the table is
+# rebuilt as SQLite documents it (create, copy, drop, rename; migrate() turns foreign keys off
+# around it). The new uniqueness is an expression index: a plain UNIQUE treats NULLs as distinct,
+# so every imported batch would get a row of its own.
+_V2 = """
+        CREATE TABLE descriptions_v2 (
+            id INTEGER PRIMARY KEY,
+            model TEXT NOT NULL, mmproj TEXT NOT NULL, family TEXT NOT NULL,
+            prompt_version TEXT NOT NULL, test_model INTEGER NOT NULL, constrained INTEGER NOT NULL,
+            model_path TEXT, model_sha256 TEXT, mmproj_path TEXT, mmproj_sha256 TEXT
+        );
+        INSERT INTO descriptions_v2 (id, model, mmproj, family, prompt_version, test_model, constrained)
+            SELECT id, model, mmproj, family, prompt_version, test_model, constrained FROM descriptions;
+        DROP TABLE descriptions;
+        ALTER TABLE descriptions_v2 RENAME TO descriptions;
+        CREATE UNIQUE INDEX descriptions_identity ON descriptions (
+            model, mmproj, family, prompt_version, test_model, constrained,
+            IFNULL(model_path, ''), IFNULL(model_sha256, ''), IFNULL(mmproj_path, ''), IFNULL(mmproj_sha256, '')
+        );
+"""
+
+# The provenance columns that v2 added (see _V2), in the order put_image/provenance use them.
+MODEL_FILE_COLUMNS = ("model_path", "model_sha256", "mmproj_path", "mmproj_sha256")
+
 # MIGRATIONS[i] takes a store from schema version i to i + 1 (version 0 = an empty file): an SQL
 # script, or a function of the connection for steps that need Python (e.g. re-encoding blobs).
 Migration = str | Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[Migration] = [_V1]
+MIGRATIONS: list[Migration] = [_V1, _V2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -88,21 +115,39 @@ def migrate(conn: sqlite3.Connection, migrations: list[Migration] = MIGRATIONS) 
             f"the store was written by a newer edge-t2t (schema v{version}, this one knows "
             f"v{len(migrations)}): upgrade edge-t2t or index into another --index directory"
         )
-    for target in range(version + 1, len(migrations) + 1):
-        step = migrations[target - 1]
-        try:
-            if isinstance(step, str):
-                # executescript() commits first, so the transaction lives inside the script.
-                conn.executescript(f"BEGIN IMMEDIATE;\n{step}\n;PRAGMA user_version = {target};\nCOMMIT;")
-            else:
-                conn.execute("BEGIN IMMEDIATE")
-                step(conn)
-                conn.execute(f"PRAGMA user_version = {target}")
+    if version == len(migrations):
+        return version
+    # A step may rebuild a table that others reference (the only way to change a constraint):
+    # SQLite's documented procedure runs it with foreign keys off, then checks them before the
+    # commit. The pragma is a no-op inside a transaction, hence here, around all the steps.
+    fk_was_on = conn.execute("PRAGMA foreign_keys").fetchone()[0]
+    conn.execute("PRAGMA foreign_keys=OFF")
+    try:
+        for target in range(version + 1, len(migrations) + 1):
+            step = migrations[target - 1]
+            try:
+                if isinstance(step, str):
+                    # executescript() commits first, so the transaction opens inside the script.
+                    conn.executescript(f"BEGIN IMMEDIATE;\n{step}\n;PRAGMA user_version = {target};")
+                else:
+                    conn.execute("BEGIN IMMEDIATE")
+                    step(conn)
+                    conn.execute(f"PRAGMA user_version = {target}")
+                broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise StoreError(
+                        f"schema step v{target} would leave {len(broken)} dangling reference(s) "
+                        f"(first: table {broken[0][0]} row {broken[0][1]}); the store is unchanged: "
+                        "report this, or re-index into a new --index directory"
+                    )
                 conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+    finally:
+        if fk_was_on:
+            conn.execute("PRAGMA foreign_keys=ON")
     return len(migrations)
 
 
@@ -240,18 +285,22 @@ class Store:
     def _description_id(self, prov: dict | None) -> int | None:
         if not prov:
             return None
+        # Model file paths/sha256 are None when unknown (imported captions): NULL, never ''.
         values = (
             prov.get("model", ""), prov.get("mmproj", ""), prov.get("family", ""),
             prov.get("prompt_version", ""), int(bool(prov.get("test_model"))), int(bool(prov.get("constrained", True))),
+            *(str(prov[c]) if prov.get(c) else None for c in MODEL_FILE_COLUMNS),
         )
         self.conn.execute(
-            "INSERT OR IGNORE INTO descriptions(model, mmproj, family, prompt_version, test_model, constrained) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO descriptions(model, mmproj, family, prompt_version, test_model, constrained, "
+            f"{', '.join(MODEL_FILE_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             values,
         )
+        # IS, not =: it matches NULL to NULL, as the IFNULL() unique index does.
         return self.conn.execute(
             "SELECT id FROM descriptions WHERE model=? AND mmproj=? AND family=? AND prompt_version=? "
-            "AND test_model=? AND constrained=?",
+            "AND test_model=? AND constrained=? AND model_path IS ? AND model_sha256 IS ? "
+            "AND mmproj_path IS ? AND mmproj_sha256 IS ?",
             values,
         ).fetchone()[0]
 
@@ -260,7 +309,10 @@ class Store:
         status="ok", error=None, source="", provenance: dict | None = None, desc_hash: str = "",
         description_id: int | None = None,
     ) -> int:
-        """Insert or replace the image at `path` (its old texts go with it); return its id."""
+        """Insert or replace the image at `path` (its old texts go with it); return its id.
+
+        `provenance` names the description set: model, mmproj, family, prompt_version, test_model,
+        constrained, and (when a VLM wrote it) the MODEL_FILE_COLUMNS of its GGUF files."""
         self.conn.execute("DELETE FROM images WHERE path = ?", (path,))
         cur = self.conn.execute(
             "INSERT INTO images(path, size, mtime_ns, sha256, width, height, status, error, source, "
@@ -425,10 +477,11 @@ class Store:
 
     def provenance(self) -> list[dict]:
         rows = self.conn.execute(
-            "SELECT d.model, d.mmproj, d.family, d.prompt_version, d.test_model, d.constrained, COUNT(i.id) "
+            "SELECT d.model, d.mmproj, d.family, d.prompt_version, d.test_model, d.constrained, "
+            f"{', '.join('d.' + c for c in MODEL_FILE_COLUMNS)}, COUNT(i.id) "
             "FROM descriptions d JOIN images i ON i.description_id = d.id GROUP BY d.id ORDER BY d.id"
         )
-        keys = ("model", "mmproj", "family", "prompt_version", "test_model", "constrained", "images")
+        keys = ("model", "mmproj", "family", "prompt_version", "test_model", "constrained", *MODEL_FILE_COLUMNS, "images")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
 

@@ -9,8 +9,9 @@ What is checked, in order (each check fills one entry of `VerifyReport.checks`):
   image has none.
 - vectors: the usearch graph, keys.npy and exact.npy against SQLite: count, keys, dimension, dtype,
   the image of each key, and the vectors themselves.
-- models: the embedder files recorded in the store's manifest still have their sha256; VLM GGUFs
-  recorded in the descriptions table (only if the store records their path/sha256, see below).
+- models: the embedder files recorded in the store's manifest still have their sha256, and so do
+  the VLM GGUFs (model and mmproj) that the descriptions table records for the indexed images
+  (schema v2; imported captions record none).
 - lock and runs: a leftover index.lock, a run that never finished (a kill).
 
 Problems vs warnings. The vector files are a cache derived from SQLite, written after each commit
@@ -379,30 +380,49 @@ def _check_models(conn, meta: dict, rep: VerifyReport) -> None:
     models["vlm"] = vlm
     pairs = [("model", "model_sha256", "model_path"), ("mmproj", "mmproj_sha256", "mmproj_path")]
     recorded = [(n, s, p) for n, s, p in pairs if s in cols and p in cols]
-    if not recorded:
+    if not recorded:  # a store older than schema v2 (the schema check reports that too)
         vlm["status"] = "not_recorded"
         vlm["missing"] = [c for _, s, p in pairs for c in (s, p) if c not in cols]
         n_rows = conn.execute("SELECT COUNT(*) FROM descriptions WHERE test_model = 0 OR test_model = 1").fetchone()[0]
         vlm["descriptions"] = n_rows
         return
-    vlm["status"] = "checked"
+    # Only description sets some image still uses: a set whose images were all removed says
+    # nothing about the index.
+    used = "EXISTS (SELECT 1 FROM images i WHERE i.description_id = d.id)"
+    vlm["descriptions"] = conn.execute(f"SELECT COUNT(*) FROM descriptions d WHERE {used}").fetchone()[0]
     vlm["files"] = {}
+    hashes: dict[str, str] = {}  # each file read once, even when several sets name it
     for name, sha_col, path_col in recorded:
-        for path_s, want in conn.execute(f"SELECT DISTINCT {path_col}, {sha_col} FROM descriptions"):
-            if not path_s or not want:
-                continue
+        rows = conn.execute(
+            f"SELECT DISTINCT {path_col}, {sha_col} FROM descriptions d WHERE {used} "
+            f"AND {path_col} IS NOT NULL AND {path_col} != '' AND {sha_col} IS NOT NULL AND {sha_col} != '' "
+            f"ORDER BY {path_col}"
+        ).fetchall()
+        for path_s, want in rows:
             path = Path(path_s)
             if not path.is_file():
+                if vlm["files"].get(path_s) != "missing":
+                    rep.warnings.append(
+                        f"{path}: VLM {name} file recorded in the store is missing; the index stays searchable, "
+                        "but describing new images needs it (restore it, or pass --vlm/--mmproj to `edge-t2t index`)"
+                    )
                 vlm["files"][path_s] = "missing"
-                rep.warnings.append(f"{path}: VLM {name} recorded in the store is missing (only needed to describe new images)")
                 continue
-            got = _sha256(path)
-            vlm["files"][path_s] = "ok" if got == want else "changed"
+            if path_s not in hashes:
+                hashes[path_s] = _sha256(path)
+            got = hashes[path_s]
             if got != want:
                 rep.problems.append(
-                    f"{path}: sha256 {got[:12]} differs from the {want[:12]} recorded for the indexed descriptions; "
-                    "new images would be described by another model: restore the file or re-index"
+                    f"{path}: VLM {name} file's sha256 {got[:12]} differs from the {want[:12]} recorded for the "
+                    "indexed descriptions, so new images would be described by another model than the indexed "
+                    "ones: restore the original file, or re-index into a new --index directory with this one"
                 )
+            if vlm["files"].get(path_s) != "changed":
+                vlm["files"][path_s] = "ok" if got == want else "changed"
+    vlm["status"] = "checked" if vlm["files"] else "not_recorded"
+    vlm["without_files"] = conn.execute(
+        f"SELECT COUNT(*) FROM descriptions d WHERE {used} AND (model_path IS NULL OR model_sha256 IS NULL)"
+    ).fetchone()[0]
 
 
 # -- lock and runs --------------------------------------------------------------------------------

@@ -117,6 +117,39 @@ def test_records_then_fully_cached_run_never_loads_model(env) -> None:
     assert all(r.cached for r in again)
 
 
+def test_records_carry_model_file_paths_and_hashes_fresh_cached_and_uncached(env) -> None:
+    _images(env.tmp / "imgs", 2)
+    want = {
+        "model_path": str(env.cfg.model.resolve()),
+        "model_sha256": hashlib.sha256(env.cfg.model.read_bytes()).hexdigest(),
+        "mmproj_path": str(env.cfg.mmproj.resolve()),
+        "mmproj_sha256": hashlib.sha256(env.cfg.mmproj.read_bytes()).hexdigest(),
+    }
+    fresh: list = []
+    caption_images([env.tmp / "imgs"], env.cfg, n_variants=1, cache=env.cache, on_record=fresh.append,
+                   vlm_factory=env.factory())  # fmt: skip
+    uncached: list = []  # no cache: the hashes come from the loaded VLM, from the first image on
+    caption_images([env.tmp / "imgs"], env.cfg, n_variants=1, cache=None, on_record=uncached.append,
+                   vlm_factory=env.factory())  # fmt: skip
+    for r in fresh + uncached:
+        assert not r.cached and {k: r.extra[k] for k in want} == want
+        assert {k: r.to_dict()[k] for k in want} == want  # written into the JSON record
+
+    # The same bytes under another name: a cache hit names the files as they are now.
+    moved = env.tmp / "moved"
+    moved.mkdir()
+    cfg2 = SimpleNamespace(**{**vars(env.cfg), "model": moved / "m2.gguf", "mmproj": moved / "p2.gguf"})
+    cfg2.model.write_bytes(env.cfg.model.read_bytes())
+    cfg2.mmproj.write_bytes(env.cfg.mmproj.read_bytes())
+    hits: list = []
+    s = caption_images([env.tmp / "imgs"], cfg2, n_variants=1, cache=env.cache, on_record=hits.append,
+                       vlm_factory=env.factory())  # fmt: skip
+    assert s.cached == 2 and not s.model_loaded
+    for r in hits:
+        assert r.extra["model_path"] == str(cfg2.model.resolve()) and r.extra["mmproj_path"] == str(cfg2.mmproj.resolve())
+        assert r.extra["model_sha256"] == want["model_sha256"] and r.extra["mmproj_sha256"] == want["mmproj_sha256"]
+
+
 def test_changed_settings_or_prompt_miss_the_cache(env) -> None:
     _images(env.tmp / "imgs", 1)
     run = lambda **kw: caption_images([env.tmp / "imgs"], env.cfg, cache=env.cache, vlm_factory=env.factory(), **kw)  # noqa: E731

@@ -13,7 +13,7 @@ from PIL import Image
 
 from edge_t2t import captioning, vindex
 from edge_t2t.errors import StoreError
-from edge_t2t.indexer import Indexer
+from edge_t2t.indexer import DEFAULT_TEXT_MODE, Indexer
 from edge_t2t.records import CaptionRecord, Variant
 from edge_t2t.store import IndexLock, Store
 
@@ -215,7 +215,7 @@ def test_refuses_changing_dtype_or_text_mode_and_other_embedders(tmp_path, folde
     Indexer(ix, embedder=FakeEmbedder(), dtype="f16").run([d], captions_file=caps)
     with pytest.raises(StoreError, match="--dtype f16"):
         Indexer(ix, embedder=FakeEmbedder(), dtype="i8").run([d], captions_file=caps)
-    with pytest.raises(StoreError, match="--text-mode joined"):
+    with pytest.raises(StoreError, match=f"--text-mode {DEFAULT_TEXT_MODE}"):  # the mode it was created with
         Indexer(ix, embedder=FakeEmbedder(), text_mode="fields").run([d], captions_file=caps)
     with pytest.raises(StoreError, match="other-model"):
         Indexer(ix, embedder=FakeEmbedder(name="other-model")).run([d], captions_file=caps)

@@ -48,15 +48,16 @@ def test_migrates_from_v0_and_to_a_later_version_keeping_data(tmp_path):
     path = tmp_path / "s.sqlite"
     conn = sqlite3.connect(path, isolation_level=None)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 0  # hand-made v0: an empty file
-    assert store_mod.migrate(conn) == 1
+    assert store_mod.migrate(conn, store_mod.MIGRATIONS[:1]) == 1
     conn.execute("INSERT INTO meta VALUES ('k', '1')")
 
-    def v2(c):  # a Python step, as a later schema change would add
+    def py_step(c):  # a Python step, as a later schema change would add
         c.execute("ALTER TABLE images ADD COLUMN note TEXT NOT NULL DEFAULT ''")
 
-    v3 = "CREATE TABLE tags (image_id INTEGER, tag TEXT);"  # and an SQL step
-    assert store_mod.migrate(conn, store_mod.MIGRATIONS + [v2, v3]) == 3
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    sql_step = "CREATE TABLE tags (image_id INTEGER, tag TEXT);"  # and an SQL step
+    later = store_mod.SCHEMA_VERSION + 2
+    assert store_mod.migrate(conn, store_mod.MIGRATIONS + [py_step, sql_step]) == later
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == later
     assert conn.execute("SELECT value FROM meta WHERE key='k'").fetchone()[0] == "1"
     cols = {r[1] for r in conn.execute("PRAGMA table_info(images)")}
     assert "note" in cols
@@ -64,6 +65,50 @@ def test_migrates_from_v0_and_to_a_later_version_keeping_data(tmp_path):
     # A store newer than this code is refused, not silently used.
     with pytest.raises(StoreError, match="newer edge-t2t"):
         store_mod.migrate(conn)
+
+
+def test_v1_store_migrates_to_v2_keeping_rows_and_ids(tmp_path):
+    """A store written by the v1 schema (model names only) gains the VLM file columns; its images
+    keep pointing at their description rows, and new sets are told apart by their files."""
+    ix = tmp_path / "ix"
+    ix.mkdir()
+    conn = sqlite3.connect(ix / store_mod.STORE_FILE, isolation_level=None)
+    conn.execute("PRAGMA foreign_keys=ON")
+    assert store_mod.migrate(conn, store_mod.MIGRATIONS[:1]) == 1
+    conn.execute("INSERT INTO meta VALUES ('dim', '8')")
+    conn.execute("INSERT INTO descriptions VALUES (7, 'm.gguf', 'p.gguf', 'llava-1.5', 'v1', 0, 1)")
+    conn.execute("INSERT INTO descriptions VALUES (9, 'imported:coco', '', '', '', 0, 0)")
+    conn.execute("INSERT INTO images(id, path, sha256, status, source, description_id, indexed_at) "
+                 "VALUES (3, '/x/a.jpg', 'aa', 'ok', 'vlm', 7, 1.0), (4, '/x/b.jpg', 'bb', 'ok', 'captions', 9, 1.0)")
+    conn.execute("INSERT INTO variants(image_id, ordinal, field, one_sentence, features, caption, text, vector) "
+                 "VALUES (3, 0, 'joined', 's', '[]', 'c', 't', ?)", (np.ones(8, np.float32).tobytes(),))
+    conn.close()
+
+    with Store(ix) as st:
+        assert st.conn.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION == 2
+        assert st.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1  # restored after the rebuild
+        assert not st.conn.execute("PRAGMA foreign_key_check").fetchall()
+        cols = {r[1] for r in st.conn.execute("PRAGMA table_info(descriptions)")}
+        assert set(store_mod.MODEL_FILE_COLUMNS) <= cols
+        prov = {p["model"]: p for p in st.provenance()}
+        assert prov["m.gguf"]["images"] == 1 and prov["imported:coco"]["images"] == 1
+        assert all(prov["m.gguf"][c] is None for c in store_mod.MODEL_FILE_COLUMNS)
+        assert st.description_of(3)[0] == 7 and st.description_of(4)[0] == 9
+        assert st.counts()["texts"] == 1 and st.get_meta("dim") == 8
+        v1 = {"model": "m.gguf", "mmproj": "p.gguf", "family": "llava-1.5", "prompt_version": "v1", "test_model": False}
+        files = {"model_path": "/models/m.gguf", "model_sha256": "a" * 64,
+                 "mmproj_path": "/models/p.gguf", "mmproj_sha256": "b" * 64}
+        with st.transaction():
+            # Same names, no files: the migrated row (NULLs match NULLs, no duplicate).
+            assert st.conn.execute("SELECT description_id FROM images WHERE id = ?",
+                                   (st.put_image("/x/c.jpg", provenance=v1),)).fetchone()[0] == 7
+            with_files = st.put_image("/x/d.jpg", provenance={**v1, **files})
+            again = st.put_image("/x/e.jpg", provenance={**v1, **files})
+            other = st.put_image("/x/f.jpg", provenance={**v1, **files, "model_sha256": "c" * 64})
+        ids = [st.description_of(i)[0] for i in (with_files, again, other)]
+        assert ids[0] == ids[1] and len({7, ids[0], ids[2]}) == 3  # a replaced model file is another set
+        got = [p for p in st.provenance() if p["model_sha256"] == "a" * 64]
+        assert len(got) == 1 and got[0]["images"] == 2 and got[0]["mmproj_path"] == "/models/p.gguf"
 
 
 def test_failed_migration_rolls_back(tmp_path):
@@ -76,8 +121,25 @@ def test_failed_migration_rolls_back(tmp_path):
 
     with pytest.raises(RuntimeError):
         store_mod.migrate(conn, store_mod.MIGRATIONS + [broken])
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
     assert not conn.execute("SELECT name FROM sqlite_master WHERE name='half'").fetchall()
+
+
+def test_migration_that_leaves_dangling_references_is_refused(tmp_path):
+    """Steps run with foreign keys off (so a table can be rebuilt); the check before the commit
+    still refuses one that breaks a reference."""
+    conn = sqlite3.connect(tmp_path / "s.sqlite", isolation_level=None)
+    conn.execute("PRAGMA foreign_keys=ON")
+    store_mod.migrate(conn)
+
+    def dangling(c):
+        c.execute("INSERT INTO images(path, status, description_id, indexed_at) VALUES ('/x', 'ok', 999, 0)")
+
+    with pytest.raises(StoreError, match="dangling"):
+        store_mod.migrate(conn, store_mod.MIGRATIONS + [dangling])
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
+    assert conn.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 0
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
 
 
 def test_texts_and_vectors_round_trip_and_cascade_on_delete(tmp_path):

@@ -74,9 +74,11 @@ def test_sound_index_passes(tmp_path: Path, dtype: str) -> None:
     assert rep.checks["variants"]["texts"] == 18
     assert rep.checks["counts"] == {"images_ok": 6, "images_failed": 1}
     assert rep.checks["schema"]["version"] == SCHEMA_VERSION
-    # The store records VLM file names only, so verify says what it could not check.
-    assert rep.checks["models"]["vlm"]["status"] == "not_recorded"
-    assert "model_sha256" in rep.checks["models"]["vlm"]["missing"]
+    # These descriptions name no VLM files (as imported captions), so verify says it checked none.
+    vlm = rep.checks["models"]["vlm"]
+    assert vlm["status"] == "not_recorded" and vlm["files"] == {}
+    assert vlm["descriptions"] == 1 and vlm["without_files"] == 1
+    assert {"model_path", "model_sha256", "mmproj_path", "mmproj_sha256"} <= set(vlm["columns"])
 
 
 def test_stale_vectors_are_a_warning_and_repair_fixes_them(tmp_path: Path) -> None:
@@ -306,3 +308,65 @@ def test_key_pointing_at_another_image_is_a_problem(tmp_path: Path) -> None:
     assert not rep.ok and rep.checks["vectors"]["state"] == "corrupt"
     assert any(vindex.KEYS_FILE in p and "another image" in p and str(int(rows[0, 0])) in p for p in rep.problems)
     assert verify_index(index, repair=True).ok
+
+
+def test_vlm_files_recorded_by_index_changed_or_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Index with the tiny test VLM (copied, so the copy can be damaged), then change and delete
+    its mmproj: a changed file is a problem naming it, a missing one a warning."""
+    import shutil
+
+    from PIL import Image
+
+    from edge_t2t import config
+
+    monkeypatch.delenv("EDGE_T2T_EMBEDDER")  # the real embedder: index needs it
+    src = config.test_vlm_dir()
+    manifest = json.loads((src / "manifest.json").read_text()) if (src / "manifest.json").is_file() else {}
+    if not manifest or not (config.embedder_dir() / "manifest.json").is_file():
+        pytest.fail(f"test VLM or embedder not built ({src}, {config.embedder_dir()}): run `make models`")
+    vlm_dir = tmp_path / "vlm"
+    vlm_dir.mkdir()
+    model = Path(shutil.copy(src / manifest["model"], vlm_dir / "model.gguf"))
+    mmproj = Path(shutil.copy(src / manifest["mmproj"], vlm_dir / "mmproj.gguf"))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(imgs / f"img{i}.png")
+    index = tmp_path / "idx"
+    env = {"EDGE_T2T_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_t2t", "index", str(imgs), "--index", str(index), "--vlm", str(model),
+         "--mmproj", str(mmproj), "--variants", "1", "--threads", "1", "--json", "--no-progress"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **env}, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode in (0, 1), proc.stderr  # 1 = an image failed (the test VLM can babble)
+    assert json.loads(proc.stdout)["added"] >= 1, proc.stdout
+
+    with Store(index) as store:
+        (prov,) = store.provenance()
+    assert prov["model_path"] == str(model.resolve()) and prov["mmproj_path"] == str(mmproj.resolve())
+    assert prov["model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert prov["mmproj_sha256"] == hashlib.sha256(mmproj.read_bytes()).hexdigest()
+    rep = verify_index(index)
+    assert rep.ok, rep.problems
+    vlm = rep.checks["models"]["vlm"]
+    assert vlm["status"] == "checked" and vlm["files"] == {str(model.resolve()): "ok", str(mmproj.resolve()): "ok"}
+
+    data = bytearray(mmproj.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte changed
+    mmproj.write_bytes(bytes(data))
+    rep = verify_index(index)
+    assert not rep.ok and rep.checks["models"]["vlm"]["files"][str(mmproj.resolve())] == "changed"
+    assert rep.checks["models"]["vlm"]["files"][str(model.resolve())] == "ok"
+    assert [p for p in rep.problems if str(mmproj.resolve()) in p and "sha256" in p and "restore" in p]
+    assert not [p for p in rep.problems if str(model.resolve()) in p]
+    bad = _cli("--index", str(index), env={"EDGE_T2T_EMBEDDER": str(config.embedder_dir())})
+    assert bad.returncode == 1
+    assert any(ln.startswith("problem: ") and str(mmproj.resolve()) in ln for ln in bad.stdout.splitlines())
+
+    mmproj.unlink()
+    rep = verify_index(index)
+    assert rep.ok, rep.problems
+    assert rep.checks["models"]["vlm"]["files"][str(mmproj.resolve())] == "missing"
+    assert [w for w in rep.warnings if str(mmproj.resolve()) in w and "missing" in w]

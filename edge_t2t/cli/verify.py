@@ -45,9 +45,12 @@ def run(args: argparse.Namespace) -> int:
     for line in rep.warnings:
         print(f"warning: {line}", file=sys.stderr)
     vlm = rep.checks.get("models", {}).get("vlm", {})
-    if vlm.get("status") == "not_recorded":
-        print(f"note: the store records VLM file names only (no {', '.join(vlm.get('missing', []))}); "
+    if vlm.get("status") == "not_recorded" and vlm.get("missing"):  # a store older than schema v2
+        print(f"note: the store records VLM file names only (no {', '.join(vlm['missing'])}); "
               "the VLM files behind the descriptions were not checked", file=sys.stderr)
+    elif vlm.get("status") == "not_recorded" and vlm.get("descriptions"):
+        print("note: the indexed descriptions record no VLM files (imported captions); no VLM file to check",
+              file=sys.stderr)
     counts = rep.checks.get("counts", {})
     texts = rep.checks.get("variants", {}).get("texts", 0)
     state = rep.checks.get("vectors", {}).get("state", "?")
