@@ -41,8 +41,8 @@ def emb():
 
 @pytest.fixture
 def index(tmp_path, emb):
-    ix = tmp_path / "ix"
-    Indexer(ix, embedder=emb, dtype="f32").run([], captions_file=write_jsonl(tmp_path / "c.jsonl", SCENES))
+    ix = tmp_path / "ix"  # joined: the tests below compare scores with Variant.joined_text()
+    Indexer(ix, embedder=emb, dtype="f32", text_mode="joined").run([], captions_file=write_jsonl(tmp_path / "c.jsonl", SCENES))
     return ix
 
 
