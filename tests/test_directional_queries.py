@@ -48,10 +48,13 @@ def test_directional_queries_rank_the_right_scene(scene_index):
     first = sum(r == 1 for r in ranks)
     top5 = sum(r <= 5 for r in ranks)
     print(f"directional queries: {first}/{len(ranks)} first, {top5}/{len(ranks)} in the top 5; ranks {ranks}")
-    # Measured 2026-11-26 (int8 embedder, i8 index with re-scoring, joined text): 2/18 first,
-    # 9/18 in the top 5 (ranks 4,3,6,5,3,1,20,14,7,2,9,8,7,4,11,5,7,1). Chance: 0.45/18 and 2.25/18.
-    assert first >= 1, ranks
-    assert top5 >= 7, ranks
+    # Measured 2026-11-27 (int8 embedder, i8 index with re-scoring, default 'sentences' text mode):
+    # 9/18 first, 15/18 in the top 5 (ranks 5,1,20,4,21,4,1,1,1,1,1,1,4,4,15,1,2,1). The older
+    # 'joined' mode gave 2/18 and 9/18. Chance: 0.45/18 and 2.25/18. The bounds leave a little room
+    # for int8 kernels that round differently on other CPUs; "most first" is not reached: the
+    # embedder is weak at "X east of Y" against "Y east of X".
+    assert first >= 7, ranks
+    assert top5 >= 13, ranks
 
 
 def test_scores_are_max_over_variants(scene_index):
