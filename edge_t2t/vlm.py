@@ -148,27 +148,20 @@ def resolve_vlm_paths(model: str | os.PathLike | None, mmproj: str | os.PathLike
         missing = "model" if m is None else "mmproj"
         raise ModelError(_no_vlm_message(f"no {missing} given and {directory} does not exist"))
     models, projs, broken = _classify_dir(directory)
-    if m is None:
-        if len(models) > 1:
-            raise ModelError(
-                f"{directory} holds several text models ({', '.join(x.name for x in models)}); "
-                "pick one with --vlm or EDGE_T2T_VLM"
-            )
-        if not models:
-            extra = f"; unreadable: {'; '.join(broken)}" if broken else ""
-            raise ModelError(_no_vlm_message(f"no GGUF text model in {directory}{extra}"))
-        m = models[0]
-    if p is None:
-        if len(projs) > 1:
-            raise ModelError(
-                f"{directory} holds several mmproj files ({', '.join(x.name for x in projs)}); "
-                "pick one with --mmproj or EDGE_T2T_MMPROJ"
-            )
-        if not projs:
-            extra = f"; unreadable: {'; '.join(broken)}" if broken else ""
-            raise ModelError(_no_vlm_message(f"no mmproj (vision projector) GGUF in {directory}{extra}"))
-        p = projs[0]
+    m = m or _only_one(directory, models, broken, "text models", "GGUF text model", "--vlm or EDGE_T2T_VLM")
+    p = p or _only_one(directory, projs, broken, "mmproj files", "mmproj (vision projector) GGUF",
+                       "--mmproj or EDGE_T2T_MMPROJ")
     return m, p
+
+
+def _only_one(directory: Path, found: list[Path], broken: list[str], plural: str, what: str, flag: str) -> Path:
+    """The single file of a kind in models/vlm/, or an error saying how to choose or supply one."""
+    if len(found) > 1:
+        raise ModelError(f"{directory} holds several {plural} ({', '.join(x.name for x in found)}); pick one with {flag}")
+    if not found:
+        extra = f"; unreadable: {'; '.join(broken)}" if broken else ""
+        raise ModelError(_no_vlm_message(f"no {what} in {directory}{extra}"))
+    return found[0]
 
 
 # ---- llama.cpp logging: silenced, but the last lines are kept for error messages ----------------
