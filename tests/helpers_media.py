@@ -221,6 +221,20 @@ def run_cli(*args: str, env: dict[str, str], faults: list[dict] | None = None, t
                           cwd=cwd, timeout=timeout)  # fmt: skip
 
 
+def committed_rows(index: Path, table: str, timeout: float = 1) -> int:
+    """Rows of `table` that a running `index` has committed (read-only; 0 before the store exists)."""
+    import sqlite3
+
+    try:
+        conn = sqlite3.connect(f"file:{index / 'store.sqlite'}?mode=ro", uri=True, timeout=timeout)
+        try:
+            return conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+
+
 def has_traceback(text: str) -> bool:
     return "Traceback (most recent call last)" in text
 

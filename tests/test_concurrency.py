@@ -53,19 +53,11 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 def _wait_for_texts(index: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    import sqlite3
-
     deadline = time.monotonic() + timeout
     while True:
         assert proc.poll() is None, f"index ended before its first commit: {proc.stderr.read()[-2000:]}"
         assert time.monotonic() < deadline, "no commit within the timeout"
-        try:
-            conn = sqlite3.connect(f"file:{index / 'store.sqlite'}?mode=ro", uri=True, timeout=5)
-            n = conn.execute("SELECT COUNT(*) FROM variants").fetchone()[0]
-            conn.close()
-        except sqlite3.Error:
-            n = 0
-        if n:
+        if hm.committed_rows(index, "variants", timeout=5):
             return
         time.sleep(0.05)
 

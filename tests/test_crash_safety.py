@@ -222,13 +222,7 @@ def test_sigint_from_outside(setup: dict, tmp_path: Path) -> None:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=hm.ROOT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            conn = sqlite3.connect(f"file:{index / 'store.sqlite'}?mode=ro", uri=True, timeout=1)
-            n = conn.execute("SELECT COUNT(*) FROM images").fetchone()[0]
-            conn.close()
-        except sqlite3.Error:
-            n = 0
-        if n:
+        if hm.committed_rows(index, "images"):
             proc.send_signal(signal.SIGINT)
             break
         time.sleep(0.2)
