@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,16 +81,6 @@ def _warn(msg: str) -> None:
     print(f"edge-t2t: {msg}", file=sys.stderr)
 
 
-def _wait_for_whole_files(index_dir, tries: int = 50, wait_s: float = 0.02) -> bool:
-    """True once the three vector files form one save. A writer replaces them one after the other,
-    so a reader can land between two replaces; the set is whole again milliseconds later."""
-    for _ in range(tries):
-        if vindex.on_disk_state(index_dir) is not None:
-            return True
-        time.sleep(wait_s)
-    return False
-
-
 def open_for_search(index_dir: str | os.PathLike) -> tuple[Store, vindex.VectorIndex]:
     """Open the store and its vector files, rebuilding the files from SQLite when they are missing
     or stale (e.g. an `index` run was killed between its commit and its save)."""
@@ -114,7 +103,7 @@ def open_for_search(index_dir: str | os.PathLike) -> tuple[Store, vindex.VectorI
         except StoreError:
             # An index run is between a commit and its save: search the files as they are (they lag
             # by at most one batch; texts deleted since are skipped in rank_images).
-            if not _wait_for_whole_files(index_dir):
+            if not vindex.wait_for_whole_files(index_dir):
                 store.close()
                 raise StoreError(
                     f"the vector files in {index_dir} are being written by an index run; try again in a moment"

@@ -214,6 +214,16 @@ _REOPEN_TRIES = 50
 _REOPEN_WAIT_S = 0.02
 
 
+def wait_for_whole_files(index_dir: str | os.PathLike) -> bool:
+    """True once the three vector files form one save. A writer replaces them one after the other,
+    so a reader can land between two replaces; the set is whole again milliseconds later."""
+    for _ in range(_REOPEN_TRIES):
+        if on_disk_state(index_dir) is not None:
+            return True
+        time.sleep(_REOPEN_WAIT_S)
+    return False
+
+
 class _MixedFiles(Exception):
     """The graph and keys.npy come from two different saves."""
 

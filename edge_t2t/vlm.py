@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import collections
 import ctypes
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -219,11 +220,19 @@ class VLM:
         self.supports_grammar = spec.supports_grammar
         self.model_name = model_info.name or self.model_path.stem
         self.is_test_model = model_info.is_test_model or mmproj_info.is_test_model
-        self.model_sha256 = file_sha256(self.model_path)
-        self.mmproj_sha256 = file_sha256(self.mmproj_path)
         self.n_threads = cfg.n_threads or self._default_threads(model_info)
         self.n_ctx = cfg.n_ctx or self._default_n_ctx(spec, model_info, mmproj_info)
         self._load(spec)
+
+    # Hashed on first use, not at load: the caption pipeline already has both hashes from its cache
+    # key, and a real GGUF is gigabytes to read again.
+    @functools.cached_property
+    def model_sha256(self) -> str:
+        return file_sha256(self.model_path)
+
+    @functools.cached_property
+    def mmproj_sha256(self) -> str:
+        return file_sha256(self.mmproj_path)
 
     @staticmethod
     def _default_threads(model_info: GGUFInfo) -> int:
