@@ -109,14 +109,30 @@ def test_batch_size_and_order_do_not_change_vectors(fp32, reference):
 
 
 def test_int8_vector_does_not_depend_on_batch_mates(int8, reference):
-    """Dynamic quantization scales activations per call; int8 therefore embeds one text per call,
-    so a text gets the same vector alone, in a batch, or in another order (bitwise here)."""
+    """int8 quantises activations per token row, so a text's vector is the same alone, in a batch, or
+    in another order (issue 9: bitwise or cosine >= 0.99999). Per-call dynamic quantisation fails
+    this: its cosines go down to about 0.97."""
     texts = reference[0][:30] + ["", "a stadium"]
     alone = np.stack([int8.embed([t])[0] for t in texts])
-    np.testing.assert_array_equal(int8.embed(texts, batch_size=64), alone)
+    batched = int8.embed(texts, batch_size=64)
+    assert float(_cos(batched, alone).min()) >= 0.99999
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
     perm = list(range(len(texts)))
     random.Random(5).shuffle(perm)
-    np.testing.assert_array_equal(int8.embed([texts[i] for i in perm], batch_size=7), alone[perm])
+    assert float(_cos(int8.embed([texts[i] for i in perm], batch_size=7), alone[perm]).min()) >= 0.99999
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_padding_does_not_change_a_vector(precision, model_dir, reference):
+    """A short text batched with a long one is padded to the long one's length (dynamic padding);
+    the padded positions must not move its vector."""
+    emb = Embedder(model_dir, precision=precision, threads=2)
+    long_text = _long_text(150)
+    shorts = reference[0][:12] + ["x", ""]
+    alone = emb.embed(shorts, batch_size=1)
+    padded = np.stack([emb.embed([t, long_text], batch_size=2)[0] for t in shorts])
+    assert float(_cos(padded, alone).min()) >= 0.99999
+    assert len(emb.tokenize([long_text])[0]) > 4 * max(len(ids) for ids in emb.tokenize(shorts))
 
 
 def test_progress_reports_every_text(int8):

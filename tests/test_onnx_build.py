@@ -93,12 +93,53 @@ def test_graph_has_dynamic_batch_and_sequence(built):
     assert {"LayerNormalization", "Erf", "Softmax"} <= ops
 
 
+def test_int8_graph_quantises_per_row(built):
+    """No per-call (per-tensor dynamic) activation quantisation: every integer GEMM takes codes made
+    by a per-axis QuantizeLinear, and Q, K, V share one GEMM per layer."""
+    import onnx
+
+    out, manifest = built
+    model = onnx.load(str(out / manifest["onnx"]["int8"]))
+    ops = [n.op_type for n in model.graph.node]
+    assert "DynamicQuantizeLinear" not in ops and "MatMul" in ops  # attention products stay fp32
+    assert ops.count("MatMulInteger") == 4 * manifest["layers"]
+    quantizers = {n.output[0]: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    for node in model.graph.node:
+        if node.op_type == "MatMulInteger":
+            q = quantizers[node.input[0]]
+            assert {a.name: a.i for a in q.attribute} == {"axis": 0}
+    weights = {i.name: i for i in model.graph.initializer}
+    assert weights["l0_qkv.weight_int8"].dims == [384, 3 * 384] and weights["l0_qkv.weight_int8"].data_type == onnx.TensorProto.INT8
+    assert manifest["int8_scales"] == {"activations": "per-row", "weights": "per-column"}
+
+
+def test_int8_rows_are_independent_in_the_raw_graph(built):
+    """Straight through onnxruntime: a sequence padded inside a batch gives the same pooled vector
+    (and token rows) as alone."""
+    import onnxruntime as ort
+
+    out, manifest = built
+    sess = ort.InferenceSession(str(out / manifest["onnx"]["int8"]), providers=["CPUExecutionProvider"])
+    short = [101, 2307, 2058, 1037, 2314, 102]
+    long = [101] + [2000 + i for i in range(40)] + [102]
+    ids = np.zeros((2, len(long)), np.int64)
+    ids[0, : len(short)], ids[1] = short, long
+    mask = (ids != 0).astype(np.int64)
+    tok_b, pooled_b = sess.run(None, {"input_ids": ids, "attention_mask": mask})
+    alone = np.array([short], np.int64)
+    tok_a, pooled_a = sess.run(None, {"input_ids": alone, "attention_mask": np.ones_like(alone)})
+    np.testing.assert_allclose(pooled_b[0], pooled_a[0], atol=1e-5)
+    np.testing.assert_allclose(tok_b[0, : len(short)], tok_a[0], atol=1e-4)
+
+
 def test_built_model_matches_reference(built, reference):
     from edge_t2t.embedder import Embedder
 
     texts, ref = reference[0][:20], reference[1][:20]
     vecs = Embedder(built[0], precision="fp32", threads=2).embed(texts)
     assert float((vecs * ref).sum(1).min()) >= 0.9999
+    vecs = Embedder(built[0], precision="int8", threads=2).embed(texts)
+    assert float((vecs * ref).sum(1).min()) >= 0.97
 
 
 def test_second_build_is_skipped_and_force_check(built, source, capsys):
