@@ -4,7 +4,9 @@ On up to 2,000 distinct RSICD validation captions, each engine in its own subpro
 is per engine), all with the same thread count:
   - sentences/s embedding all texts at batch 64 (after a warm-up batch),
   - single-sentence latency p50/p99 over 200 one-text calls,
-  - peak RSS of the worker process.
+  - peak RSS of the worker process,
+  - for the ONNX engines, batch invariance: the minimum cosine between a text embedded alone and
+    the same text batched (and padded to the longest text), issue 9's goal being >= 0.99999.
 Engines run round-robin for --rounds rounds; the best round per figure is reported. Ratios are
 to sentence-transformers in the same run.
 
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common, also 
 
 from _common import ROOT, peak_rss_mib, percentile_ms, write_results  # noqa: E402
 
-DEFAULT_TORCH_PYTHON = "/tmp/refvenv/bin/python"
+DEFAULT_TORCH_PYTHON = "/tmp/refvenv/bin/python"  # see bench/make_reference.py
 ENGINES = ("sentence-transformers", "onnx-fp32", "onnx-int8")
 
 
@@ -72,6 +74,30 @@ def _measure(embed_batch, embed_one, texts: list[str], queries: list[str], batch
     }
 
 
+def batch_invariance(emb, texts: list[str], batch_size: int, n: int = 300) -> dict:
+    """How far a text's vector moves between alone and batched (issue 9: bitwise or cos >= 0.99999).
+
+    'batch': the first n texts embedded one per call against the same texts through embed() at
+    batch_size. 'padded': n/3 texts each batched with the longest text, so they are padded to its length.
+    """
+    import numpy as np
+
+    sample = texts[:n]
+    alone = np.stack([emb.embed([t])[0] for t in sample])
+    batched = emb.embed(sample, batch_size=batch_size)
+    longest = max(texts, key=lambda t: len(emb.tokenize([t])[0]))
+    few = sample[: n // 3]
+    padded = np.stack([emb.embed([t, longest], batch_size=2)[0] for t in few])
+    return {
+        "texts": len(sample),
+        "batch_min_cos": float((alone * batched).sum(1).min()),
+        "batch_bitwise_share": float(np.mean(np.all(alone == batched, axis=1))),
+        "padded_texts": len(few),
+        "padded_to_tokens": len(emb.tokenize([longest])[0]),
+        "padded_min_cos": float((alone[: len(few)] * padded).sum(1).min()),
+    }
+
+
 def worker(engine: str, texts_file: Path, threads: int, batch_size: int, model_dir: str) -> dict:
     payload = json.loads(texts_file.read_text(encoding="utf-8"))
     texts, queries = payload["texts"], payload["queries"]
@@ -107,6 +133,7 @@ def worker(engine: str, texts_file: Path, threads: int, batch_size: int, model_d
             batch_size,
         )
         result["versions"] = {"onnxruntime": onnxruntime.__version__}
+        result["invariance"] = batch_invariance(emb, texts, batch_size)
     result["peak_rss_mib"] = round(peak_rss_mib(), 1)
     result["threads"] = threads
     return result
@@ -200,18 +227,25 @@ def main() -> None:
             r["rss_vs_st"] = round(r["peak_rss_mib"] / base["peak_rss_mib"], 2)
 
     rows = ["| engine | sent/s (batch 64) | x ST | sent/CPU-s | x ST | p50 ms | p99 ms | p50 speed-up x ST "
-            "| peak RSS MiB | RSS x ST |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| peak RSS MiB | RSS x ST | min cos alone vs batch | min cos alone vs padded |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
+        inv = r.get("invariance")
+        inv_cells = (f"{min(x['invariance']['batch_min_cos'] for x in r['rounds']):.7f} | "
+                     f"{min(x['invariance']['padded_min_cos'] for x in r['rounds']):.7f}") if inv else "- | -"
         rows.append(f"| {name} | {r['sentences_per_s']:.1f} | {r.get('throughput_vs_st', '-')} | "
                     f"{r['sentences_per_cpu_s']:.1f} | {r.get('cpu_throughput_vs_st', '-')} | "
                     f"{r['latency_p50_ms']:.2f} | {r['latency_p99_ms']:.2f} | {r.get('p50_speedup_vs_st', '-')} | "
-                    f"{r['peak_rss_mib']:.0f} | {r.get('rss_vs_st', '-')} |")
+                    f"{r['peak_rss_mib']:.0f} | {r.get('rss_vs_st', '-')} | {inv_cells} |")
     note = (f"\n\n{len(texts)} distinct RSICD validation captions, {len(queries)} single-sentence queries, "
             f"{args.threads} threads per engine, each engine in its own process, {args.rounds} rounds "
             "round-robin, best round per figure (all rounds in the JSON). "
             "x ST = ratio to sentence-transformers (torch, CPU) in the same run. "
-            "sent/CPU-s = sentences per CPU-second of the engine's process.")
+            "sent/CPU-s = sentences per CPU-second of the engine's process. "
+            "min cos: the first 300 texts embedded one per call against the same texts in batches of "
+            f"{args.batch_size}, and 100 of them each batched with the longest text (padded); worst "
+            "round. The machine was shared with other work while this ran: ratios within the run are "
+            "the meaningful figures.")
     write_results("embed_throughput", {
         "texts": len(texts), "queries": len(queries), "threads": args.threads, "batch_size": args.batch_size,
         "rounds": args.rounds, "load_average_at_end": list(os.getloadavg()),
