@@ -243,3 +243,41 @@ def test_real_size_model_is_streamed_and_llama_cpp_loads_it(tmp_path):
             llama.token_eos()]
         out = llama.create_completion("storage tanks near a road", max_tokens=4, temperature=0.0)
         assert out["usage"]["completion_tokens"] == 4
+
+
+def _cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "edge_t2t", "models", "build-test-vlm", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_shape_list_json_names_every_shape_with_its_parameters():
+    proc = _cli("--shape", "list", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    by_name = {r["name"]: r for r in rows}
+    assert set(SHAPES) <= set(by_name)
+    for name, shape in SHAPES.items():
+        assert by_name[name]["params"] == testvlm.shape_params(shape)["total"]
+        assert by_name[name]["source"] == shape.model_card
+    assert 0.25e9 <= by_name["smolvlm-256m"]["params"] <= 0.5e9
+    assert 1e9 <= by_name["nanollava-1.5"]["params"] <= 2e9
+    assert 3e9 <= by_name["qwen2.5-vl-3b"]["params"] <= 4.5e9
+    text = _cli("--shape", "list")
+    assert "llava-1.5-7b" in text.stdout and "liuhaotian/llava-v1.5-7b" in text.stdout
+
+
+def test_cli_builds_a_shape_and_refuses_bad_input(tmp_path):
+    proc = _cli("--shape", "tiny-moondream2", "--precision", "Q8_0", "--out", str(tmp_path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads(proc.stdout)
+    assert manifest["models"] == {"Q8_0": "tiny-moondream2.Q8_0.gguf"} and manifest["test_model"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "manifest.json", "tiny-moondream2-mmproj.F16.gguf", "tiny-moondream2.Q8_0.gguf"]
+    bad = _cli("--shape", "llava-99b", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "unknown shape 'llava-99b'" in bad.stderr and len(bad.stderr.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+    tiny = _cli("--precision", "F16", "--out", str(tmp_path / "y"))
+    assert tiny.returncode == 2 and "--precision applies to --shape" in tiny.stderr
