@@ -79,10 +79,20 @@ class GGUFInfo:
 
     @property
     def image_tokens_hint(self) -> int | None:
-        """Tokens one image costs at the base resolution (tiling models use more)."""
-        if self.image_size and self.patch_size:
-            return (self.image_size // self.patch_size) ** 2
-        return None
+        """Tokens one image costs at the base resolution (tiling models use more), after the
+        projector's merging as clip_n_output_tokens counts it: Gemma 3 at 896 px is 256, not 4096."""
+        if not (self.image_size and self.patch_size):
+            return None
+        n = (self.image_size // self.patch_size) ** 2
+        proj = self.projector_type or ""
+        if proj == "resampler":
+            return int(self.metadata.get("clip.minicpmv_query_num") or 64)
+        if proj in ("idefics3", "gemma3"):
+            merge = int(self.metadata.get("clip.vision.projector.scale_factor") or (4 if proj == "gemma3" else 1))
+            return n // (merge * merge)
+        if proj in ("qwen2vl_merger", "qwen2.5vl_merger"):
+            return n // 4
+        return n
 
 
 # GGUF value types (gguf.GGUFValueType) -> struct format; 8 = string, 9 = array

@@ -178,6 +178,7 @@ def test_shape_build_writes_one_model_per_precision_and_an_mmproj(tiny_shape):
     model, mmproj = check_pair(out / names["F16"], out / names["mmproj"])
     assert mmproj.kind == "mmproj" and mmproj.projector_type == "qwen2.5vl_merger" and mmproj.is_test_model
     assert mmproj.projection_dim == model.embedding_length
+    assert mmproj.image_tokens_hint == (112 // 14) ** 2 // 4  # after the 2x2 merger, as clip.cpp counts
     assert manifest["params"]["total"] == testvlm.shape_params(get_shape("tiny-qwen2.5-vl"))["total"]
     assert json.loads((out / testvlm.MANIFEST).read_text())["files"] == manifest["files"]
 
