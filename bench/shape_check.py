@@ -32,7 +32,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def run_child(model: str, mmproj: str, max_tokens: int, threads: int) -> dict:
-    """In a fresh process: load the pair, caption one image for max_tokens tokens."""
+    """In a fresh process: load the pair (llama.cpp model + libmtmd projector, whose loaders refuse
+    a missing, extra or mis-shaped tensor), then decode max_tokens tokens of text. With a negative
+    max_tokens, caption one RSICD image for that many tokens instead (minutes per image on a busy
+    2-core machine at these sizes: SmolVLM's 2048-px tiling alone is 17 ViT passes)."""
     import io
 
     from PIL import Image
@@ -42,19 +45,42 @@ def run_child(model: str, mmproj: str, max_tokens: int, threads: int) -> dict:
 
     buf = io.BytesIO()
     Image.open(config.shared_data_dir() / "rsicd" / "samples" / "airport_17.jpg").convert("RGB").save(buf, "PNG")
+    image = max_tokens < 0
     t0 = time.perf_counter()
     with VLM(VLMConfig(Path(model), Path(mmproj), n_threads=threads)) as vlm:
         loaded = time.perf_counter()
-        text = vlm.generate(buf.getvalue(), prompts.build_prompt(1).text, json_schema=prompts.schema(1),
-                            max_tokens=max_tokens)
+        if max_tokens < 0:
+            max_tokens = -max_tokens
+            text = vlm.generate(buf.getvalue(), prompts.build_prompt(1).text, json_schema=prompts.schema(1),
+                                max_tokens=max_tokens)
+        else:
+            out = vlm._llama.create_completion("Storage tanks beside a road, north of a river:",
+                                               max_tokens=max_tokens, temperature=0.0)
+            text = out["choices"][0]["text"]
+            assert out["usage"]["completion_tokens"] == max_tokens, out["usage"]
         done = time.perf_counter()
         family, n_ctx = vlm.family, vlm.n_ctx
     return {"family": family, "n_ctx": n_ctx, "load_s": round(loaded - t0, 2),
-            "caption_s": round(done - loaded, 2), "max_tokens": max_tokens, "output_head": text[:80],
+            "run_s": round(done - loaded, 2), "max_tokens": max_tokens, "image": image, "output_head": text[:80],
             "peak_rss_mib": round(peak_rss_mib(), 1)}
 
 
-def check_shape(name: str, work: Path, threads: int, keep: bool) -> dict:
+def reduced_depth(name: str, layers: int) -> str:
+    """Register NAME with every width real but only `layers` text and vision blocks: what proves a
+    3-8B shape loads (embedding, head, attention and FFN widths, vocabulary, image size, projector)
+    without writing 7-16 GB on a shared machine. Depth only repeats blocks the loader has checked."""
+    from dataclasses import replace
+
+    from edge_t2t.vlm_shapes import SHAPES
+
+    shape = SHAPES[name]
+    short = f"{name}@{layers}L"
+    SHAPES[short] = replace(shape, name=short, text=replace(shape.text, n_layer=layers),
+                            vision=replace(shape.vision, n_layer=layers + (1 if shape.vision.projector == "mlp" else 0)))
+    return short
+
+
+def check_shape(name: str, work: Path, threads: int, keep: bool, image_tokens: int) -> dict:
     from edge_t2t import testvlm
     from edge_t2t.vlm_shapes import get_shape
 
@@ -68,9 +94,8 @@ def check_shape(name: str, work: Path, threads: int, keep: bool) -> dict:
         return {**row, "ok": False, "error": f"build: {type(exc).__name__}: {exc}"}
     row["build_f16_s"] = round(time.perf_counter() - t0, 1)
     row["files_mib"] = {k: round(v["size"] / 2**20, 1) for k, v in manifest["files"].items()}
-    big = row["params"]["total"] > 2.5e9
     cmd = [sys.executable, __file__, "--child", str(out / manifest["models"]["F16"]), str(out / manifest["mmproj"]),
-           str(1 if big else 8), str(threads)]
+           str(-image_tokens if image_tokens else 8), str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
@@ -82,12 +107,20 @@ def check_shape(name: str, work: Path, threads: int, keep: bool) -> dict:
 
 
 def time_cli_build(name: str, work: Path) -> dict:
+    """Wall time and CPU time of `edge-t2t models build-test-vlm --shape NAME` (all precisions). On a
+    shared machine the CPU time is the steadier figure: a dedicated 2-core laptop needs about that
+    (the writer is one thread; the quantizer uses both cores)."""
+    import resource
+
     out = work / f"cli-{name}"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "edge_t2t", "models", "build-test-vlm", "--shape", name,
                            "--out", str(out), "--json"], capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
-    row = {"shape": name, "wall_s": round(wall, 1), "ok": proc.returncode == 0}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    row = {"shape": name, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "ok": proc.returncode == 0}
     if proc.returncode == 0:
         m = json.loads(proc.stdout)
         row.update(stages_s=m["seconds"], files_mib={k: round(v["size"] / 2**20, 1) for k, v in m["files"].items()})
@@ -103,7 +136,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), help="shapes to check (default: all)")
     ap.add_argument("--build-time", nargs="*", default=[], metavar="NAME", help="shapes whose full CLI build is timed")
+    ap.add_argument("--reduce-depth", nargs="*", default=[], metavar="NAME",
+                    help="also check these shapes at full width but 2 layers (see reduced_depth)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--image-tokens", type=int, default=0, metavar="N",
+                    help="caption an RSICD image for N tokens instead of decoding 8 tokens of text")
     ap.add_argument("--work", type=Path, help="where the models are written (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the built files")
     ap.add_argument("--name", default="shape_check", help="results file name")
@@ -114,25 +151,27 @@ def main() -> int:
         builds.append(time_cli_build(name, work))
         print(json.dumps(builds[-1]), flush=True)
     rows = []
-    for name in args.shapes:
-        rows.append(check_shape(name, work, args.threads, args.keep))
+    for name in [*args.shapes, *(reduced_depth(n, 2) for n in args.reduce_depth)]:
+        rows.append(check_shape(name, work, args.threads, args.keep, args.image_tokens))
         print(json.dumps(rows[-1]), flush=True)
     if not args.keep and args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 
-    md = ["| shape | params | F16 text + mmproj | build F16 | loads and runs | load | caption (max tokens) | peak RSS |",
+    md = ["| shape | params | F16 text + mmproj | build F16 | loads and runs | load | run (tokens) | peak RSS |",
           "|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         files = sum((r.get("files_mib") or {}).values())
         run = "yes" if r["ok"] else f"**no**: {r['error'][:120]}"
         md.append(f"| {r['shape']} | {r['params']['total'] / 1e9:.2f}B | {files / 1024:.2f} GiB | "
                   f"{r.get('build_f16_s', '-')} s | {run} | {r.get('load_s', '-')} s | "
-                  f"{r.get('caption_s', '-')} s ({r.get('max_tokens', '-')}) | {r.get('peak_rss_mib', '-')} MiB |")
+                  f"{r.get('run_s', '-')} s ({r.get('max_tokens', '-')}{' + image' if r.get('image') else ''}) | "
+                  f"{r.get('peak_rss_mib', '-')} MiB |")
     if builds:
-        md += ["", "| full CLI build (F16 + Q8_0 + Q4_K_M) | wall | stages |", "|---|---:|---|"]
+        md += ["", "| full CLI build (F16 + Q8_0 + Q4_K_M) | wall | CPU | stages (wall) |", "|---|---:|---:|---|"]
         for b in builds:
-            md.append(f"| {b['shape']} | {b['wall_s']} s | {b.get('stages_s', b.get('error'))} |")
-    md += ["", "Random weights: the captions are meaningless; these rows say the pinned llama.cpp accepts and runs "
+            md.append(f"| {b['shape']} | {b['wall_s']} s | {b.get('cpu_s', '-')} s | {b.get('stages_s', b.get('error'))} |")
+    md += ["", "`NAME@2L`: every width of the real model, 2 text and 2 vision blocks (see `reduced_depth`).",
+           "", "Random weights: the output is meaningless; these rows say the pinned llama.cpp accepts and runs "
            "each shape, and what building it costs. The machine was shared with other work while this ran."]
     write_results(args.name, {"threads": args.threads, "shapes": rows, "cli_builds": builds}, "\n".join(md) + "\n")
     print("\n".join(md))
