@@ -630,11 +630,11 @@ def _write_tensor(fout, spec: TensorSpec, seed: int) -> None:
         (chunk.astype(np.float32) if spec.f32 else chunk).tofile(fout)
 
 
-def _stream_gguf(path: Path, writer: Any, plan: list[TensorSpec], seed: int, progress=None) -> None:
-    """Declare every tensor, write header and metadata, then each tensor's data in turn. Atomic."""
+def _stream_gguf(writer: Any, tmp: Path, path: Path, plan: list[TensorSpec], seed: int, progress=None) -> None:
+    """Declare every tensor, write header and metadata, then each tensor's data in turn into tmp
+    (the writer's file); replace path with it at the end."""
     import numpy as np
 
-    tmp = Path(writer.path) if getattr(writer, "path", None) else None
     for spec in plan:
         dtype = np.float32 if spec.f32 or spec.init != "rand" else np.float16
         writer.add_tensor_info(spec.name, spec.shape, np.dtype(dtype), spec.nbytes)
@@ -656,8 +656,7 @@ def _stream_gguf(path: Path, writer: Any, plan: list[TensorSpec], seed: int, pro
         os.replace(tmp, path)
     except BaseException:
         writer.close()
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -669,7 +668,6 @@ def write_shape_text_model(path: Path, shape, seed: int = 0, progress=None) -> P
     tokens, scores, types, eos_id = build_full_vocab(t.n_vocab, shape.specials, shape.eos)
     tmp = _tmp_path(path)
     w = _test_model_writer(tmp, t.arch, f"edge-t2t TEST MODEL {shape.name} (random weights, seed {seed})", seed)
-    w.path = tmp
     w.add_string("edge_t2t.shape", shape.name)
     w.add_string("edge_t2t.shape_source", shape.model_card)
     w.add_string("edge_t2t.family", shape.family)  # vlm.infer_family reads it for test models
@@ -708,7 +706,7 @@ def write_shape_text_model(path: Path, shape, seed: int = 0, progress=None) -> P
     w.add_add_eos_token(False)
     w.add_chat_template(shape.chat_template)
     assert reserved_tokens(shape) == sum(1 for k in types if k != int(gguf.TokenType.NORMAL))
-    _stream_gguf(path, w, text_tensor_plan(t, reserved_tokens(shape)), seed, progress)
+    _stream_gguf(w, tmp, path, text_tensor_plan(t, reserved_tokens(shape)), seed, progress)
     return path
 
 
@@ -717,7 +715,6 @@ def write_shape_mmproj(path: Path, shape, seed: int = 0, progress=None) -> Path:
     v = shape.vision
     tmp = _tmp_path(path)
     w = _test_model_writer(tmp, "clip", f"edge-t2t TEST MODEL {shape.name} mmproj (random weights, seed {seed})", seed)
-    w.path = tmp
     w.add_string("edge_t2t.shape", shape.name)
     w.add_bool("clip.has_vision_encoder", True)
     w.add_bool("clip.has_text_encoder", False)
@@ -750,7 +747,7 @@ def write_shape_mmproj(path: Path, shape, seed: int = 0, progress=None) -> Path:
     if v.pinpoints:
         w.add_array("clip.vision.image_grid_pinpoints", list(v.pinpoints))
         w.add_string("clip.vision.mm_patch_merge_type", "spatial_unpad")
-    _stream_gguf(path, w, vision_tensor_plan(v, shape.text.n_embd), seed, progress)
+    _stream_gguf(w, tmp, path, vision_tensor_plan(v, shape.text.n_embd), seed, progress)
     return path
 
 
