@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import vindex
-from .indexdir import IndexDir
 from .errors import InputError, StoreError
 from .fileio import sha256_file
+from .indexdir import IndexDir
 from .records import CaptionRecord
 from .search import variant_texts
 from .store import MODEL_FILE_COLUMNS, NewText, Store
@@ -317,6 +317,11 @@ class Indexer:
             except KeyboardInterrupt:
                 summary.interrupted = True
                 status = "interrupted"
+                if ix.writer is not None:
+                    try:  # save what the finished batches added (else the next run does it)
+                        self._checkpoint(ix, summary, force=True)
+                    except KeyboardInterrupt:
+                        pass
             except (OSError, sqlite3.OperationalError) as exc:
                 if not _out_of_space(exc):
                     raise

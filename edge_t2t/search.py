@@ -19,8 +19,8 @@ import numpy as np
 
 from . import vindex
 from .errors import StoreError
-from .records import Variant
 from .indexdir import IndexDir, SearchVectors
+from .records import Variant
 from .store import Store
 
 DEFAULT_MODE = "rescore"

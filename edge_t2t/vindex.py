@@ -344,7 +344,7 @@ class VectorWriter:
         ext = "f32" if dtype == "f32" else "f16"
         self.exact_name = m.get("exact") or f"exact.{self.epoch}.{ext}"
         self.n_rows = int(m.get("n_rows", 0))
-        self.max_key = int(m.get("max_key", 0))
+        self.max_key = int(m.get("max_key", -1))  # keys are SQLite rowids (>= 1); quantcost uses 0..n-1
         self.deletions_seen = int(m.get("deletions_seen", 0))
         self.base_name = m.get("base")
         self.base_count = int(m.get("base_count", 0))
