@@ -41,9 +41,10 @@ class SearchVectors:
     def __init__(self, snapshot: vindex.Snapshot | None, lag: tuple[np.ndarray, np.ndarray, np.ndarray]):
         self.snapshot = snapshot
         self.lag_keys, self.lag_image_ids, self.lag_vectors = lag
+        self.count = (len(snapshot) if snapshot is not None else 0) + len(self.lag_keys)
 
     def __len__(self) -> int:
-        return (len(self.snapshot) if self.snapshot is not None else 0) + len(self.lag_keys)
+        return self.count
 
     @property
     def lag(self) -> int:

@@ -281,8 +281,9 @@ class Indexer:
         return pending, touched, moves, copies, removals
 
     def _plan_records(self, store: Store, records: list[CaptionRecord], summary: IndexSummary) -> list[_Pending]:
-        """Captions-only import: names are kept as given; re-import only when the text changed."""
-        stored = store.images()
+        """Captions-only import: names are kept as given; re-import only when the text changed. Only
+        the names in the file are looked up, so adding 200 records to a large index reads 200 rows."""
+        stored = store.images_named([rec.image for rec in records])
         pending = []
         seen = set()
         for rec in records:

@@ -161,6 +161,9 @@ def migrate(conn: sqlite3.Connection, migrations: list[Migration] = MIGRATIONS) 
     return len(migrations)
 
 
+_IMAGE_COLUMNS = "id, path, size, mtime_ns, sha256, width, height, status, error, source, desc_hash"
+
+
 @dataclass
 class ImageRow:
     id: int
@@ -275,16 +278,30 @@ class Store:
     # -- images -------------------------------------------------------------------------------
     def images(self) -> dict[str, ImageRow]:
         rows = self.conn.execute(
-            "SELECT id, path, size, mtime_ns, sha256, width, height, status, error, source, desc_hash FROM images"
+            f"SELECT {_IMAGE_COLUMNS} FROM images"
         )
         return {r[1]: ImageRow(*r) for r in rows}
+
+    def images_named(self, paths: Iterable[str]) -> dict[str, ImageRow]:
+        """The stored images among `paths` (by the unique path index)."""
+        paths = list(dict.fromkeys(paths))
+        out: dict[str, ImageRow] = {}
+        for i in range(0, len(paths), 500):  # stay under SQLite's bound-parameter limit
+            chunk = paths[i : i + 500]
+            for r in self.conn.execute(
+                f"SELECT {_IMAGE_COLUMNS} FROM images "
+                f"WHERE path IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ):
+                out[r[1]] = ImageRow(*r)
+        return out
 
     def ok_image_with_sha(self, sha256: str, exclude_ids: Iterable[int] = ()) -> ImageRow | None:
         if not sha256:
             return None
         skip = set(exclude_ids)
         for r in self.conn.execute(
-            "SELECT id, path, size, mtime_ns, sha256, width, height, status, error, source, desc_hash FROM images "
+            f"SELECT {_IMAGE_COLUMNS} FROM images "
             "WHERE sha256 = ? AND status = 'ok' ORDER BY id",
             (sha256,),
         ):

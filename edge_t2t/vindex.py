@@ -22,10 +22,10 @@ A crash at any point leaves the old or the new manifest. Bytes appended past the
 count are cut off by the next writer; files no manifest names are deleted by the next save (the
 previous generation's files are kept, for readers that opened it a moment earlier).
 
-Each save costs O(rows added + tail + removed keys), not O(N). The tail is merged into the base
-(O(N): the base graph is loaded, the tail's vectors inserted, the base saved) when it grows past a
-quarter of the base, so the merges cost O(1) amortised per vector; the removed keys are compacted
-away (a full rebuild from SQLite) when they pass a tenth of the rows.
+Each save costs O(rows added + tail + removed keys), not O(N): the tail holds at most TAIL_MAX
+keys. Past that it is merged into the base (the base graph is loaded, the tail's vectors inserted,
+the base saved: O(N) bytes moved once per TAIL_MAX texts); the removed keys are compacted away (a
+full rebuild from SQLite) when they pass a tenth of the rows.
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ MODES = ("hnsw", "rescore", "exact")
 # Scoring uses np.einsum, not `@`: on a small shared machine OpenBLAS's threads spin against
 # each other and a 2k x 384 matrix-vector product took 15 ms instead of 0.3 ms.
 CACHE_F32_ELEMENTS = 64_000_000  # keep a float32 copy for exact mode up to 256 MB
-# The tail graph is merged into the base once it holds more than this many keys and more than a
-# quarter of the base: each merge then pays for at least a quarter of the base's growth.
-TAIL_MIN = 20_000
-TAIL_FRACTION = 0.25
+# The tail graph is merged into the base once it holds more than this many keys. Each save rewrites
+# the tail, so this bounds a save's cost; each merge loads and rewrites the base (O(N) bytes, but
+# once per TAIL_MAX texts: ~10 KB written per text at 1M texts, small beside inserting it).
+TAIL_MAX = 50_000
 # Dead rows are compacted away (full rebuild) past this many and a tenth of all rows.
 DEAD_MIN = 10_000
 DEAD_FRACTION = 0.10
@@ -208,6 +208,7 @@ class Snapshot:
                 if view is None:
                     raise StoreError(f"{self.dir / name} is unreadable: run 'edge-t2t verify --repair --index {self.dir}'")
                 self.graphs.append(view)
+        self.graph_sizes = [len(g) for g in self.graphs]  # usearch's len() is not free: once per open
         self._f32: np.ndarray | None = None
         self._live: np.ndarray | None = None
 
@@ -267,10 +268,11 @@ class Snapshot:
         # Dead keys still sit in the graphs: fetch that many more so k live ones remain.
         fetch = (min(n, k * oversample) if mode == "rescore" else k) + len(self.dead)
         per_graph = []
-        for g in self.graphs:
-            if not len(g):
+        codes = graph_input(q, self.dtype)
+        for g, size in zip(self.graphs, self.graph_sizes, strict=True):
+            if not size:
                 continue
-            m = g.search(graph_input(q, self.dtype), min(fetch, len(g)))
+            m = g.search(codes, min(fetch, size))
             keys = np.atleast_2d(np.asarray(m.keys))  # a one-row query comes back 1-D
             dists = np.atleast_2d(np.asarray(m.distances))
             counts = np.atleast_1d(np.asarray(getattr(m, "counts", keys.shape[1])))
@@ -421,7 +423,7 @@ class VectorWriter:
         return len(self.dead) > max(DEAD_MIN, DEAD_FRACTION * self.n_rows)
 
     def needs_merge(self) -> bool:
-        return len(self.tail) > max(TAIL_MIN, TAIL_FRACTION * self.base_count)
+        return len(self.tail) > TAIL_MAX
 
     def merge_tail(self, tail_rows: tuple[np.ndarray, np.ndarray]) -> None:
         """Insert the tail's vectors (keys, float32 vectors; from SQLite) into the base graph."""

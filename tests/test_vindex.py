@@ -171,7 +171,7 @@ def test_a_failed_save_leaves_the_previous_generation(tmp_path, monkeypatch):
 def test_tail_merges_into_base_and_dead_rows_compact(tmp_path, monkeypatch):
     from edge_t2t.indexdir import IndexDir
 
-    monkeypatch.setattr(vindex, "TAIL_MIN", 8)
+    monkeypatch.setattr(vindex, "TAIL_MAX", 8)
     monkeypatch.setattr(vindex, "DEAD_MIN", 6)
     vecs, groups = clustered(10, 4)
     st = fill_store(tmp_path, vecs[:8], groups[:8])
@@ -183,7 +183,7 @@ def test_tail_merges_into_base_and_dead_rows_compact(tmp_path, monkeypatch):
         with ix.store.transaction():
             image = ix.store.put_image("/img/new.jpg")
             ix.store.add_texts(image, [NewText(i, "joined", Variant(f"n{i}"), f"n{i}", v) for i, v in enumerate(vecs[8:])])
-        ix.checkpoint(force=True)  # 32 tail rows > max(8, 8/4): merged into a new base
+        ix.checkpoint(force=True)  # 32 tail rows > 8: merged into a new base
         m = vindex.read_manifest(tmp_path)
         assert m["base"] != base0 and m["tail"] is None and m["base_count"] == 40
         with ix.store.transaction():
