@@ -1,8 +1,8 @@
 """The index's store of record: one SQLite file (`store.sqlite`) inside the index directory.
 
 It holds every image, every embedded variant text and its vector (float32 blob), the embedder's
-identity and the run history. The usearch file beside it is a cache of the vectors that can always
-be rebuilt from here (see vindex.py): vectors live in SQLite because re-embedding would need the
+identity and the run history. The vector snapshot beside it is a cache of the vectors that can always
+be rebuilt from here (see vindex.py, indexdir.py): vectors live in SQLite because re-embedding would need the
 embedder at rebuild time and could not be verified, while 1.5 KiB per text is cheap.
 
 Writes happen in explicit transactions, one per batch of images, so a Ctrl-C or SIGKILL leaves

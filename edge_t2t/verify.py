@@ -7,22 +7,25 @@ What is checked, in order (each check fills one entry of `VerifyReport.checks`):
 - variants: every embedded text has exactly one vector of the stored dimension, finite and
   L2-normalised (a torn or foreign blob fails that); every 'ok' image has texts, every 'failed'
   image has none.
-- vectors: the usearch graph, keys.npy and exact.npy against SQLite: count, keys, dimension, dtype,
-  the image of each key, and the vectors themselves.
+- vectors: the vector snapshot (manifest.json and the files it names) against SQLite: dimension,
+  dtype and store, file lengths, every key the snapshot should hold and no key it should not, the
+  image of each key, the exact vectors and the graphs' vectors themselves.
 - models: the embedder files recorded in the store's manifest still have their sha256, and so do
   the VLM GGUFs (model and mmproj) that the descriptions table records for the indexed images
   (schema v2; imported captions record none).
 - lock and runs: a leftover index.lock, a run that never finished (a kill).
 
-Problems vs warnings. The vector files are a cache derived from SQLite, written after each commit
-(temp file + os.replace). A kill between a commit and the next save therefore leaves files that
-lag SQLite, or whose three files disagree in count: that state is expected, `search` and `index`
-rebuild it on open, so it is a *warning* ("stale", fix: --repair). What no crash can produce is a
-problem: a corrupt SQLite file, a wrong schema, a bad vector blob, a vector file that cannot be
-read (writes are atomic, so a torn file means disk damage or tampering), a graph of another
-dimension or dtype than the store says, a key whose vector or image differs from SQLite's (keys
-are never reused), or a model file whose sha256 changed. A missing model file is a warning: the
-index stays searchable as long as the embedder is present somewhere.
+Problems vs warnings. The vector snapshot is a cache derived from SQLite, saved as numbered
+generations whose manifest is replaced last (vindex.py). An index run saves it at most every 60 s
+and a kill skips the save, so a snapshot that lags SQLite (newer texts past its last key, texts
+deleted since, as the deletion log says) is expected: searches read the newer rows by key, the next
+`index` run catches up, so it is a *warning* ("stale", fix: --repair). What no crash can produce
+is a problem: a corrupt SQLite file, a wrong schema, a bad vector blob, a snapshot file that is
+missing, short or unreadable (each is fsync'd before the manifest names it), a snapshot of another
+dimension, dtype or index, a key at or below the snapshot's last key that it lacks, a key SQLite
+neither holds nor logged as deleted, a key whose vector or image differs from SQLite's (keys are
+never reused), or a model file whose sha256 changed. A missing model file is a warning: the index
+stays searchable as long as the embedder is present somewhere.
 """
 
 from __future__ import annotations

@@ -385,3 +385,34 @@ def test_vlm_files_recorded_by_index_changed_or_missing(tmp_path: Path, monkeypa
     assert rep.ok, rep.problems
     assert rep.checks["models"]["vlm"]["files"][str(mmproj.resolve())] == "missing"
     assert [w for w in rep.warnings if str(mmproj.resolve()) in w and "missing" in w]
+
+
+def test_texts_deleted_since_the_snapshot_are_stale_not_a_problem(tmp_path: Path) -> None:
+    index = _build(tmp_path / "idx")
+    with Store(index) as store, store.transaction():
+        store.remove_images([store.images()["/data/img0.png"].id])  # committed; the snapshot still holds its keys
+    rep = verify_index(index)
+    assert rep.ok, rep.problems
+    assert rep.checks["vectors"]["state"] == "stale" and rep.checks["vectors"]["deleted_since_snapshot"] == 3
+    fixed = verify_index(index, repair=True)
+    assert fixed.ok and fixed.checks["vectors"]["state"] == "match"
+
+
+def test_a_snapshot_of_another_index_or_missing_keys_is_a_problem(tmp_path: Path) -> None:
+    import shutil
+
+    a, b = _build(tmp_path / "a"), _build(tmp_path / "b")
+    for name in vindex.manifest_files(vindex.read_manifest(a)) + [vindex.MANIFEST_FILE]:
+        shutil.copy(a / name, b / name)  # same vectors, but another index's snapshot
+    rep = verify_index(b)
+    assert not rep.ok and any("another index" in p for p in rep.problems)
+    assert verify_index(b, repair=True).ok
+
+    # a key at or below the snapshot's last key that the snapshot lacks: no crash leaves that
+    with Store(a) as store:
+        first = int(store.variant_keys()[0])
+    rows = np.memmap(_file(a, "rows"), dtype=np.int64, mode="r+").reshape(-1, 2)
+    rows[0, 0] = 0  # the file no longer holds key `first`
+    rows.flush()
+    rep = verify_index(a)
+    assert not rep.ok and any(f"keys {first}" in p or f"keys {first}," in p for p in rep.problems), rep.problems
