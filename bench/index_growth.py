@@ -110,20 +110,34 @@ def child(args) -> int:
     return 0
 
 
+# Peak RSS comes from the child's own /proc/self/status VmHWM at exit: ru_maxrss of a child keeps
+# the high-water mark of the address space it was forked from (the bench's, hundreds of MiB).
+_WITH_PEAK = ("import atexit, sys\n"
+              "def _peak():\n"
+              "    hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0].split()[1]\n"
+              "    sys.stderr.write(f'\\nVMHWM_KIB {hwm}\\n')\n"
+              "atexit.register(_peak)\n")
+
+
 def run_measured(argv: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
-    """(wall seconds, peak RSS MiB, result) of one child process, from fork to exit (os.wait4
-    gives that child's own resource usage)."""
+    """(wall seconds, peak RSS MiB, result) of one Python child, from fork to exit. argv is the
+    Python program's own argv (after `python`); CPU seconds come from os.wait4."""
+    code = _WITH_PEAK + "import runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    if argv[0] == "-m":
+        code = _WITH_PEAK + f"import runpy; sys.argv = ['{argv[1]}'] + sys.argv[1:]; runpy.run_module('{argv[1]}', run_name='__main__', alter_sys=True)"
+        argv = argv[2:]
+    full = [sys.executable, "-c", code, *argv]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, text=True, cwd=ROOT)
+        proc = subprocess.Popen(full, stdout=out, stderr=err, text=True, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        res = subprocess.CompletedProcess(argv, proc.returncode, out.read(), err.read())
+        res = subprocess.CompletedProcess(full, os.waitstatus_to_exitcode(status), out.read(), err.read())
         res.cpu_s = usage.ru_utime + usage.ru_stime  # what it would take on an idle machine, roughly
-        return wall, usage.ru_maxrss / 1024, res
+        peak = [ln for ln in res.stderr.splitlines() if ln.startswith("VMHWM_KIB ")]
+        return wall, (int(peak[-1].split()[1]) / 1024 if peak else float("nan")), res
 
 
 def search_in_process(index_dir: Path, emb, n_queries: int) -> dict:
@@ -149,8 +163,7 @@ def search_in_process(index_dir: Path, emb, n_queries: int) -> dict:
 def search_cli(index_dir: Path, repeats: int) -> dict:
     walls, cpus, rss = [], [], 0.0
     for i in range(repeats):
-        argv = [sys.executable, "-m", "edge_t2t", "search", f"a runway near a lake {i}", "--index", str(index_dir),
-                "-k", "10", "--json"]
+        argv = ["-m", "edge_t2t", "search", f"a runway near a lake {i}", "--index", str(index_dir), "-k", "10", "--json"]
         wall, peak, res = run_measured(argv)
         assert res.returncode == 0 and len(res.stdout.splitlines()) == 10, res.stderr[-2000:]
         walls.append(wall)
@@ -260,7 +273,7 @@ def main() -> int:
             add_caps = work / "add.jsonl"
             write_captions(add_caps, next_image, ADD_TEXTS // TEXTS_PER_IMAGE)
             next_image += ADD_TEXTS // TEXTS_PER_IMAGE
-            argv = [sys.executable, str(Path(__file__).resolve()), "--child-add", str(index_dir), str(add_caps),
+            argv = [str(Path(__file__).resolve()), "--child-add", str(index_dir), str(add_caps),
                     "--identity", str(ident_file)]
             wall, rss, res = run_measured(argv)
             assert res.returncode == 0, res.stderr[-3000:]
@@ -272,10 +285,9 @@ def main() -> int:
             seconds, summary = index_run(index_dir, caps, emb)
             merge_s = force_merge(index_dir)
             texts = summary["texts_added"]
-            from edge_t2t.vindex import TAIL_MAX
-
-            # a merge happens once per TAIL_MAX texts: its share for this run's texts
-            amortised = seconds + merge_s * texts / max(TAIL_MAX, texts + ADD_TEXTS)
+            # every text is inserted twice: into the tail, then into the base when the tail is merged
+            # (conservative: the load/save part of a merge is shared by TAIL_MAX texts, not by these)
+            amortised = seconds + merge_s * texts / (texts + ADD_TEXTS)
             row["import"] = {"texts": texts, "seconds": seconds, "texts_per_s": texts / seconds,
                              "stage_seconds": summary["stage_seconds"], "merge_seconds": merge_s,
                              "texts_per_s_with_merge_share": texts / amortised}
