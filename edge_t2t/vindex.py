@@ -253,14 +253,19 @@ class Snapshot:
             self._live = ~np.isin(np.asarray(self.rows[:, 0]), self.dead) if len(self.dead) else np.ones(len(self.rows), bool)
         return self._live
 
-    def _exact_f32(self) -> np.ndarray:
-        """The exact vectors as float32, converted once per open snapshot while that is affordable."""
+    def _scores(self, q: np.ndarray) -> np.ndarray:
+        """(queries, rows) exact cosines. The float32 copy of the exact vectors is kept while it is
+        affordable; past that, rows are converted a chunk at a time so memory stays bounded."""
+        if self._f32 is None and self.exact.size <= CACHE_F32_ELEMENTS:
+            self._f32 = np.asarray(self.exact, dtype=np.float32)
         if self._f32 is not None:
-            return self._f32
-        full = np.asarray(self.exact, dtype=np.float32)
-        if full.size <= CACHE_F32_ELEMENTS:
-            self._f32 = full
-        return full
+            return np.einsum("ij,kj->ki", self._f32, q)
+        out = np.empty((len(q), len(self.exact)), np.float32)
+        step = max(1, CACHE_F32_ELEMENTS // 8 // self.dim)
+        for start in range(0, len(self.exact), step):
+            chunk = np.asarray(self.exact[start : start + step], dtype=np.float32)
+            out[:, start : start + step] = np.einsum("ij,kj->ki", chunk, q)
+        return out
 
     def rows_of(self, keys: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.rows[:, 0], keys)
@@ -283,24 +288,18 @@ class Snapshot:
             return [empty_candidates() for _ in q]
         if mode == "exact":
             return self._search_exact(q, k)
-        # Dead keys still sit in the graphs: fetch that many more so k live ones remain.
-        fetch = (min(n, k * oversample) if mode == "rescore" else k) + len(self.dead)
-        per_graph = []
+        want = min(n, k * oversample) if mode == "rescore" else k
+        # Dead keys still sit in the graphs and are dropped here: fetch more until enough live remain.
+        fetch = want + min(len(self.dead), want)
         codes = graph_input(q, self.dtype)
-        for g, size in zip(self.graphs, self.graph_sizes, strict=True):
-            if not size:
-                continue
-            m = g.search(codes, min(fetch, size))
-            keys = np.atleast_2d(np.asarray(m.keys))  # a one-row query comes back 1-D
-            dists = np.atleast_2d(np.asarray(m.distances))
-            counts = np.atleast_1d(np.asarray(getattr(m, "counts", keys.shape[1])))
-            per_graph.append((keys, dists, counts))
+        while True:
+            found = self._graph_candidates(codes, fetch)
+            enough = all(len(keys) >= want for keys, _ in found)
+            if enough or fetch >= sum(self.graph_sizes):
+                break
+            fetch *= 2
         out = []
-        for i in range(len(q)):
-            keys = np.concatenate([kk[i][: int(c[i])] for kk, _, c in per_graph]).astype(np.int64)
-            dists = np.concatenate([dd[i][: int(c[i])] for _, dd, c in per_graph]).astype(np.float32)
-            alive = ~self.is_dead(keys)
-            keys, dists = keys[alive], dists[alive]
+        for i, (keys, dists) in enumerate(found):
             rows = self.rows_of(keys)
             if mode == "rescore":
                 scores = np.einsum("ij,j->i", np.asarray(self.exact[rows], dtype=np.float32), q[i])
@@ -310,8 +309,27 @@ class Snapshot:
             out.append(Candidates(keys[order], np.asarray(self.rows[rows[order], 1]), scores[order].astype(np.float32)))
         return out
 
+    def _graph_candidates(self, codes: np.ndarray, fetch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query: (live keys, distances) of up to `fetch` nearest per graph."""
+        per_graph = []
+        for g, size in zip(self.graphs, self.graph_sizes, strict=True):
+            if not size:
+                continue
+            m = g.search(codes, min(fetch, size))
+            keys = np.atleast_2d(np.asarray(m.keys))  # a one-row query comes back 1-D
+            dists = np.atleast_2d(np.asarray(m.distances))
+            counts = np.atleast_1d(np.asarray(getattr(m, "counts", keys.shape[1])))
+            per_graph.append((keys, dists, counts))
+        out = []
+        for i in range(len(codes)):
+            keys = np.concatenate([kk[i][: int(c[i])] for kk, _, c in per_graph] or [np.zeros(0)]).astype(np.int64)
+            dists = np.concatenate([dd[i][: int(c[i])] for _, dd, c in per_graph] or [np.zeros(0)]).astype(np.float32)
+            alive = ~self.is_dead(keys)
+            out.append((keys[alive], dists[alive]))
+        return out
+
     def _search_exact(self, q: np.ndarray, k: int) -> list[Candidates]:
-        scores = np.einsum("ij,kj->ki", self._exact_f32(), q)
+        scores = self._scores(q)
         live = self.live_mask()
         if not live.all():
             scores[:, ~live] = -np.inf
