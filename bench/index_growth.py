@@ -312,8 +312,8 @@ def force_merge(index_dir: Path) -> float:
     t0 = time.perf_counter()
     with IndexDir.open_writer(index_dir) as ix:
         w = ix.open_vectors(DIM, "i8")
-        keys, _, vecs = ix.store.vectors_in(w.base_max_key, w.max_key)
-        w.merge_tail((keys, vecs))
+        chunks = ((keys, vecs) for keys, _, vecs in ix.store.iter_vectors(w.base_max_key, w.max_key))
+        w.merge_tail(chunks, len(w.tail))
         w.save()
         ix._record_generation()
     return time.perf_counter() - t0

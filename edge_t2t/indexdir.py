@@ -176,10 +176,11 @@ class IndexDir:
         dim = dim or int(self.store.get_meta("dim", 0) or 0)
         dtype = dtype or self.store.get_meta("dtype", "i8")
         last_deletion = self.store.last_deletion()
-        keys, image_ids, vecs = self.store.vectors_in(0)
+        total = self.store.conn.execute("SELECT COUNT(*) FROM variants").fetchone()[0]
         recorded = int(self.store.get_meta("vector_generation", 0) or 0)
-        self.writer = vindex.build(self.path, keys, image_ids, vecs, dim, dtype, store_id=self.store.store_id(),
-                                   deletions_seen=last_deletion, generation=recorded)
+        self.writer = vindex.build_from(self.path, self.store.iter_vectors(0), total, dim, dtype,
+                                        store_id=self.store.store_id(), deletions_seen=last_deletion,
+                                        generation=recorded)
         self._record_generation()
         self.rebuilt = True
         return len(self.writer)
@@ -197,8 +198,8 @@ class IndexDir:
             self._last_save = time.monotonic()
             return True
         if w.needs_merge():
-            keys, _, vecs = self.store.vectors_in(w.base_max_key, w.max_key)
-            w.merge_tail((keys, vecs))
+            chunks = ((keys, vecs) for keys, _, vecs in self.store.iter_vectors(w.base_max_key, w.max_key))
+            w.merge_tail(chunks, len(w.tail))
         if not w.dirty:
             return False
         w.save()

@@ -438,14 +438,18 @@ class Store:
     def variant_keys(self) -> np.ndarray:
         return np.fromiter((r[0] for r in self.conn.execute("SELECT id FROM variants ORDER BY id")), dtype=np.int64)
 
-    def vectors_in(self, after_key: int, upto_key: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def vectors_in(self, after_key: int, upto_key: int | None = None, limit: int | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(keys, image_ids, vectors) of the texts with after_key < key (<= upto_key), by key: a
         range read on the primary key, so it costs what it returns."""
         dim = int(self.get_meta("dim", 0) or 0)
         sql, args = "SELECT id, image_id, vector FROM variants WHERE id > ?", [int(after_key)]
         if upto_key is not None:
             sql, args = sql + " AND id <= ?", [*args, int(upto_key)]
-        rows = self.conn.execute(sql + " ORDER BY id", args).fetchall()
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql, args = sql + " LIMIT ?", [*args, int(limit)]
+        rows = self.conn.execute(sql, args).fetchall()
         keys = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         image_ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
         if rows:
@@ -453,6 +457,15 @@ class Store:
         else:
             vecs = np.zeros((0, dim), np.float32)
         return keys, image_ids, vecs
+
+    def iter_vectors(self, after_key: int, upto_key: int | None = None, chunk: int = 65_536):
+        """vectors_in() in chunks of `chunk` texts, so a rebuild of a large index stays small."""
+        while True:
+            keys, image_ids, vecs = self.vectors_in(after_key, upto_key, limit=chunk)
+            if not len(keys):
+                return
+            yield keys, image_ids, vecs
+            after_key = int(keys[-1])
 
     def deletions_after(self, seq: int) -> tuple[int, np.ndarray]:
         """(last seq, keys) of the texts deleted after deletion number `seq`."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -458,13 +459,14 @@ class VectorWriter:
     def needs_merge(self) -> bool:
         return len(self.tail) > TAIL_MAX
 
-    def merge_tail(self, tail_rows: tuple[np.ndarray, np.ndarray]) -> None:
-        """Insert the tail's vectors (keys, float32 vectors; from SQLite) into the base graph."""
-        keys, vectors = tail_rows
+    def merge_tail(self, chunks: Iterable[tuple[np.ndarray, np.ndarray]], total: int) -> None:
+        """Insert the tail's vectors ((keys, float32 vectors) chunks from SQLite, `total` in all)
+        into the base graph, and start an empty tail."""
         base = _load_graph(self.dir / self.base_name) if self.base_name else _new_graph(self.dim, self.dtype)
-        if len(keys):
-            threads = 0 if len(keys) + self.base_count >= PARALLEL_BUILD_MIN else 1
-            base.add(np.asarray(keys, np.uint64), graph_input(vectors, self.dtype), threads=threads)
+        threads = 0 if total + self.base_count >= PARALLEL_BUILD_MIN else 1
+        for keys, vectors in chunks:
+            if len(keys):
+                base.add(np.asarray(keys, np.uint64), graph_input(vectors, self.dtype), threads=threads)
         self.base_name = f"base.{self.generation + 1}.usearch"
         _save_graph(self.dir / self.base_name, base)
         self.base_count = len(base)
@@ -513,17 +515,22 @@ class VectorWriter:
                 p.unlink(missing_ok=True)
 
 
-def build(index_dir, keys: np.ndarray, image_ids: np.ndarray, vectors: np.ndarray, dim: int, dtype: str,
-          *, store_id: str = "", deletions_seen: int = 0, generation: int = 0) -> VectorWriter:
-    """A fresh snapshot of these vectors (a new epoch of appendable files, everything in the base
-    graph), saved as the generation after `generation`."""
+def build_from(index_dir, chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], total: int, dim: int,
+               dtype: str, *, store_id: str = "", deletions_seen: int = 0, generation: int = 0) -> VectorWriter:
+    """A fresh snapshot (a new epoch of appendable files, everything in the base graph) of the
+    (keys, image ids, vectors) chunks, `total` rows in all, saved as the generation after
+    `generation`. Chunks keep a rebuild of a large index within bounded memory."""
     previous = read_manifest(index_dir)
     generation = max(generation, int((previous or {}).get("generation", 0)))
     w = VectorWriter(index_dir, dim, dtype, {"generation": generation, "epoch": generation + 1, "store_id": store_id,
                                              "dim": dim, "dtype": dtype, "n_rows": 0})
     w.previous = manifest_files(previous)
-    if len(keys):
-        keys, vectors = w._append(keys, image_ids, vectors)
-    w.merge_tail((keys, vectors))
+    w.merge_tail((w._append(*chunk) for chunk in chunks if len(chunk[0])), total)
     w.save(deletions_seen)
     return w
+
+
+def build(index_dir, keys: np.ndarray, image_ids: np.ndarray, vectors: np.ndarray, dim: int, dtype: str,
+          **kwargs) -> VectorWriter:
+    """build_from() for vectors already in memory."""
+    return build_from(index_dir, [(keys, image_ids, vectors)], len(keys), dim, dtype, **kwargs)
