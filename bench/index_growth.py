@@ -122,7 +122,8 @@ _WITH_PEAK = ("import atexit, sys\n"
 def run_measured(argv: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
     """(wall seconds, peak RSS MiB, result) of one Python child, from fork to exit. argv is the
     Python program's own argv (after `python`); CPU seconds come from os.wait4."""
-    code = _WITH_PEAK + "import runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    code = _WITH_PEAK + ("import os, runpy; sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+                         "runpy.run_path(sys.argv[0], run_name='__main__')")
     if argv[0] == "-m":
         code = _WITH_PEAK + f"import runpy; sys.argv = ['{argv[1]}'] + sys.argv[1:]; runpy.run_module('{argv[1]}', run_name='__main__', alter_sys=True)"
         argv = argv[2:]
@@ -244,7 +245,7 @@ def main() -> int:
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=list(SIZES))
     ap.add_argument("--import-texts", type=int, default=10_000, help="texts of the import-rate run at each size")
     ap.add_argument("--cli-repeats", type=int, default=5)
-    ap.add_argument("--scene-images", type=int, default=1000, help="images per text mode for bytes per image")
+    ap.add_argument("--scene-images", type=int, default=500, help="images per text mode for bytes per image")
     ap.add_argument("--work", type=Path, default=None, help="work directory (default: a temp dir, deleted)")
     ap.add_argument("--name", default="index_growth")
     ap.add_argument("--child-add", nargs=2, metavar=("INDEX", "CAPTIONS"), help=argparse.SUPPRESS)
@@ -261,8 +262,8 @@ def main() -> int:
     emb = ClusteredVectors(identity, manifest)
     at_size: dict = {}
     t_all = time.perf_counter()
+    bpi: dict = {}
     try:
-        bpi = bytes_per_image(work, emb, args.scene_images)
         for n in args.sizes:
             index_dir = work / f"index-{n}"
             row: dict = {"texts": n, "seed_snapshot_build_s": seed(index_dir, emb, n)}
@@ -299,6 +300,8 @@ def main() -> int:
                   f"{row['search']['p99_ms']:.2f} ms; CLI {row['search_cli']['p50_s']:.2f} s", flush=True)
             report(args, at_size, bpi, time.perf_counter() - t_all)  # after each size: a timeout keeps the rest
             shutil.rmtree(index_dir, ignore_errors=True)
+        bpi = bytes_per_image(work, emb, args.scene_images)
+        report(args, at_size, bpi, time.perf_counter() - t_all)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
