@@ -245,7 +245,8 @@ def seed(index_dir: Path, emb, n_texts: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=list(SIZES))
+    ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",") if x], default=list(SIZES),
+                    help="index sizes in texts, comma-separated (default 1k,10k,100k,1M; empty: bytes per image only)")
     ap.add_argument("--import-texts", type=int, default=10_000, help="texts of the import-rate run at each size")
     ap.add_argument("--cli-repeats", type=int, default=5)
     ap.add_argument("--scene-images", type=int, default=500, help="images per text mode for bytes per image")
@@ -327,8 +328,8 @@ def force_merge(index_dir: Path) -> float:
 
 def report(args, at_size: dict, bpi: dict, seconds: float) -> None:
     sizes = list(at_size)
-    first = at_size[sizes[0]]
-    rates = [r["import"]["texts_per_s_with_merge_share"] for r in at_size.values()]
+    first = at_size[sizes[0]] if sizes else None
+    rates = [r["import"]["texts_per_s_with_merge_share"] for r in at_size.values()] or [float("nan")]
     med = float(np.median(rates))
     data = {
         "note": "Machine shared with other engineers' jobs while this ran: ratios within the run are the figures.",

@@ -293,3 +293,17 @@ def test_index_help_names_sentences_as_the_default_text_mode():
     help_text = " ".join(parser._subparsers._group_actions[0].choices["index"].format_help().split())
     assert "sentences (the default" in help_text and "the paper's form; default" not in help_text
     assert DEFAULT_TEXT_MODE == "sentences"
+
+
+def test_a_run_saves_at_its_end_and_at_most_every_checkpoint_interval(tmp_path, monkeypatch):
+    from edge_t2t import indexdir
+
+    d = five_images(tmp_path)
+    monkeypatch.setattr(captioning, "caption_images", FakeCaptioner())
+    Indexer(tmp_path / "once", embedder=FakeEmbedder(), vlm_cfg=object(), batch_size=1).run([d])
+    # one save when the (empty) snapshot is created, one at the end: not one per batch
+    assert vindex.read_manifest(tmp_path / "once")["generation"] == 2
+    monkeypatch.setattr(indexdir, "CHECKPOINT_EVERY_S", 0.0)
+    Indexer(tmp_path / "often", embedder=FakeEmbedder(), vlm_cfg=object(), batch_size=1).run([d])
+    assert vindex.read_manifest(tmp_path / "often")["generation"] == 1 + 5  # creation + one per batch
+    assert consistent(tmp_path / "once") and consistent(tmp_path / "often")
