@@ -39,6 +39,7 @@ def main() -> None:
 
     from edge_t2t import config, search, vindex
     from edge_t2t.embedder import Embedder
+    from edge_t2t.indexdir import IndexDir
     from edge_t2t.indexer import Indexer
     from edge_t2t.store import Store
 
@@ -61,8 +62,8 @@ def main() -> None:
             shutil.copy(base / "store.sqlite", d / "store.sqlite")
             with sqlite3.connect(d / "store.sqlite") as c:
                 c.execute("UPDATE meta SET value = ? WHERE key = 'dtype'", (json.dumps(dtype),))
-            with Store(d) as st:
-                vindex.rebuild(d, st, int(st.get_meta("dim")), dtype)
+            with IndexDir.open_writer(d, create=False) as ix:
+                ix.rebuild()
         qv = emb.embed(queries)
         with Store(base) as st:
             n_texts = st.counts()["texts"]
@@ -72,7 +73,7 @@ def main() -> None:
         for dtype in ("f32", "f16", "i8"):
             d = work / dtype
             store, vectors = search.open_for_search(d)
-            graph_bytes = (d / vindex.USEARCH_FILE).stat().st_size
+            graph_bytes = vindex.file_sizes(d)["graph_bytes"]
             for mode in ("exact", "hnsw", "rescore"):
                 tops, secs = [], []
                 for q in qv:

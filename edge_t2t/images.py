@@ -111,6 +111,8 @@ def find_images(
         elif path.is_file():
             if file_once(path):
                 yield path
+        elif path.exists():  # a FIFO, socket or device file
+            report(path, "not a regular file")
         else:
             report(path, "no such file or directory")
 

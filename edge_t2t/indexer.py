@@ -7,8 +7,10 @@ indexed under a path that disappeared -> a move, its descriptions follow it; con
 elsewhere -> a copy, its descriptions and vectors are reused. Stored files under the scanned
 folders that no longer exist are removed with their vectors.
 
-Work is committed in batches (one SQLite transaction each, then the vector files are saved), so
-an interrupted run keeps every finished batch and the next run resumes from there.
+Work is committed in batches (one SQLite transaction each), so an interrupted run keeps every
+finished batch and the next run resumes from there. The vector snapshot is brought up to date
+with SQLite and saved at the end of the run and at most every 60 s during it (indexdir.py); a
+search in between scores the texts committed since the last save exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,9 +29,10 @@ from pathlib import Path
 from . import vindex
 from .errors import InputError, StoreError
 from .fileio import sha256_file
+from .indexdir import IndexDir
 from .records import CaptionRecord
 from .search import variant_texts
-from .store import MODEL_FILE_COLUMNS, IndexLock, NewText, Store
+from .store import MODEL_FILE_COLUMNS, NewText, Store
 
 TEXT_MODES = ("joined", "fields", "sentences")
 # One text per summary, feature and caption sentence: on held-out synthetic scenes it doubled R@1
@@ -234,8 +238,16 @@ class Indexer:
         for f in find_images(roots, on_error=missing):
             f = f.resolve()
             key = str(f)
+            try:
+                st = f.stat()
+            except OSError as exc:  # deleted (or made unreadable) since the walk found it
+                missing(f, "no such file (it disappeared during the scan)" if isinstance(exc, FileNotFoundError)
+                        else f"cannot read file ({exc.strerror or exc})")
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                missing(f, "not a regular file")
+                continue
             seen.add(key)
-            st = f.stat()
             old = stored.get(key)
             if old and old.status == "ok" and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
                 summary.skipped += 1
@@ -269,8 +281,9 @@ class Indexer:
         return pending, touched, moves, copies, removals
 
     def _plan_records(self, store: Store, records: list[CaptionRecord], summary: IndexSummary) -> list[_Pending]:
-        """Captions-only import: names are kept as given; re-import only when the text changed."""
-        stored = store.images()
+        """Captions-only import: names are kept as given; re-import only when the text changed. Only
+        the names in the file are looked up, so adding 200 records to a large index reads 200 rows."""
+        stored = store.images_named([rec.image for rec in records])
         pending = []
         seen = set()
         for rec in records:
@@ -295,15 +308,21 @@ class Indexer:
             records = load_captions(captions_file)
         if not paths and captions_file is None:
             raise InputError("nothing to index: give image folders/files, or --captions FILE")
-        with IndexLock(self.dir, wait=self.wait), Store(self.dir, create=True) as store:
+        with IndexDir.open_writer(self.dir, wait=self.wait) as ix:
+            store = ix.store
             run_id = store.start_run({"paths": [str(p) for p in paths], "captions": str(captions_file or "")})
             status = "failed"
             try:
-                self._run(store, paths, records, summary)
+                self._run(ix, paths, records, summary)
                 status = "ok" if not summary.failed else "partial"
             except KeyboardInterrupt:
                 summary.interrupted = True
                 status = "interrupted"
+                if ix.writer is not None:
+                    try:  # save what the finished batches added (else the next run does it)
+                        self._checkpoint(ix, summary, force=True)
+                    except KeyboardInterrupt:
+                        pass
             except (OSError, sqlite3.OperationalError) as exc:
                 if not _out_of_space(exc):
                     raise
@@ -321,13 +340,16 @@ class Indexer:
                     pass  # a full disk can refuse even this row; the run history is not the record
         return summary
 
-    def _run(self, store: Store, paths: list[Path], records: list[CaptionRecord], summary: IndexSummary) -> None:
+    def _run(self, ix: IndexDir, paths: list[Path], records: list[CaptionRecord], summary: IndexSummary) -> None:
+        store = ix.store
         t = time.perf_counter()
         dim, dtype, mode = self._settle_meta(store)
-        writer, rebuilt = vindex.VectorWriter.open(self.dir, store, dim, dtype)
-        if rebuilt:
-            summary.rebuilt_vectors = len(writer) > 0
-            writer.save()
+        summary.stage_seconds["scan"] += time.perf_counter() - t
+        t = time.perf_counter()
+        writer = ix.open_vectors(dim, dtype)  # loads the saved snapshot and catches it up: O(change)
+        summary.rebuilt_vectors = ix.rebuilt and len(writer) > 0
+        summary.stage_seconds["index_save"] += time.perf_counter() - t
+        t = time.perf_counter()
         base = [p.expanduser().resolve() for p in paths if p.is_dir()] or [Path.cwd()]
         by_name: dict[str, CaptionRecord] = {}
         by_sha: dict[str, CaptionRecord] = {}
@@ -342,35 +364,27 @@ class Indexer:
             pending, touched, moves, copies, removals = self._plan_records(store, records, summary), [], [], [], []
         summary.stage_seconds["scan"] += time.perf_counter() - t
 
-        # Bookkeeping that needs no model: one transaction, then one save.
+        # Bookkeeping that needs no model: one transaction (its vectors reach the snapshot at the
+        # next checkpoint, read back by key).
         t = time.perf_counter()
-        new_vectors = []
         with store.transaction():
             for image_id, p in touched:
                 store.update_image_file(image_id, path=p.path, size=p.size, mtime_ns=p.mtime_ns)
             copied = [(src, p, store.read_texts(src.id), store.description_of(src.id)) for src, p in copies]
-            removed_keys = store.remove_images(removals)
+            store.remove_images(removals)
             for row, p in moves:
                 store.update_image_file(row.id, path=p.path, size=p.size, mtime_ns=p.mtime_ns)
             for src, p, rows, (desc_id, desc_hash) in copied:
                 w, h = _image_size(p.file)
                 new_id = store.put_image(p.path, size=p.size, mtime_ns=p.mtime_ns, sha256=p.sha256, width=w, height=h,
                                          source=src.source, desc_hash=desc_hash, description_id=desc_id)
-                keys, vecs = store.insert_texts(new_id, rows)
+                keys, _ = store.insert_texts(new_id, rows)
                 store.note_texts_per_image(len(keys))
-                new_vectors.append((keys, new_id, vecs))
         summary.skipped += len(touched)
         summary.moved += len(moves)
         summary.reused += len(copies)
         summary.removed += len(removals)
         summary.stage_seconds["store"] += time.perf_counter() - t
-        t = time.perf_counter()
-        writer.remove(removed_keys)
-        for keys, image_id, vecs in new_vectors:
-            writer.add(keys, [image_id] * len(keys), vecs)
-        if writer.dirty:
-            writer.save()
-        summary.stage_seconds["index_save"] += time.perf_counter() - t
 
         need_vlm = [p for p in pending if p.record is None and not p.error]
         if need_vlm and records and self.vlm_cfg is None:
@@ -386,7 +400,15 @@ class Indexer:
                 bar.add("caption", len(need_vlm))
             bar.add("embed", len(pending))
             for start in range(0, len(pending), self.batch_size):
-                self._batch(store, writer, pending[start : start + self.batch_size], mode, summary, bar)
+                self._batch(store, pending[start : start + self.batch_size], mode, summary, bar)
+                self._checkpoint(ix, summary, force=False)
+        self._checkpoint(ix, summary, force=True)
+
+    @staticmethod
+    def _checkpoint(ix: IndexDir, summary: IndexSummary, force: bool) -> None:
+        t = time.perf_counter()
+        ix.checkpoint(force=force)
+        summary.stage_seconds["index_save"] += time.perf_counter() - t
 
     def _caption(self, batch: list[_Pending], summary: IndexSummary, bar: _Progress) -> None:
         todo = [p for p in batch if p.record is None and not p.error]
@@ -419,7 +441,7 @@ class Indexer:
         if result.interrupted:
             self._stop = True
 
-    def _batch(self, store: Store, writer, batch: list[_Pending], mode: str, summary: IndexSummary, bar) -> None:
+    def _batch(self, store: Store, batch: list[_Pending], mode: str, summary: IndexSummary, bar) -> None:
         t = time.perf_counter()
         self._caption(batch, summary, bar)
         batch = [p for p in batch if not p.dropped]
@@ -437,10 +459,10 @@ class Indexer:
         summary.stage_seconds["embed"] += time.perf_counter() - t
 
         t = time.perf_counter()
-        added, replaced = [], []
+        texts_added = 0
         with store.transaction():
             for p in batch:
-                replaced += store.remove_path(p.path)  # changed content at a known path
+                store.remove_path(p.path)  # changed content at a known path
                 w = h = None
                 if p.file is not None:
                     w, h = _image_size(p.file)
@@ -461,16 +483,9 @@ class Indexer:
                 rows = [(i, x) for i, x in enumerate(texts) if x[0] is p]
                 keys = store.add_texts(image_id, [NewText(x[1], x[2], x[3], x[4], vecs[i]) for i, x in rows])
                 store.note_texts_per_image(len(keys))
-                added.append((keys, image_id, vecs[[i for i, _ in rows]]))
+                texts_added += len(keys)
+        summary.texts_added += texts_added
         summary.stage_seconds["store"] += time.perf_counter() - t
-
-        t = time.perf_counter()
-        writer.remove(replaced)
-        for keys, image_id, v in added:
-            writer.add(keys, [image_id] * len(keys), v)
-            summary.texts_added += len(keys)
-        writer.save()
-        summary.stage_seconds["index_save"] += time.perf_counter() - t
         for p in batch:
             if p.error:
                 summary.failed += 1

@@ -3,7 +3,7 @@
 Axes: embedder precision (fp32 / int8), index dtype (f32 / f16 / i8, as vindex stores them),
 search mode (vindex's exact / hnsw / rescore) and, when a VLM is given, the VLM's GGUF precision.
 Every configuration goes through the product's own code: the Embedder, a vindex directory written
-by VectorWriter, VectorIndex.search, and evaluate's ranking for recall.
+by vindex.build, Snapshot.search, and evaluate's ranking for recall.
 
 Two data paths:
 
@@ -245,16 +245,9 @@ def build_index(index_dir: Path, vectors: np.ndarray, owners: np.ndarray, dtype:
     if index_dir.exists():
         shutil.rmtree(index_dir)
     t0 = time.perf_counter()
-    writer = vindex.VectorWriter(index_dir, vectors.shape[1], dtype)
-    writer.add(np.arange(len(vectors), dtype=np.int64), owners, vectors)
-    writer.save()
+    vindex.build(index_dir, np.arange(len(vectors), dtype=np.int64), owners, vectors, vectors.shape[1], dtype)
     seconds = time.perf_counter() - t0
-    sizes = {
-        "graph_bytes": (index_dir / vindex.USEARCH_FILE).stat().st_size,
-        "rescore_bytes": (index_dir / vindex.EXACT_FILE).stat().st_size,
-        "keys_bytes": (index_dir / vindex.KEYS_FILE).stat().st_size,
-    }
-    return {"build_seconds": seconds, **sizes}
+    return {"build_seconds": seconds, **vindex.file_sizes(index_dir)}
 
 
 def needed_bytes(sizes: dict, mode: str) -> int:
@@ -271,10 +264,10 @@ def probe_search(
     best score per image. Excludes the SQLite row fetch of search.rank_images. Run in a fresh
     process (see ``isolate``) its peak RSS is this configuration's own."""
     from .embedder import Embedder
-    from .vindex import VectorIndex
+    from .vindex import Snapshot
 
     emb = Embedder(Path(embedder_dir) if embedder_dir else None, precision=precision, threads=1)
-    index = VectorIndex(index_dir)
+    index = Snapshot.open(index_dir)
     emb.embed(queries[:1])
     index.search(emb.embed(queries[:1]), fetch, mode=mode)  # warm: graph view, page cache
     seconds = []
@@ -378,7 +371,7 @@ def _facts(built: dict, mode: str, emb, embed_seconds: float, **extra) -> tuple[
 
 def _oracle_rows(ann: Annotations, opts: Options, work: Path, embedders: dict, progress: Progress, rows: list[_Row]) -> None:
     """Append one row per finished configuration to ``rows`` (so Ctrl-C keeps them)."""
-    from .vindex import VectorIndex
+    from .vindex import Snapshot
 
     texts, ids = ev.distinct_texts(ann.captions)
     n_text = len(texts)
@@ -400,7 +393,7 @@ def _oracle_rows(ann: Annotations, opts: Options, work: Path, embedders: dict, p
         for dtype in opts.dtypes:
             index_dir = work / f"{ORACLE}-{precision}-{dtype}"
             built = build_index(index_dir, vectors, owners, dtype)
-            vi = VectorIndex(index_dir)
+            vi = Snapshot.open(index_dir)
             for mode in opts.modes:
                 cfg = Config(ORACLE, precision, dtype, mode)
                 progress.on_step(cfg.name)
@@ -441,7 +434,7 @@ def _vlm_rows(ann: Annotations, opts: Options, work: Path, embedders: dict, prog
     from .captioning import caption_images
     from .indexer import DEFAULT_TEXT_MODE
     from .search import variant_texts
-    from .vindex import VectorIndex
+    from .vindex import Snapshot
     from .vlm import VLMConfig
 
     spec = opts.vlm
@@ -515,7 +508,7 @@ def _vlm_rows(ann: Annotations, opts: Options, work: Path, embedders: dict, prog
             for dtype in opts.dtypes:
                 index_dir = work / f"{label}-{precision}-{dtype}"
                 built = build_index(index_dir, vectors, owners, dtype)
-                vi = VectorIndex(index_dir)
+                vi = Snapshot.open(index_dir)
                 for mode in opts.modes:
                     cfg = Config(label, precision, dtype, mode)
                     progress.on_step(cfg.name)

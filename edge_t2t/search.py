@@ -19,6 +19,7 @@ import numpy as np
 
 from . import vindex
 from .errors import StoreError
+from .indexdir import IndexDir, SearchVectors
 from .records import Variant
 from .store import Store
 
@@ -81,46 +82,27 @@ def _warn(msg: str) -> None:
     print(f"edge-t2t: {msg}", file=sys.stderr)
 
 
-def open_for_search(index_dir: str | os.PathLike) -> tuple[Store, vindex.VectorIndex]:
-    """Open the store and its vector files, rebuilding the files from SQLite when they are missing
-    or stale (e.g. an `index` run was killed between its commit and its save)."""
-    from .store import IndexLock
+def open_for_search(index_dir: str | os.PathLike, warn: Callable[[str], None] = _warn) -> tuple[Store, SearchVectors]:
+    """The store and the vectors to rank, opened read-only in O(1) (see indexdir.py). The caller
+    closes the store."""
+    ix = IndexDir.open_reader(index_dir)
+    try:
+        return ix.store, ix.search_vectors(warn)
+    except BaseException:
+        ix.close()
+        raise
 
-    store = Store(index_dir)
-    dim = int(store.get_meta("dim", 0) or 0)
-    dtype = store.get_meta("dtype", "i8")
-    keys = store.variant_keys()
-    if len(keys) == 0:
-        store.close()
-        raise StoreError(
-            f"the index at {index_dir} is empty (no described images): add images with "
-            f"'edge-t2t index PATH --index {index_dir}'"
-        )
-    if not vindex.is_consistent(index_dir, keys, dim, dtype):
-        lock = IndexLock(index_dir)
-        try:
-            lock.acquire()
-        except StoreError:
-            # An index run is between a commit and its save: search the files as they are (they lag
-            # by at most one batch; texts deleted since are skipped in rank_images).
-            if not vindex.wait_for_whole_files(index_dir):
-                store.close()
-                raise StoreError(
-                    f"the vector files in {index_dir} are being written by an index run; try again in a moment"
-                ) from None
-            _warn(f"{index_dir} is being indexed right now; results may miss its newest images")
-            return store, vindex.VectorIndex(index_dir)
-        try:
-            _warn(f"vector files in {index_dir} were missing or stale; rebuilt them from store.sqlite")
-            vindex.rebuild(index_dir, store, dim, dtype)
-        finally:
-            lock.release()
-    return store, vindex.VectorIndex(index_dir)
+
+def _best_per_image(keys: np.ndarray, image_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Index of each image's best (query, text) pair; equal scores by key, for determinism."""
+    order = np.lexsort((keys, -scores))
+    _, first = np.unique(image_ids[order], return_index=True)
+    return order[first]
 
 
 def rank_images(
     store: Store,
-    vectors: vindex.VectorIndex,
+    vectors: SearchVectors,
     query_vecs: np.ndarray,
     k: int,
     mode: str = DEFAULT_MODE,
@@ -128,13 +110,17 @@ def rank_images(
     oversample: int = 4,
 ) -> list[Hit]:
     """Top k images for one or more query vectors; an image's score is the max over all
-    (query, variant text) pairs."""
+    (query, variant text) pairs. Only the rows of the winning texts are read from SQLite (O(k)).
+    A text deleted since the vectors were saved has no row: its image then falls back to its next
+    best text among the candidates."""
     if k < 1:
         raise StoreError(f"-k must be at least 1, got {k}")
     exclude = np.asarray(sorted(set(exclude_image_ids)), dtype=np.int64)
     n = len(vectors)
     per_image = max(1, store.max_texts_per_image())
     fetch = min(n, k * per_image * 2 + len(exclude) * per_image)
+    rows: dict[int, object] = {}
+    gone: set[int] = set()
     while True:
         cands = vectors.search(query_vecs, fetch, mode=mode, oversample=oversample)
         keys = np.concatenate([c.keys for c in cands])
@@ -142,14 +128,22 @@ def rank_images(
         scores = np.concatenate([c.scores for c in cands]).astype(np.float64)
         keep = ~np.isin(image_ids, exclude)
         keys, image_ids, scores = keys[keep], image_ids[keep], scores[keep]
-        order = np.lexsort((keys, -scores))  # best first; equal scores by key for determinism
-        _, first = np.unique(image_ids[order], return_index=True)
-        best = order[first]  # each image's best (query, text) pair
+        while True:
+            alive = ~np.isin(keys, np.fromiter(gone, np.int64, len(gone)))
+            best = np.flatnonzero(alive)[_best_per_image(keys[alive], image_ids[alive], scores[alive])]
+            # Rows for the k best images and any that tie with the k-th (ties are broken by path).
+            by_score = best[np.argsort(-scores[best], kind="stable")]
+            top = by_score[scores[by_score] >= scores[by_score[min(k, len(by_score)) - 1]]] if len(by_score) else by_score
+            want = [int(x) for x in keys[top] if int(x) not in rows]
+            rows.update(store.variant_rows(want))
+            missing = {int(x) for x in keys[top]} - rows.keys()
+            if not missing:
+                break
+            gone |= missing  # deleted since the vectors were saved: try each image's next-best text
         if len(best) >= k or fetch >= n:
             break
         fetch = min(n, fetch * 2)
-    rows = store.variant_rows(keys[best])
-    found = [(float(scores[i]), rows[int(keys[i])]) for i in best if int(keys[i]) in rows]
+    found = [(float(scores[i]), rows[int(keys[i])]) for i in top]
     found.sort(key=lambda sr: (-sr[0], sr[1].image))
     return [
         Hit(rank=r + 1, score=s, image=row.image, variant=row.ordinal, text=row.text, field=row.field)
@@ -179,7 +173,7 @@ def search(
         raise StoreError("the query is empty: give some words to search for")
     if mode not in vindex.MODES:
         raise StoreError(f"unknown search mode {mode!r}: use one of {', '.join(vindex.MODES)}")
-    store, vectors = open_for_search(index_dir)
+    store, vectors = open_for_search(index_dir, warn)
     try:
         emb = _load_embedder(embedder, precision)
         store.check_identity(emb.identity)

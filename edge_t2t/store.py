@@ -1,8 +1,8 @@
 """The index's store of record: one SQLite file (`store.sqlite`) inside the index directory.
 
 It holds every image, every embedded variant text and its vector (float32 blob), the embedder's
-identity and the run history. The usearch file beside it is a cache of the vectors that can always
-be rebuilt from here (see vindex.py): vectors live in SQLite because re-embedding would need the
+identity and the run history. The vector snapshot beside it is a cache of the vectors that can always
+be rebuilt from here (see vindex.py, indexdir.py): vectors live in SQLite because re-embedding would need the
 embedder at rebuild time and could not be verified, while 1.5 KiB per text is cheap.
 
 Writes happen in explicit transactions, one per batch of images, so a Ctrl-C or SIGKILL leaves
@@ -100,10 +100,20 @@ _V2 = """
 # The provenance columns that v2 added (see _V2), in the order put_image/provenance use them.
 MODEL_FILE_COLUMNS = ("model_path", "model_sha256", "mmproj_path", "mmproj_sha256")
 
+# v3: the keys of deleted texts, in order, so an `index` run brings the vector snapshot up to date
+# by reading what changed since its last save (seq > the manifest's deletions_seen) instead of
+# comparing every key. The trigger also fires for rows that ON DELETE CASCADE removes. The writer
+# prunes rows its saved snapshot has applied.
+_V3 = """
+        CREATE TABLE variant_deletions (seq INTEGER PRIMARY KEY AUTOINCREMENT, key INTEGER NOT NULL);
+        CREATE TRIGGER variants_deleted AFTER DELETE ON variants
+            BEGIN INSERT INTO variant_deletions(key) VALUES (old.id); END;
+"""
+
 # MIGRATIONS[i] takes a store from schema version i to i + 1 (version 0 = an empty file): an SQL
 # script, or a function of the connection for steps that need Python (e.g. re-encoding blobs).
 Migration = str | Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[Migration] = [_V1, _V2]
+MIGRATIONS: list[Migration] = [_V1, _V2, _V3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -149,6 +159,9 @@ def migrate(conn: sqlite3.Connection, migrations: list[Migration] = MIGRATIONS) 
         if fk_was_on:
             conn.execute("PRAGMA foreign_keys=ON")
     return len(migrations)
+
+
+_IMAGE_COLUMNS = "id, path, size, mtime_ns, sha256, width, height, status, error, source, desc_hash"
 
 
 @dataclass
@@ -265,16 +278,30 @@ class Store:
     # -- images -------------------------------------------------------------------------------
     def images(self) -> dict[str, ImageRow]:
         rows = self.conn.execute(
-            "SELECT id, path, size, mtime_ns, sha256, width, height, status, error, source, desc_hash FROM images"
+            f"SELECT {_IMAGE_COLUMNS} FROM images"
         )
         return {r[1]: ImageRow(*r) for r in rows}
+
+    def images_named(self, paths: Iterable[str]) -> dict[str, ImageRow]:
+        """The stored images among `paths` (by the unique path index)."""
+        paths = list(dict.fromkeys(paths))
+        out: dict[str, ImageRow] = {}
+        for i in range(0, len(paths), 500):  # stay under SQLite's bound-parameter limit
+            chunk = paths[i : i + 500]
+            for r in self.conn.execute(
+                f"SELECT {_IMAGE_COLUMNS} FROM images "
+                f"WHERE path IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ):
+                out[r[1]] = ImageRow(*r)
+        return out
 
     def ok_image_with_sha(self, sha256: str, exclude_ids: Iterable[int] = ()) -> ImageRow | None:
         if not sha256:
             return None
         skip = set(exclude_ids)
         for r in self.conn.execute(
-            "SELECT id, path, size, mtime_ns, sha256, width, height, status, error, source, desc_hash FROM images "
+            f"SELECT {_IMAGE_COLUMNS} FROM images "
             "WHERE sha256 = ? AND status = 'ok' ORDER BY id",
             (sha256,),
         ):
@@ -411,6 +438,61 @@ class Store:
     def variant_keys(self) -> np.ndarray:
         return np.fromiter((r[0] for r in self.conn.execute("SELECT id FROM variants ORDER BY id")), dtype=np.int64)
 
+    def vectors_in(self, after_key: int, upto_key: int | None = None, limit: int | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(keys, image_ids, vectors) of the texts with after_key < key (<= upto_key), by key: a
+        range read on the primary key, so it costs what it returns."""
+        dim = int(self.get_meta("dim", 0) or 0)
+        sql, args = "SELECT id, image_id, vector FROM variants WHERE id > ?", [int(after_key)]
+        if upto_key is not None:
+            sql, args = sql + " AND id <= ?", [*args, int(upto_key)]
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql, args = sql + " LIMIT ?", [*args, int(limit)]
+        rows = self.conn.execute(sql, args).fetchall()
+        keys = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        image_ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
+        if rows:
+            vecs = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+        else:
+            vecs = np.zeros((0, dim), np.float32)
+        return keys, image_ids, vecs
+
+    def iter_vectors(self, after_key: int, upto_key: int | None = None, chunk: int = 65_536):
+        """vectors_in() in chunks of `chunk` texts, so a rebuild of a large index stays small."""
+        while True:
+            keys, image_ids, vecs = self.vectors_in(after_key, upto_key, limit=chunk)
+            if not len(keys):
+                return
+            yield keys, image_ids, vecs
+            after_key = int(keys[-1])
+
+    def deletions_after(self, seq: int) -> tuple[int, np.ndarray]:
+        """(last seq, keys) of the texts deleted after deletion number `seq`."""
+        rows = self.conn.execute("SELECT seq, key FROM variant_deletions WHERE seq > ? ORDER BY seq", (int(seq),)).fetchall()
+        last = rows[-1][0] if rows else self.last_deletion()
+        return max(int(last), int(seq)), np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
+
+    def last_deletion(self) -> int:
+        return int(self.conn.execute("SELECT IFNULL(MAX(seq), 0) FROM variant_deletions").fetchone()[0])
+
+    def prune_deletions(self, upto_seq: int) -> None:
+        """Forget deletions a saved snapshot has applied."""
+        with self.transaction():
+            self.conn.execute("DELETE FROM variant_deletions WHERE seq <= ?", (int(upto_seq),))
+
+    def store_id(self) -> str:
+        """A random id of this store, which its vector snapshot carries: files copied from another
+        index are then never taken for this one's."""
+        sid = self.get_meta("store_id")
+        if not sid:
+            import uuid
+
+            sid = uuid.uuid4().hex
+            with self.transaction():
+                self.set_meta("store_id", sid)
+        return str(sid)
+
     def variant_rows(self, keys: Iterable[int]) -> dict[int, VariantRow]:
         keys = [int(k) for k in keys]
         out: dict[int, VariantRow] = {}
@@ -504,51 +586,81 @@ def _pid_alive(pid: int) -> bool:
 
 
 class IndexLock:
-    """`index.lock` holding the writer's pid, created with O_EXCL. A lock whose pid is dead is
-    stale (the writer was killed) and is taken over; a live one makes us refuse, or wait."""
+    """`index.lock`: an exclusive `fcntl.flock` on a descriptor held for the whole run, with the
+    holder's pid written inside for messages. The kernel drops the lock when its holder dies,
+    however it dies, so there is no stale lock to take over and no race between two processes
+    that both saw the same dead pid. The file is unlinked on release; a process that locked a file
+    just unlinked (by the previous holder) notices that the path no longer names its inode and
+    locks again."""
 
     def __init__(self, index_dir: str | os.PathLike, *, wait: bool = False, poll_s: float = 0.5):
         self.path = Path(index_dir) / LOCK_FILE
         self.wait = wait
         self.poll_s = poll_s
-        self.held = False
+        self.fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def holder(self) -> int:
+        """The pid written in the lock file (0 when unknown)."""
+        try:
+            return int(self.path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
 
     def acquire(self) -> None:
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if (pid and not _pid_alive(pid)) or (not pid and self._old_enough()):
-                    self.path.unlink(missing_ok=True)  # stale: its writer is gone
-                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
                 if not self.wait:
+                    pid = self.holder()
                     raise StoreError(
                         f"{self.path.parent} is being indexed by process {pid or '?'} ({self.path}): wait for it, "
-                        f"pass --wait, or delete {self.path} if that process is not edge-t2t"
+                        f"or pass --wait"
                     ) from None
                 time.sleep(self.poll_s)
                 continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
-            self.held = True
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder unlinked it between our open and our lock
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self.fd = fd
             return
 
-    def _old_enough(self) -> bool:
-        # An empty lock file is a writer between open() and write(); only a stale one stays empty.
+    def is_locked(self) -> bool:
+        """Whether some process holds the lock now (probed with a shared lock, released at once)."""
+        import fcntl
+
         try:
-            return time.time() - self.path.stat().st_mtime > 5
+            fd = os.open(self.path, os.O_RDONLY)
         except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
             return True
+        finally:
+            os.close(fd)
+        return False
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked: no one can hold this inode yet
+            os.close(self.fd)
+            self.fd = None
 
     def __enter__(self) -> IndexLock:
         self.acquire()

@@ -7,22 +7,25 @@ What is checked, in order (each check fills one entry of `VerifyReport.checks`):
 - variants: every embedded text has exactly one vector of the stored dimension, finite and
   L2-normalised (a torn or foreign blob fails that); every 'ok' image has texts, every 'failed'
   image has none.
-- vectors: the usearch graph, keys.npy and exact.npy against SQLite: count, keys, dimension, dtype,
-  the image of each key, and the vectors themselves.
+- vectors: the vector snapshot (manifest.json and the files it names) against SQLite: dimension,
+  dtype and store, file lengths, every key the snapshot should hold and no key it should not, the
+  image of each key, the exact vectors and the graphs' vectors themselves.
 - models: the embedder files recorded in the store's manifest still have their sha256, and so do
   the VLM GGUFs (model and mmproj) that the descriptions table records for the indexed images
   (schema v2; imported captions record none).
 - lock and runs: a leftover index.lock, a run that never finished (a kill).
 
-Problems vs warnings. The vector files are a cache derived from SQLite, written after each commit
-(temp file + os.replace). A kill between a commit and the next save therefore leaves files that
-lag SQLite, or whose three files disagree in count: that state is expected, `search` and `index`
-rebuild it on open, so it is a *warning* ("stale", fix: --repair). What no crash can produce is a
-problem: a corrupt SQLite file, a wrong schema, a bad vector blob, a vector file that cannot be
-read (writes are atomic, so a torn file means disk damage or tampering), a graph of another
-dimension or dtype than the store says, a key whose vector or image differs from SQLite's (keys
-are never reused), or a model file whose sha256 changed. A missing model file is a warning: the
-index stays searchable as long as the embedder is present somewhere.
+Problems vs warnings. The vector snapshot is a cache derived from SQLite, saved as numbered
+generations whose manifest is replaced last (vindex.py). An index run saves it at most every 60 s
+and a kill skips the save, so a snapshot that lags SQLite (newer texts past its last key, texts
+deleted since, as the deletion log says) is expected: searches read the newer rows by key, the next
+`index` run catches up, so it is a *warning* ("stale", fix: --repair). What no crash can produce
+is a problem: a corrupt SQLite file, a wrong schema, a bad vector blob, a snapshot file that is
+missing, short or unreadable (each is fsync'd before the manifest names it), a snapshot of another
+dimension, dtype or index, a key at or below the snapshot's last key that it lacks, a key SQLite
+neither holds nor logged as deleted, a key whose vector or image differs from SQLite's (keys are
+never reused), or a model file whose sha256 changed. A missing model file is a warning: the index
+stays searchable as long as the embedder is present somewhere.
 """
 
 from __future__ import annotations
@@ -206,8 +209,36 @@ def _check_variants(conn, meta: dict, rep: VerifyReport, where: Path):
 
 
 # -- vector files ---------------------------------------------------------------------------------
-def _check_vectors(index_dir: Path, meta: dict, sql, rep: VerifyReport) -> str:
-    """Compare the vector files with SQLite; return 'match', 'stale', 'missing', 'empty' or 'corrupt'."""
+def _snapshot_files_problems(index_dir: Path, m: dict, dim: int, dtype: str, store_id: str) -> list[str]:
+    """What makes a snapshot unusable: every file it names is fsync'd before the manifest is
+    written, so a missing or short file is damage, not a crash."""
+    from . import vindex
+
+    out = []
+    if int(m.get("dim", 0)) != dim:
+        out.append(f"{index_dir / vindex.MANIFEST_FILE}: {m.get('dim')}-dim vectors, the store says {dim}")
+    if dtype and m.get("dtype") != dtype:
+        out.append(f"{index_dir / vindex.MANIFEST_FILE}: dtype {m.get('dtype')}, the store says {dtype}")
+    if store_id and m.get("store_id") != store_id:
+        out.append(f"{index_dir / vindex.MANIFEST_FILE}: the vector snapshot belongs to another index (copied in?)")
+    if out:
+        return out
+    n = int(m["n_rows"])
+    widths = {m["rows"]: 16, m["exact"]: dim * np.dtype(vindex.exact_dtype(dtype or m["dtype"])).itemsize}
+    for name in vindex.manifest_files(m):
+        path = index_dir / name
+        if not path.is_file():
+            out.append(f"{path}: named by {vindex.MANIFEST_FILE} but missing")
+        elif name in widths and path.stat().st_size < n * widths[name]:
+            out.append(f"{path}: {path.stat().st_size} bytes, shorter than the {n} rows {vindex.MANIFEST_FILE} names")
+    return out
+
+
+def _check_vectors(index_dir: Path, meta: dict, sql, m: dict | None, deletions: np.ndarray, rep: VerifyReport) -> str:
+    """Compare the vector snapshot with SQLite; return 'match', 'stale', 'missing', 'empty' or 'corrupt'.
+
+    `deletions`: keys deleted from SQLite after the snapshot was saved (the deletion log past the
+    manifest's deletions_seen); the snapshot may still hold those."""
     from . import vindex
 
     keys, image_ids, vecs = sql
@@ -215,122 +246,102 @@ def _check_vectors(index_dir: Path, meta: dict, sql, rep: VerifyReport) -> str:
     dtype = str(meta.get("dtype") or "")
     info: dict = {"sqlite_count": int(len(keys)), "dim": dim, "dtype": dtype}
     rep.checks["vectors"] = info
-    paths = vindex.files(index_dir)
-    present = [p for p in paths if p.exists()]
-    if not present:
+    manifest_path = index_dir / vindex.MANIFEST_FILE
+    if m is None:
+        if manifest_path.exists():
+            info["state"] = "corrupt"
+            rep.problems.append(f"{manifest_path}: unreadable; rebuild the vector snapshot with `edge-t2t verify --repair`")
+            return "corrupt"
         if len(keys) == 0:
             info["state"] = "empty"
             return "empty"
         info["state"] = "missing"
         rep.warnings.append(
-            f"{index_dir}: vector files are missing ({len(keys)} texts in SQLite); the next search rebuilds them, "
-            "or run `edge-t2t verify --repair`"
+            f"{index_dir}: no vector snapshot ({len(keys)} texts in SQLite); searches score SQLite exactly until "
+            "the next `edge-t2t index` run or `edge-t2t verify --repair` builds it"
         )
         return "missing"
-    if len(present) < len(paths):
-        info["state"] = "stale"
-        rep.warnings.append(
-            f"{index_dir}: vector files incomplete (missing {', '.join(p.name for p in paths if p not in present)}), "
-            "as a kill mid-save leaves them; rebuilt on the next search, or run `edge-t2t verify --repair`"
-        )
-        return "stale"
-
-    # Through vindex: it imports onnxruntime before usearch (the other order segfaults).
-    Index = vindex.usearch_index_class()
-
-    usearch_path, exact_path, keys_path = paths
-    corrupt: list[str] = []
-    try:
-        umeta = Index.metadata(str(usearch_path))
-        view = Index.restore(str(usearch_path), view=True) if umeta is not None else None
-    except Exception as exc:  # usearch raises RuntimeError / ValueError on a damaged file
-        umeta, view = None, None
-        corrupt.append(f"{usearch_path}: unreadable ({exc})")
-    else:
-        if umeta is None or view is None:
-            corrupt.append(f"{usearch_path}: unreadable (not a usearch index)")
-    try:
-        key_rows = np.load(keys_path, mmap_mode="r")
-        if key_rows.ndim != 2 or key_rows.shape[1] != 2 or key_rows.dtype != np.int64:
-            corrupt.append(f"{keys_path}: shape {key_rows.shape} {key_rows.dtype}, expected (n, 2) int64")
-    except (OSError, ValueError) as exc:
-        key_rows = None
-        corrupt.append(f"{keys_path}: unreadable ({exc})")
-    try:
-        exact = np.load(exact_path, mmap_mode="r")
-        if exact.ndim != 2:
-            corrupt.append(f"{exact_path}: shape {exact.shape}, expected (n, dim)")
-    except (OSError, ValueError) as exc:
-        exact = None
-        corrupt.append(f"{exact_path}: unreadable ({exc})")
-
+    info.update(generation=int(m["generation"]), recorded_generation=meta.get("vector_generation"))
+    corrupt = _snapshot_files_problems(index_dir, m, dim, dtype, str(meta.get("store_id") or ""))
+    if int(meta.get("vector_generation") or 0) > int(m["generation"]):
+        corrupt.append(f"{manifest_path}: generation {m['generation']} is older than the {meta['vector_generation']} "
+                       "that store.sqlite recorded (files restored from a backup?)")
+    snap = None
     if not corrupt:
-        file_dim, file_dtype = int(umeta["dimensions"]), str(umeta["kind_scalar"].name).lower()
-        info.update(usearch_count=int(umeta["count_present"]), usearch_dim=file_dim, usearch_dtype=file_dtype,
-                    keys_count=len(key_rows), exact_count=len(exact))
-        if file_dim != dim:
-            corrupt.append(f"{usearch_path}: {file_dim}-dim vectors, the store says {dim}")
-        if dtype and file_dtype != dtype:
-            corrupt.append(f"{usearch_path}: dtype {file_dtype}, the store says {dtype}")
-        if exact.shape[1:] != (dim,):
-            corrupt.append(f"{exact_path}: {exact.shape[1:]} columns, the store says {dim}")
+        try:
+            snap = vindex.Snapshot(index_dir, m)
+        except Exception as exc:  # usearch raises RuntimeError / ValueError on a damaged file
+            corrupt.append(f"{index_dir}: a snapshot file is unreadable ({exc})")
     if corrupt:
         info["state"] = "corrupt"
         for line in corrupt:
             rep.problems.append(f"{line}; rebuild it from SQLite with `edge-t2t verify --repair`")
         return "corrupt"
 
-    graph_keys = np.sort(np.asarray(view.keys, dtype=np.int64)) if len(view) else np.zeros(0, np.int64)
-    file_keys = np.asarray(key_rows[:, 0])
-    in_sql = np.isin(file_keys, keys)
+    file_keys = np.asarray(snap.rows[:, 0])
+    live = snap.live_mask()
+    problems = []
+    if len(file_keys) > 1 and not (np.diff(file_keys) > 0).all():
+        problems.append(f"{index_dir / m['rows']}: keys are not in increasing order")
+    graph_counts = [len(g) for g in snap.graphs]
+    info.update(snapshot_rows=int(len(file_keys)), snapshot_live=int(live.sum()), dead=int(len(snap.dead)),
+                graph_counts=graph_counts, max_key=snap.max_key)
+    live_keys = file_keys[live]
+    covered = keys[keys <= snap.max_key]  # SQLite texts the snapshot must hold
+    missing = np.setdiff1d(covered, live_keys)
+    extra = np.setdiff1d(np.setdiff1d(live_keys, keys), deletions)
+    if len(missing):
+        problems.append(f"{index_dir / m['rows']}: {len(missing)} SQLite key(s) at or below the snapshot's last key "
+                        f"{snap.max_key} are not in it (keys {_listed(missing.tolist())})")
+    if len(extra):
+        problems.append(f"{index_dir / m['rows']}: {len(extra)} key(s) that SQLite neither holds nor logged as deleted "
+                        f"(keys {_listed(extra.tolist())})")
     # Same key, different content: impossible after a crash, because keys are never reused.
-    sql_row = np.searchsorted(keys, file_keys[in_sql])
-    file_rows = np.flatnonzero(in_sql)
-    wrong_image = file_keys[in_sql][np.asarray(key_rows[file_rows, 1]) != image_ids[sql_row]]
-    if len(exact) == len(key_rows) and len(file_rows):
-        diff = np.abs(np.asarray(exact[file_rows], dtype=np.float32) - vecs[sql_row]).max(axis=1)
-        wrong_vec = file_keys[in_sql][diff > _EXACT_TOLERANCE]
-    else:
-        wrong_vec = np.zeros(0, np.int64)
-    common = np.intersect1d(graph_keys, keys)
-    wrong_graph = np.zeros(0, np.int64)
-    if len(common):
-        got = np.asarray(view.get(common.astype(np.uint64), dtype=np.float32), dtype=np.float32).reshape(len(common), -1)
-        want = vecs[np.searchsorted(keys, common)]
-        cos = (got * want).sum(axis=1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-12)
-        wrong_graph = common[cos < _GRAPH_MIN_COSINE]
-    for name, bad in ((keys_path, wrong_image), (exact_path, wrong_vec), (usearch_path, wrong_graph)):
+    both = np.flatnonzero(live & np.isin(file_keys, keys))
+    sql_row = np.searchsorted(keys, file_keys[both])
+    wrong_image = file_keys[both][np.asarray(snap.rows[both, 1]) != image_ids[sql_row]]
+    wrong_vec = np.zeros(0, np.int64)
+    if len(both):
+        diff = np.abs(np.asarray(snap.exact[both], dtype=np.float32) - vecs[sql_row]).max(axis=1)
+        wrong_vec = file_keys[both][diff > _EXACT_TOLERANCE]
+    wrong_graph = []
+    for g in snap.graphs:
+        if not len(g):
+            continue
+        gkeys = np.sort(np.asarray(g.keys, dtype=np.int64))
+        common = np.intersect1d(gkeys, file_keys[both])
+        if len(common):
+            got = np.asarray(g.get(common.astype(np.uint64), dtype=np.float32), dtype=np.float32).reshape(len(common), -1)
+            want = vecs[np.searchsorted(keys, common)]
+            cos = (got * want).sum(axis=1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-12)
+            wrong_graph += common[cos < _GRAPH_MIN_COSINE].tolist()
+    in_graphs = np.concatenate([np.asarray(g.keys, dtype=np.int64) for g in snap.graphs if len(g)] or [np.zeros(0, np.int64)])
+    unreachable = np.setdiff1d(live_keys, in_graphs)
+    if len(unreachable):
+        problems.append(f"{index_dir}: {len(unreachable)} snapshot key(s) are in no graph (keys {_listed(unreachable.tolist())})")
+    for name, bad, what in ((m["rows"], wrong_image, "image"), (m["exact"], wrong_vec, "vector"),
+                            ("graph", np.asarray(wrong_graph, np.int64), "vector")):
         if len(bad):
-            what = "image" if name == keys_path else "vector"
-            rep.problems.append(
-                f"{name}: {len(bad)} key(s) have another {what} than SQLite (keys {_listed(bad.tolist())}); "
-                "rebuild with `edge-t2t verify --repair`"
-            )
-    if len(wrong_image) or len(wrong_vec) or len(wrong_graph):
+            problems.append(f"{index_dir / name}: {len(bad)} key(s) have another {what} than SQLite "
+                            f"(keys {_listed(bad.tolist())})")
+    if problems:
         info["state"] = "corrupt"
+        for line in problems:
+            rep.problems.append(f"{line}; rebuild with `edge-t2t verify --repair`")
         return "corrupt"
-
-    sql_set = keys
-    missing_graph = np.setdiff1d(sql_set, graph_keys)
-    extra_graph = np.setdiff1d(graph_keys, sql_set)
-    files_agree = len(file_keys) == len(exact) == len(graph_keys) and np.array_equal(np.sort(file_keys), graph_keys)
-    info.update(missing_from_usearch=int(len(missing_graph)), extra_in_usearch=int(len(extra_graph)))
-    if files_agree and not len(missing_graph) and not len(extra_graph):
-        info["state"] = "match"
-        return "match"
-    info["state"] = "stale"
-    detail = []
-    if len(missing_graph):
-        detail.append(f"{len(missing_graph)} SQLite key(s) not in {usearch_path.name}")
-    if len(extra_graph):
-        detail.append(f"{len(extra_graph)} key(s) in {usearch_path.name} no longer in SQLite")
-    if not files_agree:
-        detail.append(f"{keys_path.name}/{exact_path.name}/{usearch_path.name} hold {len(file_keys)}/{len(exact)}/{len(graph_keys)} vectors")
-    rep.warnings.append(
-        f"{index_dir}: vector files are stale ({'; '.join(detail)}), as a kill between a commit and the next save "
-        "leaves them; the next search or index rebuilds them, or run `edge-t2t verify --repair`"
-    )
-    return "stale"
+    newer = int((keys > snap.max_key).sum())
+    pending = int(np.isin(live_keys, deletions).sum())
+    info.update(newer_than_snapshot=newer, deleted_since_snapshot=pending)
+    if newer or pending:
+        info["state"] = "stale"
+        rep.warnings.append(
+            f"{index_dir}: the vector snapshot (generation {snap.generation}) lags SQLite by {newer} new and {pending} "
+            "deleted text(s), as an index run leaves it between saves or after a kill; searches already see them, "
+            "and the next `edge-t2t index` (or `edge-t2t verify --repair`) saves them"
+        )
+        return "stale"
+    info["state"] = "match"
+    return "match"
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -427,26 +438,23 @@ def _check_models(conn, meta: dict, rep: VerifyReport) -> None:
 
 # -- lock and runs --------------------------------------------------------------------------------
 def _check_lock_and_runs(index_dir: Path, conn, rep: VerifyReport) -> None:
-    from .store import LOCK_FILE, _pid_alive
+    from .store import IndexLock
 
     # A kill between a temp write and its os.replace leaves `<file>.tmp`: harmless, never read.
     leftovers = sorted(p.name for p in index_dir.glob("*.tmp"))
     rep.checks["temp_files"] = leftovers
     if leftovers:
         rep.warnings.append(f"{index_dir}: leftover temp file(s) of a killed save: {_listed(leftovers)} (harmless; --repair removes them)")
-    lock = index_dir / LOCK_FILE
-    info: dict = {"present": lock.exists()}
+    lock = IndexLock(index_dir)
+    info: dict = {"present": lock.path.exists()}
     rep.checks["lock"] = info
-    if lock.exists():
-        try:
-            pid = int(lock.read_text().strip() or 0)
-        except (OSError, ValueError):
-            pid = 0
-        info.update(pid=pid, alive=_pid_alive(pid))
+    if info["present"]:
+        pid = lock.holder()
+        info.update(pid=pid, alive=lock.is_locked())
         if info["alive"]:
-            rep.warnings.append(f"{lock}: an index run (pid {pid}) is writing; this report is of its last commit")
+            rep.warnings.append(f"{lock.path}: an index run (pid {pid}) is writing; this report is of its last commit")
         else:
-            rep.warnings.append(f"{lock}: left by process {pid or '?'}, which is gone; the next index run takes it over")
+            rep.warnings.append(f"{lock.path}: left by process {pid or '?'}, which is gone (it holds no lock; harmless)")
     row = conn.execute("SELECT id, status FROM runs ORDER BY id DESC LIMIT 1").fetchone()
     rep.checks["last_run"] = {"id": row[0], "status": row[1]} if row else None
     if row and row[1] == "running" and not info.get("alive"):
@@ -490,6 +498,7 @@ def _sqlite_is_sound(rep: VerifyReport) -> bool:
 
 
 def _verify_once(index_dir: Path, rep: VerifyReport, check_models: bool) -> str | None:
+    from . import vindex
     from .store import STORE_FILE
 
     store_path = index_dir / STORE_FILE
@@ -500,15 +509,31 @@ def _verify_once(index_dir: Path, rep: VerifyReport, check_models: bool) -> str 
         if not _check_schema(conn, rep, store_path):
             return None
         # One read transaction: every query below sees the same commit, even while `index` writes.
-        conn.execute("BEGIN")
+        # The manifest is read before it starts and again once it has, so SQLite is at least as new
+        # as the snapshot and no deletion the snapshot lacks has been pruned from the log yet.
+        for _ in range(20):
+            manifest = vindex.read_manifest(index_dir)
+            conn.execute("BEGIN")
+            try:
+                _check_foreign_keys(conn, rep, store_path)
+                if vindex.read_manifest(index_dir) == manifest:
+                    break
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("ROLLBACK")
+            rep.checks["sqlite"].pop("foreign_key_violations", None)
+            rep.problems.clear()  # only the foreign key lines can be there: checked again
         try:
-            _check_foreign_keys(conn, rep, store_path)
             meta = _meta(conn)
             rep.checks["counts"] = {
                 "images_ok": conn.execute("SELECT COUNT(*) FROM images WHERE status = 'ok'").fetchone()[0],
                 "images_failed": conn.execute("SELECT COUNT(*) FROM images WHERE status = 'failed'").fetchone()[0],
             }
             sql = _check_variants(conn, meta, rep, store_path)
+            seen = int((manifest or {}).get("deletions_seen", 0))
+            deletions = np.fromiter((r[0] for r in conn.execute(
+                "SELECT key FROM variant_deletions WHERE seq > ?", (seen,))), dtype=np.int64)
             if check_models:
                 _check_models(conn, meta, rep)
             _check_lock_and_runs(index_dir, conn, rep)
@@ -516,7 +541,7 @@ def _verify_once(index_dir: Path, rep: VerifyReport, check_models: bool) -> str 
             conn.execute("COMMIT")
         if sql is None:
             return None
-        return _check_vectors(index_dir, meta, sql, rep)
+        return _check_vectors(index_dir, meta, sql, manifest, np.sort(deletions), rep)
     except sqlite3.DatabaseError as exc:
         rep.problems.append(f"{store_path}: {exc}; delete the index directory and re-index")
         return None
@@ -525,14 +550,11 @@ def _verify_once(index_dir: Path, rep: VerifyReport, check_models: bool) -> str 
 
 
 def _repair(index_dir: Path) -> int:
-    """Rebuild the vector files from SQLite under the index lock (refused while `index` runs)."""
-    from . import vindex
-    from .store import IndexLock, Store
+    """Rebuild the vector snapshot from SQLite under the index lock (refused while `index` runs)."""
+    from .indexdir import IndexDir
 
-    with IndexLock(index_dir), Store(index_dir) as store:
-        dim = int(store.get_meta("dim", 0) or 0)
-        dtype = store.get_meta("dtype", "i8")
-        n = vindex.rebuild(index_dir, store, dim, dtype)
+    with IndexDir.open_writer(index_dir, create=False) as ix:
+        n = ix.rebuild()
         for tmp in index_dir.glob("*.tmp"):  # safe under the lock: no save is in flight
             tmp.unlink(missing_ok=True)
         return n

@@ -267,7 +267,7 @@ def child_main() -> None:
 
     from contextlib import contextmanager
 
-    from edge_t2t import embedder, indexer, store, vindex, vlm
+    from edge_t2t import embedder, indexdir, indexer, store, vindex, vlm
 
     orig_generate = vlm.VLM.generate
 
@@ -296,21 +296,33 @@ def child_main() -> None:
 
     store.Store.transaction = transaction
 
-    orig_np_save = np.save
+    # Save every batch (not every 60 s), so the kills land on many snapshot saves.
+    indexdir.CHECKPOINT_EVERY_S = 0.0
 
-    def np_save(file, *a, **k):
-        orig_np_save(file, *a, **k)
-        reach("save_npy")
+    orig_append = vindex.VectorWriter._append
 
-    vindex.np.save = np_save  # vindex's `np` is numpy itself: this is the only np.save caller we run
+    def append(self, *a, **k):
+        out = orig_append(self, *a, **k)
+        reach("append")  # rows appended past the manifest's count: cut off by the next writer
+        return out
 
-    orig_save_usearch = vindex._atomic_save_usearch
+    vindex.VectorWriter._append = append
 
-    def save_usearch(path, index):
-        reach("save_usearch")
-        return orig_save_usearch(path, index)
+    orig_save_graph = vindex._save_graph
 
-    vindex._atomic_save_usearch = save_usearch
+    def save_graph(path, graph):
+        reach("save_graph")
+        return orig_save_graph(path, graph)
+
+    vindex._save_graph = save_graph
+
+    orig_manifest = vindex._write_manifest
+
+    def write_manifest(index_dir, manifest):
+        orig_manifest(index_dir, manifest)
+        reach("manifest")  # the new generation is out, SQLite's meta and deletion log not yet updated
+
+    vindex._write_manifest = write_manifest
 
     orig_sha = indexer.sha256_file
 

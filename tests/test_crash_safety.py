@@ -2,13 +2,15 @@
 
 Kill moments come from two sources, both seeded:
 - named stages, through the fault wrapper in helpers_media (the child process wraps the VLM's
-  generate, Embedder.embed, Store.transaction, the .npy and usearch saves, and kills itself at the
-  N-th time it reaches one): captioning, embedding, before and after each SQLite COMMIT, between
-  a vector file's temp write and its os.replace, and between the .npy files and the usearch save;
+  generate, Embedder.embed, Store.transaction and the vector snapshot's saves, which it makes
+  happen after every batch, and kills itself at the N-th time it reaches one): captioning,
+  embedding, before and after each SQLite COMMIT, after rows are appended to the vector files,
+  before a graph is saved, and after a manifest is replaced but before SQLite records it;
 - plain timers (SIGKILL from outside after a random delay), which land anywhere, start-up included.
 
-After each kill: the store opens, `verify` passes (stale vector files are allowed: a kill between a
-commit and the save leaves them, and they are rebuilt on open), and the kill-chain finally resumes
+After each kill: the store opens, `verify` passes (a snapshot that lags SQLite is allowed: a kill
+between a commit and the save leaves it, searches read the newer rows by key, and the next run
+catches it up), and the kill-chain finally resumes
 to the same images, texts and search results as an uninterrupted run with the cache off.
 """
 
@@ -113,7 +115,8 @@ def _assert_same_as_reference(ctx: dict, index: Path) -> None:
     assert _search(ctx, index) == ctx["ref_search"]
 
 
-STAGE_RANGES = {"caption": 3, "embed": 3, "commit_before": 4, "commit_after": 4, "save_npy": 6, "save_usearch": 3}
+STAGE_RANGES = {"caption": 3, "embed": 3, "commit_before": 4, "commit_after": 4, "append": 6, "save_graph": 4,
+                "manifest": 4}
 KILLS_WANTED = 22
 MAX_RUNS = 45
 

@@ -36,8 +36,11 @@ def texts_of(ix) -> dict[str, list[str]]:
 
 
 def consistent(ix) -> bool:
-    with Store(ix) as st:
-        return vindex.is_consistent(ix, st.variant_keys(), int(st.get_meta("dim")), st.get_meta("dtype"))
+    """The saved vector snapshot holds exactly SQLite's texts, keys, images and vectors."""
+    from edge_t2t.verify import verify_index
+
+    rep = verify_index(ix, check_models=False)
+    return rep.ok and rep.checks["vectors"]["state"] == "match"
 
 
 @pytest.fixture
@@ -231,3 +234,76 @@ def test_no_describer_for_new_images_is_a_clear_error(tmp_path):
     d = five_images(tmp_path)
     with pytest.raises(StoreError, match="--vlm"):
         Indexer(tmp_path / "ix", embedder=FakeEmbedder()).run([d])
+
+
+def test_an_update_appends_to_the_snapshot_instead_of_rebuilding_it(tmp_path, folder):
+    """A second run loads the saved snapshot and adds only the change: the base graph is the
+    same file, byte for byte, the row file is appended to, and one new generation is saved."""
+    d, caps = folder
+    ix = tmp_path / "ix"
+    Indexer(ix, embedder=FakeEmbedder()).run([d], captions_file=caps)
+    m1 = vindex.read_manifest(ix)
+    base = (ix / m1["base"]).read_bytes()
+    rows_inode = (ix / m1["rows"]).stat().st_ino
+    make_image(d / "e.png", COLOURS["e"])
+    with open(caps, "a") as fh:
+        fh.write(json.dumps({"image": "e.png", "variants": ["scene e one"]}) + "\n")
+    s = Indexer(ix, embedder=FakeEmbedder()).run([d], captions_file=caps)
+    m2 = vindex.read_manifest(ix)
+    assert s.added == 1 and not s.rebuilt_vectors
+    assert m2["generation"] == m1["generation"] + 1 and m2["base"] == m1["base"]
+    assert (ix / m2["base"]).read_bytes() == base and (ix / m2["rows"]).stat().st_ino == rows_inode
+    assert m2["tail_count"] == m1["tail_count"] + s.texts_added and m2["n_rows"] == m1["n_rows"] + s.texts_added
+    with Store(ix) as st:
+        assert st.get_meta("vector_generation") == m2["generation"]
+    assert consistent(ix)
+
+
+def test_a_file_gone_between_the_walk_and_its_stat_is_one_failure(tmp_path, folder, monkeypatch):
+    from edge_t2t import images
+
+    d, caps = folder
+    real = images.find_images
+
+    def walk_then_vanish(roots, on_error):
+        found = list(real(roots, on_error=on_error))
+        (d / "b.png").unlink()  # deleted after the walk saw it
+        yield from found
+
+    monkeypatch.setattr(images, "find_images", walk_then_vanish)
+    s = Indexer(tmp_path / "ix", embedder=FakeEmbedder()).run([d], captions_file=caps)
+    assert s.added == 2 and s.failures == [(str((d / "b.png").resolve()), "no such file (it disappeared during the scan)")]
+
+
+def test_a_fifo_is_not_a_regular_file(tmp_path, folder):
+    d, caps = folder
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    s = Indexer(tmp_path / "ix", embedder=FakeEmbedder()).run([d, fifo], captions_file=caps)
+    assert (str(fifo), "not a regular file") in s.failures and s.added == 3
+
+
+def test_index_help_names_sentences_as_the_default_text_mode():
+    import argparse
+
+    from edge_t2t.cli import index as cli_index
+
+    parser = argparse.ArgumentParser()
+    cli_index.register(parser.add_subparsers())
+    help_text = " ".join(parser._subparsers._group_actions[0].choices["index"].format_help().split())
+    assert "sentences (the default" in help_text and "the paper's form; default" not in help_text
+    assert DEFAULT_TEXT_MODE == "sentences"
+
+
+def test_a_run_saves_at_its_end_and_at_most_every_checkpoint_interval(tmp_path, monkeypatch):
+    from edge_t2t import indexdir
+
+    d = five_images(tmp_path)
+    monkeypatch.setattr(captioning, "caption_images", FakeCaptioner())
+    Indexer(tmp_path / "once", embedder=FakeEmbedder(), vlm_cfg=object(), batch_size=1).run([d])
+    # one save when the (empty) snapshot is created, one at the end: not one per batch
+    assert vindex.read_manifest(tmp_path / "once")["generation"] == 2
+    monkeypatch.setattr(indexdir, "CHECKPOINT_EVERY_S", 0.0)
+    Indexer(tmp_path / "often", embedder=FakeEmbedder(), vlm_cfg=object(), batch_size=1).run([d])
+    assert vindex.read_manifest(tmp_path / "often")["generation"] == 1 + 5  # creation + one per batch
+    assert consistent(tmp_path / "once") and consistent(tmp_path / "often")

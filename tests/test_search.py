@@ -111,11 +111,22 @@ def test_long_query_is_truncated_with_a_warning(index, emb):
     assert not S.search(index, "stadium", k=1, embedder=emb, warn=warnings.append) or len(warnings) == 1
 
 
-def test_stale_vector_files_are_rebuilt_on_search(index, emb):
-    (index / "vectors.usearch").unlink()
+def test_search_without_a_snapshot_scores_sqlite_and_never_writes(index, emb, capsys):
+    from edge_t2t import vindex
+
+    (index / vindex.MANIFEST_FILE).unlink()
+    before = sorted(p.name for p in index.iterdir())
     hits = S.search(index, "dense forest trees", k=1, embedder=emb, mode="hnsw")
     assert hits[0].image == "forest.jpg"
-    assert (index / "vectors.usearch").exists()
+    assert "no vector snapshot" in capsys.readouterr().err
+    assert sorted(p.name for p in index.iterdir()) == before  # a reader never writes
+    from edge_t2t.indexdir import IndexDir
+
+    with IndexDir.open_writer(index) as ix:  # the next writer rebuilds it
+        ix.open_vectors(emb.dim, "f32")
+    assert (index / vindex.MANIFEST_FILE).exists()
+    assert S.search(index, "dense forest trees", k=1, embedder=emb, mode="hnsw")[0].image == "forest.jpg"
+    assert capsys.readouterr().err == ""
 
 
 def test_search_by_variants_maxes_over_pairs_and_excludes_self(index, emb):
@@ -171,18 +182,45 @@ def test_hit_json_contract():
     assert np.isclose(h.to_dict()["score"], 0.123457)
 
 
-def test_search_during_an_index_run_uses_the_files_as_they_are(index, emb, capsys):
-    from edge_t2t.store import IndexLock
+def test_search_sees_commits_made_after_the_last_save(index, emb, tmp_path):
+    """An index run saves its snapshot at most every 60 s: a search in between reads the newer
+    texts by key and the deleted ones drop out at row lookup, with k results still."""
+    from edge_t2t import vindex
+    from edge_t2t.store import IndexLock, NewText
 
-    with Store(index) as st, st.transaction():  # committed, but the writer has not saved yet
+    before = {p.name: p.stat().st_mtime_ns for p in index.iterdir() if p.name != "store.sqlite"}
+    with IndexLock(index), Store(index) as st, st.transaction():  # committed, not yet saved
         st.remove_images([st.images()["forest.jpg"].id])
-    with IndexLock(index):  # the (simulated) index run holds the lock
-        hits = S.search(index, "dense green forest", k=3, embedder=emb, mode="exact")
-    assert "forest.jpg" not in [h.image for h in hits] and len(hits) >= 2
-    assert "being indexed" in capsys.readouterr().err
-    # once the lock is free, the next search rebuilds the files from SQLite
-    hits = S.search(index, "dense green forest", k=3, embedder=emb, mode="exact")
-    assert "rebuilt" in capsys.readouterr().err and "forest.jpg" not in [h.image for h in hits]
+        new_id = st.put_image("lake.jpg", source="captions")
+        st.add_texts(new_id, [NewText(0, "joined", Variant("a blue lake"), "a blue lake", emb.embed(["a blue lake"])[0])])
+    for mode in vindex.MODES:
+        hits = S.search(index, "dense green forest", k=3, embedder=emb, mode=mode)
+        assert "forest.jpg" not in [h.image for h in hits] and len(hits) == 3
+        assert S.search(index, "a blue lake", k=1, embedder=emb, mode=mode)[0].image == "lake.jpg"
+    after = {p.name: p.stat().st_mtime_ns for p in index.iterdir() if p.name != "store.sqlite"}
+    assert {k: v for k, v in after.items() if not k.startswith("store.sqlite")} == \
+        {k: v for k, v in before.items() if not k.startswith("store.sqlite")}
+
+
+def test_an_image_whose_best_text_was_deleted_falls_back_to_its_next_best(index, emb):
+    """rank_images used to drop such an image and return fewer than k results."""
+    with Store(index) as st:
+        harbour = st.images()["harbour.jpg"].id
+        keys = [r[0] for r in st.conn.execute("SELECT id FROM variants WHERE image_id = ? ORDER BY id", (harbour,))]
+    store, vectors = S.open_for_search(index)  # the vectors as saved: all harbour texts present
+    try:
+        q = emb.embed(["boats moored in a harbour"])
+        first = S.rank_images(store, vectors, q, k=len(SCENES), mode="exact")
+        assert first[0].image == "harbour.jpg" and first[0].text.startswith("boats moored in a harbour")
+        with store.transaction():  # the best text goes between the vector search and the row lookup
+            store.conn.execute("DELETE FROM variants WHERE id = ?", (keys[0],))
+        hits = S.rank_images(store, vectors, q, k=len(SCENES), mode="exact")
+    finally:
+        store.close()
+    assert len(hits) == len(SCENES)
+    harbour_hit = next(h for h in hits if h.image == "harbour.jpg")
+    assert harbour_hit.text.startswith(("a pier with ships and cranes", "container port by the sea"))
+    assert harbour_hit.score < first[0].score
 
 
 def test_reports_table_jsonl_and_html(tmp_path, rsicd_samples):

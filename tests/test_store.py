@@ -85,7 +85,7 @@ def test_v1_store_migrates_to_v2_keeping_rows_and_ids(tmp_path):
     conn.close()
 
     with Store(ix) as st:
-        assert st.conn.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION == 2
+        assert st.conn.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION >= 2
         assert st.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1  # restored after the rebuild
         assert not st.conn.execute("PRAGMA foreign_key_check").fetchall()
         cols = {r[1] for r in st.conn.execute("PRAGMA table_info(descriptions)")}
@@ -210,12 +210,59 @@ def test_lock_refuses_a_live_holder_and_names_its_pid(tmp_path):
     assert not (tmp_path / "index.lock").exists()
 
 
-def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+def test_a_lock_file_left_by_a_dead_process_is_no_lock(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()  # its pid is now free (dead)
     (tmp_path / "index.lock").write_text(str(proc.pid))
     with IndexLock(tmp_path) as lock:
         assert lock.held
+
+
+def test_the_kernel_frees_the_lock_of_a_killed_holder(tmp_path):
+    """flock on a held descriptor: while the holder lives every other taker is refused (with its
+    pid); SIGKILL frees it, with no stale-pid guessing that could let two writers in."""
+    code = ("import sys, time; from edge_t2t.store import IndexLock; IndexLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for _ in range(3):
+            with pytest.raises(StoreError, match=f"process {holder.pid}"):
+                IndexLock(tmp_path).acquire()
+        assert IndexLock(tmp_path).is_locked()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not IndexLock(tmp_path).is_locked()
+    takers = [IndexLock(tmp_path), IndexLock(tmp_path)]
+    takers[0].acquire()
+    with pytest.raises(StoreError):  # exactly one of two new takers gets it
+        takers[1].acquire()
+    takers[0].release()
+
+
+def test_deleted_texts_are_logged_for_the_vector_snapshot(tmp_path):
+    """Schema v3: every deleted text's key is logged (cascades from images too), so a writer catches
+    its snapshot up by reading the log, not by comparing every key."""
+    with Store(tmp_path, create=True) as st:
+        st.set_meta("dim", 4)
+        with st.transaction():
+            a = st.put_image("/a.jpg")
+            ka = st.add_texts(a, [NewText(i, "joined", Variant(f"t{i}"), f"t{i}", np.ones(4, np.float32) / 2) for i in range(3)])
+            b = st.put_image("/b.jpg")
+            kb = st.add_texts(b, [NewText(0, "joined", Variant("u"), "u", np.ones(4, np.float32) / 2)])
+        assert st.deletions_after(0)[0] == 0 and st.deletions_after(0)[1].size == 0
+        with st.transaction():
+            st.conn.execute("DELETE FROM variants WHERE id = ?", (ka[0],))
+            st.remove_images([b])
+            st.put_image("/a.jpg")  # replaces /a.jpg: its remaining texts cascade away
+        last, keys = st.deletions_after(0)
+        assert sorted(keys.tolist()) == sorted([*ka, *kb]) and last == 4
+        assert st.deletions_after(2)[1].tolist() == keys[2:].tolist()
+        st.prune_deletions(3)
+        assert st.deletions_after(0)[1].tolist() == keys[3:].tolist()
+        keys_in, _, vecs = st.vectors_in(0)
+        assert keys_in.size == 0 and vecs.shape == (0, 4)
 
 
 def test_wait_blocks_until_the_holder_releases(tmp_path):

@@ -54,8 +54,24 @@ def _build(index_dir: Path, *, images: int = 6, texts: int = 3, dtype: str = "i8
                 variant = Variant("a field", (Feature("river", "west", "large"),), "a caption")
                 store.add_texts(image_id, [NewText(j, "joined", variant, f"text {i}.{j}", vecs[j]) for j in range(texts)])
             store.put_image("/data/broken.png", status="failed", error="cannot decode")
-        vindex.rebuild(index_dir, store, DIM, dtype)
+    _rebuild(index_dir)
     return index_dir
+
+
+def _rebuild(index_dir: Path, dtype: str | None = None) -> None:
+    from edge_t2t.indexdir import IndexDir
+
+    with IndexDir.open_writer(index_dir, create=False) as ix:
+        ix.rebuild(DIM, dtype)
+
+
+def _file(index_dir: Path, kind: str) -> Path:
+    """The snapshot file of one kind (rows, exact, base, ...) that the manifest names."""
+    return index_dir / vindex.read_manifest(index_dir)[kind]
+
+
+def _rows(index_dir: Path) -> np.ndarray:
+    return np.fromfile(_file(index_dir, "rows"), dtype=np.int64).reshape(-1, 2)
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -90,8 +106,8 @@ def test_stale_vectors_are_a_warning_and_repair_fixes_them(tmp_path: Path) -> No
     rep = verify_index(index)
     assert rep.ok, rep.problems
     assert rep.checks["vectors"]["state"] == "stale"
-    assert rep.checks["vectors"]["missing_from_usearch"] == 1
-    assert any("stale" in w for w in rep.warnings)
+    assert rep.checks["vectors"]["newer_than_snapshot"] == 1
+    assert any("lags" in w for w in rep.warnings)
     fixed = verify_index(index, repair=True)
     assert fixed.ok and fixed.repaired
     assert fixed.checks["vectors"]["state"] == "match"
@@ -100,21 +116,20 @@ def test_stale_vectors_are_a_warning_and_repair_fixes_them(tmp_path: Path) -> No
 
 def test_missing_vector_files_are_rebuilt(tmp_path: Path) -> None:
     index = _build(tmp_path / "idx")
-    for p in vindex.files(index):
-        p.unlink()
+    (index / vindex.MANIFEST_FILE).unlink()
     rep = verify_index(index)
     assert rep.ok and rep.checks["vectors"]["state"] == "missing"
     assert verify_index(index, repair=True).checks["vectors"]["state"] == "match"
-    assert all(p.exists() for p in vindex.files(index))
+    assert all((index / name).exists() for name in vindex.manifest_files(vindex.read_manifest(index)))
 
 
 def test_garbage_usearch_file_is_a_problem(tmp_path: Path) -> None:
     index = _build(tmp_path / "idx")
-    (index / vindex.USEARCH_FILE).write_bytes(b"\x00garbage" * 100)
+    _file(index, "base").write_bytes(b"\x00garbage" * 100)
     rep = verify_index(index)
     assert not rep.ok
     assert rep.checks["vectors"]["state"] == "corrupt"
-    assert any(vindex.USEARCH_FILE in p for p in rep.problems)
+    assert any("unreadable" in p for p in rep.problems)
     fixed = verify_index(index, repair=True)
     assert fixed.ok, fixed.problems
     assert fixed.checks["vectors"]["state"] == "match"
@@ -122,19 +137,18 @@ def test_garbage_usearch_file_is_a_problem(tmp_path: Path) -> None:
 
 def test_wrong_dtype_and_wrong_vectors_are_problems(tmp_path: Path) -> None:
     index = _build(tmp_path / "idx", dtype="i8")
-    with Store(index) as store:
-        vindex.rebuild(index, store, DIM, "f16")  # files of another dtype than meta says
+    _rebuild(index, "f16")  # files of another dtype than meta says
     rep = verify_index(index)
     assert not rep.ok and any("dtype f16" in p for p in rep.problems)
 
     index2 = _build(tmp_path / "idx2", dtype="f32")
-    exact = np.load(index2 / vindex.EXACT_FILE)
+    exact = np.memmap(_file(index2, "exact"), dtype=np.float32, mode="r+").reshape(-1, DIM)
     exact[2] = -exact[2]  # same key, other vector: no crash can do that
-    np.save(index2 / vindex.EXACT_FILE, exact)
+    exact.flush()
     rep2 = verify_index(index2)
     assert not rep2.ok
-    keys = np.load(index2 / vindex.KEYS_FILE)
-    assert any(vindex.EXACT_FILE in p and str(int(keys[2, 0])) in p for p in rep2.problems)
+    keys = _rows(index2)
+    assert any(_file(index2, "exact").name in p and str(int(keys[2, 0])) in p for p in rep2.problems)
 
 
 def test_bad_vector_blobs_are_problems(tmp_path: Path) -> None:
@@ -248,11 +262,12 @@ def test_cli_exit_codes_and_json(tmp_path: Path) -> None:
     text = _cli("--index", str(index))
     assert text.returncode == 0 and text.stdout.startswith("ok: ")
 
-    (index / vindex.KEYS_FILE).write_bytes(b"junk")
+    rows = _file(index, "rows")
+    rows.write_bytes(b"junk")
     bad = _cli("--index", str(index))
     assert bad.returncode == 1
     problem_lines = [ln for ln in bad.stdout.splitlines() if ln.startswith("problem: ")]
-    assert problem_lines and all(vindex.KEYS_FILE in ln for ln in problem_lines)
+    assert problem_lines and all(rows.name in ln for ln in problem_lines)
 
     repaired = _cli("--index", str(index), "--repair", "--json")
     assert repaired.returncode == 0, repaired.stdout
@@ -266,27 +281,26 @@ def test_cli_exit_codes_and_json(tmp_path: Path) -> None:
 
 def test_repair_refuses_while_an_index_run_holds_the_lock(tmp_path: Path) -> None:
     index = _build(tmp_path / "idx")
-    for p in vindex.files(index):
-        p.unlink()
-    (index / LOCK_FILE).write_text(str(os.getpid()))  # a live writer (this process)
-    try:
+    from edge_t2t.store import IndexLock
+
+    (index / vindex.MANIFEST_FILE).unlink()
+    with IndexLock(index):  # a live writer (this process)
         res = _cli("--index", str(index), "--repair")
-    finally:
-        (index / LOCK_FILE).unlink()
     assert res.returncode == 2
     assert LOCK_FILE in res.stderr and str(os.getpid()) in res.stderr and "Traceback" not in res.stderr
-    assert not (index / vindex.USEARCH_FILE).exists()
+    assert not (index / vindex.MANIFEST_FILE).exists()
 
 
 def test_leftover_temp_files_are_a_warning_and_repair_removes_them(tmp_path: Path) -> None:
     index = _build(tmp_path / "idx")
-    (index / (vindex.EXACT_FILE + ".tmp")).write_bytes(b"half a save")
+    tmp = "base.9.usearch.tmp"
+    (index / tmp).write_bytes(b"half a save")
     rep = verify_index(index)
-    assert rep.ok and rep.checks["temp_files"] == [vindex.EXACT_FILE + ".tmp"]
+    assert rep.ok and rep.checks["temp_files"] == [tmp]
     assert any(".tmp" in w for w in rep.warnings)
     fixed = verify_index(index, repair=True)
     assert fixed.ok and fixed.repaired and fixed.checks["temp_files"] == []
-    assert not (index / (vindex.EXACT_FILE + ".tmp")).exists()
+    assert not (index / tmp).exists()
 
 
 def test_embedder_built_from_other_weights_is_a_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -301,12 +315,13 @@ def test_embedder_built_from_other_weights_is_a_problem(tmp_path: Path, monkeypa
 
 def test_key_pointing_at_another_image_is_a_problem(tmp_path: Path) -> None:
     index = _build(tmp_path / "idx", dtype="f32")
-    rows = np.load(index / vindex.KEYS_FILE)
+    rows = np.memmap(_file(index, "rows"), dtype=np.int64, mode="r+").reshape(-1, 2)
     rows[0, 1] = rows[-1, 1]  # key of image 1 now claims the last image: results would name the wrong file
-    np.save(index / vindex.KEYS_FILE, rows)
+    rows.flush()
     rep = verify_index(index)
     assert not rep.ok and rep.checks["vectors"]["state"] == "corrupt"
-    assert any(vindex.KEYS_FILE in p and "another image" in p and str(int(rows[0, 0])) in p for p in rep.problems)
+    name = _file(index, "rows").name
+    assert any(name in p and "another image" in p and str(int(rows[0, 0])) in p for p in rep.problems)
     assert verify_index(index, repair=True).ok
 
 
@@ -370,3 +385,34 @@ def test_vlm_files_recorded_by_index_changed_or_missing(tmp_path: Path, monkeypa
     assert rep.ok, rep.problems
     assert rep.checks["models"]["vlm"]["files"][str(mmproj.resolve())] == "missing"
     assert [w for w in rep.warnings if str(mmproj.resolve()) in w and "missing" in w]
+
+
+def test_texts_deleted_since_the_snapshot_are_stale_not_a_problem(tmp_path: Path) -> None:
+    index = _build(tmp_path / "idx")
+    with Store(index) as store, store.transaction():
+        store.remove_images([store.images()["/data/img0.png"].id])  # committed; the snapshot still holds its keys
+    rep = verify_index(index)
+    assert rep.ok, rep.problems
+    assert rep.checks["vectors"]["state"] == "stale" and rep.checks["vectors"]["deleted_since_snapshot"] == 3
+    fixed = verify_index(index, repair=True)
+    assert fixed.ok and fixed.checks["vectors"]["state"] == "match"
+
+
+def test_a_snapshot_of_another_index_or_missing_keys_is_a_problem(tmp_path: Path) -> None:
+    import shutil
+
+    a, b = _build(tmp_path / "a"), _build(tmp_path / "b")
+    for name in vindex.manifest_files(vindex.read_manifest(a)) + [vindex.MANIFEST_FILE]:
+        shutil.copy(a / name, b / name)  # same vectors, but another index's snapshot
+    rep = verify_index(b)
+    assert not rep.ok and any("another index" in p for p in rep.problems)
+    assert verify_index(b, repair=True).ok
+
+    # a key at or below the snapshot's last key that the snapshot lacks: no crash leaves that
+    with Store(a) as store:
+        first = int(store.variant_keys()[0])
+    rows = np.memmap(_file(a, "rows"), dtype=np.int64, mode="r+").reshape(-1, 2)
+    rows[0, 0] = 0  # the file no longer holds key `first`
+    rows.flush()
+    rep = verify_index(a)
+    assert not rep.ok and any(f"keys {first}" in p or f"keys {first}," in p for p in rep.problems), rep.problems

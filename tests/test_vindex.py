@@ -35,26 +35,28 @@ def fill_store(path, vecs, groups) -> Store:
     return st
 
 
+def build_from(st: Store, path, dtype="i8") -> vindex.VectorWriter:
+    keys, image_ids, vecs = st.all_vectors()
+    return vindex.build(path, keys, image_ids, vecs, DIM, dtype)
+
+
+def all_modes(snap, q, k):
+    return {mode: snap.search(q, k, mode=mode) for mode in vindex.MODES}
+
+
 @pytest.mark.parametrize("dtype", ["f32", "f16", "i8"])
 def test_dtype_round_trip_and_modes_agree(tmp_path, dtype):
     vecs, groups = clustered()
     st = fill_store(tmp_path, vecs, groups)
     keys, image_ids, stored = st.all_vectors()
-    w = vindex.VectorWriter(tmp_path, DIM, dtype)
-    w.add(keys, image_ids, stored)
-    w.save()
-    state = vindex.on_disk_state(tmp_path)
-    assert state["dtype"] == dtype and state["dim"] == DIM and state["count"] == len(keys)
-    assert vindex.is_consistent(tmp_path, keys, DIM, dtype)
-    assert not vindex.is_consistent(tmp_path, keys, DIM, "f32" if dtype != "f32" else "i8")
-    exact_dtype = np.load(tmp_path / vindex.EXACT_FILE).dtype
-    assert exact_dtype == (np.float32 if dtype == "f32" else np.float16)
-
-    vi = vindex.VectorIndex(tmp_path)
+    build_from(st, tmp_path, dtype)
+    snap = vindex.Snapshot.open(tmp_path)
+    assert snap.dtype == dtype and snap.dim == DIM and len(snap) == len(keys) and snap.generation == 1
+    assert snap.exact.dtype == (np.float32 if dtype == "f32" else np.float16)
     q = vecs[::7]
-    ex = vi.search(q, 5, mode="exact")
-    rs = vi.search(q, 5, mode="rescore")
-    hn = vi.search(q, 5, mode="hnsw")
+    ex = snap.search(q, 5, mode="exact")
+    rs = snap.search(q, 5, mode="rescore")
+    hn = snap.search(q, 5, mode="hnsw")
     truth = q @ vecs.T
     for i in range(len(q)):
         # exact mode returns the true top 5 with (f16-rounded) exact scores
@@ -74,69 +76,129 @@ def test_dtype_round_trip_and_modes_agree(tmp_path, dtype):
 def test_search_on_empty_and_k_larger_than_n(tmp_path):
     vecs, groups = clustered(2, 2)
     st = fill_store(tmp_path, vecs, groups)
-    vindex.rebuild(tmp_path, st, DIM, "i8")
-    vi = vindex.VectorIndex(tmp_path)
+    build_from(st, tmp_path)
+    snap = vindex.Snapshot.open(tmp_path)
     for mode in vindex.MODES:
-        (c,) = vi.search(vecs[:1], 100, mode=mode)
+        (c,) = snap.search(vecs[:1], 100, mode=mode)
         assert len(c.keys) == 4 and len(set(c.keys.tolist())) == 4
     st.close()
-
-
-def test_inconsistent_files_are_detected_and_rebuilt(tmp_path):
-    vecs, groups = clustered(4, 3)
-    st = fill_store(tmp_path, vecs, groups)
-    assert not vindex.is_consistent(tmp_path, st.variant_keys(), DIM, "i8")  # nothing on disk yet
-    w, rebuilt = vindex.VectorWriter.open(tmp_path, st, DIM, "i8")
-    assert rebuilt and w.dirty
-    w.save()
-    assert vindex.is_consistent(tmp_path, st.variant_keys(), DIM, "i8")
-    # SQLite moves on (an image removed) but the files were not saved: a mismatch.
-    with st.transaction():
-        st.remove_images([1])
-    assert not vindex.is_consistent(tmp_path, st.variant_keys(), DIM, "i8")
-    w2, rebuilt2 = vindex.VectorWriter.open(tmp_path, st, DIM, "i8")
-    assert rebuilt2 and len(w2) == len(st.variant_keys())
-    w2.save()
-    assert vindex.is_consistent(tmp_path, st.variant_keys(), DIM, "i8")
-    # A truncated usearch file is caught too.
-    path = tmp_path / vindex.USEARCH_FILE
-    path.write_bytes(path.read_bytes()[:100])
-    assert not vindex.is_consistent(tmp_path, st.variant_keys(), DIM, "i8")
-    st.close()
-
-
-def test_remove_drops_keys_from_graph_and_exact_vectors(tmp_path):
-    vecs, groups = clustered(3, 2)
-    st = fill_store(tmp_path, vecs, groups)
-    w, _ = vindex.VectorWriter.open(tmp_path, st, DIM, "f16")
-    gone = w.keys[:2].tolist()
-    w.remove(gone)
-    w.save()
-    vi = vindex.VectorIndex(tmp_path)
+    empty = tmp_path / "empty"
+    vindex.build(empty, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, DIM), np.float32), DIM, "i8")
     for mode in vindex.MODES:
-        (c,) = vi.search(vecs[:1], 10, mode=mode)
-        assert not set(gone) & set(c.keys.tolist()) and len(c.keys) == 4
+        assert len(vindex.Snapshot.open(empty).search(vecs[:1], 5, mode=mode)[0].keys) == 0
+
+
+def test_an_update_appends_and_never_disturbs_an_open_reader(tmp_path):
+    vecs, groups = clustered(6, 4)
+    st = fill_store(tmp_path, vecs[:12], groups[:12])
+    build_from(st, tmp_path)
+    old = vindex.Snapshot.open(tmp_path)
+    base = tmp_path / old.manifest["base"]
+    base_bytes = base.read_bytes()
+    rows_inode = (tmp_path / old.manifest["rows"]).stat().st_ino
+    old_results = all_modes(old, vecs[:3], 5)
+
+    w = vindex.VectorWriter.from_manifest(tmp_path, DIM, "i8")
+    keys, image_ids, _ = st.all_vectors()
+    w.add(np.arange(100, 112), np.full(12, 99), vecs[12:])
+    w.remove(keys[:2])
+    w.save()
+    new = vindex.Snapshot.open(tmp_path)
+    assert new.generation == 2 and len(new) == 22 and new.manifest["tail_count"] == 12
+    # the base graph was not rewritten and the row file was appended to, not replaced
+    assert base.read_bytes() == base_bytes and new.manifest["base"] == old.manifest["base"]
+    assert (tmp_path / new.manifest["rows"]).stat().st_ino == rows_inode
+    # the reader that opened generation 1 still sees exactly generation 1
+    for mode, cands in all_modes(old, vecs[:3], 5).items():
+        for a, b in zip(cands, old_results[mode], strict=True):
+            assert a.keys.tolist() == b.keys.tolist()
+    # generation 2: removed keys never come back, new ones are found, in every mode
+    for mode, cands in all_modes(new, vecs[12:15], 5).items():
+        for c in cands:
+            assert not set(keys[:2].tolist()) & set(c.keys.tolist()), mode
+            assert c.keys[0] >= 100 and len(c.keys) == 5, mode
+    for mode, (c,) in all_modes(new, vecs[:1], 30).items():
+        assert len(c.keys) == 22 and not set(keys[:2].tolist()) & set(c.keys.tolist()), mode
     st.close()
 
 
-def test_save_is_atomic(tmp_path, monkeypatch):
+def test_rows_appended_after_the_manifest_are_cut_off(tmp_path):
+    """A writer killed after appending but before its manifest leaves extra rows: readers ignore
+    them and the next writer truncates them before appending its own."""
     vecs, groups = clustered(3, 2)
     st = fill_store(tmp_path, vecs, groups)
-    vindex.rebuild(tmp_path, st, DIM, "i8")
-    before = {p.name: p.read_bytes() for p in vindex.files(tmp_path)}
-    w, _ = vindex.VectorWriter.open(tmp_path, st, DIM, "i8")
-    w.remove(w.keys[:1])
+    build_from(st, tmp_path)
+    w = vindex.VectorWriter.from_manifest(tmp_path, DIM, "i8")
+    w.add([50, 51], [7, 7], vecs[:2])  # appended, never saved: the "kill"
+    assert len(vindex.Snapshot.open(tmp_path)) == 6
+    w2 = vindex.VectorWriter.from_manifest(tmp_path, DIM, "i8")
+    w2.add([60], [8], vecs[2:3])
+    w2.save()
+    snap = vindex.Snapshot.open(tmp_path)
+    assert snap.rows[:, 0].tolist() == [*range(1, 7), 60]
+    assert (tmp_path / snap.manifest["rows"]).stat().st_size == 7 * 16
+    st.close()
 
-    def fail_replace(src, dst):
-        raise OSError("disk full")
 
-    monkeypatch.setattr(os, "replace", fail_replace)
+def test_a_failed_save_leaves_the_previous_generation(tmp_path, monkeypatch):
+    vecs, groups = clustered(3, 2)
+    st = fill_store(tmp_path, vecs, groups)
+    build_from(st, tmp_path)
+    before = (tmp_path / vindex.MANIFEST_FILE).read_bytes()
+    w = vindex.VectorWriter.from_manifest(tmp_path, DIM, "i8")
+    w.remove([1])
+    w.add([10], [3], vecs[:1])
+    real_replace = os.replace
+
+    def fail_manifest(src, dst):
+        if str(dst).endswith(vindex.MANIFEST_FILE):
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_manifest)
     with pytest.raises(OSError):
         w.save()
     monkeypatch.undo()
-    # The old files are intact: a failed save never leaves a torn file under the real name.
-    assert {p.name: p.read_bytes() for p in vindex.files(tmp_path)} == before
+    assert (tmp_path / vindex.MANIFEST_FILE).read_bytes() == before
+    snap = vindex.Snapshot.open(tmp_path)
+    assert snap.generation == 1 and len(snap) == 6
+    assert 1 in snap.search(vecs[:1], 6, mode="exact")[0].keys.tolist()
     w.save()
-    assert not list(tmp_path.glob("*.tmp"))
-    assert vindex.on_disk_state(tmp_path)["count"] == len(vecs) - 1
+    assert len(vindex.Snapshot.open(tmp_path)) == 6 and not list(tmp_path.glob("*.tmp"))
     st.close()
+
+
+def test_tail_merges_into_base_and_dead_rows_compact(tmp_path, monkeypatch):
+    from edge_t2t.indexdir import IndexDir
+
+    monkeypatch.setattr(vindex, "TAIL_MAX", 8)
+    monkeypatch.setattr(vindex, "DEAD_MIN", 6)
+    vecs, groups = clustered(10, 4)
+    st = fill_store(tmp_path, vecs[:8], groups[:8])
+    st.set_meta("dtype", "i8")
+    st.close()
+    with IndexDir.open_writer(tmp_path) as ix:
+        ix.open_vectors(DIM, "i8")
+        base0 = ix.writer.base_name
+        with ix.store.transaction():
+            image = ix.store.put_image("/img/new.jpg")
+            ix.store.add_texts(image, [NewText(i, "joined", Variant(f"n{i}"), f"n{i}", v) for i, v in enumerate(vecs[8:])])
+        ix.checkpoint(force=True)  # 32 tail rows > 8: merged into a new base
+        m = vindex.read_manifest(tmp_path)
+        assert m["base"] != base0 and m["tail"] is None and m["base_count"] == 40
+        with ix.store.transaction():
+            ix.store.remove_images([image])
+        ix.checkpoint(force=True)  # 32 dead > max(6, 4): compacted by a rebuild
+        m = vindex.read_manifest(tmp_path)
+        assert m["dead"] is None and m["n_rows"] == 8 and m["live"] == 8
+        assert ix.store.last_deletion() == 0 or not ix.store.deletions_after(m["deletions_seen"])[1].size
+    snap = vindex.Snapshot.open(tmp_path)
+    ex = snap.search(vecs[:8], 3, mode="exact")
+    for mode in ("hnsw", "rescore"):
+        for a, b in zip(snap.search(vecs[:8], 3, mode=mode), ex, strict=True):
+            assert a.keys[0] == b.keys[0]
+    names = {p.name for p in tmp_path.iterdir()}
+    # only this generation's files and the previous one's (for readers that opened it) remain
+    assert names == {"store.sqlite", "store.sqlite-wal", "store.sqlite-shm", vindex.MANIFEST_FILE,
+                     *vindex.manifest_files(m), *m["previous"]} & (names | {vindex.MANIFEST_FILE})
+    assert "rows.1.i64" in m["previous"] and not any(n.startswith("tail.") for n in names)

@@ -125,7 +125,7 @@ def evaluate_from_args(args: argparse.Namespace) -> dict:
         dtype = args.dtype or index_facts.get("index_dtype") or "f32"
         t2i_search = None
         if not args.exact and dtype == index_facts.get("index_dtype"):
-            # T2I through the index's own vectors.usearch (rebuilt from the store if stale)
+            # T2I through the index's own vector snapshot (plus any texts committed after it)
             from ..search import open_for_search
 
             store, vectors = open_for_search(index_dir)

@@ -29,10 +29,10 @@ def register(subparsers) -> None:
                    help="vector type of the HNSW index, fixed when the index is created (default: i8)")
     p.add_argument("--precision", choices=["fp32", "int8"], default="int8", help="ONNX embedder to use (default: int8)")
     p.add_argument("--text-mode", choices=["joined", "fields", "sentences"], default=None,
-                   help="what to embed per variant, fixed at creation: joined (one text, the paper's form; "
-                        "default), fields (one per field, ~15 vectors/image) or sentences (one per "
+                   help="what to embed per variant, fixed at creation: sentences (the default: one per "
                         "one-sentence summary, per feature and per caption sentence, ~57 vectors/image, 11x joined; "
-                        "held-out MRR 0.29 -> 0.41 on synthetic scenes, bench/results/text_mode.md)")
+                        "held-out MRR 0.29 -> 0.41 on synthetic scenes, bench/results/text_mode.md), joined (one "
+                        "text, the paper's form) or fields (one per field, ~15 vectors/image)")
     p.add_argument("--variants", type=int, default=5, metavar="N", help="descriptions per image from the VLM (default: 5)")
     p.add_argument("--max-tokens", type=int, metavar="N", help="cap on generated tokens per image (default: what the schema needs)")
     p.add_argument("--prompt-file", metavar="FILE", help="your own VLM prompt (plain text, {n} = variant count)")

@@ -21,19 +21,20 @@ def register(subparsers) -> None:
 
 
 def gather(index_dir) -> dict:
-    from .. import vindex
-    from ..store import Store
+    from ..indexdir import IndexDir
 
-    with Store(index_dir) as store:
+    with IndexDir.open_reader(index_dir) as ix:
+        store = ix.store
         meta = store.meta()
         counts = store.counts()
-        state = vindex.on_disk_state(index_dir)
-        counts["vectors"] = state["count"] if state else 0
+        vectors = ix.vector_state()
+        counts["vectors"] = vectors["vectors"]
         files = {}
         for f in sorted(index_dir.iterdir()):
             if f.is_file():
                 files[f.name] = f.stat().st_size
         ident = meta.get("embedder_identity", {})
+        images = max(1, counts["images_ok"])
         return {
             "index": str(index_dir),
             "counts": counts,
@@ -43,9 +44,10 @@ def gather(index_dir) -> dict:
             "dtype": meta.get("dtype"),
             "text_mode": meta.get("text_mode"),
             "created_at": meta.get("created_at"),
-            "vectors_consistent": bool(state) and vindex.is_consistent(
-                index_dir, store.variant_keys(), int(meta.get("dim", 0) or 0), meta.get("dtype", "")),
+            "vectors_consistent": vectors["snapshot_matches_store"] and vectors["texts_not_in_snapshot"] == 0,
+            "snapshot": vectors,
             "files": files,
+            "bytes_per_image": round(sum(files.values()) / images) if counts["images_ok"] else None,
             "last_run": store.last_run(),
         }
 
@@ -74,13 +76,17 @@ def run(args: argparse.Namespace) -> int:
     t.add_row("embedder", f"{emb.get('name', '?')} dim {emb.get('dim', '?')}, {emb.get('pooling', '?')} pooling, "
               f"weights {str(emb.get('weights_sha256', ''))[:12]}")
     t.add_row("vectors", f"{info['dtype']}, text mode {info['text_mode']}"
-              + ("" if info["vectors_consistent"] else " (stale: rebuilt on next search/index)"))
+              + ("" if info["vectors_consistent"] else
+                 f" ({info['snapshot']['texts_not_in_snapshot']} texts not in the vector snapshot yet: saved by the "
+                 "next index run; searches already see them)"))
     for d in info["descriptions"]:
         flag = " [TEST MODEL]" if d["test_model"] else ""
         t.add_row("descriptions", escape(f"{d['images']} images by {d['model']} ({d['family'] or '-'}), "
                                          f"prompt {d['prompt_version']}{flag}"))
     for name, size in info["files"].items():
         t.add_row(f"file {escape(name)}", f"{size / 1024:.1f} KiB")
+    if info["bytes_per_image"]:
+        t.add_row("disk per image", f"{info['bytes_per_image'] / 1024:.1f} KiB")
     r = info["last_run"]
     if r:
         counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items())

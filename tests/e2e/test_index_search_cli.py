@@ -158,7 +158,7 @@ def test_info_reports_counts_models_and_files(small_index):
     assert info["counts"]["texts"] == info["counts"]["vectors"] == expected_texts
     assert info["dtype"] == "f32" and info["text_mode"] == DEFAULT_TEXT_MODE and info["vectors_consistent"]
     assert info["embedder"]["name"] and info["embedder"]["dim"] == 384
-    assert {"store.sqlite", "vectors.usearch", "exact.npy", "keys.npy"} <= set(info["files"])
+    assert {"store.sqlite", "manifest.json"} <= set(info["files"]) and info["snapshot"]["texts_not_in_snapshot"] == 0
     assert info["last_run"]["status"] == "ok" and info["descriptions"][0]["test_model"] == 0
     text = cli(tmp, "info", "--index", ix).stdout
     assert "images" in text and DEFAULT_TEXT_MODE in text
@@ -237,7 +237,7 @@ def _wait_for_first_commit(proc, index_dir: Path, timeout: float = 120) -> int:
     committed = 0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        if (index_dir / "vectors.usearch").exists():
+        if (index_dir / "manifest.json").exists():
             try:
                 with sqlite3.connect(f"file:{index_dir / 'store.sqlite'}?mode=ro", uri=True, timeout=5) as c:
                     committed = c.execute("SELECT COUNT(*) FROM images").fetchone()[0]
