@@ -114,8 +114,8 @@ def paired_gain(base: np.ndarray, other: np.ndarray, reps: int = 2000, seed: int
 def tune(work: Path, emb) -> dict:
     """Grid over the hybrid's lexical weight and the structure weight on the tuning seeds only."""
     grid = {}
-    for lw in (0.05, 0.1, 0.2, 0.3, 0.5):
-        for sw in (0.0, 0.2, 0.5, 1.0):
+    for lw in (0.1, 0.2, 0.3, 0.5):
+        for sw in (0.0, 0.5, 1.0):
             grid[f"lw={lw} sw={sw}"] = dict(mode="hybrid", structure=sw > 0, lexical_weight=lw, structure_weight=sw)
     ranks: dict[str, list] = {k: [] for k in grid}
     for seed in TUNE_SEEDS:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -84,8 +85,13 @@ def _features_by_image(store: Store, image_ids: list[int]) -> dict[int, list[tup
             f"SELECT image_id, ordinal, features FROM variants WHERE image_id IN ({q}) GROUP BY image_id, ordinal",
             chunk,
         ):
-            out.setdefault(image_id, []).append((ordinal, tuple(Feature.from_any(f) for f in json.loads(feats))))
+            out.setdefault(image_id, []).append((ordinal, _parse_features(feats)))
     return out
+
+
+@lru_cache(maxsize=16384)  # the same features JSON comes back for every query that reaches the image
+def _parse_features(feats: str) -> tuple[Feature, ...]:
+    return tuple(Feature.from_any(f) for f in json.loads(feats))
 
 
 def score_structure(store: Store, parsed: query_parse.ParsedQuery, cands: list[Candidate]) -> None:
