@@ -165,6 +165,34 @@ def rsicd(rsicd_index: Path | None, precision: str) -> list[dict]:
     return rows
 
 
+def build_large_index(out: Path, n_scenes: int) -> Path:
+    """An index of n_scenes synthetic scene descriptions (about 57 texts each), imported with
+    `edge-t2t index --captions` (fp32 embedder: batched, the fast one for bulk). Only the layouts
+    are drawn, not the pixels: a captions import never opens the images."""
+    import hashlib
+    import json
+    import random
+
+    from edge_t2t.cli import main
+
+    out.mkdir(parents=True, exist_ok=True)
+    captions = out / "captions.jsonl"
+    with open(captions, "w") as fh:
+        for i in range(n_scenes):
+            rng = random.Random(f"scenes-1/latency/{i}")
+            sid = f"scene-latency-{i:05d}"
+            scene = S.Scene(sid, f"{sid}.png", S._layout(rng, 256), image=None, seed=-1)
+            scene.image = type("NoPixels", (), {"tobytes": lambda self, sid=sid: sid.encode()})()
+            rec = S.describe(scene, seed=-1)
+            rec.sha256 = hashlib.sha256(sid.encode()).hexdigest()
+            fh.write(json.dumps(rec.to_dict()) + "\n")
+    ix = out / "index"
+    rc = main(["index", "--captions", str(captions), "--index", str(ix), "--precision", "fp32", "--no-progress", "--json"])
+    if rc != 0:
+        raise SystemExit("building the latency index failed")
+    return ix
+
+
 def latency(index: Path, repeats: int) -> list[dict]:
     """search.search (the CLI's call) per mode on a large index; queries from the scene templates."""
     from edge_t2t.embedder import Embedder
@@ -210,7 +238,10 @@ def main() -> int:
     ap.add_argument("--rsicd-precision", default="fp32", choices=["fp32", "int8"])
     ap.add_argument("--latency", type=Path, default=None, metavar="INDEX", help="an index of ~100k texts")
     ap.add_argument("--latency-queries", type=int, default=60)
+    ap.add_argument("--build-latency-index", type=int, default=0, metavar="N_SCENES",
+                    help="first build the --latency index from N_SCENES scene descriptions (1760 = ~100k texts)")
     ap.add_argument("--skip-scenes", action="store_true")
+    ap.add_argument("--skip-rsicd", action="store_true")
     args = ap.parse_args()
 
     from edge_t2t.embedder import Embedder
@@ -241,7 +272,11 @@ def main() -> int:
                     b = np.concatenate([per_seed[s][(BASELINE, q)] for s in seeds for q in ("fixed", "generated")])
                     gains.append({"group": gname, "config": name, "MRR_gain_vs_dense": round(float((1 / r - 1 / b).mean()), 4),
                                   "MRR_gain_95ci": paired_gain(b, r)})
-    rsicd_rows = rsicd(args.rsicd_index, args.rsicd_precision)
+    if args.build_latency_index:
+        if args.latency is None:
+            raise SystemExit("--build-latency-index needs --latency DIR")
+        args.latency = build_large_index(args.latency, args.build_latency_index)
+    rsicd_rows = rsicd(args.rsicd_index, args.rsicd_precision) if not args.skip_rsicd else []
     latency_rows = latency(args.latency, args.latency_queries) if args.latency else []
 
     lines = []

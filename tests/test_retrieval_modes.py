@@ -15,8 +15,8 @@ from edge_t2t import lexical, retrieval
 from edge_t2t import search as S
 from edge_t2t import store as store_mod
 from edge_t2t.indexer import Indexer
+from edge_t2t.records import Variant
 from edge_t2t.store import NewText, Store
-from edge_t2t.records import Feature, Variant
 from edge_t2t.verify import verify_index
 
 SCENES = {

@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if args.image:
         if args.query:
             raise InputError("give either a QUERY or --image PATH, not both")
+        if mode not in (None, "dense"):
+            raise InputError(f"--image searches by dense vectors only; drop --mode {mode}")
         vlm_cfg = None
         try:
             from ..vlm import VLMConfig, resolve_vlm_paths
@@ -72,8 +74,6 @@ def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         variants, sha = searching.query_image_variants(index_dir, args.image, vlm_cfg)
-        if mode not in (None, "dense"):
-            raise InputError(f"--image searches by dense vectors only; drop --mode {mode}")
         hits = searching.search_by_variants(
             index_dir, variants, k=args.k, mode=vector_mode, precision=args.precision,
             exclude_sha256=sha if args.exclude_self else "",
