@@ -71,7 +71,10 @@ def seed_queries(seed: int) -> dict[str, list[tuple[str, str]]]:
 
 
 def seed_ranks(ix: Path, queries: dict, emb, configs: dict) -> dict[tuple[str, str], np.ndarray]:
-    """1-based rank of the expected scene per query, per (config, query set)."""
+    """1-based rank of the expected scene per query, per (config, query set). Each query's pool
+    (dense and lexical sides, structure scores) is gathered once by retrieval.gather, then every
+    config ranks it with retrieval.combine: the two halves of retrieval.rank, the product's call."""
+    from edge_t2t import query_parse
     from edge_t2t.search import open_for_search
 
     store, vectors = open_for_search(ix)
@@ -79,13 +82,15 @@ def seed_ranks(ix: Path, queries: dict, emb, configs: dict) -> dict[tuple[str, s
     try:
         for qset, qs in queries.items():
             vecs = emb.embed([q for q, _ in qs])
-            for name, kw in configs.items():
-                ranks = []
-                for (q, sid), v in zip(qs, vecs, strict=True):
-                    cands = retrieval.rank(store, vectors, q, v[None, :], N_SCENES, **kw)
-                    names = [Path(c.image).stem for c in cands]
-                    ranks.append(names.index(sid) + 1 if sid in names else N_SCENES + 1)
-                out[(name, qset)] = np.asarray(ranks)
+            ranks: dict[str, list[int]] = {name: [] for name in configs}
+            for (q, sid), v in zip(qs, vecs, strict=True):
+                pool = retrieval.gather(store, vectors, q, v[None, :], max(N_SCENES, retrieval.MIN_POOL),
+                                        parsed=query_parse.parse(q))
+                for name, kw in configs.items():
+                    names = [Path(c.image).stem for c in retrieval.combine(pool, N_SCENES, **kw)]
+                    ranks[name].append(names.index(sid) + 1 if sid in names else N_SCENES + 1)
+            for name, r in ranks.items():
+                out[(name, qset)] = np.asarray(r)
     finally:
         store.close()
     return out
@@ -114,9 +119,11 @@ def paired_gain(base: np.ndarray, other: np.ndarray, reps: int = 2000, seed: int
 def tune(work: Path, emb) -> dict:
     """Grid over the hybrid's lexical weight and the structure weight on the tuning seeds only."""
     grid = {}
-    for lw in (0.1, 0.2, 0.3, 0.5):
-        for sw in (0.0, 0.5, 1.0):
+    for lw in (0.05, 0.1, 0.2, 0.3, 0.5, 1.0):
+        for sw in (0.0, 0.2, 0.5, 1.0):
             grid[f"lw={lw} sw={sw}"] = dict(mode="hybrid", structure=sw > 0, lexical_weight=lw, structure_weight=sw)
+    for sw in (0.0, 0.2, 0.5, 1.0):
+        grid[f"rrf sw={sw / 50}"] = dict(mode="hybrid", structure=sw > 0, fusion="rrf", structure_weight=sw / 50)
     ranks: dict[str, list] = {k: [] for k in grid}
     for seed in TUNE_SEEDS:
         rr = seed_ranks(scene_index(work, seed), seed_queries(seed), emb, grid)

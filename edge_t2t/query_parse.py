@@ -8,7 +8,7 @@ of the forms reads gives no constraints, and search ranks it exactly as before.
 
 Grammar (after normalising: lower case, "northeast"/"north east" -> "north-east", "center" /
 "middle" -> "centre", "left" -> "west", "right" -> "east", "top"/"upper" -> "north",
-"bottom"/"lower" -> "south"). NP is [article] [SIZE] NOUN..., VERB an optional
+"bottom"/"lower" -> "south"). NP is [article] [SIZE] NOUN (one to four words), VERB an optional
 "is|are|lies|lie|located|situated|sits|sit":
 
     NP VERB between NP and NP                        -> between(x, y, z)
@@ -80,7 +80,8 @@ _PLACE_TAIL = r"(?:\s+(?:part|area|side|of the (?:image|scene|picture)))?"
 
 
 def _np(g: str) -> str:
-    return rf"(?:(?:a|an|the|some)\s+)?(?:(?P<{g}_size>{_SIZE})\s+)?(?P<{g}>[a-z][a-z0-9\s-]*?)"
+    # a noun of one to four words: a whole sentence is not a noun phrase
+    return rf"(?:(?:a|an|the|some)\s+)?(?:(?P<{g}_size>{_SIZE})\s+)?(?P<{g}>[a-z][a-z0-9-]*(?:\s[a-z][a-z0-9-]*){{0,3}}?)"
 
 
 _FORMS = (

@@ -17,7 +17,7 @@ Scores (what `--min-score` compares against):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
@@ -47,6 +47,7 @@ class Candidate:
     key: int = -1  # the text shown: the dense best, else the lexical best
     matched: list = field(default_factory=list)  # query_parse.ConstraintResult of the best variant
     structure_variant: int = -1
+    text_hit: object = None  # the dense side's search.Hit (its best text), when it found the image
 
 
 def _dense_candidates(store, vectors, query_vec, pool, vector_mode, exclude):
@@ -106,6 +107,114 @@ def score_structure(store: Store, parsed: query_parse.ParsedQuery, cands: list[C
         c.structure, c.matched, c.structure_variant = best, best_res, best_ord
 
 
+@dataclass
+class Pool:
+    """Every candidate image of one query with each part of its score, before they are combined."""
+
+    cands: list[Candidate]
+    dense_order: list[str]  # images by dense score, best first
+    lex_order: list[str]  # images by lexical score, best first
+    parsed: query_parse.ParsedQuery
+
+
+def gather(
+    store: Store,
+    vectors,
+    query: str,
+    query_vec: np.ndarray | None,
+    pool: int,
+    sides: tuple[str, ...] = ("dense", "lexical"),
+    vector_mode: str = "rescore",
+    parsed: query_parse.ParsedQuery | None = None,
+    exclude_image_ids=(),
+) -> Pool:
+    """The `pool` best images of each side (dense, lexical) for a query, with their parts, and
+    their structure scores when `parsed` states constraints."""
+    parsed = parsed or query_parse.ParsedQuery(query)
+    exclude = set(exclude_image_ids)
+    by_image: dict[str, Candidate] = {}
+    dense_order: list[str] = []
+    if "dense" in sides:
+        for h in _dense_candidates(store, vectors, query_vec, pool, vector_mode, exclude):
+            by_image[h.image] = Candidate(h.image, -1, dense=h.score, key=-1, text_hit=h)
+            dense_order.append(h.image)
+    lex_order: list[str] = []
+    if "lexical" in sides:
+        per_image = max(1, store.max_texts_per_image())
+        keys, scores = lexical.search_texts(store.conn, query, pool * min(per_image, 8))
+        rows = store.variant_rows(keys)
+        top = float(scores[0]) if len(scores) else 1.0
+        lex_keys: dict[str, list[int]] = {}
+        for key, s in zip(keys.tolist(), scores.tolist(), strict=True):
+            row = rows.get(key)
+            if row is None or row.image_id in exclude:
+                continue
+            lex_keys.setdefault(row.image, []).append(key)
+            c = by_image.get(row.image)
+            if c is None:
+                c = by_image[row.image] = Candidate(row.image, row.image_id, key=key)
+            if len(lex_keys[row.image]) == 1:  # the image's best text: rows come best first
+                lex_order.append(row.image)
+                c.lexical = s / top if top > 0 else 0.0
+        if "dense" in sides and query_vec is not None:
+            # An image the lexical side found but the dense pool missed: its dense score is the best
+            # cosine over its lexically matched texts (a lower bound of its true max).
+            missing = [img for img in lex_order if by_image[img].dense is None]
+            vecs = _key_vectors(store, [k_ for img in missing for k_ in lex_keys[img]])
+            q = np.asarray(query_vec, dtype=np.float32).reshape(-1)
+            for img in missing:
+                by_image[img].dense = max(float(vecs[k_] @ q) for k_ in lex_keys[img] if k_ in vecs)
+    cands = list(by_image.values())
+    if any(c.image_id < 0 for c in cands):
+        ids = _image_ids(store, [c.image for c in cands if c.image_id < 0])
+        for c in cands:
+            if c.image_id < 0:
+                c.image_id = ids.get(c.image, -1)
+    if parsed and cands:
+        score_structure(store, parsed, cands)
+    return Pool(cands, dense_order, lex_order, parsed)
+
+
+def combine(
+    pool: Pool,
+    k: int,
+    mode: str = "hybrid",
+    structure: bool = True,
+    fusion: str = "linear",
+    lexical_weight: float = LEXICAL_WEIGHT,
+    structure_weight: float = STRUCTURE_WEIGHT,
+) -> list[Candidate]:
+    """The top k of a pool under one mode's scoring (see the module's docstring), best first,
+    ties by image path. The pool is left as it was, so one pool can be combined many ways."""
+    if mode == "dense":
+        members = set(pool.dense_order)
+    elif mode == "lexical":
+        members = set(pool.lex_order)
+    else:
+        members = set(pool.dense_order) | set(pool.lex_order)
+    d_rank = {img: r for r, img in enumerate(pool.dense_order)}
+    l_rank = {img: r for r, img in enumerate(pool.lex_order)}
+    out = []
+    for c in pool.cands:
+        if c.image not in members:
+            continue
+        if mode == "dense":
+            score = float(c.dense)
+        elif mode == "lexical":
+            score = c.lexical
+        elif fusion == "rrf":
+            score = sum(1.0 / (RRF_K + 1 + r[c.image]) for r in (d_rank, l_rank) if c.image in r)
+        else:
+            score = float(c.dense if c.dense is not None else 0.0) + lexical_weight * c.lexical
+        if structure and pool.parsed:
+            score += structure_weight * c.structure
+        out.append(replace(c, score=score, lexical=c.lexical if mode != "dense" else 0.0,
+                           matched=c.matched if structure else [],
+                           structure=c.structure if structure else 0.0))
+    out.sort(key=lambda c: (-c.score, c.image))
+    return out[:k]
+
+
 def rank(
     store: Store,
     vectors,
@@ -121,74 +230,14 @@ def rank(
     pool: int | None = None,
     exclude_image_ids=(),
 ) -> list[Candidate]:
-    """The top k candidates for one text query, best first (ties by image path)."""
+    """The top k candidates for one text query, best first (ties by image path). Without
+    constraints in the query, dense mode fetches exactly k images: the paper's ranking."""
     parsed = query_parse.parse(query) if structure else query_parse.ParsedQuery(query)
     fused = mode != "dense" or bool(parsed)
-    pool = max(k, pool or MIN_POOL) if fused else k
-    exclude = set(exclude_image_ids)
-    by_image: dict[str, Candidate] = {}
-    dense_order: list[str] = []
-    if mode in ("dense", "hybrid"):
-        for h in _dense_candidates(store, vectors, query_vec, pool, vector_mode, exclude):
-            by_image[h.image] = Candidate(h.image, -1, dense=h.score, key=-1)
-            by_image[h.image].text_hit = h  # type: ignore[attr-defined]
-            dense_order.append(h.image)
-    lex_order: list[str] = []
-    if mode in ("lexical", "hybrid"):
-        per_image = max(1, store.max_texts_per_image())
-        keys, scores = lexical.search_texts(store.conn, query, pool * min(per_image, 8))
-        rows = store.variant_rows(keys)
-        top = float(scores[0]) if len(scores) else 1.0
-        lex_keys: dict[str, list[int]] = {}
-        for key, s in zip(keys.tolist(), scores.tolist(), strict=True):
-            row = rows.get(key)
-            if row is None or row.image_id in exclude:
-                continue
-            lex_keys.setdefault(row.image, []).append(key)
-            c = by_image.get(row.image)
-            if c is None:
-                c = by_image[row.image] = Candidate(row.image, row.image_id, key=key)
-            if row.image not in lex_order:
-                lex_order.append(row.image)
-                c.lexical = s / top if top > 0 else 0.0
-                if c.key < 0 and c.dense is None:
-                    c.key = key
-        if mode == "hybrid" and query_vec is not None:
-            # An image the lexical side found but the dense pool missed: its dense score is the best
-            # cosine over its lexically matched texts (a lower bound of its true max).
-            missing = [img for img in lex_order if by_image[img].dense is None]
-            vecs = _key_vectors(store, [k_ for img in missing for k_ in lex_keys[img]])
-            q = np.asarray(query_vec, dtype=np.float32).reshape(-1)
-            for img in missing:
-                by_image[img].dense = max(float(vecs[k_] @ q) for k_ in lex_keys[img] if k_ in vecs)
-    cands = list(by_image.values())
-    if not cands:
-        return []
-    if any(c.image_id < 0 for c in cands):
-        ids = _image_ids(store, [c.image for c in cands if c.image_id < 0])
-        for c in cands:
-            if c.image_id < 0:
-                c.image_id = ids.get(c.image, -1)
-    if mode == "dense":
-        for c in cands:
-            c.score = float(c.dense)
-    elif mode == "lexical":
-        for c in cands:
-            c.score = c.lexical
-    elif fusion == "rrf":
-        d_rank = {img: r for r, img in enumerate(dense_order)}
-        l_rank = {img: r for r, img in enumerate(lex_order)}
-        for c in cands:
-            c.score = sum(1.0 / (RRF_K + 1 + r[c.image]) for r in (d_rank, l_rank) if c.image in r)
-    else:
-        for c in cands:
-            c.score = float(c.dense if c.dense is not None else 0.0) + lexical_weight * c.lexical
-    if parsed:
-        score_structure(store, parsed, cands)
-        for c in cands:
-            c.score += structure_weight * c.structure
-    cands.sort(key=lambda c: (-c.score, c.image))
-    return cands[:k]
+    size = max(k, pool or MIN_POOL) if fused else k
+    sides = {"dense": ("dense",), "lexical": ("lexical",), "hybrid": ("dense", "lexical")}[mode]
+    p = gather(store, vectors, query, query_vec, size, sides, vector_mode, parsed, exclude_image_ids)
+    return combine(p, k, mode, structure, fusion, lexical_weight, structure_weight)
 
 
 def to_hits(store: Store, cands: list[Candidate], explain: bool = False):
@@ -199,7 +248,7 @@ def to_hits(store: Store, cands: list[Candidate], explain: bool = False):
     rows = store.variant_rows(keys) if keys else {}
     out = []
     for r, c in enumerate(cands):
-        dense_hit = getattr(c, "text_hit", None)
+        dense_hit = c.text_hit
         if dense_hit is not None:
             variant, text, fld = dense_hit.variant, dense_hit.text, dense_hit.field
         else:
