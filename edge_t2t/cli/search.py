@@ -20,13 +20,13 @@ def register(subparsers) -> None:
     p.add_argument("query", nargs="?", default=None, metavar="QUERY", help="what to look for, in words")
     p.add_argument("--index", metavar="DIR", help="index directory (default: $EDGE_T2T_INDEX or ./.edge-t2t)")
     p.add_argument("-k", type=int, default=10, metavar="N", help="number of images to return (default: 10)")
-    p.add_argument("--json", action="store_true", help="JSON lines: rank, score, image, variant, text")
+    p.add_argument("--json", action="store_true", help="JSON lines: rank, score, image, variant, text, dense, lexical, structure")
     p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with thumbnails")
     p.add_argument("--image", metavar="PATH", help="search with an image instead of text")
     p.add_argument("--exclude-self", action="store_true", help="with --image: leave the query image out")
     p.add_argument("--mode", choices=["dense", "lexical", "hybrid", "hnsw", "rescore", "exact"], default=None,
                    help="dense: max cosine over an image's texts (the paper's rule); lexical: FTS5 BM25 over "
-                        "the texts; hybrid: dense + lexical (default: %(default_mode)s). The old values "
+                        "the texts; hybrid: dense + lexical (default: DEFAULT_MODE_HELP). The old values "
                         "hnsw/rescore/exact still work and mean dense with that --vector-mode")
     p.add_argument("--vector-mode", choices=["hnsw", "rescore", "exact"], default="rescore",
                    help="how the vector index is searched: hnsw: graph scores; rescore: graph candidates "
@@ -41,11 +41,6 @@ def register(subparsers) -> None:
     p.add_argument("--vlm", metavar="GGUF", help="with --image: the VLM's text model")
     p.add_argument("--mmproj", metavar="GGUF", help="with --image: the VLM's vision projector")
     p.set_defaults(func=run)
-    from ..retrieval import DEFAULT_MODE
-
-    for action in p._actions:  # the default mode is a measured choice: name it in --help
-        if action.dest == "mode":
-            action.help = action.help.replace("%(default_mode)s", DEFAULT_MODE)
 
 
 def run(args: argparse.Namespace) -> int:
