@@ -167,3 +167,14 @@ def test_old_vector_modes_still_mean_dense(index, emb):
     assert [(h.image, h.score) for h in a] == [(h.image, h.score) for h in b]
     with pytest.raises(Exception, match="unknown search mode"):
         S.search(index, "houses", k=3, embedder=emb, mode="fuzzy")
+
+
+def test_help_names_the_default_mode():
+    import argparse
+
+    from edge_t2t.cli import search as cli_search
+
+    parser = argparse.ArgumentParser()
+    cli_search.register(parser.add_subparsers())
+    sub = parser._subparsers._group_actions[0].choices["search"]
+    assert f"(default: {retrieval.DEFAULT_MODE})" in sub.format_help().replace("\n", " ").replace("  ", " ")

@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--exclude-self", action="store_true", help="with --image: leave the query image out")
     p.add_argument("--mode", choices=["dense", "lexical", "hybrid", "hnsw", "rescore", "exact"], default=None,
                    help="dense: max cosine over an image's texts (the paper's rule); lexical: FTS5 BM25 over "
-                        "the texts; hybrid: dense + lexical (default: DEFAULT_MODE_HELP). The old values "
+                        "the texts; hybrid: dense + lexical (default: dense). The old values "
                         "hnsw/rescore/exact still work and mean dense with that --vector-mode")
     p.add_argument("--vector-mode", choices=["hnsw", "rescore", "exact"], default="rescore",
                    help="how the vector index is searched: hnsw: graph scores; rescore: graph candidates "
