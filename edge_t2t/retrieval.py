@@ -28,8 +28,8 @@ from .store import Store
 
 MODES = ("dense", "lexical", "hybrid")
 # dense stays the default: hybrid won on the synthetic scenes and the RSICD oracle but lost
-# 0.03-0.06 points on the RSICD index source, and its latency at 100k texts is not yet measured
-# (bench/results/retrieval_modes.md, README "Retrieval modes"). Structure is on in every mode.
+# 0.03-0.06 points on the RSICD index source, and its ranking is 7.6x dense at 100k texts
+# (bench/results/retrieval_modes*.md, README "Retrieval modes"). Structure is on in every mode.
 DEFAULT_MODE = "dense"
 FUSIONS = ("linear", "rrf")
 # Tuned on synthetic seeds 4-5 (bench/retrieval_modes.py --tune): the best MRR of hybrid with
