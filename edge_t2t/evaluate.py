@@ -284,15 +284,40 @@ def oracle_ranks(ann: Annotations, sim: np.ndarray, text_ids: np.ndarray) -> tup
     return t2i, i2t, counts
 
 
+def lexical_similarity(queries: Sequence[str], texts: Sequence[str], exclude_self: bool = False) -> np.ndarray:
+    """BM25 of each query against each text (FTS5, as `search --mode lexical` scores), each row
+    divided by its best score as the search does; exclude_self: the query's own text (the
+    diagonal, when queries are the texts) is left out of that best, as a search would not see it."""
+    from .lexical import bm25_matrix, normalise_rows
+
+    raw = bm25_matrix(queries, texts)
+    mask = np.eye(len(queries), len(texts), dtype=bool) if exclude_self else None
+    return normalise_rows(raw, mask)
+
+
+def fuse(dense: np.ndarray | None, lexical: np.ndarray | None, mode: str) -> np.ndarray:
+    """The score matrix of a retrieval mode (edge_t2t.retrieval): dense, lexical, or
+    dense + LEXICAL_WEIGHT * lexical (the hybrid's linear mix)."""
+    from .retrieval import LEXICAL_WEIGHT
+
+    if mode == "dense":
+        return dense
+    if mode == "lexical":
+        return lexical
+    return dense + LEXICAL_WEIGHT * lexical
+
+
 def oracle_eval(
-    ann: Annotations, embed: Callable[[list[str]], np.ndarray], dtype: str = "f32"
+    ann: Annotations, embed: Callable[[list[str]], np.ndarray], dtype: str = "f32", mode: str = "dense"
 ) -> EvalResult:
-    """Embed each distinct caption once, optionally quantise as usearch would, and score exactly."""
+    """Embed each distinct caption once, optionally quantise as usearch would, and score exactly.
+    mode lexical/hybrid scores with BM25 over the distinct captions (alone, or mixed in)."""
     texts, ids = distinct_texts(ann.captions)
-    vectors = quantise(embed(texts), dtype)
-    sim = text_similarity(vectors)
+    dense = text_similarity(quantise(embed(texts), dtype)) if mode != "lexical" else None
+    lexical = lexical_similarity(texts, texts, exclude_self=True) if mode != "dense" else None
+    sim = fuse(dense, lexical, mode)
     t2i, i2t, counts = oracle_ranks(ann, sim, ids)
-    return EvalResult(t2i, i2t, {**_base_counts(ann), **counts}, {"source": "oracle", "dtype": dtype})
+    return EvalResult(t2i, i2t, {**_base_counts(ann), **counts}, {"source": "oracle", "dtype": dtype, "mode": mode})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,6 +424,8 @@ def index_eval(
     exact: bool = True,
     threads: int = 0,
     t2i_search: tuple[Callable, Sequence[np.ndarray | None], int] | None = None,
+    mode: str = "dense",
+    image_texts: Sequence[Sequence[str] | None] | None = None,
 ) -> EvalResult:
     """Captions against per-image vectors (``image_vectors[i]``: image i's variant vectors, None
     when not indexed). exact: numpy over vectors quantised as a usearch index of dtype stores
@@ -412,6 +439,18 @@ def index_eval(
         raise ValueError("no annotated image has vectors")
     stacked = np.concatenate([np.asarray(image_vectors[i], dtype=np.float32) for i in have])
     owner = np.concatenate([np.full(len(image_vectors[i]), i, dtype=np.int64) for i in have])
+    if mode != "dense":
+        # lexical/hybrid: BM25 over the stored texts, scored exactly (FTS5 is exact anyway)
+        if image_texts is None:
+            raise ValueError(f"mode {mode!r} needs the images' texts")
+        stacked_texts = [t for i in have for t in image_texts[i]]
+        lexical = lexical_similarity(texts, stacked_texts)
+        dense = cosine_matrix(quantise(raw, dtype), quantise(stacked, dtype)) if mode == "hybrid" else None
+        t2i_scores = i2t_scores = fuse(dense, lexical, mode)
+        scoring = f"exact: FTS5 BM25 over the stored texts{', plus exact cosine' if dense is not None else ''}"
+        t2i, i2t, i2t_nd, counts = index_ranks(ann, owner, t2i_scores, i2t_scores, ids)
+        config = {"source": "index", "dtype": dtype, "exact": True, "scoring": scoring, "mode": mode}
+        return EvalResult(t2i, i2t, {**_base_counts(ann), **counts}, config, i2t_nodup=i2t_nd)
     if exact:
         t2i_scores = i2t_scores = cosine_matrix(quantise(raw, dtype), quantise(stacked, dtype))
         scoring = "exact numpy" + ("" if dtype == "f32" else f" on vectors quantised as usearch {dtype} stores them")
@@ -432,7 +471,7 @@ def index_eval(
         if t2i_search is not None:
             scoring = f"T2I: the index's own search; I2T: usearch HNSW over the captions, dtype {dtype}"
     t2i, i2t, i2t_nd, counts = index_ranks(ann, owner, t2i_scores, i2t_scores, ids)
-    config = {"source": "index", "dtype": dtype, "exact": exact, "scoring": scoring}
+    config = {"source": "index", "dtype": dtype, "exact": exact, "scoring": scoring, "mode": mode}
     return EvalResult(t2i, i2t, {**_base_counts(ann), **counts}, config, i2t_nodup=i2t_nd)
 
 
@@ -443,9 +482,10 @@ class IndexVectors:
     vectors: list[np.ndarray | None]  # (k, dim) float32 variant vectors
     keys: list[np.ndarray | None]  # their usearch keys (variants.id)
     facts: dict
+    texts: list[list[str] | None] | None = None  # their texts, when asked for (lexical modes)
 
 
-def load_index_vectors(index_dir, ann: Annotations, identity: dict | None = None) -> IndexVectors:
+def load_index_vectors(index_dir, ann: Annotations, identity: dict | None = None, with_texts: bool = False) -> IndexVectors:
     """Each annotated image's stored variant vectors, matched by file name, from store.sqlite."""
     from pathlib import Path
 
@@ -458,6 +498,7 @@ def load_index_vectors(index_dir, ann: Annotations, identity: dict | None = None
         keys, image_ids, vectors = store.all_vectors()
         paths = store.image_paths()
         stored_dtype = store.get_meta("dtype", None)
+        text_of = dict(store.conn.execute("SELECT id, text FROM variants")) if with_texts else {}
     wanted = {Path(n).name for n in ann.images}
     by_name: dict[str, int] = {}
     for image_id, path in paths.items():
@@ -489,7 +530,8 @@ def load_index_vectors(index_dir, ann: Annotations, identity: dict | None = None
         "index_vectors": len(keys),
         "index_dtype": stored_dtype,
     }
-    return IndexVectors(out_vecs, out_keys, facts)
+    texts = [None if k is None else [text_of[int(x)] for x in k] for k in out_keys] if with_texts else None
+    return IndexVectors(out_vecs, out_keys, facts, texts)
 
 
 def searched_scores(search: Callable, queries: np.ndarray, column_keys: np.ndarray, fetch: int) -> np.ndarray:

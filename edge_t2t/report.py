@@ -32,7 +32,19 @@ def _shorten(text: str, limit: int = TABLE_TEXT_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
-def print_table(hits: Sequence[Hit], query: str = "", console=None) -> None:
+def explain_text(h: Hit) -> str:
+    """The score's parts and each query constraint with its score, in one line (--explain)."""
+    parts = h.parts or {}
+    shown = [f"{k} {v:.3f}" for k, v in parts.items() if v is not None]
+    for m in h.matched:
+        mark = "yes" if m["score"] >= 1 else "partly" if m["score"] > 0 else "no"
+        shown.append(f"{m['constraint']}: {mark}")
+    if parts and not h.matched:
+        shown.append("no place/relation/size words read")
+    return "; ".join(shown)
+
+
+def print_table(hits: Sequence[Hit], query: str = "", console=None, explain: bool = False) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -43,9 +55,15 @@ def print_table(hits: Sequence[Hit], query: str = "", console=None) -> None:
     table.add_column("score", justify="right")
     table.add_column("image", overflow="fold")
     table.add_column("best-matching description", overflow="fold")
+    if explain:
+        table.add_column("why", overflow="fold")
     for h in hits:
         # Texts come from files and models: keep rich from reading [brackets] as markup.
-        table.add_row(str(h.rank), f"{h.score:.4f}", escape(_short_path(h.image)), escape(_shorten(h.text)))
+        row = [str(h.rank), f"{h.score:.4f}", escape(_short_path(h.image)), escape(_shorten(h.text))]
+        table.add_row(*row, *([escape(explain_text(h))] if explain else []))
+    if not hits:
+        console.print("no results")
+        return
     console.print(table)
 
 
@@ -76,7 +94,7 @@ font-size:12px;text-align:center}
 """.replace("THUMB", str(THUMB_SIZE))
 
 
-def render_html(hits: Sequence[Hit], query: str, index_dir: str = "") -> str:
+def render_html(hits: Sequence[Hit], query: str, index_dir: str = "", explain: bool = False) -> str:
     rows = []
     for h in hits:
         uri = _thumbnail(h.image)
@@ -88,7 +106,9 @@ def render_html(hits: Sequence[Hit], query: str, index_dir: str = "") -> str:
         rows.append(
             f"<tr><td>{h.rank}</td><td>{thumb}</td><td>{h.score:.4f}</td>"
             f'<td><div class="path">{html.escape(h.image)}</div><p>{html.escape(h.text)}</p>'
-            f"<small>variant {h.variant}, {html.escape(h.field)}</small></td></tr>"
+            f"<small>variant {h.variant}, {html.escape(h.field)}</small>"
+            + (f"<p><small>{html.escape(explain_text(h))}</small></p>" if explain else "")
+            + "</td></tr>"
         )
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     return (
@@ -101,6 +121,6 @@ def render_html(hits: Sequence[Hit], query: str, index_dir: str = "") -> str:
     )
 
 
-def write_html(hits: Sequence[Hit], path: str | os.PathLike, query: str, index_dir: str = "") -> Path:
+def write_html(hits: Sequence[Hit], path: str | os.PathLike, query: str, index_dir: str = "", explain: bool = False) -> Path:
     """Write the page atomically (temp file + os.replace)."""
-    return atomic_write_text(path, render_html(hits, query, index_dir))
+    return atomic_write_text(path, render_html(hits, query, index_dir, explain))

@@ -35,10 +35,18 @@ class Hit:
     variant: int  # ordinal of the best-matching variant of that image
     text: str  # the text of that variant (or field) that matched best
     field: str = "joined"
+    parts: dict | None = None  # dense / lexical / structure parts of the score (edge_t2t.retrieval)
+    matched: tuple = ()  # with --explain: each query constraint and its score on the best variant
 
     def to_dict(self) -> dict:
-        """The JSON-lines contract: rank, score, image, variant, text."""
-        return {"rank": self.rank, "score": round(self.score, 6), "image": self.image, "variant": self.variant, "text": self.text}
+        """The JSON-lines contract: rank, score, image, variant, text (plus the score's parts and,
+        with --explain, the constraints matched)."""
+        out = {"rank": self.rank, "score": round(self.score, 6), "image": self.image, "variant": self.variant, "text": self.text}
+        if self.parts is not None:
+            out.update(self.parts)
+        if self.matched:
+            out["matched"] = list(self.matched)
+        return out
 
 
 def caption_sentences(caption: str) -> list[str]:
@@ -164,24 +172,41 @@ def search(
     query: str,
     k: int = 10,
     embedder=None,
-    mode: str = DEFAULT_MODE,
+    mode: str | None = None,
     precision: str = "int8",
     warn: Callable[[str], None] = _warn,
+    vector_mode: str = DEFAULT_MODE,
+    structure: bool = True,
+    explain: bool = False,
+    min_score: float | None = None,
 ) -> list[Hit]:
-    """The top k images for a text query."""
+    """The top k images for a text query. `mode` is the retrieval mode (retrieval.MODES; default
+    retrieval.DEFAULT_MODE); an old vector mode (hnsw/rescore/exact) passed as `mode` still means
+    dense search with that vector mode. Hits scoring under `min_score` are left out."""
+    from . import retrieval
+
     if not query or not query.strip():
         raise StoreError("the query is empty: give some words to search for")
-    if mode not in vindex.MODES:
-        raise StoreError(f"unknown search mode {mode!r}: use one of {', '.join(vindex.MODES)}")
+    if mode in vindex.MODES:
+        mode, vector_mode = "dense", mode
+    mode = mode or retrieval.DEFAULT_MODE
+    if mode not in retrieval.MODES:
+        raise StoreError(f"unknown search mode {mode!r}: use one of {', '.join(retrieval.MODES)}")
+    if vector_mode not in vindex.MODES:
+        raise StoreError(f"unknown vector mode {vector_mode!r}: use one of {', '.join(vindex.MODES)}")
     store, vectors = open_for_search(index_dir, warn)
     try:
-        emb = _load_embedder(embedder, precision)
-        store.check_identity(emb.identity)
-        before = emb.truncated
-        qv = emb.embed([query])
-        if emb.truncated > before:
-            warn(f"the query is longer than the embedder's {emb.max_tokens} tokens; only its start was used")
-        return rank_images(store, vectors, qv, k, mode)
+        qv = None
+        if mode != "lexical":
+            emb = _load_embedder(embedder, precision)
+            store.check_identity(emb.identity)
+            before = emb.truncated
+            qv = emb.embed([query])
+            if emb.truncated > before:
+                warn(f"the query is longer than the embedder's {emb.max_tokens} tokens; only its start was used")
+        cands = retrieval.rank(store, vectors, query, qv, k, mode, vector_mode, structure=structure)
+        hits = retrieval.to_hits(store, cands, explain=explain)
+        return [h for h in hits if min_score is None or h.score >= min_score]
     finally:
         store.close()
 

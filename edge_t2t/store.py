@@ -110,10 +110,32 @@ _V3 = """
             BEGIN INSERT INTO variant_deletions(key) VALUES (old.id); END;
 """
 
+# v4: full-text search (FTS5, BM25) over the embedded texts, for `search --mode lexical|hybrid`
+# (edge_t2t/lexical.py). An external-content table reads its text from `variants`, so no text is
+# stored twice; triggers keep its index in step inside the same transactions as the variant rows
+# (a cascade from `images` fires them too). 'rebuild' fills it for a store migrated from an older version.
+# porter stemming: "tank" finds "tanks", "building" finds "buildings".
+_V4 = """
+        CREATE VIRTUAL TABLE variants_fts USING fts5(
+            text, content='variants', content_rowid='id', tokenize='porter unicode61'
+        );
+        INSERT INTO variants_fts(variants_fts) VALUES ('rebuild');
+        CREATE TRIGGER variants_fts_insert AFTER INSERT ON variants BEGIN
+            INSERT INTO variants_fts(rowid, text) VALUES (new.id, new.text);
+        END;
+        CREATE TRIGGER variants_fts_delete AFTER DELETE ON variants BEGIN
+            INSERT INTO variants_fts(variants_fts, rowid, text) VALUES ('delete', old.id, old.text);
+        END;
+        CREATE TRIGGER variants_fts_update AFTER UPDATE OF text ON variants BEGIN
+            INSERT INTO variants_fts(variants_fts, rowid, text) VALUES ('delete', old.id, old.text);
+            INSERT INTO variants_fts(rowid, text) VALUES (new.id, new.text);
+        END;
+"""
+
 # MIGRATIONS[i] takes a store from schema version i to i + 1 (version 0 = an empty file): an SQL
 # script, or a function of the connection for steps that need Python (e.g. re-encoding blobs).
 Migration = str | Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[Migration] = [_V1, _V2, _V3]
+MIGRATIONS: list[Migration] = [_V1, _V2, _V3, _V4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

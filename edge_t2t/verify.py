@@ -208,6 +208,38 @@ def _check_variants(conn, meta: dict, rep: VerifyReport, where: Path):
     return keys, image_ids, vecs
 
 
+def _check_fts(conn: sqlite3.Connection, rep: VerifyReport, where: Path) -> None:
+    """Whether the full-text index (variants_fts, schema v4) matches the variant texts. FTS5's
+    integrity-check is an INSERT, so it needs the write lock: with an `index` run writing, the
+    check is skipped (a short wait) rather than blocking."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'variants_fts'").fetchone():
+        rep.checks["fts"] = {"ok": False, "error": "missing"}
+        rep.problems.append(f"{where}: the full-text index is missing; run `edge-t2t verify --repair`")
+        return
+    conn.execute("PRAGMA busy_timeout=2000")
+    try:
+        conn.execute("INSERT INTO variants_fts(variants_fts, rank) VALUES ('integrity-check', 1)")
+        rep.checks["fts"] = {"ok": True}
+    except sqlite3.OperationalError as exc:  # locked by a writer: not a fault of the index
+        rep.checks["fts"] = {"ok": None, "skipped": str(exc)}
+    except sqlite3.DatabaseError as exc:
+        rep.checks["fts"] = {"ok": False, "error": str(exc)}
+        rep.problems.append(
+            f"{where}: the full-text index (lexical search) does not match the stored texts ({exc}); "
+            "run `edge-t2t verify --repair` to rebuild it"
+        )
+    finally:
+        conn.execute("PRAGMA busy_timeout=30000")
+
+
+def _repair_fts(index_dir: Path) -> None:
+    """Rebuild the full-text index from the variant texts, under the index lock."""
+    from .store import IndexLock, Store
+
+    with IndexLock(index_dir), Store(index_dir) as store, store.transaction() as conn:
+        conn.execute("INSERT INTO variants_fts(variants_fts) VALUES ('rebuild')")
+
+
 # -- vector files ---------------------------------------------------------------------------------
 def _snapshot_files_problems(index_dir: Path, m: dict, dim: int, dtype: str, store_id: str) -> list[str]:
     """What makes a snapshot unusable: every file it names is fsync'd before the manifest is
@@ -478,6 +510,12 @@ def verify_index(index_dir: str | os.PathLike, *, repair: bool = False, check_mo
         )
     rep = VerifyReport(index_dir=str(index_dir))
     state = _verify_once(index_dir, rep, check_models)
+    if repair and rep.checks.get("fts", {}).get("ok") is False and rep.checks.get("sqlite", {}).get("ok"):
+        _repair_fts(index_dir)
+        rep.repaired = True
+        after = VerifyReport(index_dir=str(index_dir), repaired=True)
+        state = _verify_once(index_dir, after, check_models)
+        rep = after
     if repair and (state in ("stale", "missing", "corrupt") or rep.checks.get("temp_files")):
         if not _sqlite_is_sound(rep):
             rep.problems.append(f"{store_path}: not repairing the vector files while SQLite itself has problems")
@@ -539,6 +577,7 @@ def _verify_once(index_dir: Path, rep: VerifyReport, check_models: bool) -> str 
             _check_lock_and_runs(index_dir, conn, rep)
         finally:
             conn.execute("COMMIT")
+        _check_fts(conn, rep, store_path)
         if sql is None:
             return None
         return _check_vectors(index_dir, meta, sql, manifest, np.sort(deletions), rep)

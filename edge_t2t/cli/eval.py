@@ -56,7 +56,11 @@ def register(subparsers) -> None:
                    help="vector dtype to score with (default: f32 for oracle, the index's own for index)")
     p.add_argument("--exact", action="store_true",
                    help="brute-force numpy scoring (always so for oracle)")
-    p.add_argument("--mode", choices=["hnsw", "rescore"], default="rescore",
+    p.add_argument("--mode", choices=["dense", "lexical", "hybrid", "hnsw", "rescore"], default="dense",
+                   help="retrieval mode, as in `search --mode`: dense (default), lexical (FTS5 BM25) or "
+                        "hybrid (dense + lexical); lexical and hybrid are scored exactly. The old values "
+                        "hnsw/rescore mean dense with that --vector-mode")
+    p.add_argument("--vector-mode", choices=["hnsw", "rescore"], default="rescore",
                    help="search mode of the index's own usearch file for --source index without "
                         "--exact, when --dtype is the index's (default: rescore)")
     p.add_argument("--split", metavar="NAME", default=None,
@@ -99,6 +103,8 @@ def evaluate_from_args(args: argparse.Namespace) -> dict:
 
     if args.max_images is not None and args.max_images < 1:
         raise InputError("--max-images must be at least 1")
+    if args.mode in ("hnsw", "rescore"):
+        args.mode, args.vector_mode = "dense", args.mode
     if args.source == "oracle" and args.index:
         raise InputError("--index is only used with --source index; drop it or add --source index")
     started = time.perf_counter()
@@ -112,19 +118,20 @@ def evaluate_from_args(args: argparse.Namespace) -> dict:
 
     if args.source == "oracle":
         dtype = args.dtype or "f32"
-        result = ev.oracle_eval(ann, embed, dtype=dtype)
+        result = ev.oracle_eval(ann, embed, dtype=dtype, mode=args.mode)
         result.config.update({
             "exact": True,
-            "scoring": "exact numpy" + ("" if dtype == "f32" else f" on vectors quantised as usearch {dtype} stores them"),
+            "scoring": "exact numpy" + ("" if dtype == "f32" else f" on vectors quantised as usearch {dtype} stores them")
+            + ("" if args.mode == "dense" else f", {args.mode} (FTS5 BM25)"),
         })
         index_facts: dict = {}
     else:
         index_dir = config.index_dir(args.index)
-        stored = ev.load_index_vectors(index_dir, ann, identity=embedder.identity)
+        stored = ev.load_index_vectors(index_dir, ann, identity=embedder.identity, with_texts=args.mode != "dense")
         index_facts = stored.facts
         dtype = args.dtype or index_facts.get("index_dtype") or "f32"
         t2i_search = None
-        if not args.exact and dtype == index_facts.get("index_dtype"):
+        if not args.exact and args.mode == "dense" and dtype == index_facts.get("index_dtype"):
             # T2I through the index's own vector snapshot (plus any texts committed after it)
             from ..search import open_for_search
 
@@ -133,13 +140,14 @@ def evaluate_from_args(args: argparse.Namespace) -> dict:
             foreign = index_facts["index_vectors"] - sum(len(v) for v in stored.vectors if v is not None)
 
             def search(queries, k):
-                return vectors.search(queries, k, mode=args.mode)
+                return vectors.search(queries, k, mode=args.vector_mode)
 
             t2i_search = (search, stored.keys, foreign)
         result = ev.index_eval(ann, stored.vectors, embed, dtype=dtype, exact=args.exact,
-                               threads=args.threads or 0, t2i_search=t2i_search)
+                               threads=args.threads or 0, t2i_search=t2i_search, mode=args.mode,
+                               image_texts=stored.texts)
         if t2i_search is not None:
-            result.config["mode"] = args.mode
+            result.config["vector_mode"] = args.vector_mode
         index_facts = {"index": str(index_dir), **index_facts}
     out = result.to_json()
     out["counts"].update({k: v for k, v in index_facts.items() if k.startswith("index_images")})
@@ -210,7 +218,9 @@ def write_outputs(result: dict, out_dir: Path) -> tuple[Path, Path]:
     cfg = result["config"]
     stem = f"eval-{cfg['source']}-{cfg['precision']}-{cfg['dtype']}"
     if not cfg.get("exact"):
-        stem += "-" + cfg.get("mode", "hnsw")
+        stem += "-" + cfg.get("vector_mode", "hnsw")
+    if cfg.get("mode", "dense") != "dense":
+        stem += "-" + cfg["mode"]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"

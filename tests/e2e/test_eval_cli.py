@@ -128,7 +128,7 @@ def test_index_source_over_an_index_of_the_captions(tmp_path):
     index = tmp_path / "ix"
     cli("index", "--captions", str(path), "--index", str(index), "--dtype", "f32", "--no-progress")
     # exact numpy; the index's own usearch file (rescore, then hnsw mode); a fresh i8 HNSW index
-    runs = (["--exact"], [], ["--mode", "hnsw"], ["--dtype", "i8"])
+    runs = (["--exact"], [], ["--vector-mode", "hnsw"], ["--dtype", "i8"], ["--mode", "lexical"], ["--mode", "hybrid"])
     for extra in runs:
         out = json.loads(cli("eval", "--annotations", str(path), "--source", "index", "--index", str(index),
                              "--json", *extra).stdout)
@@ -139,10 +139,11 @@ def test_index_source_over_an_index_of_the_captions(tmp_path):
         assert c["images_not_in_index"] == 1 and c["index_images_not_annotated"] == 1
         assert c["t2i_queries"] == 8 and c["i2t_queries"] == 4
         cfg = out["config"]
-        assert cfg["exact"] is (extra == ["--exact"])
+        assert cfg["exact"] is (extra == ["--exact"] or extra[:1] == ["--mode"])  # lexical modes score exactly
         assert cfg["dtype"] == ("i8" if "i8" in extra else "f32")
-        if extra in ([], ["--mode", "hnsw"]):
-            assert cfg["mode"] == ("hnsw" if extra else "rescore") and "own search" in cfg["scoring"]
+        assert cfg["mode"] == (extra[1] if extra[:1] == ["--mode"] else "dense")
+        if extra in ([], ["--vector-mode", "hnsw"]):
+            assert cfg["vector_mode"] == ("hnsw" if extra else "rescore") and "own search" in cfg["scoring"]
 
 
 def test_errors_name_the_file(tmp_path):

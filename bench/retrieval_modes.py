@@ -1,0 +1,373 @@
+"""Retrieval modes: dense (the paper's max cosine), lexical (FTS5 BM25), hybrid (dense + lexical,
+linear mix or reciprocal-rank fusion), each with and without the query's spatial/size constraints
+scored against the stored features (edge_t2t.retrieval, edge_t2t.query_parse).
+
+Three measurements, each through the product's own code:
+1. synthetic scenes (edge_t2t.scenes, exact ground truth): an index per seed built by
+   `edge-t2t index --captions` (int8 embedder, i8 index, default text mode), then
+   retrieval.rank for every template query one scene satisfies (k = all scenes). R@1, R@5, MRR
+   with 95% bootstrap intervals, and the paired MRR gain over dense. Seeds 4-5 tune the weights
+   (--tune prints the grid); seeds 1-3 are held out and reported; seed 0 (the demo's) apart;
+2. the demo's 18 fixed directional queries per seed: how often the expected scene is first / top 5;
+3. RSICD validation captions through the functions `edge-t2t eval` calls (oracle and, with
+   --rsicd-index DIR, an index of those captions): mR and mR without verbatim duplicates;
+4. with --latency DIR (an index of ~100k texts): p50/p95 of search.search per mode, 10 results.
+
+    .venv/bin/python bench/retrieval_modes.py [--work DIR] [--tune] [--rsicd-index DIR] [--latency DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import _common  # noqa: F401  (puts the repo on sys.path)
+import numpy as np
+from _common import peak_rss_mib, percentile_ms, write_results
+
+from edge_t2t import retrieval
+from edge_t2t import scenes as S
+
+TUNE_SEEDS = (4, 5)
+REPORT_SEEDS = (1, 2, 3)
+DEMO_SEED = 0
+N_SCENES = 40
+# name -> keyword arguments of retrieval.rank
+CONFIGS = {
+    "dense": dict(mode="dense", structure=False),
+    "lexical": dict(mode="lexical", structure=False),
+    "hybrid": dict(mode="hybrid", structure=False),
+    "hybrid-rrf": dict(mode="hybrid", structure=False, fusion="rrf"),
+    "dense+structure": dict(mode="dense", structure=True),
+    "lexical+structure": dict(mode="lexical", structure=True),
+    "hybrid+structure": dict(mode="hybrid", structure=True),
+    "hybrid-rrf+structure": dict(mode="hybrid", structure=True, fusion="rrf", structure_weight=0.02),  # tuned scale
+}
+BASELINE = "dense"
+
+
+def scene_index(work: Path, seed: int) -> Path:
+    """An index of the seed's 40 scenes, built by the CLI (reused when already there)."""
+    from edge_t2t.cli import main
+
+    ix = work / f"index-{seed}"
+    if (ix / "store.sqlite").is_file():
+        return ix
+    images = work / f"scenes-{seed}"
+    _, captions = S.write_scene_set(images, n=N_SCENES, seed=seed)
+    rc = main(["index", str(images), "--captions", str(captions), "--index", str(ix), "--no-progress", "--json"])
+    if rc != 0:
+        raise SystemExit(f"indexing seed {seed} failed")
+    return ix
+
+
+def seed_queries(seed: int) -> dict[str, list[tuple[str, str]]]:
+    scenes = S.make_scenes(N_SCENES, seed)
+    fixed = S.directional_queries(scenes)
+    fixed_texts = {q for q, _ in fixed}
+    generated = [(spec.text, sid) for spec, sid in S.unique_queries(scenes) if spec.text not in fixed_texts]
+    return {"fixed": fixed, "generated": generated}
+
+
+def seed_ranks(ix: Path, queries: dict, emb, configs: dict) -> dict[tuple[str, str], np.ndarray]:
+    """1-based rank of the expected scene per query, per (config, query set). Each query's pool
+    (dense and lexical sides, structure scores) is gathered once by retrieval.gather, then every
+    config ranks it with retrieval.combine: the two halves of retrieval.rank, the product's call."""
+    from edge_t2t import query_parse
+    from edge_t2t.search import open_for_search
+
+    store, vectors = open_for_search(ix)
+    out = {}
+    try:
+        for qset, qs in queries.items():
+            vecs = emb.embed([q for q, _ in qs])
+            ranks: dict[str, list[int]] = {name: [] for name in configs}
+            for (q, sid), v in zip(qs, vecs, strict=True):
+                pool = retrieval.gather(store, vectors, q, v[None, :], max(N_SCENES, retrieval.MIN_POOL),
+                                        parsed=query_parse.parse(q))
+                for name, kw in configs.items():
+                    names = [Path(c.image).stem for c in retrieval.combine(pool, N_SCENES, **kw)]
+                    ranks[name].append(names.index(sid) + 1 if sid in names else N_SCENES + 1)
+            for name, r in ranks.items():
+                out[(name, qset)] = np.asarray(r)
+    finally:
+        store.close()
+    return out
+
+
+def metrics(r: np.ndarray, reps: int = 2000, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    rr = 1.0 / r
+    boot = rng.integers(0, len(r), (reps, len(r)))
+
+    def ci(x):
+        m = x[boot].mean(axis=1)
+        return [round(float(np.percentile(m, 2.5)), 4), round(float(np.percentile(m, 97.5)), 4)]
+
+    return {"n": int(len(r)), "R@1": round(float((r <= 1).mean()), 4), "R@1_ci": ci((r <= 1).astype(float)),
+            "R@5": round(float((r <= 5).mean()), 4), "R@5_ci": ci((r <= 5).astype(float)),
+            "MRR": round(float(rr.mean()), 4), "MRR_ci": ci(rr)}
+
+
+def paired_gain(base: np.ndarray, other: np.ndarray, reps: int = 2000, seed: int = 0) -> list[float]:
+    d = 1.0 / other - 1.0 / base
+    means = d[np.random.default_rng(seed).integers(0, len(d), (reps, len(d)))].mean(axis=1)
+    return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]
+
+
+def tune(work: Path, emb) -> dict:
+    """Grid over the hybrid's lexical weight and the structure weight on the tuning seeds only."""
+    grid = {}
+    for lw in (0.05, 0.1, 0.2, 0.3, 0.5, 1.0):
+        for sw in (0.0, 0.2, 0.5, 1.0):
+            grid[f"lw={lw} sw={sw}"] = dict(mode="hybrid", structure=sw > 0, lexical_weight=lw, structure_weight=sw)
+    for sw in (0.0, 0.2, 0.5, 1.0):
+        grid[f"rrf sw={sw / 50}"] = dict(mode="hybrid", structure=sw > 0, fusion="rrf", structure_weight=sw / 50)
+    ranks: dict[str, list] = {k: [] for k in grid}
+    for seed in TUNE_SEEDS:
+        rr = seed_ranks(scene_index(work, seed), seed_queries(seed), emb, grid)
+        for (name, _), r in rr.items():
+            ranks[name].append(r)
+    table = {k: round(float((1.0 / np.concatenate(v)).mean()), 4) for k, v in ranks.items()}
+    for k, v in sorted(table.items(), key=lambda kv: -kv[1]):
+        print(f"tune {k}: MRR {v}")
+    return table
+
+
+def rsicd(rsicd_index: Path | None, precision: str) -> list[dict]:
+    """mR and mR without duplicates per mode, via the functions `edge-t2t eval` calls."""
+    from edge_t2t import evaluate as ev
+    from edge_t2t.annotations import load_annotations
+    from edge_t2t.embedder import Embedder
+
+    path = _common.ROOT.parent / "shared" / "data" / "rsicd" / "captions_val.json"
+    if not path.is_file():
+        print(f"no {path}: RSICD part skipped")
+        return []
+    ann = load_annotations(path)
+    emb = Embedder(precision=precision)
+    cache: dict[str, np.ndarray] = {}
+
+    def embed(texts):
+        todo = [t for t in dict.fromkeys(texts) if t not in cache]
+        if todo:
+            cache.update(zip(todo, emb.embed(todo), strict=True))
+        return np.stack([cache[t] for t in texts])
+
+    rows = []
+    for mode in retrieval.MODES:
+        res = ev.oracle_eval(ann, embed, dtype="f32", mode=mode).to_json()
+        rows.append({"source": "oracle", "mode": mode, "mR": res["mR"], "mR_nodup": res["mR_nodup"],
+                     "t2i_nodup": res["t2i_nodup"], "i2t_nodup": res["i2t_nodup"]})
+        print(f"rsicd oracle {mode}: mR {res['mR']:.2f} nodup {res['mR_nodup']:.2f}", flush=True)
+    if rsicd_index is not None:
+        for mode in retrieval.MODES:
+            stored = ev.load_index_vectors(rsicd_index, ann, identity=emb.identity, with_texts=True)
+            res = ev.index_eval(ann, stored.vectors, embed, dtype="f32", exact=True, mode=mode,
+                                image_texts=stored.texts).to_json()
+            rows.append({"source": "index", "mode": mode, "mR": res["mR"], "mR_nodup": res["mR_nodup"],
+                         "t2i_nodup": res["t2i_nodup"], "i2t_nodup": res["i2t_nodup"]})
+            print(f"rsicd index {mode}: mR {res['mR']:.2f} nodup {res['mR_nodup']:.2f}", flush=True)
+    return rows
+
+
+def build_large_index(out: Path, n_scenes: int) -> Path:
+    """An index of n_scenes synthetic scene descriptions (about 57 texts each), imported with
+    `edge-t2t index --captions` (fp32 embedder: batched, the fast one for bulk). Only the layouts
+    are drawn, not the pixels: a captions import never opens the images."""
+    import hashlib
+    import json
+    import random
+
+    from edge_t2t.embedder import Embedder
+    from edge_t2t.indexer import Indexer
+
+    out.mkdir(parents=True, exist_ok=True)
+    captions = out / "captions.jsonl"
+    with open(captions, "w") as fh:
+        for i in range(n_scenes):
+            rng = random.Random(f"scenes-1/latency/{i}")
+            sid = f"scene-latency-{i:05d}"
+            scene = S.Scene(sid, f"{sid}.png", S._layout(rng, 256), image=None, seed=-1)
+            scene.image = type("NoPixels", (), {"tobytes": lambda self, sid=sid: sid.encode()})()
+            rec = S.describe(scene, seed=-1)
+            rec.sha256 = hashlib.sha256(sid.encode()).hexdigest()
+            fh.write(json.dumps(rec.to_dict()) + "\n")
+    ix = out / "index"
+    # The product's indexer, with one batch (one save of the graph) and an embedder that embeds each
+    # distinct text once: scene texts repeat (~20k distinct of ~98k), and this machine is shared.
+    Indexer(ix, embedder=_DistinctTexts(Embedder(precision="fp32")), batch_size=n_scenes).run(
+        [], captions_file=captions)
+    return ix
+
+
+class _DistinctTexts:
+    """An Embedder that embeds each distinct text once (same vectors: fp32 does not depend on
+    batch-mates beyond float rounding)."""
+
+    def __init__(self, emb):
+        self._emb, self._cache = emb, {}
+
+    def __getattr__(self, name):
+        return getattr(self._emb, name)
+
+    def embed(self, texts):
+        todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        for i in range(0, len(todo), 256):
+            self._cache.update(zip(todo[i : i + 256], self._emb.embed(todo[i : i + 256]), strict=True))
+        return np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, self._emb.dim), np.float32)
+
+
+def latency(index: Path, repeats: int) -> list[dict]:
+    """search.search (the CLI's call) per mode on a large index; queries from the scene templates."""
+    from edge_t2t.embedder import Embedder
+    from edge_t2t.search import search
+    from edge_t2t.store import Store
+
+    with Store(index) as st:
+        texts = st.counts()["texts"]
+        precision = "fp32" if "fp32" in str(st.get_meta("embedder_identity", {})) else "int8"
+    emb = Embedder(precision=precision)
+    specs = S.all_query_specs()
+    queries = [specs[i].text for i in np.random.default_rng(0).choice(len(specs), repeats, replace=False)]
+    queries += ["storage tanks", "a river", "green farmland with buildings"]  # no structure words
+    rows = []
+    modes = [("dense", dict(mode="dense", structure=False)), ("dense+structure", dict(mode="dense")),
+             ("lexical", dict(mode="lexical", structure=False)), ("hybrid", dict(mode="hybrid", structure=False)),
+             ("hybrid+structure", dict(mode="hybrid"))]
+    for q in queries[:3]:  # warm the page cache and the graph view
+        for _, kw in modes:
+            search(index, q, k=10, embedder=emb, **kw)
+    times: dict[str, list[float]] = {name: [] for name, _ in modes}
+    for q in queries:
+        for name, kw in modes:  # interleaved, so load on the shared machine hits every mode alike
+            t = time.perf_counter()
+            search(index, q, k=10, embedder=emb, **kw)
+            times[name].append(time.perf_counter() - t)
+    # The ranking alone (retrieval.rank on an open index, query embedded beforehand): what the modes
+    # add, without the index open and the query embedding that every mode pays alike.
+    from edge_t2t import query_parse  # noqa: F401  (imported before timing)
+    from edge_t2t.search import open_for_search
+
+    store, vectors = open_for_search(index)
+    qvecs = emb.embed(queries)
+    ranking: dict[str, list[float]] = {name: [] for name, _ in modes}
+    try:
+        for q, v in zip(queries, qvecs, strict=True):
+            for name, kw in modes:
+                t = time.perf_counter()
+                retrieval.rank(store, vectors, q, v[None, :], 10, **kw)
+                ranking[name].append(time.perf_counter() - t)
+    finally:
+        store.close()
+    for what, table in (("search.search", times), ("retrieval.rank", ranking)):
+        base = percentile_ms(table["dense"], 50)
+        for name, ts in table.items():
+            rows.append({"call": what, "mode": name, "texts": texts, "queries": len(ts),
+                         "p50_ms": round(percentile_ms(ts, 50), 2), "p95_ms": round(percentile_ms(ts, 95), 2),
+                         "p50_vs_dense": round(percentile_ms(ts, 50) / base, 2)})
+            print(f"latency {what} {name}: p50 {rows[-1]['p50_ms']} ms ({rows[-1]['p50_vs_dense']}x dense)", flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/edge-t2t-retrieval-modes"),
+                    help="where the scene sets and their indexes go (reused between runs)")
+    ap.add_argument("--tune", action="store_true", help="print the weight grid on the tuning seeds, then stop")
+    ap.add_argument("--rsicd-index", type=Path, default=None,
+                    help="an index of ../shared/data/rsicd/captions_val.json (fp32 embedder) for --source index")
+    ap.add_argument("--rsicd-precision", default="fp32", choices=["fp32", "int8"])
+    ap.add_argument("--latency", type=Path, default=None, metavar="INDEX", help="an index of ~100k texts")
+    ap.add_argument("--latency-queries", type=int, default=60)
+    ap.add_argument("--build-latency-index", type=int, default=0, metavar="N_SCENES",
+                    help="first build the --latency index from N_SCENES scene descriptions (1760 = ~100k texts)")
+    ap.add_argument("--skip-scenes", action="store_true")
+    ap.add_argument("--skip-rsicd", action="store_true")
+    args = ap.parse_args()
+
+    from edge_t2t.embedder import Embedder
+
+    t_start = time.perf_counter()
+    args.work.mkdir(parents=True, exist_ok=True)
+    emb = Embedder(precision="int8")
+    if args.tune:
+        tune(args.work, emb)
+        return 0
+
+    rows, gains, directional = [], [], []
+    if not args.skip_scenes:
+        per_seed = {}
+        for seed in (DEMO_SEED, *REPORT_SEEDS):
+            per_seed[seed] = seed_ranks(scene_index(args.work, seed), seed_queries(seed), emb, CONFIGS)
+            print(f"seed {seed} done", flush=True)
+            for name in CONFIGS:
+                r = per_seed[seed][(name, "fixed")]
+                directional.append({"seed": seed, "config": name, "first": int((r == 1).sum()),
+                                    "top5": int((r <= 5).sum()), "of": int(len(r))})
+        groups = {"demo set (seed 0)": (DEMO_SEED,), "held out (seeds 1-3)": REPORT_SEEDS}
+        for gname, seeds in groups.items():
+            for name in CONFIGS:
+                r = np.concatenate([per_seed[s][(name, q)] for s in seeds for q in ("fixed", "generated")])
+                rows.append({"group": gname, "config": name, **metrics(r)})
+                if name != BASELINE:
+                    b = np.concatenate([per_seed[s][(BASELINE, q)] for s in seeds for q in ("fixed", "generated")])
+                    gains.append({"group": gname, "config": name, "MRR_gain_vs_dense": round(float((1 / r - 1 / b).mean()), 4),
+                                  "MRR_gain_95ci": paired_gain(b, r)})
+    if args.build_latency_index:
+        if args.latency is None:
+            raise SystemExit("--build-latency-index needs --latency DIR")
+        args.latency = build_large_index(args.latency, args.build_latency_index)
+    rsicd_rows = rsicd(args.rsicd_index, args.rsicd_precision) if not args.skip_rsicd else []
+    latency_rows = latency(args.latency, args.latency_queries) if args.latency else []
+
+    lines = []
+    if rows:
+        lines += ["Synthetic scenes: every template query exactly one scene satisfies (k = all 40 scenes).", "",
+                  "| scenes | config | n | R@1 [95% CI] | R@5 [95% CI] | MRR [95% CI] |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['group']} | {r['config']} | {r['n']} | {r['R@1']:.3f} [{r['R@1_ci'][0]:.3f}, {r['R@1_ci'][1]:.3f}] "
+                         f"| {r['R@5']:.3f} [{r['R@5_ci'][0]:.3f}, {r['R@5_ci'][1]:.3f}] "
+                         f"| {r['MRR']:.3f} [{r['MRR_ci'][0]:.3f}, {r['MRR_ci'][1]:.3f}] |")
+        lines += ["", "Paired MRR gain over dense (2000 bootstrap resamples of queries):", "",
+                  "| scenes | config | MRR gain | 95% CI |", "|---|---|---|---|"]
+        for g in gains:
+            lines.append(f"| {g['group']} | {g['config']} | {g['MRR_gain_vs_dense']:+.3f} | "
+                         f"[{g['MRR_gain_95ci'][0]:+.3f}, {g['MRR_gain_95ci'][1]:+.3f}] |")
+        lines += ["", "The 18 fixed directional queries (expected scene first / in the top 5):", "",
+                  "| config | " + " | ".join(f"seed {s}" for s in (DEMO_SEED, *REPORT_SEEDS)) + " |",
+                  "|---|" + "---|" * (1 + len(REPORT_SEEDS))]
+        for name in CONFIGS:
+            cells = [f"{d['first']} / {d['top5']}" for d in directional if d["config"] == name]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if rsicd_rows:
+        lines += ["", f"RSICD validation captions ({args.rsicd_precision} embedder, exact scoring):", "",
+                  "| source | mode | mR | mR without duplicates |", "|---|---|---|---|"]
+        for r in rsicd_rows:
+            lines.append(f"| {r['source']} | {r['mode']} | {r['mR']:.2f} | {r['mR_nodup']:.2f} |")
+    if latency_rows:
+        lines += ["", f"search.search latency, k = 10, {latency_rows[0]['texts']} texts, {latency_rows[0]['queries']} queries "
+                  "(modes interleaved). search.search is the CLI's call (opens the index, embeds the query); "
+                  "retrieval.rank is the ranking alone on an open index:", "",
+                  "| call | mode | p50 | p95 | p50 vs dense |", "|---|---|---|---|---|"]
+        for r in latency_rows:
+            lines.append(f"| {r['call']} | {r['mode']} | {r['p50_ms']:.2f} ms | {r['p95_ms']:.2f} ms | "
+                         f"{r['p50_vs_dense']:.2f}x |")
+    lines += ["", f"Weights: lexical {retrieval.LEXICAL_WEIGHT}, structure {retrieval.STRUCTURE_WEIGHT} "
+              f"(tuned on seeds {', '.join(map(str, TUNE_SEEDS))}, not reported); the machine was shared with other "
+              "work, so latencies are noisy and their ratios are the meaningful part."]
+    table = "\n".join(lines)
+    only_latency = args.skip_scenes and args.skip_rsicd
+    write_results("retrieval_modes_latency" if only_latency else "retrieval_modes", {
+        "tune_seeds": TUNE_SEEDS, "report_seeds": REPORT_SEEDS, "demo_seed": DEMO_SEED, "scenes_per_seed": N_SCENES,
+        "lexical_weight": retrieval.LEXICAL_WEIGHT, "structure_weight": retrieval.STRUCTURE_WEIGHT,
+        "scenes": rows, "gains": gains, "directional": directional, "rsicd": rsicd_rows, "latency": latency_rows,
+        "seconds": round(time.perf_counter() - t_start, 1), "peak_rss_mib": round(peak_rss_mib(), 1),
+    }, table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

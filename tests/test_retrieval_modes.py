@@ -1,0 +1,180 @@
+"""Lexical search (FTS5, schema v4) kept in step with the store, verify's check of it, and the
+retrieval modes (dense / lexical / hybrid, query constraints, --explain, --min-score) on an index
+built with the deterministic fake embedder."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+from fake_embedder import FakeEmbedder
+
+from edge_t2t import lexical, retrieval
+from edge_t2t import search as S
+from edge_t2t import store as store_mod
+from edge_t2t.indexer import Indexer
+from edge_t2t.records import Variant
+from edge_t2t.store import NewText, Store
+from edge_t2t.verify import verify_index
+
+SCENES = {
+    # name -> variants (one_sentence, features)
+    "port.jpg": [("boats moored in a harbour", [("storage tanks", "north", "large"), ("harbour", "south", "large")])],
+    "airfield_a.jpg": [("an airfield with a runway and trees", [("runway", "west", "large"), ("forest", "east", "small")])],
+    "airfield_b.jpg": [("an airfield with a runway and trees", [("runway", "east", "large"), ("forest", "west", "small")])],
+    "town.jpg": [("houses and roads of a small town", [("buildings", "centre", "medium")])],
+    "depot.jpg": [("fuel depot with tank 42 beside a road", [("storage tanks", "centre", "small")])],
+}
+
+
+def write_captions(path):
+    with open(path, "w") as fh:
+        for name, variants in SCENES.items():
+            vs = [{"one_sentence": s, "features": [{"name": n, "position": p, "size": z} for n, p, z in f]}
+                  for s, f in variants]
+            fh.write(json.dumps({"image": name, "variants": vs}) + "\n")
+    return path
+
+
+@pytest.fixture
+def emb():
+    return FakeEmbedder()
+
+
+@pytest.fixture
+def index(tmp_path, emb):
+    ix = tmp_path / "ix"
+    Indexer(ix, embedder=emb, dtype="f32").run([], captions_file=write_captions(tmp_path / "c.jsonl"))
+    return ix
+
+
+def fts_rows(ix) -> set[int]:
+    with Store(ix) as st:
+        return {r[0] for r in st.conn.execute("SELECT rowid FROM variants_fts WHERE variants_fts MATCH 'tank OR runway OR harbour OR house OR boat'")}
+
+
+# -- store ------------------------------------------------------------------------------------
+
+
+def test_v2_store_migrates_and_its_texts_become_searchable(tmp_path):
+    ix = tmp_path / "ix"
+    ix.mkdir()
+    conn = sqlite3.connect(ix / store_mod.STORE_FILE, isolation_level=None)
+    assert store_mod.migrate(conn, store_mod.MIGRATIONS[:2]) == 2
+    conn.execute("INSERT INTO images(id, path, status, indexed_at) VALUES (1, '/x/a.jpg', 'ok', 1.0)")
+    conn.execute("INSERT INTO variants(image_id, ordinal, field, one_sentence, features, caption, text, vector) "
+                 "VALUES (1, 0, 'sentence', 's', '[]', '', 'large storage tanks by the quay', x'00')")
+    conn.close()
+    with Store(ix) as st:
+        assert st.conn.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
+        keys, scores = lexical.search_texts(st.conn, "a tank", 5)  # porter stemming: tank ~ tanks
+        assert keys.tolist() == [1] and scores[0] > 0
+
+
+def test_fts_follows_inserts_deletes_and_cascades(index):
+    with Store(index) as st:
+        n_texts = st.counts()["texts"]
+        assert st.conn.execute("SELECT COUNT(*) FROM variants_fts WHERE variants_fts MATCH 'tank'").fetchone()[0] >= 2
+        with st.transaction():
+            image_id = st.put_image("/x/new.jpg")
+            [key] = st.add_texts(image_id, [NewText(0, "one_sentence", Variant("a tiny heliport"), "a tiny heliport",
+                                                    np.ones(64, np.float32) / 8)])
+        assert lexical.search_texts(st.conn, "heliport", 5)[0].tolist() == [key]
+        with st.transaction():
+            st.put_image("/x/new.jpg")  # replacing the image cascades to its texts
+        assert lexical.search_texts(st.conn, "heliport", 5)[0].tolist() == []
+        assert st.counts()["texts"] == n_texts
+    assert verify_index(index, check_models=False).checks["fts"]["ok"] is True
+
+
+def test_verify_finds_an_fts_out_of_step_and_repair_rebuilds_it(index):
+    with Store(index) as st, st.transaction() as conn:
+        conn.execute("DROP TRIGGER variants_fts_insert")
+        image_id = st.put_image("/x/late.jpg")
+        st.add_texts(image_id, [NewText(0, "one_sentence", Variant("a lone lighthouse"), "a lone lighthouse",
+                                        np.ones(64, np.float32) / 8)])
+        conn.execute(store_mod._V4.split("CREATE TRIGGER variants_fts_delete")[0].split("INSERT INTO variants_fts(variants_fts) VALUES ('rebuild');")[1])
+    rep = verify_index(index, check_models=False)
+    assert not rep.ok and rep.checks["fts"]["ok"] is False
+    assert any("full-text index" in p and "--repair" in p for p in rep.problems)
+    fixed = verify_index(index, repair=True, check_models=False)
+    assert fixed.repaired and fixed.checks["fts"]["ok"] is True
+    with Store(index) as st:
+        assert len(lexical.search_texts(st.conn, "lighthouse", 5)[0]) == 1
+
+
+def test_match_expression_quotes_words():
+    assert lexical.match_expression('runway "09" OR NOT tanks*') == '"runway" OR "09" OR "not" OR "tanks"'
+    assert lexical.match_expression("the of a") == ""
+
+
+# -- retrieval --------------------------------------------------------------------------------
+
+
+def names(hits):
+    return [h.image.rsplit("/", 1)[-1] for h in hits]
+
+
+def test_dense_without_place_words_ranks_as_rank_images(index, emb):
+    hits = S.search(index, "boats in a harbour", k=5, embedder=emb, mode="dense")
+    store, vectors = S.open_for_search(index)
+    try:
+        plain = S.rank_images(store, vectors, emb.embed(["boats in a harbour"]), 5)
+    finally:
+        store.close()
+    assert [(h.image, h.score, h.text) for h in hits] == [(h.image, h.score, h.text) for h in plain]
+    assert all(h.parts["structure"] == 0 and h.parts["lexical"] == 0 for h in hits)
+
+
+def test_lexical_finds_exact_words(index, emb):
+    hits = S.search(index, "tank 42", k=5, embedder=emb, mode="lexical")
+    assert names(hits)[0] == "depot.jpg" and hits[0].score == pytest.approx(1.0)
+    assert all(0 < h.score <= 1 for h in hits)
+    # the port's feature text says "storage tanks" (one word shared); the town's texts share none
+    assert names(hits) == ["depot.jpg", "port.jpg"] and hits[1].score < 1
+
+
+def test_structure_tells_east_from_west(index, emb):
+    a = S.search(index, "a forest east of a runway", k=2, embedder=emb, mode="dense", explain=True)
+    b = S.search(index, "a forest west of a runway", k=2, embedder=emb, mode="dense", explain=True)
+    assert names(a)[0] == "airfield_a.jpg" and names(b)[0] == "airfield_b.jpg"
+    assert a[0].matched == ({"constraint": "forest east of runway", "score": 1.0},)
+    assert a[0].score == pytest.approx(a[0].parts["dense"] + retrieval.STRUCTURE_WEIGHT)
+    every = S.search(index, "a forest west of a runway", k=5, embedder=emb, mode="dense", explain=True)
+    reverse = every[names(every).index("airfield_a.jpg")]
+    assert reverse.matched[0]["score"] == 0.0 and reverse.parts["structure"] == 0.0  # the reverse relation
+    flat = S.search(index, "a forest west of a runway", k=2, embedder=emb, mode="dense", structure=False)
+    assert all(h.parts["structure"] == 0 and not h.matched for h in flat)
+
+
+def test_hybrid_mixes_both_scores_and_min_score_cuts(index, emb):
+    hits = S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid")
+    top = hits[0]
+    assert names(hits)[0] == "depot.jpg"
+    assert top.score == pytest.approx(top.parts["dense"] + retrieval.LEXICAL_WEIGHT * top.parts["lexical"])
+    cut = S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid", min_score=top.score - 1e-9)
+    assert names(cut) == ["depot.jpg"]
+    assert S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid", min_score=9.0) == []
+    d = top.to_dict()
+    assert {"rank", "score", "image", "variant", "text", "dense", "lexical", "structure"} <= set(d)
+
+
+def test_old_vector_modes_still_mean_dense(index, emb):
+    a = S.search(index, "houses", k=3, embedder=emb, mode="exact")
+    b = S.search(index, "houses", k=3, embedder=emb, mode="dense", vector_mode="exact")
+    assert [(h.image, h.score) for h in a] == [(h.image, h.score) for h in b]
+    with pytest.raises(Exception, match="unknown search mode"):
+        S.search(index, "houses", k=3, embedder=emb, mode="fuzzy")
+
+
+def test_help_names_the_default_mode():
+    import argparse
+
+    from edge_t2t.cli import search as cli_search
+
+    parser = argparse.ArgumentParser()
+    cli_search.register(parser.add_subparsers())
+    sub = parser._subparsers._group_actions[0].choices["search"]
+    assert f"(default: {retrieval.DEFAULT_MODE})" in sub.format_help().replace("\n", " ").replace("  ", " ")
