@@ -47,6 +47,8 @@ LLAMA_BUILDS: dict[str, list[str]] = {
     "compat": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=OFF", "-DGGML_AVX2=OFF", "-DGGML_FMA=OFF",
                "-DGGML_F16C=OFF", "-DGGML_BMI2=OFF", "-DGGML_AVX512=OFF"],
 }  # fmt: skip
+# Bump when the way a llama.cpp wheel is made changes: it is part of the wheel cache's key.
+RECIPE = "slim-1"
 # Instructions a flavour must not contain: AVX-512 (zmm) anywhere means a native build slipped in;
 # any 256-bit AVX register, FMA or F16C conversion in the compat build would crash an older CPU.
 FORBIDDEN = {
@@ -153,14 +155,53 @@ def _repair(wheel: Path, out_dir: Path) -> tuple[Path, str]:
         return target, "repaired by auditwheel (own libraries excluded)"
 
 
-def _compat_wheel(portable: Path, version: str, flags: list[str], tmp: Path, env: dict) -> Path:
-    """The portable wheel with its CPU backend (libggml-cpu) rebuilt without AVX/AVX2/FMA/F16C.
+def _rewrite_wheel(src: Path, dst: Path, replace: dict[str, bytes]) -> None:
+    """Copy a wheel, leaving out upstream's duplicate top-level lib/, include/ and bin/ trees and
+    swapping the contents of the entries named in `replace` ({regex: bytes}); RECORD follows.
+
+    llama-cpp-python 0.3.36 installs every library twice: in llama_cpp/lib/, which it loads, and
+    in site-packages/lib/ with headers and libllama-common (which links OpenSSL and is never
+    loaded). Leaving those out makes each wheel about 60% smaller and nothing OpenSSL to graft."""
+
+    def dropped(name: str) -> bool:
+        return name.split("/", 1)[0] in ("lib", "include", "bin")
+
+    def new_bytes(name: str) -> bytes | None:
+        return next((b for pat, b in replace.items() if re.search(pat, name)), None)
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
+        record_name = next(n for n in zin.namelist() if n.endswith(".dist-info/RECORD"))
+        record = []
+        for line in zin.read(record_name).decode().splitlines():
+            name = line.split(",", 1)[0]
+            if dropped(name):
+                continue
+            payload = new_bytes(name)
+            if payload is not None:
+                digest = base64.urlsafe_b64encode(hashlib.sha256(payload).digest()).rstrip(b"=").decode()
+                line = f"{name},sha256={digest},{len(payload)}"
+            record.append(line)
+        for item in zin.infolist():
+            if dropped(item.filename):
+                continue
+            if item.filename == record_name:
+                zout.writestr(item, "\n".join(record) + "\n")
+            else:
+                payload = new_bytes(item.filename)
+                zout.writestr(item, payload if payload is not None else zin.read(item.filename))
+
+
+def _compat_cpu_backend(version: str, flags: list[str], tmp: Path, env: dict) -> bytes:
+    """llama.cpp's CPU backend (libggml-cpu.so) compiled without AVX/AVX2/FMA/F16C, stripped.
 
     Only ggml-cpu is compiled with instruction-set flags (ggml/src/ggml-cpu/CMakeLists.txt: the
     other libraries get none), so the rest of the portable wheel is already what a full compat
     build would produce. Compiling that one target takes minutes instead of a full build's
-    10-60. The result is checked by objdump like any other flavour.
-    """
+    10-60. The wheel it goes into is checked by objdump like any other flavour."""
+    key = hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]
+    cached = cache_root() / "wheels" / f"libggml-cpu-{version}-{key}.so"
+    if cached.is_file():
+        return cached.read_bytes()
     with tarfile.open(_sdist(version)) as tar:
         tar.extractall(tmp / "src", filter="data")
     src = next((tmp / "src").iterdir())
@@ -170,38 +211,16 @@ def _compat_wheel(portable: Path, version: str, flags: list[str], tmp: Path, env
     run(["cmake", "--build", build_dir, "--target", "ggml-cpu", "-j", env["CMAKE_BUILD_PARALLEL_LEVEL"]], env=env,
         stdout=subprocess.DEVNULL)
     lib = Path(os.path.realpath(next(build_dir.rglob("libggml-cpu.so"))))
-    stripped = tmp / lib.name
-    run(["strip", "--strip-unneeded", "-o", stripped, lib])  # as the wheel's own libraries are
-    payload = stripped.read_bytes()
-    digest = base64.urlsafe_b64encode(hashlib.sha256(payload).digest()).rstrip(b"=").decode()
-    out = tmp / "wheel" / portable.name
-    out.parent.mkdir()
-    replaced = 0
-    with zipfile.ZipFile(portable) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
-        record_name = next(n for n in zin.namelist() if n.endswith(".dist-info/RECORD"))
-        record = []
-        for line in zin.read(record_name).decode().splitlines():
-            name = line.split(",", 1)[0]
-            if re.search(r"/libggml-cpu\.so(\.\d+)*$", name):
-                line = f"{name},sha256={digest},{len(payload)}"
-            record.append(line)
-        for item in zin.infolist():
-            if item.filename == record_name:
-                zout.writestr(item, "\n".join(record) + "\n")
-            elif re.search(r"/libggml-cpu\.so(\.\d+)*$", item.filename):
-                zout.writestr(item, payload)
-                replaced += 1
-            else:
-                zout.writestr(item, zin.read(item.filename))
-    if not replaced:
-        sys.exit(f"bundle: {portable} holds no libggml-cpu.so to replace; this llama-cpp-python layout is unknown")
-    return out
+    tmp_lib = cached.with_name(cached.name + ".tmp")
+    run(["strip", "--strip-unneeded", "-o", tmp_lib, lib])  # as the wheel's own libraries are
+    os.replace(tmp_lib, cached)
+    return cached.read_bytes()
 
 
 def llama_wheel(version: str, flavour: str) -> tuple[Path, dict]:
     """The cached wheel for one flavour, compiling it (once per machine) if absent."""
     flags = LLAMA_BUILDS[flavour]
-    key = hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{RECIPE} {' '.join(flags)}".encode()).hexdigest()[:12]
     folder = cache_root() / "wheels" / f"llama-cpp-python-{version}-{flavour}-{key}"
     info_path = folder / "build.json"
     if info_path.is_file():
@@ -214,14 +233,17 @@ def llama_wheel(version: str, flavour: str) -> tuple[Path, dict]:
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        if flavour == "portable":
-            # The Makefile's set-up builds this flavour; pip's wheel cache hands it back at once.
-            log(f"llama-cpp-python {version} portable ({' '.join(flags)}): pip's cached wheel, else a compile")
-            run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", tmp, f"llama-cpp-python=={version}"],
-                env=env)
-            built = next(Path(tmp).glob("llama_cpp_python-*.whl"))
-        else:
-            built = _compat_wheel(llama_wheel(version, "portable")[0], version, flags, Path(tmp), env)
+        # The portable flavour is what the Makefile's set-up builds: pip's wheel cache hands it back
+        # at once. The compat flavour is the same wheel with another CPU backend.
+        log(f"llama-cpp-python {version} {flavour} ({' '.join(flags)})")
+        run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", Path(tmp) / "pip", f"llama-cpp-python=={version}"],
+            env={**env, "CMAKE_ARGS": " ".join(LLAMA_BUILDS["portable"])})
+        pip_wheel = next((Path(tmp) / "pip").glob("llama_cpp_python-*.whl"))
+        replace = {}
+        if flavour != "portable":
+            replace[r"^llama_cpp/lib/libggml-cpu\.so(\.\d+)*$"] = _compat_cpu_backend(version, flags, Path(tmp), env)
+        built = Path(tmp) / pip_wheel.name
+        _rewrite_wheel(pip_wheel, built, replace)
         bad = _forbidden_instructions(built, flavour)
         if any(bad.values()):
             sys.exit(f"bundle: the {flavour} llama.cpp wheel holds instructions it must not ({bad}); "
