@@ -371,12 +371,12 @@ def build(out_dir: Path, vlm_dir: Path | None, force: bool) -> Path:
         }
         (top / "BUILDINFO.json").write_text(json.dumps(buildinfo, indent=2) + "\n")
         n = write_sums(top)
-        for old in out_dir.glob("edge-t2t-*.tar.gz"):  # exactly one archive in dist/
-            old.unlink()
-        tmp_archive = out_dir / f".{name}.tar.gz.tmp"
+        tmp_archive = Path(tmp) / f"{name}.tar.gz"
         with tarfile.open(tmp_archive, "w:gz", compresslevel=6) as tar:
             tar.add(top, arcname=name)
-        os.replace(tmp_archive, archive)
+        for old in out_dir.glob("edge-t2t-*.tar.gz"):  # exactly one archive in dist/
+            old.unlink()
+        os.replace(tmp_archive, archive)  # same file system: tmp is inside out_dir
     key_file.write_text(key + "\n")
     size = archive.stat().st_size
     log(f"wrote {archive}: {size / 2**20:.1f} MiB, {n} files, {len(wheels)} wheels, "
