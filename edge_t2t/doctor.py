@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 from . import __version__, config
@@ -89,6 +88,8 @@ def _python(rep: Report) -> None:
 
 
 def _packages(rep: Report) -> None:
+    from importlib import metadata  # here: it pulls in email.utils -> socket, which we keep out of imports
+
     try:
         requires = metadata.requires("edge-t2t") or []
     except metadata.PackageNotFoundError:
