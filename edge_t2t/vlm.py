@@ -22,6 +22,7 @@ from . import config
 from .errors import ImageError, ModelError
 from .fileio import sha256_file
 from .gguf_check import GGUFInfo, check_pair, inspect_gguf
+from .model_files import named_pair, named_vlms, require_named
 
 
 @dataclass(frozen=True)
@@ -135,13 +136,18 @@ def _no_vlm_message(detail: str) -> str:
 
 
 def resolve_vlm_paths(model: str | os.PathLike | None, mmproj: str | os.PathLike | None) -> tuple[Path, Path]:
-    """Explicit arguments, else $EDGE_T2T_VLM / $EDGE_T2T_MMPROJ, else the one pair in models/vlm/."""
+    """Explicit arguments, else $EDGE_T2T_VLM / $EDGE_T2T_MMPROJ, else the one pair in models/vlm/,
+    else the one pair added with `edge-t2t models add` (models/vlm/NAME/). --vlm may be such a NAME."""
     m = Path(model).expanduser() if model else None
     p = Path(mmproj).expanduser() if mmproj else None
     if m is None and os.environ.get("EDGE_T2T_VLM"):
         m = Path(os.environ["EDGE_T2T_VLM"]).expanduser()
     if p is None and os.environ.get("EDGE_T2T_MMPROJ"):
         p = Path(os.environ["EDGE_T2T_MMPROJ"]).expanduser()
+    if m is not None and not m.exists() and len(m.parts) == 1 and m.suffix.lower() != ".gguf":
+        # A name, not a file: a pair added with `edge-t2t models add ... --name NAME`.
+        named_model, named_proj = require_named(str(m))
+        m, p = named_model, p or named_proj
     if m is not None and p is not None:
         return m, p
     directory = config.user_vlm_dir()
@@ -149,6 +155,13 @@ def resolve_vlm_paths(model: str | os.PathLike | None, mmproj: str | os.PathLike
         missing = "model" if m is None else "mmproj"
         raise ModelError(_no_vlm_message(f"no {missing} given and {directory} does not exist"))
     models, projs, broken = _classify_dir(directory)
+    if m is None and p is None and not models and not projs:
+        named = named_vlms()
+        if len(named) > 1:
+            raise ModelError(f"{directory} holds several added VLMs ({', '.join(v['name'] for v in named)}); "
+                             "pick one with --vlm NAME or EDGE_T2T_VLM=NAME")
+        if named:
+            return named_pair(named[0])
     m = m or _only_one(directory, models, broken, "text models", "GGUF text model", "--vlm or EDGE_T2T_VLM")
     p = p or _only_one(directory, projs, broken, "mmproj files", "mmproj (vision projector) GGUF",
                        "--mmproj or EDGE_T2T_MMPROJ")
@@ -351,6 +364,23 @@ class VLM:
             self.close()
         except Exception:
             pass
+
+
+# ---- what the installed llama.cpp is (for `edge-t2t doctor`) ------------------------------------
+
+
+def llama_system_info() -> dict:
+    """llama-cpp-python's version and the CPU features its llama.cpp was compiled with.
+
+    Call it in a child process when unsure of the build: a library compiled for AVX2 can die with
+    SIGILL on a CPU without it."""
+    import re
+
+    import llama_cpp
+
+    text = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+    features = {k: v for k, v in re.findall(r"([A-Z][A-Z0-9_]*) = (\w+)", text)}
+    return {"llama_cpp_python": llama_cpp.__version__, "system_info": text, "features": features}
 
 
 # ---- quantization --------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ def register(subparsers) -> None:
     lst.add_argument("--json", action="store_true", help="print as JSON")
     lst.set_defaults(func=run_list)
 
+    _register_add_verify(sub)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -201,10 +202,12 @@ def collect() -> dict:
     user = []
     if user_dir.is_dir():
         user = [{"file": str(p), "size": p.stat().st_size} for p in sorted(user_dir.glob("*.gguf"))]
+    from ..model_files import named_vlms
+
     return {
         "embedder": {"dir": str(emb_dir), "manifest": _read_manifest(emb_dir / "manifest.json")},
         "test_vlm": {"dir": str(vlm_dir), "manifest": _read_manifest(vlm_dir / "manifest.json")},
-        "user_vlm": {"dir": str(user_dir), "gguf": user},
+        "user_vlm": {"dir": str(user_dir), "gguf": user, "named": named_vlms()},
     }
 
 
@@ -234,4 +237,81 @@ def run_list(args: argparse.Namespace) -> int:
             print(f"  {Path(item['file']).name}  {_size(item['size'])}")
     else:
         print(f"user GGUF files: none in {found['user_vlm']['dir']}")
+    _list_named(found["user_vlm"]["named"])
     return 0
+
+
+# ---- models add / models verify ----------------------------------------------------------------
+
+
+def _register_add_verify(sub) -> None:
+    a = sub.add_parser(
+        "add",
+        help="check a GGUF model + mmproj pair and install it as models/vlm/NAME/",
+        description=(
+            "Check a GGUF text model and its mmproj (the same checks as captioning: complete files, the "
+            "right kinds, a projector that fits the model), then copy them (or link them, --link) into "
+            "models/vlm/NAME/ with a manifest.json holding their sha256, sizes and chat family. "
+            "`index`/`caption` then find the pair by itself, or with --vlm NAME."
+        ),
+    )
+    a.add_argument("model", type=Path, metavar="MODEL.gguf", help="the language model GGUF")
+    a.add_argument("mmproj", type=Path, metavar="MMPROJ.gguf", help="its vision projector GGUF")
+    a.add_argument("--name", help="folder name under models/vlm/ (default: from the GGUF's general.name)")
+    a.add_argument("--family", help="chat family (default: inferred from the GGUF metadata, as captioning does)")
+    a.add_argument("--link", action="store_true", help="symlink the files instead of copying them")
+    a.add_argument("--force", action="store_true", help="replace an existing models/vlm/NAME/")
+    a.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    a.set_defaults(func=run_add)
+
+    v = sub.add_parser(
+        "verify",
+        help="re-check the sha256 of every model file against its manifest",
+        description="Re-hash every file the embedder, test-VLM and added-VLM manifests list. "
+        "Exit status: 0 all match, 1 a file is missing or differs.",
+    )
+    v.add_argument("--json", action="store_true", help="print {ok, problems, files} as JSON")
+    v.set_defaults(func=run_verify)
+
+
+def _list_named(named: list[dict]) -> None:
+    if not named:
+        return
+    print("added VLMs (`edge-t2t models add`):")
+    for v in named:
+        m, p = v["model"], v["mmproj"]
+        how = "linked" if v.get("linked") else "copied"
+        print(f"  {v['name']}: {m['file']} {_size(m['size'])} + {p['file']} {_size(p['size'])}, "
+              f"family {v['family']}, {how}{', TEST MODEL' if v.get('test_model') else ''}")
+
+
+def run_add(args: argparse.Namespace) -> int:
+    from ..model_files import add_vlm
+
+    manifest = add_vlm(args.model, args.mmproj, args.name, family=args.family, link=args.link, force=args.force)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    print(f"added {manifest['name']} (family {manifest['family']}) in {manifest['dir']}:")
+    for role in ("model", "mmproj"):
+        item = manifest[role]
+        print(f"  {role}: {item['file']}  {_size(item['size'])}  sha256 {item['sha256'][:16]}...")
+    print(f"use it with: edge-t2t index IMAGES/ --vlm {manifest['name']}")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from ..model_files import verify_models
+
+    rep = verify_models()
+    if args.json:
+        print(json.dumps(rep.to_dict(), indent=2))
+        return 0 if rep.ok else 1
+    for f in rep.files:
+        print(f"{f.status:<8} {f.group:<16} {f.path}")
+    for problem in rep.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    if not rep.files:
+        print(f"no model manifests found under {config.models_dir()}")
+    print(f"{sum(f.status == 'ok' for f in rep.files)} of {len(rep.files)} files match their manifests")
+    return 0 if rep.ok else 1
