@@ -85,7 +85,7 @@ def write_mosaic(
     width, height = cols * tile, rows * tile
     affine = None
     if crs is not None:
-        affine = Affine.translation(*origin) * Affine.rotation(-rotation_deg) * Affine.scale(pixel, -pixel)
+        affine = Affine.translation(*origin) @ Affine.rotation(-rotation_deg) @ Affine.scale(pixel, -pixel)
     profile = {
         "driver": "GTiff", "width": width, "height": height, "count": bands, "dtype": dtype,
         "tiled": True, "blockxsize": min(256, tile), "blockysize": min(256, tile), "nodata": 0,

@@ -223,7 +223,16 @@ class SceneFile:
 
     # -- reads --------------------------------------------------------------------------------
     def _read(self, window: Window, out_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(bands (c, h, w) for the stretch's bands, valid mask (h, w))."""
+        """(bands (c, h, w) for the stretch's bands, valid mask (h, w)); ImageError (one line) when
+        the file cannot give them, e.g. a truncated GeoTIFF."""
+        try:
+            return self._read_raw(window, out_shape)
+        except ImageError:
+            raise
+        except Exception as exc:
+            raise ImageError(f"{self.path}: cannot read window {window.name()} ({_first_line(exc)})") from None
+
+    def _read_raw(self, window: Window, out_shape: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
         bands = self.stretch.bands if self.stretch else [1, 2, 3][: min(3, self.count)]
         if self._ds is not None:
             from rasterio.windows import Window as RioWindow
@@ -248,12 +257,7 @@ class SceneFile:
     def nodata_share(self, window: Window) -> float:
         """Share of no-data pixels in a window, from a decimated mask read (cheap for any chip size)."""
         side = (min(_NODATA_SAMPLE, window.h), min(_NODATA_SAMPLE, window.w))
-        if self._ds is not None:
-            from rasterio.windows import Window as RioWindow
-
-            mask = self._ds.read_masks(1, window=RioWindow(window.x, window.y, window.w, window.h), out_shape=side)
-            return float(np.mean(mask == 0))
-        if self._pil.mode not in ("RGBA", "LA"):
+        if self._pil is not None and self._pil.mode not in ("RGBA", "LA"):
             return 0.0
         return float(np.mean(~self._read(window, side)[1]))
 

@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from ..tiling import DEFAULT_CHIP, open_scene, plan_chips
 
     chip = args.chip or _default_chip() or DEFAULT_CHIP
-    out = Console(highlight=False)
-    err = Console(stderr=True, highlight=False)
+    out = Console(highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     features, failed = [], 0
     for path in args.scenes:
         try:
@@ -62,7 +62,12 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             continue
         with scene:
-            plans = plan_chips(scene, chip, args.overlap, args.max_nodata)
+            try:
+                plans = plan_chips(scene, chip, args.overlap, args.max_nodata)
+            except ImageError as exc:  # e.g. a truncated file fails on its first windows
+                err.print(f"edge-t2t: {escape(str(exc))}")
+                failed += 1
+                continue
             skipped = sum(p.skipped for p in plans)
             if not args.json:
                 out.print(f"[bold]{escape(str(scene.path))}[/bold]: {scene.width}x{scene.height} px, {scene.count} band(s) "
