@@ -307,3 +307,32 @@ def test_v2_store_migrates_to_the_scenes_schema_keeping_rows(tmp_path):
             st.conn.execute("INSERT INTO scenes(path, width, height, chip, overlap, indexed_at) VALUES ('/x/s.tif', 8, 8, 8, 0, 1)")
             st.conn.execute("INSERT INTO chips(image_id, scene_id, x, y, w, h) VALUES (?, 1, 0, 0, 8, 8)", (chip,))
         assert list(st.images()) == ["/x/a.jpg"]  # a chip is not a file of its own
+
+
+# -- the VLM path (tiny test model: the machinery, not the meaning) ---------------------------------
+def test_caption_and_index_describe_scene_chips_with_the_vlm(tmp_path, capsys, monkeypatch):
+    import helpers_media as hm
+
+    model, mmproj = hm.test_vlm_files()
+    monkeypatch.setenv("EDGE_T2T_CACHE_DIR", str(tmp_path / "cache"))
+    mosaic = write_mosaic(tmp_path / "m.tif", grid=(2, 2), tile=128)
+    flags = ["--tile-above", "0.01", "--chip", "128", "--overlap", "0", "--variants", "1", "--vlm", model, "--mmproj", mmproj]
+    code, out, err = _cli(capsys, "caption", mosaic.path, "--json", *flags)
+    names = sorted(f"{mosaic.path}#{w.name()}" for _, w in mosaic.placed)
+    recs = [json.loads(line) for line in out.splitlines()]
+    # The random-weight model may fail a chip (its JSON runs out of tokens): then it is listed, exit 1.
+    failed = [n for n in names if f"failed: {n}:" in err]
+    assert code == (1 if failed else 0), err
+    assert sorted([r["image"] for r in recs] + failed) == names and recs
+    assert all(r["test_model"] and r["scene"] == str(mosaic.path) and len(r["window"]) == 4 for r in recs)
+    # index describes the same chips through the caption cache
+    ix = tmp_path / "ix"
+    code, out, err = _cli(capsys, "index", mosaic.path, "--index", ix, "--json", "--no-progress", *flags)
+    summary = json.loads(out)
+    assert summary["scenes"]["chips_added"] == len(recs) and summary["failed"] == len(failed)
+    assert sorted(f["image"] for f in summary["failures"]) == failed
+    with Store(ix) as st:
+        rows = st.conn.execute("SELECT i.source, c.outline FROM images i JOIN chips c ON c.image_id = i.id").fetchall()
+        status = st.conn.execute("SELECT status FROM scenes").fetchone()[0]
+    assert len(rows) == len(recs) and all(src == "vlm" and outline for src, outline in rows)
+    assert status == ("partial" if failed else "ok")  # a scene with a failed chip is looked at again next run
