@@ -221,6 +221,11 @@ def _index_scene(indexer, store, writer, f: Path, old, chip: int, opts: TilingOp
         writer.remove(keys)
         done = chipstore.chip_windows(store, scene_id)
         todo = [p for p in plans if not p.skipped and p.window not in done]
+        if todo and describer is None and not any(key[0] in (str(f), f.name) for key in lookup):
+            raise ImageError(
+                f"{f}: its {len(todo)} chips need descriptions: pass --vlm MODEL.gguf --mmproj MMPROJ.gguf, or "
+                f"--captions FILE with records named like {chip_name(f, todo[0].window)} (edge-t2t caption writes them)"
+            )
         skipped = sum(p.skipped for p in plans)
         summary.scenes.chips_skipped_nodata += skipped
         failed = 0
@@ -323,7 +328,8 @@ def chip_records_for(path: str | os.PathLike, opts: TilingOptions, vlm_cfg, n_va
                 recs, fails, interrupted = describer.describe(named)
                 for name, _ in named:
                     if name in recs:
-                        recs[name].extra.update({"scene": str(path), "window": list(Window.parse(name.rpartition("#")[2]).__dict__.values())})
+                        w = Window.parse(name.rpartition("#")[2])
+                        recs[name].extra.update({"scene": str(path), "window": [w.x, w.y, w.w, w.h]})
                         on_record(recs[name])
                         done += 1
                 failures.update(fails)

@@ -131,22 +131,27 @@ def _has_geotiff_tags(path: Path) -> bool:
 
 
 def scene_size(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(width, height) from the header only, or None when it cannot be told."""
-    path = Path(path)
-    rio = _rasterio()
-    if rio is not None:
-        try:
-            with warnings.catch_warnings(), rio.Env(**_GDAL_ENV):
-                warnings.simplefilter("ignore")
-                with rio.open(path) as ds:
-                    return ds.width, ds.height
-        except Exception:
-            pass
+    """(width, height) from the header only, or None when it cannot be told. Pillow first (a header
+    read, fast: every file an index run looks at passes here), then rasterio for what Pillow cannot open."""
     from PIL import Image
 
+    path = Path(path)
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # a size question, not a decode
     try:
         with Image.open(path) as im:
             return im.size
+    except Exception:
+        pass
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+    rio = _rasterio()
+    if rio is None:
+        return None
+    try:
+        with warnings.catch_warnings(), rio.Env(**_GDAL_ENV):
+            warnings.simplefilter("ignore")
+            with rio.open(path) as ds:
+                return ds.width, ds.height
     except Exception:
         return None
 

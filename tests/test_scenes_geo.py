@@ -107,7 +107,10 @@ def test_geojson_is_rfc7946_wgs84_with_ccw_closed_rings(tmp_path, capsys):
     mosaic = write_mosaic(tmp_path / "m.tif")
     ix = _index_gt(tmp_path, capsys, mosaic)
     out_geo = tmp_path / "hits.geojson"
-    assert _cli(capsys, "search", "a lake", "--index", ix, "-k", "9", "--geojson", out_geo)[0] == 0
+    page = tmp_path / "hits.html"
+    assert _cli(capsys, "search", "a lake", "--index", ix, "-k", "9", "--geojson", out_geo, "--html", page)[0] == 0
+    text = page.read_text()
+    assert text.count("<img") == 18 and text.count("chip outlined") == 9  # each chip beside its scene's overview
     fc = json.loads(out_geo.read_text())
     assert fc["type"] == "FeatureCollection" and "crs" not in fc and len(fc["features"]) == 9
     for f in fc["features"]:
@@ -336,3 +339,17 @@ def test_caption_and_index_describe_scene_chips_with_the_vlm(tmp_path, capsys, m
         status = st.conn.execute("SELECT status FROM scenes").fetchone()[0]
     assert len(rows) == len(recs) and all(src == "vlm" and outline for src, outline in rows)
     assert status == ("partial" if failed else "ok")  # a scene with a failed chip is looked at again next run
+
+
+def test_a_scene_without_any_describer_is_one_failure_naming_the_fix(tmp_path):
+    from fake_embedder import FakeEmbedder
+
+    from edge_t2t.indexer import Indexer
+    from edge_t2t.scene_index import TilingOptions
+
+    mosaic = write_mosaic(tmp_path / "m.tif")
+    tiling_opts = TilingOptions(chip=256, overlap=0.0, tile_above_mp=0.1)
+    summary = Indexer(tmp_path / "ix", embedder=FakeEmbedder(), tiling=tiling_opts).run([mosaic.path])
+    assert summary.failed == 1 and len(summary.failures) == 1
+    path, why = summary.failures[0]
+    assert path == str(mosaic.path.resolve()) and "--vlm" in why and "--captions" in why and "#0,0,256,256" in why

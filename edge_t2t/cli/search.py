@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     if args.image:
         if args.query:
             raise InputError("give either a QUERY or --image PATH, not both")
+        if args.within or args.near:  # issue 13
+            raise InputError("--within/--near filter a text QUERY; they do not work with --image yet")
         vlm_cfg = None
         try:
             from ..vlm import VLMConfig, resolve_vlm_paths
