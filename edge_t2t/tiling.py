@@ -34,7 +34,8 @@ MIN_CHIP, MAX_CHIP = 224, 1024
 _STRETCH_SAMPLE = 8  # a grid of 8 x 8 small windows when the file has no overview
 _GEOTIFF_TAGS = (33550, 33922, 34264, 34735)  # pixel scale, tie points, transformation, geo keys
 # GDAL's block cache defaults to 5% of RAM; a small cache keeps peak memory flat across scenes.
-_GDAL_ENV = {"GDAL_CACHEMAX": 64, "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+# Set as environment defaults before rasterio loads GDAL (a user's own setting wins).
+_GDAL_ENV = {"GDAL_CACHEMAX": "64", "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
 
 
 @dataclass(frozen=True, order=True)
@@ -112,6 +113,8 @@ def chip_for_model(image_size: int | None) -> int:
 
 
 def _rasterio():
+    for key, value in _GDAL_ENV.items():
+        os.environ.setdefault(key, value)
     try:
         import rasterio
     except ImportError:
@@ -148,7 +151,7 @@ def scene_size(path: str | os.PathLike) -> tuple[int, int] | None:
     if rio is None:
         return None
     try:
-        with warnings.catch_warnings(), rio.Env(**_GDAL_ENV):
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with rio.open(path) as ds:
                 return ds.width, ds.height
@@ -319,8 +322,6 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _open_rasterio(rio, path: Path) -> SceneFile:
-    env = rio.Env(**_GDAL_ENV)
-    env.__enter__()  # the environment lives as long as the process; reads happen after open
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # NotGeoreferencedWarning: handled below, with a note
