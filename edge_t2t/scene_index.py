@@ -39,6 +39,7 @@ from .tiling import (
 )  # fmt: skip
 
 CHIP_BATCH = 16  # chips per commit
+MAX_COMPRESSION = 1000  # declared RGB bytes per file byte above which a plain image is a bomb
 
 
 @dataclass
@@ -57,7 +58,17 @@ class TilingOptions:
 
     def is_scene(self, path: Path) -> bool:
         size = scene_size(path)
-        return size is not None and size[0] * size[1] > self.threshold_pixels()
+        if size is None or size[0] * size[1] <= self.threshold_pixels():
+            return False
+        # A few KB of PNG/JPEG claiming gigapixels is a decompression bomb, not a scene: it stays on
+        # the plain path, where load_image refuses it by name. Real imagery compresses far less than
+        # 1000:1; GeoTIFFs are exempt (sparse tiled files legitimately omit empty blocks).
+        if path.suffix.lower() not in (".tif", ".tiff"):
+            try:
+                return size[0] * size[1] * 3 / max(1, path.stat().st_size) <= MAX_COMPRESSION
+            except OSError:
+                return False
+        return True
 
     def chip_size(self, vlm_cfg) -> int:
         if self.chip:

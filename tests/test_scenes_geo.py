@@ -353,3 +353,16 @@ def test_a_scene_without_any_describer_is_one_failure_naming_the_fix(tmp_path):
     assert summary.failed == 1 and len(summary.failures) == 1
     path, why = summary.failures[0]
     assert path == str(mosaic.path.resolve()) and "--vlm" in why and "--captions" in why and "#0,0,256,256" in why
+
+
+def test_a_png_bomb_is_not_taken_for_a_scene(tmp_path):
+    import helpers_media as hm
+    from PIL import Image
+
+    from edge_t2t.scene_index import TilingOptions
+
+    opts = TilingOptions(tile_above_mp=0.1)
+    assert not opts.is_scene(hm.png_bomb(tmp_path / "bomb.png"))  # left to load_image, which refuses it by name
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (400, 500, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    assert opts.is_scene(tmp_path / "big.png")
