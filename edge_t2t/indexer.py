@@ -57,6 +57,7 @@ class IndexSummary:
     rebuilt_vectors: bool = False
     failures: list[tuple[str, str]] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    scenes: object = None  # issue 13: scene_index.SceneCounts, set by Indexer.run
 
     def counts(self) -> dict:
         return {k: getattr(self, k) for k in ("added", "skipped", "moved", "reused", "removed", "failed", "texts_added")}
@@ -69,6 +70,7 @@ class IndexSummary:
             "rebuilt_vectors": self.rebuilt_vectors,
             "failures": [{"image": p, "error": e} for p, e in self.failures],
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            **({"scenes": self.scenes.to_dict()} if self.scenes and self.scenes.scenes else {}),  # issue 13
         }
 
 
@@ -173,6 +175,7 @@ class Indexer:
         vlm_cfg=None,
         n_variants: int = 5,
         caption_kwargs: dict | None = None,
+        tiling=None,
     ):
         self.dir = Path(index_dir)
         self.embedder = embedder
@@ -186,6 +189,11 @@ class Indexer:
         self.n_variants = n_variants
         self.caption_kwargs = caption_kwargs or {}
         self._stop = False
+        # issue 13: images above the tiling threshold are scenes, cut into chips (scene_index.py)
+        from .scene_index import TilingOptions
+
+        self.tiling = tiling or TilingOptions()
+        self._scene_files: list[Path] = []
 
     # -- set-up -------------------------------------------------------------------------------
     def _embedder(self):
@@ -252,6 +260,9 @@ class Indexer:
             if old and old.status == "ok" and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
                 summary.skipped += 1
                 continue
+            if self.tiling.is_scene(f):  # issue 13: tiled and indexed by scene_index after the plain images
+                self._scene_files.append(f)
+                continue
             changed.append(_Pending(key, f, st.st_size, st.st_mtime_ns))
         gone = {p: row for p, row in stored.items() if p not in seen and _under(p, roots)}
         gone_by_sha = {row.sha256: row for row in gone.values() if row.status == "ok" and row.sha256}
@@ -301,6 +312,9 @@ class Indexer:
     def run(self, paths: Iterable[str | os.PathLike] = (), captions_file: str | os.PathLike | None = None) -> IndexSummary:
         paths = [Path(p) for p in paths]
         summary = IndexSummary(index_dir=str(self.dir))
+        from .scene_index import SceneCounts  # issue 13
+
+        summary.scenes = SceneCounts()
         records: list[CaptionRecord] = []
         if captions_file is not None:
             from .captions import load_captions
@@ -402,6 +416,11 @@ class Indexer:
             for start in range(0, len(pending), self.batch_size):
                 self._batch(store, pending[start : start + self.batch_size], mode, summary, bar)
                 self._checkpoint(ix, summary, force=False)
+        if paths:  # issue 13: scenes found by the plan (and scenes gone from under `paths`)
+            from .scene_index import index_scenes
+
+            index_scenes(self, store, ix, self._scene_files, [p.expanduser().resolve() for p in paths],
+                         records, summary, mode)  # fmt: skip
         self._checkpoint(ix, summary, force=True)
 
     @staticmethod

@@ -94,11 +94,13 @@ font-size:12px;text-align:center}
 """.replace("THUMB", str(THUMB_SIZE))
 
 
-def render_html(hits: Sequence[Hit], query: str, index_dir: str = "", explain: bool = False) -> str:
+def render_html(hits: Sequence[Hit], query: str, index_dir: str = "", explain: bool = False, picture=None) -> str:
+    """`picture(hit)` may give a hit's picture cell as HTML (scene chips: chip + outlined overview)."""
     rows = []
     for h in hits:
-        uri = _thumbnail(h.image)
-        thumb = (
+        custom = picture(h) if picture else None
+        uri = _thumbnail(h.image) if custom is None else ""
+        thumb = custom or (
             f'<img src="{uri}" alt="{html.escape(h.image, quote=True)}" width="{THUMB_SIZE}">'
             if uri
             else '<div class="ph">image not<br>available here</div>'
@@ -121,6 +123,7 @@ def render_html(hits: Sequence[Hit], query: str, index_dir: str = "", explain: b
     )
 
 
-def write_html(hits: Sequence[Hit], path: str | os.PathLike, query: str, index_dir: str = "", explain: bool = False) -> Path:
+def write_html(hits: Sequence[Hit], path: str | os.PathLike, query: str, index_dir: str = "", explain: bool = False,
+               picture=None) -> Path:
     """Write the page atomically (temp file + os.replace)."""
-    return atomic_write_text(path, render_html(hits, query, index_dir, explain))
+    return atomic_write_text(path, render_html(hits, query, index_dir, explain, picture))

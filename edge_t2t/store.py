@@ -132,10 +132,42 @@ _V4 = """
         END;
 """
 
+# v5, scenes (issue 13): a large image is cut into chips; each chip is an `images` row named
+# SCENE#x,y,w,h (so ranking, JSON and caching treat it as an image) and a `chips` row saying where
+# it is: its scene, pixel window, no-data share, bounds in the scene's CRS and its WGS84 outline.
+# chips_rtree indexes the outlines' lon/lat boxes for `search --within/--near`. The scene file
+# itself is a `scenes` row (the facts `index` needs to skip an unchanged scene).
+SCENES_MIGRATION = """
+        CREATE TABLE scenes (
+            id INTEGER PRIMARY KEY,
+            path TEXT NOT NULL UNIQUE,
+            size INTEGER, mtime_ns INTEGER, sha256 TEXT NOT NULL DEFAULT '',
+            width INTEGER NOT NULL, height INTEGER NOT NULL,
+            crs TEXT,                       -- WKT; NULL: pixel windows only
+            transform TEXT,                 -- JSON [a, b, c, d, e, f]; NULL without georeferencing
+            chip INTEGER NOT NULL, overlap REAL NOT NULL,
+            stretch TEXT NOT NULL DEFAULT '{}',
+            chips_total INTEGER NOT NULL DEFAULT 0, chips_skipped INTEGER NOT NULL DEFAULT 0,
+            notes TEXT NOT NULL DEFAULT '[]',
+            status TEXT NOT NULL DEFAULT 'partial',  -- 'ok' once every chip is described
+            indexed_at REAL NOT NULL
+        );
+        CREATE TABLE chips (
+            image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+            scene_id INTEGER NOT NULL REFERENCES scenes(id) ON DELETE CASCADE,
+            x INTEGER NOT NULL, y INTEGER NOT NULL, w INTEGER NOT NULL, h INTEGER NOT NULL,
+            nodata REAL NOT NULL DEFAULT 0,
+            minx REAL, miny REAL, maxx REAL, maxy REAL,
+            outline TEXT                    -- JSON closed ring of [lon, lat]; NULL without a CRS
+        );
+        CREATE INDEX chips_scene ON chips(scene_id);
+        CREATE VIRTUAL TABLE chips_rtree USING rtree(image_id, min_lon, max_lon, min_lat, max_lat);
+"""
+
 # MIGRATIONS[i] takes a store from schema version i to i + 1 (version 0 = an empty file): an SQL
 # script, or a function of the connection for steps that need Python (e.g. re-encoding blobs).
 Migration = str | Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[Migration] = [_V1, _V2, _V3, _V4]
+MIGRATIONS: list[Migration] = [_V1, _V2, _V3, _V4, SCENES_MIGRATION]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -299,8 +331,10 @@ class Store:
 
     # -- images -------------------------------------------------------------------------------
     def images(self) -> dict[str, ImageRow]:
+        """Image files (chips of scenes are left out: their files are the scenes, see scene_rows)."""
         rows = self.conn.execute(
-            f"SELECT {_IMAGE_COLUMNS} FROM images"
+            f"SELECT {_IMAGE_COLUMNS} FROM images "
+            "WHERE id NOT IN (SELECT image_id FROM chips)"
         )
         return {r[1]: ImageRow(*r) for r in rows}
 

@@ -53,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     p.add_argument("--cache-dir", metavar="DIR", help="caption cache directory (default: $EDGE_T2T_CACHE_DIR or ~/.cache/edge-t2t)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the caption cache")
+    from .index import add_tiling_arguments
+
+    add_tiling_arguments(p)  # issue 13: scenes are cut into chips, one record per chip (SCENE#x,y,w,h)
     p.set_defaults(func=run)
 
 
@@ -149,13 +152,17 @@ def run(args: argparse.Namespace) -> int:
         on_model_loaded=lambda vlm: vlm.is_test_model and warn_test_model(),
         on_notice=lambda msg: err.print(Text(f"edge-t2t: {msg}", style="yellow")),
     )
+    scenes, paths = _split_scenes(args.paths, args)  # issue 13
+    scene_lines: list[str] = []
     try:
         with progress:
             summary = caption_images(
-                args.paths, cfg, n_variants=args.variants, prompt_file=args.prompt_file,
+                paths, cfg, n_variants=args.variants, prompt_file=args.prompt_file,
                 max_megapixels=args.max_megapixels, bands=bands, cache=cache, max_tokens=args.max_tokens,
                 callbacks=callbacks,
-            )  # fmt: skip
+            ) if paths else None  # fmt: skip
+            if scenes:  # issue 13
+                summary = _caption_scenes(scenes, args, cfg, cache, bands, on_record, on_failure, summary, scene_lines)
     finally:
         if writer:
             writer.close()  # moves the finished lines onto --out, on Ctrl-C too
@@ -164,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.json:
         _print_table(records)
+    for line in scene_lines:
+        err.print(Text(line))
     if summary.failures:
         err.print(Text(f"{summary.failed} image(s) failed:", style="bold red"))
         for f in summary.failures:
@@ -182,6 +191,50 @@ def run(args: argparse.Namespace) -> int:
         f" in {summary.seconds:.1f} s" + (f" ({rate:.1f} images/min)" if rate else "") + where
     ))  # fmt: skip
     return 1 if summary.failed else 0
+
+
+# -- issue 13: scenes ---------------------------------------------------------------------------
+def _split_scenes(paths: list[str], args) -> tuple[list[Path], list[str]]:
+    """(scenes to tile, what caption_images should get): images above the tiling threshold are scenes."""
+    from ..images import find_images
+    from .index import tiling_options
+
+    opts = tiling_options(args)
+    found = list(find_images(paths, on_error=lambda p, why: None))
+    scenes = [f for f in found if opts.is_scene(f)]
+    if not scenes:
+        return [], list(paths)
+    missing = [p for p in paths if not Path(p).exists()]  # caption_images reports these
+    return scenes, [str(f) for f in found if f not in scenes] + missing
+
+
+def _caption_scenes(scenes, args, cfg, cache, bands, on_record, on_failure, summary, lines):
+    from ..captioning import CaptionSummary, Failure
+    from ..errors import ImageError
+    from ..scene_index import chip_records_for
+    from .index import tiling_options
+
+    summary = summary or CaptionSummary()
+    opts = tiling_options(args)
+    opts.bands = bands
+    kwargs = {"cache": cache, "max_tokens": args.max_tokens, "prompt_file": args.prompt_file}
+    for scene in scenes:
+        try:
+            done, skipped, failures, interrupted = chip_records_for(scene, opts, cfg, args.variants, kwargs, on_record)
+        except ImageError as exc:
+            failures, done, skipped, interrupted = {str(scene): str(exc).removeprefix(f"{scene}: ")}, 0, 0, False
+        for name, why in failures.items():
+            failure = Failure(name, why)
+            summary.failures.append(failure)
+            on_failure(failure)
+        summary.failed += len(failures)
+        summary.captioned += done
+        summary.total += done + len(failures)
+        lines.append(f"scene {scene}: {done} chip(s) described, {skipped} skipped as mostly no-data")
+        if interrupted:
+            summary.interrupted = True
+            break
+    return summary
 
 
 def _print_table(records: list, limit: int = 20) -> None:

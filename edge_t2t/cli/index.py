@@ -43,8 +43,28 @@ def register(subparsers) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the caption cache")
     p.add_argument("--wait", action="store_true", help="wait for another index run on this index instead of refusing")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    add_tiling_arguments(p)  # issue 13
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
+
+
+def add_tiling_arguments(p) -> None:
+    """issue 13: how images larger than the tiling threshold are cut into chips (index, caption)."""
+    from ..tiling import DEFAULT_OVERLAP
+
+    p.add_argument("--chip", type=int, metavar="PX",
+                   help="chip size in pixels for large scenes (default: the VLM's input size, else 512)")
+    p.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP, metavar="F",
+                   help=f"overlap of neighbouring chips, a fraction of the chip (default {DEFAULT_OVERLAP})")
+    p.add_argument("--tile-above", type=float, metavar="MP",
+                   help="cut images larger than this many megapixels into chips (default: the decompression-bomb "
+                        "size, 4 x --max-megapixels' default = 16 MP)")
+
+
+def tiling_options(args):
+    from ..scene_index import TilingOptions
+
+    return TilingOptions(chip=args.chip, overlap=args.overlap, tile_above_mp=args.tile_above)
 
 
 def _print_summary(s, console) -> None:
@@ -55,6 +75,9 @@ def _print_summary(s, console) -> None:
         t.add_row(k.replace("_", " "), str(v))
     for k, v in s.stage_seconds.items():
         t.add_row(f"{k.replace('_', ' ')} time", f"{v:.2f} s")
+    if s.scenes and s.scenes.scenes:  # issue 13
+        c = s.scenes
+        t.add_row("scenes tiled", f"{c.scenes} ({c.chips_added} chips added, {c.chips_skipped_nodata} skipped as no-data)")
     console.print(t)
     for path, why in s.failures[:20]:
         console.print(f"[red]failed[/red] {path}: {why}", markup=True, highlight=False)
@@ -95,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     indexer = Indexer(
         index_dir, precision=args.precision, dtype=args.dtype, text_mode=args.text_mode,
         batch_size=args.batch_size, wait=args.wait, progress=not args.no_progress,
-        vlm_cfg=vlm_cfg, n_variants=args.variants, caption_kwargs=caption_kwargs,
+        vlm_cfg=vlm_cfg, n_variants=args.variants, caption_kwargs=caption_kwargs, tiling=tiling_options(args),
     )  # fmt: skip
     summary = indexer.run([Path(p) for p in args.paths], captions_file=args.captions)
     if args.json:

@@ -40,6 +40,13 @@ def register(subparsers) -> None:
     p.add_argument("--precision", choices=["fp32", "int8"], default="int8", help="ONNX embedder to use (default: int8)")
     p.add_argument("--vlm", metavar="GGUF", help="with --image: the VLM's text model")
     p.add_argument("--mmproj", metavar="GGUF", help="with --image: the VLM's vision projector")
+    # issue 13: scenes cut into chips can be searched by place and handed to a GIS
+    p.add_argument("--within", metavar="LON1,LAT1,LON2,LAT2",
+                   help="only chips of scenes whose outline meets this WGS84 box (filtered before ranking)")
+    p.add_argument("--near", metavar="LON,LAT,METRES",
+                   help="only chips of scenes within METRES of this WGS84 point (filtered before ranking)")
+    p.add_argument("--geojson", metavar="FILE",
+                   help="also write the hits as an RFC 7946 FeatureCollection (WGS84; overlapping chips merged)")
     p.set_defaults(func=run)
 
 
@@ -57,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("give either a QUERY or --image PATH, not both")
         if mode not in (None, "dense"):
             raise InputError(f"--image searches by dense vectors only; drop --mode {mode}")
+        if args.within or args.near:  # issue 13
+            raise InputError("--within/--near filter a text QUERY; they do not work with --image yet")
         vlm_cfg = None
         try:
             from ..vlm import VLMConfig, resolve_vlm_paths
@@ -78,18 +87,74 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.query:
             raise InputError("give a QUERY (in quotes) or --image PATH")
-        hits = searching.search(
-            index_dir, args.query, k=args.k, mode=mode, vector_mode=vector_mode, precision=args.precision,
-            structure=args.structure, explain=args.explain, min_score=args.min_score,
-        )  # fmt: skip
+        if args.within or args.near:  # issue 13
+            if mode not in (None, "dense"):
+                raise InputError(f"--within/--near rank by dense vectors only; drop --mode {mode}")
+            hits = _search_in_place(args, index_dir)
+        else:
+            hits = searching.search(
+                index_dir, args.query, k=args.k, mode=mode, vector_mode=vector_mode, precision=args.precision,
+                structure=args.structure, explain=args.explain, min_score=args.min_score,
+            )  # fmt: skip
         title = args.query
-    if args.min_score is not None and args.image:
+    if args.min_score is not None and (args.image or args.within or args.near):
         hits = [h for h in hits if h.score >= args.min_score]
+    chips = _chips_of(index_dir, hits)  # issue 13: where each hit that is a chip of a scene lies
     if args.json:
-        report.write_jsonl(hits, sys.stdout)
+        _write_json(hits, chips)
     else:
         report.print_table(hits, query=title, explain=args.explain)
     if args.html:
-        path = report.write_html(hits, args.html, title, str(index_dir), explain=args.explain)
+        from ..scene_report import ChipPictures
+
+        pictures = ChipPictures(chips)
+        try:
+            path = report.write_html(hits, args.html, title, str(index_dir), explain=args.explain,
+                                     picture=pictures if chips else None)  # fmt: skip
+        finally:
+            pictures.close()
         print(f"edge-t2t: wrote {path}", file=sys.stderr)
+    if args.geojson:
+        _write_geojson(args.geojson, hits, chips)
     return 0
+
+
+# -- issue 13: scenes ---------------------------------------------------------------------------
+def _search_in_place(args, index_dir):
+    from ..errors import InputError
+    from ..geo import PlaceFilter
+    from ..geosearch import search_in_place
+
+    if args.within and args.near:
+        raise InputError("give --within or --near, not both")
+    place = PlaceFilter.within(args.within) if args.within else PlaceFilter.near_point(args.near)
+    return search_in_place(index_dir, args.query, place, k=args.k, precision=args.precision)
+
+
+def _chips_of(index_dir, hits) -> dict:
+    from ..chipstore import chip_info
+    from ..store import Store
+
+    if not hits:
+        return {}
+    with Store(index_dir) as store:
+        return chip_info(store, [h.image for h in hits])
+
+
+def _write_json(hits, chips) -> None:
+    import json
+
+    from ..scene_report import hit_dicts
+
+    for d in hit_dicts(hits, chips):
+        sys.stdout.write(json.dumps(d, ensure_ascii=False) + "\n")
+
+
+def _write_geojson(path, hits, chips) -> None:
+    from ..geo import write_geojson
+    from ..scene_report import hit_features
+
+    features, left_out = hit_features(hits, chips)
+    write_geojson(path, features)
+    note = f" ({left_out} hit(s) without a map position left out: plain images or scenes without a CRS)" if left_out else ""
+    print(f"edge-t2t: wrote {path}: {len(features)} feature(s){note}", file=sys.stderr)
