@@ -81,13 +81,14 @@ class _ParTimer:
 
 
 def run_one(model: Path, mmproj: Path, *, threads: int, n_images: int, variants: int, max_tokens: int,
-            multi: int, reps: int) -> dict:  # fmt: skip
+            multi: int, reps: int, warm_up: bool) -> dict:  # fmt: skip
     """One (model, precision): both arms, interleaved; runs in a child process (own peak RSS)."""
     from edge_t2t.captioning import _run_parallel, _run_sequential
     from edge_t2t.vlm import VLM, VLMConfig
 
     t0 = time.perf_counter()
-    vlm = VLM(VLMConfig(model, mmproj, n_threads=threads, seed=0))
+    # Loaded for the sequential path (its full-size context); the parallel path makes its own.
+    vlm = VLM(VLMConfig(model, mmproj, n_threads=threads, seed=0, variant_mode="sequential"))
     load_s = time.perf_counter() - t0
     seq_t, par_t = _SeqTimer(vlm._llama), _ParTimer(vlm)  # bench only: reach into the adapter for timings
     prompt, vp = prompts.build_prompt(variants), prompts.build_variant_prompts(variants)
@@ -109,7 +110,9 @@ def run_one(model: Path, mmproj: Path, *, threads: int, n_images: int, variants:
                 "prompt_tokens": r.prompt_tokens, "prompt_s": r.prompt_s, "gen_tokens": r.gen_tokens, "gen_s": r.gen_s}  # fmt: skip
 
     arms = {"sequential": sequential, "parallel": parallel}
-    parallel(images[0][1])  # untimed warm-up of the parallel context (allocation, page-in)
+    if warm_up:  # untimed: the first calls pay one-off allocation and page-in costs
+        for arm in arms.values():
+            arm(images[0][1])
     for rep in range(reps):
         for i, (name, png) in enumerate(images):
             order = ["sequential", "parallel"] if (rep + i) % 2 == 0 else ["parallel", "sequential"]
@@ -213,6 +216,36 @@ def variety(n_images: int, threads: int) -> dict:
     return out
 
 
+def _write(results: list[dict], args: argparse.Namespace, max_tokens: int) -> str:
+    table = ("| shape | precision | model MiB | encode s | prompt tok/s | gen tok/s seq → par | s/image seq | "
+             "s/image par | par ÷ seq images/h | multi s/image | multi ÷ seq | peak RSS MiB |\n"
+             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|\n")  # fmt: skip
+    for r in results:
+        if "error" in r:
+            table += f"| {r['shape']} | {r['precision']} | failed: {r['error']} |||||||||\n"
+            continue
+        s = r["summary"]
+        multi = (f"{s['multi_s_per_image']:.1f} | {s['multi_ratio']:.2f}×" if "multi_s_per_image" in s else "– | –")
+        table += (f"| {r['shape']} | {r['precision']} | {r['model_mib']:.0f} | {s['encode_s']:.2f} | {s['prompt_tok_s']:.0f} "
+                  f"| {s['seq_gen_tok_s']:.1f} → {s['par_gen_tok_s']:.1f} | {s['seq_s_per_image']:.1f} "
+                  f"| {s['par_s_per_image']:.1f} | **{s['ratio']:.2f}×** | {multi} | {r['peak_rss_mib']:.0f} |\n")  # fmt: skip
+    proj = [r for r in results if "summary" in r and "projected_full_cap" in r["summary"]]
+    if proj:
+        table += f"\nProjected to the default cap ({prompts.default_max_tokens(args.variants)} tokens per image), from the rates above:\n\n"
+        table += "| shape | precision | s/image seq | s/image par | images/h seq | images/h par | ratio |\n|---|---|---:|---:|---:|---:|---:|\n"
+        for r in proj:
+            p = r["summary"]["projected_full_cap"]
+            table += (f"| {r['shape']} | {r['precision']} | {p['seq_s_per_image']:.0f} | {p['par_s_per_image']:.0f} "
+                      f"| {3600 / p['seq_s_per_image']:.0f} | {3600 / p['par_s_per_image']:.0f} | {p['ratio']:.2f}× |\n")  # fmt: skip
+    table += (f"\n{args.threads} threads, {args.variants} variants, max_tokens {max_tokens} per image "
+              f"({max(16, max_tokens // args.variants)} per variant on the parallel path), {args.images} RSICD samples "
+              f"x {args.reps} rep(s), arms interleaved; multi = {args.multi} images in one context. Random-weight "
+              "shape models: constrained output runs to the caps, so the times are a worst case. The machine was "
+              "shared with other work; ratios within one run are the meaningful figures.\n")  # fmt: skip
+    write_results("caption_speed", {"args": vars(args), "max_tokens": max_tokens, "results": results}, table)
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="smolvlm-256m,nanollava", help="comma-separated shape names")
@@ -227,12 +260,13 @@ def main() -> None:
                          "(default: prompts.default_max_tokens, about 2040 for 5)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--multi", type=int, default=2, help="also run K images in one context (0: skip)")
+    ap.add_argument("--warm-up", action="store_true", help="one untimed call per arm first (costs an image encoding each)")
     ap.add_argument("--variety", action="store_true", help="compare focus suffixes with per-variant seeds")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "MMPROJ"), help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     max_tokens = args.max_tokens or prompts.default_max_tokens(args.variants)
     kw = {"threads": args.threads, "n_images": args.images, "variants": args.variants,
-          "max_tokens": max_tokens, "multi": args.multi, "reps": args.reps}  # fmt: skip
+          "max_tokens": max_tokens, "multi": args.multi, "reps": args.reps, "warm_up": args.warm_up}  # fmt: skip
 
     if args.one:
         print(json.dumps(run_one(Path(args.one[0]), Path(args.one[1]), **kw)))
@@ -264,7 +298,8 @@ def main() -> None:
     for shape, prec, model, mmproj in configs:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--one", str(model), str(mmproj),
                "--images", str(args.images), "--reps", str(args.reps), "--variants", str(args.variants),
-               "--max-tokens", str(max_tokens), "--threads", str(args.threads), "--multi", str(args.multi)]  # fmt: skip
+               "--max-tokens", str(max_tokens), "--threads", str(args.threads), "--multi", str(args.multi),
+               *(["--warm-up"] if args.warm_up else [])]  # fmt: skip
         print(f"{shape} {prec}: {model.name}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:
@@ -272,34 +307,9 @@ def main() -> None:
             continue
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append({"shape": shape, "precision": prec, **res, "summary": summarise(res, args.variants, max_tokens)})
+        _write(results, args, max_tokens)  # after each configuration, so a cut-short run keeps what it measured
 
-    table = ("| shape | precision | model MiB | encode s | prompt tok/s | gen tok/s seq → par | s/image seq | "
-             "s/image par | par ÷ seq images/h | multi s/image | multi ÷ seq | peak RSS MiB |\n"
-             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|\n")  # fmt: skip
-    for r in results:
-        if "error" in r:
-            table += f"| {r['shape']} | {r['precision']} | failed: {r['error']} |||||||||\n"
-            continue
-        s = r["summary"]
-        multi = (f"{s['multi_s_per_image']:.1f} | {s['multi_ratio']:.2f}×" if "multi_s_per_image" in s else "– | –")
-        table += (f"| {r['shape']} | {r['precision']} | {r['model_mib']:.0f} | {s['encode_s']:.2f} | {s['prompt_tok_s']:.0f} "
-                  f"| {s['seq_gen_tok_s']:.1f} → {s['par_gen_tok_s']:.1f} | {s['seq_s_per_image']:.1f} "
-                  f"| {s['par_s_per_image']:.1f} | **{s['ratio']:.2f}×** | {multi} | {r['peak_rss_mib']:.0f} |\n")  # fmt: skip
-    proj = [r for r in results if "summary" in r and "projected_full_cap" in r["summary"]]
-    if proj:
-        table += f"\nProjected to the default cap ({prompts.default_max_tokens(args.variants)} tokens per image), from the rates above:\n\n"
-        table += "| shape | precision | s/image seq | s/image par | images/h seq | images/h par | ratio |\n|---|---|---:|---:|---:|---:|---:|\n"
-        for r in proj:
-            p = r["summary"]["projected_full_cap"]
-            table += (f"| {r['shape']} | {r['precision']} | {p['seq_s_per_image']:.0f} | {p['par_s_per_image']:.0f} "
-                      f"| {3600 / p['seq_s_per_image']:.0f} | {3600 / p['par_s_per_image']:.0f} | {p['ratio']:.2f}× |\n")  # fmt: skip
-    table += (f"\n{args.threads} threads, {args.variants} variants, max_tokens {max_tokens} per image "
-              f"({max(16, max_tokens // args.variants)} per variant on the parallel path), {args.images} RSICD samples "
-              f"x {args.reps} rep(s), arms interleaved; multi = {args.multi} images in one context. Random-weight "
-              "shape models: constrained output runs to the caps, so the times are a worst case. The machine was "
-              "shared with other work; ratios within one run are the meaningful figures.\n")  # fmt: skip
-    write_results("caption_speed", {"args": vars(args), "max_tokens": max_tokens, "results": results}, table)
-    print(table)
+    print(_write(results, args, max_tokens))
 
 
 if __name__ == "__main__":

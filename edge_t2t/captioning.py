@@ -372,7 +372,8 @@ def describe(vlm: Any, png: bytes, prompt_pair: tuple[prompts.Prompt, prompts.Va
     """
     prompt, variant_prompts = prompt_pair
     constrained = bool(getattr(vlm, "supports_grammar", True))
-    parallel = params.get("variant_mode", "parallel") == "parallel" and hasattr(vlm, "describe_parallel")
+    parallel = (params.get("variant_mode", "parallel") == "parallel" and hasattr(vlm, "describe_parallel")
+                and getattr(vlm, "variant_mode", "parallel") == "parallel")  # fmt: skip
     run = _run_parallel if parallel else _run_sequential
     what = variant_prompts if parallel else prompt
     variants, raw, tokens = run(vlm, png, what, json_schema, constrained, params, params["temperature"])

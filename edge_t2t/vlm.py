@@ -50,6 +50,10 @@ FAMILIES: dict[str, Family] = {
 # caption prompt (~1.4k chars) plus five JSON variants (~1.9k tokens of max_tokens) must fit.
 _PROMPT_AND_OUTPUT_TOKENS = 3584
 
+# The Llama object's own context in parallel mode, where generate() is not used (a 7B model's
+# full-size KV cache would be ~2 GiB held for nothing).
+_HANDLER_ONLY_CTX = 256
+
 # Below this size a text model runs single-threaded unless n_threads is given.
 _SMALL_MODEL_BYTES = 64 * 1024 * 1024
 
@@ -393,7 +397,9 @@ class VLM:
             self._llama = llama_cpp.Llama(
                 model_path=str(self.model_path),
                 chat_handler=handler,
-                n_ctx=self.n_ctx,
+                # In parallel mode this context only carries the handler (model, mmproj, template):
+                # the variants run in a context of their own, so this one stays small.
+                n_ctx=self.n_ctx if self.variant_mode == "sequential" else _HANDLER_ONLY_CTX,
                 n_batch=512,
                 # Both explicit: n_threads_batch otherwise defaults to every CPU, which on a busy
                 # machine made prompt processing ~100x slower.
@@ -428,6 +434,9 @@ class VLM:
             raise ModelError(f"{self.model_path}: this VLM was closed; create a new VLM")
         if not image:
             raise ImageError("empty image bytes given to VLM.generate; pass the encoded PNG/JPEG file content")
+        if self.variant_mode != "sequential":
+            raise ModelError(f"{self.model_path}: this VLM was loaded for parallel variants (describe_parallel); "
+                             "load it with variant_mode='sequential' to call generate()")  # fmt: skip
         uri = f"data:{mime};base64,{base64.b64encode(image).decode('ascii')}"
         messages = [
             {
