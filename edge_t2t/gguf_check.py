@@ -49,6 +49,8 @@ _PROJECTOR_TENSORS: dict[str, tuple[str, ...]] = {
     ),
     "qwen2vl_merger": ("mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias"),
     "qwen2.5vl_merger": ("mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias"),
+    "idefics3": ("mm.model.fc.weight",),  # SmolVLM
+    "gemma3": ("mm.input_projection.weight", "mm.soft_emb_norm.weight"),
 }
 # Projector types whose vision tower is the classic CLIP/SigLIP ViT with learned positions.
 _VIT_WITH_POSITIONS = {"mlp", "mlp_norm", "ldp", "ldpv2", "resampler"}
@@ -83,16 +85,89 @@ class GGUFInfo:
         return None
 
 
-def _field_value(f: Any) -> Any:
-    from gguf import GGUFValueType
+# GGUF value types (gguf.GGUFValueType) -> struct format; 8 = string, 9 = array
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SHORT_ARRAY = 64  # longer arrays (token lists, scores, merges) are skipped, never decoded
 
-    if not f.types:
-        return None
-    if f.types[0] == GGUFValueType.ARRAY:
-        # big arrays (token lists) are never needed here; keep short numeric ones
-        if len(f.data) > 64 or f.types[-1] == GGUFValueType.STRING:
+
+class _Header:
+    """A GGUF header read straight from the memory map.
+
+    gguf's GGUFReader builds Python objects for every element of every array: for a real
+    vocabulary (49k-262k tokens, scores, types) that took 37 s to 3 minutes on a busy machine,
+    before llama.cpp was even reached. This walks past long arrays by their lengths instead."""
+
+    def __init__(self, buf: Any):
+        import struct
+
+        self._buf, self._pos, self._unpack = buf, 0, struct.unpack_from
+        magic, version = self._read("<4sI")
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is too old (need 2 or later)")
+        n_tensors, n_kv = self._read("<QQ")
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            (vtype,) = self._read("<I")
+            value = self._value(vtype)
+            if value is not None:
+                self.metadata[key] = value
+        self.tensors: list[tuple[str, tuple[int, ...], int, int]] = []  # name, ne (ggml order), type, offset
+        for _ in range(n_tensors):
+            name = self._string()
+            (n_dims,) = self._read("<I")
+            dims = self._read(f"<{n_dims}Q")
+            ttype, offset = self._read("<IQ")
+            self.tensors.append((name, tuple(int(d) for d in dims), ttype, offset))
+        align = int(self.metadata.get("general.alignment") or 32)
+        self.data_offset = -(-self._pos // align) * align
+
+    def _read(self, fmt: str) -> tuple:
+        import struct
+
+        values = self._unpack(fmt, self._buf, self._pos)
+        self._pos += struct.calcsize(fmt)
+        return values
+
+    def _string(self, decode: bool = True) -> str | None:
+        (n,) = self._read("<Q")
+        if self._pos + n > len(self._buf):
+            raise ValueError("string runs past the end of the file")
+        raw = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return bytes(raw).decode("utf-8", "replace") if decode else None
+
+    def _value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self._read(_SCALARS[vtype])[0]
+        if vtype == 8:
+            return self._string()
+        if vtype != 9:
+            raise ValueError(f"unknown GGUF value type {vtype}")
+        etype, n = self._read("<IQ")
+        if etype == 8:  # string arrays are only vocabularies and merges here: skip them
+            for _ in range(n):
+                self._string(decode=False)
             return None
-    return f.contents()
+        if etype not in _SCALARS:
+            raise ValueError(f"unsupported GGUF array element type {etype}")
+        import struct
+
+        width = struct.calcsize(_SCALARS[etype])
+        if n > _SHORT_ARRAY:
+            self._pos += n * width
+            return None
+        return list(self._read(f"<{n}{_SCALARS[etype][1]}"))
+
+
+def _tensor_nbytes(ne: tuple[int, ...], ttype: int) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+    n = 1
+    for d in ne:
+        n *= d
+    return n // block * size
 
 
 def inspect_gguf(path: Path) -> GGUFInfo:
@@ -113,35 +188,25 @@ def inspect_gguf(path: Path) -> GGUFInfo:
             "pass a llama.cpp .gguf model (convert it with llama.cpp's convert_hf_to_gguf.py)"
         )
 
-    from gguf import GGUFReader
+    import mmap
 
     try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # the reader indexes past the end of a cut file in several ways
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            header = _Header(buf)
+            data_end = max(
+                (header.data_offset + off + _tensor_nbytes(ne, tt) for _, ne, tt, off in header.tensors),
+                default=header.data_offset,
+            )
+            del buf  # no view may outlive the map
+    except Exception as exc:  # struct.error, ValueError, KeyError: a cut or damaged header
         raise ModelError(
             f"{path}: truncated or corrupt GGUF ({size} bytes; {type(exc).__name__}: {exc}); "
             "download or copy the file again"
         ) from exc
-    try:
-        metadata: dict[str, Any] = {}
-        for key, f in reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            try:
-                value = _field_value(f)
-            except Exception:  # an odd value is not our concern; llama.cpp will judge it
-                value = None
-            if value is not None:
-                metadata[key] = value
-        chat_template = None
-        tmpl_field = reader.fields.get("tokenizer.chat_template")
-        if tmpl_field is not None:
-            chat_template = tmpl_field.contents()
-        names = frozenset(t.name for t in reader.tensors)
-        shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
-        data_end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=reader.data_offset)
-    finally:
-        del reader  # drop the memory map now, not at the next garbage collection
+    metadata = {k: v for k, v in header.metadata.items() if not k.startswith("GGUF.")}
+    chat_template = metadata.get("tokenizer.chat_template")
+    names = frozenset(t[0] for t in header.tensors)
+    shapes = {t[0]: t[1] for t in header.tensors}
     if data_end > size:
         raise ModelError(
             f"{path}: truncated GGUF: its tensors need {data_end} bytes but the file has {size}; "
@@ -191,6 +256,8 @@ def _projection_dim(info: GGUFInfo, metadata: dict[str, Any]) -> int | None:
         "resampler": ("resampler.proj.weight", 0),
         "qwen2vl_merger": ("mm.2.bias", 0),
         "qwen2.5vl_merger": ("mm.2.bias", 0),
+        "idefics3": ("mm.model.fc.weight", 1),
+        "gemma3": ("mm.input_projection.weight", 0),  # used transposed by clip.cpp
     }.get(info.projector_type or "")
     if source and source[0] in s and len(s[source[0]]) > source[1]:
         return s[source[0]][source[1]]

@@ -95,8 +95,8 @@ def infer_family(model_info: GGUFInfo, mmproj_info: GGUFInfo) -> str:
     )
     text = f"{text} {model_info.name} {mmproj_info.name} {model_info.path.name} {mmproj_info.path.name}".lower()
     proj = mmproj_info.projector_type or ""
-    if model_info.is_test_model:
-        return "llava-1.5"
+    if model_info.is_test_model:  # shape-true and per-family test models name their family
+        return str(md.get("edge_t2t.family") or "llava-1.5")
     if proj == "resampler":
         return "minicpm-v-2.6" if mmproj_info.minicpmv_version in (None, 3) else "mtmd"
     if proj == "qwen2.5vl_merger" or "qwen2.5-vl" in text or "qwen2_5_vl" in text:

@@ -38,10 +38,22 @@ def register(subparsers) -> None:
 
     t = sub.add_parser(
         "build-test-vlm",
-        help="generate the tiny random-weight GGUF VLM used by the tests",
-        description="Generate a tiny LLaVA-style GGUF pair with seeded random weights (meaningless output; tests only).",
+        help="generate a random-weight GGUF VLM: the tiny test model, or a real model's shapes",
+        description=(
+            "Generate a GGUF pair (text model + mmproj) with seeded random weights: meaningless output, "
+            "for tests and speed measurements only. Without --shape: the tiny LLaVA-style model the tests "
+            "use. With --shape NAME: a real VLM's architecture and tensor shapes (layers, widths, heads, "
+            "vocabulary size, image size, projector), which runs at that model's speed; written as F16 "
+            "one tensor at a time, then Q8_0 and Q4_K_M by llama.cpp's quantizer. `--shape list` lists them."
+        ),
     )
-    t.add_argument("--out", type=Path, metavar="DIR", help=f"output folder (default: {config.test_vlm_dir()})")
+    t.add_argument("--shape", metavar="NAME",
+                   help="a real model's shapes (e.g. smolvlm-256m, nanollava-1.5, llava-1.5-7b), "
+                   "a tiny family model (tiny-<family>), or 'list'")
+    t.add_argument("--precision", action="append", choices=("F16", "Q8_0", "Q4_K_M"), metavar="F16|Q8_0|Q4_K_M",
+                   help="text-model precision to write (repeatable; default: all three). With --shape only")
+    t.add_argument("--out", type=Path, metavar="DIR",
+                   help=f"output folder (default: {config.test_vlm_dir()}, or {config.test_vlm_dir()}/<shape>/)")
     t.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: 0)")
     t.add_argument("--force", action="store_true", help="rebuild even when up to date")
     t.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -85,6 +97,14 @@ def run_build_embedder(args: argparse.Namespace) -> int:
 def run_build_test_vlm(args: argparse.Namespace) -> int:
     from ..testvlm import build_test_vlm
 
+    if args.shape == "list":
+        return _list_shapes(args.json)
+    if args.shape:
+        return _build_shape(args)
+    if args.precision:
+        from ..errors import InputError
+
+        raise InputError("--precision applies to --shape builds; the tiny test VLM always has F16, Q8_0 and Q4_K_M")
     out = args.out or config.test_vlm_dir()
     manifest = build_test_vlm(out, seed=args.seed, force=args.force)
     if args.json:
@@ -97,6 +117,74 @@ def run_build_test_vlm(args: argparse.Namespace) -> int:
         if size is None and (out / name).is_file():
             size = (out / name).stat().st_size
         print(f"  {name}  {_size(size) if size is not None else '?'}")
+    return 0
+
+
+def _list_shapes(as_json: bool) -> int:
+    from ..testvlm import shape_params
+    from ..vlm_shapes import SHAPES, TINY_FAMILIES
+
+    rows = []
+    for shape in [*SHAPES.values(), *TINY_FAMILIES.values()]:
+        t, v = shape.text, shape.vision
+        rows.append({
+            "name": shape.name,
+            "params": shape_params(shape)["total"],
+            "params_detail": shape_params(shape),
+            "source": shape.model_card,
+            "family": shape.family,
+            "tiny": shape.tiny,
+            "text": {"arch": t.arch, "n_layer": t.n_layer, "n_embd": t.n_embd, "n_ff": t.n_ff, "n_head": t.n_head,
+                     "n_head_kv": t.n_head_kv, "head_dim": t.hd, "n_vocab": t.n_vocab},
+            "vision": {"projector": v.projector, "image_size": v.image_size, "patch_size": v.patch_size,
+                       "n_layer": v.n_layer, "n_embd": v.n_embd, "n_ff": v.n_ff, "n_head": v.n_head},
+            "image_tokens": shape.image_tokens,
+            "notes": shape.notes,
+        })
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    for row in rows:
+        t, v = row["text"], row["vision"]
+        size = f"{row['params'] / 1e9:6.2f}B" if row["params"] >= 1e8 else f"{row['params'] / 1e6:6.2f}M"
+        print(f"{row['name']:<20} {size}  family {row['family']:<14} {row['source']}")
+        print(f"{'':<29}text {t['arch']} {t['n_layer']}L d{t['n_embd']} ff{t['n_ff']} heads {t['n_head']}/{t['n_head_kv']} "
+              f"vocab {t['n_vocab']}; vision {v['projector']} {v['image_size']}px/{v['patch_size']} {v['n_layer']}L "
+              f"d{v['n_embd']}" + (f"; image tokens {row['image_tokens']}" if row["image_tokens"] else ""))
+    return 0
+
+
+def _build_shape(args: argparse.Namespace) -> int:
+    from ..testvlm import SHAPE_PRECISIONS, build_shape
+    from ..vlm_shapes import get_shape
+
+    get_shape(args.shape)  # a clear error before any progress bar
+    out = args.out or config.test_vlm_dir() / args.shape
+    precisions = tuple(p for p in SHAPE_PRECISIONS if p in (args.precision or SHAPE_PRECISIONS))
+    if args.json:
+        manifest = build_shape(args.shape, out, precisions, seed=args.seed, force=args.force)
+    else:
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                      console=Console(stderr=True), transient=True) as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(stage: str, done: int, total: int | None) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total)
+                bar.update(tasks[stage], completed=done)
+
+            manifest = build_shape(args.shape, out, precisions, seed=args.seed, force=args.force, progress=progress)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    state = "is up to date" if manifest.get("reused") else f"built in {manifest['build_seconds']:.0f} s"
+    print(f"{args.shape} (TEST MODEL, random weights; shapes of {manifest['model_card']}) in {out} {state}:")
+    for name, info in manifest["files"].items():
+        print(f"  {name}  {_size(info['size'])}")
     return 0
 
 
