@@ -250,7 +250,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="smolvlm-256m,nanollava", help="comma-separated shape names")
     ap.add_argument("--precisions", default="Q4_K_M,F16")
-    ap.add_argument("--vlm", help="your own text GGUF instead of shapes")
+    ap.add_argument("--vlm", help="your own text GGUF(s) instead of shapes (comma-separated: precisions of one model)")
     ap.add_argument("--mmproj")
     ap.add_argument("--images", type=int, default=2, help="RSICD samples per arm (max 5)")
     ap.add_argument("--reps", type=int, default=1)
@@ -282,7 +282,9 @@ def main() -> None:
 
     configs: list[tuple[str, str, Path, Path]] = []
     if args.vlm:
-        configs.append((Path(args.vlm).stem, "", Path(args.vlm), Path(args.mmproj)))
+        for m in args.vlm.split(","):
+            stem, _, prec = Path(m).stem.rpartition(".")
+            configs.append((stem or prec, prec if stem else "", Path(m), Path(args.mmproj)))
     else:
         from edge_t2t.testvlm import build_shape, shape_files
 
