@@ -246,6 +246,46 @@ def _write(results: list[dict], args: argparse.Namespace, max_tokens: int) -> st
     return table
 
 
+def grammar_cost(model: Path, steps: int = 60) -> dict:
+    """One component alone: llama.cpp's grammar pass over the whole vocabulary against checking one
+    token, per sampled token, on the variant schema (random logits; vocabulary only, no weights)."""
+    import ctypes
+
+    import llama_cpp as lc
+    import numpy as np
+
+    from edge_t2t.vlm import _gbnf
+
+    params = lc.llama_model_default_params()
+    params.vocab_only = True
+    m = lc.llama_model_load_from_file(str(model).encode(), params)
+    vocab = lc.llama_model_get_vocab(m)
+    n = lc.llama_vocab_n_tokens(vocab)
+    grammar = lc.llama_sampler_init_grammar(vocab, _gbnf(json.dumps(prompts.variant_schema(), sort_keys=True)), b"root")
+    buf = np.zeros(n, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True))
+    one = np.zeros(1, dtype=buf.dtype)
+    rng = np.random.default_rng(0)
+    full_s = one_s = 0.0
+    for _ in range(steps):
+        buf["id"], buf["logit"] = np.arange(n), rng.standard_normal(n)
+        cur = lc.llama_token_data_array(data=buf.ctypes.data_as(lc.llama_token_data_p), size=n, selected=-1, sorted=False)
+        t = time.perf_counter()
+        lc.llama_sampler_apply(grammar, ctypes.byref(cur))
+        full_s += time.perf_counter() - t
+        ok = np.isfinite(buf["logit"])
+        tok = int(buf["id"][ok][np.argmax(buf["logit"][ok])])
+        one["id"], one["logit"] = tok, 1.0
+        single = lc.llama_token_data_array(data=one.ctypes.data_as(lc.llama_token_data_p), size=1, selected=-1, sorted=False)
+        t = time.perf_counter()
+        lc.llama_sampler_apply(grammar, ctypes.byref(single))
+        one_s += time.perf_counter() - t
+        lc.llama_sampler_accept(grammar, tok)
+    lc.llama_sampler_free(grammar)
+    lc.llama_model_free(m)
+    return {"model": model.name, "n_vocab": n, "steps": steps,
+            "full_pass_ms": 1000 * full_s / steps, "one_token_check_ms": 1000 * one_s / steps}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="smolvlm-256m,nanollava", help="comma-separated shape names")
@@ -262,6 +302,7 @@ def main() -> None:
     ap.add_argument("--multi", type=int, default=2, help="also run K images in one context (0: skip)")
     ap.add_argument("--warm-up", action="store_true", help="one untimed call per arm first (costs an image encoding each)")
     ap.add_argument("--variety", action="store_true", help="compare focus suffixes with per-variant seeds")
+    ap.add_argument("--grammar-cost", metavar="GGUF", help="time the grammar pass alone on this model's vocabulary")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "MMPROJ"), help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     max_tokens = args.max_tokens or prompts.default_max_tokens(args.variants)
@@ -270,6 +311,15 @@ def main() -> None:
 
     if args.one:
         print(json.dumps(run_one(Path(args.one[0]), Path(args.one[1]), **kw)))
+        return
+    if args.grammar_cost:
+        g = grammar_cost(Path(args.grammar_cost))
+        table = (f"| model | vocabulary | full grammar pass | one-token check |\n|---|---:|---:|---:|\n"
+                 f"| {g['model']} | {g['n_vocab']} | {g['full_pass_ms']:.1f} ms | {g['one_token_check_ms']:.3f} ms |\n"
+                 f"\nPer sampled token, variant schema, {g['steps']} steps with random logits (the grammar in "
+                 "the states a random model reaches). One component alone; the machine was shared.\n")  # fmt: skip
+        write_results("caption_grammar", g, table)
+        print(table)
         return
     if args.variety:
         v = variety(args.images, 1)
