@@ -238,7 +238,7 @@ def _salvage_truncated(text: str) -> list[Variant]:
     pos = match.end() if match else text.find("[") + 1
     if pos <= 0:
         return []
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(strict=False)
     found = []
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
@@ -256,7 +256,7 @@ def _salvage_truncated(text: str) -> list[Variant]:
 
 def _first_json(text: str) -> Any:
     """The first JSON value in `text`, skipping prose or a ``` fence around it."""
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(strict=False)
     for i, ch in enumerate(text):
         if ch in "{[":
             try:
@@ -313,7 +313,8 @@ def parse_output(text: str, n_variants: int, constrained: bool) -> list[Variant]
     """The variants in a model's answer (at most `n_variants`); [] when nothing usable is there.
 
     Constrained output is JSON by construction, but may be cut off by max_tokens: complete variants
-    before the cut are kept. Unconstrained output is tried as JSON first (most models comply), then
+    before the cut are kept. Control characters inside strings are accepted (llama-cpp-python's JSON
+    grammar lets a raw newline into a string). Unconstrained output is tried as JSON first (most models comply), then
     split as free text (numbered list, paragraphs or sentences).
     """
     text = (text or "").strip()
@@ -321,7 +322,7 @@ def parse_output(text: str, n_variants: int, constrained: bool) -> list[Variant]
         return []
     variants = None
     try:
-        variants = _variants_from_obj(json.loads(text))
+        variants = _variants_from_obj(json.loads(text, strict=False))
     except json.JSONDecodeError:
         variants = _salvage_truncated(text) or None
         if not variants and not constrained:

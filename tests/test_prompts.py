@@ -178,3 +178,11 @@ def test_variant_prompts_share_one_prompt_and_differ_by_focus(tmp_path) -> None:
     pf.write_text("Describe this image {n} time(s) as JSON.")
     custom = prompts.build_variant_prompts(2, pf)
     assert custom.shared == "Describe this image 1 time(s) as JSON." and custom.version.startswith("custom-")
+
+
+def test_raw_control_characters_in_strings_are_accepted() -> None:
+    # llama-cpp-python's JSON grammar allows a raw newline inside a string; the answer still counts.
+    one = '{"one_sentence": "a line\nbreak here", "features": [{"name": "pond", "position": "north", "size": "small"}], "caption": "x\ty"}'
+    (v,) = prompts.parse_output(one, 1, True)
+    assert v.one_sentence == "a line\nbreak here" and v.features[0].name == "pond"
+    assert len(prompts.parse_output('{"variants": [' + one + ", " + one[:20], 5, True)) == 1
