@@ -123,3 +123,33 @@ def test_pipeline_records_say_which_path_wrote_them(vlm_dir, rsicd_samples, tmp_
     fresh: list = []
     caption_images([image], cfg, n_variants=2, cache=None, max_tokens=2400, on_record=fresh.append)
     assert fresh[0].variants == par.variants and fresh[0].tokens_generated == par.tokens_generated
+
+
+def test_grammar_checked_on_the_chosen_token_picks_what_the_full_grammar_pass_picks(model, images, monkeypatch):
+    """The one-token grammar check is a speed-up only: under greedy decoding the tokens equal those
+    of llama.cpp's usual chain (penalty, grammar over the whole vocabulary, greedy)."""
+    import llama_cpp as lc
+
+    from edge_t2t import vlm as vlm_module
+
+    class FullPass(vlm_module._SequenceSampler):
+        def __init__(self, vocab, n_vocab, gbnf, temperature, seed):
+            super().__init__(vocab, n_vocab, None, temperature, seed)
+            self.reference = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+            for smp in (lc.llama_sampler_init_penalties(n_vocab, 64, 1.1, 0.0, 0.0),
+                        lc.llama_sampler_init_grammar(vocab, gbnf, b"root"), lc.llama_sampler_init_greedy()):  # fmt: skip
+                lc.llama_sampler_chain_add(self.reference, smp)
+
+        def sample(self, ctx, idx):
+            return lc.llama_sampler_sample(self.reference, ctx, idx)
+
+        def free(self):
+            lc.llama_sampler_free(self.reference)
+            super().free()
+
+    vp = prompts.build_variant_prompts(3)
+    kw = {"json_schema": prompts.variant_schema(), "max_tokens": 150}
+    fast = model.describe_parallel(images[:1], vp.shared, vp.suffixes, **kw)
+    monkeypatch.setattr(vlm_module, "_SequenceSampler", FullPass)
+    reference = model.describe_parallel(images[:1], vp.shared, vp.suffixes, **kw)
+    assert fast.texts == reference.texts and fast.tokens == reference.tokens
