@@ -100,7 +100,9 @@ def main() -> None:
         build_test_vlm(config.test_vlm_dir())
         model, mmproj = config.test_vlm_dir() / MODEL_FILE, config.test_vlm_dir() / MMPROJ_FILE
     images = sorted((config.shared_data_dir() / "rsicd" / "samples").glob("*.jpg"))[: args.images]
-    cfg = VLMConfig(model=model, mmproj=mmproj, n_threads=args.threads, seed=0)
+    # The sequential path: the bare arm is one create_chat_completion call (bench/caption_speed.py
+    # measures the parallel path against it).
+    cfg = VLMConfig(model=model, mmproj=mmproj, n_threads=args.threads, seed=0, variant_mode="sequential")
 
     rss0 = _rss_mib()
     vlm = VLM(cfg)

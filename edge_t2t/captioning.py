@@ -28,7 +28,7 @@ from . import prompts
 from .captions import CacheKey, CaptionCache, sha256_file
 from .errors import EdgeT2TError, ImageError, ModelError
 from .images import DEFAULT_MAX_MEGAPIXELS, LoadedImage, find_images, load_image, to_png_bytes
-from .records import CaptionRecord
+from .records import CaptionRecord, Variant
 
 RETRY_TEMPERATURE = 0.7
 
@@ -116,6 +116,7 @@ def generation_params(vlm_cfg: Any, *, n_variants: int, max_tokens: int, tempera
         "n_variants": n_variants,
         "max_megapixels": max_megapixels,
         "bands": list(bands) if bands else None,
+        "variant_mode": getattr(vlm_cfg, "variant_mode", "parallel"),
     }
 
 
@@ -156,6 +157,7 @@ def caption_images(
     cb = callbacks or Callbacks()
     emit_record = on_record or cb.on_record or (lambda r: None)
     prompt = prompts.build_prompt(n_variants, prompt_file)
+    variant_prompts = prompts.build_variant_prompts(n_variants, prompt_file)
     max_tokens = max_tokens or prompts.default_max_tokens(n_variants)
     json_schema = prompts.schema(n_variants)
     params = generation_params(
@@ -209,7 +211,7 @@ def caption_images(
                     break
                 try:
                     record = _caption_one(
-                        path, get_vlm, cache, lambda: (model_sha, mmproj_sha), prompt, json_schema,
+                        path, get_vlm, cache, lambda: (model_sha, mmproj_sha), (prompt, variant_prompts), json_schema,
                         params, summary, max_megapixels=max_megapixels, bands=bands,
                         model_files=(vlm_cfg.model, vlm_cfg.mmproj),
                     )  # fmt: skip
@@ -265,7 +267,7 @@ def _caption_one(
     get_vlm: Callable[[], Any],
     cache: CaptionCache | None,
     shas: Callable[[], tuple[str, str]],
-    prompt: prompts.Prompt,
+    prompt_pair: tuple[prompts.Prompt, prompts.VariantPrompts],
     json_schema: dict[str, Any],
     params: dict[str, Any],
     summary: CaptionSummary,
@@ -275,6 +277,7 @@ def _caption_one(
     model_files: tuple[Any, Any],
 ) -> CaptionRecord:
     t0 = time.perf_counter()
+    prompt = prompt_pair[0]
     loaded: LoadedImage = load_image(path, max_megapixels=max_megapixels, bands=bands)
     key = None
     model_sha, mmproj_sha = shas()
@@ -301,23 +304,15 @@ def _caption_one(
             return served(hit)
 
     png = to_png_bytes(loaded.image)
-    constrained = bool(getattr(vlm, "supports_grammar", True))
-    n = prompt.n_variants
-    gen = {"max_tokens": params["max_tokens"], "temperature": params["temperature"]}
     try:
-        text = vlm.generate(png, prompt.text, json_schema=json_schema if constrained else None, mime="image/png", **gen)
-        variants = prompts.parse_output(text, n, constrained)
-        retried = False
-        if not variants:
-            retried = True
-            summary.retries += 1
-            text = _generate_retry(vlm, png, prompt.text, json_schema if constrained else None, params)
-            variants = prompts.parse_output(text, n, constrained)
+        described = describe(vlm, png, prompt_pair, json_schema, params)
     except ModelError as exc:  # e.g. this image does not fit the context: fail the image, not the run
         raise _Unusable(str(exc)) from None
-    if not variants:
-        snippet = " ".join(text.split())[:80]
+    summary.retries += int(described.retried)
+    if not described.variants:
+        snippet = " ".join(described.raw.split())[:80]
         raise _Unusable(f"the model gave no usable description (after one retry); it wrote: {snippet!r}")
+    variants, n, retried, constrained = described.variants, prompt.n_variants, described.retried, described.constrained
     problems = prompts.check_quality(variants, n)
 
     extra: dict[str, Any] = {
@@ -345,6 +340,8 @@ def _caption_one(
         test_model=bool(getattr(vlm, "is_test_model", False)),
         cached=False,
         constrained=constrained,
+        variant_mode=described.variant_mode,
+        tokens_generated=described.tokens_generated,
         extra=extra,
     )
     if cache is not None and key is not None:
@@ -352,8 +349,61 @@ def _caption_one(
     return record
 
 
-def _generate_retry(vlm: Any, png: bytes, prompt_text: str, json_schema: dict[str, Any] | None,
-                    params: dict[str, Any]) -> str:  # fmt: skip
-    """Sampled retry (see the module docstring); reproducible, as the VLM's sampler seed is fixed."""
-    return vlm.generate(png, prompt_text, json_schema=json_schema, max_tokens=params["max_tokens"],
-                        temperature=RETRY_TEMPERATURE, mime="image/png")  # fmt: skip
+@dataclass
+class Described:
+    """One image's answer: the parsed variants and how they were made."""
+
+    variants: list[Variant]
+    raw: str  # the model's text (the variants' texts joined, on the parallel path)
+    variant_mode: str  # "parallel" or "sequential": the path that wrote it
+    tokens_generated: int
+    constrained: bool
+    retried: bool = False
+
+
+def describe(vlm: Any, png: bytes, prompt_pair: tuple[prompts.Prompt, prompts.VariantPrompts],
+             json_schema: dict[str, Any], params: dict[str, Any]) -> Described:  # fmt: skip
+    """Describe ONE image (PNG bytes) with a loaded VLM: generate, parse, retry once if nothing usable.
+
+    No cache, no files: the per-image step the pipeline (and a cluster worker) builds on. The
+    parallel path (one image encoding, the variants as sequences of one batch) is used when
+    params["variant_mode"] asks for it and the VLM offers it; otherwise one call writes all variants.
+    Raises ModelError (the model failed) or ImageError (llama.cpp could not read the image).
+    """
+    prompt, variant_prompts = prompt_pair
+    constrained = bool(getattr(vlm, "supports_grammar", True))
+    parallel = (params.get("variant_mode", "parallel") == "parallel" and hasattr(vlm, "describe_parallel")
+                and getattr(vlm, "variant_mode", "parallel") == "parallel")  # fmt: skip
+    run = _run_parallel if parallel else _run_sequential
+    what = variant_prompts if parallel else prompt
+    variants, raw, tokens = run(vlm, png, what, json_schema, constrained, params, params["temperature"])
+    retried = False
+    if not variants:
+        retried = True
+        variants, raw, more = run(vlm, png, what, json_schema, constrained, params, RETRY_TEMPERATURE)
+        tokens += more
+    return Described(variants, raw, "parallel" if parallel else "sequential", tokens, constrained, retried)
+
+
+def _run_sequential(vlm: Any, png: bytes, prompt: prompts.Prompt, json_schema: dict[str, Any], constrained: bool,
+                    params: dict[str, Any], temperature: float) -> tuple[list[Variant], str, int]:  # fmt: skip
+    """Today's single call: all variants in one answer. A sampled retry stays reproducible, as the
+    VLM's sampler seed is fixed."""
+    text = vlm.generate(png, prompt.text, json_schema=json_schema if constrained else None,
+                        max_tokens=params["max_tokens"], temperature=temperature, mime="image/png")  # fmt: skip
+    tokens = int(getattr(vlm, "last_tokens_generated", 0) or 0)
+    return prompts.parse_output(text, prompt.n_variants, constrained), text, tokens
+
+
+def _run_parallel(vlm: Any, png: bytes, vp: prompts.VariantPrompts, json_schema: dict[str, Any], constrained: bool,
+                  params: dict[str, Any], temperature: float) -> tuple[list[Variant], str, int]:  # fmt: skip
+    """One sequence per variant, each constrained to ONE variant's schema and capped at an equal
+    share of the image's token budget (so both paths get the same total)."""
+    n = vp.n_variants
+    res = vlm.describe_parallel(
+        [png], vp.shared, vp.suffixes, json_schema=prompts.variant_schema() if constrained else None,
+        max_tokens=max(16, params["max_tokens"] // n), temperatures=temperature, mime="image/png",
+    )  # fmt: skip
+    texts = res.texts[0]
+    variants = [v for t in texts for v in prompts.parse_output(t, 1, constrained)]
+    return variants, "\n".join(texts), res.tokens_per_image[0]

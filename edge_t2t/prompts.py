@@ -66,12 +66,44 @@ Rules:
 
 Answer with JSON only, in this form: {{"variants": [{{"one_sentence": "...", "features": [{{"name": "...", "position": "...", "size": "..."}}], "caption": "..."}}, ...]}}"""
 
+# The parallel form of the same prompt: one description, its focus given after the shared part.
+_VARIANT_PROMPT = """You are describing one overhead remote-sensing image (satellite or aerial view).
+Directions are fixed to the image: top = north, bottom = south, left = west, right = east.
+
+Write one description of this image. It has:
+- "one_sentence": one sentence that sums up the scene.
+- "features": the main visible objects, each with "name", "position" (one of: {positions}) and "size" (one of: {sizes}).
+- "caption": two or three sentences that describe the scene in detail: objects, their layout and spatial relations, colours and textures.
+
+Rules:
+- Describe only what is visible. Do not guess place names, dates, sensors or purposes you cannot see.
+- Sizes are qualitative words from the list; never give numbers, measurements or percentages.
+
+Answer with JSON only, in this form: {{"one_sentence": "...", "features": [{{"name": "...", "position": "...", "size": "..."}}], "caption": "..."}}"""
+
+_FOCUS_SUFFIX = "\nFocus of this description: {focus}."
+
 
 @dataclass(frozen=True)
 class Prompt:
     text: str
     version: str  # goes into the cache key
     n_variants: int
+
+
+@dataclass(frozen=True)
+class VariantPrompts:
+    """The parallel form: one shared prompt asking for ONE description, plus one short suffix per
+    variant naming its focus. The shared part (image included) is evaluated once; each suffix starts
+    its own sequence, so the variants differ by content, not by sampling noise."""
+
+    shared: str
+    suffixes: tuple[str, ...]
+    version: str
+
+    @property
+    def n_variants(self) -> int:
+        return len(self.suffixes)
 
 
 def _check_n(n: int) -> None:
@@ -106,9 +138,20 @@ def build_prompt(n: int = DEFAULT_VARIANTS, prompt_file: str | os.PathLike | Non
     return Prompt(raw.replace("{n}", str(n)).strip(), f"custom-{sha8}", n)
 
 
-def schema(n_variants: int = DEFAULT_VARIANTS) -> dict[str, Any]:
-    """JSON schema of the answer, every field bounded so constrained decoding terminates."""
-    _check_n(n_variants)
+def build_variant_prompts(n: int = DEFAULT_VARIANTS, prompt_file: str | os.PathLike | None = None) -> VariantPrompts:
+    """The parallel form of build_prompt. A user prompt file is used with `{n}` = 1 (it asks for one
+    description) and gets the same focus suffixes; its version is `custom-<sha8>` as in build_prompt."""
+    _check_n(n)
+    suffixes = tuple(_FOCUS_SUFFIX.format(focus=FOCUSES[i % len(FOCUSES)]) for i in range(n))
+    if prompt_file is None:
+        shared = _VARIANT_PROMPT.format(positions=", ".join(POSITIONS), sizes=", ".join(SIZES))
+        return VariantPrompts(shared, suffixes, PROMPT_VERSION)
+    one = build_prompt(1, prompt_file)
+    return VariantPrompts(one.text, suffixes, one.version)
+
+
+def variant_schema() -> dict[str, Any]:
+    """JSON schema of ONE variant (the parallel path's per-sequence grammar), every field bounded."""
     feature = {
         "type": "object",
         "properties": {
@@ -119,7 +162,7 @@ def schema(n_variants: int = DEFAULT_VARIANTS) -> dict[str, Any]:
         "required": ["name", "position", "size"],
         "additionalProperties": False,
     }
-    variant = {
+    return {
         "type": "object",
         "properties": {
             "one_sentence": {"type": "string", "minLength": 1, "maxLength": ONE_SENTENCE_MAX},
@@ -129,6 +172,12 @@ def schema(n_variants: int = DEFAULT_VARIANTS) -> dict[str, Any]:
         "required": ["one_sentence", "features", "caption"],
         "additionalProperties": False,
     }
+
+
+def schema(n_variants: int = DEFAULT_VARIANTS) -> dict[str, Any]:
+    """JSON schema of the answer, every field bounded so constrained decoding terminates."""
+    _check_n(n_variants)
+    variant = variant_schema()
     return {
         "type": "object",
         "properties": {
@@ -144,6 +193,11 @@ def max_output_chars(n_variants: int = DEFAULT_VARIANTS) -> int:
     per_feature = FEATURE_NAME_MAX + max(map(len, POSITIONS)) + max(map(len, SIZES)) + 50  # keys, quotes, braces
     per_variant = ONE_SENTENCE_MAX + CAPTION_MAX + FEATURES_MAX * per_feature + 80
     return n_variants * per_variant + 20
+
+
+def max_variant_chars() -> int:
+    """Upper bound on the characters of ONE schema-valid variant object (the parallel path's cap)."""
+    return max_output_chars(1) - 20
 
 
 def default_max_tokens(n_variants: int = DEFAULT_VARIANTS) -> int:
@@ -184,7 +238,7 @@ def _salvage_truncated(text: str) -> list[Variant]:
     pos = match.end() if match else text.find("[") + 1
     if pos <= 0:
         return []
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(strict=False)
     found = []
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
@@ -202,7 +256,7 @@ def _salvage_truncated(text: str) -> list[Variant]:
 
 def _first_json(text: str) -> Any:
     """The first JSON value in `text`, skipping prose or a ``` fence around it."""
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(strict=False)
     for i, ch in enumerate(text):
         if ch in "{[":
             try:
@@ -259,7 +313,8 @@ def parse_output(text: str, n_variants: int, constrained: bool) -> list[Variant]
     """The variants in a model's answer (at most `n_variants`); [] when nothing usable is there.
 
     Constrained output is JSON by construction, but may be cut off by max_tokens: complete variants
-    before the cut are kept. Unconstrained output is tried as JSON first (most models comply), then
+    before the cut are kept. Control characters inside strings are accepted (llama-cpp-python's JSON
+    grammar lets a raw newline into a string). Unconstrained output is tried as JSON first (most models comply), then
     split as free text (numbered list, paragraphs or sentences).
     """
     text = (text or "").strip()
@@ -267,7 +322,7 @@ def parse_output(text: str, n_variants: int, constrained: bool) -> list[Variant]
         return []
     variants = None
     try:
-        variants = _variants_from_obj(json.loads(text))
+        variants = _variants_from_obj(json.loads(text, strict=False))
     except json.JSONDecodeError:
         variants = _salvage_truncated(text) or None
         if not variants and not constrained:

@@ -90,6 +90,10 @@ class CaptionRecord:
     test_model: bool = False
     cached: bool = False
     constrained: bool = True  # False when the family could not take a grammar (free-text fallback)
+    # The path that wrote the variants: "parallel" (one image encoding, one sequence per variant)
+    # or "sequential" (one call writes them all); "" for descriptions imported from elsewhere.
+    variant_mode: str = ""
+    tokens_generated: int | None = None  # output tokens, retry included; None when not known
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,6 +110,10 @@ class CaptionRecord:
             "cached": self.cached,
             "constrained": self.constrained,
         }
+        if self.variant_mode:
+            out["variant_mode"] = self.variant_mode
+        if self.tokens_generated is not None:
+            out["tokens_generated"] = self.tokens_generated
         out.update(self.extra)
         return out
 
@@ -113,8 +121,9 @@ class CaptionRecord:
     def from_dict(cls, obj: dict[str, Any]) -> CaptionRecord:
         known = {
             "image", "sha256", "model", "mmproj", "family", "prompt_version", "variants",
-            "seconds", "test_model", "cached", "constrained",
+            "seconds", "test_model", "cached", "constrained", "variant_mode", "tokens_generated",
         }
+        tokens = obj.get("tokens_generated")
         return cls(
             image=str(obj["image"]),
             sha256=str(obj.get("sha256") or ""),
@@ -127,5 +136,7 @@ class CaptionRecord:
             test_model=bool(obj.get("test_model", False)),
             cached=bool(obj.get("cached", False)),
             constrained=bool(obj.get("constrained", True)),
+            variant_mode=str(obj.get("variant_mode") or ""),
+            tokens_generated=int(tokens) if isinstance(tokens, (int, float)) else None,
             extra={k: v for k, v in obj.items() if k not in known},
         )

@@ -12,8 +12,10 @@ import base64
 import collections
 import ctypes
 import functools
+import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,10 @@ FAMILIES: dict[str, Family] = {
 # caption prompt (~1.4k chars) plus five JSON variants (~1.9k tokens of max_tokens) must fit.
 _PROMPT_AND_OUTPUT_TOKENS = 3584
 
+# The Llama object's own context in parallel mode, where generate() is not used (a 7B model's
+# full-size KV cache would be ~2 GiB held for nothing).
+_HANDLER_ONLY_CTX = 256
+
 # Below this size a text model runs single-threaded unless n_threads is given.
 _SMALL_MODEL_BYTES = 64 * 1024 * 1024
 
@@ -78,6 +84,7 @@ class VLMConfig:
     n_threads: int | None = None
     n_gpu_layers: int = 0
     seed: int = 0
+    variant_mode: str = "parallel"  # "parallel" (describe_parallel) or "sequential" (generate)
 
 
 def infer_family(model_info: GGUFInfo, mmproj_info: GGUFInfo) -> str:
@@ -207,6 +214,178 @@ def _log_hint() -> str:
     return f" (llama.cpp said: {' | '.join(lines[-3:])})" if lines else ""
 
 
+# ---- parallel variants: one image encoding, N sequences in one batch -----------------------------
+
+VARIANT_MODES = ("parallel", "sequential")
+
+# Splits the rendered chat prompt into the part shared by all variants (image included) and the
+# template's tail (e.g. "ASSISTANT:"), which follows each variant's own suffix.
+_SPLIT = "\u241eEDGE-T2T-VARIANT\u241e"
+
+
+@dataclass
+class ParallelResult:
+    """What one parallel call produced: texts[i][v] is image i's variant v (raw JSON text)."""
+
+    texts: list[list[str]]
+    tokens: list[list[int]]  # tokens generated per sequence
+    encode_s: float = 0.0  # vision encoder, all images
+    prompt_tokens: int = 0  # prompt positions decoded (image embeddings, shared text, suffixes)
+    prompt_s: float = 0.0  # decoding them (encoding excluded)
+    gen_s: float = 0.0  # the batched generation loop
+    gen_tokens: int = 0
+
+    @property
+    def tokens_per_image(self) -> list[int]:
+        return [sum(t) for t in self.tokens]
+
+
+class _ParallelContext:
+    """A llama_context of its own with a unified KV cache and room for n_seq sequences.
+
+    The Llama object's context stays for the sequential path; this one is created on the first
+    parallel call and grown (never shrunk) when a call needs more room. Its size does not change
+    the numbers: llama.cpp attends over the cells in use, not over n_ctx.
+    """
+
+    def __init__(self, llama: Any, n_threads: int):
+        self.llama = llama
+        self.n_threads = n_threads
+        self.ctx: Any = None
+        self.batch: Any = None
+        self.n_ctx = self.n_seq = self.n_batch = 0
+
+    def ensure(self, n_ctx: int, n_seq: int, n_batch: int) -> Any:
+        import llama_cpp
+
+        if self.ctx is not None and n_ctx <= self.n_ctx and n_seq <= self.n_seq and n_batch <= self.n_batch:
+            return self.ctx
+        self.close()
+        n_ctx = -(-max(n_ctx, self.n_ctx) // 1024) * 1024
+        n_seq, n_batch = max(n_seq, self.n_seq), max(n_batch, self.n_batch, 512)
+        params = llama_cpp.llama_context_default_params()
+        base = self.llama.context_params
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, 512
+        params.n_seq_max = n_seq
+        params.kv_unified = True  # the shared prefix lives once; seq_cp only tags its cells
+        params.n_threads = params.n_threads_batch = self.n_threads
+        params.flash_attn_type, params.type_k, params.type_v = base.flash_attn_type, base.type_k, base.type_v
+        params.offload_kqv = base.offload_kqv
+        params.no_perf = False
+        ctx = llama_cpp.llama_init_from_model(self.llama.model, params)
+        if ctx is None:
+            raise ModelError(f"llama.cpp could not create a {n_ctx}-token context for {n_seq} sequences{_log_hint()}; "
+                             "use --variant-mode sequential or fewer images per batch")  # fmt: skip
+        self.ctx, self.n_ctx, self.n_seq, self.n_batch = ctx, n_ctx, n_seq, n_batch
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        return ctx
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx is not None:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+
+    def decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, pos, seq_id, wants_logits) entries, in order."""
+        import llama_cpp
+
+        b = self.batch
+        for i, (tok, pos, seq, logits) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(entries)
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise ModelError(f"llama_decode failed (code {rc}) in the parallel path{_log_hint()}; "
+                             "use --variant-mode sequential")  # fmt: skip
+
+
+class _SequenceSampler:
+    """One sequence's sampling: the sequential path's chain (repeat penalty, then greedy or
+    top-k/top-p/min-p/temperature/seed) with the grammar checked on the chosen token first.
+
+    llama.cpp's grammar sampler tests every vocabulary entry, which costs more than a small model's
+    decode step (measured: tens of ms per token at a 49k vocabulary). So, as llama.cpp's own
+    common sampler does, the chain picks a token without the grammar, the grammar checks only that
+    token, and the full grammar pass runs only when it is refused. Under greedy decoding the token
+    is the same as with the grammar applied first (the grammar only masks tokens, the penalty only
+    scales them), so this changes speed, not output.
+    """
+
+    def __init__(self, vocab: Any, n_vocab: int, gbnf: bytes | None, temperature: float, seed: int):
+        import llama_cpp as lc
+        import numpy as np
+
+        self.lc, self.n_vocab = lc, n_vocab
+        self.chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        self.grammar = None
+        # create_chat_completion's defaults (repeat_penalty 1.1 over the last 64 tokens), so both
+        # paths sample the same way.
+        lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_penalties(n_vocab, 64, 1.1, 0.0, 0.0))
+        if temperature > 0:
+            for smp in (lc.llama_sampler_init_top_k(40), lc.llama_sampler_init_top_p(0.95, 1),
+                        lc.llama_sampler_init_min_p(0.05, 1), lc.llama_sampler_init_temp(temperature),
+                        lc.llama_sampler_init_dist(seed)):  # fmt: skip
+                lc.llama_sampler_chain_add(self.chain, smp)
+        else:
+            lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_greedy())
+        if gbnf is not None:
+            self.grammar = lc.llama_sampler_init_grammar(vocab, gbnf, b"root")
+            if not self.grammar:
+                self.free()
+                raise ModelError("llama.cpp refused the variant grammar; use --variant-mode sequential")
+        dtype = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True)
+        self.buf = np.zeros(n_vocab, dtype=dtype)
+        self.buf["id"] = np.arange(n_vocab, dtype=np.int32)
+        self.one = np.zeros(1, dtype=dtype)
+
+    def _candidates(self, logits: Any) -> Any:
+        import numpy as np
+
+        self.buf["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        self.buf["p"] = 0.0
+        return self.lc.llama_token_data_array(data=self.buf.ctypes.data_as(self.lc.llama_token_data_p),
+                                              size=self.n_vocab, selected=-1, sorted=False)  # fmt: skip
+
+    def sample(self, ctx: Any, idx: int) -> int:
+        lc = self.lc
+        logits = lc.llama_get_logits_ith(ctx, idx)
+        cur = self._candidates(logits)
+        lc.llama_sampler_apply(self.chain, ctypes.byref(cur))
+        tok = int(self.buf["id"][cur.selected])
+        if self.grammar is not None:
+            self.one["id"], self.one["logit"], self.one["p"] = tok, 1.0, 0.0
+            single = lc.llama_token_data_array(data=self.one.ctypes.data_as(lc.llama_token_data_p),
+                                               size=1, selected=-1, sorted=False)  # fmt: skip
+            lc.llama_sampler_apply(self.grammar, ctypes.byref(single))
+            if not self.one["logit"][0] > float("-inf"):  # refused: the full grammar pass, then the chain
+                cur = self._candidates(logits)
+                lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+                lc.llama_sampler_apply(self.chain, ctypes.byref(cur))
+                tok = int(self.buf["id"][cur.selected])
+            lc.llama_sampler_accept(self.grammar, tok)
+        lc.llama_sampler_accept(self.chain, tok)
+        return tok
+
+    def free(self) -> None:
+        for smp in (self.chain, self.grammar):
+            if smp:
+                self.lc.llama_sampler_free(smp)
+        self.chain = self.grammar = None
+
+
+@functools.lru_cache(maxsize=8)
+def _gbnf(schema_json: str) -> bytes:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    return json_schema_to_gbnf(schema_json).encode("utf-8")
+
+
 class VLM:
     """A loaded GGUF vision-language model. Use as a context manager, or call close()."""
 
@@ -215,7 +394,13 @@ class VLM:
         self.model_path = Path(cfg.model)
         self.mmproj_path = Path(cfg.mmproj)
         self._llama: Any = None
+        self._handler: Any = None
+        self._parallel: _ParallelContext | None = None
         self.calls = 0
+        self.last_tokens_generated = 0
+        if cfg.variant_mode not in VARIANT_MODES:
+            raise ModelError(f"unknown variant mode {cfg.variant_mode!r}; choose one of: {', '.join(VARIANT_MODES)}")
+        self.variant_mode = cfg.variant_mode
         model_info, mmproj_info = check_pair(self.model_path, self.mmproj_path)
         self.model_info, self.mmproj_info = model_info, mmproj_info
         family = cfg.family or infer_family(model_info, mmproj_info)
@@ -275,7 +460,9 @@ class VLM:
             self._llama = llama_cpp.Llama(
                 model_path=str(self.model_path),
                 chat_handler=handler,
-                n_ctx=self.n_ctx,
+                # In parallel mode this context only carries the handler (model, mmproj, template):
+                # the variants run in a context of their own, so this one stays small.
+                n_ctx=self.n_ctx if self.variant_mode == "sequential" else _HANDLER_ONLY_CTX,
                 n_batch=512,
                 # Both explicit: n_threads_batch otherwise defaults to every CPU, which on a busy
                 # machine made prompt processing ~100x slower.
@@ -287,6 +474,7 @@ class VLM:
             )
             # libmtmd loads lazily on the first chat call; load it now so a bad mmproj fails here.
             handler._init_mtmd_context(self._llama)
+            self._handler = handler
         except (ValueError, RuntimeError, OSError) as exc:
             self.close()
             raise ModelError(
@@ -309,6 +497,9 @@ class VLM:
             raise ModelError(f"{self.model_path}: this VLM was closed; create a new VLM")
         if not image:
             raise ImageError("empty image bytes given to VLM.generate; pass the encoded PNG/JPEG file content")
+        if self.variant_mode != "sequential":
+            raise ModelError(f"{self.model_path}: this VLM was loaded for parallel variants (describe_parallel); "
+                             "load it with variant_mode='sequential' to call generate()")  # fmt: skip
         uri = f"data:{mime};base64,{base64.b64encode(image).decode('ascii')}"
         messages = [
             {
@@ -346,9 +537,216 @@ class VLM:
             raise ModelError(f"{self.model_path}: generation failed: {msg}{_log_hint()}") from exc
         except RuntimeError as exc:
             raise ModelError(f"{self.model_path}: generation failed: {exc}{_log_hint()}") from exc
+        self.last_tokens_generated = int((out.get("usage") or {}).get("completion_tokens") or 0)
         return out["choices"][0]["message"]["content"] or ""
 
+    # ---- parallel variants ------------------------------------------------------------------------
+
+    def _render_split(self, prompt: str, uri: str) -> tuple[str, str]:
+        """The family's chat prompt for (image, prompt + SPLIT), cut at SPLIT: (shared head, tail).
+
+        Rendered exactly as the family's handler renders it for the sequential path (its own
+        template, default system message, media marker), so both paths see the same framing.
+        """
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from llama_cpp import llama_chat_format as fmt
+
+        llama, handler = self._llama, self._handler
+        marker = handler._mtmd_cpp.mtmd_default_marker().decode("utf-8")
+        messages: list[dict[str, Any]] = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": prompt + _SPLIT}]}]  # fmt: skip
+        eos = llama.detokenize([llama.token_eos()])
+        bos = llama.detokenize([llama.token_bos()])
+        if isinstance(handler, fmt.MTMDChatHandler):
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[fmt.Jinja2ChatFormatter.IgnoreGenerationTags])  # fmt: skip
+            env.filters["tojson"] = fmt.Jinja2ChatFormatter.tojson
+            text = env.from_string(handler._get_chat_template(llama)).render(
+                messages=handler._get_template_messages(messages, marker), add_generation_prompt=True,
+                eos_token=handler._decode_token_piece(eos), bos_token=handler._decode_token_piece(bos),
+                strftime_now=fmt.Jinja2ChatFormatter.strftime_now,
+            )  # fmt: skip
+            text = handler._postprocess_template_text(text, [uri], marker)
+        else:
+            if handler.DEFAULT_SYSTEM_MESSAGE is not None:
+                messages.insert(0, {"role": "system", "content": handler.DEFAULT_SYSTEM_MESSAGE})
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            text = env.from_string(handler.CHAT_FORMAT).render(
+                messages=messages, add_generation_prompt=True, eos_token=eos, bos_token=bos
+            ).replace(uri, marker)  # fmt: skip
+        if text.count(_SPLIT) != 1 or marker not in text.split(_SPLIT)[0]:
+            raise ModelError(f"the {self.family} chat template cannot be split for parallel variants; "
+                             "use --variant-mode sequential")  # fmt: skip
+        head, tail = text.split(_SPLIT)
+        return head, tail
+
+    def _image_chunks(self, head: str, image: bytes, mime: str) -> Any:
+        """mtmd chunks (text and image) of the shared head with the image in it; caller frees."""
+        handler, mtmd = self._handler, self._handler._mtmd_cpp
+        try:
+            bitmap = handler._create_bitmap_from_bytes(image)
+        except ValueError as exc:
+            raise ImageError(f"llama.cpp could not decode the image ({mime}): {exc}; pass PNG or JPEG bytes") from exc
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            text = mtmd.mtmd_input_text()
+            raw = head.encode("utf-8")
+            text.text, text.text_len, text.add_special, text.parse_special = raw, len(raw), True, True
+            rc = mtmd.mtmd_tokenize(handler.mtmd_ctx, chunks, ctypes.byref(text),
+                                    (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)  # fmt: skip
+            if rc != 0:
+                mtmd.mtmd_input_chunks_free(chunks)
+                raise ModelError(f"{self.model_path}: mtmd could not tokenize the prompt with its image (code {rc})")
+        finally:
+            mtmd.mtmd_bitmap_free(bitmap)
+        return chunks
+
+    def _eval_prefix(self, pc: _ParallelContext, chunks: Any, seq: int, res: ParallelResult) -> int:
+        """Decode one image's shared prefix into sequence `seq`; returns the next position."""
+        import llama_cpp as lc
+
+        mtmd, mctx = self._handler._mtmd_cpp, self._handler.mtmd_ctx
+        n_past = 0
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                toks = [ptr[j] for j in range(n.value)]
+                t0 = time.perf_counter()
+                for j in range(0, len(toks), pc.n_batch):
+                    part = toks[j : j + pc.n_batch]
+                    pc.decode([(t, n_past + j + k, seq, False) for k, t in enumerate(part)])
+                res.prompt_s += time.perf_counter() - t0
+                n_past += len(toks)
+                res.prompt_tokens += len(toks)
+                continue
+            t0 = time.perf_counter()
+            if mtmd.mtmd_encode_chunk(mctx, chunk) != 0:
+                raise ModelError(f"{self.model_path}: the vision encoder failed on this image{_log_hint()}")
+            t1 = time.perf_counter()
+            new_past = lc.llama_pos(0)
+            rc = mtmd.mtmd_helper_decode_image_chunk(mctx, pc.ctx, chunk, mtmd.mtmd_get_output_embd(mctx), n_past,
+                                                     seq, pc.n_batch, ctypes.byref(new_past),
+                                                     mtmd.mtmd_helper_post_decode_callback(), None)  # fmt: skip
+            if rc != 0:
+                raise ModelError(f"{self.model_path}: decoding the image embeddings failed (code {rc}){_log_hint()}")
+            res.encode_s += t1 - t0
+            res.prompt_s += time.perf_counter() - t1
+            res.prompt_tokens += int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
+            n_past = new_past.value
+        return n_past
+
+    def describe_parallel(
+        self,
+        images: list[bytes],
+        prompt: str,
+        suffixes: list[str] | tuple[str, ...],
+        *,
+        json_schema: dict | None = None,
+        max_tokens: int = 512,
+        temperatures: list[float] | tuple[float, ...] | float = 0.0,
+        mime: str = "image/png",
+    ) -> ParallelResult:
+        """Describe several images, len(suffixes) variants each, in one llama.cpp context.
+
+        Each image is encoded once and its shared prompt (everything up to the variant's suffix)
+        decoded once into its first sequence; the other variants' sequences get it by
+        llama_memory_seq_cp (unified KV cache, so the cells are shared, not copied). Then every
+        variant of every image is one sequence of a single batch, each with its own sampler chain and
+        grammar (`json_schema` is ONE variant's schema), capped at `max_tokens` tokens per variant.
+        Variant v samples with seed cfg.seed + v. The same inputs give the same batch, hence the
+        same texts.
+        """
+        import llama_cpp as lc
+
+        if self._llama is None:
+            raise ModelError(f"{self.model_path}: this VLM was closed; create a new VLM")
+        if not images or any(not im for im in images):
+            raise ImageError("empty image bytes given to VLM.describe_parallel; pass the encoded PNG/JPEG file content")
+        n_var = len(suffixes)
+        temps = list(temperatures) if isinstance(temperatures, (list, tuple)) else [float(temperatures)] * n_var
+        _LOG_TAIL.clear()
+        self.calls += 1
+        llama, vocab = self._llama, self._llama._model.vocab
+        res = ParallelResult(texts=[], tokens=[])
+        uri = f"data:{mime};base64,"  # any unique string: the image travels as a bitmap, not a URL
+        head, tail = self._render_split(prompt, uri + "x")
+        suffix_toks = [llama.tokenize((s + tail).encode("utf-8"), add_bos=False, special=True) for s in suffixes]
+        gbnf = _gbnf(json.dumps(json_schema, sort_keys=True)) if json_schema is not None and self.supports_grammar else None
+        chunk_lists = []
+        samplers: list[Any] = []
+        try:
+            for im in images:
+                chunk_lists.append(self._image_chunks(head, im, mime))
+            mtmd = self._handler._mtmd_cpp
+            prefix = [int(mtmd.mtmd_helper_get_n_tokens(c)) for c in chunk_lists]
+            per_image = sum(map(len, suffix_toks)) + n_var * max_tokens
+            n_seq = len(images) * n_var
+            if self._parallel is None:
+                self._parallel = _ParallelContext(llama, self.n_threads)
+            pc = self._parallel
+            pc.ensure(sum(prefix) + len(images) * per_image + 16, n_seq, len(images) * sum(map(len, suffix_toks)) + n_seq)
+            lc.llama_memory_clear(lc.llama_get_memory(pc.ctx), True)
+            mem = lc.llama_get_memory(pc.ctx)
+            pos: list[int] = []
+            for i, chunks in enumerate(chunk_lists):
+                base = i * n_var
+                n_past = self._eval_prefix(pc, chunks, base, res)
+                for v in range(1, n_var):
+                    lc.llama_memory_seq_cp(mem, base, base + v, -1, -1)
+                pos.extend([n_past] * n_var)
+            # Every sequence's own suffix, one batch; logits only at each suffix's last token.
+            entries, out_idx = [], []
+            for s in range(n_seq):
+                toks = suffix_toks[s % n_var]
+                entries += [(t, pos[s] + k, s, k == len(toks) - 1) for k, t in enumerate(toks)]
+                out_idx.append(len(entries) - 1)
+                pos[s] += len(toks)
+            t0 = time.perf_counter()
+            pc.decode(entries)
+            res.prompt_s += time.perf_counter() - t0
+            res.prompt_tokens += len(entries)
+            n_vocab = lc.llama_vocab_n_tokens(vocab)
+            samplers = [_SequenceSampler(vocab, n_vocab, gbnf, temps[s % n_var], self.cfg.seed + s % n_var)
+                        for s in range(n_seq)]  # fmt: skip
+            generated: list[list[int]] = [[] for _ in range(n_seq)]
+            active = list(range(n_seq))
+            t0 = time.perf_counter()
+            while active:
+                entries, still = [], []
+                for s in active:
+                    tok = samplers[s].sample(pc.ctx, out_idx[s])
+                    if lc.llama_vocab_is_eog(vocab, tok):
+                        continue
+                    generated[s].append(tok)
+                    if len(generated[s]) >= max_tokens:
+                        continue
+                    out_idx[s] = len(entries)
+                    entries.append((tok, pos[s], s, True))
+                    pos[s] += 1
+                    still.append(s)
+                active = still
+                if entries:
+                    pc.decode(entries)
+            res.gen_s = time.perf_counter() - t0
+        finally:
+            for sm in samplers:
+                sm.free()
+            for c in chunk_lists:
+                self._handler._mtmd_cpp.mtmd_input_chunks_free(c)
+        for i in range(len(images)):
+            seqs = generated[i * n_var : (i + 1) * n_var]
+            res.texts.append([llama.detokenize(g).decode("utf-8", "replace") for g in seqs])
+            res.tokens.append([len(g) for g in seqs])
+        res.gen_tokens = sum(map(len, generated))
+        self.last_tokens_generated = res.gen_tokens
+        return res
+
     def close(self) -> None:
+        parallel, self._parallel = self._parallel, None
+        if parallel is not None:
+            parallel.close()  # before the model it was made from
         llama, self._llama = self._llama, None
         if llama is not None:
             llama.close()  # also frees the mtmd context (registered on the Llama's exit stack)

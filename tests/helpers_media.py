@@ -242,7 +242,7 @@ def has_traceback(text: str) -> bool:
 # -- fault injection (runs inside the child process) ------------------------------------------------
 # A fault is {"stage": NAME, "at": N, "action": "kill" | "int" | "rewrite", ...}: at the N-th time
 # (1-based) this process reaches NAME, do the action. Stages:
-#   caption        before the VLM's generate() call for one image
+#   caption        before the VLM's generate() or describe_parallel() call for one image
 #   embed          before Embedder.embed() (each indexer batch)
 #   commit_before  inside a store transaction, all rows written, before COMMIT
 #   commit_after   right after COMMIT, before the vector files are saved
@@ -269,13 +269,16 @@ def child_main() -> None:
 
     from edge_t2t import embedder, indexdir, indexer, store, vindex, vlm
 
-    orig_generate = vlm.VLM.generate
+    # Both caption paths: generate() (sequential) and describe_parallel() (the default).
+    def reaching_caption(orig):
+        def wrapped(self, *a, **k):
+            reach("caption")
+            return orig(self, *a, **k)
 
-    def generate(self, *a, **k):
-        reach("caption")
-        return orig_generate(self, *a, **k)
+        return wrapped
 
-    vlm.VLM.generate = generate
+    for name in ("generate", "describe_parallel"):
+        setattr(vlm.VLM, name, reaching_caption(getattr(vlm.VLM, name)))
 
     orig_embed = embedder.Embedder.embed
 

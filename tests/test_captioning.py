@@ -304,3 +304,16 @@ def test_no_vlm_config_resolves_from_env(env, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("EDGE_T2T_MODELS_DIR", str(env.tmp / "no-models"))
     with pytest.raises(ModelError, match="--vlm"):
         caption_images([env.tmp / "imgs"], None, cache=env.cache, vlm_factory=env.factory())
+
+
+def test_vlm_without_parallel_path_falls_back_to_sequential_and_says_so(env) -> None:
+    from edge_t2t.records import CaptionRecord
+
+    _images(env.tmp / "imgs", 1)
+    out: list = []
+    caption_images([env.tmp / "imgs"], env.cfg, n_variants=2, cache=env.cache, on_record=out.append,
+                   vlm_factory=env.factory())  # fmt: skip
+    (r,) = out
+    assert r.variant_mode == "sequential" and r.tokens_generated == 0
+    back = CaptionRecord.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert (back.variant_mode, back.tokens_generated) == ("sequential", 0) and "variant_mode" not in back.extra

@@ -109,7 +109,7 @@ def test_family_runs_through_its_chat_handler(key, family_dir, image):
     assert (m_info.architecture, p_info.projector_type) == (shape.text.arch, shape.vision.projector)
 
     # no --family: the test model names its own, as a real GGUF's metadata would lead to it
-    with VLM(VLMConfig(model, mmproj, n_threads=1)) as vlm:
+    with VLM(VLMConfig(model, mmproj, n_threads=1, variant_mode="sequential")) as vlm:
         assert vlm.family == shape.family
         assert vlm.is_test_model
         handler = type(vlm._llama.chat_handler).__name__
@@ -120,3 +120,21 @@ def test_family_runs_through_its_chat_handler(key, family_dir, image):
     answer = json.loads(text, strict=False)
     assert _validate(answer, SCHEMA) == [], text
     assert _validate(answer, prompts.schema(1)) == [], "the tight schema is a restriction of the real one"
+
+
+@pytest.mark.parametrize("key", CASES)
+def test_family_runs_the_parallel_variant_path(key, family_dir, image):
+    """The parallel path renders the family's own template, encodes the image once and decodes
+    two variants as two sequences, each under one variant's schema."""
+    shape = TINY_FAMILIES[key]
+    out = family_dir / shape.name
+    manifest = testvlm.build_shape(shape.name, out, precisions=("F16",))
+    model, mmproj = out / manifest["models"]["F16"], out / manifest["mmproj"]
+    vp = prompts.build_variant_prompts(2)
+    one = SCHEMA["properties"]["variants"]["items"]
+    with VLM(VLMConfig(model, mmproj, n_threads=1)) as vlm:
+        assert vlm.variant_mode == "parallel"
+        res = vlm.describe_parallel([image], vp.shared, vp.suffixes, json_schema=one, max_tokens=MAX_TOKENS)
+    assert res.encode_s > 0 and len(res.texts[0]) == 2
+    for text in res.texts[0]:
+        assert _validate(json.loads(text, strict=False), one) == [], text

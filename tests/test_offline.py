@@ -177,6 +177,7 @@ def test_vlm_hands_llama_cpp_only_data_uris() -> None:
     obj.cfg = vlm.VLMConfig(model=Path("m.gguf"), mmproj=Path("p.gguf"), seed=3)
     obj.model_path = Path("m.gguf")
     obj.supports_grammar = True
+    obj.variant_mode = "sequential"  # generate() is the sequential path
     obj.calls = 0
     obj.n_ctx = 4096
     png = hm.make_png(hm.ROOT / ".pytest_cache" / "offline_probe.png", 1).read_bytes()

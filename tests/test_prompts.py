@@ -166,3 +166,23 @@ def test_check_quality_flags_each_problem() -> None:
     assert "variant 4: percentages present" in text
     assert "variant 5: one_sentence too short" in text and "variant 5: caption too long" in text
     assert prompts.check_quality([good], 1) == []
+
+
+def test_variant_prompts_share_one_prompt_and_differ_by_focus(tmp_path) -> None:
+    vp = prompts.build_variant_prompts(5)
+    assert vp.n_variants == 5 and vp.version == prompts.PROMPT_VERSION
+    assert "Write one description" in vp.shared and len(set(vp.suffixes)) == 5
+    assert all(f in s for f, s in zip(prompts.FOCUSES, vp.suffixes, strict=True))
+    assert prompts.schema(5)["properties"]["variants"]["items"] == prompts.variant_schema()
+    pf = tmp_path / "p.txt"
+    pf.write_text("Describe this image {n} time(s) as JSON.")
+    custom = prompts.build_variant_prompts(2, pf)
+    assert custom.shared == "Describe this image 1 time(s) as JSON." and custom.version.startswith("custom-")
+
+
+def test_raw_control_characters_in_strings_are_accepted() -> None:
+    # llama-cpp-python's JSON grammar allows a raw newline inside a string; the answer still counts.
+    one = '{"one_sentence": "a line\nbreak here", "features": [{"name": "pond", "position": "north", "size": "small"}], "caption": "x\ty"}'
+    (v,) = prompts.parse_output(one, 1, True)
+    assert v.one_sentence == "a line\nbreak here" and v.features[0].name == "pond"
+    assert len(prompts.parse_output('{"variants": [' + one + ", " + one[:20], 5, True)) == 1

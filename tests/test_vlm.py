@@ -49,7 +49,7 @@ def images(rsicd_samples) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def model(vlm_dir):
-    with VLM(VLMConfig(vlm_dir / testvlm.MODEL_FILE, vlm_dir / testvlm.MMPROJ_FILE)) as v:
+    with VLM(VLMConfig(vlm_dir / testvlm.MODEL_FILE, vlm_dir / testvlm.MMPROJ_FILE, variant_mode="sequential")) as v:
         yield v
 
 
@@ -64,7 +64,8 @@ def test_loads_and_reports(model, vlm_dir):
 
 
 def test_explicit_threads_and_context_are_used(vlm_dir):
-    cfg = VLMConfig(vlm_dir / testvlm.MODEL_FILE, vlm_dir / testvlm.MMPROJ_FILE, n_threads=2, n_ctx=1024)
+    cfg = VLMConfig(vlm_dir / testvlm.MODEL_FILE, vlm_dir / testvlm.MMPROJ_FILE, n_threads=2, n_ctx=1024,
+                    variant_mode="sequential")
     with VLM(cfg) as v:
         assert (v.n_threads, v.n_ctx) == (2, 1024)
         assert v._llama.n_ctx() == 1024
@@ -99,7 +100,7 @@ def test_bad_image_bytes_raise_image_error(model):
 
 @pytest.mark.parametrize("ftype", ["Q8_0", "Q4_K_M"])
 def test_quantized_variants_generate(vlm_dir, images, ftype):
-    cfg = VLMConfig(vlm_dir / testvlm.QUANT_FILES[ftype], vlm_dir / testvlm.MMPROJ_FILE)
+    cfg = VLMConfig(vlm_dir / testvlm.QUANT_FILES[ftype], vlm_dir / testvlm.MMPROJ_FILE, variant_mode="sequential")
     with VLM(cfg) as v:
         out = v.generate(images["airport_17.jpg"], "Describe the image.", max_tokens=12)
         assert out.strip()
@@ -108,7 +109,7 @@ def test_quantized_variants_generate(vlm_dir, images, ftype):
 
 
 def test_generic_mtmd_family_uses_gguf_template(vlm_dir, images):
-    cfg = VLMConfig(vlm_dir / testvlm.MODEL_FILE, vlm_dir / testvlm.MMPROJ_FILE, family="mtmd")
+    cfg = VLMConfig(vlm_dir / testvlm.MODEL_FILE, vlm_dir / testvlm.MMPROJ_FILE, family="mtmd", variant_mode="sequential")
     with VLM(cfg) as v:
         assert v.family == "mtmd"
         assert v.generate(images["airport_17.jpg"], "Describe the image.", max_tokens=8).strip()

@@ -51,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "about 2000 for 5 variants)")  # fmt: skip
     p.add_argument("--ctx", type=int, metavar="N", help="llama.cpp context size (default: sized for the family)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    p.add_argument("--variant-mode", choices=("parallel", "sequential"), default="parallel",
+                   help="parallel: encode the image once and write the variants as sequences of one batch "
+                        "(default); sequential: one call writes all variants. Records say which path wrote them")  # fmt: skip
     p.add_argument("--cache-dir", metavar="DIR", help="caption cache directory (default: $EDGE_T2T_CACHE_DIR or ~/.cache/edge-t2t)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the caption cache")
     from .index import add_tiling_arguments
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise ModelError(f"{path}: no such {kind} file; check --vlm/--mmproj (or $EDGE_T2T_VLM/$EDGE_T2T_MMPROJ)")
     cfg = VLMConfig(model=model, mmproj=mmproj, family=args.family, n_ctx=args.ctx, n_threads=args.threads,
-                    n_gpu_layers=args.gpu_layers, seed=args.seed)  # fmt: skip
+                    n_gpu_layers=args.gpu_layers, seed=args.seed, variant_mode=args.variant_mode)  # fmt: skip
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     cache = None

@@ -1,0 +1,155 @@
+"""Parallel variants: one image encoding, one sequence per variant in one llama.cpp batch.
+
+Runs the real llama.cpp path on the tiny generated test VLM (random weights: the texts are
+gibberish, but the grammar, the determinism and the bookkeeping are real)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from edge_t2t import prompts, testvlm
+from edge_t2t.captioning import caption_images
+from edge_t2t.captions import CaptionCache
+from edge_t2t.errors import ImageError, ModelError
+from edge_t2t.vlm import VLM, VLMConfig
+
+# Bounded fields: an unbounded string lets a random model write until the token cap.
+SMALL = {
+    "type": "object",
+    "properties": {
+        "one_sentence": {"type": "string", "maxLength": 40},
+        "size": {"type": "string", "enum": ["small", "medium", "large"]},
+        "caption": {"type": "string", "maxLength": 60},
+    },
+    "required": ["one_sentence", "size", "caption"],
+}
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory) -> Path:
+    pytest.importorskip("llama_cpp")
+    out = tmp_path_factory.mktemp("test-vlm")
+    testvlm.build_test_vlm(out, seed=0)
+    return out
+
+
+def _png(path: Path) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images(rsicd_samples) -> list[bytes]:
+    return [_png(rsicd_samples / n) for n in ("airport_17.jpg", "sparseresidential_268.jpg")]
+
+
+@pytest.fixture(scope="module")
+def model(vlm_dir):
+    with VLM(VLMConfig(vlm_dir / testvlm.MODEL_FILE, vlm_dir / testvlm.MMPROJ_FILE)) as v:
+        yield v
+
+
+def test_each_sequence_follows_its_own_grammar_and_variants_differ(model, images):
+    vp = prompts.build_variant_prompts(3)
+    res = model.describe_parallel(images[:1], vp.shared, vp.suffixes, json_schema=SMALL, max_tokens=200)
+    assert len(res.texts) == 1 and len(res.texts[0]) == 3
+    objs = [json.loads(t) for t in res.texts[0]]  # each sequence is one complete, schema-valid object
+    for obj in objs:
+        assert set(SMALL["required"]) <= set(obj) and obj["size"] in ("small", "medium", "large")
+        assert len(obj["one_sentence"]) <= 40 and len(obj["caption"]) <= 60
+    assert len(set(res.texts[0])) == 3  # the focus suffixes make the variants differ under greedy decoding
+    assert all(0 < n <= 200 for n in res.tokens[0]) and res.gen_tokens == sum(res.tokens[0])
+    assert res.encode_s > 0 and res.prompt_tokens > 0 and res.gen_s > 0
+
+
+def test_same_inputs_same_texts_and_batch_mates_do_not_change_an_image(model, images):
+    vp = prompts.build_variant_prompts(2)
+    kw = {"json_schema": SMALL, "max_tokens": 120}
+    a = model.describe_parallel(images[:1], vp.shared, vp.suffixes, **kw)
+    assert model.describe_parallel(images[:1], vp.shared, vp.suffixes, **kw).texts == a.texts
+    b = model.describe_parallel(images[1:], vp.shared, vp.suffixes, **kw)
+    assert b.texts != a.texts  # the answer depends on the image
+    both = model.describe_parallel(images, vp.shared, vp.suffixes, **kw)  # two images in one context
+    flipped = model.describe_parallel(images[::-1], vp.shared, vp.suffixes, **kw)
+    assert both.texts == [a.texts[0], b.texts[0]] and flipped.texts == [b.texts[0], a.texts[0]]
+
+
+def test_sampled_variants_use_per_variant_seeds(model, images):
+    kw = {"json_schema": SMALL, "max_tokens": 120}
+    one = model.describe_parallel(images[:1], "Describe the image as JSON.", ["", ""], temperatures=[0.9, 0.9], **kw)
+    assert one.texts[0][0] != one.texts[0][1]  # same prompt, seeds seed+0 and seed+1
+    again = model.describe_parallel(images[:1], "Describe the image as JSON.", ["", ""], temperatures=0.9, **kw)
+    assert again.texts == one.texts
+
+
+def test_bad_image_bytes_raise_image_error(model):
+    with pytest.raises(ImageError):
+        model.describe_parallel([b"not an image"], "x", [""], max_tokens=8)
+    with pytest.raises(ImageError):
+        model.describe_parallel([b""], "x", [""], max_tokens=8)
+
+
+def test_unknown_variant_mode_is_refused(vlm_dir):
+    with pytest.raises(ModelError, match="variant mode"):
+        VLM(VLMConfig(vlm_dir / testvlm.MODEL_FILE, vlm_dir / testvlm.MMPROJ_FILE, variant_mode="both"))
+
+
+def test_pipeline_records_say_which_path_wrote_them(vlm_dir, rsicd_samples, tmp_path):
+    image = rsicd_samples / "square_146.jpg"
+    records: dict[str, list] = {"parallel": [], "sequential": []}
+    with CaptionCache(tmp_path / "c.sqlite") as cache:
+        for mode, out in records.items():
+            cfg = VLMConfig(vlm_dir / testvlm.MODEL_FILE, vlm_dir / testvlm.MMPROJ_FILE, variant_mode=mode)
+            s = caption_images([image], cfg, n_variants=2, cache=cache, max_tokens=2400, on_record=out.append)
+            assert s.failed == 0 and s.captioned == 1  # a changed mode is a cache miss
+        again: list = []
+        cfg = VLMConfig(vlm_dir / testvlm.MODEL_FILE, vlm_dir / testvlm.MMPROJ_FILE, variant_mode="parallel")
+        s = caption_images([image], cfg, n_variants=2, cache=cache, max_tokens=2400, on_record=again.append)
+        assert s.cached == 1 and again[0].variants == records["parallel"][0].variants
+    par, seq = records["parallel"][0], records["sequential"][0]
+    assert par.variant_mode == "parallel" and seq.variant_mode == "sequential"
+    assert par.to_dict()["variant_mode"] == "parallel" and seq.to_dict()["variant_mode"] == "sequential"
+    assert par.tokens_generated and seq.tokens_generated and par.tokens_generated > 0
+    assert 1 <= len(par.variants) <= 2 and par.variants != seq.variants
+    # Uncached, the parallel path gives the same record again.
+    cfg = VLMConfig(vlm_dir / testvlm.MODEL_FILE, vlm_dir / testvlm.MMPROJ_FILE, variant_mode="parallel")
+    fresh: list = []
+    caption_images([image], cfg, n_variants=2, cache=None, max_tokens=2400, on_record=fresh.append)
+    assert fresh[0].variants == par.variants and fresh[0].tokens_generated == par.tokens_generated
+
+
+def test_grammar_checked_on_the_chosen_token_picks_what_the_full_grammar_pass_picks(model, images, monkeypatch):
+    """The one-token grammar check is a speed-up only: under greedy decoding the tokens equal those
+    of llama.cpp's usual chain (penalty, grammar over the whole vocabulary, greedy)."""
+    import llama_cpp as lc
+
+    from edge_t2t import vlm as vlm_module
+
+    class FullPass(vlm_module._SequenceSampler):
+        def __init__(self, vocab, n_vocab, gbnf, temperature, seed):
+            super().__init__(vocab, n_vocab, None, temperature, seed)
+            self.reference = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+            for smp in (lc.llama_sampler_init_penalties(n_vocab, 64, 1.1, 0.0, 0.0),
+                        lc.llama_sampler_init_grammar(vocab, gbnf, b"root"), lc.llama_sampler_init_greedy()):  # fmt: skip
+                lc.llama_sampler_chain_add(self.reference, smp)
+
+        def sample(self, ctx, idx):
+            return lc.llama_sampler_sample(self.reference, ctx, idx)
+
+        def free(self):
+            lc.llama_sampler_free(self.reference)
+            super().free()
+
+    vp = prompts.build_variant_prompts(3)
+    kw = {"json_schema": prompts.variant_schema(), "max_tokens": 150}
+    fast = model.describe_parallel(images[:1], vp.shared, vp.suffixes, **kw)
+    monkeypatch.setattr(vlm_module, "_SequenceSampler", FullPass)
+    reference = model.describe_parallel(images[:1], vp.shared, vp.suffixes, **kw)
+    assert fast.texts == reference.texts and fast.tokens == reference.tokens
