@@ -59,6 +59,16 @@ class CaptionSummary:
     def done(self) -> int:
         return self.captioned + self.cached
 
+    def add(self, record: CaptionRecord) -> None:
+        """Count one finished record (fresh or cached)."""
+        if record.cached:
+            self.cached += 1
+        else:
+            self.captioned += 1
+        self.test_model = self.test_model or record.test_model
+        if record.extra.get("problems"):
+            self.with_problems += 1
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "total": self.total, "captioned": self.captioned, "cached": self.cached, "failed": self.failed,
@@ -82,7 +92,7 @@ class Callbacks:
 
 
 @contextmanager
-def _stop_after_current(notice: Callable[[str], None]) -> Iterator[dict[str, bool]]:
+def _stop_after_current(notice: Callable[[str], None], message: str = "") -> Iterator[dict[str, bool]]:
     """First Ctrl-C: finish the current image, then stop. Second Ctrl-C: stop at once.
 
     Only the main thread can take signals; elsewhere Ctrl-C stays a plain KeyboardInterrupt.
@@ -96,7 +106,7 @@ def _stop_after_current(notice: Callable[[str], None]) -> Iterator[dict[str, boo
         if flag["stop"]:
             raise KeyboardInterrupt
         flag["stop"] = True
-        notice("interrupt: finishing the current image, then stopping (Ctrl-C again to stop now)")
+        notice(message or "interrupt: finishing the current image, then stopping (Ctrl-C again to stop now)")
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -231,13 +241,7 @@ def caption_images(
                     summary.interrupted = True
                     break
                 summary.retries += bool(record.extra.get("retried")) and not record.cached
-                if record.cached:
-                    summary.cached += 1
-                else:
-                    summary.captioned += 1
-                summary.test_model = summary.test_model or record.test_model
-                if record.extra.get("problems"):
-                    summary.with_problems += 1
+                summary.add(record)
                 emit_record(record)
             else:
                 summary.interrupted = summary.interrupted or flag["stop"]

@@ -18,10 +18,15 @@ The VLM is --vlm/--mmproj, else $EDGE_T2T_VLM/$EDGE_T2T_MMPROJ, else the one pai
 Exit status: 0 when every image was captioned, 1 when some images failed (each is listed; the
 others are still written), 2 on a usage or model error, 130 on Ctrl-C (finished captions kept).
 Ctrl-C once finishes the current image and stops; twice stops at once.
+
+--cluster ADDRESS or --workers N describe on Dask workers (README: Describing on several machines):
+only this process writes the cache and --out; cached images are never sent; lines come in the order
+images finish.
 """
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from .. import cluster
     from ..images import DEFAULT_MAX_MEGAPIXELS
     from ..prompts import DEFAULT_VARIANTS, MAX_VARIANTS
 
@@ -53,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     p.add_argument("--cache-dir", metavar="DIR", help="caption cache directory (default: $EDGE_T2T_CACHE_DIR or ~/.cache/edge-t2t)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the caption cache")
+    cluster.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -84,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..captioning import Callbacks, caption_images
     from ..captions import CACHE_FILENAME, CaptionCache, JsonlWriter
+    from ..cluster import session_from_args
     from ..errors import InputError, ModelError
     from ..vlm import VLMConfig, resolve_vlm_paths
 
@@ -150,11 +157,11 @@ def run(args: argparse.Namespace) -> int:
         on_notice=lambda msg: err.print(Text(f"edge-t2t: {msg}", style="yellow")),
     )
     try:
-        with progress:
+        with session_from_args(args) as session, progress:
             summary = caption_images(
                 args.paths, cfg, n_variants=args.variants, prompt_file=args.prompt_file,
                 max_megapixels=args.max_megapixels, bands=bands, cache=cache, max_tokens=args.max_tokens,
-                callbacks=callbacks,
+                callbacks=callbacks, cluster=session,
             )  # fmt: skip
     finally:
         if writer:
