@@ -254,8 +254,9 @@ def _start_local(workers: int, threads: int) -> tuple[Any, Any]:
     distributed = _distributed()
     _quiet_dask_logs()
     cluster = distributed.LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
-        silence_logs=logging.ERROR,
+        n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", silence_logs=logging.ERROR,
+        # No dashboard; the scheduler's small HTTP server (health checks) listens on loopback only.
+        dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
         # No memory limit: a worker holds a whole VLM by design, and the nanny must not kill it for that.
         memory_limit=0,
         # Each worker's llama.cpp gets its share of the CPUs (config.default_threads reads this).
@@ -271,6 +272,7 @@ def open_cluster(address: str | None = None, workers: int | None = None, *,
     a local cluster of `workers` processes (started on the first image that needs the model)."""
     if (address is None) == (workers is None):
         raise InputError("give either a scheduler address (--cluster) or a number of local workers (--workers)")
+    _distributed()  # a missing extra is reported before anything starts
     if workers is not None:
         if workers < 1:
             raise InputError(f"--workers {workers}: give 1 or more local worker processes")
@@ -278,7 +280,6 @@ def open_cluster(address: str | None = None, workers: int | None = None, *,
         session = ClusterSession(lambda: _start_local(workers, threads),
                                  f"{workers} local Dask worker(s), {threads} CPU thread(s) each")  # fmt: skip
     else:
-        _distributed()  # the missing extra is reported before any connection attempt
         session = ClusterSession(lambda: _connect_remote(address, timeout), f"the Dask scheduler at {address}")
         session.client  # noqa: B018 -- connect now: fail fast on a wrong address
     try:

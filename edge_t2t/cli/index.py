@@ -98,7 +98,10 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     with session_from_args(args) as session:  # --cluster/--workers: images are described on Dask workers
         if session is not None and vlm_cfg is not None:
+            from ..captioning import Callbacks
+
             caption_kwargs["cluster"] = session
+            caption_kwargs["callbacks"] = Callbacks(on_notice=lambda msg: err.print(f"edge-t2t: {msg}", highlight=False))
         indexer = Indexer(
             index_dir, precision=args.precision, dtype=args.dtype, text_mode=args.text_mode,
             batch_size=args.batch_size, wait=args.wait, progress=not args.no_progress,
