@@ -10,8 +10,8 @@ sent. Workers only return records; the client alone writes the cache, the JSON l
 - Each worker holds one VLM in a worker plugin. The plugin loads it on the worker's first image,
   after checking the model files' sha256 against the client's, and refuses on a mismatch.
 - A worker that dies is restarted by its nanny, and the scheduler reruns its image elsewhere. An
-  image on which `distributed.scheduler.allowed-failures` (3) workers died comes back as
-  KilledWorker: it is reported failed once, and the run goes on.
+  image on which more than `distributed.scheduler.allowed-failures` (3) workers died comes back
+  as KilledWorker: it is reported failed once, and the run goes on.
 - Only a few tasks per worker thread are in flight, so the client never holds the whole archive in
   memory and Ctrl-C has little to cancel.
 
@@ -405,9 +405,10 @@ def caption_on_cluster(
             if cache is not None:
                 cache.put(key, record)
             record_done(record)
-            for other in paths[1:]:
-                record_done(serve_cached(CaptionRecord.from_dict(record.to_dict()), other, model_files,
-                                         model_sha, mmproj_sha))  # fmt: skip
+            for other in paths[1:]:  # as the local path gives them: a cache hit, or (no cache) a fresh copy
+                twin = serve_cached(CaptionRecord.from_dict(record.to_dict()), other, model_files, model_sha, mmproj_sha)
+                twin.cached = cache is not None
+                record_done(twin)
         elif future.status == "error":
             exc = future.exception()
             if isinstance(exc, WorkerRefused):

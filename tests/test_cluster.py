@@ -94,18 +94,22 @@ class CountingCache(CaptionCache):
 
 
 def test_records_equal_a_local_run_and_cached_images_are_never_sent(session, vlm_cfg, images, tmp_path) -> None:
+    twin = images[0].with_name("zz_same_bytes_as_" + images[0].name)  # one task, two records
+    shutil.copy(images[0], twin)
+    images = [*images, twin]
     local: list = []
-    s_local = caption_images(images, vlm_cfg, on_record=local.append, **KW)
-    assert s_local.captioned == len(images) and not s_local.failures
+    with CaptionCache(tmp_path / "local.sqlite") as local_cache:
+        s_local = caption_images(images, vlm_cfg, on_record=local.append, cache=local_cache, **KW)
+    assert (s_local.captioned, s_local.cached, s_local.failed) == (len(images) - 1, 1, 0)
 
     remote: list = []
     with CountingCache(tmp_path / "cache.sqlite") as cache:
         s = caption_images(images, vlm_cfg, on_record=remote.append, cache=cache, cluster=session, **KW)
-        assert (s.total, s.captioned, s.cached, s.failed, s.interrupted) == (len(images), len(images), 0, 0, False)
-        assert s.test_model and s.model_calls >= len(images)
+        assert (s.total, s.captioned, s.cached, s.failed, s.interrupted) == (len(images), len(images) - 1, 1, 0, False)
+        assert s.test_model and s.model_calls == s_local.model_calls
         # Byte for byte, apart from the timing: same variants, same provenance, same image facts.
         assert sorted(map(_without_timing, remote)) == sorted(map(_without_timing, local))
-        assert len(cache) == len(images) and set(cache.puts.values()) == {1}
+        assert len(cache) == len(images) - 1 and set(cache.puts.values()) == {1}
 
         # Everything is cached now: the second run sends nothing to the scheduler.
         before = _transitions_when_idle(session.client)
@@ -313,3 +317,30 @@ def test_index_describes_on_local_workers(vlm_cfg, images, tmp_path) -> None:
     assert "local Dask worker" in res.stderr
     rows = sqlite3.connect(tmp_path / "cache" / "captions.sqlite").execute("SELECT COUNT(*) FROM captions").fetchone()
     assert rows[0] == len(images)
+
+
+def test_ctrl_c_cancels_the_rest_and_keeps_finished_records(vlm_cfg, images, tmp_path) -> None:
+    """Ctrl-C as a terminal sends it: SIGINT to the whole process group (the CLI and its local workers)."""
+    out = tmp_path / "captions.jsonl"
+    argv, _ = hm.cli_argv("caption", str(images[0].parent), "--vlm", str(vlm_cfg.model), "--mmproj",
+                          str(vlm_cfg.mmproj), "--variants", "1", "--max-tokens", "1300", "--workers", "2",
+                          "--out", str(out))  # fmt: skip
+    proc = subprocess.Popen(argv, env=hm.child_env(tmp_path / "cache"), cwd=hm.ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    partial = out.with_name(out.name + ".partial")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if partial.exists() and partial.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before the first record could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert not hm.has_traceback(stderr), stderr[-3000:]
+    lines = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert 1 <= len(lines) < len(images), "nothing was left to cancel: the interrupt came too late to test"
+    assert len({r["image"] for r in lines}) == len(lines) and all(r["variants"] for r in lines)
+    assert f"kept {len(lines)} finished caption(s)" in stderr
+    rows = sqlite3.connect(tmp_path / "cache" / "captions.sqlite").execute("SELECT COUNT(*) FROM captions").fetchone()
+    assert rows[0] == len(lines)  # every finished record is in the cache too, and nothing else
