@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import peak_rss_mib, write_results
+from _common import peak_rss_mib, vlm_pair, write_results
 
 from edge_t2t import config
 from edge_t2t.captioning import ImageInput, caption_images
@@ -88,14 +88,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from edge_t2t.cluster import PLUGIN_NAME, open_cluster
-    from edge_t2t.testvlm import MMPROJ_FILE, MODEL_FILE, build_test_vlm
     from edge_t2t.vlm import VLM, VLMConfig
 
-    if args.vlm:
-        model, mmproj = Path(args.vlm), Path(args.mmproj)
-    else:
-        build_test_vlm(config.test_vlm_dir())
-        model, mmproj = config.test_vlm_dir() / MODEL_FILE, config.test_vlm_dir() / MMPROJ_FILE
+    model, mmproj = vlm_pair(args.vlm, args.mmproj)
     cfg = VLMConfig(model=model, mmproj=mmproj)
     sizes = [int(x) for x in args.workers.split(",")]
     kw = {"n_variants": args.variants, "max_tokens": args.max_tokens, "cache": None}
