@@ -28,6 +28,7 @@ import hashlib
 import logging
 import platform
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -253,7 +254,22 @@ def _connect_remote(address: str, timeout: float) -> tuple[Any, Any]:
 def _start_local(workers: int, threads: int) -> tuple[Any, Any]:
     distributed = _distributed()
     _quiet_dask_logs()
-    cluster = distributed.LocalCluster(
+    # The workers must not take the terminal's Ctrl-C (it goes to the whole process group): the client
+    # cancels their work and closes them. A signal ignored when a process is spawned stays ignored in
+    # it, and asyncio then leaves it alone. (A worker restarted later by its nanny is not covered.)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        cluster = _new_local_cluster(distributed, workers, threads)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return distributed.Client(cluster, set_as_default=False), cluster
+
+
+def _new_local_cluster(distributed: Any, workers: int, threads: int) -> Any:
+    return distributed.LocalCluster(
         n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", silence_logs=logging.ERROR,
         # No dashboard; the scheduler's small HTTP server (health checks) listens on loopback only.
         dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
@@ -262,7 +278,6 @@ def _start_local(workers: int, threads: int) -> tuple[Any, Any]:
         # Each worker's llama.cpp gets its share of the CPUs (config.default_threads reads this).
         env={"EDGE_T2T_THREADS": str(threads)},
     )  # fmt: skip
-    return distributed.Client(cluster, set_as_default=False), cluster
 
 
 @contextlib.contextmanager
