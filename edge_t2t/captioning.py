@@ -59,6 +59,16 @@ class CaptionSummary:
     def done(self) -> int:
         return self.captioned + self.cached
 
+    def add(self, record: CaptionRecord) -> None:
+        """Count one finished record (fresh or cached)."""
+        if record.cached:
+            self.cached += 1
+        else:
+            self.captioned += 1
+        self.test_model = self.test_model or record.test_model
+        if record.extra.get("problems"):
+            self.with_problems += 1
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "total": self.total, "captioned": self.captioned, "cached": self.cached, "failed": self.failed,
@@ -82,7 +92,7 @@ class Callbacks:
 
 
 @contextmanager
-def _stop_after_current(notice: Callable[[str], None]) -> Iterator[dict[str, bool]]:
+def _stop_after_current(notice: Callable[[str], None], message: str = "") -> Iterator[dict[str, bool]]:
     """First Ctrl-C: finish the current image, then stop. Second Ctrl-C: stop at once.
 
     Only the main thread can take signals; elsewhere Ctrl-C stays a plain KeyboardInterrupt.
@@ -96,7 +106,7 @@ def _stop_after_current(notice: Callable[[str], None]) -> Iterator[dict[str, boo
         if flag["stop"]:
             raise KeyboardInterrupt
         flag["stop"] = True
-        notice("interrupt: finishing the current image, then stopping (Ctrl-C again to stop now)")
+        notice(message or "interrupt: finishing the current image, then stopping (Ctrl-C again to stop now)")
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -113,10 +123,10 @@ def generation_params(vlm_cfg: Any, *, n_variants: int, max_tokens: int, tempera
         "max_tokens": max_tokens,
         "temperature": temperature,
         "seed": getattr(vlm_cfg, "seed", 0),
+        "variant_mode": getattr(vlm_cfg, "variant_mode", "parallel"),
         "n_variants": n_variants,
         "max_megapixels": max_megapixels,
         "bands": list(bands) if bands else None,
-        "variant_mode": getattr(vlm_cfg, "variant_mode", "parallel"),
     }
 
 
@@ -140,6 +150,7 @@ def caption_images(
     on_record: Callable[[CaptionRecord], None] | None = None,
     callbacks: Callbacks | None = None,
     vlm_factory: Callable[[Any], Any] | None = None,
+    cluster: Any | None = None,
 ) -> CaptionSummary:
     """Caption every image under `paths`; return counts and failures.
 
@@ -149,6 +160,7 @@ def caption_images(
     Each finished record goes to `on_record` as soon as it exists (so a
     caller writing JSONL loses nothing on Ctrl-C). A bad image is a Failure, never an exception.
     Ctrl-C stops after the current image and returns with `interrupted=True`.
+    `cluster` (a cluster.ClusterSession) sends the images that miss the cache to Dask workers.
     """
     if vlm_cfg is None:  # env or models/vlm/, else a ModelError that says how to supply one
         from .vlm import VLMConfig, resolve_vlm_paths
@@ -164,6 +176,7 @@ def caption_images(
         vlm_cfg, n_variants=n_variants, max_tokens=max_tokens, temperature=temperature,
         max_megapixels=max_megapixels, bands=bands,
     )  # fmt: skip
+    opts = CaptionOptions(prompt, json_schema, params, max_megapixels, bands, variant_prompts)
     summary = CaptionSummary()
     started = time.perf_counter()
 
@@ -187,6 +200,13 @@ def caption_images(
             mmproj_sha = cache.file_sha256(vlm_cfg.mmproj)
         except OSError:
             model_sha = mmproj_sha = ""  # unreadable model: leave it to the VLM loader to explain
+    if cluster is not None:  # the same run on Dask workers; only this process writes (cluster.py)
+        from .cluster import caption_on_cluster
+
+        caption_on_cluster(cluster, image_paths, vlm_cfg, opts, cache, summary, emit_record, fail,
+                           cb.on_notice or (lambda msg: None), (model_sha, mmproj_sha))  # fmt: skip
+        summary.seconds = time.perf_counter() - started
+        return summary
 
     def get_vlm() -> Any:
         nonlocal vlm, model_sha, mmproj_sha
@@ -210,27 +230,20 @@ def caption_images(
                     summary.interrupted = True
                     break
                 try:
-                    record = _caption_one(
-                        path, get_vlm, cache, lambda: (model_sha, mmproj_sha), (prompt, variant_prompts), json_schema,
-                        params, summary, max_megapixels=max_megapixels, bands=bands,
-                        model_files=(vlm_cfg.model, vlm_cfg.mmproj),
-                    )  # fmt: skip
+                    record = _caption_one(path, get_vlm, cache, lambda: (model_sha, mmproj_sha), opts,
+                                          model_files=(vlm_cfg.model, vlm_cfg.mmproj))  # fmt: skip
                 except ImageError as exc:
                     fail(path, str(exc).removeprefix(f"{path}: "))
                     continue
-                except _Unusable as exc:
+                except UnusableAnswer as exc:
+                    summary.retries += exc.retried
                     fail(path, str(exc))
                     continue
                 except KeyboardInterrupt:  # second Ctrl-C, mid-image: drop this one
                     summary.interrupted = True
                     break
-                if record.cached:
-                    summary.cached += 1
-                else:
-                    summary.captioned += 1
-                summary.test_model = summary.test_model or record.test_model
-                if record.extra.get("problems"):
-                    summary.with_problems += 1
+                summary.retries += bool(record.extra.get("retried")) and not record.cached
+                summary.add(record)
                 emit_record(record)
             else:
                 summary.interrupted = summary.interrupted or flag["stop"]
@@ -246,8 +259,25 @@ def caption_images(
     return summary
 
 
-class _Unusable(EdgeT2TError):
+class UnusableAnswer(EdgeT2TError):
     """The model gave no usable variant for one image (after the retry)."""
+
+    def __init__(self, message: str, retried: bool = False):
+        super().__init__(message)
+        self.retried = retried
+
+    def __reduce__(self):  # picklable with its flag: a cluster worker raises it for the client
+        return (type(self), (str(self), self.retried))
+
+
+def serve_cached(hit: CaptionRecord, path: Path | str, model_files: tuple[Any, Any], model_sha: str,
+                 mmproj_sha: str) -> CaptionRecord:  # fmt: skip
+    """A record from the cache (or another path's answer for the same bytes) as this path's record."""
+    hit.image = str(path)  # the same bytes may live under another name now
+    hit.cached = True
+    # The key's hashes are those of the model files named now (which may have moved since).
+    hit.extra.update(_model_files(*model_files, model_sha, mmproj_sha))
+    return hit
 
 
 def _model_files(model: Any, mmproj: Any, model_sha: str, mmproj_sha: str) -> dict[str, str]:
@@ -267,27 +297,18 @@ def _caption_one(
     get_vlm: Callable[[], Any],
     cache: CaptionCache | None,
     shas: Callable[[], tuple[str, str]],
-    prompt_pair: tuple[prompts.Prompt, prompts.VariantPrompts],
-    json_schema: dict[str, Any],
-    params: dict[str, Any],
-    summary: CaptionSummary,
+    opts: CaptionOptions,
     *,
-    max_megapixels: float,
-    bands: tuple[int, int, int] | None,
     model_files: tuple[Any, Any],
 ) -> CaptionRecord:
     t0 = time.perf_counter()
-    prompt = prompt_pair[0]
-    loaded: LoadedImage = load_image(path, max_megapixels=max_megapixels, bands=bands)
+    loaded: LoadedImage = load_image(path, max_megapixels=opts.max_megapixels, bands=opts.bands)
     key = None
     model_sha, mmproj_sha = shas()
+    prompt, params = opts.prompt, opts.params
 
     def served(hit: CaptionRecord) -> CaptionRecord:
-        hit.image = str(path)  # the same bytes may live under another name now
-        hit.cached = True
-        # The key's hashes are those of the model files named now (which may have moved since).
-        hit.extra.update(_model_files(*model_files, model_sha, mmproj_sha))
-        return hit
+        return serve_cached(hit, path, model_files, model_sha, mmproj_sha)
 
     if cache is not None and model_sha:
         key = CacheKey.make(loaded.sha256, model_sha, mmproj_sha, prompt.version, params)
@@ -303,34 +324,81 @@ def _caption_one(
         if hit is not None:
             return served(hit)
 
-    png = to_png_bytes(loaded.image)
+    record = describe_image(vlm, ImageInput.from_loaded(loaded), opts, model_sha=model_sha, mmproj_sha=mmproj_sha,
+                            model_files=model_files)  # fmt: skip
+    record.seconds = time.perf_counter() - t0  # loading and hashing the image count too
+    if cache is not None and key is not None:
+        cache.put(key, record)
+    return record
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """What shapes one image's answer besides the image and the model files. Picklable, so a cluster
+    worker describes with exactly the options the client built (cluster.py)."""
+
+    prompt: prompts.Prompt
+    json_schema: dict[str, Any]
+    params: dict[str, Any]  # generation_params(): also the cache key's parameters
+    max_megapixels: float
+    bands: tuple[int, int, int] | None
+    variant_prompts: prompts.VariantPrompts  # the parallel path's shared prompt and per-variant suffixes
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """What the model needs of one loaded image: the PNG it sees and the facts its record keeps.
+    Small and picklable (the PNG is the downscaled image), so it can travel to another machine."""
+
+    path: str
+    sha256: str
+    width: int
+    height: int
+    notes: tuple[str, ...]
+    png: bytes
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedImage) -> ImageInput:
+        return cls(str(loaded.path), loaded.sha256, loaded.width, loaded.height, tuple(loaded.notes),
+                   to_png_bytes(loaded.image))  # fmt: skip
+
+
+def describe_image(vlm: Any, image: ImageInput, opts: CaptionOptions, *, model_sha: str, mmproj_sha: str,
+                   model_files: tuple[Any, Any]) -> CaptionRecord:  # fmt: skip
+    """Describe ONE image with a loaded VLM: generate (one sampled retry), parse, check, build the
+    record. No cache, no side effects, so a cluster worker runs exactly this. Raises
+    UnusableAnswer when the model gives no usable variant (its `retried` says whether it retried)."""
+    t0 = time.perf_counter()
+    prompt, params = opts.prompt, opts.params
+    json_schema = opts.json_schema
+    n = prompt.n_variants
     try:
-        described = describe(vlm, png, prompt_pair, json_schema, params)
+        described = describe(vlm, image.png, (prompt, opts.variant_prompts), json_schema, params)
     except ModelError as exc:  # e.g. this image does not fit the context: fail the image, not the run
-        raise _Unusable(str(exc)) from None
-    summary.retries += int(described.retried)
+        raise UnusableAnswer(str(exc)) from None
     if not described.variants:
         snippet = " ".join(described.raw.split())[:80]
-        raise _Unusable(f"the model gave no usable description (after one retry); it wrote: {snippet!r}")
-    variants, n, retried, constrained = described.variants, prompt.n_variants, described.retried, described.constrained
+        raise UnusableAnswer(f"the model gave no usable description (after one retry); it wrote: {snippet!r}",
+                             retried=described.retried)  # fmt: skip
+    variants, retried, constrained = described.variants, described.retried, described.constrained
     problems = prompts.check_quality(variants, n)
 
     extra: dict[str, Any] = {
         **_model_files(getattr(vlm, "model_path", None) or model_files[0],
                        getattr(vlm, "mmproj_path", None) or model_files[1], model_sha, mmproj_sha),
         "model_name": getattr(vlm, "model_name", ""),
-        "width": loaded.width,
-        "height": loaded.height,
+        "width": image.width,
+        "height": image.height,
     }
-    if loaded.notes:
-        extra["image_notes"] = loaded.notes
+    if image.notes:
+        extra["image_notes"] = list(image.notes)
     if problems:
         extra["problems"] = problems
     if retried:
         extra["retried"] = True
-    record = CaptionRecord(
-        image=str(path),
-        sha256=loaded.sha256,
+    return CaptionRecord(
+        image=image.path,
+        sha256=image.sha256,
         model=Path(getattr(vlm, "model_path", "") or "").name or str(getattr(vlm, "model_name", "")),
         mmproj=Path(getattr(vlm, "mmproj_path", "") or "").name,
         family=str(getattr(vlm, "family", "") or params["family"]),
@@ -344,9 +412,6 @@ def _caption_one(
         tokens_generated=described.tokens_generated,
         extra=extra,
     )
-    if cache is not None and key is not None:
-        cache.put(key, record)
-    return record
 
 
 @dataclass

@@ -22,3 +22,7 @@ class InputError(EdgeT2TError):
 
 class StoreError(EdgeT2TError):
     """An index directory is missing, locked, inconsistent or built with another embedder."""
+
+
+class ClusterError(EdgeT2TError):
+    """A Dask scheduler cannot be reached, a worker refuses the work, or the cluster extra is missing."""

@@ -18,10 +18,15 @@ The VLM is --vlm/--mmproj, else $EDGE_T2T_VLM/$EDGE_T2T_MMPROJ, else the one pai
 Exit status: 0 when every image was captioned, 1 when some images failed (each is listed; the
 others are still written), 2 on a usage or model error, 130 on Ctrl-C (finished captions kept).
 Ctrl-C once finishes the current image and stops; twice stops at once.
+
+--cluster ADDRESS or --workers N describe on Dask workers (README: Describing on several machines):
+only this process writes the cache and --out; cached images are never sent; lines come in the order
+images finish.
 """
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from .. import cluster
     from ..images import DEFAULT_MAX_MEGAPIXELS
     from ..prompts import DEFAULT_VARIANTS, MAX_VARIANTS
 
@@ -59,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from .index import add_tiling_arguments
 
     add_tiling_arguments(p)  # issue 13: scenes are cut into chips, one record per chip (SCENE#x,y,w,h)
+    cluster.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -90,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..captioning import Callbacks, caption_images
     from ..captions import CACHE_FILENAME, CaptionCache, JsonlWriter
+    from ..cluster import session_from_args
     from ..errors import InputError, ModelError
     from ..vlm import VLMConfig, resolve_vlm_paths
 
@@ -158,11 +165,11 @@ def run(args: argparse.Namespace) -> int:
     scenes, paths = _split_scenes(args.paths, args)  # issue 13
     scene_lines: list[str] = []
     try:
-        with progress:
+        with session_from_args(args) as session, progress:
             summary = caption_images(
                 paths, cfg, n_variants=args.variants, prompt_file=args.prompt_file,
                 max_megapixels=args.max_megapixels, bands=bands, cache=cache, max_tokens=args.max_tokens,
-                callbacks=callbacks,
+                callbacks=callbacks, cluster=session,
             ) if paths else None  # fmt: skip
             if scenes:  # issue 13
                 summary = _caption_scenes(scenes, args, cfg, cache, bands, on_record, on_failure, summary, scene_lines)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
+    from .. import cluster
+
     p = subparsers.add_parser(
         "index",
         help="describe images and add them to a searchable index",
@@ -45,6 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     add_tiling_arguments(p)  # issue 13
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    cluster.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -89,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .. import config
+    from ..cluster import session_from_args
     from ..errors import InputError
     from ..indexer import Indexer
 
@@ -115,12 +119,19 @@ def run(args: argparse.Namespace) -> int:
             if getattr(args, name) is not None:
                 caption_kwargs[name] = getattr(args, name)
     err = Console(stderr=True)
-    indexer = Indexer(
-        index_dir, precision=args.precision, dtype=args.dtype, text_mode=args.text_mode,
-        batch_size=args.batch_size, wait=args.wait, progress=not args.no_progress,
-        vlm_cfg=vlm_cfg, n_variants=args.variants, caption_kwargs=caption_kwargs, tiling=tiling_options(args),
-    )  # fmt: skip
-    summary = indexer.run([Path(p) for p in args.paths], captions_file=args.captions)
+    with session_from_args(args) as session:  # --cluster/--workers: images are described on Dask workers
+        if session is not None and vlm_cfg is not None:
+            from ..captioning import Callbacks
+
+            caption_kwargs["cluster"] = session
+            caption_kwargs["callbacks"] = Callbacks(on_notice=lambda msg: err.print(f"edge-t2t: {msg}", highlight=False))
+        indexer = Indexer(
+            index_dir, precision=args.precision, dtype=args.dtype, text_mode=args.text_mode,
+            batch_size=args.batch_size, wait=args.wait, progress=not args.no_progress,
+            vlm_cfg=vlm_cfg, n_variants=args.variants, caption_kwargs=caption_kwargs,
+            tiling=tiling_options(args),
+        )  # fmt: skip
+        summary = indexer.run([Path(p) for p in args.paths], captions_file=args.captions)
     if args.json:
         json.dump(summary.to_dict(), sys.stdout)
         sys.stdout.write("\n")
