@@ -481,15 +481,7 @@ class Store:
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(keys int64, image_ids int64, vectors float32 (n, dim)) ordered by key."""
-        dim = int(self.get_meta("dim", 0) or 0)
-        rows = self.conn.execute("SELECT id, image_id, vector FROM variants ORDER BY id").fetchall()
-        keys = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        image_ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
-        if rows:
-            vecs = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), -1)
-        else:
-            vecs = np.zeros((0, dim), np.float32)
-        return keys, image_ids, vecs
+        return self.vectors_in(0)  # keys start at 1 (AUTOINCREMENT)
 
     def variant_keys(self) -> np.ndarray:
         return np.fromiter((r[0] for r in self.conn.execute("SELECT id FROM variants ORDER BY id")), dtype=np.int64)
