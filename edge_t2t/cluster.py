@@ -270,7 +270,10 @@ def _start_local(workers: int, threads: int) -> tuple[Any, Any]:
 
 def _new_local_cluster(distributed: Any, workers: int, threads: int) -> Any:
     return distributed.LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", silence_logs=logging.ERROR,
+        # Only CRITICAL from distributed's own loggers: a worker's failure reaches the client through
+        # its future (one line per image), while a worker whose scheduler went away first (Ctrl-C)
+        # logs its heartbeat's traceback at ERROR, which would be noise under the interrupt message.
+        n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", silence_logs=logging.CRITICAL,
         # No dashboard; the scheduler's small HTTP server (health checks) listens on loopback only.
         dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
         # No memory limit: a worker holds a whole VLM by design, and the nanny must not kill it for that.
@@ -357,13 +360,17 @@ def caption_on_cluster(
     model_sha, mmproj_sha = shas
     state: dict[str, Any] = {"plugin": False, "next": iter(image_paths), "done": not image_paths}
     inflight: dict[str, tuple[Any, CacheKey, list[Path]]] = {}  # task key -> (future, cache key, paths)
+    # Images whose workers died under them. A dying worker takes every task queued on it along, so
+    # an innocent image can share a crash image's deaths: each is retried alone at the end, where a
+    # death has one cause, and only then reported failed.
+    suspects: list[tuple[CacheKey, list[Path]]] = []
     finished: queue.Queue = queue.Queue()
 
     def record_done(record: CaptionRecord) -> None:
         summary.add(record)
         emit(record)
 
-    def submit(path: Path, loaded: Any, key: CacheKey) -> None:
+    def submit(path: Path, loaded: Any, key: CacheKey, suffix: str = "") -> None:
         if not state["plugin"]:  # first miss: check the files here, then connect and ship the recipe
             nonlocal model_sha, mmproj_sha
             check_pair(model, mmproj)
@@ -375,7 +382,7 @@ def caption_on_cluster(
             if not was_connected:
                 notice(f"describing on {session.description}")
             state["plugin"] = True
-        tkey = task_key(key)
+        tkey = task_key(key) + suffix
         if tkey in inflight:  # the same bytes twice: one task, both paths get its record
             inflight[tkey][2].append(path)
             return
@@ -428,6 +435,10 @@ def caption_on_cluster(
             exc = future.exception()
             if isinstance(exc, WorkerRefused):
                 raise ClusterError(str(exc))
+            if type(exc).__name__ == "KilledWorker" and not state.get("alone"):
+                suspects.append((key, paths))
+                future.release()
+                return
             summary.retries += bool(getattr(exc, "retried", False))
             for p in paths:
                 fail(p, _failure_reason(exc))
@@ -447,6 +458,23 @@ def caption_on_cluster(
                     collect(finished.get(timeout=0.5))
                 except queue.Empty:
                     continue
+            state["alone"] = True
+            for key, paths in suspects:
+                if stop["stop"]:
+                    break
+                try:
+                    loaded = load_image(paths[0], max_megapixels=opts.max_megapixels, bands=opts.bands)
+                except ImageError as exc:
+                    for p in paths:
+                        fail(p, str(exc).removeprefix(f"{p}: "))
+                    continue
+                submit(paths[0], loaded, key, suffix="-alone")
+                inflight[task_key(key) + "-alone"][2].extend(paths[1:])
+                while inflight and not stop["stop"]:
+                    try:
+                        collect(finished.get(timeout=0.5))
+                    except queue.Empty:
+                        continue
         except KeyboardInterrupt:
             stop["stop"] = True
         finally:
