@@ -5,7 +5,6 @@ gibberish, but the grammar, the determinism and the bookkeeping are real)."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from edge_t2t import prompts, testvlm
 from edge_t2t.captioning import caption_images
 from edge_t2t.captions import CaptionCache
 from edge_t2t.errors import ImageError, ModelError
+from edge_t2t.images import to_png_bytes
 from edge_t2t.vlm import VLM, VLMConfig
 
 # Bounded fields: an unbounded string lets a random model write until the token cap.
@@ -38,11 +38,10 @@ def vlm_dir(tmp_path_factory) -> Path:
 
 
 def _png(path: Path) -> bytes:
+    """The PNG the caption pipeline hands the VLM (images.to_png_bytes), of an RGB sample."""
     from PIL import Image
 
-    buf = io.BytesIO()
-    Image.open(path).convert("RGB").save(buf, format="PNG")
-    return buf.getvalue()
+    return to_png_bytes(Image.open(path).convert("RGB"))
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from edge_t2t import testvlm
 from edge_t2t.errors import ImageError, ModelError
 from edge_t2t.gguf_check import check_pair
+from edge_t2t.images import to_png_bytes
 from edge_t2t.vlm import FAMILIES, VLM, VLMConfig, infer_family, quantize_gguf, resolve_vlm_paths
 
 SCHEMA = {
@@ -35,11 +35,10 @@ def vlm_dir(tmp_path_factory) -> Path:
 
 
 def _png(path: Path) -> bytes:
+    """The PNG the caption pipeline hands the VLM (images.to_png_bytes), of an RGB sample."""
     from PIL import Image
 
-    buf = io.BytesIO()
-    Image.open(path).convert("RGB").save(buf, format="PNG")
-    return buf.getvalue()
+    return to_png_bytes(Image.open(path).convert("RGB"))
 
 
 @pytest.fixture(scope="module")
