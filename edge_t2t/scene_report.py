@@ -94,15 +94,26 @@ class ChipPictures:
         info = self.chips.get(hit.image)
         if info is None:
             return None
-        from PIL import ImageDraw
-
         from .images import thumbnail_data_uri
 
         try:
-            scene, overview = self._scene(info.scene)
-            chip = scene.read_chip(info.window)
+            chip, ov = self.chip_and_overview(info)
         except Exception:  # the scene is not on this machine (or unreadable): say so, keep the row
             return '<div class="ph">scene not<br>available here</div>'
+        w: Window = info.window
+        alt = html.escape(hit.image, quote=True)
+        return (
+            f'<img src="{thumbnail_data_uri(chip, CHIP_SIDE)}" alt="{alt}" title="chip {w.name()}"> '
+            f'<img src="{thumbnail_data_uri(ov, OVERVIEW_SIDE)}" alt="overview of {html.escape(info.scene, quote=True)}" '
+            f'title="scene overview, chip outlined in red">'
+        )
+
+    def chip_and_overview(self, info: ChipInfo):
+        """(the chip's picture, the scene's overview with the chip outlined in red), as Pillow images."""
+        from PIL import ImageDraw
+
+        scene, overview = self._scene(info.scene)
+        chip = scene.read_chip(info.window)
         ov = overview.copy()
         sx, sy = ov.width / scene.width, ov.height / scene.height
         w: Window = info.window
@@ -110,12 +121,7 @@ class ChipPictures:
             (w.x * sx, w.y * sy, max(w.x * sx + 2, (w.x + w.w) * sx - 1), max(w.y * sy + 2, (w.y + w.h) * sy - 1)),
             outline=(255, 0, 0), width=2,
         )
-        alt = html.escape(hit.image, quote=True)
-        return (
-            f'<img src="{thumbnail_data_uri(chip, CHIP_SIDE)}" alt="{alt}" title="chip {w.name()}"> '
-            f'<img src="{thumbnail_data_uri(ov, OVERVIEW_SIDE)}" alt="overview of {html.escape(info.scene, quote=True)}" '
-            f'title="scene overview, chip outlined in red">'
-        )
+        return chip, ov
 
     def close(self) -> None:
         for scene, _ in self._overviews.values():

@@ -196,19 +196,28 @@ def search(
         raise StoreError(f"unknown vector mode {vector_mode!r}: use one of {', '.join(vindex.MODES)}")
     store, vectors = open_for_search(index_dir, warn)
     try:
-        qv = None
-        if mode != "lexical":
-            emb = _load_embedder(embedder, precision)
-            store.check_identity(emb.identity)
-            before = emb.truncated
-            qv = emb.embed([query])
-            if emb.truncated > before:
-                warn(f"the query is longer than the embedder's {emb.max_tokens} tokens; only its start was used")
-        cands = retrieval.rank(store, vectors, query, qv, k, mode, vector_mode, structure=structure)
-        hits = retrieval.to_hits(store, cands, explain=explain)
-        return [h for h in hits if min_score is None or h.score >= min_score]
+        emb = _load_embedder(embedder, precision) if mode != "lexical" else None
+        return search_open(store, vectors, query, emb, k, mode, vector_mode, structure, explain, min_score, warn)
     finally:
         store.close()
+
+
+def search_open(store: Store, vectors: SearchVectors, query: str, embedder, k: int = 10, mode: str = "dense",
+                vector_mode: str = DEFAULT_MODE, structure: bool = True, explain: bool = False,
+                min_score: float | None = None, warn: Callable[[str], None] = _warn) -> list[Hit]:
+    """search() on an index already open (edge-t2t serve keeps one open); `mode` already checked."""
+    from . import retrieval
+
+    qv = None
+    if mode != "lexical":
+        store.check_identity(embedder.identity)
+        before = embedder.truncated
+        qv = embedder.embed([query])
+        if embedder.truncated > before:
+            warn(f"the query is longer than the embedder's {embedder.max_tokens} tokens; only its start was used")
+    cands = retrieval.rank(store, vectors, query, qv, k, mode, vector_mode, structure=structure)
+    hits = retrieval.to_hits(store, cands, explain=explain)
+    return [h for h in hits if min_score is None or h.score >= min_score]
 
 
 def search_by_variants(
@@ -228,10 +237,6 @@ def search_by_variants(
     store, vectors = open_for_search(index_dir)
     try:
         emb = _load_embedder(embedder, precision)
-        store.check_identity(emb.identity)
-        text_mode = store.get_meta("text_mode", "joined")
-        texts = [t for v in variants for _, t in variant_texts(v, text_mode)]
-        qv = emb.embed(texts)
         exclude: list[int] = []
         if exclude_sha256 or exclude_path:
             exclude = [
@@ -241,9 +246,20 @@ def search_by_variants(
                     (exclude_sha256, exclude_path),
                 )
             ]
-        return rank_images(store, vectors, qv, k, mode, exclude_image_ids=exclude)
+        return search_by_variants_open(store, vectors, variants, emb, k, mode, exclude)
     finally:
         store.close()
+
+
+def search_by_variants_open(store: Store, vectors: SearchVectors, variants: list[Variant], embedder, k: int = 10,
+                            mode: str = DEFAULT_MODE, exclude_image_ids: Iterable[int] = ()) -> list[Hit]:
+    """search_by_variants() on an index already open (edge-t2t serve's "more like this")."""
+    if not variants:
+        raise StoreError("the query image has no descriptions to search with")
+    store.check_identity(embedder.identity)
+    text_mode = store.get_meta("text_mode", "joined")
+    qv = embedder.embed([t for v in variants for _, t in variant_texts(v, text_mode)])
+    return rank_images(store, vectors, qv, k, mode, exclude_image_ids=exclude_image_ids)
 
 
 def query_image_variants(index_dir, image_path: str | os.PathLike, vlm_cfg=None, n_variants: int = 5) -> tuple[list[Variant], str]:
