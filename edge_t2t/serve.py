@@ -33,6 +33,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -105,6 +106,11 @@ class Index:
 
             self.embedder = Embedder(precision=self._precision)
         self.store.check_identity(self.embedder.identity)
+        # One search at start-up, so the first user's request does not pay the lazy imports and the
+        # vectors' first read.
+        from .search import search_open
+
+        search_open(self.store, self.vectors, "warm up", self.embedder, 1, "dense", warn=lambda _: None)
 
     def _state(self):
         from . import vindex
@@ -374,8 +380,12 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
     def api_search():
         p = _search_params(request.args)
         q = request.args.get("q", "")
+        t0 = time.perf_counter()
         _, dicts = ix.call(_text_hits, q, p)
-        return answer(q, dicts, mode=p["mode"], k=p["k"])
+        resp = answer(q, dicts, mode=p["mode"], k=p["k"])
+        # The search itself (queue, embed, rank, rows), so a client can tell it from HTTP's share.
+        resp.headers["Server-Timing"] = f"search;dur={(time.perf_counter() - t0) * 1000:.2f}"
+        return resp
 
     @app.get("/api/similar")
     def api_similar():

@@ -37,20 +37,25 @@ ADDED_KEYS = {"id", "outline"}  # what the API adds to search --json's fields
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """The demo's index, made by the demo's own code (its first steps: 40 scenes, their ground truth
+    indexed through the captions path), and the first of its directional queries."""
     if not (config.embedder_dir() / "manifest.json").is_file():
         pytest.fail(f"no embedder built in {config.embedder_dir()}: run 'make models' first")
+    from edge_t2t.demo import _index
+    from edge_t2t.embedder import Embedder
+
     root = tmp_path_factory.mktemp("serve-demo")
-    paths, captions = S.write_scene_set(root / "images", n=40, seed=0)
-    index = root / "index"
-    assert main(["index", str(root / "images"), "--captions", str(captions), "--index", str(index),
-                 "--no-progress", "--json"]) == 0  # fmt: skip
+    emb = Embedder(precision="int8")
+    _, captions = S.write_scene_set(root / "scenes", n=40, seed=0)
+    _index(root / "index-text", emb, False, [root / "scenes"], captions)
     query, expected = S.directional_queries(S.make_scenes(40, 0))[0]
-    return {"index": index, "images": root / "images", "query": query, "expected": f"{expected}.png"}
+    return {"index": root / "index-text", "images": root / "scenes", "query": query, "expected": f"{expected}.png",
+            "embedder": emb}
 
 
 @pytest.fixture(scope="module")
 def app(demo):
-    app = web.create_app(demo["index"])
+    app = web.create_app(demo["index"], embedder=demo["embedder"])
     yield app
     app.extensions["edge_t2t_index"].close()
 
@@ -244,6 +249,27 @@ def test_hostile_uploads(client, demo):
     assert _leftover_uploads() == before
 
 
+def test_search_by_example_of_a_new_image_is_described_by_the_vlm(demo, app, tmp_path, monkeypatch):
+    """The tiny test VLM (random weights: its descriptions are placeholders) proves the path: upload,
+    describe, embed the variants, rank. Nothing of the upload stays outside the temp dir."""
+    pytest.importorskip("llama_cpp")
+    from edge_t2t.testvlm import MMPROJ_FILE, MODEL_FILE, build_test_vlm
+    from edge_t2t.vlm import VLMConfig
+
+    monkeypatch.setenv("EDGE_T2T_CACHE_DIR", str(tmp_path / "cache"))
+    out = config.test_vlm_dir()
+    build_test_vlm(out)
+    cfg = VLMConfig(model=out / MODEL_FILE, mmproj=out / MMPROJ_FILE, n_threads=1)
+    with_vlm = web.create_app(demo["index"], embedder=app.extensions["edge_t2t_index"].embedder, vlm_cfg=cfg)
+    try:
+        before = _leftover_uploads()
+        r = _upload(with_vlm.test_client(), _png(color=(200, 30, 90)), k=3)
+        assert r.status_code == 200, r.get_json()
+        assert r.get_json()["count"] == 3 and _leftover_uploads() == before
+    finally:
+        with_vlm.extensions["edge_t2t_index"].close()
+
+
 def test_oversized_upload_is_refused_before_it_is_read(demo, app):
     small = web.create_app(demo["index"], embedder=app.extensions["edge_t2t_index"].embedder, max_upload_mb=0.01)
     try:
@@ -367,17 +393,22 @@ CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage")
 
 
-@pytest.fixture(scope="module")
-def live_server(app):
+def _live(app):
+    """A real waitress server for the app on a free loopback port, in a thread: (url, server)."""
     from waitress import create_server
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = create_server(app, host="127.0.0.1", port=port, threads=4)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{port}"
+    threading.Thread(target=server.run, daemon=True).start()
+    return f"http://127.0.0.1:{port}", server
+
+
+@pytest.fixture(scope="module")
+def live_server(app):
+    url, server = _live(app)
+    yield url
     server.close()
 
 
@@ -471,3 +502,22 @@ def test_page_in_headless_chromium(browser, live_server, demo):
     assert hosts and all(h.startswith(live_server + "/") for h in hosts), hosts
     with urlopen(live_server + "/") as resp:
         assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
+
+
+def test_page_maps_the_outlines_of_chips(browser, geo_app):
+    """A scene index: the hits' outlines drawn as inline SVG from the data, one polygon per chip."""
+    from selenium.webdriver.common.by import By
+
+    geo, _ = geo_app
+    url, server = _live(geo)
+    try:
+        browser.get(f"{url}/?q=a+lake&k=4")
+        _wait(browser, lambda d: len(_cards(d)) == 4, what="scene results")
+        polygons = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#map-svg polygon"), what="the map")
+        assert sorted(p.get_attribute("data-id") for p in polygons) == sorted(c.get_attribute("data-id") for c in _cards(browser))
+        assert browser.find_element(By.ID, "export-geojson").is_displayed()
+        _cards(browser)[0].click()
+        _wait(browser, lambda d: d.execute_script("const i = document.getElementById('detail-scene');"
+                                                  "return i && i.complete && i.naturalWidth > 0"), what="the chip's scene")
+    finally:
+        server.close()

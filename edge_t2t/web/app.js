@@ -61,8 +61,11 @@ function showHits(title, data, kind, params) {
   const grid = $("results");
   grid.replaceChildren();
   for (const h of data.hits) {
+    const thumb = el("img", { src: `/thumb/${h.id}`, alt: h.image, loading: "lazy" });
+    // An indexed image whose file is not on this machine (e.g. imported captions): say so.
+    thumb.addEventListener("error", () => thumb.replaceWith(el("div", { class: "ph", text: "image not available here" })));
     const card = el("div", { class: "hit", "data-id": String(h.id), "data-image": h.image, tabindex: "0" },
-      el("img", { src: `/thumb/${h.id}`, alt: h.image, loading: "lazy" }),
+      thumb,
       el("div", { class: "meta", text: `#${h.rank}  score ${Number(h.score).toFixed(4)}` }),
       el("div", { class: "path", text: h.scene ? `${h.scene} chip ${h.window.join(",")}` : h.image }),
       el("div", { class: "text", text: h.text }),
