@@ -494,6 +494,8 @@ def serve(app, host: str, port: int, threads: int = 4) -> None:
         raise InputError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pass another --port") from None
     try:
         server.run()
+        # waitress catches Ctrl-C itself and returns from run(); nothing else makes it return here.
+        raise KeyboardInterrupt
     finally:
         server.close()
         app.extensions["edge_t2t_index"].close()

@@ -307,6 +307,36 @@ def test_non_loopback_host_warns(demo, capsys, monkeypatch):
     assert main(["serve", "--index", str(demo["index"]), "--port", "70000"]) == 2
 
 
+def test_a_real_server_process_answers_then_stops_on_ctrl_c_with_130(demo):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "edge_t2t", "serve", "--index", str(demo["index"]), "--port",
+                             str(port)], stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        end = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < end, proc.stderr.read() if proc.poll() is not None else ""
+            try:
+                with urlopen(f"http://127.0.0.1:{port}/api/search?q={quote(demo['query'])}&k=1") as resp:
+                    assert Path(json.loads(resp.read())["hits"][0]["image"]).name == demo["expected"]
+                break
+            except OSError:
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+        assert "stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 # -- a running index -------------------------------------------------------------------------------
 def test_answers_from_the_last_whole_snapshot_while_index_runs(tmp_path):
     """Fake embedder, so two imports take a second: new commits appear without a restart; while the
