@@ -91,7 +91,11 @@ class Index:
         self.generation = None
         self.embedder = embedder
         self._precision = precision
-        self.call(Index._load)  # a missing or empty index fails here, before the server starts
+        try:
+            self.call(Index._load)  # a missing or empty index fails here, before the server starts
+        except BaseException:
+            self._owner.shutdown()
+            raise
 
     def call(self, fn, *args):
         return self._owner.submit(self._run, fn, *args).result()
@@ -112,32 +116,33 @@ class Index:
 
         search_open(self.store, self.vectors, "warm up", self.embedder, 1, "dense", warn=lambda _: None)
 
-    def _state(self):
+    def _state(self, ix) -> tuple:
+        """(the snapshot's generation, SQLite's data_version on ix's connection): either moves when
+        an `index` run saves or commits."""
         from . import vindex
 
         manifest = vindex.read_manifest(self.dir)
-        version = self._ix.store.conn.execute("PRAGMA data_version").fetchone()[0] if self._ix else None
-        return (manifest or {}).get("generation"), version
+        return (manifest or {}).get("generation"), ix.store.conn.execute("PRAGMA data_version").fetchone()[0]
 
     def _refresh(self) -> None:
         """Reopen the reader when a commit or a new snapshot landed since the last request."""
         from .indexdir import IndexDir
 
-        if self._ix is not None and self._state() == self._seen:
+        if self._ix is not None and self._state(self._ix) == self._seen:
             return
         ix = IndexDir.open_reader(self.dir)
         try:
+            seen = self._state(ix)  # before reading: a commit landing during the open is seen next time
             vectors = ix.search_vectors(self.warn)
         except BaseException:
             ix.close()
             if self._ix is not None:  # keep answering from what was open
                 return
             raise
-        old, self._ix, self.vectors = self._ix, ix, vectors
+        old, self._ix, self.vectors, self._seen = self._ix, ix, vectors, seen
         if old is not None:
             old.close()
-        self._seen = self._state()
-        self.generation = self._seen[0]
+        self.generation = seen[0]
 
     @property
     def store(self):
