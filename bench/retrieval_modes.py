@@ -116,22 +116,37 @@ def paired_gain(base: np.ndarray, other: np.ndarray, reps: int = 2000, seed: int
     return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]
 
 
+TUNE_MAX_DF = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
+
+
 def tune(work: Path, emb) -> dict:
-    """Grid over the hybrid's lexical weight and the structure weight on the tuning seeds only."""
-    grid = {}
-    for lw in (0.05, 0.1, 0.2, 0.3, 0.5, 1.0):
-        for sw in (0.0, 0.2, 0.5, 1.0):
-            grid[f"lw={lw} sw={sw}"] = dict(mode="hybrid", structure=sw > 0, lexical_weight=lw, structure_weight=sw)
-    for sw in (0.0, 0.2, 0.5, 1.0):
-        grid[f"rrf sw={sw / 50}"] = dict(mode="hybrid", structure=sw > 0, fusion="rrf", structure_weight=sw / 50)
-    ranks: dict[str, list] = {k: [] for k in grid}
-    for seed in TUNE_SEEDS:
-        rr = seed_ranks(scene_index(work, seed), seed_queries(seed), emb, grid)
-        for (name, _), r in rr.items():
-            ranks[name].append(r)
-    table = {k: round(float((1.0 / np.concatenate(v)).mean()), 4) for k, v in ranks.items()}
-    for k, v in sorted(table.items(), key=lambda kv: -kv[1]):
-        print(f"tune {k}: MRR {v}")
+    """Grid on the tuning seeds only: lexical.MAX_DF (which words the lexical side matches) x the
+    hybrid's lexical weight, without structure (with it, every weight scores about 1.0 and says
+    nothing), lexical alone, rrf; then the structure weight at the chosen values."""
+    from edge_t2t import lexical
+
+    table = {}
+    saved = lexical.MAX_DF
+    try:
+        for max_df in TUNE_MAX_DF:
+            lexical.MAX_DF = max_df
+            grid = {"lexical": dict(mode="lexical", structure=False),
+                    "rrf": dict(mode="hybrid", structure=False, fusion="rrf")}
+            for lw in (0.05, 0.1, 0.2, 0.3, 0.5, 1.0):
+                grid[f"lw={lw}"] = dict(mode="hybrid", structure=False, lexical_weight=lw)
+            for sw in (0.2, 0.5, 1.0):
+                grid[f"lw={retrieval.LEXICAL_WEIGHT} sw={sw}"] = dict(
+                    mode="hybrid", structure=True, structure_weight=sw)
+            ranks: dict[str, list] = {k: [] for k in grid}
+            for seed in TUNE_SEEDS:
+                rr = seed_ranks(scene_index(work, seed), seed_queries(seed), emb, grid)
+                for (name, _), r in rr.items():
+                    ranks[name].append(r)
+            for k, v in ranks.items():
+                table[f"max_df={max_df} {k}"] = round(float((1.0 / np.concatenate(v)).mean()), 4)
+                print(f"tune max_df={max_df} {k}: MRR {table[f'max_df={max_df} {k}']}", flush=True)
+    finally:
+        lexical.MAX_DF = saved
     return table
 
 
