@@ -79,7 +79,7 @@ def stems(words: Sequence[str]) -> list[str]:
         conn.execute("CREATE VIRTUAL TABLE wv USING fts5vocab(w, 'instance')")
     conn.executemany("INSERT INTO w(rowid, t) VALUES (?, ?)", enumerate(words))
     out = [""] * len(words)
-    for term, doc, offset in conn.execute("SELECT term, doc, offset FROM wv ORDER BY doc, offset"):
+    for term, doc in conn.execute("SELECT term, doc FROM wv ORDER BY doc, offset"):
         if not out[doc]:
             out[doc] = term
     conn.execute("DELETE FROM w")
