@@ -117,21 +117,24 @@ def paired_gain(base: np.ndarray, other: np.ndarray, reps: int = 2000, seed: int
     return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]
 
 
-TUNE_MAX_DF = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02)
+# lexical.POSTINGS_BUDGET as a share of the texts: a 40-scene seed holds ~2,300 texts, so a share s
+# here is what a budget of s x 100,000 does at 100k texts (1.0: every word fits)
+TUNE_BUDGET_SHARES = (1.0, 0.2, 0.1, 0.05, 0.02)
+TUNE_SEED_TEXTS = 2265
 
 
 def tune(work: Path, emb) -> dict:
-    """Grid on the tuning seeds only: lexical.MAX_DF (which words the lexical side matches) x the
-    hybrid's lexical weight, without structure (with it, every weight scores about 1.0 and says
-    nothing), lexical alone, rrf; then the structure weight at the chosen values."""
+    """Grid on the tuning seeds only: lexical.POSTINGS_BUDGET (which words the lexical side
+    matches) x the hybrid's lexical weight, without structure (with it, every weight scores about
+    1.0 and says nothing), lexical alone, rrf; then the structure weight."""
     from edge_t2t import lexical
 
     table = {}
-    saved = lexical.MAX_DF
+    saved = lexical.POSTINGS_BUDGET
     try:
-        for max_df in TUNE_MAX_DF:
-            lexical.MAX_DF = max_df
-            grid = {"lexical": dict(mode="lexical", structure=False),
+        for share in TUNE_BUDGET_SHARES:
+            lexical.POSTINGS_BUDGET = int(share * TUNE_SEED_TEXTS) if share < 1 else 10**9
+            grid = {"dense": dict(mode="dense", structure=False), "lexical": dict(mode="lexical", structure=False),
                     "rrf": dict(mode="hybrid", structure=False, fusion="rrf")}
             for lw in (0.05, 0.1, 0.2, 0.3, 0.5, 1.0):
                 grid[f"lw={lw}"] = dict(mode="hybrid", structure=False, lexical_weight=lw)
@@ -144,10 +147,10 @@ def tune(work: Path, emb) -> dict:
                 for (name, _), r in rr.items():
                     ranks[name].append(r)
             for k, v in ranks.items():
-                table[f"max_df={max_df} {k}"] = round(float((1.0 / np.concatenate(v)).mean()), 4)
-                print(f"tune max_df={max_df} {k}: MRR {table[f'max_df={max_df} {k}']}", flush=True)
+                table[f"budget={share}xN {k}"] = round(float((1.0 / np.concatenate(v)).mean()), 4)
+                print(f"tune budget={share}xN {k}: MRR {table[f'budget={share}xN {k}']}", flush=True)
     finally:
-        lexical.MAX_DF = saved
+        lexical.POSTINGS_BUDGET = saved
     return table
 
 
@@ -289,7 +292,7 @@ def latency(index: Path, repeats: int) -> list[dict]:
              "matched_words_mean": round(float(np.mean([len(k) for k in kept])), 2),
              "queries_matching_nothing": int(sum(1 for k in kept if not k)),
              "postings_p50": float(np.percentile(postings, 50)), "postings_max": int(max(postings)),
-             "max_df": lexical.MAX_DF}
+             "max_df": lexical.MAX_DF, "budget": lexical.POSTINGS_BUDGET}
     print(f"latency lexical terms: {terms}", flush=True)
     for what, table in (("search.search", times), ("retrieval.rank", ranking)):
         base = percentile_ms(table["dense"], 50)
@@ -389,7 +392,7 @@ def main() -> int:
             lines.append(f"| {r['call']} | {r['mode']} | {r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms | "
                          f"{r['p50_vs_dense']:.2f}x | {r['p99_vs_dense']:.2f}x |")
         t = latency_rows[0]["lexical_terms"]
-        lines += ["", f"Lexical side (lexical.MAX_DF = {t['max_df']}): of {t['content_words_mean']} content words per "
+        lines += ["", f"Lexical side (lexical.POSTINGS_BUDGET = {t['budget']}, MAX_DF = {t['max_df']}): of {t['content_words_mean']} content words per "
                   f"query it matched {t['matched_words_mean']} on average; {t['queries_matching_nothing']} queries had "
                   f"only common words (hybrid adds nothing lexical there); texts holding the matched words: "
                   f"median {t['postings_p50']:.0f}, at most {t['postings_max']}."]

@@ -7,14 +7,17 @@ BM25 then weighs rare words above common ones. Scores are FTS5's bm25() negated:
 0 means no shared word.
 
 Cost follows the query, not the archive. FTS5 scores every text holding a query word before it
-cuts to the top N, so a word found in a third of the texts ("east", "area", "green") costs a third
-of the archive per query, while BM25 gives it almost no weight (idf = log((N - df) / df) is about
-0.7 there, against 7 to 14 for a word in a few texts). `select_terms` therefore treats a word held
-by more than MAX_DF of the texts as a stop-word of this archive, reading its document frequency
-from `fts5vocab` (a live view of the FTS5 index: always current with the store, one B-tree
-lookup per word). Only the rarer words are matched and scored, so the work is bounded by their
-posting lists. When every word is that common, lexical mode keeps the rarest one (the user asked
-for words) and hybrid's lexical side matches nothing.
+cuts to the top N (and its bm25() counts each word's texts once more), so a word found in a third
+of the texts ("east", "area", "green") costs a third of the archive per query, while BM25 gives
+it little weight (idf = log((N - df) / df) is about 0.7 there, against 7 to 14 for a word in a
+few texts). `select_terms` reads each word's document frequency from `fts5vocab` (a live view of
+the FTS5 index: always current with the store, one B-tree lookup per word) and matches the
+query's words rarest first while the texts holding them stay within POSTINGS_BUDGET; a word in
+more than MAX_DF of the texts is never matched (BM25's idf is <= 0 there: FTS5 floors it at
+1e-6, so it only adds work). So the work per query is bounded by the budget at any archive size.
+In archives of a few thousand texts nothing is left out; in large ones the commonest words of a
+query are. When no word fits, lexical mode keeps the rarest one (the user asked for words) and
+hybrid's lexical side matches nothing.
 
 `bm25_matrix` scores many queries against many texts with the same tokenizer, term selection and
 ranking in a throw-away in-memory table: `eval` uses it, so evaluated and searched lexical scores agree.
@@ -37,9 +40,11 @@ STOPWORDS = frozenset(
 )
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 MAX_TERMS = 16  # a pasted paragraph is cut to its first content words: each term costs a posting scan
-# A word in more than this share of the texts is a stop-word of the archive (see the docstring).
-# Chosen on the synthetic tuning seeds (bench/retrieval_modes.py --tune), not on RSICD.
-MAX_DF = 0.05
+# See the docstring. MAX_DF: BM25's own cut-off (idf <= 0 above half the texts). POSTINGS_BUDGET:
+# the texts a query's matched words may hold together; what leaving words out costs in accuracy
+# was measured on the synthetic tuning seeds (bench/retrieval_modes.py --tune), not on RSICD.
+MAX_DF = 0.5
+POSTINGS_BUDGET = 5000
 TOKENIZER = "porter unicode61"
 FTS_TABLE = "variants_fts"
 _VOCAB = "temp.edge_t2t_vocab"  # an fts5vocab view of a connection's FTS table (temp: no schema change)
@@ -116,23 +121,30 @@ def doc_count(conn: sqlite3.Connection, table: str = FTS_TABLE) -> int:
 
 
 def select_terms(conn: sqlite3.Connection, query: str, keep_one: bool = True, table: str = FTS_TABLE,
-                 max_df: float | None = None) -> list[str]:
-    """The query's content words worth matching: those in at most max_df of the texts (and in at
-    least one). When none is, the rarest word if `keep_one`, else none. Words, not stems: FTS5
-    stems them again when it reads the expression."""
+                 max_df: float | None = None, budget: int | None = None) -> list[str]:
+    """The query's content words to match (see the docstring): rarest first while the texts
+    holding them stay within `budget` (POSTINGS_BUDGET), none held by more than `max_df` (MAX_DF)
+    of the texts or by none. When no word fits, the rarest if `keep_one`, else none. Words, not
+    stems (FTS5 stems them again when it reads the expression), in the query's order."""
     words = query_terms(query)
     if not words:
         return []
     stemmed = stems(words)
     df = doc_frequencies(conn, [s for s in set(stemmed) if s], table)
-    present = [(df.get(s, 0), i) for i, s in enumerate(stemmed) if s and df.get(s, 0) > 0]
+    present = sorted((df[s], i) for i, s in enumerate(stemmed) if s and df.get(s, 0) > 0)
     if not present:
         return []
-    limit = (MAX_DF if max_df is None else max_df) * doc_count(conn, table)
-    kept = [words[i] for d, i in sorted(present, key=lambda di: di[1]) if d <= limit]
+    common = (MAX_DF if max_df is None else max_df) * doc_count(conn, table)
+    left = POSTINGS_BUDGET if budget is None else budget
+    kept = []
+    for d, i in present:
+        if d > common or d > left:
+            break
+        kept.append(i)
+        left -= d
     if not kept and keep_one:
-        kept = [words[min(present)[1]]]
-    return kept
+        kept = [present[0][1]]
+    return [words[i] for i in sorted(kept)]
 
 
 def search_texts(conn: sqlite3.Connection, query: str, limit: int, keep_one: bool = True,

@@ -150,6 +150,16 @@ def test_common_words_are_not_matched_and_cost_nothing(index, emb, monkeypatch):
         assert lexical.select_terms(st.conn, "the runway tanks") == ["tanks"]
         assert lexical.select_terms(st.conn, "the runway tanks", keep_one=False) == []
         assert lexical.search_texts(st.conn, "zeppelin", 5)[0].tolist() == []
+        # the postings budget: rarest first while the texts holding the words fit (tank 3, runway 4)
+        monkeypatch.setattr(lexical, "MAX_DF", 1.0)
+        assert lexical.select_terms(st.conn, "runway tank 42") == ["runway", "tank", "42"]
+        monkeypatch.setattr(lexical, "POSTINGS_BUDGET", 4)
+        assert lexical.select_terms(st.conn, "runway tank 42") == ["tank", "42"]
+        monkeypatch.setattr(lexical, "POSTINGS_BUDGET", 0)
+        assert lexical.select_terms(st.conn, "runway tank 42") == ["42"]  # keep_one: the rarest
+        assert lexical.select_terms(st.conn, "runway tank 42", keep_one=False) == []
+        monkeypatch.setattr(lexical, "MAX_DF", 2.5 / n)
+        monkeypatch.setattr(lexical, "POSTINGS_BUDGET", 10**9)
     hits = S.search(index, "tank 42", k=5, embedder=emb, mode="lexical")
     assert names(hits) == ["depot.jpg"]  # "tank" no longer matched: only the text with "42"
     hybrid = S.search(index, "a runway with tanks", k=5, embedder=emb, mode="hybrid")
