@@ -84,13 +84,15 @@ def _key_vectors(store: Store, keys: list[int]) -> dict[int, np.ndarray]:
 
 
 def features_by_image(store: Store, image_ids: list[int]) -> dict[int, list[tuple[int, tuple[Feature, ...]]]]:
-    """(ordinal, features) of each variant of the given images, from the variants table."""
+    """(ordinal, features) of each variant of the given images, from the variants table: one row
+    per variant (its first text), found through the (image_id, ordinal) index (schema v6)."""
     out: dict[int, list] = {}
     for i in range(0, len(image_ids), 500):
         chunk = image_ids[i : i + 500]
         q = ",".join("?" * len(chunk))
         for image_id, ordinal, feats in store.conn.execute(
-            f"SELECT image_id, ordinal, features FROM variants WHERE image_id IN ({q}) GROUP BY image_id, ordinal",
+            f"SELECT image_id, ordinal, features FROM variants WHERE id IN (SELECT MIN(id) FROM variants "
+            f"WHERE image_id IN ({q}) GROUP BY image_id, ordinal) ORDER BY image_id, ordinal",
             chunk,
         ):
             out.setdefault(image_id, []).append((ordinal, _parse_features(feats)))
