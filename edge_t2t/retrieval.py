@@ -9,7 +9,8 @@ features of those candidate images only.
 
 Scores (what `--min-score` compares against):
   dense    the best cosine over an image's texts (the paper's rule);
-  lexical  the image's best BM25, divided by the query's best BM25 among the candidates (0..1);
+  lexical  the image's best BM25, divided by the query's best BM25 among the candidates (0..1),
+           over the query's rarer words only (lexical.select_terms);
   hybrid   linear: dense + LEXICAL_WEIGHT * lexical; or reciprocal-rank fusion of the two image
            rankings (fusion="rrf", bench only: with structure on, the linear mix won on the tuning seeds);
   plus STRUCTURE_WEIGHT * (mean constraint score of the image's best variant) when the query
@@ -29,9 +30,10 @@ from .records import Feature
 from .store import Store
 
 MODES = ("dense", "lexical", "hybrid")
-# dense stays the default: hybrid won on the synthetic scenes and the RSICD oracle but lost
-# 0.03-0.06 points on the RSICD index source, and its ranking is 7.6x dense at 100k texts
-# (bench/results/retrieval_modes*.md, README "Retrieval modes"). Structure is on in every mode.
+# dense stays the default: hybrid won on the synthetic scenes without structure and on the RSICD
+# oracle (+2.0 mR without duplicates), but lost 0.56 / 0.44 points on the RSICD index source and,
+# with structure, 0.005 held-out MRR (bench/results/retrieval_modes.md, README "Retrieval modes").
+# Its ranking is 1.6x dense at 98k texts. Structure is on in every mode.
 DEFAULT_MODE = "dense"
 FUSIONS = ("linear", "rrf")
 # Tuned on synthetic seeds 4-5 (bench/retrieval_modes.py --tune), reported on held-out seeds 1-3:
