@@ -197,15 +197,33 @@ def _captions_by_image(ann: Annotations) -> list[list[str]]:
 # Oracle (leave-one-out over reference captions)
 
 
-def oracle_ranks(ann: Annotations, sim: np.ndarray, text_ids: np.ndarray) -> tuple[Ranks, Ranks, dict]:
+def _max_then_fuse(parts: Sequence[np.ndarray], combine: Callable | None, reduce: Callable) -> np.ndarray:
+    """`reduce` (a max over an image's texts) applied to each score part, then the parts combined
+    into one score: the image-level fusion search does (max per part, then mix), not a max of mixed
+    text scores."""
+    values = [reduce(p) for p in parts]
+    return values[0] if combine is None else combine(*values)
+
+
+def oracle_ranks(
+    ann: Annotations, sim: np.ndarray | Sequence[np.ndarray], text_ids: np.ndarray, combine: Callable | None = None
+) -> tuple[Ranks, Ranks, dict]:
     """T2I and I2T ranks from ``sim`` (distinct text x distinct text cosine) under the oracle protocol.
+    ``sim`` may be several such matrices (the parts of a retrieval mode) with ``combine`` mixing
+    their per-image maxima (retrieval.fused).
 
     Returns (t2i, i2t, counts). Both directions are indexed per caption entry (caption j of
     image i); queries that cannot be asked (single-caption images) are left out and counted.
     """
+    parts = [sim] if isinstance(sim, np.ndarray) else list(sim)
+    combine = combine if len(parts) > 1 else None
+
+    def fused_max(reduce):
+        return _max_then_fuse(parts, combine, reduce)
+
     n_img = ann.n_images
     img = np.asarray(ann.caption_image, dtype=np.int64)
-    n_text = sim.shape[0]
+    n_text = parts[0].shape[0]
     # Distinct (image, text) pairs and each text's multiplicity within its image.
     pair_key = img * n_text + text_ids
     pairs, pair_mult = np.unique(pair_key, return_counts=True)
@@ -221,13 +239,13 @@ def oracle_ranks(ann: Annotations, sim: np.ndarray, text_ids: np.ndarray) -> tup
     for c in range(len(img)):
         i, u = int(img[c]), int(text_ids[c])
         if mult[i * n_text + u] >= 2:  # the same text stays among the other captions
-            own.append(sim[u, texts_of[i]].max())
+            own.append(fused_max(lambda p, u=u, i=i: p[u, texts_of[i]].max()))
             dup.append(True)
         else:
             others = [t for t in texts_of[i] if t != u]
             if not others:  # a single-caption image: nothing represents it under LOO
                 continue
-            own.append(sim[u, others].max())
+            own.append(fused_max(lambda p, u=u, others=others: p[u, others].max()))
             dup.append(False)
         valid.append(c)
     valid_a = np.asarray(valid, dtype=np.int64)
@@ -237,7 +255,7 @@ def oracle_ranks(ann: Annotations, sim: np.ndarray, text_ids: np.ndarray) -> tup
     for start in range(0, len(valid_a), 1024):  # bounded memory on large caption sets
         block = valid_a[start : start + 1024]
         u_rows = np.unique(text_ids[block], return_inverse=True)
-        best = group_max(sim[u_rows[0]][:, pair_text], pair_img, n_img)
+        best = fused_max(lambda p, u_rows=u_rows: group_max(p[u_rows[0]][:, pair_text], pair_img, n_img))
         rows = best[u_rows[1]][:, candidates]
         ge = rows >= own_a[start : start + 1024, None]
         # the query's own image is the target, not a competitor
@@ -254,19 +272,16 @@ def oracle_ranks(ann: Annotations, sim: np.ndarray, text_ids: np.ndarray) -> tup
         ts = texts_of[i]
         if not ts:
             continue
-        rows = sim[ts]  # (k, n_text)
+        rows = [p[ts] for p in parts]  # (k, n_text) each
         not_i = global_count.copy()
         for t in ts:
             not_i[t] -= mult[i * n_text + t]
         for n, t in enumerate(ts):
             m = mult[i * n_text + t]
-            if m >= 2:
-                query_rows = rows
-            else:
-                query_rows = np.delete(rows, n, axis=0)
-                if len(query_rows) == 0:
-                    continue  # single caption: empty query set
-            score = query_rows.max(axis=0)
+            if m < 2 and len(ts) == 1:
+                continue  # single caption: empty query set
+            query_rows = rows if m >= 2 else [np.delete(r, n, axis=0) for r in rows]
+            score = _max_then_fuse(query_rows, combine, lambda r: r.max(axis=0))
             rank = int(not_i[score >= score[t]].sum())
             i2t_rank.extend([rank] * m)  # every copy of caption j gives the same query
             i2t_dup.extend([m >= 2] * m)
@@ -284,39 +299,51 @@ def oracle_ranks(ann: Annotations, sim: np.ndarray, text_ids: np.ndarray) -> tup
     return t2i, i2t, counts
 
 
-def lexical_similarity(queries: Sequence[str], texts: Sequence[str], exclude_self: bool = False) -> np.ndarray:
+def lexical_similarity(
+    queries: Sequence[str], texts: Sequence[str], exclude_self: bool = False, keep_one: bool = True
+) -> np.ndarray:
     """BM25 of each query against each text (FTS5, as `search --mode lexical` scores), each row
     divided by its best score as the search does; exclude_self: the query's own text (the
-    diagonal, when queries are the texts) is left out of that best, as a search would not see it."""
+    diagonal, when queries are the texts) is left out of that best, as a search would not see it.
+    keep_one: as lexical.select_terms (True for lexical mode, False for hybrid's lexical side)."""
     from .lexical import bm25_matrix, normalise_rows
 
-    raw = bm25_matrix(queries, texts)
+    raw = bm25_matrix(queries, texts, keep_one=keep_one)
     mask = np.eye(len(queries), len(texts), dtype=bool) if exclude_self else None
     return normalise_rows(raw, mask)
 
 
-def fuse(dense: np.ndarray | None, lexical: np.ndarray | None, mode: str) -> np.ndarray:
-    """The score matrix of a retrieval mode (edge_t2t.retrieval): dense, lexical, or
-    dense + LEXICAL_WEIGHT * lexical (the hybrid's linear mix)."""
-    from .retrieval import LEXICAL_WEIGHT
+def mode_parts(mode: str, **weights) -> tuple[tuple[str, ...], Callable]:
+    """The score parts a retrieval mode needs and the function that mixes their per-image values:
+    retrieval.fused, the search's own rule (linear mix; reciprocal-rank fusion is a bench-only
+    option of the search, not a mode)."""
+    from .retrieval import fused
 
-    if mode == "dense":
-        return dense
-    if mode == "lexical":
-        return lexical
-    return dense + LEXICAL_WEIGHT * lexical
+    names = {"dense": ("dense",), "lexical": ("lexical",), "hybrid": ("dense", "lexical")}[mode]
+
+    def combine(*values, structure=None):
+        parts = dict(zip(names, values, strict=True))
+        return fused(parts.get("dense", 0.0), parts.get("lexical", 0.0), structure, mode, **weights)
+
+    return names, combine
 
 
 def oracle_eval(
-    ann: Annotations, embed: Callable[[list[str]], np.ndarray], dtype: str = "f32", mode: str = "dense"
+    ann: Annotations, embed: Callable[[list[str]], np.ndarray], dtype: str = "f32", mode: str = "dense", **weights
 ) -> EvalResult:
     """Embed each distinct caption once, optionally quantise as usearch would, and score exactly.
-    mode lexical/hybrid scores with BM25 over the distinct captions (alone, or mixed in)."""
+    mode lexical/hybrid scores with BM25 over the distinct captions: each image's best BM25 and
+    best cosine, mixed as the search mixes them (retrieval.fused). Reference captions have no
+    features, so there is no structure part."""
     texts, ids = distinct_texts(ann.captions)
-    dense = text_similarity(quantise(embed(texts), dtype)) if mode != "lexical" else None
-    lexical = lexical_similarity(texts, texts, exclude_self=True) if mode != "dense" else None
-    sim = fuse(dense, lexical, mode)
-    t2i, i2t, counts = oracle_ranks(ann, sim, ids)
+    names, combine = mode_parts(mode, **weights)
+    parts = []
+    for name in names:
+        if name == "dense":
+            parts.append(text_similarity(quantise(embed(texts), dtype)))
+        else:
+            parts.append(lexical_similarity(texts, texts, exclude_self=True, keep_one=mode == "lexical"))
+    t2i, i2t, counts = oracle_ranks(ann, parts, ids, combine)
     return EvalResult(t2i, i2t, {**_base_counts(ann), **counts}, {"source": "oracle", "dtype": dtype, "mode": mode})
 
 
@@ -426,12 +453,19 @@ def index_eval(
     t2i_search: tuple[Callable, Sequence[np.ndarray | None], int] | None = None,
     mode: str = "dense",
     image_texts: Sequence[Sequence[str] | None] | None = None,
+    image_features: Sequence[list | None] | None = None,
+    **weights,
 ) -> EvalResult:
     """Captions against per-image vectors (``image_vectors[i]``: image i's variant vectors, None
     when not indexed). exact: numpy over vectors quantised as a usearch index of dtype stores
     them. Otherwise both directions go through HNSW usearch indexes of dtype built here, except
     T2I when ``t2i_search`` = (search function, per-image usearch keys, vectors of images not
-    annotated) gives the index's own search (vindex.VectorIndex.search)."""
+    annotated) gives the index's own search (vindex.VectorIndex.search).
+
+    lexical/hybrid (``image_texts``), and any mode whose queries state places or sizes when
+    ``image_features`` (each image's (ordinal, features) per variant) are given, are scored exactly
+    the way search scores a candidate: each part's best over the image's texts, mixed by
+    retrieval.fused, plus the structure score of its best variant."""
     texts, ids = distinct_texts(ann.captions)
     raw = np.asarray(embed(texts), dtype=np.float32)
     have = [i for i, v in enumerate(image_vectors) if v is not None and len(v) > 0]
@@ -439,17 +473,25 @@ def index_eval(
         raise ValueError("no annotated image has vectors")
     stacked = np.concatenate([np.asarray(image_vectors[i], dtype=np.float32) for i in have])
     owner = np.concatenate([np.full(len(image_vectors[i]), i, dtype=np.int64) for i in have])
-    if mode != "dense":
-        # lexical/hybrid: BM25 over the stored texts, scored exactly (FTS5 is exact anyway)
-        if image_texts is None:
-            raise ValueError(f"mode {mode!r} needs the images' texts")
-        stacked_texts = [t for i in have for t in image_texts[i]]
-        lexical = lexical_similarity(texts, stacked_texts)
-        dense = cosine_matrix(quantise(raw, dtype), quantise(stacked, dtype)) if mode == "hybrid" else None
-        t2i_scores = i2t_scores = fuse(dense, lexical, mode)
-        scoring = f"exact: FTS5 BM25 over the stored texts{', plus exact cosine' if dense is not None else ''}"
-        t2i, i2t, i2t_nd, counts = index_ranks(ann, owner, t2i_scores, i2t_scores, ids)
-        config = {"source": "index", "dtype": dtype, "exact": True, "scoring": scoring, "mode": mode}
+    structure = structure_matrix(texts, image_features) if image_features is not None else None
+    if mode != "dense" or structure is not None:
+        # image-level parts, mixed as retrieval.combine mixes a search's candidates
+        names, combine = mode_parts(mode, **weights)
+        parts = []
+        for name in names:
+            if name == "dense":
+                part = cosine_matrix(quantise(raw, dtype), quantise(stacked, dtype))
+            else:
+                if image_texts is None:
+                    raise ValueError(f"mode {mode!r} needs the images' texts")
+                part = lexical_similarity(texts, [t for i in have for t in image_texts[i]], keep_one=mode == "lexical")
+            parts.append(group_max(part, owner, ann.n_images)[:, have])
+        scores = combine(*parts, structure=None if structure is None else structure[:, have])
+        scoring = "exact: " + " + ".join({"dense": "cosine", "lexical": "FTS5 BM25"}[n] for n in names) + (
+            " + structure" if structure is not None else "") + ", each an image's best, mixed as search mixes them"
+        t2i, i2t, i2t_nd, counts = index_ranks(ann, np.asarray(have, dtype=np.int64), scores, scores, ids)
+        config = {"source": "index", "dtype": dtype, "exact": True, "scoring": scoring, "mode": mode,
+                  "structure": structure is not None}
         return EvalResult(t2i, i2t, {**_base_counts(ann), **counts}, config, i2t_nodup=i2t_nd)
     if exact:
         t2i_scores = i2t_scores = cosine_matrix(quantise(raw, dtype), quantise(stacked, dtype))
@@ -475,6 +517,27 @@ def index_eval(
     return EvalResult(t2i, i2t, {**_base_counts(ann), **counts}, config, i2t_nodup=i2t_nd)
 
 
+def structure_matrix(queries: Sequence[str], image_features: Sequence[list | None]) -> np.ndarray | None:
+    """(queries, images) structure scores: the best variant's constraint score, as search scores a
+    candidate (retrieval.best_variant_structure); None when no query states places or sizes or no
+    image has features (the part would be 0 everywhere)."""
+    from . import query_parse
+    from .retrieval import best_variant_structure
+
+    if not any(v and any(f for _, f in v) for v in image_features):
+        return None
+    parsed = [query_parse.parse(q) for q in queries]
+    if not any(parsed):
+        return None
+    out = np.zeros((len(queries), len(image_features)), dtype=np.float64)
+    for q, p in enumerate(parsed):
+        if p:
+            for i, variants in enumerate(image_features):
+                if variants:
+                    out[q, i] = best_variant_structure(p, variants)[0]
+    return out
+
+
 @dataclass
 class IndexVectors:
     """What an index holds for each annotated image (None: not in the index)."""
@@ -483,9 +546,11 @@ class IndexVectors:
     keys: list[np.ndarray | None]  # their usearch keys (variants.id)
     facts: dict
     texts: list[list[str] | None] | None = None  # their texts, when asked for (lexical modes)
+    features: list[list | None] | None = None  # (ordinal, features) per variant, when asked for
 
 
-def load_index_vectors(index_dir, ann: Annotations, identity: dict | None = None, with_texts: bool = False) -> IndexVectors:
+def load_index_vectors(index_dir, ann: Annotations, identity: dict | None = None, with_texts: bool = False,
+                       with_features: bool = False) -> IndexVectors:
     """Each annotated image's stored variant vectors, matched by file name, from store.sqlite."""
     from pathlib import Path
 
@@ -499,6 +564,10 @@ def load_index_vectors(index_dir, ann: Annotations, identity: dict | None = None
         paths = store.image_paths()
         stored_dtype = store.get_meta("dtype", None)
         text_of = dict(store.conn.execute("SELECT id, text FROM variants")) if with_texts else {}
+        if with_features:
+            from .retrieval import features_by_image
+
+            features_of = features_by_image(store, list(paths))
     wanted = {Path(n).name for n in ann.images}
     by_name: dict[str, int] = {}
     for image_id, path in paths.items():
@@ -531,7 +600,10 @@ def load_index_vectors(index_dir, ann: Annotations, identity: dict | None = None
         "index_dtype": stored_dtype,
     }
     texts = [None if k is None else [text_of[int(x)] for x in k] for k in out_keys] if with_texts else None
-    return IndexVectors(out_vecs, out_keys, facts, texts)
+    features = None
+    if with_features:
+        features = [features_of.get(by_name.get(Path(name).name, -1)) for name in ann.images]
+    return IndexVectors(out_vecs, out_keys, facts, texts, features)
 
 
 def searched_scores(search: Callable, queries: np.ndarray, column_keys: np.ndarray, fetch: int) -> np.ndarray:

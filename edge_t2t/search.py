@@ -116,11 +116,13 @@ def rank_images(
     mode: str = DEFAULT_MODE,
     exclude_image_ids: Iterable[int] = (),
     oversample: int = 4,
+    pool: int = 0,
 ) -> list[Hit]:
     """Top k images for one or more query vectors; an image's score is the max over all
     (query, variant text) pairs. Only the rows of the winning texts are read from SQLite (O(k)).
     A text deleted since the vectors were saved has no row: its image then falls back to its next
-    best text among the candidates."""
+    best text among the candidates. pool > k: up to `pool` images from the same candidates (the
+    fetch is sized for k, so a pool for re-ranking costs no more vector search than k hits)."""
     if k < 1:
         raise StoreError(f"-k must be at least 1, got {k}")
     exclude = np.asarray(sorted(set(exclude_image_ids)), dtype=np.int64)
@@ -141,7 +143,8 @@ def rank_images(
             best = np.flatnonzero(alive)[_best_per_image(keys[alive], image_ids[alive], scores[alive])]
             # Rows for the k best images and any that tie with the k-th (ties are broken by path).
             by_score = best[np.argsort(-scores[best], kind="stable")]
-            top = by_score[scores[by_score] >= scores[by_score[min(k, len(by_score)) - 1]]] if len(by_score) else by_score
+            n_out = max(k, pool)
+            top = by_score[scores[by_score] >= scores[by_score[min(n_out, len(by_score)) - 1]]] if len(by_score) else by_score
             want = [int(x) for x in keys[top] if int(x) not in rows]
             rows.update(store.variant_rows(want))
             missing = {int(x) for x in keys[top]} - rows.keys()
@@ -155,7 +158,7 @@ def rank_images(
     found.sort(key=lambda sr: (-sr[0], sr[1].image))
     return [
         Hit(rank=r + 1, score=s, image=row.image, variant=row.ordinal, text=row.text, field=row.field)
-        for r, (s, row) in enumerate(found[:k])
+        for r, (s, row) in enumerate(found[: max(k, pool)])
     ]
 
 

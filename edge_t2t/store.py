@@ -164,10 +164,17 @@ SCENES_MIGRATION = """
         CREATE VIRTUAL TABLE chips_rtree USING rtree(image_id, min_lon, max_lon, min_lat, max_lat);
 """
 
+# v6 (issue 14): an index on (image_id, ordinal), so the structure score of a search's candidate
+# images reads one row per variant (retrieval.features_by_image: the features repeat on each of a
+# variant's texts, 11 rows a variant in `sentences` mode) instead of every text row of the image.
+VARIANT_ORDINAL_MIGRATION = """
+        CREATE INDEX variants_image_ordinal ON variants(image_id, ordinal);
+"""
+
 # MIGRATIONS[i] takes a store from schema version i to i + 1 (version 0 = an empty file): an SQL
 # script, or a function of the connection for steps that need Python (e.g. re-encoding blobs).
 Migration = str | Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[Migration] = [_V1, _V2, _V3, _V4, SCENES_MIGRATION]
+MIGRATIONS: list[Migration] = [_V1, _V2, _V3, _V4, SCENES_MIGRATION, VARIANT_ORDINAL_MIGRATION]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

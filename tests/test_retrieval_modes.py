@@ -128,12 +128,44 @@ def test_dense_without_place_words_ranks_as_rank_images(index, emb):
     assert all(h.parts["structure"] == 0 and h.parts["lexical"] == 0 for h in hits)
 
 
-def test_lexical_finds_exact_words(index, emb):
+def test_lexical_finds_exact_words(index, emb, monkeypatch):
+    monkeypatch.setattr(lexical, "MAX_DF", 1.0)  # every word matched, however common
     hits = S.search(index, "tank 42", k=5, embedder=emb, mode="lexical")
     assert names(hits)[0] == "depot.jpg" and hits[0].score == pytest.approx(1.0)
     assert all(0 < h.score <= 1 for h in hits)
     # the port's feature text says "storage tanks" (one word shared); the town's texts share none
     assert names(hits) == ["depot.jpg", "port.jpg"] and hits[1].score < 1
+
+
+def test_common_words_are_not_matched_and_cost_nothing(index, emb, monkeypatch):
+    with Store(index) as st:
+        n = st.counts()["texts"]
+        assert lexical.doc_count(st.conn) == n  # FTS5's own count, read in one lookup
+        df = lexical.doc_frequencies(st.conn, lexical.stems(["tanks", "42", "zeppelin"]))
+        assert df == {"tank": 3, "42": 1, "zeppelin": 0}
+        monkeypatch.setattr(lexical, "MAX_DF", 2.5 / n)  # "tank" (3 texts) is now common, "42" (1) is not
+        assert lexical.select_terms(st.conn, "tank 42 zeppelin") == ["42"]
+        # only common words: lexical mode keeps the rarest, hybrid's lexical side matches nothing
+        assert lexical.doc_frequencies(st.conn, ["runwai"])["runwai"] == 4  # porter's stem of "runway"
+        assert lexical.select_terms(st.conn, "the runway tanks") == ["tanks"]
+        assert lexical.select_terms(st.conn, "the runway tanks", keep_one=False) == []
+        assert lexical.search_texts(st.conn, "zeppelin", 5)[0].tolist() == []
+        # the postings budget: rarest first while the texts holding the words fit (tank 3, runway 4)
+        monkeypatch.setattr(lexical, "MAX_DF", 1.0)
+        assert lexical.select_terms(st.conn, "runway tank 42") == ["runway", "tank", "42"]
+        monkeypatch.setattr(lexical, "POSTINGS_BUDGET", 4)
+        assert lexical.select_terms(st.conn, "runway tank 42") == ["tank", "42"]
+        monkeypatch.setattr(lexical, "POSTINGS_BUDGET", 0)
+        assert lexical.select_terms(st.conn, "runway tank 42") == ["42"]  # keep_one: the rarest
+        assert lexical.select_terms(st.conn, "runway tank 42", keep_one=False) == []
+        monkeypatch.setattr(lexical, "MAX_DF", 2.5 / n)
+        monkeypatch.setattr(lexical, "POSTINGS_BUDGET", 10**9)
+    hits = S.search(index, "tank 42", k=5, embedder=emb, mode="lexical")
+    assert names(hits) == ["depot.jpg"]  # "tank" no longer matched: only the text with "42"
+    hybrid = S.search(index, "a runway with tanks", k=5, embedder=emb, mode="hybrid")
+    assert all(h.parts["lexical"] == 0 for h in hybrid)  # nothing rare to match
+    dense = S.search(index, "a runway with tanks", k=5, embedder=emb, mode="dense")
+    assert [(h.image, h.score) for h in hybrid] == [(h.image, h.score) for h in dense]
 
 
 def test_structure_tells_east_from_west(index, emb):
@@ -178,3 +210,47 @@ def test_help_names_the_default_mode():
     cli_search.register(parser.add_subparsers())
     sub = parser._subparsers._group_actions[0].choices["search"]
     assert f"(default: {retrieval.DEFAULT_MODE})" in sub.format_help().replace("\n", " ").replace("  ", " ")
+
+
+# -- eval scores each mode with the search's own rule ------------------------------------------
+
+CAPTIONS = {
+    "airfield_a.jpg": ["a forest east of a runway", "an airfield with trees"],
+    "airfield_b.jpg": ["a forest west of a runway", "a runway beside woodland"],
+    "depot.jpg": ["fuel tank 42", "a depot by the road"],
+    "port.jpg": ["large storage tanks in the north", "boats in a harbour"],
+    "town.jpg": ["houses of a small town", "a town with roads"],
+}
+
+
+@pytest.mark.parametrize("max_df", [lexical.MAX_DF, 1.0])
+@pytest.mark.parametrize("mode", ["dense", "lexical", "hybrid"])
+def test_eval_ranks_each_caption_as_search_does(index, emb, tmp_path, mode, max_df, monkeypatch):
+    """eval --source index --mode M: every caption's T2I rank is its target's place in
+    `search --mode M` (structure on, exact vectors): one rule, not two implementations."""
+    from edge_t2t import evaluate as ev
+    from edge_t2t.annotations import load_annotations
+
+    monkeypatch.setattr(lexical, "MAX_DF", max_df)
+
+    names_ = list(CAPTIONS)
+    coco = {"images": [{"id": i, "file_name": n} for i, n in enumerate(names_)],
+            "annotations": [{"image_id": i, "caption": c} for i, n in enumerate(names_) for c in CAPTIONS[n]]}
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    ann = load_annotations(tmp_path / "ann.json")
+    stored = ev.load_index_vectors(index, ann, with_texts=True, with_features=True)
+    result = ev.index_eval(ann, stored.vectors, emb.embed, dtype="f32", mode=mode,
+                           image_texts=stored.texts, image_features=stored.features)
+    assert result.config["structure"] is True  # "east of", "in the north" are scored on the features
+    expected = []
+    for n in names_:
+        for c in CAPTIONS[n]:
+            hits = S.search(index, c, k=len(names_), embedder=emb, mode=mode, vector_mode="exact")
+            scores = {h.image.rsplit("/", 1)[-1]: h.score for h in hits}
+            # ties count against the query; a target search did not return ties with every image
+            # it did not return either (lexical: all score 0), so it ranks behind all the others
+            expected.append(sum(1 for img, s in scores.items() if img != n and s >= scores[n])
+                            if n in scores else len(names_) - 1)
+    assert result.t2i.ranks.tolist() == expected
+    if mode != "lexical":
+        assert expected[0] == 0 and expected[2] == 0  # east/west told apart by structure in eval too

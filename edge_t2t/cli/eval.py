@@ -58,8 +58,12 @@ def register(subparsers) -> None:
                    help="brute-force numpy scoring (always so for oracle)")
     p.add_argument("--mode", choices=["dense", "lexical", "hybrid", "hnsw", "rescore"], default="dense",
                    help="retrieval mode, as in `search --mode`: dense (default), lexical (FTS5 BM25) or "
-                        "hybrid (dense + lexical); lexical and hybrid are scored exactly. The old values "
+                        "hybrid (dense + lexical), each image's parts mixed by the search's own rule; lexical, hybrid "
+                        "and structure are scored exactly. The old values "
                         "hnsw/rescore mean dense with that --vector-mode")
+    p.add_argument("--no-structure", action="store_true",
+                   help="leave out the places/relations/sizes the captions state, scored on the index's "
+                        "features (on by default, as in `search`; --source index only: references have no features)")
     p.add_argument("--vector-mode", choices=["hnsw", "rescore"], default="rescore",
                    help="search mode of the index's own usearch file for --source index without "
                         "--exact, when --dtype is the index's (default: rescore)")
@@ -127,7 +131,8 @@ def evaluate_from_args(args: argparse.Namespace) -> dict:
         index_facts: dict = {}
     else:
         index_dir = config.index_dir(args.index)
-        stored = ev.load_index_vectors(index_dir, ann, identity=embedder.identity, with_texts=args.mode != "dense")
+        stored = ev.load_index_vectors(index_dir, ann, identity=embedder.identity, with_texts=args.mode != "dense",
+                                       with_features=not args.no_structure)
         index_facts = stored.facts
         dtype = args.dtype or index_facts.get("index_dtype") or "f32"
         t2i_search = None
@@ -145,7 +150,7 @@ def evaluate_from_args(args: argparse.Namespace) -> dict:
             t2i_search = (search, stored.keys, foreign)
         result = ev.index_eval(ann, stored.vectors, embed, dtype=dtype, exact=args.exact,
                                threads=args.threads or 0, t2i_search=t2i_search, mode=args.mode,
-                               image_texts=stored.texts)
+                               image_texts=stored.texts, image_features=stored.features)
         if t2i_search is not None:
             result.config["vector_mode"] = args.vector_mode
         index_facts = {"index": str(index_dir), **index_facts}
