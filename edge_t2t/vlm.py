@@ -85,6 +85,10 @@ class VLMConfig:
     n_gpu_layers: int = 0
     seed: int = 0
     variant_mode: str = "parallel"  # "parallel" (describe_parallel) or "sequential" (generate)
+    # mtmd's cap on one image's tokens (0/None: the mmproj's own preprocessing). Tiling projectors
+    # upscale small images: SmolVLM (idefics3) makes a 224 px image 16 tiles + an overview (1,088
+    # tokens, 17 encoder passes); a cap of 64 gives 1 tile + the overview (128 tokens, 2 passes).
+    image_max_tokens: int | None = None
 
 
 def infer_family(model_info: GGUFInfo, mmproj_info: GGUFInfo) -> str:
@@ -379,6 +383,30 @@ class _SequenceSampler:
         self.chain = self.grammar = None
 
 
+def _init_mtmd_capped(handler: Any, llama: Any, image_max_tokens: int) -> None:
+    """The handler's mtmd context, made as its own _init_mtmd_context makes it but with mtmd's
+    image_max_tokens set (the handler has no parameter for it). Both variant paths use it."""
+    import llama_cpp
+
+    mtmd = handler._mtmd_cpp
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu, params.print_timings, params.n_threads = True, False, llama.n_threads
+    enabled = llama.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if enabled else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.image_max_tokens = image_max_tokens
+    ctx = mtmd.mtmd_init_from_file(handler.clip_model_path.encode(), llama.model, params)
+    if ctx is None:
+        raise ValueError(f"Failed to load mtmd context from: {handler.clip_model_path}")
+    handler.mtmd_ctx = ctx
+
+    def free() -> None:
+        if handler.mtmd_ctx is not None:
+            mtmd.mtmd_free(handler.mtmd_ctx)
+            handler.mtmd_ctx = None
+
+    llama._stack.callback(free)
+
+
 @functools.lru_cache(maxsize=8)
 def _gbnf(schema_json: str) -> bytes:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
@@ -473,7 +501,9 @@ class VLM:
                 verbose=False,
             )
             # libmtmd loads lazily on the first chat call; load it now so a bad mmproj fails here.
-            handler._init_mtmd_context(self._llama)
+            if self.cfg.image_max_tokens:
+                _init_mtmd_capped(handler, self._llama, int(self.cfg.image_max_tokens))
+            handler._init_mtmd_context(self._llama)  # a no-op when the capped context is in place
             self._handler = handler
         except (ValueError, RuntimeError, OSError) as exc:
             self.close()
