@@ -18,7 +18,16 @@ caps, so these timings are a worst case for the given cap. With --max-tokens bel
 (what the schema's longest answer needs, about 2,040 for 5 variants) the bench also projects the
 full-cap time from the measured rates; the table says which figures are projections.
 
-    .venv/bin/python bench/caption_speed.py --shapes smolvlm-256m,nanollava --precisions Q4_K_M,F16
+Each arm's CPU seconds are kept beside its wall seconds, with the 1-minute load average, because on
+a machine shared with other work wall time mostly measures the others. There, run --threads 1:
+with 2 threads llama.cpp's OpenMP workers wait at a barrier after every graph node for a thread
+that is not scheduled, and a decode step of the SmolVLM shape took 13.8 s against 0.36 s on one
+thread at load average 20 on 2 cores.
+
+SmolVLM (idefics3) upscales a 224 px image to 16 tiles + an overview (1,088 tokens, 17 encoder
+passes); --image-max-tokens 64 (caption's flag) gives 1 tile + the overview (128 tokens, 2 passes).
+
+    .venv/bin/python bench/caption_speed.py --shapes smolvlm-256m,nanollava-1.5 --precisions Q4_K_M,F16
     .venv/bin/python bench/caption_speed.py --vlm M.gguf --mmproj P.gguf          # your own model
     .venv/bin/python bench/caption_speed.py --variety                             # focus vs seed variants
 """
@@ -101,16 +110,20 @@ def run_one(model: Path, mmproj: Path, *, threads: int, n_images: int, variants:
     images = _pngs(n_images)
     rows: dict[str, list[dict]] = {"sequential": [], "parallel": [], "multi": []}
 
+    # CPU seconds of this process (all its threads) beside wall seconds: on a machine shared with
+    # other work the wall time mostly measures the others; CPU time is the cross-check.
     def sequential(png: bytes) -> dict:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         vs, _, tokens = _run_sequential(vlm, png, prompt, schema, True, params, 0.0)
-        return {"s": time.perf_counter() - t, "tokens": tokens, "variants": len(vs), **seq_t.last}
+        return {"s": time.perf_counter() - t, "cpu_s": time.process_time() - c, "tokens": tokens,
+                "variants": len(vs), **seq_t.last}  # fmt: skip
 
     def parallel(png: bytes) -> dict:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         vs, _, tokens = _run_parallel(vlm, png, vp, schema, True, params, 0.0)
         r = par_t.last
-        return {"s": time.perf_counter() - t, "tokens": tokens, "variants": len(vs), "encode_s": r.encode_s,
+        return {"s": time.perf_counter() - t, "cpu_s": time.process_time() - c, "tokens": tokens,
+                "variants": len(vs), "encode_s": r.encode_s,
                 "prompt_tokens": r.prompt_tokens, "prompt_s": r.prompt_s, "gen_tokens": r.gen_tokens, "gen_s": r.gen_s}  # fmt: skip
 
     arms = {"sequential": sequential, "parallel": parallel}
@@ -129,11 +142,12 @@ def run_one(model: Path, mmproj: Path, *, threads: int, n_images: int, variants:
     if multi > 1 and len(images) >= multi:
         for _ in range(reps):
             batch = [png for _, png in images[:multi]]
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             r = vlm.describe_parallel(batch, vp.shared, vp.suffixes, json_schema=prompts.variant_schema(),
                                       max_tokens=max(16, max_tokens // variants))  # fmt: skip
             s = time.perf_counter() - t
-            rows["multi"].append({"s": s / multi, "images": multi, "encode_s": r.encode_s / multi,
+            rows["multi"].append({"s": s / multi, "cpu_s": (time.process_time() - c) / multi, "images": multi,
+                                  "encode_s": r.encode_s / multi,
                                   "prompt_tokens": r.prompt_tokens, "prompt_s": r.prompt_s,
                                   "gen_tokens": r.gen_tokens, "gen_s": r.gen_s})  # fmt: skip
             print(f"  {model.name} multi x{multi} {s / multi:7.1f}s/image ({r.gen_tokens / r.gen_s:.1f} gen tok/s)",
@@ -190,12 +204,17 @@ def summarise(res: dict, variants: int, max_tokens: int) -> dict:
         "seq_s_per_image": s_seq,
         "par_s_per_image": s_par,
         "ratio": s_seq / s_par,  # images/hour parallel over sequential
+        "seq_cpu_s": statistics.mean(r["cpu_s"] for r in seq),
+        "par_cpu_s": statistics.mean(r["cpu_s"] for r in par),
     }
+    out["cpu_ratio"] = out["seq_cpu_s"] / out["par_cpu_s"]
     if multi:
         out["multi_images"] = multi[0]["images"]
         out["multi_s_per_image"] = statistics.mean(r["s"] for r in multi)
         out["multi_gen_tok_s"] = _rate(multi, "gen_tokens", "gen_s")
         out["multi_ratio"] = s_seq / out["multi_s_per_image"]
+        out["multi_cpu_s"] = statistics.mean(r["cpu_s"] for r in multi)
+        out["multi_cpu_ratio"] = out["seq_cpu_s"] / out["multi_cpu_s"]
     full = prompts.default_max_tokens(variants)
     if max_tokens < full:
         # Projection to the default cap: the fixed part (encode + prompt + hand-off) as measured, the
@@ -245,11 +264,12 @@ def variety(n_images: int, threads: int) -> dict:
 
 def _write(results: list[dict], args: argparse.Namespace, max_tokens: int) -> str:
     table = ("| shape | precision | model MiB | image tokens (passes) | encode s | prompt tok/s | gen tok/s seq → par | "
-             "s/image seq | s/image par | par ÷ seq images/h | multi s/image | multi ÷ seq | peak RSS MiB | load avg |\n"
-             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|\n")  # fmt: skip
+             "s/image seq | s/image par | par ÷ seq images/h | CPU s seq → par (÷) | multi s/image | multi ÷ seq | "
+             "peak RSS MiB | load avg |\n"
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---|\n")  # fmt: skip
     for r in results:
         if "error" in r:
-            table += f"| {r['shape']} | {r['precision']} | failed: {r['error']} |||||||||||\n"
+            table += f"| {r['shape']} | {r['precision']} | failed: {r['error']} ||||||||||||\n"
             continue
         s = r["summary"]
         multi = (f"{s['multi_s_per_image']:.1f} | {s['multi_ratio']:.2f}×" if "multi_s_per_image" in s else "– | –")
@@ -257,7 +277,8 @@ def _write(results: list[dict], args: argparse.Namespace, max_tokens: int) -> st
         table += (f"| {r['shape']} | {r['precision']} | {r['model_mib']:.0f} | {im.get('image_tokens', '?')} ({im.get('encoder_passes', '?')}) "
                   f"| {s['encode_s']:.2f} | {s['prompt_tok_s']:.0f} "
                   f"| {s['seq_gen_tok_s']:.1f} → {s['par_gen_tok_s']:.1f} | {s['seq_s_per_image']:.1f} "
-                  f"| {s['par_s_per_image']:.1f} | **{s['ratio']:.2f}×** | {multi} | {r['peak_rss_mib']:.0f} "
+                  f"| {s['par_s_per_image']:.1f} | **{s['ratio']:.2f}×** "
+                  f"| {s['seq_cpu_s']:.0f} → {s['par_cpu_s']:.0f} ({s['cpu_ratio']:.2f}×) | {multi} | {r['peak_rss_mib']:.0f} "
                   f"| {la.get('min', 0):.1f}–{la.get('max', 0):.1f} |\n")  # fmt: skip
     proj = [r for r in results if "summary" in r and "projected_full_cap" in r["summary"]]
     if proj:
