@@ -356,6 +356,7 @@ def main() -> None:
     ap.add_argument("--multi", type=int, default=2, help="also run K images in one context (0: skip)")
     ap.add_argument("--warm-up", action="store_true", help="one untimed call per arm first (costs an image encoding each)")
     ap.add_argument("--name", default="caption_speed", help="results file name under bench/results/")
+    ap.add_argument("--combine", metavar="NAMES", help="merge these results files (comma-separated names) into --name")
     ap.add_argument("--variety", action="store_true", help="compare focus suffixes with per-variant seeds")
     ap.add_argument("--grammar-cost", metavar="GGUF", help="time the grammar pass alone on this model's vocabulary")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "MMPROJ"), help=argparse.SUPPRESS)  # child mode
@@ -365,6 +366,14 @@ def main() -> None:
           "max_tokens": max_tokens, "multi": args.multi, "reps": args.reps, "warm_up": args.warm_up,
           "image_max_tokens": args.image_max_tokens}  # fmt: skip
 
+    if args.combine:  # several runs' results (e.g. one per shape, run side by side) in one table
+        runs = [json.loads((ROOT / "bench" / "results" / f"{n}.json").read_text()) for n in args.combine.split(",")]
+        results = [r for run in runs for r in run["results"]]
+        caps = {run["args"].get("image_max_tokens") for run in runs}
+        cap = caps.pop() if len(caps) == 1 else "per shape (see the image tokens column)"
+        merged = argparse.Namespace(**{**runs[0]["args"], "name": args.name, "image_max_tokens": cap})
+        print(_write(results, merged, runs[0]["max_tokens"]))
+        return
     if args.one:
         print(json.dumps(run_one(Path(args.one[0]), Path(args.one[1]), **kw)))
         return
