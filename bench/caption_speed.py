@@ -21,8 +21,8 @@ full-cap time from the measured rates; the table says which figures are projecti
 Each arm's CPU seconds are kept beside its wall seconds, with the 1-minute load average, because on
 a machine shared with other work wall time mostly measures the others. There, run --threads 1:
 with 2 threads llama.cpp's OpenMP workers wait at a barrier after every graph node for a thread
-that is not scheduled, and a decode step of the SmolVLM shape took 13.8 s against 0.36 s on one
-thread at load average 20 on 2 cores.
+that is not scheduled, and a decode step of the SmolVLM shape took 7.3 s against 0.24 s on one
+thread at load average 16 on 2 cores (bench/decode_threads.py).
 
 SmolVLM (idefics3) upscales a 224 px image to 16 tiles + an overview (1,088 tokens, 17 encoder
 passes); --image-max-tokens 64 (caption's flag) gives 1 tile + the overview (128 tokens, 2 passes).
