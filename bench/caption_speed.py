@@ -18,7 +18,16 @@ caps, so these timings are a worst case for the given cap. With --max-tokens bel
 (what the schema's longest answer needs, about 2,040 for 5 variants) the bench also projects the
 full-cap time from the measured rates; the table says which figures are projections.
 
-    .venv/bin/python bench/caption_speed.py --shapes smolvlm-256m,nanollava --precisions Q4_K_M,F16
+Each arm's CPU seconds are kept beside its wall seconds, with the 1-minute load average, because on
+a machine shared with other work wall time mostly measures the others. There, run --threads 1:
+with 2 threads llama.cpp's OpenMP workers wait at a barrier after every graph node for a thread
+that is not scheduled, and a decode step of the SmolVLM shape took 7.3 s against 0.24 s on one
+thread at load average 16 on 2 cores (bench/decode_threads.py).
+
+SmolVLM (idefics3) upscales a 224 px image to 16 tiles + an overview (1,088 tokens, 17 encoder
+passes); --image-max-tokens 64 (caption's flag) gives 1 tile + the overview (128 tokens, 2 passes).
+
+    .venv/bin/python bench/caption_speed.py --shapes smolvlm-256m,nanollava-1.5 --precisions Q4_K_M,F16
     .venv/bin/python bench/caption_speed.py --vlm M.gguf --mmproj P.gguf          # your own model
     .venv/bin/python bench/caption_speed.py --variety                             # focus vs seed variants
 """
@@ -26,8 +35,10 @@ full-cap time from the measured rates; the table says which figures are projecti
 from __future__ import annotations
 
 import argparse
+import ctypes
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -81,14 +92,16 @@ class _ParTimer:
 
 
 def run_one(model: Path, mmproj: Path, *, threads: int, n_images: int, variants: int, max_tokens: int,
-            multi: int, reps: int, warm_up: bool) -> dict:  # fmt: skip
+            multi: int, reps: int, warm_up: bool, image_max_tokens: int = 0) -> dict:  # fmt: skip
     """One (model, precision): both arms, interleaved; runs in a child process (own peak RSS)."""
     from edge_t2t.captioning import _run_parallel, _run_sequential
     from edge_t2t.vlm import VLM, VLMConfig
 
     t0 = time.perf_counter()
     # Loaded for the sequential path (its full-size context); the parallel path makes its own.
-    vlm = VLM(VLMConfig(model, mmproj, n_threads=threads, seed=0, variant_mode="sequential"))
+    vlm = VLM(VLMConfig(model, mmproj, n_threads=threads, seed=0, variant_mode="sequential",
+                        image_max_tokens=image_max_tokens or None))  # fmt: skip
+    load_avg = [os.getloadavg()[0]]
     load_s = time.perf_counter() - t0
     seq_t, par_t = _SeqTimer(vlm._llama), _ParTimer(vlm)  # bench only: reach into the adapter for timings
     prompt, vp = prompts.build_prompt(variants), prompts.build_variant_prompts(variants)
@@ -97,16 +110,20 @@ def run_one(model: Path, mmproj: Path, *, threads: int, n_images: int, variants:
     images = _pngs(n_images)
     rows: dict[str, list[dict]] = {"sequential": [], "parallel": [], "multi": []}
 
+    # CPU seconds of this process (all its threads) beside wall seconds: on a machine shared with
+    # other work the wall time mostly measures the others; CPU time is the cross-check.
     def sequential(png: bytes) -> dict:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         vs, _, tokens = _run_sequential(vlm, png, prompt, schema, True, params, 0.0)
-        return {"s": time.perf_counter() - t, "tokens": tokens, "variants": len(vs), **seq_t.last}
+        return {"s": time.perf_counter() - t, "cpu_s": time.process_time() - c, "tokens": tokens,
+                "variants": len(vs), **seq_t.last}  # fmt: skip
 
     def parallel(png: bytes) -> dict:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         vs, _, tokens = _run_parallel(vlm, png, vp, schema, True, params, 0.0)
         r = par_t.last
-        return {"s": time.perf_counter() - t, "tokens": tokens, "variants": len(vs), "encode_s": r.encode_s,
+        return {"s": time.perf_counter() - t, "cpu_s": time.process_time() - c, "tokens": tokens,
+                "variants": len(vs), "encode_s": r.encode_s,
                 "prompt_tokens": r.prompt_tokens, "prompt_s": r.prompt_s, "gen_tokens": r.gen_tokens, "gen_s": r.gen_s}  # fmt: skip
 
     arms = {"sequential": sequential, "parallel": parallel}
@@ -118,17 +135,19 @@ def run_one(model: Path, mmproj: Path, *, threads: int, n_images: int, variants:
             order = ["sequential", "parallel"] if (rep + i) % 2 == 0 else ["parallel", "sequential"]
             for arm in order:
                 r = arms[arm](png)
-                rows[arm].append({"image": name, **r})
+                rows[arm].append({"image": name, "load_avg_1m": os.getloadavg()[0], **r})
+                load_avg.append(os.getloadavg()[0])
                 print(f"  {model.name} {name} {arm:10s} {r['s']:7.1f}s {r['gen_tokens']} gen tok "
                       f"({r['gen_tokens'] / max(r['gen_s'], 1e-9):.1f}/s), {r['variants']} variants", file=sys.stderr, flush=True)  # fmt: skip
     if multi > 1 and len(images) >= multi:
         for _ in range(reps):
             batch = [png for _, png in images[:multi]]
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             r = vlm.describe_parallel(batch, vp.shared, vp.suffixes, json_schema=prompts.variant_schema(),
                                       max_tokens=max(16, max_tokens // variants))  # fmt: skip
             s = time.perf_counter() - t
-            rows["multi"].append({"s": s / multi, "images": multi, "encode_s": r.encode_s / multi,
+            rows["multi"].append({"s": s / multi, "cpu_s": (time.process_time() - c) / multi, "images": multi,
+                                  "encode_s": r.encode_s / multi,
                                   "prompt_tokens": r.prompt_tokens, "prompt_s": r.prompt_s,
                                   "gen_tokens": r.gen_tokens, "gen_s": r.gen_s})  # fmt: skip
             print(f"  {model.name} multi x{multi} {s / multi:7.1f}s/image ({r.gen_tokens / r.gen_s:.1f} gen tok/s)",
@@ -136,11 +155,33 @@ def run_one(model: Path, mmproj: Path, *, threads: int, n_images: int, variants:
     out = {
         "model": model.name, "mmproj": mmproj.name, "family": vlm.family, "test_model": vlm.is_test_model,
         "model_mib": model.stat().st_size / 2**20, "mmproj_mib": mmproj.stat().st_size / 2**20,
-        "threads": vlm.n_threads, "load_s": load_s, "rows": rows,
+        "threads": vlm.n_threads, "load_s": load_s, "rows": rows, "image_max_tokens": image_max_tokens,
+        "image": image_tokens(vlm, images[0][1]), "load_avg_1m": {"min": min(load_avg), "max": max(load_avg)},
     }  # fmt: skip
     vlm.close()
     out["peak_rss_mib"] = peak_rss_mib()
     return out
+
+
+def image_tokens(vlm, png: bytes) -> dict:
+    """What the mmproj's preprocessing makes of one image: encoder passes (image chunks) and tokens."""
+    handler = vlm._handler  # bench only: the adapter's mtmd context
+    mtmd = handler._mtmd_cpp
+    bitmap = handler._create_bitmap_from_bytes(png)
+    chunks = mtmd.mtmd_input_chunks_init()
+    text = mtmd.mtmd_input_text()
+    marker = mtmd.mtmd_default_marker()
+    text.text, text.text_len, text.add_special, text.parse_special = marker, len(marker), True, True
+    mtmd.mtmd_tokenize(handler.mtmd_ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
+    passes = tokens = 0
+    for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+        c = mtmd.mtmd_input_chunks_get(chunks, i)
+        if mtmd.mtmd_input_chunk_get_type(c) != mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+            passes += 1
+            tokens += int(mtmd.mtmd_input_chunk_get_n_tokens(c))
+    mtmd.mtmd_input_chunks_free(chunks)
+    mtmd.mtmd_bitmap_free(bitmap)
+    return {"encoder_passes": passes, "image_tokens": tokens}
 
 
 def _rate(rows: list[dict], tok: str, sec: str) -> float:
@@ -163,12 +204,17 @@ def summarise(res: dict, variants: int, max_tokens: int) -> dict:
         "seq_s_per_image": s_seq,
         "par_s_per_image": s_par,
         "ratio": s_seq / s_par,  # images/hour parallel over sequential
+        "seq_cpu_s": statistics.mean(r["cpu_s"] for r in seq),
+        "par_cpu_s": statistics.mean(r["cpu_s"] for r in par),
     }
+    out["cpu_ratio"] = out["seq_cpu_s"] / out["par_cpu_s"]
     if multi:
         out["multi_images"] = multi[0]["images"]
         out["multi_s_per_image"] = statistics.mean(r["s"] for r in multi)
         out["multi_gen_tok_s"] = _rate(multi, "gen_tokens", "gen_s")
         out["multi_ratio"] = s_seq / out["multi_s_per_image"]
+        out["multi_cpu_s"] = statistics.mean(r["cpu_s"] for r in multi)
+        out["multi_cpu_ratio"] = out["seq_cpu_s"] / out["multi_cpu_s"]
     full = prompts.default_max_tokens(variants)
     if max_tokens < full:
         # Projection to the default cap: the fixed part (encode + prompt + hand-off) as measured, the
@@ -217,18 +263,23 @@ def variety(n_images: int, threads: int) -> dict:
 
 
 def _write(results: list[dict], args: argparse.Namespace, max_tokens: int) -> str:
-    table = ("| shape | precision | model MiB | encode s | prompt tok/s | gen tok/s seq → par | s/image seq | "
-             "s/image par | par ÷ seq images/h | multi s/image | multi ÷ seq | peak RSS MiB |\n"
-             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|\n")  # fmt: skip
+    table = ("| shape | precision | model MiB | image tokens (passes) | encode s | prompt tok/s | gen tok/s seq → par | "
+             "s/image seq | s/image par | par ÷ seq images/h | CPU s seq → par (÷) | multi s/image | multi ÷ seq | "
+             "peak RSS MiB | load avg |\n"
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---|\n")  # fmt: skip
     for r in results:
         if "error" in r:
-            table += f"| {r['shape']} | {r['precision']} | failed: {r['error']} |||||||||\n"
+            table += f"| {r['shape']} | {r['precision']} | failed: {r['error']} ||||||||||||\n"
             continue
         s = r["summary"]
         multi = (f"{s['multi_s_per_image']:.1f} | {s['multi_ratio']:.2f}×" if "multi_s_per_image" in s else "– | –")
-        table += (f"| {r['shape']} | {r['precision']} | {r['model_mib']:.0f} | {s['encode_s']:.2f} | {s['prompt_tok_s']:.0f} "
+        im, la = r.get("image", {}), r.get("load_avg_1m", {})
+        table += (f"| {r['shape']} | {r['precision']} | {r['model_mib']:.0f} | {im.get('image_tokens', '?')} ({im.get('encoder_passes', '?')}) "
+                  f"| {s['encode_s']:.2f} | {s['prompt_tok_s']:.0f} "
                   f"| {s['seq_gen_tok_s']:.1f} → {s['par_gen_tok_s']:.1f} | {s['seq_s_per_image']:.1f} "
-                  f"| {s['par_s_per_image']:.1f} | **{s['ratio']:.2f}×** | {multi} | {r['peak_rss_mib']:.0f} |\n")  # fmt: skip
+                  f"| {s['par_s_per_image']:.1f} | **{s['ratio']:.2f}×** "
+                  f"| {s['seq_cpu_s']:.0f} → {s['par_cpu_s']:.0f} ({s['cpu_ratio']:.2f}×) | {multi} | {r['peak_rss_mib']:.0f} "
+                  f"| {la.get('min', 0):.1f}–{la.get('max', 0):.1f} |\n")  # fmt: skip
     proj = [r for r in results if "summary" in r and "projected_full_cap" in r["summary"]]
     if proj:
         table += f"\nProjected to the default cap ({prompts.default_max_tokens(args.variants)} tokens per image), from the rates above:\n\n"
@@ -239,10 +290,11 @@ def _write(results: list[dict], args: argparse.Namespace, max_tokens: int) -> st
                       f"| {3600 / p['seq_s_per_image']:.0f} | {3600 / p['par_s_per_image']:.0f} | {p['ratio']:.2f}× |\n")  # fmt: skip
     table += (f"\n{args.threads} threads, {args.variants} variants, max_tokens {max_tokens} per image "
               f"({max(16, max_tokens // args.variants)} per variant on the parallel path), {args.images} RSICD samples "
-              f"x {args.reps} rep(s), arms interleaved; multi = {args.multi} images in one context. Random-weight "
+              f"x {args.reps} rep(s), arms interleaved; multi = {args.multi} images in one context; image_max_tokens "
+              f"{args.image_max_tokens or 'the mmproj default'}. Random-weight "
               "shape models: constrained output runs to the caps, so the times are a worst case. The machine was "
               "shared with other work; ratios within one run are the meaningful figures.\n")  # fmt: skip
-    write_results("caption_speed", {"args": vars(args), "max_tokens": max_tokens, "results": results}, table)
+    write_results(args.name, {"args": vars(args), "max_tokens": max_tokens, "results": results}, table)
     return table
 
 
@@ -299,16 +351,29 @@ def main() -> None:
                     help="per-image cap, split evenly over the variants on the parallel path "
                          "(default: prompts.default_max_tokens, about 2040 for 5)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--image-max-tokens", type=int, default=0,
+                    help="mtmd's cap on one image's tokens (0: the mmproj's own preprocessing), as caption's flag")  # fmt: skip
     ap.add_argument("--multi", type=int, default=2, help="also run K images in one context (0: skip)")
     ap.add_argument("--warm-up", action="store_true", help="one untimed call per arm first (costs an image encoding each)")
+    ap.add_argument("--name", default="caption_speed", help="results file name under bench/results/")
+    ap.add_argument("--combine", metavar="NAMES", help="merge these results files (comma-separated names) into --name")
     ap.add_argument("--variety", action="store_true", help="compare focus suffixes with per-variant seeds")
     ap.add_argument("--grammar-cost", metavar="GGUF", help="time the grammar pass alone on this model's vocabulary")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "MMPROJ"), help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     max_tokens = args.max_tokens or prompts.default_max_tokens(args.variants)
     kw = {"threads": args.threads, "n_images": args.images, "variants": args.variants,
-          "max_tokens": max_tokens, "multi": args.multi, "reps": args.reps, "warm_up": args.warm_up}  # fmt: skip
+          "max_tokens": max_tokens, "multi": args.multi, "reps": args.reps, "warm_up": args.warm_up,
+          "image_max_tokens": args.image_max_tokens}  # fmt: skip
 
+    if args.combine:  # several runs' results (e.g. one per shape, run side by side) in one table
+        runs = [json.loads((ROOT / "bench" / "results" / f"{n}.json").read_text()) for n in args.combine.split(",")]
+        results = [r for run in runs for r in run["results"]]
+        caps = {run["args"].get("image_max_tokens") for run in runs}
+        cap = caps.pop() if len(caps) == 1 else "per shape (see the image tokens column)"
+        merged = argparse.Namespace(**{**runs[0]["args"], "name": args.name, "image_max_tokens": cap})
+        print(_write(results, merged, runs[0]["max_tokens"]))
+        return
     if args.one:
         print(json.dumps(run_one(Path(args.one[0]), Path(args.one[1]), **kw)))
         return
@@ -351,6 +416,7 @@ def main() -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--one", str(model), str(mmproj),
                "--images", str(args.images), "--reps", str(args.reps), "--variants", str(args.variants),
                "--max-tokens", str(max_tokens), "--threads", str(args.threads), "--multi", str(args.multi),
+               "--image-max-tokens", str(args.image_max_tokens),
                *(["--warm-up"] if args.warm_up else [])]  # fmt: skip
         print(f"{shape} {prec}: {model.name}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)

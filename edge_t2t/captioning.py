@@ -118,7 +118,7 @@ def _stop_after_current(notice: Callable[[str], None], message: str = "") -> Ite
 def generation_params(vlm_cfg: Any, *, n_variants: int, max_tokens: int, temperature: float,
                       max_megapixels: float, bands: tuple[int, int, int] | None) -> dict[str, Any]:  # fmt: skip
     """Everything besides image, model, mmproj and prompt that changes the answer: the cache key."""
-    return {
+    params = {
         "family": getattr(vlm_cfg, "family", None) or "auto",  # auto-detection is a function of the model bytes
         "max_tokens": max_tokens,
         "temperature": temperature,
@@ -128,6 +128,9 @@ def generation_params(vlm_cfg: Any, *, n_variants: int, max_tokens: int, tempera
         "max_megapixels": max_megapixels,
         "bands": list(bands) if bands else None,
     }
+    if getattr(vlm_cfg, "image_max_tokens", None):  # only when set, so existing cache keys stay valid
+        params["image_max_tokens"] = int(vlm_cfg.image_max_tokens)
+    return params
 
 
 def _default_vlm_factory(cfg: Any) -> Any:

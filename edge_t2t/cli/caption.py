@@ -59,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--variant-mode", choices=("parallel", "sequential"), default="parallel",
                    help="parallel: encode the image once and write the variants as sequences of one batch "
                         "(default); sequential: one call writes all variants. Records say which path wrote them")  # fmt: skip
+    p.add_argument("--image-max-tokens", type=int, metavar="N",
+                   help="cap one image's tokens in the VLM (tiling models upscale small images: SmolVLM turns a "
+                        "224 px image into 17 tiles, 1088 tokens; 64 gives 1 tile + overview, 128). Default: the mmproj's own")  # fmt: skip
     p.add_argument("--cache-dir", metavar="DIR", help="caption cache directory (default: $EDGE_T2T_CACHE_DIR or ~/.cache/edge-t2t)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the caption cache")
     from .index import add_tiling_arguments
@@ -100,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InputError, ModelError
     from ..vlm import VLMConfig, resolve_vlm_paths
 
+    if args.image_max_tokens is not None and args.image_max_tokens < 1:
+        raise InputError(f"--image-max-tokens {args.image_max_tokens}: give a positive number of tokens, e.g. 64")
     if args.max_tokens is not None and args.max_tokens < 16:
         raise InputError(f"--max-tokens {args.max_tokens} is too small to hold one description; use 256 or more")
     bands = _parse_bands(args.bands)
@@ -108,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise ModelError(f"{path}: no such {kind} file; check --vlm/--mmproj (or $EDGE_T2T_VLM/$EDGE_T2T_MMPROJ)")
     cfg = VLMConfig(model=model, mmproj=mmproj, family=args.family, n_ctx=args.ctx, n_threads=args.threads,
-                    n_gpu_layers=args.gpu_layers, seed=args.seed, variant_mode=args.variant_mode)  # fmt: skip
+                    n_gpu_layers=args.gpu_layers, seed=args.seed, variant_mode=args.variant_mode,
+                    image_max_tokens=args.image_max_tokens)  # fmt: skip
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     cache = None

@@ -39,6 +39,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-tokens", type=int, metavar="N", help="cap on generated tokens per image (default: what the schema needs)")
     p.add_argument("--prompt-file", metavar="FILE", help="your own VLM prompt (plain text, {n} = variant count)")
     p.add_argument("--max-megapixels", type=float, default=None, metavar="MP", help="downscale larger images for the VLM")
+    p.add_argument("--image-max-tokens", type=int, metavar="N",
+                   help="cap one image's tokens in the VLM (as caption's flag; default: the mmproj's own)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for llama.cpp (default: 1 for models under 64 MiB, else all available CPUs)")
     p.add_argument("--cache-dir", metavar="DIR", help="caption cache directory (default: $EDGE_T2T_CACHE_DIR or ~/.cache/edge-t2t)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per commit (default: 32)")
@@ -106,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             model, mmproj = resolve_vlm_paths(args.vlm, args.mmproj)
-            vlm_cfg = VLMConfig(model=model, mmproj=mmproj, n_threads=args.threads)
+            vlm_cfg = VLMConfig(model=model, mmproj=mmproj, n_threads=args.threads,
+                                image_max_tokens=args.image_max_tokens)  # fmt: skip
         except Exception:
             if args.vlm or args.mmproj:
                 raise
