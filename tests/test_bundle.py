@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,69 @@ def test_compat_build_installs_and_captions(archive: Path, tmp_path: Path) -> No
     record = json.loads(res.stdout.splitlines()[0])
     # found by itself: the pair added above is the only VLM this installation has
     assert record["test_model"] and record["model"] == model.name and record["variants"]
+
+
+# -- the compat build on a CPU without AVX: qemu-user emulating an older CPU ------------------------
+
+QEMU_SCRIPT = r'''
+import sys
+from pathlib import Path
+import llama_cpp
+assert Path(llama_cpp.__file__).is_relative_to(sys.argv[1]), llama_cpp.__file__
+print("SYSTEM_INFO", llama_cpp.llama_print_system_info().decode(), flush=True)
+if len(sys.argv) > 2:  # the product's model path: load the pair, encode the picture, decode a few tokens
+    from edge_t2t import scenes
+    from edge_t2t.images import to_png_bytes
+    from edge_t2t.vlm import VLM, VLMConfig
+    png = to_png_bytes(scenes.make_scenes(1, 0)[0].image)
+    with VLM(VLMConfig(model=Path(sys.argv[2]), mmproj=Path(sys.argv[3]), n_threads=1, variant_mode="sequential")) as vlm:
+        text = vlm.generate(png, "Describe this image.", max_tokens=8)
+    print("GENERATED", repr(text), flush=True)
+'''
+
+
+def _qemu_run(wheel_dir: Path, cpu: str, *args: str) -> subprocess.CompletedProcess:
+    """Run QEMU_SCRIPT with the llama_cpp unpacked in wheel_dir, in qemu-user emulating `cpu`.
+
+    qemu-user raises SIGILL for any instruction the emulated CPU model does not have, as the real
+    CPU would; the rest of the process (Python, numpy) is this venv's and picks its code paths at
+    run time from what the emulated CPUID reports."""
+    env = {**os.environ, "PYTHONPATH": str(wheel_dir), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, "-c", QEMU_SCRIPT, str(wheel_dir), *args],
+                          env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None or os.uname().machine != "x86_64",
+                    reason="needs qemu-user (Debian: apt-get install qemu-user; `make test` installs it)")  # fmt: skip
+def test_compat_build_runs_on_a_cpu_without_avx(archive: Path, tmp_path: Path) -> None:
+    """Under qemu-user with -cpu Nehalem (SSE4.2, no AVX/AVX2/FMA/F16C), the bundle's compat build
+    loads the test VLM, encodes a picture and generates; the portable build dies there with an
+    illegal instruction, and runs under -cpu Haswell (so it is the CPU model that kills it)."""
+    from helpers_media import test_vlm_files
+
+    model, mmproj = test_vlm_files()
+    unpacked = {}
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            match = re.search(r"/wheels/llama-(portable|compat)/[^/]+\.whl$", member.name)
+            if match:
+                wheel = tmp_path / Path(member.name).name
+                wheel.write_bytes(tar.extractfile(member).read())
+                unpacked[match[1]] = tmp_path / match[1]
+                with zipfile.ZipFile(wheel) as zf:
+                    zf.extractall(unpacked[match[1]])
+    assert set(unpacked) == {"portable", "compat"}
+
+    compat = _qemu_run(unpacked["compat"], "Nehalem", str(model), str(mmproj))
+    assert compat.returncode == 0, (compat.stdout + compat.stderr)[-3000:]
+    info = re.search(r"SYSTEM_INFO (.*)", compat.stdout)[1]
+    assert "SSE3 = 1" in info and not re.search(r"\b(AVX|AVX2|FMA|F16C|BMI2) = 1", info), info
+    assert "GENERATED" in compat.stdout
+
+    portable = _qemu_run(unpacked["portable"], "Nehalem")
+    assert portable.returncode in (-4, 132), (portable.returncode, portable.stdout, portable.stderr[-2000:])
+    assert "Illegal instruction" in portable.stderr and "SYSTEM_INFO" not in portable.stdout
+
+    control = _qemu_run(unpacked["portable"], "Haswell")
+    assert control.returncode == 0, control.stderr[-2000:]
+    assert "AVX2 = 1" in control.stdout
