@@ -343,7 +343,7 @@ def split_optional(top: Path, opt: Path, proj: dict) -> dict:
                  "--find-links", top / "wheels" / "common", "--find-links", top / "wheels" / "llama-portable",
                  f"{own}[{','.join(proj['extras'])}]"])  # fmt: skip
             for w in sorted(Path(tmp).glob("*.whl")):
-                if w.name not in core:
+                if w.name not in core and not w.name.startswith("llama_cpp_python-"):  # in wheels/llama-*/
                     shutil.move(w, wheels / w.name)
     return {"embedder": [fp32], "extras": proj["extras"],
             "wheels": sorted(w.relative_to(opt).as_posix() for w in wheels.glob("*.whl"))}

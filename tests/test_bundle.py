@@ -124,6 +124,8 @@ def test_main_archive_is_under_150_mb(archive: Path, optional_archive: Path) -> 
     assert "SHA256SUMS.optional" in files and any(n.endswith(".fp32.onnx") for n in files)
     assert any(Path(n).name.startswith("rasterio-") for n in files)
     assert not (files & main), files & main  # nothing is carried twice
+    main_wheels = {Path(n).name for n in main if n.endswith(".whl")}
+    assert not {Path(n).name for n in files if n.endswith(".whl")} & main_wheels
     assert not any(n.endswith(".fp32.onnx") or Path(n).name.startswith("rasterio-") for n in main)
 
 
