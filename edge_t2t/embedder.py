@@ -87,7 +87,7 @@ class Embedder:
         path = self.model_dir / filename
         if not path.is_file() and filename in self.manifest.get("optional_files", {}):
             raise ModelError(f"{path} is not installed: it comes in the bundle's optional archive "
-                             "(dist/optional/*-optional.tar.gz); unpack it over the bundle and run install.sh again, "
+                             "(dist/optional/*-optional.tar.gz); unpack it beside the bundle and install again, "
                              "or use --precision int8")  # fmt: skip
         if not path.is_file():
             raise ModelError(f"{path} is missing; {_BUILD_HINT}")
