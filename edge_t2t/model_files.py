@@ -189,6 +189,10 @@ def verify_models() -> ModelCheck:
     emb = _manifest(emb_dir / MANIFEST, rep, emb_fix)
     for name, digest in ((emb or {}).get("files") or {}).items():
         _check(rep, "embedder", emb_dir / name, digest, emb_fix)
+    # A bundle installed without its optional archive has no fp32 model: checked only when present.
+    for name, digest in ((emb or {}).get("optional_files") or {}).items():
+        if (emb_dir / name).exists():
+            _check(rep, "embedder", emb_dir / name, digest, emb_fix)
     test_dir = config.test_vlm_dir()
     test_fix = "rebuild it with `edge-t2t models build-test-vlm --force`"
     test = _manifest(test_dir / MANIFEST, rep, test_fix)

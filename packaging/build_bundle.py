@@ -13,6 +13,14 @@ The archive unpacks into one directory holding:
     models/embedder/      the built ONNX embedder (fp32 + int8, tokenizer, manifest)
     models/vlm/           optional: the user's GGUF files (BUNDLE_VLM=DIR)
 
+and, beside it, dist/optional/edge-t2t-<version>-<platform>-optional.tar.gz: the fp32 embedder and
+the users' extras (geo, cluster) as wheels. It unpacks into the same top directory, adding
+wheels/optional/, models/embedder/<name>.fp32.onnx and SHA256SUMS.optional; install.sh installs
+them when they are there. The main archive alone is the default tool (int8 embedder); the split
+keeps it under 150 MB, which no lossless packing of the fp32 weights (22.7M float32 values, 71.7
+MiB at best with xz on byte planes) plus onnxruntime and numpy could do. --single (BUNDLE_SINGLE=1)
+puts everything in the main archive instead.
+
 llama-cpp-python publishes only a source package, so its wheels are compiled here. pip's wheel
 cache is keyed by the sdist, not by CMAKE_ARGS, so each build is kept in a cache of our own keyed
 by version + flags (~/.cache/edge-t2t/wheels/): a machine compiles each flavour once.
@@ -304,16 +312,54 @@ def copy_embedder(src: Path, dst: Path) -> list[str]:
     return sorted(manifest["files"])
 
 
-def write_sums(top: Path) -> int:
+def write_sums(top: Path, name: str = "SHA256SUMS") -> int:
     lines = []
     for p in sorted(top.rglob("*")):
-        if p.is_file() and p.name != "SHA256SUMS":
+        if p.is_file() and not p.name.startswith("SHA256SUMS"):
             lines.append(f"{sha256(p)}  {p.relative_to(top).as_posix()}\n")
-    (top / "SHA256SUMS").write_text("".join(lines))
+    (top / name).write_text("".join(lines))
     return len(lines)
 
 
-def build(out_dir: Path, vlm_dir: Path | None, force: bool) -> Path:
+def split_optional(top: Path, opt: Path, proj: dict) -> dict:
+    """Move the fp32 embedder and the extras' own wheels from `top` into `opt` (same layout).
+
+    The core manifest keeps naming the fp32 model, but lists it under optional_files instead of
+    files: `models verify` and doctor then accept its absence, and the embedder says where it is."""
+    manifest_path = top / "models" / "embedder" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    fp32 = manifest["onnx"]["fp32"]
+    (opt / "models" / "embedder").mkdir(parents=True)
+    shutil.move(top / "models" / "embedder" / fp32, opt / "models" / "embedder" / fp32)
+    manifest["optional_files"] = {fp32: manifest["files"].pop(fp32)}
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    core = {w.name for w in (top / "wheels" / "common").glob("*.whl")}
+    wheels = opt / "wheels" / "optional"
+    wheels.mkdir(parents=True)
+    if proj["extras"]:
+        own = next((top / "wheels" / "common").glob("edge_t2t-*.whl"))
+        with tempfile.TemporaryDirectory() as tmp:
+            run([sys.executable, "-m", "pip", "download", "-q", "--only-binary", ":all:", "-d", tmp,
+                 "--find-links", top / "wheels" / "common", "--find-links", top / "wheels" / "llama-portable",
+                 f"{own}[{','.join(proj['extras'])}]"])  # fmt: skip
+            for w in sorted(Path(tmp).glob("*.whl")):
+                if w.name not in core and not w.name.startswith("llama_cpp_python-"):  # in wheels/llama-*/
+                    shutil.move(w, wheels / w.name)
+    return {"embedder": [fp32], "extras": proj["extras"],
+            "wheels": sorted(w.relative_to(opt).as_posix() for w in wheels.glob("*.whl"))}
+
+
+def write_archive(top: Path, archive: Path) -> None:
+    tmp_archive = top.parent / archive.name
+    with tarfile.open(tmp_archive, "w:gz", compresslevel=6) as tar:
+        tar.add(top, arcname=top.name)
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    for old in archive.parent.glob("edge-t2t-*.tar.gz"):  # exactly one archive per folder
+        old.unlink()
+    os.replace(tmp_archive, archive)  # same file system: tmp is inside out_dir
+
+
+def build(out_dir: Path, vlm_dir: Path | None, force: bool, single: bool = False) -> Path:
     proj = project()
     embedder = Path(os.environ.get("EDGE_T2T_EMBEDDER") or ROOT / "models" / "embedder")
     llama = {}
@@ -322,9 +368,11 @@ def build(out_dir: Path, vlm_dir: Path | None, force: bool) -> Path:
         llama[flavour] = {**info, "path": wheel}
     name = f"edge-t2t-{proj['version']}-{platform_tag()}"
     archive = out_dir / f"{name}.tar.gz"
-    key = inputs_key(embedder, vlm_dir, llama)
+    optional = out_dir / "optional" / f"{name}-optional.tar.gz"
+    key = inputs_key(embedder, vlm_dir, llama) + ("-single" if single else "-split")
     key_file = out_dir / ".bundle-inputs"
-    if not force and archive.is_file() and key_file.is_file() and key_file.read_text().strip() == key:
+    complete = archive.is_file() and (single or optional.is_file())
+    if not force and complete and key_file.is_file() and key_file.read_text().strip() == key:
         log(f"{archive} is up to date (inputs unchanged; FORCE=1 to rebuild)")
         return archive
 
@@ -339,12 +387,14 @@ def build(out_dir: Path, vlm_dir: Path | None, force: bool) -> Path:
         # Our own wheel, then every runtime dependency (and the users' extras) as wheels only.
         run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", common, ROOT])
         own = next(common.glob("edge_t2t-*.whl"))
-        spec = f"{own}[{','.join(proj['extras'])}]" if proj["extras"] else str(own)
+        spec = f"{own}[{','.join(proj['extras'])}]" if proj["extras"] and single else str(own)
         run([sys.executable, "-m", "pip", "download", "-q", "--only-binary", ":all:", "-d", common,
              "--find-links", llama["portable"]["path"].parent, spec])  # fmt: skip
         for dup in common.glob("llama_cpp_python-*.whl"):  # lives in wheels/llama-*/
             dup.unlink()
         models = copy_embedder(embedder, top / "models" / "embedder")
+        opt_top = Path(tmp) / "optional" / name
+        split = None if single else split_optional(top, opt_top, proj)
         if vlm_dir:
             shutil.copytree(vlm_dir, top / "models" / "vlm", symlinks=False)
         shutil.copy2(HERE / "install.sh", top / "install.sh")
@@ -354,6 +404,7 @@ def build(out_dir: Path, vlm_dir: Path | None, force: bool) -> Path:
             f"BUNDLE_PYTHON={sys.version_info.major}.{sys.version_info.minor}\n"
             f"BUNDLE_EXTRAS={','.join(proj['extras'])}\n"
             f"BUNDLE_NAME={name}\n"
+            f"BUNDLE_OPTIONAL={0 if single else 1}\n"
         )
         wheels = sorted(top.rglob("*.whl"))
         buildinfo = {
@@ -368,19 +419,21 @@ def build(out_dir: Path, vlm_dir: Path | None, force: bool) -> Path:
             "wheels": [w.relative_to(top).as_posix() for w in wheels],
             "models": {"embedder": models, "vlm": sorted(str(p.relative_to(vlm_dir)) for p in vlm_dir.rglob("*")
                                                          if p.is_file()) if vlm_dir else []},
+            "optional_archive": ({**split, "archive": f"optional/{optional.name}"} if split else None),
         }
         (top / "BUILDINFO.json").write_text(json.dumps(buildinfo, indent=2) + "\n")
         n = write_sums(top)
-        tmp_archive = Path(tmp) / f"{name}.tar.gz"
-        with tarfile.open(tmp_archive, "w:gz", compresslevel=6) as tar:
-            tar.add(top, arcname=name)
-        for old in out_dir.glob("edge-t2t-*.tar.gz"):  # exactly one archive in dist/
-            old.unlink()
-        os.replace(tmp_archive, archive)  # same file system: tmp is inside out_dir
+        write_archive(top, archive)
+        if split:
+            write_sums(opt_top, "SHA256SUMS.optional")
+            write_archive(opt_top, optional)
+        else:
+            shutil.rmtree(optional.parent, ignore_errors=True)
     key_file.write_text(key + "\n")
-    size = archive.stat().st_size
-    log(f"wrote {archive}: {size / 2**20:.1f} MiB, {n} files, {len(wheels)} wheels, "
+    log(f"wrote {archive}: {archive.stat().st_size / 2**20:.1f} MiB, {n} files, {len(wheels)} wheels, "
         f"oldest glibc {buildinfo['oldest_glibc']}, {time.time() - t0:.0f} s")
+    if split:
+        log(f"wrote {optional}: {optional.stat().st_size / 2**20:.1f} MiB (fp32 embedder, extras {split['extras']})")
     return archive
 
 
@@ -391,11 +444,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="folder of GGUF files to include (default: $BUNDLE_VLM; none)")
     ap.add_argument("--force", action="store_true", default=bool(os.environ.get("FORCE")),
                     help="rebuild even if the inputs did not change")
+    ap.add_argument("--single", action="store_true", default=bool(os.environ.get("BUNDLE_SINGLE")),
+                    help="one archive with the fp32 embedder and the extras too (over 150 MB; default: "
+                         "those go in dist/optional/)")
     args = ap.parse_args(argv)
     if args.vlm and not Path(args.vlm).is_dir():
         sys.exit(f"bundle: BUNDLE_VLM={args.vlm} is not a folder; point it at the folder holding your GGUF files")
     args.out.mkdir(parents=True, exist_ok=True)
-    print(build(args.out, Path(args.vlm) if args.vlm else None, args.force))
+    print(build(args.out, Path(args.vlm) if args.vlm else None, args.force, args.single))
     return 0
 
 

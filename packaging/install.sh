@@ -2,7 +2,9 @@
 # Install edge-t2t from this bundle, with no network: ./install.sh TARGET
 #
 # 1. checks the Python version (the wheels are built for one Python minor version);
-# 2. verifies SHA256SUMS over every file of the bundle (nothing is installed if one differs);
+# 2. verifies SHA256SUMS over every file of the bundle (nothing is installed if one differs), and
+#    SHA256SUMS.optional when the optional archive (fp32 embedder, geo/cluster extras) was unpacked
+#    into the same directory;
 # 3. picks the llama.cpp build from the CPU's flags (portable needs AVX2/FMA/F16C/BMI2; compat
 #    needs only SSE4.2); EDGE_T2T_LLAMA_BUILD=portable|compat overrides;
 # 4. creates the virtualenv TARGET and installs with pip --no-index from the bundle's wheels;
@@ -15,7 +17,7 @@ say() { printf 'install.sh: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 2; }
 
 if [[ $# -ne 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     [[ $# -eq 1 ]] && exit 0 || exit 2
 fi
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -44,9 +46,11 @@ say "verifying $(wc -l <"$HERE/SHA256SUMS") files against SHA256SUMS"
 import hashlib, pathlib, sys
 top = pathlib.Path(sys.argv[1])
 listed, bad = {}, []
-for line in (top / "SHA256SUMS").read_text().splitlines():
-    digest, name = line.split("  ", 1)
-    listed[name] = digest
+for sums in ("SHA256SUMS", "SHA256SUMS.optional"):
+    if sums == "SHA256SUMS" or (top / sums).is_file():
+        for line in (top / sums).read_text().splitlines():
+            digest, name = line.split("  ", 1)
+            listed[name] = digest
 for name, digest in listed.items():
     h = hashlib.sha256()
     try:
@@ -59,7 +63,7 @@ for name, digest in listed.items():
     if h.hexdigest() != digest:
         bad.append(f"{name}: checksum mismatch")
 extra = sorted(p.relative_to(top).as_posix() for p in top.rglob("*") if p.is_file())
-bad += [f"{n}: not in SHA256SUMS" for n in extra if n != "SHA256SUMS" and n not in listed]
+bad += [f"{n}: not in SHA256SUMS" for n in extra if not n.startswith("SHA256SUMS") and n not in listed]
 for b in bad:
     print(f"install.sh: error: damaged bundle: {b}", file=sys.stderr)
 if bad:
@@ -91,9 +95,18 @@ trap 'fail "interrupted"' INT TERM
 t0=$(date +%s)
 "$PY" -m venv "$TARGET" || fail "could not create the virtualenv"
 spec="edge-t2t==$EDGE_T2T_VERSION"
-[[ -n $BUNDLE_EXTRAS ]] && spec="edge-t2t[$BUNDLE_EXTRAS]==$EDGE_T2T_VERSION"
-"$TARGET/bin/python" -m pip install -q --no-index --only-binary :all: \
-    --find-links "$HERE/wheels/common" --find-links "$HERE/wheels/llama-$build" "$spec" \
+links=(--find-links "$HERE/wheels/common" --find-links "$HERE/wheels/llama-$build")
+if [[ ${BUNDLE_OPTIONAL:-0} == 1 && ! -f $HERE/SHA256SUMS.optional ]]; then
+    say "no optional archive here: installing the int8 embedder only, without the extras ($BUNDLE_EXTRAS);"
+    say "  for fp32 and the extras, unpack ${BUNDLE_NAME}-optional.tar.gz in the same place and install again"
+else
+    if [[ -f $HERE/SHA256SUMS.optional ]]; then
+        say "optional archive present: also installing the fp32 embedder and the extras ($BUNDLE_EXTRAS)"
+        links+=(--find-links "$HERE/wheels/optional")
+    fi
+    [[ -n $BUNDLE_EXTRAS ]] && spec="edge-t2t[$BUNDLE_EXTRAS]==$EDGE_T2T_VERSION"
+fi
+"$TARGET/bin/python" -m pip install -q --no-index --only-binary :all: "${links[@]}" "$spec" \
     || fail "pip could not install from the bundle"
 
 # --- 5. models, and a note of what was installed ----------------------------------------------

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,8 @@ echo "INSTALL_SECONDS=$(( ($(date +%s%N) - t0) / 1000000 ))e-3"
 captions=$("$WORK/target/bin/python" -c "import sys; from edge_t2t.scenes import write_scene_set; print(write_scene_set(sys.argv[1], n=40)[1])" "$WORK/scenes")
 "$WORK/target/bin/edge-t2t" index --captions "$captions" --index "$WORK/idx" --json --no-progress > "$WORK/index.json"
 "$WORK/target/bin/edge-t2t" search "$QUERY" --index "$WORK/idx" --json -k 10 > "$WORK/search.jsonl"
+# the main archive alone carries no fp32 model: asking for it names the optional archive
+"$WORK/target/bin/edge-t2t" embed "a river" --precision fp32 2> "$WORK/fp32.err" && exit 9 || true
 '''
 
 
@@ -91,6 +94,41 @@ def archive() -> Path:
     return found[0]
 
 
+@pytest.fixture(scope="module")
+def optional_archive(archive: Path) -> Path:
+    found = sorted((ROOT / "dist" / "optional").glob("edge-t2t-*-optional.tar.gz"))
+    assert len(found) == 1 and found[0].name == archive.name.replace(".tar.gz", "-optional.tar.gz"), found
+    return found[0]
+
+
+def _unpack(dest: Path, *archives: Path) -> Path:
+    """Unpack the archives into dest (the optional one merges into the main one's top directory)."""
+    for arc in archives:
+        with tarfile.open(arc) as tar:
+            tar.extractall(dest, filter="data")
+    (top,) = dest.iterdir()
+    return top
+
+
+def test_main_archive_is_under_150_mb(archive: Path, optional_archive: Path) -> None:
+    """The issue's goal for the bundle without VLM files; the fp32 embedder and the extras are in
+    the optional archive, which unpacks into the same top directory."""
+    assert archive.stat().st_size < 150e6, archive.stat().st_size
+    with tarfile.open(archive) as tar:
+        main = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    with tarfile.open(optional_archive) as tar:
+        names = tar.getnames()
+    assert {n.split("/", 1)[0] for n in names} == {archive.name.removesuffix(".tar.gz")}
+    optional = {n.split("/", 1)[1] for n in names if "/" in n}
+    files = {n for n in optional if "." in Path(n).name}
+    assert "SHA256SUMS.optional" in files and any(n.endswith(".fp32.onnx") for n in files)
+    assert any(Path(n).name.startswith("rasterio-") for n in files)
+    assert not (files & main), files & main  # nothing is carried twice
+    main_wheels = {Path(n).name for n in main if n.endswith(".whl")}
+    assert not {Path(n).name for n in files if n.endswith(".whl")} & main_wheels
+    assert not any(n.endswith(".fp32.onnx") or Path(n).name.startswith("rasterio-") for n in main)
+
+
 def test_install_and_search_with_no_network(archive: Path, tmp_path: Path, capsys) -> None:
     prefix = _isolation()
     if prefix is None:
@@ -116,17 +154,19 @@ def test_install_and_search_with_no_network(archive: Path, tmp_path: Path, capsy
     assert summary["added"] == 40 and not summary["failures"]
     hits = [json.loads(line) for line in (tmp_path / "search.jsonl").read_text().splitlines() if line.strip()]
     assert len(hits) == 10 and expected in [Path(h["image"]).stem for h in hits], (query, expected, hits)
+    assert "not installed: it comes in the bundle's optional archive" in (tmp_path / "fp32.err").read_text()
+    assert "no optional archive here" in res.stderr
     seconds = re.search(r"INSTALL_SECONDS=([\d.e-]+)", res.stdout)
     with capsys.disabled():
         print(f"\n[test_bundle] {archive.name}: {archive.stat().st_size / 2**20:.1f} MiB; install.sh took "
               f"{float(seconds[1]) if seconds else float('nan'):.1f} s in {' '.join(prefix)}")
 
 
-@pytest.mark.parametrize("victim", ["wheels/common/edge_t2t-*.whl", "models/embedder/*.int8.onnx"])
-def test_damaged_file_stops_install_before_anything(archive: Path, tmp_path: Path, victim: str) -> None:
-    with tarfile.open(archive) as tar:
-        tar.extractall(tmp_path / "unpacked", filter="data")
-    top = next((tmp_path / "unpacked").iterdir())
+@pytest.mark.parametrize("victim", ["wheels/common/edge_t2t-*.whl", "models/embedder/*.int8.onnx",
+                                    "models/embedder/*.fp32.onnx", "wheels/optional/rasterio-*.whl"])
+def test_damaged_file_stops_install_before_anything(archive: Path, optional_archive: Path, tmp_path: Path,
+                                                    victim: str) -> None:
+    top = _unpack(tmp_path / "unpacked", archive, optional_archive)
     path = next(top.glob(victim))
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01  # one byte changed
@@ -149,15 +189,14 @@ def test_install_refuses_an_existing_target(archive: Path, tmp_path: Path) -> No
     assert res.returncode == 2 and "already exists" in res.stderr, res.stderr
 
 
-def test_compat_build_installs_and_captions(archive: Path, tmp_path: Path) -> None:
+def test_compat_build_installs_and_captions(archive: Path, optional_archive: Path, tmp_path: Path) -> None:
     """The compat llama.cpp build (no AVX/AVX2/FMA/F16C) installs, says so, and runs the real model
-    path: the test VLM is added with `models add` and captions one scene through it."""
+    path: the test VLM is added with `models add` and captions one scene through it. The optional
+    archive is unpacked over the main one, so the fp32 embedder and the extras come too."""
     from helpers_media import test_vlm_files
 
     model, mmproj = test_vlm_files()
-    with tarfile.open(archive) as tar:
-        tar.extractall(tmp_path / "unpacked", filter="data")
-    top = next((tmp_path / "unpacked").iterdir())
+    top = _unpack(tmp_path / "unpacked", archive, optional_archive)
     target = tmp_path / "target"
     env = _clean_env(tmp_path, EDGE_T2T_LLAMA_BUILD="compat")
     res = subprocess.run(["bash", str(top / "install.sh"), str(target)], env=env, capture_output=True, text=True,
@@ -173,6 +212,13 @@ def test_compat_build_installs_and_captions(archive: Path, tmp_path: Path) -> No
     features = doctor["facts"]["llama_cpp"]["features"]
     assert doctor["facts"]["llama_build"] == "compat"
     assert not any(features.get(f) == "1" for f in ("AVX", "AVX2", "FMA", "F16C", "BMI2", "AVX512")), features
+    assert doctor["ok"], doctor["problems"]
+    assert "optional archive present" in res.stderr
+    fp32 = tool("embed", "a river", "--precision", "fp32")
+    assert fp32.returncode == 0 and len(json.loads(fp32.stdout.splitlines()[0])["vector"]) == 384, fp32.stderr
+    extras = subprocess.run([str(target / "bin" / "python"), "-c", "import rasterio, distributed"], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert extras.returncode == 0, extras.stderr[-2000:]
     assert tool("models", "add", str(model), str(mmproj), "--name", "tiny").returncode == 0
     scene_dir = tmp_path / "scenes"
     scenes.write_scene_set(scene_dir, n=1)
@@ -181,3 +227,69 @@ def test_compat_build_installs_and_captions(archive: Path, tmp_path: Path) -> No
     record = json.loads(res.stdout.splitlines()[0])
     # found by itself: the pair added above is the only VLM this installation has
     assert record["test_model"] and record["model"] == model.name and record["variants"]
+
+
+# -- the compat build on a CPU without AVX: qemu-user emulating an older CPU ------------------------
+
+QEMU_SCRIPT = r'''
+import sys
+from pathlib import Path
+import llama_cpp
+assert Path(llama_cpp.__file__).is_relative_to(sys.argv[1]), llama_cpp.__file__
+print("SYSTEM_INFO", llama_cpp.llama_print_system_info().decode(), flush=True)
+if len(sys.argv) > 2:  # the product's model path: load the pair, encode the picture, decode a few tokens
+    from edge_t2t import scenes
+    from edge_t2t.images import to_png_bytes
+    from edge_t2t.vlm import VLM, VLMConfig
+    png = to_png_bytes(scenes.make_scenes(1, 0)[0].image)
+    with VLM(VLMConfig(model=Path(sys.argv[2]), mmproj=Path(sys.argv[3]), n_threads=1, variant_mode="sequential")) as vlm:
+        text = vlm.generate(png, "Describe this image.", max_tokens=8)
+    print("GENERATED", repr(text), flush=True)
+'''
+
+
+def _qemu_run(wheel_dir: Path, cpu: str, *args: str) -> subprocess.CompletedProcess:
+    """Run QEMU_SCRIPT with the llama_cpp unpacked in wheel_dir, in qemu-user emulating `cpu`.
+
+    qemu-user raises SIGILL for any instruction the emulated CPU model does not have, as the real
+    CPU would; the rest of the process (Python, numpy) is this venv's and picks its code paths at
+    run time from what the emulated CPUID reports."""
+    env = {**os.environ, "PYTHONPATH": str(wheel_dir), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["qemu-x86_64", "-cpu", cpu, sys.executable, "-c", QEMU_SCRIPT, str(wheel_dir), *args],
+                          env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None or os.uname().machine != "x86_64",
+                    reason="needs qemu-user (Debian: apt-get install qemu-user; `make test` installs it)")  # fmt: skip
+def test_compat_build_runs_on_a_cpu_without_avx(archive: Path, tmp_path: Path) -> None:
+    """Under qemu-user with -cpu Nehalem (SSE4.2, no AVX/AVX2/FMA/F16C), the bundle's compat build
+    loads the test VLM, encodes a picture and generates; the portable build dies there with an
+    illegal instruction, and runs under -cpu Haswell (so it is the CPU model that kills it)."""
+    from helpers_media import test_vlm_files
+
+    model, mmproj = test_vlm_files()
+    unpacked = {}
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            match = re.search(r"/wheels/llama-(portable|compat)/[^/]+\.whl$", member.name)
+            if match:
+                wheel = tmp_path / Path(member.name).name
+                wheel.write_bytes(tar.extractfile(member).read())
+                unpacked[match[1]] = tmp_path / match[1]
+                with zipfile.ZipFile(wheel) as zf:
+                    zf.extractall(unpacked[match[1]])
+    assert set(unpacked) == {"portable", "compat"}
+
+    compat = _qemu_run(unpacked["compat"], "Nehalem", str(model), str(mmproj))
+    assert compat.returncode == 0, (compat.stdout + compat.stderr)[-3000:]
+    info = re.search(r"SYSTEM_INFO (.*)", compat.stdout)[1]
+    assert "SSE3 = 1" in info and not re.search(r"\b(AVX|AVX2|FMA|F16C|BMI2) = 1", info), info
+    assert "GENERATED" in compat.stdout
+
+    portable = _qemu_run(unpacked["portable"], "Nehalem")
+    assert portable.returncode in (-4, 132), (portable.returncode, portable.stdout, portable.stderr[-2000:])
+    assert "Illegal instruction" in portable.stderr and "SYSTEM_INFO" not in portable.stdout
+
+    control = _qemu_run(unpacked["portable"], "Haswell")
+    assert control.returncode == 0, control.stderr[-2000:]
+    assert "AVX2 = 1" in control.stdout
