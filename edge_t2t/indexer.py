@@ -26,19 +26,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import vindex
 from .errors import InputError, StoreError
 from .fileio import sha256_file
 from .indexdir import IndexDir
+from .modes import DEFAULT_TEXT_MODE, DTYPES, TEXT_MODES
 from .records import CaptionRecord
-from .search import variant_texts
 from .store import MODEL_FILE_COLUMNS, NewText, Store
+from .texts import variant_texts
 
-TEXT_MODES = ("joined", "fields", "sentences")
-# One text per summary, feature and caption sentence: on held-out synthetic scenes it doubled R@1
-# (0.12 -> 0.26) and raised MRR 0.29 -> 0.42 against the paper's one joined text per variant, at
-# ~11x the vectors (bench/results/text_mode.md). --text-mode joined keeps the compact form.
-DEFAULT_TEXT_MODE = "sentences"
 DEFAULT_DTYPE = "i8"
 STAGES = ("scan", "caption", "embed", "store", "index_save")
 
@@ -209,8 +204,8 @@ class Indexer:
         if "embedder_identity" not in meta:
             dtype = self.dtype or DEFAULT_DTYPE
             mode = self.text_mode or DEFAULT_TEXT_MODE
-            if dtype not in vindex.DTYPES:
-                raise StoreError(f"unknown --dtype {dtype!r}: use one of {', '.join(vindex.DTYPES)}")
+            if dtype not in DTYPES:
+                raise StoreError(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
             if mode not in TEXT_MODES:
                 raise StoreError(f"unknown --text-mode {mode!r}: use one of {', '.join(TEXT_MODES)}")
             with store.transaction():

@@ -177,7 +177,7 @@ def index_scenes(indexer, store: Store, ix, files: list[Path], roots: list[Path]
     SQLite only; `ix.checkpoint` (an IndexDir) brings the vector snapshot up to date from them by
     key and from the deletion log, at most every 60 s and at the end of the run."""
     from .indexer import _Progress, _provenance, _record_hash, _under
-    from .search import variant_texts
+    from .texts import variant_texts
 
     opts: TilingOptions = indexer.tiling
     counts: SceneCounts = summary.scenes

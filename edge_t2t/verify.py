@@ -40,6 +40,7 @@ import numpy as np
 
 from . import config
 from .errors import StoreError
+from .quantise import exact_dtype
 
 _TABLES = ("meta", "descriptions", "images", "variants", "runs")
 _MAX_LISTED = 10  # keys/rows named per problem line; the count is always given
@@ -256,7 +257,7 @@ def _snapshot_files_problems(index_dir: Path, m: dict, dim: int, dtype: str, sto
     if out:
         return out
     n = int(m["n_rows"])
-    widths = {m["rows"]: 16, m["exact"]: dim * np.dtype(vindex.exact_dtype(dtype or m["dtype"])).itemsize}
+    widths = {m["rows"]: 16, m["exact"]: dim * np.dtype(exact_dtype(dtype or m["dtype"])).itemsize}
     for name in vindex.manifest_files(m):
         path = index_dir / name
         if not path.is_file():

@@ -13,7 +13,8 @@ from PIL import Image
 
 from edge_t2t import captioning, vindex
 from edge_t2t.errors import StoreError
-from edge_t2t.indexer import DEFAULT_TEXT_MODE, Indexer
+from edge_t2t.indexer import Indexer
+from edge_t2t.modes import DEFAULT_TEXT_MODE
 from edge_t2t.records import CaptionRecord, Variant
 from edge_t2t.store import IndexLock, Store
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..fileio import atomic_write_text
+from ..modes import DTYPES, PRECISIONS, VECTOR_MODES
 
-# The matrix axes, as edge_t2t.quantcost defines them (kept literal so that `edge-t2t --help`
-# does not import numpy; tests/test_quantcost.py checks they agree).
-EMBEDDERS = ("fp32", "int8")
-DTYPES = ("f32", "f16", "i8")
-MODES = ("exact", "hnsw", "rescore")
+# The matrix axes, as edge_t2t.quantcost orders them (built here from modes.py so that
+# `edge-t2t --help` does not import numpy; tests/test_quantcost.py checks they agree).
+EMBEDDERS = PRECISIONS
+MODES = ("exact", *(m for m in VECTOR_MODES if m != "exact"))
 AGREE_K = 10
 
 DESCRIPTION = """\

@@ -10,6 +10,10 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..fileio import atomic_write_text
+from ..modes import DTYPES, PRECISIONS, RETRIEVAL_MODES, VECTOR_MODES
+
+# eval asks for exact scoring with --exact, not a vector mode
+EVAL_VECTOR_MODES = tuple(m for m in VECTOR_MODES if m != "exact")
 
 DESCRIPTION = """\
 Retrieval evaluation against reference captions (COCO caption JSON or Karpathy-style
@@ -29,11 +33,12 @@ Ties count against the query: a target's rank is the number of other candidates 
   (images matched by file name); the paper's protocol. *_nodup counts each distinct
   (image, caption text) once, as query and as I2T candidate.
 
-Scoring: oracle is always exact numpy; --dtype f16/i8 quantises the vectors exactly as a usearch
-index of that dtype stores them. index is exact with --exact (vectors quantised to --dtype). Without
---exact, T2I goes through the index's own usearch file and --mode when --dtype is the index's
-dtype (the default), else through an HNSW usearch index of --dtype built from the stored vectors;
-I2T always through an HNSW usearch index of --dtype over the captions (the index holds none).
+Scoring: oracle is always exact numpy; index is exact with --exact. Exact scores are those of
+`search --vector-mode exact` on an index of --dtype: f16 and i8 indexes keep a float16 copy of each
+vector beside the graph and exact search scores that, so f16 and i8 give the same exact figures.
+Without --exact, T2I goes through the index's own usearch file and --mode when --dtype is the
+index's dtype (the default), else through an HNSW graph of --dtype built the index's way (i8: the
+index's own per-vector int8 codes); I2T always through such a graph over the captions.
 """
 
 
@@ -50,17 +55,17 @@ def register(subparsers) -> None:
                    help="image-side texts: reference captions, leave-one-out (default), or an index")
     p.add_argument("--index", metavar="PATH", default=None,
                    help="index directory for --source index (default: $EDGE_T2T_INDEX or ./.edge-t2t)")
-    p.add_argument("--precision", choices=["fp32", "int8"], default="int8",
+    p.add_argument("--precision", choices=PRECISIONS, default="int8",
                    help="ONNX embedder for the captions (default: int8)")
-    p.add_argument("--dtype", choices=["f32", "f16", "i8"], default=None,
+    p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="vector dtype to score with (default: f32 for oracle, the index's own for index)")
     p.add_argument("--exact", action="store_true",
                    help="brute-force numpy scoring (always so for oracle)")
-    p.add_argument("--mode", choices=["dense", "lexical", "hybrid", "hnsw", "rescore"], default="dense",
+    p.add_argument("--mode", choices=[*RETRIEVAL_MODES, *EVAL_VECTOR_MODES], default="dense",
                    help="retrieval mode, as in `search --mode`: dense (default), lexical (FTS5 BM25) or "
                         "hybrid (dense + lexical); lexical and hybrid are scored exactly. The old values "
                         "hnsw/rescore mean dense with that --vector-mode")
-    p.add_argument("--vector-mode", choices=["hnsw", "rescore"], default="rescore",
+    p.add_argument("--vector-mode", choices=EVAL_VECTOR_MODES, default="rescore",
                    help="search mode of the index's own usearch file for --source index without "
                         "--exact, when --dtype is the index's (default: rescore)")
     p.add_argument("--split", metavar="NAME", default=None,
@@ -121,7 +126,7 @@ def evaluate_from_args(args: argparse.Namespace) -> dict:
         result = ev.oracle_eval(ann, embed, dtype=dtype, mode=args.mode)
         result.config.update({
             "exact": True,
-            "scoring": "exact numpy" + ("" if dtype == "f32" else f" on vectors quantised as usearch {dtype} stores them")
+            "scoring": "exact numpy" + ("" if dtype == "f32" else f", as exact search of a {dtype} index scores (its float16 copy)")
             + ("" if args.mode == "dense" else f", {args.mode} (FTS5 BM25)"),
         })
         index_facts: dict = {}

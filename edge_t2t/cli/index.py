@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..modes import DTYPES, PRECISIONS, TEXT_MODES
+
 
 def register(subparsers) -> None:
     from .. import cluster
@@ -27,10 +29,10 @@ def register(subparsers) -> None:
     p.add_argument("--mmproj", metavar="GGUF", help="the VLM's vision projector (default: $EDGE_T2T_MMPROJ or models/vlm/)")
     p.add_argument("--captions", metavar="FILE", help="take descriptions from this file instead of a VLM")
     p.add_argument("--index", metavar="DIR", help="index directory (default: $EDGE_T2T_INDEX or ./.edge-t2t)")
-    p.add_argument("--dtype", choices=["f32", "f16", "i8"], default=None,
+    p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="vector type of the HNSW index, fixed when the index is created (default: i8)")
-    p.add_argument("--precision", choices=["fp32", "int8"], default="int8", help="ONNX embedder to use (default: int8)")
-    p.add_argument("--text-mode", choices=["joined", "fields", "sentences"], default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default="int8", help="ONNX embedder to use (default: int8)")
+    p.add_argument("--text-mode", choices=TEXT_MODES, default=None,
                    help="what to embed per variant, fixed at creation: sentences (the default: one per "
                         "one-sentence summary, per feature and per caption sentence, ~57 vectors/image, 11x joined; "
                         "held-out MRR 0.29 -> 0.41 on synthetic scenes, bench/results/text_mode.md), joined (one "
