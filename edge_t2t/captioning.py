@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from . import prompts
-from .captions import CacheKey, CaptionCache, sha256_file
+from .captions import CacheKey, CaptionCache
 from .errors import EdgeT2TError, ImageError, ModelError
+from .hashing import file_sha256
 from .images import DEFAULT_MAX_MEGAPIXELS, LoadedImage, find_images, load_image, to_png_bytes
 from .records import CaptionRecord, Variant
 
@@ -196,8 +197,8 @@ def caption_images(
     model_sha = mmproj_sha = ""
     if cache is not None and image_paths:
         try:
-            model_sha = cache.file_sha256(vlm_cfg.model)
-            mmproj_sha = cache.file_sha256(vlm_cfg.mmproj)
+            model_sha = file_sha256(vlm_cfg.model, cache)
+            mmproj_sha = file_sha256(vlm_cfg.mmproj, cache)
         except OSError:
             model_sha = mmproj_sha = ""  # unreadable model: leave it to the VLM loader to explain
     if cluster is not None:  # the same run on Dask workers; only this process writes (cluster.py)
@@ -216,8 +217,8 @@ def caption_images(
             summary.load_seconds = time.perf_counter() - t0
             summary.model_loaded = True
             summary.test_model = summary.test_model or bool(getattr(vlm, "is_test_model", False))
-            model_sha = model_sha or getattr(vlm, "model_sha256", "") or sha256_file(vlm_cfg.model)
-            mmproj_sha = mmproj_sha or getattr(vlm, "mmproj_sha256", "") or sha256_file(vlm_cfg.mmproj)
+            model_sha = model_sha or getattr(vlm, "model_sha256", "") or file_sha256(vlm_cfg.model)
+            mmproj_sha = mmproj_sha or getattr(vlm, "mmproj_sha256", "") or file_sha256(vlm_cfg.mmproj)
             if cb.on_model_loaded:
                 cb.on_model_loaded(vlm)
         return vlm

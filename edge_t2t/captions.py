@@ -18,7 +18,6 @@ from typing import Any
 
 from . import config
 from .errors import InputError, StoreError
-from .fileio import sha256_file
 from .records import CaptionRecord, Variant
 
 CACHE_FILENAME = "captions.sqlite"
@@ -78,11 +77,18 @@ class CaptionCache:
             self._db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(_SCHEMA_VERSION),)
             )
+            found = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
         except sqlite3.Error as exc:
             raise StoreError(
                 f"{self.path}: cannot open the caption cache ({exc}); delete it to start afresh, "
                 "or pick another with --cache-dir / EDGE_T2T_CACHE_DIR"
             ) from None
+        if found != str(_SCHEMA_VERSION):
+            self._db.close()
+            raise StoreError(
+                f"{self.path}: caption cache schema version {found}, this edge-t2t reads {_SCHEMA_VERSION}; "
+                "use the edge-t2t that wrote it, or pick another cache with --cache-dir / EDGE_T2T_CACHE_DIR"
+            )
 
     def get(self, key: CacheKey) -> CaptionRecord | None:
         row = self._db.execute(
@@ -110,25 +116,18 @@ class CaptionCache:
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM captions").fetchone()[0]
 
-    def file_sha256(self, path: str | os.PathLike) -> str:
-        """SHA-256 of a (large) file such as a GGUF model, remembered by (path, size, mtime), so a
-        fully cached run does not re-read gigabytes to build its keys."""
-        path = Path(path).resolve()
-        st = path.stat()
+    # hashing.HashMemo: the model files' hashes outlive the process, so a fully cached run
+    # re-reads no GGUF (hashing.file_sha256(path, cache)).
+    def lookup(self, path: str, size: int, mtime_ns: int) -> str | None:
         row = self._db.execute(
-            "SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=?",
-            (str(path), st.st_size, st.st_mtime_ns),
+            "SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=?", (path, size, mtime_ns)
         ).fetchone()
-        if row:
-            return row[0]
-        digest = sha256_file(path)
+        return row[0] if row else None
+
+    def remember(self, path: str, size: int, mtime_ns: int, digest: str) -> None:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
-                "INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)",
-                (str(path), st.st_size, st.st_mtime_ns, digest),
-            )
-        return digest
+            self._db.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", (path, size, mtime_ns, digest))
 
     def close(self) -> None:
         self._db.close()

@@ -16,7 +16,6 @@ search in between scores the texts committed since the last save exactly.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import sqlite3
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError, StoreError
-from .fileio import sha256_file
+from .hashing import sha256_bytes, sha256_file
 from .indexdir import IndexDir
 from .modes import DEFAULT_TEXT_MODE, DTYPES, TEXT_MODES
 from .records import CaptionRecord
@@ -102,7 +101,7 @@ def _out_of_space(exc: BaseException) -> bool:
 
 def _record_hash(rec: CaptionRecord) -> str:
     data = json.dumps([v.to_dict() for v in rec.variants], sort_keys=True).encode()
-    return hashlib.sha256(data).hexdigest()[:16]
+    return sha256_bytes(data)[:16]
 
 
 def _provenance(rec: CaptionRecord) -> dict:

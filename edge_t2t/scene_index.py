@@ -18,8 +18,8 @@ from pathlib import Path
 
 from . import chipstore
 from .errors import ImageError
-from .fileio import sha256_file
 from .geo import footprint
+from .hashing import sha256_file
 from .images import BOMB_FACTOR, DEFAULT_MAX_MEGAPIXELS
 from .records import CaptionRecord
 from .store import NewText, Store

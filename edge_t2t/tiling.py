@@ -16,7 +16,6 @@ from a grid of small windows, so neighbouring chips look alike to the model.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ImageError
+from .hashing import sha256_bytes
 
 GEO_EXTRA_HINT = "install the geo extra: pip install 'edge-t2t[geo]' (rasterio)"
 DEFAULT_CHIP = 512  # pixels, when no VLM tells us its input size
@@ -428,5 +428,5 @@ def plan_chips(scene: SceneFile, chip: int, overlap: float, max_nodata: float = 
 
 def chip_sha256(image) -> str:
     """Identity of a chip's pixels (what the caption cache would key it by)."""
-    return hashlib.sha256(image.tobytes()).hexdigest()
+    return sha256_bytes(image.tobytes())
 

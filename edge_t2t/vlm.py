@@ -14,7 +14,6 @@ import ctypes
 import functools
 import json
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,8 @@ from typing import Any
 
 from . import config
 from .errors import ImageError, ModelError
-from .fileio import sha256_file
 from .gguf_check import GGUFInfo, check_pair, inspect_gguf
+from .hashing import file_sha256
 from .model_files import named_pair, named_vlms, require_named
 
 
@@ -57,23 +56,6 @@ _HANDLER_ONLY_CTX = 256
 
 # Below this size a text model runs single-threaded unless n_threads is given.
 _SMALL_MODEL_BYTES = 64 * 1024 * 1024
-
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-_SHA_LOCK = threading.Lock()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, streamed, cached in memory per (path, size, mtime)."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    with _SHA_LOCK:
-        if key in _SHA_CACHE:
-            return _SHA_CACHE[key]
-    digest = sha256_file(path)
-    with _SHA_LOCK:
-        _SHA_CACHE[key] = digest
-    return digest
-
 
 @dataclass
 class VLMConfig:

@@ -17,7 +17,8 @@ from edge_t2t.captions import (
     detect_format,
     load_captions,
 )
-from edge_t2t.errors import InputError
+from edge_t2t.errors import InputError, StoreError
+from edge_t2t.hashing import file_sha256
 from edge_t2t.records import CaptionRecord, Feature, Variant
 
 
@@ -87,9 +88,11 @@ def test_file_sha256_memo(tmp_path: Path) -> None:
     f = tmp_path / "model.gguf"
     f.write_bytes(b"one")
     with CaptionCache(tmp_path / "c.sqlite") as cache:
-        assert cache.file_sha256(f) == hashlib.sha256(b"one").hexdigest()
+        assert file_sha256(f, cache) == hashlib.sha256(b"one").hexdigest()
         f.write_bytes(b"two!")  # size and mtime change -> hashed again
-        assert cache.file_sha256(f) == hashlib.sha256(b"two!").hexdigest()
+        assert file_sha256(f, cache) == hashlib.sha256(b"two!").hexdigest()
+        st = f.stat()  # remembered in the cache, for the next process
+        assert cache.lookup(str(f.resolve()), st.st_size, st.st_mtime_ns) == hashlib.sha256(b"two!").hexdigest()
 
 
 # ---------------------------------------------------------------- JSONL writer
@@ -212,3 +215,14 @@ def test_import_malformed_names_file_and_line(tmp_path: Path, content: str, matc
 def test_import_missing_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="nope.json"):
         load_captions(tmp_path / "nope.json")
+
+
+def test_cache_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    CaptionCache(path).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        CaptionCache(path)
