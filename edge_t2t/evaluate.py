@@ -484,13 +484,15 @@ class IndexVectors:
 
 
 def load_index_vectors(index_dir, ann: Annotations, identity: dict | None = None, with_texts: bool = False) -> IndexVectors:
-    """Each annotated image's stored variant vectors, matched by file name, from store.sqlite."""
+    """Each annotated image's stored variant vectors, matched by file name, read from the index's
+    store of record through its owner (indexdir.IndexDir)."""
     from pathlib import Path
 
     from .errors import StoreError
-    from .store import Store
+    from .indexdir import IndexDir
 
-    with Store(index_dir) as store:
+    with IndexDir.open_reader(index_dir) as ix:
+        store = ix.store
         if identity is not None:
             store.check_identity(identity)
         keys, image_ids, vectors = store.all_vectors()

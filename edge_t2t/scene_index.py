@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import chipstore
-from .errors import ImageError
+from .errors import ImageError, ModelError
 from .geo import footprint
 from .hashing import sha256_file
 from .images import BOMB_FACTOR, DEFAULT_MAX_MEGAPIXELS
@@ -79,7 +79,7 @@ class TilingOptions:
 
             try:
                 image_size = inspect_gguf(Path(vlm_cfg.mmproj)).image_size
-            except Exception:
+            except (OSError, ModelError):
                 image_size = None  # the VLM loader will say what is wrong with the file
         return chip_for_model(image_size)
 

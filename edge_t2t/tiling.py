@@ -133,7 +133,7 @@ def _has_geotiff_tags(path: Path) -> bool:
         with Image.open(path) as im:
             tags = getattr(im, "tag_v2", None)
             return bool(tags) and any(t in tags for t in _GEOTIFF_TAGS)
-    except Exception:
+    except Exception:  # Pillow's plugins raise OSError, SyntaxError, struct.error...: not a GeoTIFF we can read
         return False
 
 
@@ -147,7 +147,7 @@ def scene_size(path: str | os.PathLike) -> tuple[int, int] | None:
     try:
         with Image.open(path) as im:
             return im.size
-    except Exception:
+    except Exception:  # Pillow cannot open it (its plugins raise many classes): ask rasterio
         pass
     finally:
         Image.MAX_IMAGE_PIXELS = previous
@@ -159,7 +159,7 @@ def scene_size(path: str | os.PathLike) -> tuple[int, int] | None:
             warnings.simplefilter("ignore")
             with rio.open(path) as ds:
                 return ds.width, ds.height
-    except Exception:
+    except Exception:  # rasterio/GDAL errors (RasterioIOError, CPLE_*): the size cannot be told
         return None
 
 

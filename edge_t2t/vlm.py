@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config
-from .errors import ImageError, ModelError
+from .errors import ImageError, ModelError, NoVLMError
 from .gguf_check import GGUFInfo, check_pair, inspect_gguf
 from .hashing import file_sha256
 from .model_files import named_pair, named_vlms, require_named
@@ -142,7 +142,7 @@ def resolve_vlm_paths(model: str | os.PathLike | None, mmproj: str | os.PathLike
     directory = config.user_vlm_dir()
     if not directory.is_dir():
         missing = "model" if m is None else "mmproj"
-        raise ModelError(_no_vlm_message(f"no {missing} given and {directory} does not exist"))
+        raise NoVLMError(_no_vlm_message(f"no {missing} given and {directory} does not exist"))
     models, projs, broken = _classify_dir(directory)
     if m is None and p is None and not models and not projs:
         named = named_vlms()
@@ -163,7 +163,7 @@ def _only_one(directory: Path, found: list[Path], broken: list[str], plural: str
         raise ModelError(f"{directory} holds several {plural} ({', '.join(x.name for x in found)}); pick one with {flag}")
     if not found:
         extra = f"; unreadable: {'; '.join(broken)}" if broken else ""
-        raise ModelError(_no_vlm_message(f"no {what} in {directory}{extra}"))
+        raise NoVLMError(_no_vlm_message(f"no {what} in {directory}{extra}"))
     return found[0]
 
 
@@ -742,7 +742,7 @@ class VLM:
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a destructor must not raise, whatever close() hits at exit
             pass
 
 

@@ -431,3 +431,39 @@ def test_self_similarity_ties_are_exact(seed):
     assert result.i2t.ranks[:2].tolist() == [1, 1]
     assert result.i2t.dup[:2].all()
     assert result.i2t.ranks[2] >= 1
+
+
+def test_eval_i8_exact_scores_equal_an_i8_index_searched_exactly(tmp_path):
+    """`eval --dtype i8 --exact` scores what an i8 index returns in `exact` vector mode: the same
+    query against the same stored texts gives the same score for every text."""
+    from fake_embedder import FakeEmbedder
+
+    from edge_t2t.indexdir import IndexDir
+    from edge_t2t.indexer import Indexer
+
+    emb = FakeEmbedder(dim=48)
+    records = [{"image": f"img{i}.jpg", "variants": [{"one_sentence": s} for s in texts]}
+               for i, texts in enumerate([["a runway beside a terminal", "planes parked at gates"],
+                                          ["a green park with a pond", "trees around a lake"],
+                                          ["storage tanks near a port", "ships at a pier"]])]
+    captions = tmp_path / "c.jsonl"
+    captions.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ix = tmp_path / "ix"
+    Indexer(ix, embedder=emb, dtype="i8", text_mode="joined").run([], captions_file=captions)
+    ann = from_lists([r["image"] for r in records], [(0, "an airport runway"), (1, "a park"), (2, "a harbour")])
+    stored = ev.load_index_vectors(ix, ann, identity=emb.identity)
+    assert stored.facts["index_dtype"] == "i8"
+    stacked = np.concatenate(stored.vectors)
+    keys = np.concatenate(stored.keys)
+    queries = emb.embed(["an airport runway", "a harbour with ships"])
+
+    eval_scores = ev.stored_scores(queries, stacked, "i8")  # what index_eval(dtype="i8", exact=True) ranks
+    with IndexDir.open_reader(ix) as d:
+        found = d.search_vectors().search(queries, len(keys), mode="exact")
+    for q, cand in enumerate(found):
+        assert sorted(cand.keys.tolist()) == sorted(keys.tolist())
+        column = {int(k): n for n, k in enumerate(keys)}
+        mine = eval_scores[q, [column[int(k)] for k in cand.keys]]
+        np.testing.assert_allclose(mine, cand.scores, rtol=0, atol=1e-6)
+    # and the i8 index's exact scores are not the f32 ones (its exact copy is float16)
+    assert not np.array_equal(eval_scores, ev.stored_scores(queries, stacked, "f32"))

@@ -91,11 +91,13 @@ def _print_summary(s, console) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
+
     from rich.console import Console
 
     from .. import config
     from ..cluster import session_from_args
-    from ..errors import InputError
+    from ..errors import InputError, NoVLMError
     from ..indexer import Indexer
 
     index_dir = config.index_dir(args.index)
@@ -103,25 +105,27 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("nothing to index: give image folders/files, or --captions FILE")
     vlm_cfg = None
     caption_kwargs: dict = {}
+    closing = ExitStack()  # the caption cache, closed whatever happens
     if args.vlm or args.mmproj or not args.captions:
         from ..vlm import VLMConfig, resolve_vlm_paths
 
         try:
             model, mmproj = resolve_vlm_paths(args.vlm, args.mmproj)
             vlm_cfg = VLMConfig(model=model, mmproj=mmproj, n_threads=args.threads)
-        except Exception:
+        except NoVLMError:
             if args.vlm or args.mmproj:
                 raise
             vlm_cfg = None  # no VLM configured: fine while every image is already described
         if vlm_cfg is not None and not args.no_cache:
             from ..captions import CaptionCache
 
-            caption_kwargs["cache"] = CaptionCache(Path(args.cache_dir) / "captions.sqlite" if args.cache_dir else None)
+            cache_path = Path(args.cache_dir) / "captions.sqlite" if args.cache_dir else None
+            caption_kwargs["cache"] = closing.enter_context(CaptionCache(cache_path))
         for name in ("max_tokens", "prompt_file", "max_megapixels"):
             if getattr(args, name) is not None:
                 caption_kwargs[name] = getattr(args, name)
     err = Console(stderr=True)
-    with session_from_args(args) as session:  # --cluster/--workers: images are described on Dask workers
+    with closing, session_from_args(args) as session:  # --cluster/--workers: images are described on Dask workers
         if session is not None and vlm_cfg is not None:
             from ..captioning import Callbacks
 

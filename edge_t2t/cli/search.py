@@ -55,7 +55,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import config, report
     from .. import search as searching
-    from ..errors import InputError
+    from ..errors import InputError, NoVLMError
 
     index_dir = config.index_dir(args.index)
     mode, vector_mode = args.mode, args.vector_mode
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
             model, mmproj = resolve_vlm_paths(args.vlm, args.mmproj)
             vlm_cfg = VLMConfig(model=model, mmproj=mmproj)
-        except Exception:
+        except NoVLMError:  # none configured: fine when the query image is already indexed
             if args.vlm or args.mmproj:
                 raise
         from pathlib import Path
