@@ -72,7 +72,7 @@ def replot() -> int:
 
 def main(argv: list[str]) -> int:
     from edge_t2t import quantcost
-    from edge_t2t.annotations import load_annotations
+    from edge_t2t.dataset import load_annotations
 
     if "--annotations" not in argv:
         argv = ["--annotations", str(config.shared_data_dir() / "rsicd" / "captions_val.json"), *argv]

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .annotations import Annotations
+from .dataset import Annotations
 from .quantise import as_exact, graph_codes
 
 KS = (1, 5, 10)

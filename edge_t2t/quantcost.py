@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from . import evaluate as ev
-from .annotations import Annotations, from_lists
+from .dataset import Annotations, from_lists
 from .errors import InputError
 from .modes import DTYPES, PRECISIONS, VECTOR_MODES
 

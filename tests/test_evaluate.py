@@ -11,7 +11,7 @@ import pytest
 
 from edge_t2t import evaluate as ev
 from edge_t2t import quantise
-from edge_t2t.annotations import from_lists, load_annotations
+from edge_t2t.dataset import from_lists, load_annotations
 from edge_t2t.errors import InputError
 
 

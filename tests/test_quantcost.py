@@ -13,8 +13,8 @@ import pytest
 from edge_t2t import config
 from edge_t2t import evaluate as ev
 from edge_t2t import quantcost as qc
-from edge_t2t.annotations import from_lists, load_annotations
 from edge_t2t.cli import bench_quant, main
+from edge_t2t.dataset import from_lists, load_annotations
 from edge_t2t.vindex import Candidates
 
 # ---------------------------------------------------------------------------------------------

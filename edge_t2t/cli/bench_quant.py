@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .. import quantcost
-    from ..annotations import load_annotations
+    from ..dataset import load_annotations
 
     opts = options_from_args(args)
     ann = load_annotations(args.annotations, split=args.split)

@@ -103,7 +103,7 @@ def evaluate_from_args(args: argparse.Namespace) -> dict:
     """Load, embed, score; return the JSON-ready result."""
     from .. import config
     from .. import evaluate as ev
-    from ..annotations import load_annotations
+    from ..dataset import load_annotations
     from ..embedder import Embedder
 
     if args.max_images is not None and args.max_images < 1:
