@@ -22,7 +22,7 @@ from _common import RESULTS, write_results
 
 from edge_t2t import config
 from edge_t2t.cli import build_parser
-from edge_t2t.cli.bench_quant import json_default, markdown_table, options_from_args
+from edge_t2t.quant_report import json_default, markdown_table, options_from_args
 
 
 def plot(report: dict, path: Path) -> str | None:
