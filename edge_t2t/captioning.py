@@ -26,6 +26,7 @@ from typing import Any
 
 from . import prompts
 from .captions import CacheKey, CaptionCache
+from .describer import Describer, VLMDescriber
 from .errors import EdgeT2TError, ImageError, ModelError
 from .hashing import file_sha256
 from .images import DEFAULT_MAX_MEGAPIXELS, LoadedImage, find_images, load_image, to_png_bytes
@@ -325,8 +326,8 @@ def _caption_one(
         if hit is not None:
             return served(hit)
 
-    record = describe_image(vlm, ImageInput.from_loaded(loaded), opts, model_sha=model_sha, mmproj_sha=mmproj_sha,
-                            model_files=model_files)  # fmt: skip
+    describer: Describer = VLMDescriber(vlm, model_sha, mmproj_sha, model_files)
+    record = describer.describe(ImageInput.from_loaded(loaded), opts)
     record.seconds = time.perf_counter() - t0  # loading and hashing the image count too
     if cache is not None and key is not None:
         cache.put(key, record)

@@ -31,7 +31,7 @@ from .indexdir import IndexDir
 from .modes import DEFAULT_TEXT_MODE, DTYPES, TEXT_MODES
 from .records import CaptionRecord
 from .store import MODEL_FILE_COLUMNS, NewText, Store
-from .texts import variant_texts
+from .texts import PlannedText, plan_texts
 
 DEFAULT_DTYPE = "i8"
 STAGES = ("scan", "caption", "embed", "store", "index_save")
@@ -440,11 +440,7 @@ class Indexer:
 
         result = caption_images([p.file for p in todo], self.vlm_cfg, n_variants=self.n_variants,
                                 on_record=on_record, **self.caption_kwargs)
-        reasons = {}
-        for item in getattr(result, "failures", None) or []:
-            path, why = (item[0], item[1]) if isinstance(item, tuple | list) else (
-                getattr(item, "path", getattr(item, "image", "")), getattr(item, "error", getattr(item, "reason", str(item))))
-            reasons[str(Path(str(path)).resolve())] = str(why)
+        reasons = {str(Path(f.path).resolve()): f.reason for f in result.failures}
         for p in todo:
             if p.record is None and result.interrupted and p.path not in reasons:
                 p.dropped = True  # its caption run was stopped by Ctrl-C; commit the others first
@@ -461,14 +457,14 @@ class Indexer:
         summary.stage_seconds["caption"] += time.perf_counter() - t
 
         t = time.perf_counter()
-        texts: list[tuple[_Pending, int, str, object, str]] = []
+        texts: list[PlannedText] = []
         for p in batch:
             if p.record is not None and not p.error:
-                items = [(p, i, fld, v, txt) for i, v in enumerate(p.record.variants) for fld, txt in variant_texts(v, mode)]
+                items = plan_texts(p, p.record.variants, mode)
                 if not items:
                     p.error = "its descriptions are empty"
                 texts += items
-        vecs = self._embedder().embed([x[4] for x in texts]) if texts else None
+        vecs = self._embedder().embed([x.text for x in texts]) if texts else None
         summary.stage_seconds["embed"] += time.perf_counter() - t
 
         t = time.perf_counter()
@@ -493,8 +489,8 @@ class Indexer:
                     source="vlm" if p.from_vlm else "captions",
                     provenance=_provenance(rec), desc_hash=_record_hash(rec),
                 )
-                rows = [(i, x) for i, x in enumerate(texts) if x[0] is p]
-                keys = store.add_texts(image_id, [NewText(x[1], x[2], x[3], x[4], vecs[i]) for i, x in rows])
+                rows = [(i, x) for i, x in enumerate(texts) if x.owner is p]
+                keys = store.add_texts(image_id, [NewText(x.ordinal, x.field, x.variant, x.text, vecs[i]) for i, x in rows])
                 store.note_texts_per_image(len(keys))
                 texts_added += len(keys)
         summary.texts_added += texts_added

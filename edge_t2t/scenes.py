@@ -21,6 +21,7 @@ from typing import Any
 
 from .fileio import atomic_write_text
 from .hashing import sha256_bytes, sha256_file
+from .images import to_png_bytes
 from .records import CaptionRecord, Feature, Variant
 
 ROWS = ("north", "centre", "south")
@@ -468,6 +469,26 @@ def describe(scene: Scene, n_variants: int = 5, seed: int = 0) -> CaptionRecord:
         variants=variants,
         test_model=False,
     )
+
+
+class GroundTruthDescriber:
+    """The scenes' ground truth as a describer.Describer: the record scenes.describe writes for the
+    scene an image was drawn from (looked up by the image's sha256), so the caption pipeline can
+    run with exact, known descriptions in tests."""
+
+    def __init__(self, scenes: list[Scene], seed: int = 0):
+        self.seed = seed
+        self._by_sha = {sha256_bytes(to_png_bytes(s.image)): s for s in scenes}
+
+    def describe(self, image, options) -> CaptionRecord:
+        from .captioning import UnusableAnswer
+
+        scene = self._by_sha.get(sha256_bytes(image.png))
+        if scene is None:
+            raise UnusableAnswer(f"{image.path}: not one of the synthetic scenes")
+        record = describe(scene, n_variants=options.prompt.n_variants, seed=self.seed)
+        record.image, record.sha256 = image.path, image.sha256
+        return record
 
 
 def write_scene_set(out_dir: str | os.PathLike, n: int = 40, seed: int = 0,

@@ -5,6 +5,7 @@ after it, so it lives apart from any one stage."""
 from __future__ import annotations
 
 import re
+from typing import Any, NamedTuple
 
 from .records import Variant
 
@@ -51,3 +52,19 @@ def variant_texts(variant: Variant, text_mode: str) -> list[tuple[str, str]]:
 def description_texts(variants: list[Variant], text_mode: str) -> list[str]:
     """Every text embedded for one description (all its variants), in order."""
     return [t for v in variants for _, t in variant_texts(v, text_mode)]
+
+
+class PlannedText(NamedTuple):
+    """One text to embed and store, with whose description it is (an indexer's pending image, a
+    scene's chip window) and which variant and field it came from."""
+
+    owner: Any
+    ordinal: int  # the variant's position in its description
+    field: str
+    variant: Variant
+    text: str
+
+
+def plan_texts(owner: Any, variants: list[Variant], text_mode: str) -> list[PlannedText]:
+    """The texts to embed for one description, tagged with their owner."""
+    return [PlannedText(owner, i, fld, v, txt) for i, v in enumerate(variants) for fld, txt in variant_texts(v, text_mode)]
