@@ -117,6 +117,30 @@ def _stop_after_current(notice: Callable[[str], None], message: str = "") -> Ite
         signal.signal(signal.SIGINT, previous)
 
 
+@dataclass
+class CaptionSettings:
+    """How a run that indexes (or cuts scenes) describes its images: the flags that reach the
+    caption pipeline, typed, handed from the CLI to the Indexer and the chip describer."""
+
+    cache: CaptionCache | None = None
+    max_tokens: int | None = None  # None: sized to the schema
+    prompt_file: str | os.PathLike | None = None
+    max_megapixels: float | None = None  # None: images.DEFAULT_MAX_MEGAPIXELS (chips are already small)
+    cluster: Any | None = None  # a cluster.ClusterSession
+    callbacks: Callbacks | None = None
+
+
+def caption_with(paths: Iterable[str | os.PathLike], vlm_cfg: Any | None, n_variants: int, settings: CaptionSettings,
+                 on_record: Callable[[CaptionRecord], None], vlm_factory: Callable[[Any], Any] | None = None) -> CaptionSummary:  # fmt: skip
+    """caption_images with a run's CaptionSettings."""
+    return caption_images(
+        paths, vlm_cfg, n_variants=n_variants, prompt_file=settings.prompt_file,
+        max_megapixels=settings.max_megapixels or DEFAULT_MAX_MEGAPIXELS, cache=settings.cache,
+        max_tokens=settings.max_tokens, on_record=on_record, callbacks=settings.callbacks,
+        vlm_factory=vlm_factory, cluster=settings.cluster,
+    )  # fmt: skip
+
+
 def generation_params(vlm_cfg: Any, *, n_variants: int, max_tokens: int, temperature: float,
                       max_megapixels: float, bands: tuple[int, int, int] | None) -> dict[str, Any]:  # fmt: skip
     """Everything besides image, model, mmproj and prompt that changes the answer: the cache key."""

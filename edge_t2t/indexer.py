@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .captioning import CaptionSettings
 from .errors import InputError, StoreError
 from .hashing import sha256_bytes, sha256_file
 from .indexdir import IndexDir
@@ -168,7 +169,7 @@ class Indexer:
         progress: bool = False,
         vlm_cfg=None,
         n_variants: int = 5,
-        caption_kwargs: dict | None = None,
+        caption: CaptionSettings | None = None,
         tiling=None,
     ):
         self.dir = Path(index_dir)
@@ -181,7 +182,7 @@ class Indexer:
         self.progress = progress
         self.vlm_cfg = vlm_cfg
         self.n_variants = n_variants
-        self.caption_kwargs = caption_kwargs or {}
+        self.caption = caption or CaptionSettings()
         self._stop = False
         # issue 13: images above the tiling threshold are scenes, cut into chips (scene_index.py)
         from .scene_index import TilingOptions
@@ -427,7 +428,7 @@ class Indexer:
         todo = [p for p in batch if p.record is None and not p.error]
         if not todo or self.vlm_cfg is None:
             return
-        from .captioning import caption_images
+        from .captioning import caption_with
 
         by_path = {str(p.file): p for p in todo}
 
@@ -438,8 +439,7 @@ class Indexer:
                 p.from_vlm = True
             bar.advance("caption")
 
-        result = caption_images([p.file for p in todo], self.vlm_cfg, n_variants=self.n_variants,
-                                on_record=on_record, **self.caption_kwargs)
+        result = caption_with([p.file for p in todo], self.vlm_cfg, self.n_variants, self.caption, on_record)
         reasons = {str(Path(f.path).resolve()): f.reason for f in result.failures}
         for p in todo:
             if p.record is None and result.interrupted and p.path not in reasons:

@@ -13,10 +13,11 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import chipstore
+from .captioning import CaptionSettings
 from .errors import ImageError, ModelError
 from .geo import footprint
 from .hashing import sha256_file
@@ -114,10 +115,10 @@ class ChipDescriber:
     """Chip pixels -> CaptionRecords with the configured VLM, through caption_images (its cache,
     retries and quality checks), the model loaded once for the whole run."""
 
-    def __init__(self, vlm_cfg, n_variants: int, caption_kwargs: dict):
+    def __init__(self, vlm_cfg, n_variants: int, caption: CaptionSettings):
         self.vlm_cfg = vlm_cfg
         self.n_variants = n_variants
-        self.kwargs = {k: v for k, v in caption_kwargs.items() if k != "max_megapixels"}
+        self.caption = replace(caption, max_megapixels=None)  # a chip is already the VLM's size
         self._vlm = None
 
     def _factory(self, cfg):
@@ -129,7 +130,7 @@ class ChipDescriber:
 
     def describe(self, named_images: list[tuple[str, object]]) -> tuple[dict[str, CaptionRecord], dict[str, str], bool]:
         """(records by chip name, failures by chip name, interrupted)."""
-        from .captioning import caption_images
+        from .captioning import caption_with
         from .images import to_png_bytes
 
         with tempfile.TemporaryDirectory(prefix="edge-t2t-chips-") as tmp:
@@ -145,8 +146,7 @@ class ChipDescriber:
                 rec.image = name
                 records[name] = rec
 
-            result = caption_images(list(by_file), self.vlm_cfg, n_variants=self.n_variants, on_record=keep,
-                                    vlm_factory=self._factory, **self.kwargs)  # fmt: skip
+            result = caption_with(list(by_file), self.vlm_cfg, self.n_variants, self.caption, keep, self._factory)
             failures = {by_file.get(f.path, f.path): f.reason for f in result.failures}
         return records, failures, result.interrupted
 
@@ -192,7 +192,7 @@ def index_scenes(indexer, store: Store, ix, files: list[Path], roots: list[Path]
         indexer._checkpoint(ix, summary, force=False)
         summary.removed += len(gone)
     chip = opts.chip_size(indexer.vlm_cfg)
-    describer = ChipDescriber(indexer.vlm_cfg, indexer.n_variants, indexer.caption_kwargs) if indexer.vlm_cfg else None
+    describer = ChipDescriber(indexer.vlm_cfg, indexer.n_variants, indexer.caption) if indexer.vlm_cfg else None
     try:
         for f in files:
             try:
@@ -317,13 +317,13 @@ def _chip_batch(indexer, store, ix, scene: SceneFile, scene_id: int, batch: list
     return len(errors)
 
 
-def chip_records_for(path: str | os.PathLike, opts: TilingOptions, vlm_cfg, n_variants: int, caption_kwargs: dict,
+def chip_records_for(path: str | os.PathLike, opts: TilingOptions, vlm_cfg, n_variants: int, caption: CaptionSettings,
                      on_record: Callable[[CaptionRecord], None]) -> tuple[int, int, dict[str, str], bool]:  # fmt: skip
     """`edge-t2t caption` on a scene: one record per described chip, named SCENE#x,y,w,h.
     Returns (chips described, chips skipped as no-data, failures by chip name, interrupted)."""
     path = Path(path)
     chip = opts.chip_size(vlm_cfg)
-    describer = ChipDescriber(vlm_cfg, n_variants, caption_kwargs)
+    describer = ChipDescriber(vlm_cfg, n_variants, caption)
     done, failures, interrupted = 0, {}, False
     try:
         with open_scene(path, opts.bands) as scene:

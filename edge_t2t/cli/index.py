@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .. import config
+    from ..captioning import CaptionSettings
     from ..cluster import session_from_args
     from ..errors import InputError, NoVLMError
     from ..indexer import Indexer
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.paths and not args.captions:
         raise InputError("nothing to index: give image folders/files, or --captions FILE")
     vlm_cfg = None
-    caption_kwargs: dict = {}
+    caption = CaptionSettings()
     closing = ExitStack()  # the caption cache, closed whatever happens
     if args.vlm or args.mmproj or not args.captions:
         from ..vlm import VLMConfig, resolve_vlm_paths
@@ -120,21 +121,20 @@ def run(args: argparse.Namespace) -> int:
             from ..captions import CaptionCache
 
             cache_path = Path(args.cache_dir) / "captions.sqlite" if args.cache_dir else None
-            caption_kwargs["cache"] = closing.enter_context(CaptionCache(cache_path))
-        for name in ("max_tokens", "prompt_file", "max_megapixels"):
-            if getattr(args, name) is not None:
-                caption_kwargs[name] = getattr(args, name)
+            caption.cache = closing.enter_context(CaptionCache(cache_path))
+        caption.max_tokens, caption.prompt_file = args.max_tokens, args.prompt_file
+        caption.max_megapixels = args.max_megapixels
     err = Console(stderr=True)
     with closing, session_from_args(args) as session:  # --cluster/--workers: images are described on Dask workers
         if session is not None and vlm_cfg is not None:
             from ..captioning import Callbacks
 
-            caption_kwargs["cluster"] = session
-            caption_kwargs["callbacks"] = Callbacks(on_notice=lambda msg: err.print(f"edge-t2t: {msg}", highlight=False))
+            caption.cluster = session
+            caption.callbacks = Callbacks(on_notice=lambda msg: err.print(f"edge-t2t: {msg}", highlight=False))
         indexer = Indexer(
             index_dir, precision=args.precision, dtype=args.dtype, text_mode=args.text_mode,
             batch_size=args.batch_size, wait=args.wait, progress=not args.no_progress,
-            vlm_cfg=vlm_cfg, n_variants=args.variants, caption_kwargs=caption_kwargs,
+            vlm_cfg=vlm_cfg, n_variants=args.variants, caption=caption,
             tiling=tiling_options(args),
         )  # fmt: skip
         summary = indexer.run([Path(p) for p in args.paths], captions_file=args.captions)
