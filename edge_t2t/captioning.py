@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import prompts
 from .captions import CacheKey, CaptionCache
@@ -31,6 +31,9 @@ from .errors import EdgeT2TError, ImageError, ModelError
 from .hashing import file_sha256
 from .images import DEFAULT_MAX_MEGAPIXELS, LoadedImage, find_images, load_image, to_png_bytes
 from .records import CaptionRecord, Variant
+
+if TYPE_CHECKING:  # llama_cpp is imported by vlm.py only when a model loads; the config is plain data
+    from .vlm import VLMConfig
 
 RETRY_TEMPERATURE = 0.7
 
@@ -130,7 +133,7 @@ class CaptionSettings:
     callbacks: Callbacks | None = None
 
 
-def caption_with(paths: Iterable[str | os.PathLike], vlm_cfg: Any | None, n_variants: int, settings: CaptionSettings,
+def caption_with(paths: Iterable[str | os.PathLike], vlm_cfg: VLMConfig | None, n_variants: int, settings: CaptionSettings,
                  on_record: Callable[[CaptionRecord], None], vlm_factory: Callable[[Any], Any] | None = None) -> CaptionSummary:  # fmt: skip
     """caption_images with a run's CaptionSettings."""
     return caption_images(
@@ -141,22 +144,22 @@ def caption_with(paths: Iterable[str | os.PathLike], vlm_cfg: Any | None, n_vari
     )  # fmt: skip
 
 
-def generation_params(vlm_cfg: Any, *, n_variants: int, max_tokens: int, temperature: float,
+def generation_params(vlm_cfg: VLMConfig, *, n_variants: int, max_tokens: int, temperature: float,
                       max_megapixels: float, bands: tuple[int, int, int] | None) -> dict[str, Any]:  # fmt: skip
     """Everything besides image, model, mmproj and prompt that changes the answer: the cache key."""
     return {
-        "family": getattr(vlm_cfg, "family", None) or "auto",  # auto-detection is a function of the model bytes
+        "family": vlm_cfg.family or "auto",  # auto-detection is a function of the model bytes
         "max_tokens": max_tokens,
         "temperature": temperature,
-        "seed": getattr(vlm_cfg, "seed", 0),
-        "variant_mode": getattr(vlm_cfg, "variant_mode", "parallel"),
+        "seed": vlm_cfg.seed,
+        "variant_mode": vlm_cfg.variant_mode,
         "n_variants": n_variants,
         "max_megapixels": max_megapixels,
         "bands": list(bands) if bands else None,
     }
 
 
-def _default_vlm_factory(cfg: Any) -> Any:
+def _default_vlm_factory(cfg: VLMConfig) -> Any:
     from .vlm import VLM
 
     return VLM(cfg)
@@ -164,7 +167,7 @@ def _default_vlm_factory(cfg: Any) -> Any:
 
 def caption_images(
     paths: Iterable[str | os.PathLike],
-    vlm_cfg: Any | None,
+    vlm_cfg: VLMConfig | None,
     *,
     n_variants: int = prompts.DEFAULT_VARIANTS,
     prompt_file: str | os.PathLike | None = None,
