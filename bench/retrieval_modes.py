@@ -157,7 +157,7 @@ def tune(work: Path, emb) -> dict:
 def rsicd(rsicd_index: Path | None, precision: str) -> list[dict]:
     """mR and mR without duplicates per mode, via the functions `edge-t2t eval` calls."""
     from edge_t2t import evaluate as ev
-    from edge_t2t.annotations import load_annotations
+    from edge_t2t.dataset import load_annotations
     from edge_t2t.embedder import Embedder
 
     path = _common.ROOT.parent / "shared" / "data" / "rsicd" / "captions_val.json"

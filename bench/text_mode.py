@@ -23,14 +23,14 @@ from _common import peak_rss_mib, write_results
 
 from edge_t2t import scenes as S
 from edge_t2t.embedder import Embedder
-from edge_t2t.search import variant_texts
+from edge_t2t.texts import variant_texts
 
 MODES = ("joined", "fields", "sentences", "sentences+joined")
 BASELINE = "joined"
 
 
 def variant_parts(v, mode: str) -> list[str]:
-    """The texts the product stores for a mode (edge_t2t.search.variant_texts); "sentences+joined"
+    """The texts the product stores for a mode (edge_t2t.texts.variant_texts); "sentences+joined"
     is a bench-only candidate: the sentences plus the joined text."""
     if mode == "sentences+joined":
         parts = [t for _, t in variant_texts(v, "sentences")]

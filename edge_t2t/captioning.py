@@ -22,13 +22,18 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import prompts
-from .captions import CacheKey, CaptionCache, sha256_file
+from .captions import CacheKey, CaptionCache
+from .describer import Describer, VLMDescriber
 from .errors import EdgeT2TError, ImageError, ModelError
+from .hashing import file_sha256
 from .images import DEFAULT_MAX_MEGAPIXELS, LoadedImage, find_images, load_image, to_png_bytes
 from .records import CaptionRecord, Variant
+
+if TYPE_CHECKING:  # llama_cpp is imported by vlm.py only when a model loads; the config is plain data
+    from .vlm import VLMConfig
 
 RETRY_TEMPERATURE = 0.7
 
@@ -115,25 +120,49 @@ def _stop_after_current(notice: Callable[[str], None], message: str = "") -> Ite
         signal.signal(signal.SIGINT, previous)
 
 
-def generation_params(vlm_cfg: Any, *, n_variants: int, max_tokens: int, temperature: float,
+@dataclass
+class CaptionSettings:
+    """How a run that indexes (or cuts scenes) describes its images: the flags that reach the
+    caption pipeline, typed, handed from the CLI to the Indexer and the chip describer."""
+
+    cache: CaptionCache | None = None
+    max_tokens: int | None = None  # None: sized to the schema
+    prompt_file: str | os.PathLike | None = None
+    max_megapixels: float | None = None  # None: images.DEFAULT_MAX_MEGAPIXELS (chips are already small)
+    cluster: Any | None = None  # a cluster.ClusterSession
+    callbacks: Callbacks | None = None
+
+
+def caption_with(paths: Iterable[str | os.PathLike], vlm_cfg: VLMConfig | None, n_variants: int, settings: CaptionSettings,
+                 on_record: Callable[[CaptionRecord], None], vlm_factory: Callable[[Any], Any] | None = None) -> CaptionSummary:  # fmt: skip
+    """caption_images with a run's CaptionSettings."""
+    return caption_images(
+        paths, vlm_cfg, n_variants=n_variants, prompt_file=settings.prompt_file,
+        max_megapixels=settings.max_megapixels or DEFAULT_MAX_MEGAPIXELS, cache=settings.cache,
+        max_tokens=settings.max_tokens, on_record=on_record, callbacks=settings.callbacks,
+        vlm_factory=vlm_factory, cluster=settings.cluster,
+    )  # fmt: skip
+
+
+def generation_params(vlm_cfg: VLMConfig, *, n_variants: int, max_tokens: int, temperature: float,
                       max_megapixels: float, bands: tuple[int, int, int] | None) -> dict[str, Any]:  # fmt: skip
     """Everything besides image, model, mmproj and prompt that changes the answer: the cache key."""
     params = {
-        "family": getattr(vlm_cfg, "family", None) or "auto",  # auto-detection is a function of the model bytes
+        "family": vlm_cfg.family or "auto",  # auto-detection is a function of the model bytes
         "max_tokens": max_tokens,
         "temperature": temperature,
-        "seed": getattr(vlm_cfg, "seed", 0),
-        "variant_mode": getattr(vlm_cfg, "variant_mode", "parallel"),
+        "seed": vlm_cfg.seed,
+        "variant_mode": vlm_cfg.variant_mode,
         "n_variants": n_variants,
         "max_megapixels": max_megapixels,
         "bands": list(bands) if bands else None,
     }
-    if getattr(vlm_cfg, "image_max_tokens", None):  # only when set, so existing cache keys stay valid
+    if vlm_cfg.image_max_tokens:  # only when set, so existing cache keys stay valid
         params["image_max_tokens"] = int(vlm_cfg.image_max_tokens)
     return params
 
 
-def _default_vlm_factory(cfg: Any) -> Any:
+def _default_vlm_factory(cfg: VLMConfig) -> Any:
     from .vlm import VLM
 
     return VLM(cfg)
@@ -141,7 +170,7 @@ def _default_vlm_factory(cfg: Any) -> Any:
 
 def caption_images(
     paths: Iterable[str | os.PathLike],
-    vlm_cfg: Any | None,
+    vlm_cfg: VLMConfig | None,
     *,
     n_variants: int = prompts.DEFAULT_VARIANTS,
     prompt_file: str | os.PathLike | None = None,
@@ -199,8 +228,8 @@ def caption_images(
     model_sha = mmproj_sha = ""
     if cache is not None and image_paths:
         try:
-            model_sha = cache.file_sha256(vlm_cfg.model)
-            mmproj_sha = cache.file_sha256(vlm_cfg.mmproj)
+            model_sha = file_sha256(vlm_cfg.model, cache)
+            mmproj_sha = file_sha256(vlm_cfg.mmproj, cache)
         except OSError:
             model_sha = mmproj_sha = ""  # unreadable model: leave it to the VLM loader to explain
     if cluster is not None:  # the same run on Dask workers; only this process writes (cluster.py)
@@ -219,8 +248,8 @@ def caption_images(
             summary.load_seconds = time.perf_counter() - t0
             summary.model_loaded = True
             summary.test_model = summary.test_model or bool(getattr(vlm, "is_test_model", False))
-            model_sha = model_sha or getattr(vlm, "model_sha256", "") or sha256_file(vlm_cfg.model)
-            mmproj_sha = mmproj_sha or getattr(vlm, "mmproj_sha256", "") or sha256_file(vlm_cfg.mmproj)
+            model_sha = model_sha or getattr(vlm, "model_sha256", "") or file_sha256(vlm_cfg.model)
+            mmproj_sha = mmproj_sha or getattr(vlm, "mmproj_sha256", "") or file_sha256(vlm_cfg.mmproj)
             if cb.on_model_loaded:
                 cb.on_model_loaded(vlm)
         return vlm
@@ -327,8 +356,8 @@ def _caption_one(
         if hit is not None:
             return served(hit)
 
-    record = describe_image(vlm, ImageInput.from_loaded(loaded), opts, model_sha=model_sha, mmproj_sha=mmproj_sha,
-                            model_files=model_files)  # fmt: skip
+    describer: Describer = VLMDescriber(vlm, model_sha, mmproj_sha, model_files)
+    record = describer.describe(ImageInput.from_loaded(loaded), opts)
     record.seconds = time.perf_counter() - t0  # loading and hashing the image count too
     if cache is not None and key is not None:
         cache.put(key, record)

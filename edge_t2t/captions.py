@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from . import config
+from .dataset import INDEX_DEFAULT_SPLIT, caption_records, is_dataset, parse_dataset
 from .errors import InputError, StoreError
-from .fileio import sha256_file
 from .records import CaptionRecord, Variant
 
 CACHE_FILENAME = "captions.sqlite"
@@ -78,11 +78,18 @@ class CaptionCache:
             self._db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(_SCHEMA_VERSION),)
             )
+            found = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
         except sqlite3.Error as exc:
             raise StoreError(
                 f"{self.path}: cannot open the caption cache ({exc}); delete it to start afresh, "
                 "or pick another with --cache-dir / EDGE_T2T_CACHE_DIR"
             ) from None
+        if found != str(_SCHEMA_VERSION):
+            self._db.close()
+            raise StoreError(
+                f"{self.path}: caption cache schema version {found}, this edge-t2t reads {_SCHEMA_VERSION}; "
+                "use the edge-t2t that wrote it, or pick another cache with --cache-dir / EDGE_T2T_CACHE_DIR"
+            )
 
     def get(self, key: CacheKey) -> CaptionRecord | None:
         row = self._db.execute(
@@ -110,25 +117,18 @@ class CaptionCache:
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM captions").fetchone()[0]
 
-    def file_sha256(self, path: str | os.PathLike) -> str:
-        """SHA-256 of a (large) file such as a GGUF model, remembered by (path, size, mtime), so a
-        fully cached run does not re-read gigabytes to build its keys."""
-        path = Path(path).resolve()
-        st = path.stat()
+    # hashing.HashMemo: the model files' hashes outlive the process, so a fully cached run
+    # re-reads no GGUF (hashing.file_sha256(path, cache)).
+    def lookup(self, path: str, size: int, mtime_ns: int) -> str | None:
         row = self._db.execute(
-            "SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=?",
-            (str(path), st.st_size, st.st_mtime_ns),
+            "SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=?", (path, size, mtime_ns)
         ).fetchone()
-        if row:
-            return row[0]
-        digest = sha256_file(path)
+        return row[0] if row else None
+
+    def remember(self, path: str, size: int, mtime_ns: int, digest: str) -> None:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
-                "INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)",
-                (str(path), st.st_size, st.st_mtime_ns, digest),
-            )
-        return digest
+            self._db.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", (path, size, mtime_ns, digest))
 
     def close(self) -> None:
         self._db.close()
@@ -184,71 +184,6 @@ class JsonlWriter:
 FORMATS = ("edge-t2t", "rsrt", "coco", "karpathy")
 
 
-def _imported(image: str, variants: list[Variant], fmt: str, extra: dict[str, Any] | None = None) -> CaptionRecord:
-    return CaptionRecord(
-        image=image, sha256="", model=f"imported:{fmt}", mmproj="", family="", prompt_version="imported",
-        variants=variants, test_model=False, cached=False, constrained=False, extra=extra or {},
-    )  # fmt: skip
-
-
-def _unique_captions(captions: list[str]) -> list[Variant]:
-    """One Variant per distinct caption, first occurrence kept, order kept.
-
-    Exact duplicates (after trimming whitespace) are dropped: an image's score is the max cosine
-    over its variants, so a repeated caption can never change it and would only grow the index.
-    RSICD repeats one caption five times for about half its images.
-    """
-    seen: set[str] = set()
-    out = []
-    for text in captions:
-        text = " ".join(str(text).split())
-        if text and text not in seen:
-            seen.add(text)
-            out.append(Variant(one_sentence=text))
-    return out
-
-
-def _load_coco(obj: dict, path: Path) -> list[CaptionRecord]:
-    """COCO caption JSON: `images` (id, file_name) + `annotations` (image_id, caption).
-    Each distinct caption of an image becomes one Variant (one_sentence = the caption). Images with
-    no caption are left out: nothing could retrieve them."""
-    by_id: dict[Any, list[str]] = {}
-    names: dict[Any, str] = {}
-    for i, img in enumerate(obj.get("images") or []):
-        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
-            raise InputError(f"{path}: images[{i}] needs 'id' and 'file_name' (COCO caption format)")
-        names[img["id"]] = str(img["file_name"])
-        by_id.setdefault(img["id"], [])
-    for i, ann in enumerate(obj.get("annotations") or []):
-        if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
-            raise InputError(f"{path}: annotations[{i}] needs 'image_id' and 'caption' (COCO caption format)")
-        if ann["image_id"] not in names:
-            raise InputError(f"{path}: annotations[{i}] refers to image_id {ann['image_id']!r}, not in 'images'")
-        by_id[ann["image_id"]].append(str(ann["caption"]))
-    out = []
-    for image_id, caps in by_id.items():
-        variants = _unique_captions(caps)
-        if variants:
-            out.append(_imported(names[image_id], variants, "coco", {"coco_id": image_id}))
-    return out
-
-
-def _load_karpathy(obj: dict, path: Path, split: str | None) -> list[CaptionRecord]:
-    """Karpathy `dataset_*.json`: images[] with filename, sentences[].raw and split."""
-    out = []
-    for i, img in enumerate(obj.get("images") or []):
-        if not isinstance(img, dict) or "filename" not in img or not isinstance(img.get("sentences"), list):
-            raise InputError(f"{path}: images[{i}] needs 'filename' and 'sentences' (Karpathy format)")
-        if split is not None and img.get("split") != split:
-            continue
-        caps = [s.get("raw") or " ".join(s.get("tokens") or []) for s in img["sentences"] if isinstance(s, dict)]
-        variants = _unique_captions(caps)
-        if variants:
-            extra = {"split": img.get("split")} if img.get("split") else {}
-            out.append(_imported(str(img["filename"]), variants, "karpathy", extra))
-    return out
-
-
 def _record_from_line(obj: Any, path: Path, where: str) -> tuple[str, CaptionRecord]:
     if not isinstance(obj, dict):
         raise InputError(f"{path}: {where}: expected a JSON object, got {type(obj).__name__}")
@@ -270,7 +205,7 @@ def _record_from_line(obj: Any, path: Path, where: str) -> tuple[str, CaptionRec
     except (ValueError, TypeError, KeyError) as exc:
         raise InputError(f"{path}: {where}: {exc}") from None
     extra = {k: v for k, v in obj.items() if k not in ("image", "variants")}
-    return "rsrt", _imported(str(obj["image"]), variants, "rsrt", extra)
+    return "rsrt", CaptionRecord.imported(str(obj["image"]), variants, "rsrt", extra)
 
 
 def _iter_jsonl(text: str, path: Path) -> Iterator[tuple[str, CaptionRecord]]:
@@ -293,8 +228,8 @@ def load_captions(path: str | os.PathLike, split: str | None = None) -> list[Cap
 
     - edge-t2t JSONL (what `edge-t2t caption` writes): records kept as they are;
     - RSRT-style JSONL: `image` + `variants` of {one_sentence, feature(s), caption};
-    - COCO caption JSON: `images` + `annotations`;
-    - Karpathy `dataset_*.json`: `images` with `filename`, `sentences`, `split` (filter with `split`).
+    - COCO caption JSON or Karpathy `dataset_*.json`: read by dataset.py under eval's rules, every
+      split unless `split` names one; one record per captioned image, one variant per distinct caption.
 
     Imported records have model "imported:<format>", prompt_version "imported", test_model False.
     Raises InputError naming the file (and line) for anything malformed.
@@ -315,10 +250,12 @@ def _load(path: Path, split: str | None) -> tuple[str, list[CaptionRecord]]:
         whole = json.loads(text)
     except json.JSONDecodeError:
         whole = None  # JSONL (or broken JSON: the line-by-line reader names the line)
-    if isinstance(whole, dict) and "annotations" in whole and "images" in whole:
-        return "coco", _load_coco(whole, path)
-    if isinstance(whole, dict) and isinstance(whole.get("images"), list) and "variants" not in whole:
-        return "karpathy", _load_karpathy(whole, path, split)
+    if is_dataset(whole):
+        ann = parse_dataset(whole, path, split, default_split=INDEX_DEFAULT_SPLIT)
+        records = caption_records(ann)
+        if not records:
+            raise InputError(f"{path}: no captions found; each image needs at least one non-empty caption")
+        return ann.format, records
     if isinstance(whole, list):  # a JSON array of records
         pairs = [_record_from_line(obj, path, f"item {i}") for i, obj in enumerate(whole)]
     else:

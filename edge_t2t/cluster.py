@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import platform
 import queue
@@ -47,7 +46,7 @@ from .captioning import (
 )
 from .captions import CacheKey, CaptionCache, canonical_json
 from .errors import ClusterError, ImageError, InputError, ModelError
-from .fileio import sha256_file
+from .hashing import sha256_bytes, sha256_file
 from .images import load_image
 from .records import CaptionRecord
 
@@ -326,7 +325,7 @@ def session_from_args(args: Any) -> contextlib.AbstractContextManager[ClusterSes
 
 
 def task_key(key: CacheKey) -> str:
-    return TASK_PREFIX + hashlib.sha256(canonical_json(key.as_tuple()).encode()).hexdigest()[:40]
+    return TASK_PREFIX + sha256_bytes(canonical_json(key.as_tuple()).encode())[:40]
 
 
 def _failure_reason(exc: BaseException | None) -> str:

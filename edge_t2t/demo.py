@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -119,12 +120,15 @@ def _loud(console, text: str) -> None:
 
 
 def _index(index_dir: Path, embedder, progress: bool, paths=(), captions=None, vlm_cfg=None):
+    from .captioning import CaptionSettings
     from .captions import CaptionCache
     from .indexer import Indexer
 
-    kwargs = {"cache": CaptionCache()} if vlm_cfg is not None else {}
-    indexer = Indexer(index_dir, embedder=embedder, progress=progress, vlm_cfg=vlm_cfg, caption_kwargs=kwargs)
-    return indexer.run(list(paths), captions_file=captions)
+    with ExitStack() as closing:  # the caption cache is closed whatever happens
+        cache = closing.enter_context(CaptionCache()) if vlm_cfg is not None else None
+        indexer = Indexer(index_dir, embedder=embedder, progress=progress, vlm_cfg=vlm_cfg,
+                          caption=CaptionSettings(cache=cache))
+        return indexer.run(list(paths), captions_file=captions)
 
 
 def run_demo(opts: DemoOptions, console=None, on_step: Callable[[Step], None] | None = None) -> list[Step]:

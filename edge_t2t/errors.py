@@ -12,6 +12,12 @@ class ModelError(EdgeT2TError):
     """A model file (GGUF, ONNX, manifest) is missing, corrupt or of the wrong kind."""
 
 
+class NoVLMError(ModelError):
+    """No VLM is configured at all (no --vlm, no $EDGE_T2T_VLM, nothing in models/vlm): fine for a
+    command whose images are all described already. Any other ModelError (two GGUFs to choose
+    from, a missing file named on purpose) is a mistake to report."""
+
+
 class ImageError(EdgeT2TError):
     """An image could not be read or decoded."""
 

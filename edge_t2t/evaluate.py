@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .annotations import Annotations
+from .dataset import Annotations
+from .quantise import as_exact, graph_codes
 
 KS = (1, 5, 10)
-DTYPES = ("f32", "f16", "i8")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,22 +78,18 @@ def distinct_texts(texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
     return list(index), ids
 
 
-def quantise(vectors: np.ndarray, dtype: str) -> np.ndarray:
-    """Vectors as a usearch index of ``dtype`` stores them (returned as float64).
-
-    f16 is a plain cast. i8 follows usearch 2.x, checked against Index.get(): the normalised
-    vector is scaled by 127 and TRUNCATED toward zero (a C cast), not rounded.
-    """
+def unit(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 (zero rows stay zero), in float32 as the embedder returns them."""
     v = np.asarray(vectors, dtype=np.float32)
-    if dtype == "f32":
-        return v.astype(np.float64)
-    if dtype == "f16":
-        return v.astype(np.float16).astype(np.float64)
-    if dtype == "i8":
-        norms = np.linalg.norm(v, axis=1, keepdims=True)
-        unit = v / np.where(norms > 0, norms, 1.0)
-        return np.trunc(np.clip(unit * np.float32(127.0), -127.0, 127.0)).astype(np.float64)
-    raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    return v / np.where(norms > 0, norms, 1.0)
+
+
+def stored_scores(queries: np.ndarray, database: np.ndarray, dtype: str) -> np.ndarray:
+    """(queries, database) scores exactly as `exact` search of an index of ``dtype`` gives them:
+    the float32 query against the index's exact copy of each vector (quantise.as_exact: float16
+    beside f16 and i8 graphs), not re-normalised after the cast. In float64."""
+    return unit(queries).astype(np.float64) @ as_exact(unit(database), dtype).T
 
 
 def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -331,7 +327,8 @@ def mode_parts(mode: str, **weights) -> tuple[tuple[str, ...], Callable]:
 def oracle_eval(
     ann: Annotations, embed: Callable[[list[str]], np.ndarray], dtype: str = "f32", mode: str = "dense", **weights
 ) -> EvalResult:
-    """Embed each distinct caption once, optionally quantise as usearch would, and score exactly.
+    """Embed each distinct caption once, store it as an index of ``dtype`` keeps it for exact
+    search (quantise.as_exact), and score exactly; both sides are stored texts, so both are cast.
     mode lexical/hybrid scores with BM25 over the distinct captions: each image's best BM25 and
     best cosine, mixed as the search mixes them (retrieval.fused). Reference captions have no
     features, so there is no structure part."""
@@ -340,7 +337,7 @@ def oracle_eval(
     parts = []
     for name in names:
         if name == "dense":
-            parts.append(text_similarity(quantise(embed(texts), dtype)))
+            parts.append(text_similarity(as_exact(unit(embed(texts)), dtype)))
         else:
             parts.append(lexical_similarity(texts, texts, exclude_self=True, keep_one=mode == "lexical"))
     t2i, i2t, counts = oracle_ranks(ann, parts, ids, combine)
@@ -423,16 +420,16 @@ def index_ranks(
 def usearch_scores(
     database: np.ndarray, queries: np.ndarray, dtype: str, fetch: int, threads: int = 0
 ) -> np.ndarray:
-    """(n_queries, n_database) cosine as an HNSW usearch index of ``dtype`` returns it for each
+    """(n_queries, n_database) cosine as an HNSW graph of ``dtype`` built the product's way
+    (vindex.new_graph, vectors and queries encoded by quantise.graph_codes) returns it for each
     query's top ``fetch``; pairs the search did not return are -inf (they rank last)."""
-    from .vindex import usearch_index_class
+    from .vindex import new_graph
 
-    Index = usearch_index_class()  # imports onnxruntime first: the other order segfaults
     database = np.ascontiguousarray(database, dtype=np.float32)
-    index = Index(ndim=database.shape[1], metric="cos", dtype=dtype)
-    index.add(np.arange(len(database), dtype=np.uint64), database, threads=threads)
+    index = new_graph(database.shape[1], dtype)
+    index.add(np.arange(len(database), dtype=np.uint64), graph_codes(database, dtype), threads=threads)
     fetch = max(1, min(fetch, len(database)))
-    matches = index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch, threads=threads)
+    matches = index.search(graph_codes(queries, dtype), fetch, threads=threads)
     keys = np.atleast_2d(np.asarray(matches.keys)).astype(np.int64)
     dists = np.atleast_2d(np.asarray(matches.distances)).astype(np.float64)
     counts = np.atleast_1d(np.asarray(matches.counts))
@@ -460,7 +457,8 @@ def index_eval(
     when not indexed). exact: numpy over vectors quantised as a usearch index of dtype stores
     them. Otherwise both directions go through HNSW usearch indexes of dtype built here, except
     T2I when ``t2i_search`` = (search function, per-image usearch keys, vectors of images not
-    annotated) gives the index's own search (vindex.VectorIndex.search).
+    annotated) gives the index's own search (vindex.VectorIndex.search). exact: the scores an
+    index of dtype gives in `exact` search mode (stored_scores).
 
     lexical/hybrid (``image_texts``), and any mode whose queries state places or sizes when
     ``image_features`` (each image's (ordinal, features) per variant) are given, are scored exactly
@@ -480,7 +478,7 @@ def index_eval(
         parts = []
         for name in names:
             if name == "dense":
-                part = cosine_matrix(quantise(raw, dtype), quantise(stacked, dtype))
+                part = stored_scores(raw, stacked, dtype)
             else:
                 if image_texts is None:
                     raise ValueError(f"mode {mode!r} needs the images' texts")
@@ -494,8 +492,8 @@ def index_eval(
                   "structure": structure is not None}
         return EvalResult(t2i, i2t, {**_base_counts(ann), **counts}, config, i2t_nodup=i2t_nd)
     if exact:
-        t2i_scores = i2t_scores = cosine_matrix(quantise(raw, dtype), quantise(stacked, dtype))
-        scoring = "exact numpy" + ("" if dtype == "f32" else f" on vectors quantised as usearch {dtype} stores them")
+        t2i_scores = i2t_scores = stored_scores(raw, stacked, dtype)
+        scoring = "exact numpy" + ("" if dtype == "f32" else f", as exact search of a {dtype} index scores (its float16 copy)")
     else:
         per_image = int(np.bincount(owner).max())
         # T2I: enough variant vectors that at least 11 distinct images come back (pigeonhole)
@@ -551,13 +549,15 @@ class IndexVectors:
 
 def load_index_vectors(index_dir, ann: Annotations, identity: dict | None = None, with_texts: bool = False,
                        with_features: bool = False) -> IndexVectors:
-    """Each annotated image's stored variant vectors, matched by file name, from store.sqlite."""
+    """Each annotated image's stored variant vectors, matched by file name, read from the index's
+    store of record through its owner (indexdir.IndexDir)."""
     from pathlib import Path
 
     from .errors import StoreError
-    from .store import Store
+    from .indexdir import IndexDir
 
-    with Store(index_dir) as store:
+    with IndexDir.open_reader(index_dir) as ix:
+        store = ix.store
         if identity is not None:
             store.check_identity(identity)
         keys, image_ids, vectors = store.all_vectors()

@@ -1,19 +1,9 @@
-"""Small file helpers shared by every module that writes or fingerprints files."""
+"""Small file helpers shared by every module that writes files (fingerprints: hashing.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, streamed in 1 MiB blocks so multi-GB GGUF files never sit in memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

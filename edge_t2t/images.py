@@ -18,7 +18,6 @@ claim gigapixels). Raise --max-megapixels to admit larger images.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import os
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ImageError
+from .hashing import sha256_bytes
 
 if TYPE_CHECKING:  # Pillow is imported inside functions so `edge-t2t --help` starts fast
     from PIL.Image import Image
@@ -283,7 +283,7 @@ def load_image(
         raise _fail(path, f"cannot read file ({exc.strerror or exc})") from None
     if not data:
         raise _fail(path, "empty file (0 bytes)")
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256_bytes(data)
 
     notes: list[str] = []
     # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; we make both errors. The

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import vindex
 from .errors import StoreError
+from .modes import VECTOR_MODES
 from .store import IndexLock, Store
 
 # An `index` run saves its snapshot at the end and at most this often while it runs.
@@ -51,8 +52,8 @@ class SearchVectors:
         return len(self.lag_keys)
 
     def search(self, query_vecs: np.ndarray, k: int, mode: str = "rescore", oversample: int = 4) -> list[vindex.Candidates]:
-        if mode not in vindex.MODES:
-            raise StoreError(f"unknown search mode {mode!r}: use one of {', '.join(vindex.MODES)}")
+        if mode not in VECTOR_MODES:
+            raise StoreError(f"unknown search mode {mode!r}: use one of {', '.join(VECTOR_MODES)}")
         q = np.atleast_2d(np.asarray(query_vecs, dtype=np.float32))
         lag = vindex.exact_candidates(self.lag_keys, self.lag_image_ids, self.lag_vectors, q, k)
         if self.snapshot is None:

@@ -16,7 +16,6 @@ search in between scores the texts committed since the last save exactly.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import sqlite3
@@ -26,19 +25,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import vindex
+from .captioning import CaptionSettings
 from .errors import InputError, StoreError
-from .fileio import sha256_file
+from .hashing import sha256_bytes, sha256_file
 from .indexdir import IndexDir
+from .modes import DEFAULT_TEXT_MODE, DTYPES, TEXT_MODES
 from .records import CaptionRecord
-from .search import variant_texts
 from .store import MODEL_FILE_COLUMNS, NewText, Store
+from .texts import PlannedText, plan_texts
 
-TEXT_MODES = ("joined", "fields", "sentences")
-# One text per summary, feature and caption sentence: on held-out synthetic scenes it doubled R@1
-# (0.12 -> 0.26) and raised MRR 0.29 -> 0.42 against the paper's one joined text per variant, at
-# ~11x the vectors (bench/results/text_mode.md). --text-mode joined keeps the compact form.
-DEFAULT_TEXT_MODE = "sentences"
 DEFAULT_DTYPE = "i8"
 STAGES = ("scan", "caption", "embed", "store", "index_save")
 
@@ -107,7 +102,7 @@ def _out_of_space(exc: BaseException) -> bool:
 
 def _record_hash(rec: CaptionRecord) -> str:
     data = json.dumps([v.to_dict() for v in rec.variants], sort_keys=True).encode()
-    return hashlib.sha256(data).hexdigest()[:16]
+    return sha256_bytes(data)[:16]
 
 
 def _provenance(rec: CaptionRecord) -> dict:
@@ -174,7 +169,7 @@ class Indexer:
         progress: bool = False,
         vlm_cfg=None,
         n_variants: int = 5,
-        caption_kwargs: dict | None = None,
+        caption: CaptionSettings | None = None,
         tiling=None,
     ):
         self.dir = Path(index_dir)
@@ -187,7 +182,7 @@ class Indexer:
         self.progress = progress
         self.vlm_cfg = vlm_cfg
         self.n_variants = n_variants
-        self.caption_kwargs = caption_kwargs or {}
+        self.caption = caption or CaptionSettings()
         self._stop = False
         # issue 13: images above the tiling threshold are scenes, cut into chips (scene_index.py)
         from .scene_index import TilingOptions
@@ -209,8 +204,8 @@ class Indexer:
         if "embedder_identity" not in meta:
             dtype = self.dtype or DEFAULT_DTYPE
             mode = self.text_mode or DEFAULT_TEXT_MODE
-            if dtype not in vindex.DTYPES:
-                raise StoreError(f"unknown --dtype {dtype!r}: use one of {', '.join(vindex.DTYPES)}")
+            if dtype not in DTYPES:
+                raise StoreError(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
             if mode not in TEXT_MODES:
                 raise StoreError(f"unknown --text-mode {mode!r}: use one of {', '.join(TEXT_MODES)}")
             with store.transaction():
@@ -433,7 +428,7 @@ class Indexer:
         todo = [p for p in batch if p.record is None and not p.error]
         if not todo or self.vlm_cfg is None:
             return
-        from .captioning import caption_images
+        from .captioning import caption_with
 
         by_path = {str(p.file): p for p in todo}
 
@@ -444,13 +439,8 @@ class Indexer:
                 p.from_vlm = True
             bar.advance("caption")
 
-        result = caption_images([p.file for p in todo], self.vlm_cfg, n_variants=self.n_variants,
-                                on_record=on_record, **self.caption_kwargs)
-        reasons = {}
-        for item in getattr(result, "failures", None) or []:
-            path, why = (item[0], item[1]) if isinstance(item, tuple | list) else (
-                getattr(item, "path", getattr(item, "image", "")), getattr(item, "error", getattr(item, "reason", str(item))))
-            reasons[str(Path(str(path)).resolve())] = str(why)
+        result = caption_with([p.file for p in todo], self.vlm_cfg, self.n_variants, self.caption, on_record)
+        reasons = {str(Path(f.path).resolve()): f.reason for f in result.failures}
         for p in todo:
             if p.record is None and result.interrupted and p.path not in reasons:
                 p.dropped = True  # its caption run was stopped by Ctrl-C; commit the others first
@@ -467,14 +457,14 @@ class Indexer:
         summary.stage_seconds["caption"] += time.perf_counter() - t
 
         t = time.perf_counter()
-        texts: list[tuple[_Pending, int, str, object, str]] = []
+        texts: list[PlannedText] = []
         for p in batch:
             if p.record is not None and not p.error:
-                items = [(p, i, fld, v, txt) for i, v in enumerate(p.record.variants) for fld, txt in variant_texts(v, mode)]
+                items = plan_texts(p, p.record.variants, mode)
                 if not items:
                     p.error = "its descriptions are empty"
                 texts += items
-        vecs = self._embedder().embed([x[4] for x in texts]) if texts else None
+        vecs = self._embedder().embed([x.text for x in texts]) if texts else None
         summary.stage_seconds["embed"] += time.perf_counter() - t
 
         t = time.perf_counter()
@@ -499,8 +489,8 @@ class Indexer:
                     source="vlm" if p.from_vlm else "captions",
                     provenance=_provenance(rec), desc_hash=_record_hash(rec),
                 )
-                rows = [(i, x) for i, x in enumerate(texts) if x[0] is p]
-                keys = store.add_texts(image_id, [NewText(x[1], x[2], x[3], x[4], vecs[i]) for i, x in rows])
+                rows = [(i, x) for i, x in enumerate(texts) if x.owner is p]
+                keys = store.add_texts(image_id, [NewText(x.ordinal, x.field, x.variant, x.text, vecs[i]) for i, x in rows])
                 store.note_texts_per_image(len(keys))
                 texts_added += len(keys)
         summary.texts_added += texts_added

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from . import config
 from .errors import InputError, ModelError
-from .fileio import atomic_write_text, sha256_file
+from .fileio import atomic_write_text
+from .hashing import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "edge-t2t-vlm/1"

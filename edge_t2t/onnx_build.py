@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelError
-from .fileio import atomic_write_text, sha256_file
+from .fileio import atomic_write_text
+from .hashing import sha256_file
 
 # Bump when the graph or the quantisation changes: a manifest with another version is rebuilt.
 BUILDER_VERSION = "3"

@@ -12,7 +12,6 @@ the caption cache never serves captions written for another prompt.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .hashing import sha256_bytes
 from .records import Feature, Variant
 
 PROMPT_VERSION = "rsrt-1"
@@ -133,7 +133,7 @@ def build_prompt(n: int = DEFAULT_VARIANTS, prompt_file: str | os.PathLike | Non
         raise InputError(f"{path}: cannot read the prompt file ({exc}); give a UTF-8 text file") from None
     if not raw.strip():
         raise InputError(f"{path}: the prompt file is empty; write the instructions, with {{n}} for the count")
-    sha8 = hashlib.sha256(raw.encode("utf-8")).hexdigest()[:8]
+    sha8 = sha256_bytes(raw.encode("utf-8"))[:8]
     # Plain replace, not str.format: a prompt quoting JSON examples is full of braces.
     return Prompt(raw.replace("{n}", str(n)).strip(), f"custom-{sha8}", n)
 

@@ -47,12 +47,12 @@ from pathlib import Path
 import numpy as np
 
 from . import evaluate as ev
-from .annotations import Annotations, from_lists
+from .dataset import Annotations, from_lists
 from .errors import InputError
+from .modes import DTYPES, PRECISIONS, VECTOR_MODES
 
-EMBEDDERS = ("fp32", "int8")
-DTYPES = ("f32", "f16", "i8")
-MODES = ("exact", "hnsw", "rescore")
+EMBEDDERS = PRECISIONS
+MODES = ("exact", *(m for m in VECTOR_MODES if m != "exact"))  # the reference configuration first
 AGREE_K = 10
 SCORE_DECIMALS = 5
 # The second, tie-robust reading: scores within 1e-3 tie. Why: f16/i8 exact and rescore score an
@@ -432,8 +432,8 @@ def _vlm_rows(ann: Annotations, opts: Options, work: Path, embedders: dict, prog
               rows: list[_Row], info: dict) -> None:  # fmt: skip
     """Caption with every VLM precision, then append rows as _oracle_rows does; facts go to ``info``."""
     from .captioning import caption_images
-    from .indexer import DEFAULT_TEXT_MODE
-    from .search import variant_texts
+    from .modes import DEFAULT_TEXT_MODE
+    from .texts import description_texts
     from .vindex import Snapshot
     from .vlm import VLMConfig
 
@@ -451,7 +451,7 @@ def _vlm_rows(ann: Annotations, opts: Options, work: Path, embedders: dict, prog
         if summary.interrupted:
             raise KeyboardInterrupt
         captions[label] = {
-            Path(r.image).name: [t for v in r.variants for _, t in variant_texts(v, DEFAULT_TEXT_MODE)] for r in records
+            Path(r.image).name: description_texts(r.variants, DEFAULT_TEXT_MODE) for r in records
         }
         info["test_model"] = info["test_model"] or summary.test_model
         if info["test_model"]:

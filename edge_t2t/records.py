@@ -118,6 +118,12 @@ class CaptionRecord:
         return out
 
     @classmethod
+    def imported(cls, image: str, variants: list[Variant], fmt: str, extra: dict[str, Any] | None = None) -> CaptionRecord:
+        """A record read from a caption file (model "imported:<fmt>"), not written by a VLM."""
+        return cls(image=image, sha256="", model=f"imported:{fmt}", mmproj="", family="", prompt_version="imported",
+                   variants=variants, test_model=False, cached=False, constrained=False, extra=extra or {})  # fmt: skip
+
+    @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> CaptionRecord:
         known = {
             "image", "sha256", "model", "mmproj", "family", "prompt_version", "variants",

@@ -13,16 +13,18 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import chipstore
-from .errors import ImageError
-from .fileio import sha256_file
+from .captioning import CaptionSettings
+from .errors import ImageError, ModelError
 from .geo import footprint
+from .hashing import sha256_file
 from .images import BOMB_FACTOR, DEFAULT_MAX_MEGAPIXELS
 from .records import CaptionRecord
 from .store import NewText, Store
+from .texts import plan_texts
 from .tiling import (
     DEFAULT_OVERLAP,
     MAX_NODATA_SHARE,
@@ -79,7 +81,7 @@ class TilingOptions:
 
             try:
                 image_size = inspect_gguf(Path(vlm_cfg.mmproj)).image_size
-            except Exception:
+            except (OSError, ModelError):
                 image_size = None  # the VLM loader will say what is wrong with the file
         return chip_for_model(image_size)
 
@@ -113,10 +115,10 @@ class ChipDescriber:
     """Chip pixels -> CaptionRecords with the configured VLM, through caption_images (its cache,
     retries and quality checks), the model loaded once for the whole run."""
 
-    def __init__(self, vlm_cfg, n_variants: int, caption_kwargs: dict):
+    def __init__(self, vlm_cfg, n_variants: int, caption: CaptionSettings):
         self.vlm_cfg = vlm_cfg
         self.n_variants = n_variants
-        self.kwargs = {k: v for k, v in caption_kwargs.items() if k != "max_megapixels"}
+        self.caption = replace(caption, max_megapixels=None)  # a chip is already the VLM's size
         self._vlm = None
 
     def _factory(self, cfg):
@@ -128,7 +130,7 @@ class ChipDescriber:
 
     def describe(self, named_images: list[tuple[str, object]]) -> tuple[dict[str, CaptionRecord], dict[str, str], bool]:
         """(records by chip name, failures by chip name, interrupted)."""
-        from .captioning import caption_images
+        from .captioning import caption_with
         from .images import to_png_bytes
 
         with tempfile.TemporaryDirectory(prefix="edge-t2t-chips-") as tmp:
@@ -144,8 +146,7 @@ class ChipDescriber:
                 rec.image = name
                 records[name] = rec
 
-            result = caption_images(list(by_file), self.vlm_cfg, n_variants=self.n_variants, on_record=keep,
-                                    vlm_factory=self._factory, **self.kwargs)  # fmt: skip
+            result = caption_with(list(by_file), self.vlm_cfg, self.n_variants, self.caption, keep, self._factory)
             failures = {by_file.get(f.path, f.path): f.reason for f in result.failures}
         return records, failures, result.interrupted
 
@@ -177,7 +178,6 @@ def index_scenes(indexer, store: Store, ix, files: list[Path], roots: list[Path]
     SQLite only; `ix.checkpoint` (an IndexDir) brings the vector snapshot up to date from them by
     key and from the deletion log, at most every 60 s and at the end of the run."""
     from .indexer import _Progress, _provenance, _record_hash, _under
-    from .search import variant_texts
 
     opts: TilingOptions = indexer.tiling
     counts: SceneCounts = summary.scenes
@@ -192,12 +192,12 @@ def index_scenes(indexer, store: Store, ix, files: list[Path], roots: list[Path]
         indexer._checkpoint(ix, summary, force=False)
         summary.removed += len(gone)
     chip = opts.chip_size(indexer.vlm_cfg)
-    describer = ChipDescriber(indexer.vlm_cfg, indexer.n_variants, indexer.caption_kwargs) if indexer.vlm_cfg else None
+    describer = ChipDescriber(indexer.vlm_cfg, indexer.n_variants, indexer.caption) if indexer.vlm_cfg else None
     try:
         for f in files:
             try:
                 _index_scene(indexer, store, ix, f, stored.get(str(f)), chip, opts, lookup, describer,
-                             summary, mode, _Progress, _provenance, _record_hash, variant_texts)  # fmt: skip
+                             summary, mode, _Progress, _provenance, _record_hash)  # fmt: skip
             except ImageError as exc:
                 summary.failed += 1
                 summary.failures.append((str(f), str(exc).removeprefix(f"{f}: ")))
@@ -208,7 +208,7 @@ def index_scenes(indexer, store: Store, ix, files: list[Path], roots: list[Path]
 
 
 def _index_scene(indexer, store, ix, f: Path, old, chip: int, opts: TilingOptions, lookup, describer,
-                 summary, mode, progress_cls, provenance, record_hash, variant_texts) -> None:  # fmt: skip
+                 summary, mode, progress_cls, provenance, record_hash) -> None:  # fmt: skip
     st = f.stat()
     same_plan = old is not None and old.chip == chip and abs(old.overlap - opts.overlap) < 1e-9
     if same_plan and old.status == "ok" and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
@@ -245,7 +245,7 @@ def _index_scene(indexer, store, ix, f: Path, old, chip: int, opts: TilingOption
             bar.add("chips", len(todo))
             for batch in _batches(todo, CHIP_BATCH):
                 failed += _chip_batch(indexer, store, ix, scene, scene_id, batch, lookup, describer, summary,
-                                      mode, provenance, record_hash, variant_texts)  # fmt: skip
+                                      mode, provenance, record_hash)  # fmt: skip
                 bar.advance("chips", len(batch))
                 if indexer._stop:
                     raise KeyboardInterrupt
@@ -256,7 +256,7 @@ def _index_scene(indexer, store, ix, f: Path, old, chip: int, opts: TilingOption
 
 
 def _chip_batch(indexer, store, ix, scene: SceneFile, scene_id: int, batch: list[ChipPlan], lookup,
-                describer, summary, mode, provenance, record_hash, variant_texts) -> int:  # fmt: skip
+                describer, summary, mode, provenance, record_hash) -> int:  # fmt: skip
     """Describe, embed and commit one batch of chips; return how many failed."""
     t = time.perf_counter()
     images = {p.window: scene.read_chip(p.window) for p in batch}
@@ -285,9 +285,8 @@ def _chip_batch(indexer, store, ix, scene: SceneFile, scene_id: int, batch: list
     summary.stage_seconds["caption"] += time.perf_counter() - t
 
     t = time.perf_counter()
-    texts = [(w, i, fld, v, txt) for w, rec in found.items() for i, v in enumerate(rec.variants)
-             for fld, txt in variant_texts(v, mode)]  # fmt: skip
-    vecs = indexer._embedder().embed([x[4] for x in texts]) if texts else None
+    texts = [t for w, rec in found.items() for t in plan_texts(w, rec.variants, mode)]
+    vecs = indexer._embedder().embed([x.text for x in texts]) if texts else None
     summary.stage_seconds["embed"] += time.perf_counter() - t
 
     t = time.perf_counter()
@@ -295,7 +294,7 @@ def _chip_batch(indexer, store, ix, scene: SceneFile, scene_id: int, batch: list
     nodata = {p.window: p.nodata for p in batch}
     with store.transaction():
         for w, rec in found.items():
-            rows = [(i, x) for i, x in enumerate(texts) if x[0] == w]
+            rows = [(i, x) for i, x in enumerate(texts) if x.owner == w]
             if not rows:
                 errors[w] = "its descriptions are empty"
                 continue
@@ -304,7 +303,7 @@ def _chip_batch(indexer, store, ix, scene: SceneFile, scene_id: int, batch: list
                 names[w], sha256=chip_sha256(images[w]), width=w.w, height=w.h,
                 source="vlm" if w in from_vlm else "captions", provenance=provenance(rec), desc_hash=record_hash(rec),
             )  # fmt: skip
-            keys = store.add_texts(image_id, [NewText(x[1], x[2], x[3], x[4], vecs[i]) for i, x in rows])
+            keys = store.add_texts(image_id, [NewText(x.ordinal, x.field, x.variant, x.text, vecs[i]) for i, x in rows])
             store.note_texts_per_image(len(keys))
             chipstore.add_chip(store, image_id, scene_id, w, nodata[w], footprint(w, scene.crs, scene.transform))
             added.append(image_id)
@@ -318,13 +317,13 @@ def _chip_batch(indexer, store, ix, scene: SceneFile, scene_id: int, batch: list
     return len(errors)
 
 
-def chip_records_for(path: str | os.PathLike, opts: TilingOptions, vlm_cfg, n_variants: int, caption_kwargs: dict,
+def chip_records_for(path: str | os.PathLike, opts: TilingOptions, vlm_cfg, n_variants: int, caption: CaptionSettings,
                      on_record: Callable[[CaptionRecord], None]) -> tuple[int, int, dict[str, str], bool]:  # fmt: skip
     """`edge-t2t caption` on a scene: one record per described chip, named SCENE#x,y,w,h.
     Returns (chips described, chips skipped as no-data, failures by chip name, interrupted)."""
     path = Path(path)
     chip = opts.chip_size(vlm_cfg)
-    describer = ChipDescriber(vlm_cfg, n_variants, caption_kwargs)
+    describer = ChipDescriber(vlm_cfg, n_variants, caption)
     done, failures, interrupted = 0, {}, False
     try:
         with open_scene(path, opts.bands) as scene:

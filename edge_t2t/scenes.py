@@ -11,7 +11,6 @@ placed objects, and `directional_queries` picks queries that exactly one scene s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .fileio import atomic_write_text
+from .hashing import sha256_bytes, sha256_file
+from .images import to_png_bytes
 from .records import CaptionRecord, Feature, Variant
 
 ROWS = ("north", "centre", "south")
@@ -460,7 +461,7 @@ def describe(scene: Scene, n_variants: int = 5, seed: int = 0) -> CaptionRecord:
         variants.append(v)
     return CaptionRecord(
         image=scene.file_name,
-        sha256=hashlib.sha256(scene.image.tobytes()).hexdigest(),
+        sha256=sha256_bytes(scene.image.tobytes()),
         model="ground-truth:scenes",
         mmproj="",
         family="ground-truth",
@@ -468,6 +469,26 @@ def describe(scene: Scene, n_variants: int = 5, seed: int = 0) -> CaptionRecord:
         variants=variants,
         test_model=False,
     )
+
+
+class GroundTruthDescriber:
+    """The scenes' ground truth as a describer.Describer: the record scenes.describe writes for the
+    scene an image was drawn from (looked up by the image's sha256), so the caption pipeline can
+    run with exact, known descriptions in tests."""
+
+    def __init__(self, scenes: list[Scene], seed: int = 0):
+        self.seed = seed
+        self._by_sha = {sha256_bytes(to_png_bytes(s.image)): s for s in scenes}
+
+    def describe(self, image, options) -> CaptionRecord:
+        from .captioning import UnusableAnswer
+
+        scene = self._by_sha.get(sha256_bytes(image.png))
+        if scene is None:
+            raise UnusableAnswer(f"{image.path}: not one of the synthetic scenes")
+        record = describe(scene, n_variants=options.prompt.n_variants, seed=self.seed)
+        record.image, record.sha256 = image.path, image.sha256
+        return record
 
 
 def write_scene_set(out_dir: str | os.PathLike, n: int = 40, seed: int = 0,
@@ -485,7 +506,7 @@ def write_scene_set(out_dir: str | os.PathLike, n: int = 40, seed: int = 0,
         paths.append(path)
         record = describe(scene, seed=seed)
         # sha256 of the file as written, which is what an indexer hashing the image sees.
-        record.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        record.sha256 = sha256_file(path)
         lines.append(json.dumps(record.to_dict()))
     captions = out / "captions.jsonl"
     atomic_write_text(captions, "\n".join(lines) + "\n")

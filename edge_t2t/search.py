@@ -9,7 +9,6 @@ has been seen. Ties are broken by image path so results are deterministic.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -17,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import vindex
 from .errors import StoreError
 from .indexdir import IndexDir, SearchVectors
+from .modes import DEFAULT_VECTOR_MODE, RETRIEVAL_MODES, VECTOR_MODES
 from .records import Variant
 from .store import Store
+from .texts import description_texts
 
-DEFAULT_MODE = "rescore"
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+DEFAULT_MODE = DEFAULT_VECTOR_MODE
 
 
 @dataclass(frozen=True)
@@ -47,43 +46,6 @@ class Hit:
         if self.matched:
             out["matched"] = list(self.matched)
         return out
-
-
-def caption_sentences(caption: str) -> list[str]:
-    """A caption cut at sentence ends (., !, ? followed by white space); empty pieces dropped."""
-    return [t.strip() for t in _SENTENCE_END.split(caption.strip()) if t.strip()]
-
-
-def variant_texts(variant: Variant, text_mode: str) -> list[tuple[str, str]]:
-    """(field, text) pairs to embed for one variant, per text mode:
-
-    joined     one text, the three fields joined (the paper's form): field 'joined'
-    fields     one text per field: 'one_sentence', 'features', 'caption'
-    sentences  one text per short statement: 'one_sentence', one 'feature' per feature
-               ('large storage tanks in the south'), one 'sentence' per caption sentence.
-               Short queries meet texts of their own size instead of a long text that mentions
-               five other things (bench/results/text_mode.md: held-out MRR 0.29 -> 0.41).
-    """
-    if text_mode == "joined":
-        text = variant.joined_text()
-        return [("joined", text)] if text else []
-    if text_mode == "sentences":
-        pairs = [("one_sentence", variant.one_sentence.strip())]
-        pairs += [("feature", f.text()) for f in variant.features if f.name]
-        pairs += [("sentence", t) for t in caption_sentences(variant.caption)]
-        seen: set[str] = set()
-        out = []
-        for name, text in pairs:
-            if text and text not in seen:  # a repeated text adds nothing to a max, only storage
-                seen.add(text)
-                out.append((name, text))
-        return out
-    fields = (
-        ("one_sentence", variant.one_sentence.strip()),
-        ("features", variant.features_text()),
-        ("caption", variant.caption.strip()),
-    )
-    return [(name, text) for name, text in fields if text]
 
 
 def _warn(msg: str) -> None:
@@ -190,13 +152,13 @@ def search(
 
     if not query or not query.strip():
         raise StoreError("the query is empty: give some words to search for")
-    if mode in vindex.MODES:
+    if mode in VECTOR_MODES:
         mode, vector_mode = "dense", mode
     mode = mode or retrieval.DEFAULT_MODE
-    if mode not in retrieval.MODES:
-        raise StoreError(f"unknown search mode {mode!r}: use one of {', '.join(retrieval.MODES)}")
-    if vector_mode not in vindex.MODES:
-        raise StoreError(f"unknown vector mode {vector_mode!r}: use one of {', '.join(vindex.MODES)}")
+    if mode not in RETRIEVAL_MODES:
+        raise StoreError(f"unknown search mode {mode!r}: use one of {', '.join(RETRIEVAL_MODES)}")
+    if vector_mode not in VECTOR_MODES:
+        raise StoreError(f"unknown vector mode {vector_mode!r}: use one of {', '.join(VECTOR_MODES)}")
     store, vectors = open_for_search(index_dir, warn)
     try:
         emb = _load_embedder(embedder, precision) if mode != "lexical" else None
@@ -261,7 +223,7 @@ def search_by_variants_open(store: Store, vectors: SearchVectors, variants: list
         raise StoreError("the query image has no descriptions to search with")
     store.check_identity(embedder.identity)
     text_mode = store.get_meta("text_mode", "joined")
-    qv = embedder.embed([t for v in variants for _, t in variant_texts(v, text_mode)])
+    qv = embedder.embed(description_texts(variants, text_mode))
     return rank_images(store, vectors, qv, k, mode, exclude_image_ids=exclude_image_ids)
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -261,6 +262,18 @@ class NewText:
     vector: np.ndarray
 
 
+class StoredText(NamedTuple):
+    """One row of `variants` as stored (features as JSON, vector as float32 bytes)."""
+
+    ordinal: int
+    field: str
+    one_sentence: str
+    features: str
+    caption: str
+    text: str
+    vector: bytes
+
+
 def _features_json(v: Variant) -> str:
     return json.dumps([{"name": f.name, "position": f.position, "size": f.size} for f in v.features])
 
@@ -450,15 +463,15 @@ class Store:
         row = self.conn.execute("SELECT description_id, desc_hash FROM images WHERE id = ?", (image_id,)).fetchone()
         return (row[0], row[1]) if row else (None, "")
 
-    def read_texts(self, image_id: int) -> list[tuple]:
+    def read_texts(self, image_id: int) -> list[StoredText]:
         """An image's stored text rows, to re-insert under another image (see insert_texts)."""
-        return self.conn.execute(
+        return [StoredText(*r) for r in self.conn.execute(
             "SELECT ordinal, field, one_sentence, features, caption, text, vector FROM variants "
             "WHERE image_id = ? ORDER BY id",
             (image_id,),
-        ).fetchall()
+        )]  # fmt: skip
 
-    def insert_texts(self, image_id: int, rows: list[tuple]) -> tuple[list[int], np.ndarray]:
+    def insert_texts(self, image_id: int, rows: list[StoredText]) -> tuple[list[int], np.ndarray]:
         keys = []
         for r in rows:
             cur = self.conn.execute(
@@ -468,7 +481,7 @@ class Store:
             )
             keys.append(int(cur.lastrowid))
         dim = int(self.get_meta("dim", 0) or 0)
-        vecs = np.stack([np.frombuffer(r[6], dtype=np.float32) for r in rows]) if rows else np.zeros((0, dim), np.float32)
+        vecs = np.stack([np.frombuffer(r.vector, dtype=np.float32) for r in rows]) if rows else np.zeros((0, dim), np.float32)
         return keys, vecs
 
     def copy_texts(self, from_image: int, to_image: int) -> tuple[list[int], np.ndarray]:

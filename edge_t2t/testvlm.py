@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import config
 from .errors import ModelError
-from .fileio import atomic_write_text, sha256_file
+from .fileio import atomic_write_text
+from .hashing import sha256_file
 
 if TYPE_CHECKING:
     import numpy as np

@@ -16,7 +16,6 @@ from a grid of small windows, so neighbouring chips look alike to the model.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ImageError
+from .hashing import sha256_bytes
 
 GEO_EXTRA_HINT = "install the geo extra: pip install 'edge-t2t[geo]' (rasterio)"
 DEFAULT_CHIP = 512  # pixels, when no VLM tells us its input size
@@ -133,7 +133,7 @@ def _has_geotiff_tags(path: Path) -> bool:
         with Image.open(path) as im:
             tags = getattr(im, "tag_v2", None)
             return bool(tags) and any(t in tags for t in _GEOTIFF_TAGS)
-    except Exception:
+    except Exception:  # Pillow's plugins raise OSError, SyntaxError, struct.error...: not a GeoTIFF we can read
         return False
 
 
@@ -147,7 +147,7 @@ def scene_size(path: str | os.PathLike) -> tuple[int, int] | None:
     try:
         with Image.open(path) as im:
             return im.size
-    except Exception:
+    except Exception:  # Pillow cannot open it (its plugins raise many classes): ask rasterio
         pass
     finally:
         Image.MAX_IMAGE_PIXELS = previous
@@ -159,7 +159,7 @@ def scene_size(path: str | os.PathLike) -> tuple[int, int] | None:
             warnings.simplefilter("ignore")
             with rio.open(path) as ds:
                 return ds.width, ds.height
-    except Exception:
+    except Exception:  # rasterio/GDAL errors (RasterioIOError, CPLE_*): the size cannot be told
         return None
 
 
@@ -428,5 +428,5 @@ def plan_chips(scene: SceneFile, chip: int, overlap: float, max_nodata: float = 
 
 def chip_sha256(image) -> str:
     """Identity of a chip's pixels (what the caption cache would key it by)."""
-    return hashlib.sha256(image.tobytes()).hexdigest()
+    return sha256_bytes(image.tobytes())
 

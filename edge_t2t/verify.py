@@ -40,6 +40,8 @@ import numpy as np
 
 from . import config
 from .errors import StoreError
+from .hashing import sha256_file
+from .quantise import exact_dtype
 
 _TABLES = ("meta", "descriptions", "images", "variants", "runs")
 _MAX_LISTED = 10  # keys/rows named per problem line; the count is always given
@@ -77,16 +79,6 @@ def _listed(items) -> str:
     items = list(items)
     shown = ", ".join(str(x) for x in items[:_MAX_LISTED])
     return shown + (f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- SQLite ---------------------------------------------------------------------------------------
@@ -256,7 +248,7 @@ def _snapshot_files_problems(index_dir: Path, m: dict, dim: int, dtype: str, sto
     if out:
         return out
     n = int(m["n_rows"])
-    widths = {m["rows"]: 16, m["exact"]: dim * np.dtype(vindex.exact_dtype(dtype or m["dtype"])).itemsize}
+    widths = {m["rows"]: 16, m["exact"]: dim * np.dtype(exact_dtype(dtype or m["dtype"])).itemsize}
     for name in vindex.manifest_files(m):
         path = index_dir / name
         if not path.is_file():
@@ -397,7 +389,7 @@ def _check_models(conn, meta: dict, rep: VerifyReport) -> None:
             emb["files"][name] = "missing"
             rep.warnings.append(f"{path}: embedder file recorded in the store is missing; run `edge-t2t models build-embedder`")
             continue
-        got = _sha256(path)
+        got = sha256_file(path)
         emb["files"][name] = "ok" if got == want else "changed"
         if got != want:
             rep.problems.append(
@@ -452,7 +444,7 @@ def _check_models(conn, meta: dict, rep: VerifyReport) -> None:
                 vlm["files"][path_s] = "missing"
                 continue
             if path_s not in hashes:
-                hashes[path_s] = _sha256(path)
+                hashes[path_s] = sha256_file(path)
             got = hashes[path_s]
             if got != want:
                 rep.problems.append(

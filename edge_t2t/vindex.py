@@ -39,13 +39,13 @@ from pathlib import Path
 import numpy as np
 
 from .errors import StoreError
+from .modes import DTYPES, VECTOR_MODES
+from .quantise import exact_dtype, graph_codes
 
 MANIFEST_FILE = "manifest.json"
 # The files of the single-snapshot layout that came before generations: removed by a rebuild.
 LEGACY_FILES = ("vectors.usearch", "exact.npy", "keys.npy")
 FORMAT = 1
-DTYPES = ("f32", "f16", "i8")
-MODES = ("hnsw", "rescore", "exact")
 # Scoring uses np.einsum, not `@`: on a small shared machine OpenBLAS's threads spin against
 # each other and a 2k x 384 matrix-vector product took 15 ms instead of 0.3 ms.
 CACHE_F32_ELEMENTS = 64_000_000  # keep a float32 copy for exact mode up to 256 MB
@@ -75,23 +75,6 @@ def usearch_index_class():
     return Index
 
 
-def graph_input(vectors: np.ndarray, dtype: str) -> np.ndarray:
-    """What is handed to usearch. For i8 we pass int8 codes scaled per vector so the largest
-    component is +-127: usearch's own cast multiplies unit vectors by 127, and a 384-d unit
-    vector's components are mostly < 0.2, which wastes ~2.5 of the 8 bits. Cosine is
-    scale-invariant, so only the rounding error changes (recall@10 0.95 -> 0.99 without
-    re-scoring in bench/index_scale.py)."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if dtype != "i8":
-        return vectors
-    peak = np.abs(vectors).max(axis=1, keepdims=True)
-    return np.round(vectors / np.maximum(peak, 1e-12) * 127).astype(np.int8)
-
-
-def exact_dtype(dtype: str):
-    return np.float32 if dtype == "f32" else np.float16
-
-
 # Graph shape: connectivity 8 and expansion_add 64 instead of usearch's 16 / 128 build a graph 3x
 # faster (bench/index_scale.py: 100k i8 vectors 85 s -> 27 s, recall@10 0.994 -> 0.991 before
 # re-scoring; 1M: 0.983 at expansion_search 64), and an update's cost is its insertions. A search
@@ -100,7 +83,8 @@ CONNECTIVITY = 8
 EXPANSION_ADD = 64
 
 
-def _new_graph(ndim: int, dtype: str):
+def new_graph(ndim: int, dtype: str):
+    """An empty HNSW graph of the product's shape (also what eval's approximate scoring builds)."""
     if dtype not in DTYPES:
         raise StoreError(f"unknown vector dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     # i8 is only meaningful for cosine over L2-normalised vectors, which is what we store.
@@ -280,8 +264,8 @@ class Snapshot:
     def search(self, query_vecs: np.ndarray, k: int, mode: str = "rescore", oversample: int = 4) -> list[Candidates]:
         """Up to k variant candidates per query. hnsw: the graphs' (quantised) scores; rescore:
         fetch k*oversample from the graphs and re-score them with exact vectors; exact: brute force."""
-        if mode not in MODES:
-            raise StoreError(f"unknown search mode {mode!r}: use one of {', '.join(MODES)}")
+        if mode not in VECTOR_MODES:
+            raise StoreError(f"unknown search mode {mode!r}: use one of {', '.join(VECTOR_MODES)}")
         q = np.atleast_2d(np.asarray(query_vecs, dtype=np.float32))
         n = len(self)
         k = min(k, n)
@@ -292,7 +276,7 @@ class Snapshot:
         want = min(n, k * oversample) if mode == "rescore" else k
         # Dead keys still sit in the graphs and are dropped here: fetch more until enough live remain.
         fetch = want + min(len(self.dead), want)
-        codes = graph_input(q, self.dtype)
+        codes = graph_codes(q, self.dtype)
         while True:
             found = self._graph_candidates(codes, fetch)
             enough = all(len(keys) >= want for keys, _ in found)
@@ -390,7 +374,7 @@ class VectorWriter:
         self.base_max_key = int(m.get("base_max_key", 0))
         self.previous = manifest_files(manifest)
         self.store_id = m.get("store_id", "")
-        self.tail = _load_graph(self.dir / m["tail"]) if m.get("tail") else _new_graph(dim, dtype)
+        self.tail = _load_graph(self.dir / m["tail"]) if m.get("tail") else new_graph(dim, dtype)
         self.dead = np.load(self.dir / m["dead"]) if m.get("dead") else np.zeros(0, np.int64)
         # Cut off rows a killed writer appended after the last manifest.
         for name, width in ((self.rows_name, 16), (self.exact_name, dim * np.dtype(exact_dtype(dtype)).itemsize)):
@@ -443,7 +427,7 @@ class VectorWriter:
         # true neighbours unreachable (13 of 100 builds of a 100-vector test set missed one of the
         # top 5; 0 of 100 single-threaded). The same texts must give the same index and results,
         # e.g. after a resumed run.
-        self.tail.add(keys.astype(np.uint64), graph_input(vectors, self.dtype), threads=1)
+        self.tail.add(keys.astype(np.uint64), graph_codes(vectors, self.dtype), threads=1)
 
     def remove(self, keys) -> None:
         keys = np.asarray(list(keys), dtype=np.int64)
@@ -462,16 +446,16 @@ class VectorWriter:
     def merge_tail(self, chunks: Iterable[tuple[np.ndarray, np.ndarray]], total: int) -> None:
         """Insert the tail's vectors ((keys, float32 vectors) chunks from SQLite, `total` in all)
         into the base graph, and start an empty tail."""
-        base = _load_graph(self.dir / self.base_name) if self.base_name else _new_graph(self.dim, self.dtype)
+        base = _load_graph(self.dir / self.base_name) if self.base_name else new_graph(self.dim, self.dtype)
         threads = 0 if total + self.base_count >= PARALLEL_BUILD_MIN else 1
         for keys, vectors in chunks:
             if len(keys):
-                base.add(np.asarray(keys, np.uint64), graph_input(vectors, self.dtype), threads=threads)
+                base.add(np.asarray(keys, np.uint64), graph_codes(vectors, self.dtype), threads=threads)
         self.base_name = f"base.{self.generation + 1}.usearch"
         _save_graph(self.dir / self.base_name, base)
         self.base_count = len(base)
         self.base_max_key = self.max_key
-        self.tail = _new_graph(self.dim, self.dtype)
+        self.tail = new_graph(self.dim, self.dtype)
         self.dirty = True
 
     def save(self, deletions_seen: int | None = None) -> dict:

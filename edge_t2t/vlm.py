@@ -14,16 +14,15 @@ import ctypes
 import functools
 import json
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import config
-from .errors import ImageError, ModelError
-from .fileio import sha256_file
+from .errors import ImageError, ModelError, NoVLMError
 from .gguf_check import GGUFInfo, check_pair, inspect_gguf
+from .hashing import file_sha256
 from .model_files import named_pair, named_vlms, require_named
 
 
@@ -57,23 +56,6 @@ _HANDLER_ONLY_CTX = 256
 
 # Below this size a text model runs single-threaded unless n_threads is given.
 _SMALL_MODEL_BYTES = 64 * 1024 * 1024
-
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-_SHA_LOCK = threading.Lock()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, streamed, cached in memory per (path, size, mtime)."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    with _SHA_LOCK:
-        if key in _SHA_CACHE:
-            return _SHA_CACHE[key]
-    digest = sha256_file(path)
-    with _SHA_LOCK:
-        _SHA_CACHE[key] = digest
-    return digest
-
 
 @dataclass
 class VLMConfig:
@@ -164,7 +146,7 @@ def resolve_vlm_paths(model: str | os.PathLike | None, mmproj: str | os.PathLike
     directory = config.user_vlm_dir()
     if not directory.is_dir():
         missing = "model" if m is None else "mmproj"
-        raise ModelError(_no_vlm_message(f"no {missing} given and {directory} does not exist"))
+        raise NoVLMError(_no_vlm_message(f"no {missing} given and {directory} does not exist"))
     models, projs, broken = _classify_dir(directory)
     if m is None and p is None and not models and not projs:
         named = named_vlms()
@@ -185,7 +167,7 @@ def _only_one(directory: Path, found: list[Path], broken: list[str], plural: str
         raise ModelError(f"{directory} holds several {plural} ({', '.join(x.name for x in found)}); pick one with {flag}")
     if not found:
         extra = f"; unreadable: {'; '.join(broken)}" if broken else ""
-        raise ModelError(_no_vlm_message(f"no {what} in {directory}{extra}"))
+        raise NoVLMError(_no_vlm_message(f"no {what} in {directory}{extra}"))
     return found[0]
 
 
@@ -819,7 +801,7 @@ class VLM:
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a destructor must not raise, whatever close() hits at exit
             pass
 
 

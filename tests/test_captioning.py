@@ -20,6 +20,7 @@ from edge_t2t import config, prompts
 from edge_t2t.captioning import Callbacks, caption_images
 from edge_t2t.captions import CaptionCache
 from edge_t2t.errors import ModelError
+from edge_t2t.vlm import VLMConfig
 
 
 def _answer(n: int, tag: str) -> str:
@@ -65,7 +66,7 @@ class ScriptedVLM:
 def env(tmp_path: Path):
     (tmp_path / "m.gguf").write_bytes(b"model bytes")
     (tmp_path / "p.gguf").write_bytes(b"mmproj bytes")
-    cfg = SimpleNamespace(model=tmp_path / "m.gguf", mmproj=tmp_path / "p.gguf", family=None, seed=0)
+    cfg = VLMConfig(model=tmp_path / "m.gguf", mmproj=tmp_path / "p.gguf", family=None, seed=0)
     made: list[ScriptedVLM] = []
 
     def factory(**kw):

@@ -17,7 +17,8 @@ from edge_t2t.captions import (
     detect_format,
     load_captions,
 )
-from edge_t2t.errors import InputError
+from edge_t2t.errors import InputError, StoreError
+from edge_t2t.hashing import file_sha256
 from edge_t2t.records import CaptionRecord, Feature, Variant
 
 
@@ -87,9 +88,11 @@ def test_file_sha256_memo(tmp_path: Path) -> None:
     f = tmp_path / "model.gguf"
     f.write_bytes(b"one")
     with CaptionCache(tmp_path / "c.sqlite") as cache:
-        assert cache.file_sha256(f) == hashlib.sha256(b"one").hexdigest()
+        assert file_sha256(f, cache) == hashlib.sha256(b"one").hexdigest()
         f.write_bytes(b"two!")  # size and mtime change -> hashed again
-        assert cache.file_sha256(f) == hashlib.sha256(b"two!").hexdigest()
+        assert file_sha256(f, cache) == hashlib.sha256(b"two!").hexdigest()
+        st = f.stat()  # remembered in the cache, for the next process
+        assert cache.lookup(str(f.resolve()), st.st_size, st.st_mtime_ns) == hashlib.sha256(b"two!").hexdigest()
 
 
 # ---------------------------------------------------------------- JSONL writer
@@ -199,7 +202,9 @@ def test_import_our_own_jsonl_keeps_model_fields(tmp_path: Path) -> None:
         ('{"image": "a.jpg"}\n', r"line 1: a record needs 'image' and a 'variants' list"),
         ('{"image": "a.jpg", "variants": [42]}\n', r"line 1: a variant must be"),
         ("", r"empty"),
-        ('{"images": [{"filename": "a.jpg"}]}', r"images\[0\] needs 'filename' and 'sentences'"),
+        # the dataset reader's rules (eval's): an image may have no sentences, but a file with none is refused
+        ('{"images": [{"filename": "a.jpg"}]}', r"bad\.jsonl: no captions found"),
+        ('{"images": [{"sentences": ["x"]}]}', r"images\[0\]: missing or empty image file name"),
     ],
 )
 def test_import_malformed_names_file_and_line(tmp_path: Path, content: str, match: str) -> None:
@@ -212,3 +217,35 @@ def test_import_malformed_names_file_and_line(tmp_path: Path, content: str, matc
 def test_import_missing_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="nope.json"):
         load_captions(tmp_path / "nope.json")
+
+
+def test_cache_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    CaptionCache(path).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        CaptionCache(path)
+
+
+def test_index_and_eval_read_one_dataset_under_one_set_of_rules(tmp_path: Path) -> None:
+    """`index --captions` and `eval` share dataset.py: the file_name fallback and plain-string
+    sentences work for both; only the default split differs (index: all, eval: test)."""
+    from edge_t2t.dataset import load_annotations
+
+    data = {"images": [
+        {"file_name": "a.jpg", "split": "train", "sentences": ["a farm .", {"raw": "fields"}]},
+        {"file_name": "b.jpg", "split": "test", "sentences": ["a port ."]},
+    ]}  # fmt: skip
+    f = tmp_path / "dataset_x.json"
+    f.write_text(json.dumps(data))
+    records = load_captions(f)
+    assert [(r.image, [v.one_sentence for v in r.variants]) for r in records] == [
+        ("a.jpg", ["a farm .", "fields"]), ("b.jpg", ["a port ."])]
+    ann = load_annotations(f)
+    assert ann.images == ["b.jpg"] and ann.captions == ["a port ."] and ann.split == "test"
+    assert [r.image for r in load_captions(f, split="test")] == ann.images
+    with pytest.raises(InputError, match="splits present: test, train"):
+        load_captions(f, split="val")

@@ -187,7 +187,7 @@ class _PoisonPlugin(distributed.WorkerPlugin):
 def test_an_image_that_kills_workers_repeatedly_fails_once_and_the_run_goes_on(session, vlm_cfg, images) -> None:
     import cloudpickle
 
-    from edge_t2t.fileio import sha256_file
+    from edge_t2t.hashing import sha256_file
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     client = session.client
@@ -244,7 +244,7 @@ def test_a_missing_cluster_extra_is_one_line_naming_it(monkeypatch, vlm_cfg, ima
 def test_the_worker_plugin_refuses_a_file_that_differs_from_the_clients(vlm_cfg, tmp_path) -> None:
     """The check itself, without a cluster: a worker whose mmproj is not the client's names itself and
     the file, and never loads the model."""
-    from edge_t2t.fileio import sha256_file
+    from edge_t2t.hashing import sha256_file
 
     expected = {"model": (str(vlm_cfg.model), sha256_file(vlm_cfg.model)),
                 "mmproj": (str(vlm_cfg.mmproj), "0" * 64)}  # fmt: skip

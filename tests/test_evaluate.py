@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from edge_t2t import evaluate as ev
-from edge_t2t.annotations import from_lists, load_annotations
+from edge_t2t import quantise
+from edge_t2t.dataset import from_lists, load_annotations
 from edge_t2t.errors import InputError
 
 
@@ -60,14 +61,36 @@ def test_distinct_texts_and_group_max():
     assert out[:, 2].tolist() == [2.0, 4.0]
 
 
-def test_quantise_matches_usearch_rules():
+def test_exact_scores_use_the_index_exact_copy():
     v = np.array([[0.5, -0.5, 0.7071, 0.0]], dtype=np.float32)
     v /= np.linalg.norm(v)
-    # i8: scale the unit vector by 127 and truncate toward zero: 63.49 -> 63, -63.49 -> -63, 89.79 -> 89
-    assert ev.quantise(v, "i8").tolist() == [[63.0, -63.0, 89.0, 0.0]]
-    assert ev.quantise(v, "f16").tolist() == v.astype(np.float16).astype(np.float64).tolist()
+    # an f16 or i8 index keeps a float16 copy for exact search; f32 keeps float32
+    assert quantise.as_exact(v, "i8").tolist() == v.astype(np.float16).astype(np.float64).tolist()
+    assert quantise.as_exact(v, "f16").tolist() == quantise.as_exact(v, "i8").tolist()
+    assert quantise.as_exact(v, "f32").tolist() == v.astype(np.float64).tolist()
+    q = np.array([[0.6, 0.8, 0.0, 0.0]], dtype=np.float32)
+    assert ev.stored_scores(q, v, "i8")[0, 0] == pytest.approx(float(q[0] @ v[0].astype(np.float16).astype(np.float32)))
     with pytest.raises(ValueError):
-        ev.quantise(v, "i4")
+        quantise.as_exact(v, "i4")
+
+
+def test_i8_graph_codes_are_rounded_per_vector():
+    v = np.array([[0.5, -0.5, 0.7071, 0.0]], dtype=np.float32)
+    # scaled so the largest component is 127, then ROUNDED: 0.5/0.7071*127 = 89.8 -> 90
+    assert quantise.graph_codes(v, "i8").tolist() == [[90, -90, 127, 0]]
+    assert quantise.graph_codes(v, "i8").dtype == np.int8
+    assert quantise.as_graph(v, "f16").tolist() == v.astype(np.float16).astype(np.float64).tolist()
+
+
+def test_usearch_stores_the_i8_codes_as_given():
+    from edge_t2t.vindex import new_graph
+
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((5, 16)).astype(np.float32)
+    graph = new_graph(16, "i8")
+    graph.add(np.arange(5, dtype=np.uint64), quantise.graph_codes(v, "i8"))
+    assert np.array_equal(np.asarray(graph.get(np.arange(5, dtype=np.uint64), dtype=np.int8)),
+                          quantise.graph_codes(v, "i8"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,11 +209,12 @@ def test_oracle_case2_duplicates_and_missing_captions():
     assert c["t2i_candidates"] == 3
 
 
-def test_oracle_i8_scores_the_quantised_vectors():
-    # i8 emulation must be exactly "score the vectors usearch would store": the i8 result equals
-    # the f32 result computed on pre-quantised vectors.
+def test_oracle_i8_scores_the_stored_vectors():
+    # i8 must be exactly "score the vectors an i8 index's exact search scores": the i8 result
+    # equals the f32 result computed on pre-cast vectors.
     ann = case1()
-    quantised = {k: tuple(ev.quantise(np.asarray([v], dtype=np.float32), "i8")[0]) for k, v in CASE1_VECTORS.items()}
+    unit = {k: ev.unit(np.asarray([v], dtype=np.float32)) for k, v in CASE1_VECTORS.items()}
+    quantised = {k: tuple(quantise.as_exact(v, "i8")[0]) for k, v in unit.items()}
     a = ev.oracle_eval(ann, fake_embedder(CASE1_VECTORS), dtype="i8").to_json()
     b = ev.oracle_eval(ann, fake_embedder(quantised), dtype="f32").to_json()
     assert a["t2i"] == b["t2i"] and a["i2t"] == b["i2t"]
@@ -407,3 +431,39 @@ def test_self_similarity_ties_are_exact(seed):
     assert result.i2t.ranks[:2].tolist() == [1, 1]
     assert result.i2t.dup[:2].all()
     assert result.i2t.ranks[2] >= 1
+
+
+def test_eval_i8_exact_scores_equal_an_i8_index_searched_exactly(tmp_path):
+    """`eval --dtype i8 --exact` scores what an i8 index returns in `exact` vector mode: the same
+    query against the same stored texts gives the same score for every text."""
+    from fake_embedder import FakeEmbedder
+
+    from edge_t2t.indexdir import IndexDir
+    from edge_t2t.indexer import Indexer
+
+    emb = FakeEmbedder(dim=48)
+    records = [{"image": f"img{i}.jpg", "variants": [{"one_sentence": s} for s in texts]}
+               for i, texts in enumerate([["a runway beside a terminal", "planes parked at gates"],
+                                          ["a green park with a pond", "trees around a lake"],
+                                          ["storage tanks near a port", "ships at a pier"]])]
+    captions = tmp_path / "c.jsonl"
+    captions.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ix = tmp_path / "ix"
+    Indexer(ix, embedder=emb, dtype="i8", text_mode="joined").run([], captions_file=captions)
+    ann = from_lists([r["image"] for r in records], [(0, "an airport runway"), (1, "a park"), (2, "a harbour")])
+    stored = ev.load_index_vectors(ix, ann, identity=emb.identity)
+    assert stored.facts["index_dtype"] == "i8"
+    stacked = np.concatenate(stored.vectors)
+    keys = np.concatenate(stored.keys)
+    queries = emb.embed(["an airport runway", "a harbour with ships"])
+
+    eval_scores = ev.stored_scores(queries, stacked, "i8")  # what index_eval(dtype="i8", exact=True) ranks
+    with IndexDir.open_reader(ix) as d:
+        found = d.search_vectors().search(queries, len(keys), mode="exact")
+    for q, cand in enumerate(found):
+        assert sorted(cand.keys.tolist()) == sorted(keys.tolist())
+        column = {int(k): n for n, k in enumerate(keys)}
+        mine = eval_scores[q, [column[int(k)] for k in cand.keys]]
+        np.testing.assert_allclose(mine, cand.scores, rtol=0, atol=1e-6)
+    # and the i8 index's exact scores are not the f32 ones (its exact copy is float16)
+    assert not np.array_equal(eval_scores, ev.stored_scores(queries, stacked, "f32"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from fake_embedder import FakeEmbedder
@@ -13,9 +14,11 @@ from PIL import Image
 
 from edge_t2t import captioning, vindex
 from edge_t2t.errors import StoreError
-from edge_t2t.indexer import DEFAULT_TEXT_MODE, Indexer
+from edge_t2t.indexer import Indexer
+from edge_t2t.modes import DEFAULT_TEXT_MODE
 from edge_t2t.records import CaptionRecord, Variant
 from edge_t2t.store import IndexLock, Store
+from edge_t2t.vlm import VLMConfig
 
 COLOURS = {"a": (200, 30, 30), "b": (30, 200, 30), "c": (30, 30, 200), "d": (200, 200, 30), "e": (90, 90, 90)}
 
@@ -129,6 +132,10 @@ class FakeSummary:
     interrupted: bool = False
 
 
+# captioning is replaced by FakeCaptioner below, so these files are never opened; a VLMConfig, as
+# the indexer's vlm_cfg is typed
+FAKE_VLM = VLMConfig(model=Path("no-such-model.gguf"), mmproj=Path("no-such-mmproj.gguf"))
+
 class FakeCaptioner:
     """Stands in for captioning.caption_images: records from the file name; can stop early."""
 
@@ -166,7 +173,7 @@ def five_images(tmp_path):
 def test_vlm_path_records_provenance_and_failures(tmp_path, monkeypatch):
     d = five_images(tmp_path)
     monkeypatch.setattr(captioning, "caption_images", FakeCaptioner(fail="c.png"))
-    s = Indexer(tmp_path / "ix", embedder=FakeEmbedder(), vlm_cfg=object(), n_variants=3).run([d])
+    s = Indexer(tmp_path / "ix", embedder=FakeEmbedder(), vlm_cfg=FAKE_VLM, n_variants=3).run([d])
     assert (s.added, s.failed) == (4, 1) and "model produced nothing" in s.failures[0][1]
     with Store(tmp_path / "ix") as st:
         assert st.counts()["texts"] == 12
@@ -179,16 +186,16 @@ def test_interrupted_run_keeps_finished_batches_and_resumes_to_the_same_state(tm
     d = five_images(tmp_path)
     emb = FakeEmbedder()
     monkeypatch.setattr(captioning, "caption_images", FakeCaptioner())
-    Indexer(tmp_path / "clean", embedder=emb, vlm_cfg=object(), batch_size=2).run([d])
+    Indexer(tmp_path / "clean", embedder=emb, vlm_cfg=FAKE_VLM, batch_size=2).run([d])
 
     monkeypatch.setattr(captioning, "caption_images", FakeCaptioner(stop_after=3))  # Ctrl-C in batch 2
-    s = Indexer(tmp_path / "ix", embedder=emb, vlm_cfg=object(), batch_size=2).run([d])
+    s = Indexer(tmp_path / "ix", embedder=emb, vlm_cfg=FAKE_VLM, batch_size=2).run([d])
     assert s.interrupted and s.added == 3 and consistent(tmp_path / "ix")
     with Store(tmp_path / "ix") as st:
         assert st.last_run()["status"] == "interrupted"
 
     monkeypatch.setattr(captioning, "caption_images", FakeCaptioner())
-    s = Indexer(tmp_path / "ix", embedder=emb, vlm_cfg=object(), batch_size=2).run([d])
+    s = Indexer(tmp_path / "ix", embedder=emb, vlm_cfg=FAKE_VLM, batch_size=2).run([d])
     assert (s.added, s.skipped, s.interrupted) == (2, 3, False)
     assert texts_of(tmp_path / "ix") == texts_of(tmp_path / "clean") and consistent(tmp_path / "ix")
 
@@ -207,7 +214,7 @@ def test_ctrl_c_mid_batch_rolls_that_batch_back(tmp_path, monkeypatch):
 
     emb.embed = embed_then_interrupt
     monkeypatch.setattr(captioning, "caption_images", FakeCaptioner())
-    s = Indexer(tmp_path / "ix", embedder=emb, vlm_cfg=object(), batch_size=2).run([d])
+    s = Indexer(tmp_path / "ix", embedder=emb, vlm_cfg=FAKE_VLM, batch_size=2).run([d])
     assert s.interrupted and s.added == 2
     assert len(texts_of(tmp_path / "ix")) == 2 and consistent(tmp_path / "ix")
 
@@ -300,10 +307,10 @@ def test_a_run_saves_at_its_end_and_at_most_every_checkpoint_interval(tmp_path, 
 
     d = five_images(tmp_path)
     monkeypatch.setattr(captioning, "caption_images", FakeCaptioner())
-    Indexer(tmp_path / "once", embedder=FakeEmbedder(), vlm_cfg=object(), batch_size=1).run([d])
+    Indexer(tmp_path / "once", embedder=FakeEmbedder(), vlm_cfg=FAKE_VLM, batch_size=1).run([d])
     # one save when the (empty) snapshot is created, one at the end: not one per batch
     assert vindex.read_manifest(tmp_path / "once")["generation"] == 2
     monkeypatch.setattr(indexdir, "CHECKPOINT_EVERY_S", 0.0)
-    Indexer(tmp_path / "often", embedder=FakeEmbedder(), vlm_cfg=object(), batch_size=1).run([d])
+    Indexer(tmp_path / "often", embedder=FakeEmbedder(), vlm_cfg=FAKE_VLM, batch_size=1).run([d])
     assert vindex.read_manifest(tmp_path / "often")["generation"] == 1 + 5  # creation + one per batch
     assert consistent(tmp_path / "once") and consistent(tmp_path / "often")

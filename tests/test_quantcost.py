@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_t2t import config
+from edge_t2t import config, quant_report
 from edge_t2t import evaluate as ev
 from edge_t2t import quantcost as qc
-from edge_t2t.annotations import from_lists, load_annotations
 from edge_t2t.cli import bench_quant, main
+from edge_t2t.dataset import from_lists, load_annotations
 from edge_t2t.vindex import Candidates
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def test_matrix_structure(oracle_report):
     expected = {f"captions/{e}/{d}/{m}" for e in ("fp32", "int8") for d in ("f32", "i8") for m in ("exact", "hnsw")}
     assert set(names) == expected and len(names) == len(expected)
     assert not oracle_report["interrupted"]
-    json.dumps(oracle_report, default=bench_quant.json_default)  # the report is JSON-ready
+    json.dumps(oracle_report, default=quant_report.json_default)  # the report is JSON-ready
     assert "b1" in oracle_report["b1"]
 
 
@@ -164,7 +164,7 @@ def test_sizes_follow_the_dtype(oracle_report):
 
 
 def test_outputs_written_atomically(oracle_report, tmp_path):
-    paths = bench_quant.write_outputs(oracle_report, tmp_path)
+    paths = quant_report.write_outputs(oracle_report, tmp_path)
     data = json.loads(Path(paths["json"]).read_text())
     assert len(data["configs"]) == 8
     md = Path(paths["md"]).read_text()
@@ -186,7 +186,7 @@ def test_ctrl_c_keeps_finished_configurations(rsicd100):
     report = qc.run(rsicd100.subset(30), opts, qc.Progress(on_step=step))
     assert report["interrupted"]
     assert [c["name"] for c in report["configs"]] == ["captions/fp32/f32/exact", "captions/fp32/f32/hnsw"]
-    assert "Interrupted" in bench_quant.markdown_table(report)
+    assert "Interrupted" in quant_report.markdown_table(report)
 
 
 def test_probe_in_a_subprocess(tmp_path):
@@ -226,7 +226,7 @@ def test_vlm_axis_with_the_test_model(rsicd_samples: Path, tmp_path):
     report = qc.run(ann, opts)
     info = report["vlm"]
     assert info["test_model"] and "machinery" in info["note"]
-    assert "machinery" in bench_quant.markdown_table(report)
+    assert "machinery" in quant_report.markdown_table(report)
     quantized = Path(info["models"]["Q8_0"]["gguf"])
     assert quantized.is_file() and quantized.stat().st_size < spec.model.stat().st_size
     assert set(info["annotated_images"]) == {"square_102.jpg", "airport_17.jpg"}
@@ -245,9 +245,7 @@ def test_vlm_axis_with_the_test_model(rsicd_samples: Path, tmp_path):
 
 def test_cli_axes_match_the_library():
     # the CLI keeps them literal so that `edge-t2t --help` does not import numpy
-    assert (bench_quant.EMBEDDERS, bench_quant.DTYPES, bench_quant.MODES, bench_quant.AGREE_K) == (
-        qc.EMBEDDERS, qc.DTYPES, qc.MODES, qc.AGREE_K,
-    )
+    assert (bench_quant.EMBEDDERS, bench_quant.DTYPES, bench_quant.MODES) == (qc.EMBEDDERS, qc.DTYPES, qc.MODES)
 
 
 def test_cli_refuses_a_vlm_without_mmproj(tmp_path, capsys):

@@ -229,7 +229,7 @@ def test_eval_ranks_each_caption_as_search_does(index, emb, tmp_path, mode, max_
     """eval --source index --mode M: every caption's T2I rank is its target's place in
     `search --mode M` (structure on, exact vectors): one rule, not two implementations."""
     from edge_t2t import evaluate as ev
-    from edge_t2t.annotations import load_annotations
+    from edge_t2t.dataset import load_annotations
 
     monkeypatch.setattr(lexical, "MAX_DF", max_df)
 

@@ -180,3 +180,27 @@ def test_write_scene_set(tmp_path):
     from PIL import Image
 
     assert Image.open(paths[3]).tobytes() == Image.open(again[3]).tobytes()
+
+
+def test_ground_truth_is_a_describer_through_the_pipeline_types(tmp_path):
+    """The scenes' ground truth implements describer.Describer: from the ImageInput the pipeline
+    builds of a written scene file, it returns that scene's true record, under the file's name."""
+    from edge_t2t import prompts
+    from edge_t2t.captioning import CaptionOptions, ImageInput, UnusableAnswer
+    from edge_t2t.describer import Describer, VLMDescriber
+    from edge_t2t.images import load_image
+
+    scenes = S.make_scenes(3, seed=2)
+    paths, _ = S.write_scene_set(tmp_path, n=3, seed=2)
+    gt = S.GroundTruthDescriber(scenes, seed=2)
+    assert isinstance(gt, Describer) and isinstance(VLMDescriber(None, "", "", ("", "")), Describer)
+    opts = CaptionOptions(prompts.build_prompt(4), prompts.schema(4), {}, 4.0, None, prompts.build_variant_prompts(4))
+    for scene, path in zip(scenes, paths, strict=True):
+        image = ImageInput.from_loaded(load_image(path))
+        rec = gt.describe(image, opts)
+        assert rec.image == str(path) and rec.sha256 == image.sha256
+        assert rec.variants == S.describe(scene, n_variants=4, seed=2).variants and len(rec.variants) == 4
+    other = tmp_path / "other.png"
+    scenes[0].image.rotate(90).save(other)
+    with pytest.raises(UnusableAnswer, match="not one of the synthetic scenes"):
+        gt.describe(ImageInput.from_loaded(load_image(other)), opts)

@@ -13,8 +13,10 @@ from fake_embedder import FakeEmbedder
 from edge_t2t import search as S
 from edge_t2t.errors import StoreError
 from edge_t2t.indexer import Indexer
+from edge_t2t.modes import VECTOR_MODES
 from edge_t2t.records import Feature, Variant
 from edge_t2t.store import Store
+from edge_t2t.texts import variant_texts
 
 SCENES = {
     "harbour.jpg": ["boats moored in a harbour", "a pier with ships and cranes", "container port by the sea"],
@@ -152,17 +154,17 @@ def test_fields_mode_embeds_one_text_per_field(tmp_path, emb):
     assert fields == ["one_sentence", "features", "caption"]
     hits = S.search(ix, "long runway in the centre", k=1, embedder=emb, mode="exact")
     assert hits[0].image == "a.jpg" and "runway" in hits[0].text
-    assert S.variant_texts(v, "joined") == [("joined", v.joined_text())]
+    assert variant_texts(v, "joined") == [("joined", v.joined_text())]
 
 
 def test_sentences_mode_embeds_each_short_statement_once(tmp_path, emb):
     v = Variant("An airport.", (Feature("runway", "centre", "long"), Feature("tanks", "south", "large"), Feature("")),
                 "Planes are parked.  A runway is in the centre!  Is that a lake? Planes are parked.")
-    pairs = S.variant_texts(v, "sentences")
+    pairs = variant_texts(v, "sentences")
     assert pairs == [("one_sentence", "An airport."), ("feature", "long runway in the centre"),
                      ("feature", "large tanks in the south"), ("sentence", "Planes are parked."),
                      ("sentence", "A runway is in the centre!"), ("sentence", "Is that a lake?")]
-    assert S.variant_texts(Variant("a lake"), "sentences") == [("one_sentence", "a lake")]
+    assert variant_texts(Variant("a lake"), "sentences") == [("one_sentence", "a lake")]
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"image": "a.jpg", "variants": [v.to_dict()]}) + "\n"
                     + json.dumps({"image": "b.jpg", "variants": [{"one_sentence": "a lake"}]}) + "\n")
@@ -185,7 +187,6 @@ def test_hit_json_contract():
 def test_search_sees_commits_made_after_the_last_save(index, emb, tmp_path):
     """An index run saves its snapshot at most every 60 s: a search in between reads the newer
     texts by key and the deleted ones drop out at row lookup, with k results still."""
-    from edge_t2t import vindex
     from edge_t2t.store import IndexLock, NewText
 
     before = {p.name: p.stat().st_mtime_ns for p in index.iterdir() if p.name != "store.sqlite"}
@@ -193,7 +194,7 @@ def test_search_sees_commits_made_after_the_last_save(index, emb, tmp_path):
         st.remove_images([st.images()["forest.jpg"].id])
         new_id = st.put_image("lake.jpg", source="captions")
         st.add_texts(new_id, [NewText(0, "joined", Variant("a blue lake"), "a blue lake", emb.embed(["a blue lake"])[0])])
-    for mode in vindex.MODES:
+    for mode in VECTOR_MODES:
         hits = S.search(index, "dense green forest", k=3, embedder=emb, mode=mode)
         assert "forest.jpg" not in [h.image for h in hits] and len(hits) == 3
         assert S.search(index, "a blue lake", k=1, embedder=emb, mode=mode)[0].image == "lake.jpg"

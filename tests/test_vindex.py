@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from edge_t2t import vindex
+from edge_t2t.modes import VECTOR_MODES
 from edge_t2t.records import Variant
 from edge_t2t.store import NewText, Store
 
@@ -41,7 +42,7 @@ def build_from(st: Store, path, dtype="i8") -> vindex.VectorWriter:
 
 
 def all_modes(snap, q, k):
-    return {mode: snap.search(q, k, mode=mode) for mode in vindex.MODES}
+    return {mode: snap.search(q, k, mode=mode) for mode in VECTOR_MODES}
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "i8"])
@@ -78,13 +79,13 @@ def test_search_on_empty_and_k_larger_than_n(tmp_path):
     st = fill_store(tmp_path, vecs, groups)
     build_from(st, tmp_path)
     snap = vindex.Snapshot.open(tmp_path)
-    for mode in vindex.MODES:
+    for mode in VECTOR_MODES:
         (c,) = snap.search(vecs[:1], 100, mode=mode)
         assert len(c.keys) == 4 and len(set(c.keys.tolist())) == 4
     st.close()
     empty = tmp_path / "empty"
     vindex.build(empty, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, DIM), np.float32), DIM, "i8")
-    for mode in vindex.MODES:
+    for mode in VECTOR_MODES:
         assert len(vindex.Snapshot.open(empty).search(vecs[:1], 5, mode=mode)[0].keys) == 0
 
 

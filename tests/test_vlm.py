@@ -182,6 +182,26 @@ def test_resolve_discovers_pair_by_header(models_home, vlm_dir):
     assert resolve_vlm_paths(str(user / "c.gguf"), None) == (user / "c.gguf", user / "a.gguf")
 
 
+@pytest.mark.parametrize("command", ["index", "search"])
+def test_cli_keeps_the_which_vlm_message(models_home, vlm_dir, tmp_path, capsys, command):
+    """index and search fall back to 'no VLM' only when none is configured: two text models in
+    models/vlm must reach the user as the precise 'pick one with --vlm' line, not a generic one."""
+    from edge_t2t.cli import main
+
+    user = models_home / "vlm"
+    user.mkdir(parents=True)
+    shutil.copy(vlm_dir / testvlm.MODEL_FILE, user / "b.gguf")
+    shutil.copy(vlm_dir / testvlm.MMPROJ_FILE, user / "a.gguf")
+    shutil.copy(vlm_dir / testvlm.QUANT_FILES["Q8_0"], user / "c.gguf")
+    image = tmp_path / "x.png"
+    image.write_bytes(b"not read")
+    argv = (["index", str(tmp_path), "--index", str(tmp_path / "ix")] if command == "index"
+            else ["search", "--image", str(image), "--index", str(tmp_path / "ix")])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "several text models" in err and "--vlm" in err
+
+
 def test_resolve_without_any_model_explains_how(models_home):
     with pytest.raises(ModelError) as info:
         resolve_vlm_paths(None, None)

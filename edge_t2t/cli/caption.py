@@ -225,7 +225,7 @@ def _split_scenes(paths: list[str], args) -> tuple[list[Path], list[str]]:
 
 
 def _caption_scenes(scenes, args, cfg, cache, bands, on_record, on_failure, summary, lines):
-    from ..captioning import CaptionSummary, Failure
+    from ..captioning import CaptionSettings, CaptionSummary, Failure
     from ..errors import ImageError
     from ..scene_index import chip_records_for
     from .index import tiling_options
@@ -233,10 +233,10 @@ def _caption_scenes(scenes, args, cfg, cache, bands, on_record, on_failure, summ
     summary = summary or CaptionSummary()
     opts = tiling_options(args)
     opts.bands = bands
-    kwargs = {"cache": cache, "max_tokens": args.max_tokens, "prompt_file": args.prompt_file}
+    caption = CaptionSettings(cache=cache, max_tokens=args.max_tokens, prompt_file=args.prompt_file)
     for scene in scenes:
         try:
-            done, skipped, failures, interrupted = chip_records_for(scene, opts, cfg, args.variants, kwargs, on_record)
+            done, skipped, failures, interrupted = chip_records_for(scene, opts, cfg, args.variants, caption, on_record)
         except ImageError as exc:
             failures, done, skipped, interrupted = {str(scene): str(exc).removeprefix(f"{scene}: ")}, 0, 0, False
         for name, why in failures.items():

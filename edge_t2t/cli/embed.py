@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
+from ..modes import PRECISIONS
 
 
 def register(subparsers) -> None:
@@ -23,7 +24,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (come before --input lines)")
     p.add_argument("--input", type=Path, metavar="FILE", help="UTF-8 file with one text per line")
-    p.add_argument("--precision", choices=["fp32", "int8"], default="int8", help="ONNX model to use (default: int8)")
+    p.add_argument("--precision", choices=PRECISIONS, default="int8", help="ONNX model to use (default: int8)")
     p.add_argument("--out", type=Path, metavar="FILE.npy", help="write vectors to this .npy file")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="texts per ONNX run (default: 32)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="onnxruntime threads (default: all CPUs)")

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..modes import DTYPES, PRECISIONS, TEXT_MODES
+
 
 def register(subparsers) -> None:
     from .. import cluster
@@ -27,10 +29,10 @@ def register(subparsers) -> None:
     p.add_argument("--mmproj", metavar="GGUF", help="the VLM's vision projector (default: $EDGE_T2T_MMPROJ or models/vlm/)")
     p.add_argument("--captions", metavar="FILE", help="take descriptions from this file instead of a VLM")
     p.add_argument("--index", metavar="DIR", help="index directory (default: $EDGE_T2T_INDEX or ./.edge-t2t)")
-    p.add_argument("--dtype", choices=["f32", "f16", "i8"], default=None,
+    p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="vector type of the HNSW index, fixed when the index is created (default: i8)")
-    p.add_argument("--precision", choices=["fp32", "int8"], default="int8", help="ONNX embedder to use (default: int8)")
-    p.add_argument("--text-mode", choices=["joined", "fields", "sentences"], default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default="int8", help="ONNX embedder to use (default: int8)")
+    p.add_argument("--text-mode", choices=TEXT_MODES, default=None,
                    help="what to embed per variant, fixed at creation: sentences (the default: one per "
                         "one-sentence summary, per feature and per caption sentence, ~57 vectors/image, 11x joined; "
                         "held-out MRR 0.29 -> 0.41 on synthetic scenes, bench/results/text_mode.md), joined (one "
@@ -91,18 +93,22 @@ def _print_summary(s, console) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
+
     from rich.console import Console
 
     from .. import config
+    from ..captioning import CaptionSettings
     from ..cluster import session_from_args
-    from ..errors import InputError
+    from ..errors import InputError, NoVLMError
     from ..indexer import Indexer
 
     index_dir = config.index_dir(args.index)
     if not args.paths and not args.captions:
         raise InputError("nothing to index: give image folders/files, or --captions FILE")
     vlm_cfg = None
-    caption_kwargs: dict = {}
+    caption = CaptionSettings()
+    closing = ExitStack()  # the caption cache, closed whatever happens
     if args.vlm or args.mmproj or not args.captions:
         from ..vlm import VLMConfig, resolve_vlm_paths
 
@@ -110,28 +116,28 @@ def run(args: argparse.Namespace) -> int:
             model, mmproj = resolve_vlm_paths(args.vlm, args.mmproj)
             vlm_cfg = VLMConfig(model=model, mmproj=mmproj, n_threads=args.threads,
                                 image_max_tokens=args.image_max_tokens)  # fmt: skip
-        except Exception:
+        except NoVLMError:
             if args.vlm or args.mmproj:
                 raise
             vlm_cfg = None  # no VLM configured: fine while every image is already described
         if vlm_cfg is not None and not args.no_cache:
             from ..captions import CaptionCache
 
-            caption_kwargs["cache"] = CaptionCache(Path(args.cache_dir) / "captions.sqlite" if args.cache_dir else None)
-        for name in ("max_tokens", "prompt_file", "max_megapixels"):
-            if getattr(args, name) is not None:
-                caption_kwargs[name] = getattr(args, name)
+            cache_path = Path(args.cache_dir) / "captions.sqlite" if args.cache_dir else None
+            caption.cache = closing.enter_context(CaptionCache(cache_path))
+        caption.max_tokens, caption.prompt_file = args.max_tokens, args.prompt_file
+        caption.max_megapixels = args.max_megapixels
     err = Console(stderr=True)
-    with session_from_args(args) as session:  # --cluster/--workers: images are described on Dask workers
+    with closing, session_from_args(args) as session:  # --cluster/--workers: images are described on Dask workers
         if session is not None and vlm_cfg is not None:
             from ..captioning import Callbacks
 
-            caption_kwargs["cluster"] = session
-            caption_kwargs["callbacks"] = Callbacks(on_notice=lambda msg: err.print(f"edge-t2t: {msg}", highlight=False))
+            caption.cluster = session
+            caption.callbacks = Callbacks(on_notice=lambda msg: err.print(f"edge-t2t: {msg}", highlight=False))
         indexer = Indexer(
             index_dir, precision=args.precision, dtype=args.dtype, text_mode=args.text_mode,
             batch_size=args.batch_size, wait=args.wait, progress=not args.no_progress,
-            vlm_cfg=vlm_cfg, n_variants=args.variants, caption_kwargs=caption_kwargs,
+            vlm_cfg=vlm_cfg, n_variants=args.variants, caption=caption,
             tiling=tiling_options(args),
         )  # fmt: skip
         summary = indexer.run([Path(p) for p in args.paths], captions_file=args.captions)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..modes import PRECISIONS, RETRIEVAL_MODES, VECTOR_MODES
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -24,11 +26,11 @@ def register(subparsers) -> None:
     p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with thumbnails")
     p.add_argument("--image", metavar="PATH", help="search with an image instead of text")
     p.add_argument("--exclude-self", action="store_true", help="with --image: leave the query image out")
-    p.add_argument("--mode", choices=["dense", "lexical", "hybrid", "hnsw", "rescore", "exact"], default=None,
+    p.add_argument("--mode", choices=[*RETRIEVAL_MODES, *VECTOR_MODES], default=None,
                    help="dense: max cosine over an image's texts (the paper's rule); lexical: FTS5 BM25 over "
                         "the texts; hybrid: dense + lexical (default: dense). The old values "
                         "hnsw/rescore/exact still work and mean dense with that --vector-mode")
-    p.add_argument("--vector-mode", choices=["hnsw", "rescore", "exact"], default="rescore",
+    p.add_argument("--vector-mode", choices=VECTOR_MODES, default="rescore",
                    help="how the vector index is searched: hnsw: graph scores; rescore: graph candidates "
                         "re-scored exactly (default); exact: brute force")
     p.add_argument("--no-structure", dest="structure", action="store_false",
@@ -37,7 +39,7 @@ def register(subparsers) -> None:
                    help="show, per hit, the score's parts and which of the query's constraints matched")
     p.add_argument("--min-score", type=float, default=None, metavar="S",
                    help="leave out hits scoring under S (the score shown; its scale depends on --mode)")
-    p.add_argument("--precision", choices=["fp32", "int8"], default="int8", help="ONNX embedder to use (default: int8)")
+    p.add_argument("--precision", choices=PRECISIONS, default="int8", help="ONNX embedder to use (default: int8)")
     p.add_argument("--vlm", metavar="GGUF", help="with --image: the VLM's text model")
     p.add_argument("--mmproj", metavar="GGUF", help="with --image: the VLM's vision projector")
     # issue 13: scenes cut into chips can be searched by place and handed to a GIS
@@ -53,7 +55,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import config, report
     from .. import search as searching
-    from ..errors import InputError
+    from ..errors import InputError, NoVLMError
 
     index_dir = config.index_dir(args.index)
     mode, vector_mode = args.mode, args.vector_mode
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
             model, mmproj = resolve_vlm_paths(args.vlm, args.mmproj)
             vlm_cfg = VLMConfig(model=model, mmproj=mmproj)
-        except Exception:
+        except NoVLMError:  # none configured: fine when the query image is already indexed
             if args.vlm or args.mmproj:
                 raise
         from pathlib import Path

@@ -33,12 +33,13 @@ def register(subparsers) -> None:
 
 def _default_chip() -> int | None:
     """The configured VLM's input size, when one is configured; `tiles` never needs the VLM itself."""
-    try:
-        from ..scene_index import TilingOptions
-        from ..vlm import VLMConfig, resolve_vlm_paths
+    from ..errors import ModelError
+    from ..scene_index import TilingOptions
+    from ..vlm import VLMConfig, resolve_vlm_paths
 
+    try:
         return TilingOptions().chip_size(VLMConfig(*resolve_vlm_paths(None, None)))
-    except Exception:
+    except ModelError:  # none, or several to choose from: the default chip size then
         return None
 
 

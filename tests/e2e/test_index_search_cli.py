@@ -150,8 +150,8 @@ def test_info_reports_counts_models_and_files(small_index):
     tmp, ix = small_index
     info = json.loads(cli(tmp, "info", "--index", ix, "--json").stdout)
     from edge_t2t.captions import load_captions
-    from edge_t2t.indexer import DEFAULT_TEXT_MODE
-    from edge_t2t.search import variant_texts
+    from edge_t2t.modes import DEFAULT_TEXT_MODE
+    from edge_t2t.texts import variant_texts
 
     # What the default text mode makes of the hand-made variants, counted independently of the store.
     expected_texts = sum(len(variant_texts(v, DEFAULT_TEXT_MODE))
