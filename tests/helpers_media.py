@@ -235,6 +235,21 @@ def committed_rows(index: Path, table: str, timeout: float = 1) -> int:
         return 0
 
 
+def wait_until_stopped(proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until `proc` has stopped itself (fault action "stop"), failing if it exits instead."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"the process exited ({proc.returncode}) before it stopped where asked"
+        with open(f"/proc/{proc.pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]  # the field after "(comm)"
+        if state in ("T", "t"):
+            return
+        assert time.monotonic() < deadline, f"process {proc.pid} never stopped (state {state})"
+        time.sleep(0.05)
+
+
 def has_traceback(text: str) -> bool:
     return "Traceback (most recent call last)" in text
 
@@ -249,6 +264,10 @@ def has_traceback(text: str) -> bool:
 #   save_npy       after an .npy temp file is written, before it replaces the old one
 #   save_usearch   before the usearch graph is written (the two .npy files are already new)
 #   hashed         after the indexer hashed a file (action 'rewrite' replaces that file's content)
+#   lock_busy      a try to take a lock found it held by another process (before --wait's sleep)
+# "at" may be "*": every time. Action "stop" pauses the process right there (SIGSTOP to itself) with
+# everything it holds (the index lock, an open transaction) until the test sends SIGCONT; see
+# wait_until_stopped().
 def child_main() -> None:
     faults = json.loads(os.environ.get("EDGE_T2T_FAULTS") or "[]")
     counts: dict[str, int] = {}
@@ -256,10 +275,12 @@ def child_main() -> None:
     def reach(stage: str, path: str | None = None) -> None:
         counts[stage] = counts.get(stage, 0) + 1
         for f in faults:
-            if f["stage"] == stage and f["at"] == counts[stage]:
+            if f["stage"] == stage and f["at"] in (counts[stage], "*"):
                 act = f.get("action", "kill")
                 if act == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
+                elif act == "stop":
+                    os.kill(os.getpid(), signal.SIGSTOP)
                 elif act == "int":
                     os.kill(os.getpid(), signal.SIGINT)
                 elif act == "rewrite" and path:
@@ -335,6 +356,19 @@ def child_main() -> None:
         return digest
 
     indexer.sha256_file = sha
+
+    import fcntl
+
+    orig_flock = fcntl.flock
+
+    def flock(fd, operation):
+        try:
+            return orig_flock(fd, operation)
+        except BlockingIOError:
+            reach("lock_busy")
+            raise
+
+    fcntl.flock = flock
 
     from edge_t2t.cli import main
 
