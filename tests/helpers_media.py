@@ -191,6 +191,20 @@ def test_vlm_files() -> tuple[Path, Path]:
     return model, mmproj
 
 
+def require(module: str, fix: str):
+    """Import `module`, or fail (never skip) naming the fix. conftest's rule for shared data and
+    models, applied to packages: what `make test` installs must be there, and a test that skipped
+    because it was not would be a green run that checked nothing."""
+    import importlib
+
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pytest.fail(f"{module} cannot be imported ({exc}): {fix}")
+
+
 # -- running the CLI --------------------------------------------------------------------------------
 def child_env(cache_dir: Path, **extra: str) -> dict[str, str]:
     """Environment for a CLI subprocess: its own caption cache (never the user's), fixed threads so

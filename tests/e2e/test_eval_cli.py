@@ -28,7 +28,7 @@ COUNT_KEYS = {
 @pytest.fixture(scope="module", autouse=True)
 def embedder_built():
     if not (config.embedder_dir() / "manifest.json").is_file():
-        pytest.skip("embedder not built: run `make models` (edge-t2t models build-embedder)")
+        pytest.fail("embedder not built: run `make models` (edge-t2t models build-embedder)")
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
