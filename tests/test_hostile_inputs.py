@@ -179,8 +179,8 @@ def test_caption_command_survives_broken_files(media: dict) -> None:
     # Each record's sha256 is of the bytes that were described.
     for r in records:
         p = Path(r["image"])
-        if p.exists():
-            assert r["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+        assert p.is_file(), p
+        assert r["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def test_file_rewritten_between_hash_and_caption(media: dict, tmp_path: Path) -> None:
