@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import helpers_media as hm
@@ -47,18 +46,6 @@ def _start_index(captions: Path, index: Path, env: dict, *extra: str, faults: li
                                   str(batch), "--json", "--no-progress", *extra, faults=faults)  # fmt: skip
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**env, **fault_env}, cwd=hm.ROOT)  # fmt: skip
-
-
-def _stopped_or_exited(proc: subprocess.Popen, timeout: float = 300) -> bool:
-    """True once `proc` has paused itself (fault action "stop"), False once it has exited."""
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None:
-        with open(f"/proc/{proc.pid}/stat") as fh:
-            if fh.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
-                return True
-        assert time.monotonic() < deadline, "the writer neither paused nor finished within the timeout"
-        time.sleep(0.05)
-    return False
 
 
 def _images_with_texts(index: Path) -> int:
@@ -102,7 +89,7 @@ def test_search_during_index_sees_committed_state(captions: Path, tmp_path: Path
                           batch=SEARCH_BATCH)  # fmt: skip
     paused: list[int] = []  # images with texts at each pause
     try:
-        while _stopped_or_exited(writer):
+        while hm.wait_until_stopped(writer, exit_ok=True):
             committed = _images_with_texts(index)
             res = _search_all(index, env, "--vector-mode", "exact")
             if committed == 0:  # the bookkeeping transaction before the first batch: nothing to find yet
@@ -143,7 +130,7 @@ def test_second_index_refuses_or_waits(captions: Path, tmp_path: Path) -> None:
     waiting = None
     try:
         while True:  # resume it through the bookkeeping commits, up to its first batch of images
-            assert _stopped_or_exited(first), "the first writer finished instead of pausing after its first batch"
+            assert hm.wait_until_stopped(first, exit_ok=True), "the first writer finished instead of pausing after its first batch"
             if _images_with_texts(index):
                 break
             os.kill(first.pid, signal.SIGCONT)
@@ -164,10 +151,10 @@ def test_second_index_refuses_or_waits(captions: Path, tmp_path: Path) -> None:
 
         # --wait: it pauses itself the first time it finds the lock held, which proves it waited
         waiting = _start_index(captions, index, env, "--wait", faults=[{"stage": "lock_busy", "at": 1, "action": "stop"}])
-        assert _stopped_or_exited(waiting), "index --wait never found the lock held"
+        assert hm.wait_until_stopped(waiting, exit_ok=True), "index --wait never found the lock held"
         os.kill(waiting.pid, signal.SIGCONT)  # it keeps polling while the first writer is paused
         os.kill(first.pid, signal.SIGCONT)
-        while _stopped_or_exited(first):  # through its remaining commits
+        while hm.wait_until_stopped(first, exit_ok=True):  # through its remaining commits
             os.kill(first.pid, signal.SIGCONT)
         out1, err1 = first.communicate(timeout=600)
         out2, err2 = waiting.communicate(timeout=600)
