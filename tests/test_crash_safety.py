@@ -274,6 +274,8 @@ def test_sigint_from_outside(setup: dict, tmp_path: Path) -> None:
         kept = hm.committed_rows(index, "images")
         os.kill(proc.pid, signal.SIGINT)
         os.kill(proc.pid, signal.SIGCONT)
+        while hm.wait_until_stopped(proc, exit_ok=True):  # the save on the way out commits (and pauses) too
+            os.kill(proc.pid, signal.SIGCONT)
         out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
