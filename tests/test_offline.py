@@ -49,7 +49,12 @@ NOSOCKET = (
 )
 
 
-def _isolation() -> tuple[list[str] | None, str]:
+def _isolation() -> list[str] | None:
+    """The command prefix that runs a command with no network, or None (test_bundle uses it too)."""
+    return _isolation_and_why()[0]
+
+
+def _isolation_and_why() -> tuple[list[str] | None, str]:
     """The command prefix that runs a command with no network, or None and why none works."""
     if not shutil.which("unshare"):
         return None, "the `unshare` command is not installed (util-linux)"
@@ -101,7 +106,7 @@ def test_index_and_search_in_a_network_namespace(rsicd_samples: Path, tmp_path: 
     """The README's claim: the whole job runs in a network namespace without interfaces. This fails
     (never skips) when the namespace cannot be made: CI runs as root with util-linux, and a skip
     here would be a green run that proved nothing about the offline guarantee."""
-    prefix, why = _isolation()
+    prefix, why = _isolation_and_why()
     if prefix is None:
         pytest.fail(f"cannot make a network namespace ({why}): run the tests as root, or allow unprivileged "
                     f"user namespaces (sysctl kernel.unprivileged_userns_clone=1) so `unshare -rn` works")  # fmt: skip
