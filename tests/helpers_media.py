@@ -191,6 +191,20 @@ def test_vlm_files() -> tuple[Path, Path]:
     return model, mmproj
 
 
+def require(module: str, fix: str):
+    """Import `module`, or fail (never skip) naming the fix. conftest's rule for shared data and
+    models, applied to packages: what `make test` installs must be there, and a test that skipped
+    because it was not would be a green run that checked nothing."""
+    import importlib
+
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pytest.fail(f"{module} cannot be imported ({exc}): {fix}")
+
+
 # -- running the CLI --------------------------------------------------------------------------------
 def child_env(cache_dir: Path, **extra: str) -> dict[str, str]:
     """Environment for a CLI subprocess: its own caption cache (never the user's), fixed threads so
@@ -235,6 +249,23 @@ def committed_rows(index: Path, table: str, timeout: float = 1) -> int:
         return 0
 
 
+def wait_until_stopped(proc: subprocess.Popen, timeout: float = 300, exit_ok: bool = False) -> bool:
+    """Wait until `proc` has stopped itself (fault action "stop") and return True. If it exits
+    instead: False when `exit_ok`, else the test fails."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        with open(f"/proc/{proc.pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]  # the field after "(comm)"
+        if state in ("T", "t"):
+            return True
+        assert time.monotonic() < deadline, f"process {proc.pid} never stopped (state {state})"
+        time.sleep(0.05)
+    assert exit_ok, f"the process exited ({proc.returncode}) before it stopped where asked"
+    return False
+
+
 def has_traceback(text: str) -> bool:
     return "Traceback (most recent call last)" in text
 
@@ -249,6 +280,10 @@ def has_traceback(text: str) -> bool:
 #   save_npy       after an .npy temp file is written, before it replaces the old one
 #   save_usearch   before the usearch graph is written (the two .npy files are already new)
 #   hashed         after the indexer hashed a file (action 'rewrite' replaces that file's content)
+#   lock_busy      a try to take a lock found it held by another process (before --wait's sleep)
+# "at" may be "*": every time. Action "stop" pauses the process right there (SIGSTOP to itself) with
+# everything it holds (the index lock, an open transaction) until the test sends SIGCONT; see
+# wait_until_stopped().
 def child_main() -> None:
     faults = json.loads(os.environ.get("EDGE_T2T_FAULTS") or "[]")
     counts: dict[str, int] = {}
@@ -256,10 +291,12 @@ def child_main() -> None:
     def reach(stage: str, path: str | None = None) -> None:
         counts[stage] = counts.get(stage, 0) + 1
         for f in faults:
-            if f["stage"] == stage and f["at"] == counts[stage]:
+            if f["stage"] == stage and f["at"] in (counts[stage], "*"):
                 act = f.get("action", "kill")
                 if act == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
+                elif act == "stop":
+                    os.kill(os.getpid(), signal.SIGSTOP)
                 elif act == "int":
                     os.kill(os.getpid(), signal.SIGINT)
                 elif act == "rewrite" and path:
@@ -335,6 +372,19 @@ def child_main() -> None:
         return digest
 
     indexer.sha256_file = sha
+
+    import fcntl
+
+    orig_flock = fcntl.flock
+
+    def flock(fd, operation):
+        try:
+            return orig_flock(fd, operation)
+        except BlockingIOError:
+            reach("lock_busy")
+            raise
+
+    fcntl.flock = flock
 
     from edge_t2t.cli import main
 

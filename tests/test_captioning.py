@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 from types import SimpleNamespace
 
+import helpers_media as hm
 import numpy as np
 import pytest
 from PIL import Image
@@ -259,7 +260,7 @@ def test_ctrl_c_stops_after_current_image_and_keeps_it(env) -> None:
 
 @pytest.fixture(scope="module")
 def test_vlm_cfg():
-    pytest.importorskip("llama_cpp")
+    hm.require("llama_cpp", "llama-cpp-python is a core dependency: run `make setup`")
     from edge_t2t.testvlm import MMPROJ_FILE, MODEL_FILE, build_test_vlm
     from edge_t2t.vlm import VLMConfig
 

@@ -25,9 +25,9 @@ import pytest
 from edge_t2t.captioning import Callbacks, caption_images
 from edge_t2t.captions import CaptionCache
 
-distributed = pytest.importorskip("distributed", reason="the 'cluster' extra is not installed (make test installs it)")
+distributed = hm.require("distributed", "the 'cluster' extra is not installed: pip install -e '.[cluster]' (make test installs it)")
 
-from edge_t2t import cluster  # noqa: E402 -- after the importorskip
+from edge_t2t import cluster  # noqa: E402 -- after the check that the extra is installed
 
 # One variant and room for the schema's longest answer: the random-weight test model then writes a
 # parsable answer for the RSICD samples (see test_captioning).

@@ -336,7 +336,7 @@ def fp32_embedder():
     from edge_t2t import config
 
     if not (config.embedder_dir() / "manifest.json").is_file():
-        pytest.skip("embedder not built: run `make models` (edge-t2t models build-embedder)")
+        pytest.fail("embedder not built: run `make models` (edge-t2t models build-embedder)")
     from edge_t2t.embedder import Embedder
 
     return Embedder(precision="fp32")

@@ -179,8 +179,8 @@ def test_caption_command_survives_broken_files(media: dict) -> None:
     # Each record's sha256 is of the bytes that were described.
     for r in records:
         p = Path(r["image"])
-        if p.exists():
-            assert r["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+        assert p.is_file(), p
+        assert r["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def test_file_rewritten_between_hash_and_caption(media: dict, tmp_path: Path) -> None:
@@ -192,13 +192,22 @@ def test_file_rewritten_between_hash_and_caption(media: dict, tmp_path: Path) ->
     index = tmp_path / "idx"
     args = ("index", str(d), "--index", str(index), "--vlm", str(media["model"]), "--mmproj", str(media["mmproj"]),
             "--variants", "1", "--json", "--no-progress")  # fmt: skip
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (d / "a.png", d / "b.png")}
     res = hm.run_cli(*args, env=media["env"], faults=[{"stage": "hashed", "at": 1, "action": "rewrite", "seed": 555}])
     assert not hm.has_traceback(res.stderr), res.stderr[-3000:]
+    # The rewrite really happened: exactly one file now holds the fault's picture.
+    fault_png = hashlib.sha256(hm.make_png(tmp_path / "fault_probe.png", 555, size=40).read_bytes()).hexdigest()
+    now = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before}
+    rewritten = [p for p in before if now[p] == fault_png]
+    assert len(rewritten) == 1 and before[rewritten[0]] != fault_png, (before, now)
+    assert [p for p in before if now[p] == before[p]] == [p for p in before if p not in rewritten]
     rows = _rows(index)
-    for path, (status, _err, sha) in rows.items():
-        now = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-        if status == "ok":
-            assert sha == now, f"{path}: stored sha256 {sha[:12]} is not that of the described bytes {now[:12]}"
+    assert set(rows) == {str(p) for p in before}, rows
+    for path, (status, err, sha) in rows.items():
+        # the seeded test VLM describes both pictures (old and new): every row is ok, and its sha256
+        # is that of the bytes as they are now, never the hash taken before the rewrite
+        assert status == "ok", f"{path}: {err}"
+        assert sha == now[Path(path)], f"{path}: stored sha256 {sha[:12]} is not that of the described bytes"
     # Whatever the first run did, a second run must converge on the file as it is now.
     res2 = hm.run_cli(*args, env=media["env"])
     assert res2.returncode == 0, res2.stderr[-2000:]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import helpers_media as hm
 import pytest
 
 from edge_t2t import prompts, testvlm
@@ -31,7 +32,7 @@ SMALL = {
 
 @pytest.fixture(scope="module")
 def vlm_dir(tmp_path_factory) -> Path:
-    pytest.importorskip("llama_cpp")
+    hm.require("llama_cpp", "llama-cpp-python is a core dependency: run `make setup`")
     out = tmp_path_factory.mktemp("test-vlm")
     testvlm.build_test_vlm(out, seed=0)
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import helpers_media as hm
 import pytest
 
 from edge_t2t import prompts
@@ -49,7 +50,7 @@ def test_schema_bounds_every_field(n: int) -> None:
 
 
 def test_schema_converts_to_a_llama_grammar() -> None:
-    llama_grammar = pytest.importorskip("llama_cpp.llama_grammar")
+    llama_grammar = hm.require("llama_cpp.llama_grammar", "llama-cpp-python is a core dependency: run `make setup`")
     gbnf = llama_grammar.json_schema_to_gbnf(json.dumps(prompts.schema(5)))
     assert "root" in gbnf and "north-east" in gbnf
 

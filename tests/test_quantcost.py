@@ -138,14 +138,31 @@ def test_every_row_is_sane(oracle_report):
         assert c["time"]["index_seconds"] >= c["time"]["build_seconds"] > 0
 
 
+# Bounds from the measured figures (100 RSICD validation images, 500 queries; measured on the
+# shared 2-core machine, deterministic apart from the HNSW build): ref_recall@10 was 1.0 for
+# fp32/f32/hnsw and fp32/i8/exact, 0.998 for fp32/i8/hnsw, 0.967-0.968 for the four int8 rows;
+# T2I R@10 was 93.4 in all eight rows. A search returning random neighbours scores about
+# 10/100 = 0.1 ref_recall@10 and R@10 near 10.
+MIN_REF_RECALL_AT_10 = {"fp32": 0.97, "int8": 0.93}
+MIN_T2I_R10 = 88.0
+
+
+def test_every_row_keeps_the_reference_neighbours(oracle_report):
+    for c in oracle_report["configs"]:
+        ag, embedder = c["agreement"], c["config"]["embedder"]
+        assert ag["ref_recall@10"] >= MIN_REF_RECALL_AT_10[embedder], (c["name"], ag)
+        assert ag["ref_recall@1"] >= MIN_REF_RECALL_AT_10[embedder], (c["name"], ag)
+        assert ag["kendall_tau@10"] >= MIN_REF_RECALL_AT_10[embedder] - 0.05, (c["name"], ag)
+        assert c["recall"]["t2i"]["R@10"] >= MIN_T2I_R10, (c["name"], c["recall"]["t2i"])
+
+
 def test_int8_embedder_is_measured_not_assumed(oracle_report):
     """The int8 embedder's vectors differ from fp32's, and the report says how much that moves
-    the rankings: its agreement is below 1 exactly when some query's top-10 changed."""
-    ag = _row(oracle_report, "captions/int8/f32/exact")["agreement"]
-    if ag["identical_top@10"] < 1.0:
-        assert ag["ref_recall@10"] < 1.0 or ag["kendall_tau@10"] < 1.0
-    else:
-        assert ag["ref_recall@10"] == 1.0 and ag["kendall_tau@10"] == 1.0
+    the rankings. Measured: identical top-10 lists for 33% of the queries, ref_recall@10 0.967. An
+    "int8" row that really ran the fp32 model would be identical to the reference (1.0, 1.0)."""
+    for name in ("captions/int8/f32/exact", "captions/int8/f32/hnsw", "captions/int8/i8/exact", "captions/int8/i8/hnsw"):
+        ag = _row(oracle_report, name)["agreement"]
+        assert ag["identical_top@10"] <= 0.9 and ag["ref_recall@10"] < 1.0 and ag["kendall_tau@10"] < 1.0, (name, ag)
     fp32 = _row(oracle_report, "captions/fp32/f32/exact")["size"]["embedder_onnx_bytes"]
     int8 = _row(oracle_report, "captions/int8/f32/exact")["size"]["embedder_onnx_bytes"]
     assert int8 < fp32

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sqlite3
 
+import helpers_media as hm
 import numpy as np
 import pytest
 
@@ -21,7 +22,7 @@ from edge_t2t.mosaic import UTM_33N, WGS84, write_mosaic
 from edge_t2t.store import Store
 from edge_t2t.tiling import Window, open_scene, plan_chips, plan_windows
 
-pytest.importorskip("rasterio")
+hm.require("rasterio", "the 'geo' extra is not installed: pip install -e '.[geo]' (make test installs it)")
 
 GT_FLAGS = ["--tile-above", "0.1", "--chip", "256", "--overlap", "0", "--no-progress"]
 

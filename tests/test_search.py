@@ -110,7 +110,8 @@ def test_long_query_is_truncated_with_a_warning(index, emb):
     hits = S.search(index, query, k=3, embedder=emb, warn=warnings.append)
     assert len(hits) == 3
     assert warnings and "longer than" in warnings[0]
-    assert not S.search(index, "stadium", k=1, embedder=emb, warn=warnings.append) or len(warnings) == 1
+    short = S.search(index, "stadium", k=1, embedder=emb, warn=warnings.append)
+    assert len(short) == 1 and len(warnings) == 1  # a short query finds a hit and adds no warning
 
 
 def test_search_without_a_snapshot_scores_sqlite_and_never_writes(index, emb, capsys):

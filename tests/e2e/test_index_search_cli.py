@@ -320,6 +320,8 @@ def test_vlm() -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_vlm_incremental_add_touch_rename_delete_and_image_search(tmp_path, rsicd_samples, test_vlm):
+    """Every step asserted without conditions. The three samples are ones the seeded test VLM
+    (Q4_K_M, 2 variants, 1024 tokens) describes: its output is deterministic, so none may fail."""
     model, mmproj = test_vlm
     imgs = tmp_path / "imgs"
     imgs.mkdir()
@@ -331,42 +333,39 @@ def test_vlm_incremental_add_touch_rename_delete_and_image_search(tmp_path, rsic
             "--max-tokens", "1024", "--threads", "2", "--json"]  # fmt: skip
 
     def index() -> dict:
-        proc = cli(tmp_path, *base, ok=False, timeout=600)
-        assert proc.returncode in (0, 1), proc.stderr  # 1 = some image failed (the test VLM can babble)
-        return json.loads(proc.stdout)
+        s = json.loads(cli(tmp_path, *base, timeout=600).stdout)  # exit 0: no image failed
+        assert s["failed"] == 0 and s["failures"] == [], s["failures"]
+        return s
 
     s = index()
-    assert s["added"] + s["failed"] == 2
-    first_failed = s["failed"]  # failed images are retried on every run
+    assert s["added"] == 2
     info = json.loads(cli(tmp_path, "info", "--index", ix, "--json").stdout)
-    if s["added"]:
-        assert info["test_model"] is True and info["descriptions"][0]["family"]
+    assert info["test_model"] is True and info["descriptions"][0]["family"]
 
     shutil.copy(rsicd_samples / names[2], imgs / names[2])  # add
     s = index()
-    assert s["added"] + s["failed"] == 1 + first_failed and s["skipped"] == 2 - first_failed
+    assert (s["added"], s["skipped"]) == (1, 2)
 
     os.utime(imgs / names[0], ns=(2_000_000_000, 2_000_000_000))  # touch: unchanged content
     s = index()
-    assert s["added"] == 0 and s["skipped"] >= 2
+    assert (s["added"], s["skipped"]) == (0, 3)
 
     os.rename(imgs / names[0], imgs / "renamed.jpg")  # rename: descriptions follow the content
     s = index()
-    assert s["added"] == 0 and (s["moved"] == 1 or s["failed"] >= 1)
+    assert (s["added"], s["moved"], s["skipped"]) == (0, 1, 2)
 
     (imgs / names[1]).unlink()  # delete
     s = index()
-    assert s["removed"] == 1 and s["added"] == 0
+    assert (s["removed"], s["added"], s["skipped"]) == (1, 0, 2)
     paths = {Path(p).name for p in json.loads(cli(tmp_path, "info", "--index", ix, "--json").stdout)["files"]}
     assert "store.sqlite" in paths
 
     with sqlite3.connect(ix / "store.sqlite") as c:
         stored = {Path(r[0]).name: r[1] for r in c.execute("SELECT path, status FROM images")}
-    assert names[1] not in stored and names[0] not in stored
-    ok = [n for n, st in stored.items() if st == "ok"]
-    if ok:  # image-to-image: an indexed image reuses its stored descriptions (no VLM call)
-        query = imgs / ok[0]
-        hits = jsonl(cli(tmp_path, "search", "--image", query, "--index", ix, "--json", "--mode", "exact").stdout)
-        assert hits[0]["image"] == str(query.resolve()) and hits[0]["score"] == pytest.approx(1.0, abs=0.01)
-        hits = jsonl(cli(tmp_path, "search", "--image", query, "--index", ix, "--json", "--exclude-self").stdout)
-        assert str(query.resolve()) not in [h["image"] for h in hits]
+    assert stored == {"renamed.jpg": "ok", names[2]: "ok"}
+    # image-to-image: an indexed image (here the renamed one) reuses its stored descriptions (no VLM call)
+    query = imgs / "renamed.jpg"
+    hits = jsonl(cli(tmp_path, "search", "--image", query, "--index", ix, "--json", "--mode", "exact").stdout)
+    assert hits[0]["image"] == str(query.resolve()) and hits[0]["score"] == pytest.approx(1.0, abs=0.01)
+    hits = jsonl(cli(tmp_path, "search", "--image", query, "--index", ix, "--json", "--exclude-self").stdout)
+    assert [h["image"] for h in hits] == [str((imgs / names[2]).resolve())]
