@@ -25,11 +25,11 @@ $(STAMP): pyproject.toml
 
 # The builders skip work when their output is current (they check source hashes); the touch keeps
 # make from asking again after a code change that did not alter the output.
-$(EMBEDDER_MANIFEST): $(STAMP) edge_t2t/onnx_build.py
+$(EMBEDDER_MANIFEST): $(STAMP) edge_t2t/embed/onnx_build.py
 	$(PY) -m edge_t2t models build-embedder
 	touch $@
 
-$(TEST_VLM_MANIFEST): $(STAMP) edge_t2t/testvlm.py
+$(TEST_VLM_MANIFEST): $(STAMP) edge_t2t/describe/testvlm.py
 	$(PY) -m edge_t2t models build-test-vlm
 	touch $@
 

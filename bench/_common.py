@@ -99,7 +99,7 @@ def vlm_pair(vlm: str | None, mmproj: str | None) -> tuple[Path, Path]:
             raise SystemExit("--vlm needs --mmproj")
         return Path(vlm), Path(mmproj)
     from edge_t2t import config
-    from edge_t2t.testvlm import MMPROJ_FILE, MODEL_FILE, build_test_vlm
+    from edge_t2t.describe.testvlm import MMPROJ_FILE, MODEL_FILE, build_test_vlm
 
     build_test_vlm(config.test_vlm_dir())
     return config.test_vlm_dir() / MODEL_FILE, config.test_vlm_dir() / MMPROJ_FILE

@@ -1,6 +1,6 @@
 """Overhead of the caption pipeline over a bare llama-cpp-python call, same run, same machine.
 
-Arm "pipeline": edge_t2t.captioning.caption_images on one image (cache disabled): find, read+hash,
+Arm "pipeline": edge_t2t.describe.captioning.caption_images on one image (cache disabled): find, read+hash,
 decode, PNG hand-off, VLM.generate with the RSRT schema, parse, quality check.
 Arm "bare": llama_cpp.Llama + the same chat handler, the image file sent as-is (data: URI), the same
 prompt, schema, max_tokens, temperature and seed, then json.loads of the answer.
@@ -24,8 +24,9 @@ from pathlib import Path
 
 from _common import peak_rss_mib, percentile_ms, write_results
 
-from edge_t2t import config, prompts
-from edge_t2t.captioning import caption_images
+from edge_t2t import config
+from edge_t2t.describe import prompts
+from edge_t2t.describe.captioning import caption_images
 
 
 def _rss_mib() -> float:
@@ -91,8 +92,8 @@ def main() -> None:
     import llama_cpp
     from llama_cpp import llama_chat_format
 
-    from edge_t2t.testvlm import MMPROJ_FILE, MODEL_FILE, build_test_vlm
-    from edge_t2t.vlm import FAMILIES, VLM, VLMConfig
+    from edge_t2t.describe.testvlm import MMPROJ_FILE, MODEL_FILE, build_test_vlm
+    from edge_t2t.describe.vlm import FAMILIES, VLM, VLMConfig
 
     if args.vlm:
         model, mmproj = Path(args.vlm), Path(args.mmproj)

@@ -47,7 +47,8 @@ from pathlib import Path
 
 from _common import ROOT, peak_rss_mib, write_results
 
-from edge_t2t import config, prompts
+from edge_t2t import config
+from edge_t2t.describe import prompts
 
 
 def _pngs(n: int) -> list[tuple[str, bytes]]:
@@ -94,8 +95,8 @@ class _ParTimer:
 def run_one(model: Path, mmproj: Path, *, threads: int, n_images: int, variants: int, max_tokens: int,
             multi: int, reps: int, warm_up: bool, image_max_tokens: int = 0) -> dict:  # fmt: skip
     """One (model, precision): both arms, interleaved; runs in a child process (own peak RSS)."""
-    from edge_t2t.captioning import _run_parallel, _run_sequential
-    from edge_t2t.vlm import VLM, VLMConfig
+    from edge_t2t.describe.captioning import _run_parallel, _run_sequential
+    from edge_t2t.describe.vlm import VLM, VLMConfig
 
     t0 = time.perf_counter()
     # Loaded for the sequential path (its full-size context); the parallel path makes its own.
@@ -238,8 +239,8 @@ def variety(n_images: int, threads: int) -> dict:
     variant pairs that are identical. With random weights this measures the mechanism only:
     whether each method makes the sequences differ, not whether the difference is useful.
     """
-    from edge_t2t.testvlm import MMPROJ_FILE, MODEL_FILE, build_test_vlm
-    from edge_t2t.vlm import VLM, VLMConfig
+    from edge_t2t.describe.testvlm import MMPROJ_FILE, MODEL_FILE, build_test_vlm
+    from edge_t2t.describe.vlm import VLM, VLMConfig
 
     build_test_vlm(config.test_vlm_dir())
     vp = prompts.build_variant_prompts(5)
@@ -306,7 +307,7 @@ def grammar_cost(model: Path, steps: int = 60) -> dict:
     import llama_cpp as lc
     import numpy as np
 
-    from edge_t2t.vlm import _gbnf
+    from edge_t2t.describe.vlm import _gbnf
 
     params = lc.llama_model_default_params()
     params.vocab_only = True
@@ -401,7 +402,7 @@ def main() -> None:
             stem, _, prec = Path(m).stem.rpartition(".")
             configs.append((stem or prec, prec if stem else "", Path(m), Path(args.mmproj)))
     else:
-        from edge_t2t.testvlm import build_shape, shape_files
+        from edge_t2t.describe.testvlm import build_shape, shape_files
 
         for shape in args.shapes.split(","):
             precs = tuple(args.precisions.split(","))

@@ -1,7 +1,7 @@
 """What describing on Dask workers costs: images/min with --workers 1 and --workers 2 against the plain
 local path, same images, same model, same settings, one run.
 
-Arms (all through edge_t2t.captioning.caption_images, the function `edge-t2t caption` calls, cache off
+Arms (all through edge_t2t.describe.captioning.caption_images, the function `edge-t2t caption` calls, cache off
 so every image is described every time):
   local      the plain path: one process, one VLM
   process    the plain path in a second, spawned process (no Dask): separates what running the model
@@ -33,7 +33,7 @@ from pathlib import Path
 from _common import peak_rss_mib, vlm_pair, write_results
 
 from edge_t2t import config
-from edge_t2t.captioning import ImageInput, caption_images
+from edge_t2t.describe.captioning import ImageInput, caption_images
 from edge_t2t.images import load_image
 
 
@@ -60,7 +60,7 @@ class TimedVLM:
 
 def _process_arm(conn, cfg, kw) -> None:
     """The 'process' arm: a plain spawned process that loads the VLM once and describes on request."""
-    from edge_t2t.vlm import VLM
+    from edge_t2t.describe.vlm import VLM
 
     timed = TimedVLM(VLM(cfg))
     conn.send("ready")
@@ -104,8 +104,8 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2", help="cluster sizes to compare with the local path")
     args = ap.parse_args()
 
-    from edge_t2t.cluster import PLUGIN_NAME, open_cluster
-    from edge_t2t.vlm import VLM, VLMConfig
+    from edge_t2t.describe.cluster import PLUGIN_NAME, open_cluster
+    from edge_t2t.describe.vlm import VLM, VLMConfig
 
     model, mmproj = vlm_pair(args.vlm, args.mmproj)
     cfg = VLMConfig(model=model, mmproj=mmproj)

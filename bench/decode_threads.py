@@ -27,7 +27,7 @@ def main() -> None:
 
     import llama_cpp
 
-    from edge_t2t import vlm  # silences llama.cpp's log
+    from edge_t2t.describe import vlm  # silences llama.cpp's log
 
     vlm._silence_llama_logs()
     rows: dict[int, list[dict]] = {1: [], 2: []}

@@ -122,7 +122,7 @@ def worker(engine: str, texts_file: Path, threads: int, batch_size: int, model_d
         sys.path.insert(0, str(ROOT))
         import onnxruntime
 
-        from edge_t2t.embedder import Embedder
+        from edge_t2t.embed.embedder import Embedder
 
         emb = Embedder(Path(model_dir), precision=engine.split("-")[1], threads=threads)
         result = _measure(
@@ -171,7 +171,7 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     from edge_t2t import config
-    from edge_t2t.onnx_build import default_source_dir
+    from edge_t2t.embed.onnx_build import default_source_dir
 
     args.threads = args.threads or config.default_threads()
     texts = load_texts(args.limit)

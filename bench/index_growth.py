@@ -70,7 +70,7 @@ class ClusteredVectors:
 
 
 def real_identity() -> tuple[dict, dict]:
-    from edge_t2t.embedder import Embedder
+    from edge_t2t.embed.embedder import Embedder
 
     emb = Embedder(precision="int8")
     return emb.identity, getattr(emb, "manifest", {})
@@ -92,7 +92,7 @@ def write_captions(path: Path, start: int, n_images: int) -> None:
 
 
 def index_run(index_dir: Path, captions: Path, emb) -> tuple[float, dict]:
-    from edge_t2t.indexer import Indexer
+    from edge_t2t.index.indexer import Indexer
 
     t0 = time.perf_counter()
     s = Indexer(index_dir, embedder=emb, text_mode="joined", batch_size=256).run([], captions_file=captions)
@@ -142,7 +142,7 @@ def run_measured(argv: list[str]) -> tuple[float, float, subprocess.CompletedPro
 
 
 def search_in_process(index_dir: Path, emb, n_queries: int) -> dict:
-    from edge_t2t import search as S
+    from edge_t2t.query import search as S
 
     q = emb.embed([f"query {i}: a runway near a lake in the east" for i in range(n_queries)])
     t_open = time.perf_counter()
@@ -179,8 +179,8 @@ def search_cli(index_dir: Path, repeats: int) -> dict:
 
 def bytes_per_image(work: Path, emb, n_images: int) -> dict:
     """Bytes on disk per image for each text mode, on the synthetic scenes' structured descriptions."""
-    from edge_t2t.indexer import Indexer
-    from edge_t2t.scenes import describe, make_scenes
+    from edge_t2t.demo.scenes import describe, make_scenes
+    from edge_t2t.index.indexer import Indexer
 
     caps = work / "scenes.jsonl"
     with open(caps, "w") as fh:
@@ -208,8 +208,8 @@ def seed(index_dir: Path, emb, n_texts: int) -> float:
     """An index of n_texts texts as `index --captions` would leave it, written in bulk (SQLite rows
     with executemany, then the snapshot by IndexDir.rebuild, the code `verify --repair` runs), so
     that 1M texts take minutes. Returns the seconds of the snapshot build."""
-    from edge_t2t.indexdir import IndexDir
-    from edge_t2t.store import Store
+    from edge_t2t.index.indexdir import IndexDir
+    from edge_t2t.index.store import Store
 
     n_images = n_texts // TEXTS_PER_IMAGE
     with Store(index_dir, create=True) as st, st.transaction():
@@ -314,7 +314,7 @@ def main() -> int:
 
 def force_merge(index_dir: Path) -> float:
     """Seconds to merge the tail into the base, as a checkpoint does once the tail passes TAIL_MAX."""
-    from edge_t2t.indexdir import IndexDir
+    from edge_t2t.index.indexdir import IndexDir
 
     t0 = time.perf_counter()
     with IndexDir.open_writer(index_dir) as ix:

@@ -22,7 +22,7 @@ from _common import RESULTS, write_results
 
 from edge_t2t import config
 from edge_t2t.cli import build_parser
-from edge_t2t.quant_report import json_default, markdown_table, options_from_args
+from edge_t2t.evaluation.quant_report import json_default, markdown_table, options_from_args
 
 
 def plot(report: dict, path: Path) -> str | None:
@@ -71,8 +71,8 @@ def replot() -> int:
 
 
 def main(argv: list[str]) -> int:
-    from edge_t2t import quantcost
-    from edge_t2t.dataset import load_annotations
+    from edge_t2t.evaluation import quantcost
+    from edge_t2t.evaluation.dataset import load_annotations
 
     if "--annotations" not in argv:
         argv = ["--annotations", str(config.shared_data_dir() / "rsicd" / "captions_val.json"), *argv]

@@ -1,9 +1,9 @@
 """Retrieval modes: dense (the paper's max cosine), lexical (FTS5 BM25), hybrid (dense + lexical,
 linear mix or reciprocal-rank fusion), each with and without the query's spatial/size constraints
-scored against the stored features (edge_t2t.retrieval, edge_t2t.query_parse).
+scored against the stored features (edge_t2t.query.retrieval, edge_t2t.query.query_parse).
 
 Three measurements, each through the product's own code:
-1. synthetic scenes (edge_t2t.scenes, exact ground truth): an index per seed built by
+1. synthetic scenes (edge_t2t.demo.scenes, exact ground truth): an index per seed built by
    `edge-t2t index --captions` (int8 embedder, i8 index, default text mode), then
    retrieval.rank for every template query one scene satisfies (k = all scenes). R@1, R@5, MRR
    with 95% bootstrap intervals, and the paired MRR gain over dense. Seeds 4-5 tune the weights
@@ -27,8 +27,8 @@ import _common  # noqa: F401  (puts the repo on sys.path)
 import numpy as np
 from _common import peak_rss_mib, percentile_ms, write_results
 
-from edge_t2t import retrieval
-from edge_t2t import scenes as S
+from edge_t2t.demo import scenes as S
+from edge_t2t.query import retrieval
 
 TUNE_SEEDS = (4, 5)
 REPORT_SEEDS = (1, 2, 3)
@@ -75,8 +75,8 @@ def seed_ranks(ix: Path, queries: dict, emb, configs: dict) -> dict[tuple[str, s
     """1-based rank of the expected scene per query, per (config, query set). Each query's pool
     (dense and lexical sides, structure scores) is gathered once by retrieval.gather, then every
     config ranks it with retrieval.combine: the two halves of retrieval.rank, the product's call."""
-    from edge_t2t import query_parse
-    from edge_t2t.search import open_for_search
+    from edge_t2t.query import query_parse
+    from edge_t2t.query.search import open_for_search
 
     store, vectors = open_for_search(ix)
     out = {}
@@ -127,7 +127,7 @@ def tune(work: Path, emb) -> dict:
     """Grid on the tuning seeds only: lexical.POSTINGS_BUDGET (which words the lexical side
     matches) x the hybrid's lexical weight, without structure (with it, every weight scores about
     1.0 and says nothing), lexical alone, rrf; then the structure weight."""
-    from edge_t2t import lexical
+    from edge_t2t.query import lexical
 
     table = {}
     saved = lexical.POSTINGS_BUDGET
@@ -156,9 +156,9 @@ def tune(work: Path, emb) -> dict:
 
 def rsicd(rsicd_index: Path | None, precision: str) -> list[dict]:
     """mR and mR without duplicates per mode, via the functions `edge-t2t eval` calls."""
-    from edge_t2t import evaluate as ev
-    from edge_t2t.dataset import load_annotations
-    from edge_t2t.embedder import Embedder
+    from edge_t2t.embed.embedder import Embedder
+    from edge_t2t.evaluation import evaluate as ev
+    from edge_t2t.evaluation.dataset import load_annotations
 
     path = _common.ROOT.parent / "shared" / "data" / "rsicd" / "captions_val.json"
     if not path.is_file():
@@ -199,8 +199,8 @@ def build_large_index(out: Path, n_scenes: int) -> Path:
     import json
     import random
 
-    from edge_t2t.embedder import Embedder
-    from edge_t2t.indexer import Indexer
+    from edge_t2t.embed.embedder import Embedder
+    from edge_t2t.index.indexer import Indexer
 
     out.mkdir(parents=True, exist_ok=True)
     captions = out / "captions.jsonl"
@@ -240,9 +240,9 @@ class _DistinctTexts:
 
 def latency(index: Path, repeats: int) -> list[dict]:
     """search.search (the CLI's call) per mode on a large index; queries from the scene templates."""
-    from edge_t2t.embedder import Embedder
-    from edge_t2t.search import search
-    from edge_t2t.store import Store
+    from edge_t2t.embed.embedder import Embedder
+    from edge_t2t.index.store import Store
+    from edge_t2t.query.search import search
 
     with Store(index) as st:
         texts = st.counts()["texts"]
@@ -267,7 +267,7 @@ def latency(index: Path, repeats: int) -> list[dict]:
     # The ranking alone (retrieval.rank on an open index, query embedded beforehand): what the modes
     # add, without the index open and the query embedding that every mode pays alike.
     from edge_t2t import query_parse  # noqa: F401  (imported before timing)
-    from edge_t2t.search import open_for_search
+    from edge_t2t.query.search import open_for_search
 
     store, vectors = open_for_search(index)
     qvecs = emb.embed(queries)
@@ -282,7 +282,7 @@ def latency(index: Path, repeats: int) -> list[dict]:
         store.close()
     # How many of each query's content words the lexical side matched (the rest are common: see
     # lexical.select_terms), and how many texts hold the words it matched: its work per query.
-    from edge_t2t import lexical
+    from edge_t2t.query import lexical
 
     with Store(index) as st:
         words = [len(lexical.query_terms(q)) for q in queries]
@@ -324,7 +324,7 @@ def main() -> int:
     ap.add_argument("--skip-rsicd", action="store_true")
     args = ap.parse_args()
 
-    from edge_t2t.embedder import Embedder
+    from edge_t2t.embed.embedder import Embedder
 
     t_start = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)

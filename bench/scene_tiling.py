@@ -1,8 +1,8 @@
 """Tiling + reading large scenes: chips per second and peak RSS across scene sizes, against the time
 a VLM needs to describe the same chips.
 
-For each scene size (synthetic GeoTIFF mosaics from edge_t2t/mosaic.py: UTM, tiled, deflate), a
-fresh child process runs the product's path, edge_t2t.tiling: open the scene (one stretch per
+For each scene size (synthetic GeoTIFF mosaics from edge_t2t/scene/mosaic.py: UTM, tiled, deflate), a
+fresh child process runs the product's path, edge_t2t.scene.tiling: open the scene (one stretch per
 scene), plan its chips (a decimated no-data mask read per chip), and read every chip as the 8-bit
 RGB picture the VLM gets, plus its PNG hand-off. Peak RSS is the child's own (ru_maxrss), next to
 a child that only imports the same libraries.
@@ -32,7 +32,7 @@ WORK = Path("/tmp/edge-t2t-bench-scenes")
 
 def _child(path: str, chip: int, overlap: float) -> dict:
     from edge_t2t.images import to_png_bytes
-    from edge_t2t.tiling import open_scene, plan_chips
+    from edge_t2t.scene.tiling import open_scene, plan_chips
 
     t0 = time.perf_counter()
     scene = open_scene(path)
@@ -65,7 +65,7 @@ def _baseline() -> dict:
     import PIL.Image  # noqa: F401
     import rasterio  # noqa: F401
 
-    import edge_t2t.tiling  # noqa: F401
+    import edge_t2t.scene.tiling  # noqa: F401
 
     return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -78,9 +78,9 @@ def _run_child(*args: str) -> dict:
 def _vlm_seconds_per_chip(scene_path: Path, chip: int, n_chips: int, variants: int) -> dict:
     """The VLM's time per chip on the first chips of a scene, through index's ChipDescriber."""
     from edge_t2t import config
-    from edge_t2t.scene_index import ChipDescriber
-    from edge_t2t.tiling import chip_name, open_scene, plan_windows
-    from edge_t2t.vlm import VLMConfig
+    from edge_t2t.describe.vlm import VLMConfig
+    from edge_t2t.scene.scene_index import ChipDescriber
+    from edge_t2t.scene.tiling import chip_name, open_scene, plan_windows
 
     d = config.test_vlm_dir()
     cfg = VLMConfig(model=d / "tiny-llava.F16.gguf", mmproj=d / "tiny-llava-mmproj.F16.gguf")
@@ -115,7 +115,7 @@ def main() -> None:
         print(json.dumps(_baseline()))
         return
 
-    from edge_t2t.mosaic import write_mosaic
+    from edge_t2t.scene.mosaic import write_mosaic
 
     WORK.mkdir(parents=True, exist_ok=True)
     cases = [(int(s), "uint8", 3) for s in args.sizes.split(",")] + [(8192, "uint16", 4)]

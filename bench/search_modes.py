@@ -37,11 +37,13 @@ def main() -> None:
 
     import numpy as np
 
-    from edge_t2t import config, search, vindex
-    from edge_t2t.embedder import Embedder
-    from edge_t2t.indexdir import IndexDir
-    from edge_t2t.indexer import Indexer
-    from edge_t2t.store import Store
+    from edge_t2t import config
+    from edge_t2t.embed.embedder import Embedder
+    from edge_t2t.index import vindex
+    from edge_t2t.index.indexdir import IndexDir
+    from edge_t2t.index.indexer import Indexer
+    from edge_t2t.index.store import Store
+    from edge_t2t.query import search
 
     caps = config.shared_data_dir() / "rsicd" / "captions_val.json"
     coco = json.loads(caps.read_text())

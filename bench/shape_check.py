@@ -1,9 +1,9 @@
 """Do the shape-true test models load and run in the pinned llama.cpp, and how long do they take
 to build?
 
-For each shape of edge_t2t.vlm_shapes.SHAPES: build the F16 pair with the product's builder
+For each shape of edge_t2t.describe.vlm_shapes.SHAPES: build the F16 pair with the product's builder
 (testvlm.build_shape, what `edge-t2t models build-test-vlm --shape NAME --precision F16` runs),
-then in a fresh process load it through edge_t2t.vlm.VLM (GGUF header check, llama.cpp, libmtmd)
+then in a fresh process load it through edge_t2t.describe.vlm.VLM (GGUF header check, llama.cpp, libmtmd)
 and caption one real RSICD image with the caption schema for a few tokens. A shape llama.cpp
 cannot load shows up here as an error, not as a number. The files are removed afterwards unless
 --keep.
@@ -40,8 +40,9 @@ def run_child(model: str, mmproj: str, max_tokens: int, threads: int) -> dict:
 
     from PIL import Image
 
-    from edge_t2t import config, prompts
-    from edge_t2t.vlm import VLM, VLMConfig
+    from edge_t2t import config
+    from edge_t2t.describe import prompts
+    from edge_t2t.describe.vlm import VLM, VLMConfig
 
     buf = io.BytesIO()
     Image.open(config.shared_data_dir() / "rsicd" / "samples" / "airport_17.jpg").convert("RGB").save(buf, "PNG")
@@ -71,7 +72,7 @@ def reduced_depth(name: str, layers: int) -> str:
     without writing 7-16 GB on a shared machine. Depth only repeats blocks the loader has checked."""
     from dataclasses import replace
 
-    from edge_t2t.vlm_shapes import SHAPES
+    from edge_t2t.describe.vlm_shapes import SHAPES
 
     shape = SHAPES[name]
     short = f"{name}@{layers}L"
@@ -81,8 +82,8 @@ def reduced_depth(name: str, layers: int) -> str:
 
 
 def check_shape(name: str, work: Path, threads: int, keep: bool, image_tokens: int) -> dict:
-    from edge_t2t import testvlm
-    from edge_t2t.vlm_shapes import get_shape
+    from edge_t2t.describe import testvlm
+    from edge_t2t.describe.vlm_shapes import get_shape
 
     shape = get_shape(name)
     out = work / name
@@ -131,7 +132,7 @@ def time_cli_build(name: str, work: Path) -> dict:
 
 
 def main() -> int:
-    from edge_t2t.vlm_shapes import SHAPES
+    from edge_t2t.describe.vlm_shapes import SHAPES
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), help="shapes to check (default: all)")

@@ -2,7 +2,7 @@
 (one vector per field: one_sentence, features, caption), "sentences" (one vector per one_sentence,
 per feature and per caption sentence) or "sentences+joined" (those plus the joined text).
 
-Measured on synthetic scenes whose ground truth is exact (edge_t2t.scenes): each image is scored by
+Measured on synthetic scenes whose ground truth is exact (edge_t2t.demo.scenes): each image is scored by
 the max cosine over its texts, in plain numpy (no index), with the real ONNX embedder at fp32 and
 int8. Queries: the fixed directional list plus every query of the scene templates that exactly one
 scene satisfies. Seed 0 is the demo's scene set; seeds 1-3 are held out so the choice is not tuned
@@ -21,16 +21,16 @@ import _common  # noqa: F401  (puts the repo on sys.path)
 import numpy as np
 from _common import peak_rss_mib, write_results
 
-from edge_t2t import scenes as S
-from edge_t2t.embedder import Embedder
-from edge_t2t.texts import variant_texts
+from edge_t2t.demo import scenes as S
+from edge_t2t.embed.embedder import Embedder
+from edge_t2t.embed.texts import variant_texts
 
 MODES = ("joined", "fields", "sentences", "sentences+joined")
 BASELINE = "joined"
 
 
 def variant_parts(v, mode: str) -> list[str]:
-    """The texts the product stores for a mode (edge_t2t.texts.variant_texts); "sentences+joined"
+    """The texts the product stores for a mode (edge_t2t.embed.texts.variant_texts); "sentences+joined"
     is a bench-only candidate: the sentences plus the joined text."""
     if mode == "sentences+joined":
         parts = [t for _, t in variant_texts(v, "sentences")]

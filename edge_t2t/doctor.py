@@ -124,7 +124,7 @@ def _cpu_and_llama(rep: Report) -> None:
     rep.facts["llama_build"] = build
     shown = " ".join(f if f in flags else f"-{f}" for f in _SHOWN_FLAGS) if flags else "unknown (no /proc/cpuinfo)"
     rep.add("cpu", "ok", f"CPU flags: {shown}; llama.cpp build: {build}")
-    code = "import json\nfrom edge_t2t.vlm import llama_system_info\nprint(json.dumps(llama_system_info()))"
+    code = "import json\nfrom edge_t2t.describe.vlm import llama_system_info\nprint(json.dumps(llama_system_info()))"
     try:
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
@@ -165,9 +165,9 @@ def _onnxruntime(rep: Report) -> None:
 
 
 def _models(rep: Report) -> None:
-    from .embedder import Embedder
+    from .describe.model_files import named_vlms, verify_models
+    from .embed.embedder import Embedder
     from .errors import EdgeT2TError
-    from .model_files import named_vlms, verify_models
 
     rep.facts["models_dir"] = str(config.models_dir())
     emb_dir = config.embedder_dir()
@@ -203,8 +203,8 @@ def _models(rep: Report) -> None:
 
 def _index(rep: Report, index_dir: Path) -> None:
     from .errors import EdgeT2TError
-    from .store import STORE_FILE
-    from .verify import verify_index
+    from .index.store import STORE_FILE
+    from .index.verify import verify_index
 
     rep.facts["index"] = {"dir": str(index_dir)}
     if not (index_dir / STORE_FILE).is_file():

@@ -106,27 +106,27 @@ class Index:
 
     def _load(self) -> None:
         if self.embedder is None:
-            from .embedder import Embedder
+            from .embed.embedder import Embedder
 
             self.embedder = Embedder(precision=self._precision)
         self.store.check_identity(self.embedder.identity)
         # One search at start-up, so the first user's request does not pay the lazy imports and the
         # vectors' first read.
-        from .search import search_open
+        from .query.search import search_open
 
         search_open(self.store, self.vectors, "warm up", self.embedder, 1, "dense", warn=lambda _: None)
 
     def _state(self, ix) -> tuple:
         """(the snapshot's generation, SQLite's data_version on ix's connection): either moves when
         an `index` run saves or commits."""
-        from . import vindex
+        from .index import vindex
 
         manifest = vindex.read_manifest(self.dir)
         return (manifest or {}).get("generation"), ix.store.conn.execute("PRAGMA data_version").fetchone()[0]
 
     def _refresh(self) -> None:
         """Reopen the reader when a commit or a new snapshot landed since the last request."""
-        from .indexdir import IndexDir
+        from .index.indexdir import IndexDir
 
         if self._ix is not None and self._state(self._ix) == self._seen:
             return
@@ -162,8 +162,8 @@ class Index:
     # -- work done in the owner thread --------------------------------------------------------
     def hit_dicts(self, hits) -> list[dict]:
         """search --json's fields (scene_report.hit_dicts), plus the image id and a chip's outline."""
-        from .chipstore import chip_info
-        from .scene_report import hit_dicts
+        from .scene.chipstore import chip_info
+        from .scene.scene_report import hit_dicts
 
         paths = [h.image for h in hits]
         chips = chip_info(self.store, paths)
@@ -182,7 +182,7 @@ class Index:
         return rows[0] if rows else None
 
     def chip(self, path: str):
-        from .chipstore import chip_info
+        from .scene.chipstore import chip_info
 
         return chip_info(self.store, [path]).get(path)
 
@@ -203,7 +203,7 @@ def _int(args, name: str, default: int | None = None, lo: int = 1, hi: int = MAX
 
 
 def _search_params(args) -> dict:
-    from . import retrieval
+    from .query import retrieval
 
     mode = args.get("mode") or retrieval.DEFAULT_MODE
     if mode not in retrieval.MODES:
@@ -219,7 +219,7 @@ def _search_params(args) -> dict:
 
 
 def _text_hits(ix: Index, query: str, p: dict):
-    from .search import search_open
+    from .query.search import search_open
 
     if not query.strip():
         raise InputError("the query is empty: give some words to search for")
@@ -229,7 +229,7 @@ def _text_hits(ix: Index, query: str, p: dict):
 
 
 def _similar_hits(ix: Index, image_id: int, k: int, min_score: float | None = None):
-    from .search import search_by_variants_open
+    from .query.search import search_by_variants_open
 
     if ix.image_row(image_id) is None:
         raise NoSuchImage(image_id)
@@ -240,7 +240,7 @@ def _similar_hits(ix: Index, image_id: int, k: int, min_score: float | None = No
 
 
 def _example_hits(ix: Index, path: Path, k: int):
-    from .search import query_image_variants, search_by_variants_open
+    from .query.search import query_image_variants, search_by_variants_open
 
     variants, _ = query_image_variants(ix.dir, path, ix.vlm_cfg)
     hits = search_by_variants_open(ix.store, ix.vectors, variants, ix.embedder, k)
@@ -286,7 +286,7 @@ class Pictures:
     def picture(self, path: str, chip, side: int | None, scene: bool = False):
         """A Pillow image: the image (or chip) itself, or for scene=True the chip's scene overview."""
         if chip is not None:
-            from .scene_report import ChipPictures
+            from .scene.scene_report import ChipPictures
 
             pics = ChipPictures({path: chip})
             try:
@@ -441,8 +441,8 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
 
     @app.get("/api/export.geojson")
     def export_geojson():
-        from .geo import feature_collection
-        from .scene_report import hit_features
+        from .scene.geo import feature_collection
+        from .scene.scene_report import hit_features
 
         title, hits, _ = export_dicts()
         chips = ix.call(lambda i: {h.image: c for h in hits if (c := i.chip(h.image)) is not None})

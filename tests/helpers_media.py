@@ -304,7 +304,9 @@ def child_main() -> None:
 
     from contextlib import contextmanager
 
-    from edge_t2t import embedder, indexdir, indexer, store, vindex, vlm
+    from edge_t2t.describe import vlm
+    from edge_t2t.embed import embedder
+    from edge_t2t.index import indexdir, indexer, store, vindex
 
     # Both caption paths: generate() (sequential) and describe_parallel() (the default).
     def reaching_caption(orig):

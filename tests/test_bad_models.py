@@ -52,7 +52,7 @@ def bad(tmp_path_factory: pytest.TempPathFactory) -> dict:
     files["header_only"] = hm.truncate(model, d / "header-only.gguf", 0.002)
     files["not_gguf"] = hm.text_named_image(d / "notes.gguf")
     files["empty"] = hm.zero_byte(d / "empty.gguf")
-    from edge_t2t import testvlm
+    from edge_t2t.describe import testvlm
 
     # A well-formed mmproj that projects to 128 dimensions, for a text model of 256.
     files["wrong_proj"] = testvlm.write_mmproj(d / "mmproj-128.gguf", 0, projection_dim=testvlm.TextDims().n_embd // 2)
@@ -98,8 +98,8 @@ def test_bad_gguf_through_index(bad: dict, case: str, tmp_path: Path) -> None:
 
 def test_header_check_is_what_refuses_them(bad: dict) -> None:
     """The same files, straight at gguf_check.check_pair (the guard vlm.VLM runs first)."""
+    from edge_t2t.describe.gguf_check import check_pair
     from edge_t2t.errors import ModelError
-    from edge_t2t.gguf_check import check_pair
 
     for case, (m, p, names) in CASES.items():
         with pytest.raises(ModelError) as err:

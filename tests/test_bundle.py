@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from test_offline import _isolation
 
-from edge_t2t import scenes
+from edge_t2t.demo import scenes
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="the bundle is for Linux")]
@@ -56,7 +56,7 @@ t0=$(date +%s%N)
 "$WORK/unpacked/$top/install.sh" "$WORK/target"
 echo "INSTALL_SECONDS=$(( ($(date +%s%N) - t0) / 1000000 ))e-3"
 "$WORK/target/bin/edge-t2t" doctor --json > "$WORK/doctor.json"
-captions=$("$WORK/target/bin/python" -c "import sys; from edge_t2t.scenes import write_scene_set; print(write_scene_set(sys.argv[1], n=40)[1])" "$WORK/scenes")
+captions=$("$WORK/target/bin/python" -c "import sys; from edge_t2t.demo.scenes import write_scene_set; print(write_scene_set(sys.argv[1], n=40)[1])" "$WORK/scenes")
 "$WORK/target/bin/edge-t2t" index --captions "$captions" --index "$WORK/idx" --json --no-progress > "$WORK/index.json"
 "$WORK/target/bin/edge-t2t" search "$QUERY" --index "$WORK/idx" --json -k 10 > "$WORK/search.jsonl"
 # the main archive alone carries no fp32 model: asking for it names the optional archive
@@ -238,9 +238,9 @@ import llama_cpp
 assert Path(llama_cpp.__file__).is_relative_to(sys.argv[1]), llama_cpp.__file__
 print("SYSTEM_INFO", llama_cpp.llama_print_system_info().decode(), flush=True)
 if len(sys.argv) > 2:  # the product's model path: load the pair, encode the picture, decode a few tokens
-    from edge_t2t import scenes
+    from edge_t2t.demo import scenes
     from edge_t2t.images import to_png_bytes
-    from edge_t2t.vlm import VLM, VLMConfig
+    from edge_t2t.describe.vlm import VLM, VLMConfig
     png = to_png_bytes(scenes.make_scenes(1, 0)[0].image)
     with VLM(VLMConfig(model=Path(sys.argv[2]), mmproj=Path(sys.argv[3]), n_threads=1, variant_mode="sequential")) as vlm:
         text = vlm.generate(png, "Describe this image.", max_tokens=8)

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_t2t import config, prompts
-from edge_t2t.captioning import Callbacks, caption_images
-from edge_t2t.captions import CaptionCache
+from edge_t2t import config
+from edge_t2t.describe import prompts
+from edge_t2t.describe.captioning import Callbacks, caption_images
+from edge_t2t.describe.captions import CaptionCache
+from edge_t2t.describe.vlm import VLMConfig
 from edge_t2t.errors import ModelError
-from edge_t2t.vlm import VLMConfig
 
 
 def _answer(n: int, tag: str) -> str:
@@ -261,8 +262,8 @@ def test_ctrl_c_stops_after_current_image_and_keeps_it(env) -> None:
 @pytest.fixture(scope="module")
 def test_vlm_cfg():
     hm.require("llama_cpp", "llama-cpp-python is a core dependency: run `make setup`")
-    from edge_t2t.testvlm import MMPROJ_FILE, MODEL_FILE, build_test_vlm
-    from edge_t2t.vlm import VLMConfig
+    from edge_t2t.describe.testvlm import MMPROJ_FILE, MODEL_FILE, build_test_vlm
+    from edge_t2t.describe.vlm import VLMConfig
 
     out = config.test_vlm_dir()
     build_test_vlm(out)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_t2t.captions import (
+from edge_t2t.describe.captions import (
     CacheKey,
     CaptionCache,
     JsonlWriter,
@@ -233,7 +233,7 @@ def test_cache_refuses_a_newer_schema(tmp_path: Path) -> None:
 def test_index_and_eval_read_one_dataset_under_one_set_of_rules(tmp_path: Path) -> None:
     """`index --captions` and `eval` share dataset.py: the file_name fallback and plain-string
     sentences work for both; only the default split differs (index: all, eval: test)."""
-    from edge_t2t.dataset import load_annotations
+    from edge_t2t.evaluation.dataset import load_annotations
 
     data = {"images": [
         {"file_name": "a.jpg", "split": "train", "sentences": ["a farm .", {"raw": "fields"}]},

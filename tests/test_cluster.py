@@ -22,12 +22,12 @@ from pathlib import Path
 import helpers_media as hm
 import pytest
 
-from edge_t2t.captioning import Callbacks, caption_images
-from edge_t2t.captions import CaptionCache
+from edge_t2t.describe.captioning import Callbacks, caption_images
+from edge_t2t.describe.captions import CaptionCache
 
 distributed = hm.require("distributed", "the 'cluster' extra is not installed: pip install -e '.[cluster]' (make test installs it)")
 
-from edge_t2t import cluster  # noqa: E402 -- after the check that the extra is installed
+from edge_t2t.describe import cluster  # noqa: E402 -- after the check that the extra is installed
 
 # One variant and room for the schema's longest answer: the random-weight test model then writes a
 # parsable answer for the RSICD samples (see test_captioning).
@@ -36,7 +36,7 @@ KW = {"n_variants": 1, "max_tokens": 1300}
 
 @pytest.fixture(scope="module")
 def vlm_cfg():
-    from edge_t2t.vlm import VLMConfig
+    from edge_t2t.describe.vlm import VLMConfig
 
     model, mmproj = hm.test_vlm_files()
     return VLMConfig(model=model, mmproj=mmproj)
@@ -165,7 +165,7 @@ class _PoisonPlugin(distributed.WorkerPlugin):
         self.sha256 = sha256
 
     def setup(self, worker) -> None:
-        from edge_t2t import cluster as c
+        from edge_t2t.describe import cluster as c
 
         original = c._VLMHolder.describe
         poison = self.sha256
@@ -179,7 +179,7 @@ class _PoisonPlugin(distributed.WorkerPlugin):
         c._VLMHolder.describe = describe
 
     def teardown(self, worker) -> None:
-        from edge_t2t import cluster as c
+        from edge_t2t.describe import cluster as c
 
         c._VLMHolder.describe = self._original
 

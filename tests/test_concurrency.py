@@ -19,8 +19,8 @@ from pathlib import Path
 import helpers_media as hm
 import pytest
 
-from edge_t2t.store import LOCK_FILE, IndexLock
-from edge_t2t.verify import verify_index
+from edge_t2t.index.store import LOCK_FILE, IndexLock
+from edge_t2t.index.verify import verify_index
 
 N_IMAGES = 300
 

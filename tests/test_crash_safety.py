@@ -29,8 +29,8 @@ import helpers_media as hm
 import numpy as np
 import pytest
 
-from edge_t2t.store import Store
-from edge_t2t.verify import verify_index
+from edge_t2t.index.store import Store
+from edge_t2t.index.verify import verify_index
 
 N_IMAGES = 24
 BATCH = "2"
@@ -86,7 +86,7 @@ def _index_args(ctx: dict, index: Path, precision: str = PRECISION) -> tuple[str
 def _vectors(index: Path) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
     """Per stored text, keyed by (path, ordinal, field, text) since keys differ between runs: its
     float32 vector in SQLite (the store of record) and its row in the saved vector snapshot."""
-    from edge_t2t.vindex import Snapshot
+    from edge_t2t.index.vindex import Snapshot
 
     conn = sqlite3.connect(index / "store.sqlite")
     try:

@@ -1,5 +1,5 @@
 """End to end on synthetic scenes: `edge-t2t index DIR --captions captions.jsonl`, then the search
-API, for the fixed directional queries whose answer is known exactly (edge_t2t.scenes).
+API, for the fixed directional queries whose answer is known exactly (edge_t2t.demo.scenes).
 
 The thresholds are set from measurement, not from hope: the embedder (all-MiniLM-L6-v2) is weak at
 compositional spatial language ("a runway east of a river" vs "a river east of a runway"), and every
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from edge_t2t import config
-from edge_t2t import scenes as S
+from edge_t2t.demo import scenes as S
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +33,12 @@ def scene_index(tmp_path_factory):
 
 
 def test_directional_queries_with_structure(scene_index):
-    """The query's places and relations scored on the stored features (edge_t2t.query_parse): the
+    """The query's places and relations scored on the stored features (edge_t2t.query.query_parse): the
     demo's 18 queries are all in its grammar and the ground-truth features are exact, so the scene
     that satisfies a query should lead. bench/results/retrieval_modes.md has 18/18 on seed 0; the
     bound leaves room, not a target."""
-    from edge_t2t.embedder import Embedder
-    from edge_t2t.search import search
+    from edge_t2t.embed.embedder import Embedder
+    from edge_t2t.query.search import search
 
     index, scenes = scene_index
     emb = Embedder(precision="int8")
@@ -51,8 +51,8 @@ def test_directional_queries_with_structure(scene_index):
 
 
 def test_directional_queries_rank_the_right_scene(scene_index):
-    from edge_t2t.embedder import Embedder
-    from edge_t2t.search import search
+    from edge_t2t.embed.embedder import Embedder
+    from edge_t2t.query.search import search
 
     index, scenes = scene_index
     queries = S.directional_queries(scenes)
@@ -78,8 +78,8 @@ def test_directional_queries_rank_the_right_scene(scene_index):
 def test_scores_are_max_over_variants(scene_index):
     """A scene's own one-sentence summary, used as the query, finds that scene first, through the
     variant the sentence came from."""
-    from edge_t2t.embedder import Embedder
-    from edge_t2t.search import search
+    from edge_t2t.embed.embedder import Embedder
+    from edge_t2t.query.search import search
 
     index, scenes = scene_index
     emb = Embedder(precision="int8")

@@ -14,14 +14,14 @@ import pytest
 
 from edge_t2t import config
 from edge_t2t.cli import main as cli_main
-from edge_t2t.embedder import Embedder
+from edge_t2t.embed.embedder import Embedder
 from edge_t2t.errors import InputError, ModelError
 
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The built embedder (the Makefile builds it before pytest); built here when missing."""
-    from edge_t2t.onnx_build import build_embedder
+    from edge_t2t.embed.onnx_build import build_embedder
 
     out = config.embedder_dir()
     if not (out / "manifest.json").is_file():
@@ -269,7 +269,7 @@ def test_cli_missing_model_dir(tmp_path, capsys):
 
 
 def test_module_level_embed_caches(model_dir, monkeypatch):
-    from edge_t2t import embedder as mod
+    from edge_t2t.embed import embedder as mod
 
     monkeypatch.setattr(mod, "_CACHE", {})
     monkeypatch.setenv("EDGE_T2T_EMBEDDER", str(model_dir))

@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from edge_t2t import evaluate as ev
-from edge_t2t import quantise
-from edge_t2t.dataset import from_lists, load_annotations
 from edge_t2t.errors import InputError
+from edge_t2t.evaluation import evaluate as ev
+from edge_t2t.evaluation.dataset import from_lists, load_annotations
+from edge_t2t.index import quantise
 
 
 def fake_embedder(table: dict[str, tuple[float, ...]]):
@@ -83,7 +83,7 @@ def test_i8_graph_codes_are_rounded_per_vector():
 
 
 def test_usearch_stores_the_i8_codes_as_given():
-    from edge_t2t.vindex import new_graph
+    from edge_t2t.index.vindex import new_graph
 
     rng = np.random.default_rng(0)
     v = rng.standard_normal((5, 16)).astype(np.float32)
@@ -337,13 +337,13 @@ def fp32_embedder():
 
     if not (config.embedder_dir() / "manifest.json").is_file():
         pytest.fail("embedder not built: run `make models` (edge-t2t models build-embedder)")
-    from edge_t2t.embedder import Embedder
+    from edge_t2t.embed.embedder import Embedder
 
     return Embedder(precision="fp32")
 
 
 def brute_force_oracle(ann, vec_of_text):
-    """The oracle protocol written plainly with loops, independent of edge_t2t.evaluate."""
+    """The oracle protocol written plainly with loops, independent of edge_t2t.evaluation.evaluate."""
     n_img = len(ann.images)
     caps = [[] for _ in range(n_img)]  # caption entry indices per image
     for c, i in enumerate(ann.caption_image.tolist()):
@@ -438,8 +438,8 @@ def test_eval_i8_exact_scores_equal_an_i8_index_searched_exactly(tmp_path):
     query against the same stored texts gives the same score for every text."""
     from fake_embedder import FakeEmbedder
 
-    from edge_t2t.indexdir import IndexDir
-    from edge_t2t.indexer import Indexer
+    from edge_t2t.index.indexdir import IndexDir
+    from edge_t2t.index.indexer import Indexer
 
     emb = FakeEmbedder(dim=48)
     records = [{"image": f"img{i}.jpg", "variants": [{"one_sentence": s} for s in texts]}

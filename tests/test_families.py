@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_t2t import prompts, testvlm
-from edge_t2t.gguf_check import check_pair
-from edge_t2t.vlm import FAMILIES, VLM, VLMConfig
-from edge_t2t.vlm_shapes import TINY_FAMILIES
+from edge_t2t.describe import prompts, testvlm
+from edge_t2t.describe.gguf_check import check_pair
+from edge_t2t.describe.vlm import FAMILIES, VLM, VLMConfig
+from edge_t2t.describe.vlm_shapes import TINY_FAMILIES
 
 # The generic handler is run on two architectures it serves: SmolVLM (llama + idefics3) and Gemma 3.
 CASES = sorted(TINY_FAMILIES)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_t2t import testvlm
+from edge_t2t.describe import testvlm
+from edge_t2t.describe.gguf_check import check_pair, inspect_gguf
 from edge_t2t.errors import ModelError
-from edge_t2t.gguf_check import check_pair, inspect_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,7 +102,7 @@ def test_bad_pair_never_reaches_llama_cpp(pair, tmp_path):
         f"""
         import sys
         from edge_t2t.errors import ModelError
-        from edge_t2t.vlm import VLM, VLMConfig
+        from edge_t2t.describe.vlm import VLM, VLMConfig
         try:
             VLM(VLMConfig(model={str(pair[0])!r}, mmproj={str(broken)!r}))
         except ModelError as exc:

@@ -7,9 +7,9 @@ import io
 
 import pytest
 
-from edge_t2t import prompts, testvlm
-from edge_t2t.captioning import generation_params
-from edge_t2t.vlm import VLM, VLMConfig
+from edge_t2t.describe import prompts, testvlm
+from edge_t2t.describe.captioning import generation_params
+from edge_t2t.describe.vlm import VLM, VLMConfig
 
 SHAPE = "tiny-smolvlm"  # idefics3: 32 px tiles of 8 px patches, pixel shuffle x2 (4 tokens a tile), longest edge 64
 

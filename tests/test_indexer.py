@@ -12,13 +12,14 @@ import pytest
 from fake_embedder import FakeEmbedder
 from PIL import Image
 
-from edge_t2t import captioning, vindex
+from edge_t2t.describe import captioning
+from edge_t2t.describe.vlm import VLMConfig
 from edge_t2t.errors import StoreError
-from edge_t2t.indexer import Indexer
+from edge_t2t.index import vindex
+from edge_t2t.index.indexer import Indexer
+from edge_t2t.index.store import IndexLock, Store
 from edge_t2t.modes import DEFAULT_TEXT_MODE
 from edge_t2t.records import CaptionRecord, Variant
-from edge_t2t.store import IndexLock, Store
-from edge_t2t.vlm import VLMConfig
 
 COLOURS = {"a": (200, 30, 30), "b": (30, 200, 30), "c": (30, 30, 200), "d": (200, 200, 30), "e": (90, 90, 90)}
 
@@ -40,7 +41,7 @@ def texts_of(ix) -> dict[str, list[str]]:
 
 def consistent(ix) -> bool:
     """The saved vector snapshot holds exactly SQLite's texts, keys, images and vectors."""
-    from edge_t2t.verify import verify_index
+    from edge_t2t.index.verify import verify_index
 
     rep = verify_index(ix, check_models=False)
     return rep.ok and rep.checks["vectors"]["state"] == "match"
@@ -303,7 +304,7 @@ def test_index_help_names_sentences_as_the_default_text_mode():
 
 
 def test_a_run_saves_at_its_end_and_at_most_every_checkpoint_interval(tmp_path, monkeypatch):
-    from edge_t2t import indexdir
+    from edge_t2t.index import indexdir
 
     d = five_images(tmp_path)
     monkeypatch.setattr(captioning, "caption_images", FakeCaptioner())

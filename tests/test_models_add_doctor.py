@@ -9,10 +9,11 @@ from pathlib import Path
 import helpers_media as hm
 import pytest
 
-from edge_t2t import config, doctor, model_files
+from edge_t2t import config, doctor
 from edge_t2t.cli import main
+from edge_t2t.describe import model_files
+from edge_t2t.describe.vlm import resolve_vlm_paths
 from edge_t2t.errors import InputError, ModelError
-from edge_t2t.vlm import resolve_vlm_paths
 
 
 @pytest.fixture(scope="module")

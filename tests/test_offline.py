@@ -180,7 +180,7 @@ def test_importing_the_package_loads_no_network_client() -> None:
 def test_vlm_hands_llama_cpp_only_data_uris() -> None:
     """VLM.generate with a stand-in for the llama object: the image must travel as a data: URI
     whose payload is exactly the given bytes (any other URL would make llama-cpp-python fetch it)."""
-    from edge_t2t import vlm
+    from edge_t2t.describe import vlm
 
     seen: list[dict] = []
 
@@ -228,9 +228,9 @@ def test_no_sockets_left_open_by_a_search(tmp_path: Path) -> None:
     code = (
         "import os, sys\n"
         "import onnxruntime, tokenizers, numpy, PIL.Image, gguf\n"
-        "from edge_t2t import vindex\n"
+        "from edge_t2t.index import vindex\n"
         "vindex.usearch_index_class()\n"
-        "import edge_t2t.cli, edge_t2t.search, edge_t2t.indexer, edge_t2t.verify\n"
+        "import edge_t2t.cli, edge_t2t.query.search, edge_t2t.index.indexer, edge_t2t.index.verify\n"
         "fds = os.listdir('/proc/self/fd')\n"
         "links = []\n"
         "for fd in fds:\n"

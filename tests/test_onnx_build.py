@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from edge_t2t.cli import main as cli_main
-from edge_t2t.errors import ModelError
-from edge_t2t.onnx_build import (
+from edge_t2t.embed.onnx_build import (
     BUILDER_VERSION,
     build_embedder,
     default_source_dir,
@@ -20,6 +19,7 @@ from edge_t2t.onnx_build import (
     read_source,
     sha256_file,
 )
+from edge_t2t.errors import ModelError
 
 
 @pytest.fixture(scope="session")
@@ -153,7 +153,7 @@ def test_int8_rows_are_independent_in_the_raw_graph(built):
 
 
 def test_built_model_matches_reference(built, reference):
-    from edge_t2t.embedder import Embedder
+    from edge_t2t.embed.embedder import Embedder
 
     texts, ref = reference[0][:20], reference[1][:20]
     vecs = Embedder(built[0], precision="fp32", threads=2).embed(texts)

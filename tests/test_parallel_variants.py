@@ -11,12 +11,12 @@ from pathlib import Path
 import helpers_media as hm
 import pytest
 
-from edge_t2t import prompts, testvlm
-from edge_t2t.captioning import caption_images
-from edge_t2t.captions import CaptionCache
+from edge_t2t.describe import prompts, testvlm
+from edge_t2t.describe.captioning import caption_images
+from edge_t2t.describe.captions import CaptionCache
+from edge_t2t.describe.vlm import VLM, VLMConfig
 from edge_t2t.errors import ImageError, ModelError
 from edge_t2t.images import to_png_bytes
-from edge_t2t.vlm import VLM, VLMConfig
 
 # Bounded fields: an unbounded string lets a random model write until the token cap.
 SMALL = {
@@ -130,7 +130,7 @@ def test_grammar_checked_on_the_chosen_token_picks_what_the_full_grammar_pass_pi
     of llama.cpp's usual chain (penalty, grammar over the whole vocabulary, greedy)."""
     import llama_cpp as lc
 
-    from edge_t2t import vlm as vlm_module
+    from edge_t2t.describe import vlm as vlm_module
 
     class FullPass(vlm_module._SequenceSampler):
         def __init__(self, vocab, n_vocab, gbnf, temperature, seed):

@@ -8,7 +8,7 @@ from pathlib import Path
 import helpers_media as hm
 import pytest
 
-from edge_t2t import prompts
+from edge_t2t.describe import prompts
 from edge_t2t.errors import InputError
 from edge_t2t.records import Feature, Variant
 

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_t2t import config, quant_report
-from edge_t2t import evaluate as ev
-from edge_t2t import quantcost as qc
+from edge_t2t import config
 from edge_t2t.cli import bench_quant, main
-from edge_t2t.dataset import from_lists, load_annotations
-from edge_t2t.vindex import Candidates
+from edge_t2t.evaluation import evaluate as ev
+from edge_t2t.evaluation import quant_report
+from edge_t2t.evaluation import quantcost as qc
+from edge_t2t.evaluation.dataset import from_lists, load_annotations
+from edge_t2t.index.vindex import Candidates
 
 # ---------------------------------------------------------------------------------------------
 # Metrics worked out by hand
@@ -109,7 +110,7 @@ def test_reference_agrees_with_itself(oracle_report):
 
 def test_reference_recall_matches_evaluate(oracle_report, rsicd100):
     """Search-based ranking of the reference equals evaluate's exact oracle on the same vectors."""
-    from edge_t2t.embedder import Embedder
+    from edge_t2t.embed.embedder import Embedder
 
     emb = Embedder(precision="fp32")
     direct = ev.oracle_eval(rsicd100, emb.embed, dtype="f32").to_json()
@@ -208,7 +209,7 @@ def test_ctrl_c_keeps_finished_configurations(rsicd100):
 
 def test_probe_in_a_subprocess(tmp_path):
     """The isolated search probe reports its own process's peak RSS."""
-    from edge_t2t.embedder import Embedder
+    from edge_t2t.embed.embedder import Embedder
 
     emb = Embedder(precision="int8")
     texts = ["a square with trees", "storage tanks near a road", "a stadium", "a viaduct over a river"]

@@ -1,12 +1,12 @@
-"""The query parser (edge_t2t.query_parse): its written grammar, synonyms, and the constraint
+"""The query parser (edge_t2t.query.query_parse): its written grammar, synonyms, and the constraint
 scores, checked against the synthetic scenes' own ground-truth predicates."""
 
 from __future__ import annotations
 
 import pytest
 
-from edge_t2t import query_parse as Q
-from edge_t2t import scenes as S
+from edge_t2t.demo import scenes as S
+from edge_t2t.query import query_parse as Q
 from edge_t2t.records import Feature
 
 
@@ -69,7 +69,7 @@ def test_relations_on_the_grid():
 
 
 def test_full_score_exactly_when_the_scene_satisfies_the_query():
-    """Every template query of the synthetic scenes (edge_t2t.scenes) is read by the grammar, and
+    """Every template query of the synthetic scenes (edge_t2t.demo.scenes) is read by the grammar, and
     a scene's best variant scores 1 exactly when the scene's placed objects satisfy the query."""
     specs = S.all_query_specs()
     assert all(Q.parse(s.text) for s in specs)

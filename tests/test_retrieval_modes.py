@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from fake_embedder import FakeEmbedder
 
-from edge_t2t import lexical, retrieval
-from edge_t2t import search as S
-from edge_t2t import store as store_mod
-from edge_t2t.indexer import Indexer
+from edge_t2t.index import store as store_mod
+from edge_t2t.index.indexer import Indexer
+from edge_t2t.index.store import NewText, Store
+from edge_t2t.index.verify import verify_index
+from edge_t2t.query import lexical, retrieval
+from edge_t2t.query import search as S
 from edge_t2t.records import Variant
-from edge_t2t.store import NewText, Store
-from edge_t2t.verify import verify_index
 
 SCENES = {
     # name -> variants (one_sentence, features)
@@ -228,8 +228,8 @@ CAPTIONS = {
 def test_eval_ranks_each_caption_as_search_does(index, emb, tmp_path, mode, max_df, monkeypatch):
     """eval --source index --mode M: every caption's T2I rank is its target's place in
     `search --mode M` (structure on, exact vectors): one rule, not two implementations."""
-    from edge_t2t import evaluate as ev
-    from edge_t2t.dataset import load_annotations
+    from edge_t2t.evaluation import evaluate as ev
+    from edge_t2t.evaluation.dataset import load_annotations
 
     monkeypatch.setattr(lexical, "MAX_DF", max_df)
 

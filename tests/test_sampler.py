@@ -6,7 +6,7 @@ import ctypes
 
 import numpy as np
 
-from edge_t2t import vlm as vlm_module
+from edge_t2t.describe import vlm as vlm_module
 
 N_VOCAB = 3000
 

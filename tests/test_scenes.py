@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from edge_t2t import scenes as S
+from edge_t2t.demo import scenes as S
 from edge_t2t.records import CaptionRecord
 
 CARDINALS = ("north", "south", "east", "west")
@@ -185,9 +185,9 @@ def test_write_scene_set(tmp_path):
 def test_ground_truth_is_a_describer_through_the_pipeline_types(tmp_path):
     """The scenes' ground truth implements describer.Describer: from the ImageInput the pipeline
     builds of a written scene file, it returns that scene's true record, under the file's name."""
-    from edge_t2t import prompts
-    from edge_t2t.captioning import CaptionOptions, ImageInput, UnusableAnswer
-    from edge_t2t.describer import Describer, VLMDescriber
+    from edge_t2t.describe import prompts
+    from edge_t2t.describe.captioning import CaptionOptions, ImageInput, UnusableAnswer
+    from edge_t2t.describe.describer import Describer, VLMDescriber
     from edge_t2t.images import load_image
 
     scenes = S.make_scenes(3, seed=2)

@@ -1,5 +1,5 @@
 """Large georeferenced scenes (issue 13): tiling, footprints, place search, GeoJSON, the `tiles`
-command and the schema step. The data is made here: synthetic mosaics (edge_t2t/mosaic.py) whose
+command and the schema step. The data is made here: synthetic mosaics (edge_t2t/scene/mosaic.py) whose
 scenes' ground-truth descriptions stand in for the VLM, so a query for an object must come back
 with a footprint that contains the object's true location."""
 
@@ -12,15 +12,15 @@ import helpers_media as hm
 import numpy as np
 import pytest
 
-from edge_t2t import store as store_mod
-from edge_t2t import tiling
-from edge_t2t.captions import JsonlWriter
 from edge_t2t.cli import main
+from edge_t2t.describe.captions import JsonlWriter
 from edge_t2t.errors import ImageError
-from edge_t2t.geo import PlaceFilter, _inside, footprint
-from edge_t2t.mosaic import UTM_33N, WGS84, write_mosaic
-from edge_t2t.store import Store
-from edge_t2t.tiling import Window, open_scene, plan_chips, plan_windows
+from edge_t2t.index import store as store_mod
+from edge_t2t.index.store import Store
+from edge_t2t.scene import tiling
+from edge_t2t.scene.geo import PlaceFilter, _inside, footprint
+from edge_t2t.scene.mosaic import UTM_33N, WGS84, write_mosaic
+from edge_t2t.scene.tiling import Window, open_scene, plan_chips, plan_windows
 
 hm.require("rasterio", "the 'geo' extra is not installed: pip install -e '.[geo]' (make test installs it)")
 
@@ -125,9 +125,9 @@ def test_geojson_is_rfc7946_wgs84_with_ccw_closed_rings(tmp_path, capsys):
 
 
 def test_overlapping_hits_in_one_scene_merge_into_one_feature(tmp_path):
-    from edge_t2t.chipstore import ChipInfo
-    from edge_t2t.scene_report import hit_features
-    from edge_t2t.search import Hit
+    from edge_t2t.query.search import Hit
+    from edge_t2t.scene.chipstore import ChipInfo
+    from edge_t2t.scene.scene_report import hit_features
 
     mosaic = write_mosaic(tmp_path / "m.tif")
     t = mosaic.transform
@@ -345,8 +345,8 @@ def test_caption_and_index_describe_scene_chips_with_the_vlm(tmp_path, capsys, m
 def test_a_scene_without_any_describer_is_one_failure_naming_the_fix(tmp_path):
     from fake_embedder import FakeEmbedder
 
-    from edge_t2t.indexer import Indexer
-    from edge_t2t.scene_index import TilingOptions
+    from edge_t2t.index.indexer import Indexer
+    from edge_t2t.scene.scene_index import TilingOptions
 
     mosaic = write_mosaic(tmp_path / "m.tif")
     tiling_opts = TilingOptions(chip=256, overlap=0.0, tile_above_mp=0.1)
@@ -360,7 +360,7 @@ def test_a_png_bomb_is_not_taken_for_a_scene(tmp_path):
     import helpers_media as hm
     from PIL import Image
 
-    from edge_t2t.scene_index import TilingOptions
+    from edge_t2t.scene.scene_index import TilingOptions
 
     opts = TilingOptions(tile_above_mp=0.1)
     assert not opts.is_scene(hm.png_bomb(tmp_path / "bomb.png"))  # left to load_image, which refuses it by name

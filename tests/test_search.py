@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from fake_embedder import FakeEmbedder
 
-from edge_t2t import search as S
+from edge_t2t.embed.texts import variant_texts
 from edge_t2t.errors import StoreError
-from edge_t2t.indexer import Indexer
+from edge_t2t.index.indexer import Indexer
+from edge_t2t.index.store import Store
 from edge_t2t.modes import VECTOR_MODES
+from edge_t2t.query import search as S
 from edge_t2t.records import Feature, Variant
-from edge_t2t.store import Store
-from edge_t2t.texts import variant_texts
 
 SCENES = {
     "harbour.jpg": ["boats moored in a harbour", "a pier with ships and cranes", "container port by the sea"],
@@ -115,7 +115,7 @@ def test_long_query_is_truncated_with_a_warning(index, emb):
 
 
 def test_search_without_a_snapshot_scores_sqlite_and_never_writes(index, emb, capsys):
-    from edge_t2t import vindex
+    from edge_t2t.index import vindex
 
     (index / vindex.MANIFEST_FILE).unlink()
     before = sorted(p.name for p in index.iterdir())
@@ -123,7 +123,7 @@ def test_search_without_a_snapshot_scores_sqlite_and_never_writes(index, emb, ca
     assert hits[0].image == "forest.jpg"
     assert "no vector snapshot" in capsys.readouterr().err
     assert sorted(p.name for p in index.iterdir()) == before  # a reader never writes
-    from edge_t2t.indexdir import IndexDir
+    from edge_t2t.index.indexdir import IndexDir
 
     with IndexDir.open_writer(index) as ix:  # the next writer rebuilds it
         ix.open_vectors(emb.dim, "f32")
@@ -188,7 +188,7 @@ def test_hit_json_contract():
 def test_search_sees_commits_made_after_the_last_save(index, emb, tmp_path):
     """An index run saves its snapshot at most every 60 s: a search in between reads the newer
     texts by key and the deleted ones drop out at row lookup, with k results still."""
-    from edge_t2t.store import IndexLock, NewText
+    from edge_t2t.index.store import IndexLock, NewText
 
     before = {p.name: p.stat().st_mtime_ns for p in index.iterdir() if p.name != "store.sqlite"}
     with IndexLock(index), Store(index) as st, st.transaction():  # committed, not yet saved
@@ -230,7 +230,7 @@ def test_reports_table_jsonl_and_html(tmp_path, rsicd_samples):
 
     from rich.console import Console
 
-    from edge_t2t import report
+    from edge_t2t.query import report
 
     real = str(rsicd_samples / "airport_17.jpg")
     hits = [S.Hit(1, 0.9, real, 0, "runway [bold]x[/bold] <script>"), S.Hit(2, 0.5, "gone.jpg", 3, "a & b")]
@@ -251,7 +251,7 @@ def test_reports_table_jsonl_and_html(tmp_path, rsicd_samples):
 def test_query_image_is_described_by_the_vlm_unless_already_indexed(index, emb, tmp_path, monkeypatch):
     from PIL import Image
 
-    from edge_t2t import captioning
+    from edge_t2t.describe import captioning
     from edge_t2t.records import CaptionRecord
 
     calls = []

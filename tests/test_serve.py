@@ -23,8 +23,8 @@ from urllib.request import urlopen
 import pytest
 
 from edge_t2t import config
-from edge_t2t import scenes as S
 from edge_t2t.cli import main
+from edge_t2t.demo import scenes as S
 from edge_t2t.errors import InputError, StoreError
 
 pytest.importorskip("flask", reason="the web extra: pip install 'edge-t2t[web]' (make test installs it)")
@@ -41,8 +41,8 @@ def demo(tmp_path_factory):
     indexed through the captions path), and the first of its directional queries."""
     if not (config.embedder_dir() / "manifest.json").is_file():
         pytest.fail(f"no embedder built in {config.embedder_dir()}: run 'make models' first")
-    from edge_t2t.demo import _index
-    from edge_t2t.embedder import Embedder
+    from edge_t2t.demo.demo import _index
+    from edge_t2t.embed.embedder import Embedder
 
     root = tmp_path_factory.mktemp("serve-demo")
     emb = Embedder(precision="int8")
@@ -111,8 +111,8 @@ def test_info_is_the_same_data_as_info_command(client, demo):
 
 
 def test_more_like_this_uses_the_stored_descriptions_and_excludes_itself(client, demo):
-    from edge_t2t.search import search_by_variants
-    from edge_t2t.store import Store
+    from edge_t2t.index.store import Store
+    from edge_t2t.query.search import search_by_variants
 
     hit = client.get(f"/api/search?q={quote(demo['query'])}&k=1").get_json()["hits"][0]
     body = client.get(f"/api/similar?id={hit['id']}&k=5").get_json()
@@ -253,8 +253,8 @@ def test_search_by_example_of_a_new_image_is_described_by_the_vlm(demo, app, tmp
     """The tiny test VLM (random weights: its descriptions are placeholders) proves the path: upload,
     describe, embed the variants, rank. Nothing of the upload stays outside the temp dir."""
     pytest.importorskip("llama_cpp")
-    from edge_t2t.testvlm import MMPROJ_FILE, MODEL_FILE, build_test_vlm
-    from edge_t2t.vlm import VLMConfig
+    from edge_t2t.describe.testvlm import MMPROJ_FILE, MODEL_FILE, build_test_vlm
+    from edge_t2t.describe.vlm import VLMConfig
 
     monkeypatch.setenv("EDGE_T2T_CACHE_DIR", str(tmp_path / "cache"))
     out = config.test_vlm_dir()
@@ -343,9 +343,9 @@ def test_answers_from_the_last_whole_snapshot_while_index_runs(tmp_path):
     writer holds the lock the page still answers."""
     from fake_embedder import FakeEmbedder
 
-    from edge_t2t.captions import JsonlWriter
-    from edge_t2t.indexdir import IndexDir
-    from edge_t2t.indexer import Indexer
+    from edge_t2t.describe.captions import JsonlWriter
+    from edge_t2t.index.indexdir import IndexDir
+    from edge_t2t.index.indexer import Indexer
 
     emb = FakeEmbedder()
     recs = [S.describe(s, seed=0) for s in S.make_scenes(10, seed=3, size=32)]
@@ -375,8 +375,8 @@ def test_answers_from_the_last_whole_snapshot_while_index_runs(tmp_path):
 @pytest.fixture(scope="module")
 def geo_app(tmp_path_factory, app):
     pytest.importorskip("rasterio")
-    from edge_t2t.captions import JsonlWriter
-    from edge_t2t.mosaic import write_mosaic
+    from edge_t2t.describe.captions import JsonlWriter
+    from edge_t2t.scene.mosaic import write_mosaic
 
     root = tmp_path_factory.mktemp("serve-geo")
     mosaic = write_mosaic(root / "m.tif")

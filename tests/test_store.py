@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from edge_t2t import store as store_mod
 from edge_t2t.errors import StoreError
+from edge_t2t.index import store as store_mod
+from edge_t2t.index.store import IndexLock, NewText, Store
 from edge_t2t.records import Feature, Variant
-from edge_t2t.store import IndexLock, NewText, Store
 
 
 def _variant(i: int) -> Variant:
@@ -221,7 +221,7 @@ def test_a_lock_file_left_by_a_dead_process_is_no_lock(tmp_path):
 def test_the_kernel_frees_the_lock_of_a_killed_holder(tmp_path):
     """flock on a held descriptor: while the holder lives every other taker is refused (with its
     pid); SIGKILL frees it, with no stale-pid guessing that could let two writers in."""
-    code = ("import sys, time; from edge_t2t.store import IndexLock; IndexLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from edge_t2t.index.store import IndexLock; IndexLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:

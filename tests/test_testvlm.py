@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_t2t import testvlm
-from edge_t2t.gguf_check import check_pair, inspect_gguf
+from edge_t2t.describe import testvlm
+from edge_t2t.describe.gguf_check import check_pair, inspect_gguf
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_rebuild_only_when_needed(tmp_path):
 
 import re  # noqa: E402
 
-from edge_t2t.vlm_shapes import SHAPES, get_shape  # noqa: E402
+from edge_t2t.describe.vlm_shapes import SHAPES, get_shape  # noqa: E402
 
 
 def _shared_shapes(shared_data: Path) -> dict[str, dict]:
@@ -234,7 +234,7 @@ def test_real_size_model_is_streamed_and_llama_cpp_loads_it(tmp_path):
     assert size > 300e6 and peak < size / 4, f"peak {peak / 1e6:.0f} MB while writing {size / 1e6:.0f} MB"
     testvlm.write_shape_mmproj(tmp_path / names["mmproj"], shape)
 
-    from edge_t2t.vlm import VLM, VLMConfig
+    from edge_t2t.describe.vlm import VLM, VLMConfig
 
     with VLM(VLMConfig(tmp_path / names["F16"], tmp_path / names["mmproj"], n_ctx=512, n_threads=1)) as vlm:
         assert vlm.family == "mtmd" and vlm.is_test_model

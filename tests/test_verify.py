@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_t2t import vindex
+from edge_t2t.index import vindex
+from edge_t2t.index.store import LOCK_FILE, SCHEMA_VERSION, STORE_FILE, NewText, Store
+from edge_t2t.index.verify import verify_index
 from edge_t2t.records import Feature, Variant
-from edge_t2t.store import LOCK_FILE, SCHEMA_VERSION, STORE_FILE, NewText, Store
-from edge_t2t.verify import verify_index
 
 ROOT = Path(__file__).resolve().parent.parent
 DIM = 16
@@ -59,7 +59,7 @@ def _build(index_dir: Path, *, images: int = 6, texts: int = 3, dtype: str = "i8
 
 
 def _rebuild(index_dir: Path, dtype: str | None = None) -> None:
-    from edge_t2t.indexdir import IndexDir
+    from edge_t2t.index.indexdir import IndexDir
 
     with IndexDir.open_writer(index_dir, create=False) as ix:
         ix.rebuild(DIM, dtype)
@@ -281,7 +281,7 @@ def test_cli_exit_codes_and_json(tmp_path: Path) -> None:
 
 def test_repair_refuses_while_an_index_run_holds_the_lock(tmp_path: Path) -> None:
     index = _build(tmp_path / "idx")
-    from edge_t2t.store import IndexLock
+    from edge_t2t.index.store import IndexLock
 
     (index / vindex.MANIFEST_FILE).unlink()
     with IndexLock(index):  # a live writer (this process)

@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from edge_t2t import vindex
+from edge_t2t.index import vindex
+from edge_t2t.index.store import NewText, Store
 from edge_t2t.modes import VECTOR_MODES
 from edge_t2t.records import Variant
-from edge_t2t.store import NewText, Store
 
 DIM = 32
 
@@ -170,7 +170,7 @@ def test_a_failed_save_leaves_the_previous_generation(tmp_path, monkeypatch):
 
 
 def test_tail_merges_into_base_and_dead_rows_compact(tmp_path, monkeypatch):
-    from edge_t2t.indexdir import IndexDir
+    from edge_t2t.index.indexdir import IndexDir
 
     monkeypatch.setattr(vindex, "TAIL_MAX", 8)
     monkeypatch.setattr(vindex, "DEAD_MIN", 6)

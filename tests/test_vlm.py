@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from edge_t2t import testvlm
+from edge_t2t.describe import testvlm
+from edge_t2t.describe.gguf_check import check_pair
+from edge_t2t.describe.vlm import FAMILIES, VLM, VLMConfig, infer_family, quantize_gguf, resolve_vlm_paths
 from edge_t2t.errors import ImageError, ModelError
-from edge_t2t.gguf_check import check_pair
 from edge_t2t.images import to_png_bytes
-from edge_t2t.vlm import FAMILIES, VLM, VLMConfig, infer_family, quantize_gguf, resolve_vlm_paths
 
 SCHEMA = {
     "type": "object",

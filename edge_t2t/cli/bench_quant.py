@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..modes import DTYPES, PRECISIONS, VECTOR_MODES
 
-# The matrix axes, as edge_t2t.quantcost orders them (built here from modes.py so that
+# The matrix axes, as edge_t2t.evaluation.quantcost orders them (built here from modes.py so that
 # `edge-t2t --help` does not import numpy; tests/test_quantcost.py checks they agree).
 EMBEDDERS = PRECISIONS
 MODES = ("exact", *(m for m in VECTOR_MODES if m != "exact"))
@@ -89,8 +89,14 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .. import quantcost
-    from ..quant_report import json_default, load_dataset, markdown_table, options_from_args, write_outputs
+    from ..evaluation import quantcost
+    from ..evaluation.quant_report import (
+        json_default,
+        load_dataset,
+        markdown_table,
+        options_from_args,
+        write_outputs,
+    )
 
     opts = options_from_args(args)
     ann = load_dataset(args.annotations, args.split, args.max_images)

@@ -26,9 +26,9 @@ images finish.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from .. import cluster
+    from ..describe import cluster
+    from ..describe.prompts import DEFAULT_VARIANTS, MAX_VARIANTS
     from ..images import DEFAULT_MAX_MEGAPIXELS
-    from ..prompts import DEFAULT_VARIANTS, MAX_VARIANTS
 
     p = subparsers.add_parser(
         "caption",
@@ -97,11 +97,11 @@ def run(args: argparse.Namespace) -> int:
     )
     from rich.text import Text
 
-    from ..captioning import Callbacks, caption_images
-    from ..captions import CACHE_FILENAME, CaptionCache, JsonlWriter
-    from ..cluster import session_from_args
+    from ..describe.captioning import Callbacks, caption_images
+    from ..describe.captions import CACHE_FILENAME, CaptionCache, JsonlWriter
+    from ..describe.cluster import session_from_args
+    from ..describe.vlm import VLMConfig, resolve_vlm_paths
     from ..errors import InputError, ModelError
-    from ..vlm import VLMConfig, resolve_vlm_paths
 
     if args.image_max_tokens is not None and args.image_max_tokens < 1:
         raise InputError(f"--image-max-tokens {args.image_max_tokens}: give a positive number of tokens, e.g. 64")
@@ -225,9 +225,9 @@ def _split_scenes(paths: list[str], args) -> tuple[list[Path], list[str]]:
 
 
 def _caption_scenes(scenes, args, cfg, cache, bands, on_record, on_failure, summary, lines):
-    from ..captioning import CaptionSettings, CaptionSummary, Failure
+    from ..describe.captioning import CaptionSettings, CaptionSummary, Failure
     from ..errors import ImageError
-    from ..scene_index import chip_records_for
+    from ..scene.scene_index import chip_records_for
     from .index import tiling_options
 
     summary = summary or CaptionSummary()

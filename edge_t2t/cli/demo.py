@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ..demo import USER_QUERY_DEFAULT, DemoOptions, run_demo, steps_to_dicts, summary_table
+    from ..demo.demo import USER_QUERY_DEFAULT, DemoOptions, run_demo, steps_to_dicts, summary_table
     from ..errors import InputError
 
     if args.scenes < 1 or args.vlm_images < 0:

@@ -70,7 +70,7 @@ def _embed_with_progress(embedder, texts: list[str], batch_size: int):
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..embedder import Embedder
+    from ..embed.embedder import Embedder
 
     texts = list(args.texts)
     if args.input is not None:

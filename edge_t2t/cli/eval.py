@@ -84,7 +84,7 @@ def _print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..eval_report import fmt_percent
+    from ..evaluation.eval_report import fmt_percent
 
     cfg, c = result["config"], result["counts"]
     table = Table(title=f"Retrieval ({cfg['source']}, {cfg['precision']}, {cfg['scoring']})")
@@ -105,7 +105,7 @@ def _print_table(result: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval_report import EvalRequest, run_eval, write_outputs
+    from ..evaluation.eval_report import EvalRequest, run_eval, write_outputs
 
     request = EvalRequest(
         annotations=args.annotations, source=args.source, index=args.index, precision=args.precision,

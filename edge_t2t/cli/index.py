@@ -11,7 +11,7 @@ from ..modes import DTYPES, PRECISIONS, TEXT_MODES
 
 
 def register(subparsers) -> None:
-    from .. import cluster
+    from ..describe import cluster
 
     p = subparsers.add_parser(
         "index",
@@ -57,7 +57,7 @@ def register(subparsers) -> None:
 
 def add_tiling_arguments(p) -> None:
     """issue 13: how images larger than the tiling threshold are cut into chips (index, caption)."""
-    from ..tiling import DEFAULT_OVERLAP
+    from ..scene.tiling import DEFAULT_OVERLAP
 
     p.add_argument("--chip", type=int, metavar="PX",
                    help="chip size in pixels for large scenes (default: the VLM's input size, else 512)")
@@ -69,7 +69,7 @@ def add_tiling_arguments(p) -> None:
 
 
 def tiling_options(args):
-    from ..scene_index import TilingOptions
+    from ..scene.scene_index import TilingOptions
 
     return TilingOptions(chip=args.chip, overlap=args.overlap, tile_above_mp=args.tile_above)
 
@@ -98,10 +98,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .. import config
-    from ..captioning import CaptionSettings
-    from ..cluster import session_from_args
+    from ..describe.captioning import CaptionSettings
+    from ..describe.cluster import session_from_args
     from ..errors import InputError, NoVLMError
-    from ..indexer import Indexer
+    from ..index.indexer import Indexer
 
     index_dir = config.index_dir(args.index)
     if not args.paths and not args.captions:
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     caption = CaptionSettings()
     closing = ExitStack()  # the caption cache, closed whatever happens
     if args.vlm or args.mmproj or not args.captions:
-        from ..vlm import VLMConfig, resolve_vlm_paths
+        from ..describe.vlm import VLMConfig, resolve_vlm_paths
 
         try:
             model, mmproj = resolve_vlm_paths(args.vlm, args.mmproj)
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                 raise
             vlm_cfg = None  # no VLM configured: fine while every image is already described
         if vlm_cfg is not None and not args.no_cache:
-            from ..captions import CaptionCache
+            from ..describe.captions import CaptionCache
 
             cache_path = Path(args.cache_dir) / "captions.sqlite" if args.cache_dir else None
             caption.cache = closing.enter_context(CaptionCache(cache_path))
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     with closing, session_from_args(args) as session:  # --cluster/--workers: images are described on Dask workers
         if session is not None and vlm_cfg is not None:
-            from ..captioning import Callbacks
+            from ..describe.captioning import Callbacks
 
             caption.cluster = session
             caption.callbacks = Callbacks(on_notice=lambda msg: err.print(f"edge-t2t: {msg}", highlight=False))

@@ -21,7 +21,7 @@ def register(subparsers) -> None:
 
 
 def gather(index_dir) -> dict:
-    from ..indexdir import IndexDir
+    from ..index.indexdir import IndexDir
 
     with IndexDir.open_reader(index_dir) as ix:
         store = ix.store

@@ -77,7 +77,7 @@ def _size(n: int) -> str:
 
 
 def run_build_embedder(args: argparse.Namespace) -> int:
-    from ..onnx_build import build_embedder
+    from ..embed.onnx_build import build_embedder
 
     out = args.out or config.embedder_dir()
     log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
@@ -96,7 +96,7 @@ def run_build_embedder(args: argparse.Namespace) -> int:
 
 
 def run_build_test_vlm(args: argparse.Namespace) -> int:
-    from ..testvlm import build_test_vlm
+    from ..describe.testvlm import build_test_vlm
 
     if args.shape == "list":
         return _list_shapes(args.json)
@@ -122,8 +122,8 @@ def run_build_test_vlm(args: argparse.Namespace) -> int:
 
 
 def _list_shapes(as_json: bool) -> int:
-    from ..testvlm import shape_params
-    from ..vlm_shapes import SHAPES, TINY_FAMILIES
+    from ..describe.testvlm import shape_params
+    from ..describe.vlm_shapes import SHAPES, TINY_FAMILIES
 
     rows = []
     for shape in [*SHAPES.values(), *TINY_FAMILIES.values()]:
@@ -157,8 +157,8 @@ def _list_shapes(as_json: bool) -> int:
 
 
 def _build_shape(args: argparse.Namespace) -> int:
-    from ..testvlm import SHAPE_PRECISIONS, build_shape
-    from ..vlm_shapes import get_shape
+    from ..describe.testvlm import SHAPE_PRECISIONS, build_shape
+    from ..describe.vlm_shapes import get_shape
 
     get_shape(args.shape)  # a clear error before any progress bar
     out = args.out or config.test_vlm_dir() / args.shape
@@ -202,7 +202,7 @@ def collect() -> dict:
     user = []
     if user_dir.is_dir():
         user = [{"file": str(p), "size": p.stat().st_size} for p in sorted(user_dir.glob("*.gguf"))]
-    from ..model_files import named_vlms
+    from ..describe.model_files import named_vlms
 
     return {
         "embedder": {"dir": str(emb_dir), "manifest": _read_manifest(emb_dir / "manifest.json")},
@@ -286,7 +286,7 @@ def _list_named(named: list[dict]) -> None:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    from ..model_files import add_vlm
+    from ..describe.model_files import add_vlm
 
     manifest = add_vlm(args.model, args.mmproj, args.name, family=args.family, link=args.link, force=args.force)
     if args.json:
@@ -301,7 +301,7 @@ def run_add(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from ..model_files import verify_models
+    from ..describe.model_files import verify_models
 
     rep = verify_models()
     if args.json:

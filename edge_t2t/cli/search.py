@@ -53,9 +53,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import config, report
-    from .. import search as searching
+    from .. import config
     from ..errors import InputError, NoVLMError
+    from ..query import report
+    from ..query import search as searching
 
     index_dir = config.index_dir(args.index)
     mode, vector_mode = args.mode, args.vector_mode
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--within/--near filter a text QUERY; they do not work with --image yet")
         vlm_cfg = None
         try:
-            from ..vlm import VLMConfig, resolve_vlm_paths
+            from ..describe.vlm import VLMConfig, resolve_vlm_paths
 
             model, mmproj = resolve_vlm_paths(args.vlm, args.mmproj)
             vlm_cfg = VLMConfig(model=model, mmproj=mmproj)
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         report.print_table(hits, query=title, explain=args.explain)
     if args.html:
-        from ..scene_report import ChipPictures
+        from ..scene.scene_report import ChipPictures
 
         pictures = ChipPictures(chips)
         try:
@@ -124,8 +125,8 @@ def run(args: argparse.Namespace) -> int:
 # -- issue 13: scenes ---------------------------------------------------------------------------
 def _search_in_place(args, index_dir):
     from ..errors import InputError
-    from ..geo import PlaceFilter
-    from ..geosearch import search_in_place
+    from ..scene.geo import PlaceFilter
+    from ..scene.geosearch import search_in_place
 
     if args.within and args.near:
         raise InputError("give --within or --near, not both")
@@ -134,8 +135,8 @@ def _search_in_place(args, index_dir):
 
 
 def _chips_of(index_dir, hits) -> dict:
-    from ..chipstore import chip_info
-    from ..store import Store
+    from ..index.store import Store
+    from ..scene.chipstore import chip_info
 
     if not hits:
         return {}
@@ -146,15 +147,15 @@ def _chips_of(index_dir, hits) -> dict:
 def _write_json(hits, chips) -> None:
     import json
 
-    from ..scene_report import hit_dicts
+    from ..scene.scene_report import hit_dicts
 
     for d in hit_dicts(hits, chips):
         sys.stdout.write(json.dumps(d, ensure_ascii=False) + "\n")
 
 
 def _write_geojson(path, hits, chips) -> None:
-    from ..geo import write_geojson
-    from ..scene_report import hit_features
+    from ..scene.geo import write_geojson
+    from ..scene.scene_report import hit_features
 
     features, left_out = hit_features(hits, chips)
     write_geojson(path, features)

@@ -33,7 +33,7 @@ def register(subparsers) -> None:
 def _vlm_config(args):
     """The configured VLM, or None: search by example then works only for images already indexed."""
     try:
-        from ..vlm import VLMConfig, resolve_vlm_paths
+        from ..describe.vlm import VLMConfig, resolve_vlm_paths
 
         model, mmproj = resolve_vlm_paths(args.vlm, args.mmproj)
         return VLMConfig(model=model, mmproj=mmproj)

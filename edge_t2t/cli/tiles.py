@@ -8,7 +8,7 @@ import sys
 
 
 def register(subparsers) -> None:
-    from ..tiling import DEFAULT_CHIP, DEFAULT_OVERLAP, MAX_NODATA_SHARE
+    from ..scene.tiling import DEFAULT_CHIP, DEFAULT_OVERLAP, MAX_NODATA_SHARE
 
     p = subparsers.add_parser(
         "tiles",
@@ -33,9 +33,9 @@ def register(subparsers) -> None:
 
 def _default_chip() -> int | None:
     """The configured VLM's input size, when one is configured; `tiles` never needs the VLM itself."""
+    from ..describe.vlm import VLMConfig, resolve_vlm_paths
     from ..errors import ModelError
-    from ..scene_index import TilingOptions
-    from ..vlm import VLMConfig, resolve_vlm_paths
+    from ..scene.scene_index import TilingOptions
 
     try:
         return TilingOptions().chip_size(VLMConfig(*resolve_vlm_paths(None, None)))
@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from ..errors import ImageError
-    from ..geo import feature, footprint, write_geojson
-    from ..tiling import DEFAULT_CHIP, open_scene, plan_chips
+    from ..scene.geo import feature, footprint, write_geojson
+    from ..scene.tiling import DEFAULT_CHIP, open_scene, plan_chips
 
     chip = args.chip or _default_chip() or DEFAULT_CHIP
     out = Console(highlight=False, soft_wrap=True)

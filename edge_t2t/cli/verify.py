@@ -33,7 +33,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..verify import verify_index
+    from ..index.verify import verify_index
 
     index = config.index_dir(args.index)
     rep = verify_index(index, repair=args.repair, check_models=not args.skip_models)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_t2t import config, prompts
+from edge_t2t import config
+from edge_t2t.describe import prompts
 
 ROOT = Path(__file__).resolve().parents[2]
 # Enough for the schema's longest one-variant answer even at one character per token.
@@ -27,7 +28,7 @@ FAST = ["--variants", "1", "--max-tokens", "1300"]
 @pytest.fixture(scope="module")
 def vlm_args() -> list[str]:
     hm.require("llama_cpp", "llama-cpp-python is a core dependency: run `make setup`")
-    from edge_t2t.testvlm import MMPROJ_FILE, MODEL_FILE, build_test_vlm
+    from edge_t2t.describe.testvlm import MMPROJ_FILE, MODEL_FILE, build_test_vlm
 
     out = config.test_vlm_dir()
     build_test_vlm(out)

@@ -46,7 +46,7 @@ def jsonl(out: str) -> list[dict]:
 
 @pytest.fixture(scope="session", autouse=True)
 def embedder_built():
-    from edge_t2t.embedder import Embedder
+    from edge_t2t.embed.embedder import Embedder
     from edge_t2t.errors import ModelError
 
     try:
@@ -149,9 +149,9 @@ def test_captions_with_path_resolves_names_and_embeds_thumbnails(tmp_path, rsicd
 def test_info_reports_counts_models_and_files(small_index):
     tmp, ix = small_index
     info = json.loads(cli(tmp, "info", "--index", ix, "--json").stdout)
-    from edge_t2t.captions import load_captions
+    from edge_t2t.describe.captions import load_captions
+    from edge_t2t.embed.texts import variant_texts
     from edge_t2t.modes import DEFAULT_TEXT_MODE
-    from edge_t2t.texts import variant_texts
 
     # What the default text mode makes of the hand-made variants, counted independently of the store.
     expected_texts = sum(len(variant_texts(v, DEFAULT_TEXT_MODE))
@@ -174,7 +174,7 @@ def test_long_query_is_truncated_with_a_notice(small_index):
 
 
 def test_empty_and_missing_indexes_give_clear_errors(tmp_path):
-    from edge_t2t.store import Store
+    from edge_t2t.index.store import Store
 
     Store(tmp_path / "empty", create=True).close()
     proc = cli(tmp_path, "search", "anything", "--index", tmp_path / "empty", ok=False)

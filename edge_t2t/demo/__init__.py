@@ -1,0 +1,1 @@
+"""Demo: synthetic aerial scenes with exact ground truth, and the demo run."""

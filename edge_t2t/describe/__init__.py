@@ -1,0 +1,1 @@
+"""Describe: an image in, a CaptionRecord out (the VLM, its prompts and model files, the caption cache)."""

@@ -1,0 +1,506 @@
+"""`edge-t2t index`: scan images, describe the new ones (VLM through the caption cache, or an
+imported captions file), embed each variant, and add them to the store and the vector index.
+
+Incremental by design. A file whose size and mtime match the store is skipped without hashing;
+otherwise its sha256 decides: same content -> only the file facts are updated; content already
+indexed under a path that disappeared -> a move, its descriptions follow it; content indexed
+elsewhere -> a copy, its descriptions and vectors are reused. Stored files under the scanned
+folders that no longer exist are removed with their vectors.
+
+Work is committed in batches (one SQLite transaction each), so an interrupted run keeps every
+finished batch and the next run resumes from there. The vector snapshot is brought up to date
+with SQLite and saved at the end of the run and at most every 60 s during it (indexdir.py); a
+search in between scores the texts committed since the last save exactly.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..describe.captioning import CaptionSettings
+from ..embed.texts import PlannedText, plan_texts
+from ..errors import InputError, StoreError
+from ..hashing import sha256_bytes, sha256_file
+from ..modes import DEFAULT_TEXT_MODE, DTYPES, TEXT_MODES
+from ..records import CaptionRecord
+from .indexdir import IndexDir
+from .store import MODEL_FILE_COLUMNS, NewText, Store
+
+DEFAULT_DTYPE = "i8"
+STAGES = ("scan", "caption", "embed", "store", "index_save")
+
+
+@dataclass
+class IndexSummary:
+    index_dir: str
+    added: int = 0
+    skipped: int = 0
+    moved: int = 0
+    reused: int = 0  # copies of content already indexed elsewhere
+    removed: int = 0
+    failed: int = 0
+    texts_added: int = 0
+    interrupted: bool = False
+    rebuilt_vectors: bool = False
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    scenes: object = None  # issue 13: scene_index.SceneCounts, set by Indexer.run
+
+    def counts(self) -> dict:
+        return {k: getattr(self, k) for k in ("added", "skipped", "moved", "reused", "removed", "failed", "texts_added")}
+
+    def to_dict(self) -> dict:
+        return {
+            "index": self.index_dir,
+            **self.counts(),
+            "interrupted": self.interrupted,
+            "rebuilt_vectors": self.rebuilt_vectors,
+            "failures": [{"image": p, "error": e} for p, e in self.failures],
+            "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            **({"scenes": self.scenes.to_dict()} if self.scenes and self.scenes.scenes else {}),  # issue 13
+        }
+
+
+@dataclass
+class _Pending:
+    path: str  # what the store keys the image by
+    file: Path | None  # the file on this machine, if any
+    size: int | None = None
+    mtime_ns: int | None = None
+    sha256: str = ""
+    record: CaptionRecord | None = None
+    error: str = ""
+    from_vlm: bool = False
+    dropped: bool = False  # not reached before Ctrl-C: left for the next run
+
+
+def _image_size(path: Path) -> tuple[int | None, int | None]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.size
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return None, None
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """A write failed because the disk (or the file-size limit) is full."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    text = str(exc).lower()
+    return "disk is full" in text or "disk i/o error" in text
+
+
+def _record_hash(rec: CaptionRecord) -> str:
+    data = json.dumps([v.to_dict() for v in rec.variants], sort_keys=True).encode()
+    return sha256_bytes(data)[:16]
+
+
+def _provenance(rec: CaptionRecord) -> dict:
+    # The VLM's file paths and sha256 ride in the record's extra (captioning.py puts them there);
+    # imported captions have none, which the store keeps as NULL.
+    return {
+        "model": rec.model, "mmproj": rec.mmproj, "family": rec.family, "prompt_version": rec.prompt_version,
+        "test_model": rec.test_model, "constrained": rec.constrained,
+        **{c: rec.extra.get(c) or None for c in MODEL_FILE_COLUMNS},
+    }
+
+
+def _under(path: str, roots: list[Path]) -> bool:
+    p = Path(path)
+    return p.is_absolute() and any(p == r or p.is_relative_to(r) for r in roots)
+
+
+class _Progress:
+    """Rich progress bars on stderr, one per stage; a no-op when disabled."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        self.tasks: dict[str, int] = {}
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.__exit__(*exc)
+
+    def add(self, name: str, total: int) -> None:
+        if self.bar:
+            self.tasks[name] = self.bar.add_task(name, total=total)
+
+    def advance(self, name: str, n: int = 1) -> None:
+        if self.bar and name in self.tasks:
+            self.bar.advance(self.tasks[name], n)
+
+
+class Indexer:
+    """One `index` run over one index directory. Call run(); it holds the index lock throughout."""
+
+    def __init__(
+        self,
+        index_dir: str | os.PathLike,
+        *,
+        embedder=None,
+        precision: str = "int8",
+        dtype: str | None = None,
+        text_mode: str | None = None,
+        batch_size: int = 32,
+        wait: bool = False,
+        progress: bool = False,
+        vlm_cfg=None,
+        n_variants: int = 5,
+        caption: CaptionSettings | None = None,
+        tiling=None,
+    ):
+        self.dir = Path(index_dir)
+        self.embedder = embedder
+        self.precision = precision
+        self.dtype = dtype
+        self.text_mode = text_mode
+        self.batch_size = max(1, batch_size)
+        self.wait = wait
+        self.progress = progress
+        self.vlm_cfg = vlm_cfg
+        self.n_variants = n_variants
+        self.caption = caption or CaptionSettings()
+        self._stop = False
+        # issue 13: images above the tiling threshold are scenes, cut into chips (scene_index.py)
+        from ..scene.scene_index import TilingOptions
+
+        self.tiling = tiling or TilingOptions()
+        self._scene_files: list[Path] = []
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _embedder(self):
+        if self.embedder is None:
+            from ..embed.embedder import Embedder
+
+            self.embedder = Embedder(precision=self.precision)
+        return self.embedder
+
+    def _settle_meta(self, store: Store) -> tuple[int, str, str]:
+        emb = self._embedder()
+        meta = store.meta()
+        if "embedder_identity" not in meta:
+            dtype = self.dtype or DEFAULT_DTYPE
+            mode = self.text_mode or DEFAULT_TEXT_MODE
+            if dtype not in DTYPES:
+                raise StoreError(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+            if mode not in TEXT_MODES:
+                raise StoreError(f"unknown --text-mode {mode!r}: use one of {', '.join(TEXT_MODES)}")
+            with store.transaction():
+                store.set_meta("embedder_identity", emb.identity)
+                store.set_meta("embedder_manifest", getattr(emb, "manifest", {}))
+                store.set_meta("dim", int(emb.dim))
+                store.set_meta("dtype", dtype)
+                store.set_meta("text_mode", mode)
+                store.set_meta("created_at", time.time())
+            return int(emb.dim), dtype, mode
+        store.check_identity(emb.identity)
+        for key, wanted, flag in (("dtype", self.dtype, "--dtype"), ("text_mode", self.text_mode, "--text-mode")):
+            if wanted and wanted != meta[key]:
+                raise StoreError(
+                    f"{self.dir} was created with {flag} {meta[key]}, not {wanted}: drop {flag}, "
+                    f"or index into a new --index directory"
+                )
+        return int(meta["dim"]), meta["dtype"], meta["text_mode"]
+
+    # -- planning -----------------------------------------------------------------------------
+    def _plan_files(self, store: Store, paths: list[Path], summary: IndexSummary, by_name: dict, by_sha: dict):
+        """Return (pending, moves, copies, removals) for the files under `paths`."""
+        from ..images import find_images
+
+        roots = [p.expanduser().resolve() for p in paths]
+        stored = store.images()
+        seen: set[str] = set()
+        changed: list[_Pending] = []
+        def missing(path: Path, why: str) -> None:
+            summary.failed += 1
+            summary.failures.append((str(path), why))
+
+        for f in find_images(roots, on_error=missing):
+            f = f.resolve()
+            key = str(f)
+            try:
+                st = f.stat()
+            except OSError as exc:  # deleted (or made unreadable) since the walk found it
+                missing(f, "no such file (it disappeared during the scan)" if isinstance(exc, FileNotFoundError)
+                        else f"cannot read file ({exc.strerror or exc})")
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                missing(f, "not a regular file")
+                continue
+            seen.add(key)
+            old = stored.get(key)
+            if old and old.status == "ok" and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
+                summary.skipped += 1
+                continue
+            if self.tiling.is_scene(f):  # issue 13: tiled and indexed by scene_index after the plain images
+                self._scene_files.append(f)
+                continue
+            changed.append(_Pending(key, f, st.st_size, st.st_mtime_ns))
+        gone = {p: row for p, row in stored.items() if p not in seen and _under(p, roots)}
+        gone_by_sha = {row.sha256: row for row in gone.values() if row.status == "ok" and row.sha256}
+        pending, touched, moves, copies = [], [], [], []
+        for p in changed:
+            try:
+                p.sha256 = sha256_file(p.file)
+            except OSError as exc:
+                p.error = f"cannot read file ({exc.strerror or exc})"
+                pending.append(p)
+                continue
+            old = stored.get(p.path)
+            if old and old.status == "ok" and old.sha256 == p.sha256:
+                touched.append((old.id, p))  # touched, content unchanged
+            elif p.sha256 in gone_by_sha:
+                moves.append((gone_by_sha.pop(p.sha256), p))
+            elif (src := store.ok_image_with_sha(p.sha256, exclude_ids=[r.id for r in gone.values()])) is not None:
+                copies.append((src, p))
+            else:
+                p.record = by_name.get(p.path) or by_sha.get(p.sha256)
+                pending.append(p)
+        moved_ids = {row.id for row, _ in moves}
+        removals = [row.id for row in gone.values() if row.id not in moved_ids]
+        # A moved or copied content can land on a path that held other content (e.g. two files
+        # swapped): that path's old record makes way (removed after copies have read their sources).
+        removals += [stored[p.path].id for _, p in moves + copies if p.path in stored]
+        return pending, touched, moves, copies, removals
+
+    def _plan_records(self, store: Store, records: list[CaptionRecord], summary: IndexSummary) -> list[_Pending]:
+        """Captions-only import: names are kept as given; re-import only when the text changed. Only
+        the names in the file are looked up, so adding 200 records to a large index reads 200 rows."""
+        stored = store.images_named([rec.image for rec in records])
+        pending = []
+        seen = set()
+        for rec in records:
+            if rec.image in seen:
+                continue
+            seen.add(rec.image)
+            old = stored.get(rec.image)
+            if old and old.status == "ok" and old.desc_hash == _record_hash(rec):
+                summary.skipped += 1
+                continue
+            pending.append(_Pending(rec.image, None, sha256=rec.sha256, record=rec))
+        return pending
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self, paths: Iterable[str | os.PathLike] = (), captions_file: str | os.PathLike | None = None) -> IndexSummary:
+        paths = [Path(p) for p in paths]
+        summary = IndexSummary(index_dir=str(self.dir))
+        from ..scene.scene_index import SceneCounts  # issue 13
+
+        summary.scenes = SceneCounts()
+        records: list[CaptionRecord] = []
+        if captions_file is not None:
+            from ..describe.captions import load_captions
+
+            records = load_captions(captions_file)
+        if not paths and captions_file is None:
+            raise InputError("nothing to index: give image folders/files, or --captions FILE")
+        with IndexDir.open_writer(self.dir, wait=self.wait) as ix:
+            store = ix.store
+            run_id = store.start_run({"paths": [str(p) for p in paths], "captions": str(captions_file or "")})
+            status = "failed"
+            try:
+                self._run(ix, paths, records, summary)
+                status = "ok" if not summary.failed else "partial"
+            except KeyboardInterrupt:
+                summary.interrupted = True
+                status = "interrupted"
+                if ix.writer is not None:
+                    try:  # save what the finished batches added (else the next run does it)
+                        self._checkpoint(ix, summary, force=True)
+                    except KeyboardInterrupt:
+                        pass
+            except (OSError, sqlite3.OperationalError) as exc:
+                if not _out_of_space(exc):
+                    raise
+                # Every batch committed before this one is intact (one transaction per batch, vector
+                # files replaced atomically); the failed batch rolled back and is redone next run.
+                raise StoreError(
+                    f"could not write the index in {self.dir}: {exc} (disk full?). Free space and run "
+                    f"the same command again; the {summary.added} images committed so far are kept"
+                ) from None
+            finally:
+                try:
+                    store.finish_run(run_id, status, summary.counts(),
+                                     {k: round(v, 3) for k, v in summary.stage_seconds.items()})
+                except sqlite3.OperationalError:
+                    pass  # a full disk can refuse even this row; the run history is not the record
+        return summary
+
+    def _run(self, ix: IndexDir, paths: list[Path], records: list[CaptionRecord], summary: IndexSummary) -> None:
+        store = ix.store
+        t = time.perf_counter()
+        dim, dtype, mode = self._settle_meta(store)
+        summary.stage_seconds["scan"] += time.perf_counter() - t
+        t = time.perf_counter()
+        writer = ix.open_vectors(dim, dtype)  # loads the saved snapshot and catches it up: O(change)
+        summary.rebuilt_vectors = ix.rebuilt and len(writer) > 0
+        summary.stage_seconds["index_save"] += time.perf_counter() - t
+        t = time.perf_counter()
+        base = [p.expanduser().resolve() for p in paths if p.is_dir()] or [Path.cwd()]
+        by_name: dict[str, CaptionRecord] = {}
+        by_sha: dict[str, CaptionRecord] = {}
+        for rec in records:
+            for root in base:  # names in the captions file resolve under the given folders
+                by_name.setdefault(str((root / rec.image).resolve()), rec)
+            if rec.sha256:
+                by_sha.setdefault(rec.sha256, rec)
+        if paths:
+            pending, touched, moves, copies, removals = self._plan_files(store, paths, summary, by_name, by_sha)
+        else:
+            pending, touched, moves, copies, removals = self._plan_records(store, records, summary), [], [], [], []
+        summary.stage_seconds["scan"] += time.perf_counter() - t
+
+        # Bookkeeping that needs no model: one transaction (its vectors reach the snapshot at the
+        # next checkpoint, read back by key).
+        t = time.perf_counter()
+        with store.transaction():
+            for image_id, p in touched:
+                store.update_image_file(image_id, path=p.path, size=p.size, mtime_ns=p.mtime_ns)
+            copied = [(src, p, store.read_texts(src.id), store.description_of(src.id)) for src, p in copies]
+            store.remove_images(removals)
+            for row, p in moves:
+                store.update_image_file(row.id, path=p.path, size=p.size, mtime_ns=p.mtime_ns)
+            for src, p, rows, (desc_id, desc_hash) in copied:
+                w, h = _image_size(p.file)
+                new_id = store.put_image(p.path, size=p.size, mtime_ns=p.mtime_ns, sha256=p.sha256, width=w, height=h,
+                                         source=src.source, desc_hash=desc_hash, description_id=desc_id)
+                keys, _ = store.insert_texts(new_id, rows)
+                store.note_texts_per_image(len(keys))
+        summary.skipped += len(touched)
+        summary.moved += len(moves)
+        summary.reused += len(copies)
+        summary.removed += len(removals)
+        summary.stage_seconds["store"] += time.perf_counter() - t
+
+        need_vlm = [p for p in pending if p.record is None and not p.error]
+        if need_vlm and records and self.vlm_cfg is None:
+            for p in need_vlm:
+                p.error = "not described in the --captions file"
+        elif need_vlm and self.vlm_cfg is None:
+            raise StoreError(
+                f"{len(need_vlm)} image(s) need descriptions: pass --vlm MODEL.gguf --mmproj MMPROJ.gguf "
+                f"(or --captions FILE); e.g. {need_vlm[0].path}"
+            )
+        with _Progress(self.progress and bool(pending)) as bar:
+            if self.vlm_cfg is not None and need_vlm:
+                bar.add("caption", len(need_vlm))
+            bar.add("embed", len(pending))
+            for start in range(0, len(pending), self.batch_size):
+                self._batch(store, pending[start : start + self.batch_size], mode, summary, bar)
+                self._checkpoint(ix, summary, force=False)
+        if paths:  # issue 13: scenes found by the plan (and scenes gone from under `paths`)
+            from ..scene.scene_index import index_scenes
+
+            index_scenes(self, store, ix, self._scene_files, [p.expanduser().resolve() for p in paths],
+                         records, summary, mode)  # fmt: skip
+        self._checkpoint(ix, summary, force=True)
+
+    @staticmethod
+    def _checkpoint(ix: IndexDir, summary: IndexSummary, force: bool) -> None:
+        t = time.perf_counter()
+        ix.checkpoint(force=force)
+        summary.stage_seconds["index_save"] += time.perf_counter() - t
+
+    def _caption(self, batch: list[_Pending], summary: IndexSummary, bar: _Progress) -> None:
+        todo = [p for p in batch if p.record is None and not p.error]
+        if not todo or self.vlm_cfg is None:
+            return
+        from ..describe.captioning import caption_with
+
+        by_path = {str(p.file): p for p in todo}
+
+        def on_record(rec: CaptionRecord) -> None:
+            p = by_path.get(str(Path(rec.image).resolve())) or by_path.get(rec.image)
+            if p is not None:
+                p.record = rec
+                p.from_vlm = True
+            bar.advance("caption")
+
+        result = caption_with([p.file for p in todo], self.vlm_cfg, self.n_variants, self.caption, on_record)
+        reasons = {str(Path(f.path).resolve()): f.reason for f in result.failures}
+        for p in todo:
+            if p.record is None and result.interrupted and p.path not in reasons:
+                p.dropped = True  # its caption run was stopped by Ctrl-C; commit the others first
+            elif p.record is None:
+                p.error = reasons.get(p.path, "the VLM returned no description")
+                bar.advance("caption")
+        if result.interrupted:
+            self._stop = True
+
+    def _batch(self, store: Store, batch: list[_Pending], mode: str, summary: IndexSummary, bar) -> None:
+        t = time.perf_counter()
+        self._caption(batch, summary, bar)
+        batch = [p for p in batch if not p.dropped]
+        summary.stage_seconds["caption"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        texts: list[PlannedText] = []
+        for p in batch:
+            if p.record is not None and not p.error:
+                items = plan_texts(p, p.record.variants, mode)
+                if not items:
+                    p.error = "its descriptions are empty"
+                texts += items
+        vecs = self._embedder().embed([x.text for x in texts]) if texts else None
+        summary.stage_seconds["embed"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        texts_added = 0
+        with store.transaction():
+            for p in batch:
+                store.remove_path(p.path)  # changed content at a known path
+                w = h = None
+                if p.file is not None:
+                    w, h = _image_size(p.file)
+                if p.error:
+                    store.put_image(p.path, size=p.size, mtime_ns=p.mtime_ns, sha256=p.sha256, width=w, height=h,
+                                    status="failed", error=p.error)
+                    continue
+                rec = p.record
+                # A VLM record carries the sha256 of the very bytes it described; if the file changed
+                # after our own hash, that is the one to keep (the stale size/mtime then make the
+                # next run look at the file again).
+                sha = rec.sha256 if p.from_vlm and rec.sha256 else (p.sha256 or rec.sha256)
+                image_id = store.put_image(
+                    p.path, size=p.size, mtime_ns=p.mtime_ns, sha256=sha, width=w, height=h,
+                    source="vlm" if p.from_vlm else "captions",
+                    provenance=_provenance(rec), desc_hash=_record_hash(rec),
+                )
+                rows = [(i, x) for i, x in enumerate(texts) if x.owner is p]
+                keys = store.add_texts(image_id, [NewText(x.ordinal, x.field, x.variant, x.text, vecs[i]) for i, x in rows])
+                store.note_texts_per_image(len(keys))
+                texts_added += len(keys)
+        summary.texts_added += texts_added
+        summary.stage_seconds["store"] += time.perf_counter() - t
+        for p in batch:
+            if p.error:
+                summary.failed += 1
+                summary.failures.append((p.path, p.error))
+            else:
+                summary.added += 1
+        bar.advance("embed", len(batch))
+        if self._stop:
+            raise KeyboardInterrupt

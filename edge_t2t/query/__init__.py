@@ -1,0 +1,1 @@
+"""Query: a text (or image) query in, ranked images out."""

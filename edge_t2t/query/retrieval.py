@@ -1,0 +1,309 @@
+"""Retrieval modes beyond the paper's max-cosine: lexical (FTS5 BM25), hybrid (dense + lexical
+fused), and spatial/size constraints read from the query (query_parse) scored against the
+stored features. bench/retrieval_modes.py measures each; its figures chose the defaults here.
+
+Work per query stays O(candidates): the dense side is search.rank_images with the fetch it makes
+for k hits, from which it keeps up to `pool` images (no second vector search); the lexical side is
+FTS5's top texts over the query's rarer words only (lexical.select_terms); structure reads the
+features of those candidate images only.
+
+Scores (what `--min-score` compares against):
+  dense    the best cosine over an image's texts (the paper's rule);
+  lexical  the image's best BM25, divided by the query's best BM25 among the candidates (0..1),
+           over the query's rarer words only (lexical.select_terms);
+  hybrid   linear: dense + LEXICAL_WEIGHT * lexical; or reciprocal-rank fusion of the two image
+           rankings (fusion="rrf", bench only: with structure on, the linear mix won on the tuning seeds);
+  plus STRUCTURE_WEIGHT * (mean constraint score of the image's best variant) when the query
+  states places, relations or sizes. A query with none ranks as without structure.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+
+import numpy as np
+
+from ..index.store import Store
+from ..modes import RETRIEVAL_MODES
+from ..records import Feature
+from . import lexical, query_parse
+
+MODES = RETRIEVAL_MODES  # the names live in modes.py, with the other modes
+# dense stays the default: hybrid won on the synthetic scenes without structure and on the RSICD
+# oracle (+2.0 mR without duplicates), but lost 0.56 / 0.44 points on the RSICD index source and,
+# with structure, 0.005 held-out MRR (bench/results/retrieval_modes.md, README "Retrieval modes").
+# Its ranking is 1.6x dense at 98k texts. Structure is on in every mode.
+DEFAULT_MODE = "dense"
+FUSIONS = ("linear", "rrf")
+# Tuned on synthetic seeds 4-5 (bench/retrieval_modes.py --tune), reported on held-out seeds 1-3:
+# the best MRR of hybrid without structure (0.452; 0.432 at 0.1, 0.450 at 0.5; dense 0.410). With
+# structure every weight scores about 1.0, so that grid cannot choose. Each image's parts are mixed
+# (its best cosine + weight x its best normalised BM25), in search and in eval alike.
+LEXICAL_WEIGHT = 0.3
+STRUCTURE_WEIGHT = 1.0
+RRF_K = 60
+MIN_POOL = 50  # images fused/re-scored per query: the right one must be among them to be lifted
+
+
+@dataclass
+class Candidate:
+    image: str
+    image_id: int
+    dense: float | None = None
+    lexical: float = 0.0
+    structure: float = 0.0
+    score: float = 0.0
+    key: int = -1  # the text shown: the dense best, else the lexical best
+    matched: list = field(default_factory=list)  # query_parse.ConstraintResult of the best variant
+    structure_variant: int = -1
+    text_hit: object = None  # the dense side's search.Hit (its best text), when it found the image
+
+
+def _dense_candidates(store, vectors, query_vec, k, pool, vector_mode, exclude):
+    from .search import rank_images
+
+    return rank_images(store, vectors, query_vec, k, vector_mode, exclude_image_ids=exclude, pool=pool)
+
+
+def _image_ids(store: Store, paths: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i in range(0, len(paths), 500):
+        chunk = paths[i : i + 500]
+        q = ",".join("?" * len(chunk))
+        out.update(dict(store.conn.execute(f"SELECT path, id FROM images WHERE path IN ({q})", chunk)))
+    return out
+
+
+def _key_vectors(store: Store, keys: list[int]) -> dict[int, np.ndarray]:
+    out = {}
+    for i in range(0, len(keys), 500):
+        chunk = keys[i : i + 500]
+        q = ",".join("?" * len(chunk))
+        for key, blob in store.conn.execute(f"SELECT id, vector FROM variants WHERE id IN ({q})", chunk):
+            out[key] = np.frombuffer(blob, dtype=np.float32)
+    return out
+
+
+def features_by_image(store: Store, image_ids: list[int]) -> dict[int, list[tuple[int, tuple[Feature, ...]]]]:
+    """(ordinal, features) of each variant of the given images, from the variants table: one row
+    per variant (its first text), found through the (image_id, ordinal) index (schema v6)."""
+    out: dict[int, list] = {}
+    for i in range(0, len(image_ids), 500):
+        chunk = image_ids[i : i + 500]
+        q = ",".join("?" * len(chunk))
+        for image_id, ordinal, feats in store.conn.execute(
+            f"SELECT image_id, ordinal, features FROM variants WHERE id IN (SELECT MIN(id) FROM variants "
+            f"WHERE image_id IN ({q}) GROUP BY image_id, ordinal) ORDER BY image_id, ordinal",
+            chunk,
+        ):
+            out.setdefault(image_id, []).append((ordinal, _parse_features(feats)))
+    return out
+
+
+@lru_cache(maxsize=16384)  # the same features JSON comes back for every query that reaches the image
+def _parse_features(feats: str) -> tuple[Feature, ...]:
+    return tuple(Feature.from_any(f) for f in json.loads(feats))
+
+
+def best_variant_structure(parsed: query_parse.ParsedQuery, variants) -> tuple[float, list, int]:
+    """(score, constraint results, ordinal) of an image's best variant for the query's
+    constraints; `variants` is (ordinal, features) per variant. Search and eval both score so."""
+    best, best_res, best_ord = 0.0, [], -1
+    for ordinal, features in variants:
+        s, res = query_parse.score_features(parsed, features)
+        if s > best or best_ord < 0:
+            best, best_res, best_ord = s, res, ordinal
+    return best, best_res, best_ord
+
+
+def score_structure(store: Store, parsed: query_parse.ParsedQuery, cands: list[Candidate]) -> None:
+    """Set each candidate's structure score: its best variant's mean constraint score."""
+    feats = features_by_image(store, [c.image_id for c in cands])
+    for c in cands:
+        c.structure, c.matched, c.structure_variant = best_variant_structure(parsed, feats.get(c.image_id, []))
+
+
+@dataclass
+class Pool:
+    """Every candidate image of one query with each part of its score, before they are combined."""
+
+    cands: list[Candidate]
+    dense_order: list[str]  # images by dense score, best first
+    lex_order: list[str]  # images by lexical score, best first
+    parsed: query_parse.ParsedQuery
+
+
+def gather(
+    store: Store,
+    vectors,
+    query: str,
+    query_vec: np.ndarray | None,
+    pool: int,
+    sides: tuple[str, ...] = ("dense", "lexical"),
+    vector_mode: str = "rescore",
+    parsed: query_parse.ParsedQuery | None = None,
+    exclude_image_ids=(),
+    k: int | None = None,
+) -> Pool:
+    """Up to `pool` best images of each side (dense, lexical) for a query, with their parts, and
+    their structure scores when `parsed` states constraints. The dense side's vector search is
+    sized for `k` hits (default: pool) and the pool taken from what it fetched."""
+    parsed = parsed or query_parse.ParsedQuery(query)
+    exclude = set(exclude_image_ids)
+    by_image: dict[str, Candidate] = {}
+    dense_order: list[str] = []
+    if "dense" in sides:
+        for h in _dense_candidates(store, vectors, query_vec, k or pool, pool, vector_mode, exclude):
+            by_image[h.image] = Candidate(h.image, -1, dense=h.score, key=-1, text_hit=h)
+            dense_order.append(h.image)
+    lex_order: list[str] = []
+    if "lexical" in sides:
+        per_image = max(1, store.max_texts_per_image())
+        # lexical mode keeps a query's rarest word even when every word is common; hybrid then
+        # adds nothing lexical (lexical.select_terms)
+        keys, scores = lexical.search_texts(store.conn, query, pool * min(per_image, 8),
+                                            keep_one="dense" not in sides)
+        rows = store.variant_rows(keys)
+        top = float(scores[0]) if len(scores) else 1.0
+        lex_keys: dict[str, list[int]] = {}
+        for key, s in zip(keys.tolist(), scores.tolist(), strict=True):
+            row = rows.get(key)
+            if row is None or row.image_id in exclude:
+                continue
+            lex_keys.setdefault(row.image, []).append(key)
+            c = by_image.get(row.image)
+            if c is None:
+                c = by_image[row.image] = Candidate(row.image, row.image_id, key=key)
+            if len(lex_keys[row.image]) == 1:  # the image's best text: rows come best first
+                lex_order.append(row.image)
+                c.lexical = s / top if top > 0 else 0.0
+        if "dense" in sides and query_vec is not None:
+            # An image the lexical side found but the dense pool missed: its dense score is the best
+            # cosine over its lexically matched texts (a lower bound of its true max).
+            missing = [img for img in lex_order if by_image[img].dense is None]
+            vecs = _key_vectors(store, [k_ for img in missing for k_ in lex_keys[img]])
+            q = np.asarray(query_vec, dtype=np.float32).reshape(-1)
+            for img in missing:
+                by_image[img].dense = max(float(vecs[k_] @ q) for k_ in lex_keys[img] if k_ in vecs)
+    cands = list(by_image.values())
+    if any(c.image_id < 0 for c in cands):
+        ids = _image_ids(store, [c.image for c in cands if c.image_id < 0])
+        for c in cands:
+            if c.image_id < 0:
+                c.image_id = ids.get(c.image, -1)
+    if parsed and cands:
+        score_structure(store, parsed, cands)
+    return Pool(cands, dense_order, lex_order, parsed)
+
+
+def combine(
+    pool: Pool,
+    k: int,
+    mode: str = "hybrid",
+    structure: bool = True,
+    fusion: str = "linear",
+    lexical_weight: float = LEXICAL_WEIGHT,
+    structure_weight: float = STRUCTURE_WEIGHT,
+) -> list[Candidate]:
+    """The top k of a pool under one mode's scoring (see the module's docstring), best first,
+    ties by image path. The pool is left as it was, so one pool can be combined many ways."""
+    if mode == "dense":
+        members = set(pool.dense_order)
+    elif mode == "lexical":
+        members = set(pool.lex_order)
+    else:
+        members = set(pool.dense_order) | set(pool.lex_order)
+    d_rank = {img: r for r, img in enumerate(pool.dense_order)}
+    l_rank = {img: r for r, img in enumerate(pool.lex_order)}
+    cands = [c for c in pool.cands if c.image in members]
+    scores = fused(
+        np.array([c.dense if c.dense is not None else 0.0 for c in cands], dtype=np.float64),
+        np.array([c.lexical for c in cands], dtype=np.float64),
+        np.array([c.structure for c in cands], dtype=np.float64) if structure and pool.parsed else None,
+        mode, fusion, lexical_weight, structure_weight,
+        dense_rank=np.array([d_rank.get(c.image, np.inf) for c in cands], dtype=np.float64),
+        lexical_rank=np.array([l_rank.get(c.image, np.inf) for c in cands], dtype=np.float64),
+    )
+    out = [replace(c, score=float(score), lexical=c.lexical if mode != "dense" else 0.0,
+                   matched=c.matched if structure else [], structure=c.structure if structure else 0.0)
+           for c, score in zip(cands, scores, strict=True)]
+    out.sort(key=lambda c: (-c.score, c.image))
+    return out[:k]
+
+
+def fused(
+    dense: np.ndarray,
+    lexical: np.ndarray,
+    structure: np.ndarray | None,
+    mode: str,
+    fusion: str = "linear",
+    lexical_weight: float = LEXICAL_WEIGHT,
+    structure_weight: float = STRUCTURE_WEIGHT,
+    dense_rank: np.ndarray | None = None,
+    lexical_rank: np.ndarray | None = None,
+) -> np.ndarray:
+    """Each candidate image's score under one mode, from its parts (arrays of one shape: the
+    candidates of a search, or a queries x images matrix in `eval`, which calls this too, so the
+    two cannot drift apart). dense: best cosine; lexical: normalised best BM25; structure: best
+    variant's constraint score (None: the query states none, or structure is off); ranks are
+    0-based positions on each side, inf where a side did not find the image (rrf only)."""
+    if mode == "dense":
+        score = np.asarray(dense, dtype=np.float64)
+    elif mode == "lexical":
+        score = np.asarray(lexical, dtype=np.float64)
+    elif fusion == "rrf":
+        score = sum(1.0 / (RRF_K + 1 + np.asarray(r, dtype=np.float64)) for r in (dense_rank, lexical_rank))
+    else:
+        score = np.asarray(dense, dtype=np.float64) + lexical_weight * np.asarray(lexical, dtype=np.float64)
+    if structure is not None:
+        score = score + structure_weight * np.asarray(structure, dtype=np.float64)
+    return score
+
+
+def rank(
+    store: Store,
+    vectors,
+    query: str,
+    query_vec: np.ndarray | None,
+    k: int,
+    mode: str = "hybrid",
+    vector_mode: str = "rescore",
+    structure: bool = True,
+    fusion: str = "linear",
+    lexical_weight: float = LEXICAL_WEIGHT,
+    structure_weight: float = STRUCTURE_WEIGHT,
+    pool: int | None = None,
+    exclude_image_ids=(),
+) -> list[Candidate]:
+    """The top k candidates for one text query, best first (ties by image path). Without
+    constraints in the query, dense mode fetches exactly k images: the paper's ranking."""
+    parsed = query_parse.parse(query) if structure else query_parse.ParsedQuery(query)
+    fused = mode != "dense" or bool(parsed)
+    size = max(k, pool or MIN_POOL) if fused else k
+    sides = {"dense": ("dense",), "lexical": ("lexical",), "hybrid": ("dense", "lexical")}[mode]
+    p = gather(store, vectors, query, query_vec, size, sides, vector_mode, parsed, exclude_image_ids, k=k)
+    return combine(p, k, mode, structure, fusion, lexical_weight, structure_weight)
+
+
+def to_hits(store: Store, cands: list[Candidate], explain: bool = False):
+    """search.Hit rows for the chosen candidates, with the text that matched best."""
+    from .search import Hit
+
+    keys = [c.key for c in cands if c.key >= 0]
+    rows = store.variant_rows(keys) if keys else {}
+    out = []
+    for r, c in enumerate(cands):
+        dense_hit = c.text_hit
+        if dense_hit is not None:
+            variant, text, fld = dense_hit.variant, dense_hit.text, dense_hit.field
+        else:
+            row = rows.get(c.key)
+            variant, text, fld = (row.ordinal, row.text, row.field) if row else (-1, "", "")
+        parts = {"dense": None if c.dense is None else round(float(c.dense), 6), "lexical": round(c.lexical, 6),
+                 "structure": round(c.structure, 6)}
+        matched = tuple(m.to_dict() for m in c.matched) if explain else ()
+        out.append(Hit(rank=r + 1, score=c.score, image=c.image, variant=variant, text=text, field=fld,
+                       parts=parts, matched=matched))
+    return out

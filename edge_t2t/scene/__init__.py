@@ -1,0 +1,1 @@
+"""Scenes: large georeferenced images cut into chips, indexed and searched by place."""
