@@ -256,15 +256,17 @@ def test_sigint_keeps_finished_work(setup: dict, tmp_path: Path, fault: dict) ->
     _assert_same_as_reference(setup, index)
 
 
-def test_sigint_from_outside(setup: dict, tmp_path: Path) -> None:
-    """A real Ctrl-C (SIGINT from another process) once the first batch is committed."""
+@pytest.mark.parametrize("stage", ["embed", "commit_after"])
+def test_sigint_from_outside(setup: dict, tmp_path: Path, stage: str) -> None:
+    """A real Ctrl-C (SIGINT from another process) once the first batch is committed: before a
+    batch's embedding, or right after its COMMIT (where the summary once said "kept 0" for a batch
+    the store kept: the count now happens with the commit)."""
     env = hm.child_env(tmp_path / "cache")
     index = tmp_path / "idx"
-    # The run pauses itself before embedding each batch (fault action "stop"); the first pause with
-    # a batch already committed gets the SIGINT, delivered when it resumes: it cannot finish before
-    # the signal lands. Not right after a COMMIT: an interrupt there keeps the batch but the summary
-    # has not counted it yet ("kept 0" for 2 kept images), a known gap of the summary, not of the store.
-    argv, extra = hm.cli_argv(*_index_args(setup, index), faults=[{"stage": "embed", "at": "*", "action": "stop"}])
+    # The run pauses itself at `stage` each time (fault action "stop"); the first pause with a batch
+    # already committed gets the SIGINT, delivered when it resumes: it cannot finish before the
+    # signal lands.
+    argv, extra = hm.cli_argv(*_index_args(setup, index), faults=[{"stage": stage, "at": "*", "action": "stop"}])
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, **extra},
                             cwd=hm.ROOT)  # fmt: skip
     try:

@@ -272,3 +272,29 @@ def test_query_image_is_described_by_the_vlm_unless_already_indexed(index, emb, 
     assert calls and variants[0].one_sentence == "boats moored at a pier" and len(sha) == 64
     hits = S.search_by_variants(index, variants, k=1, embedder=emb, mode="exact")
     assert hits[0].image == "harbour.jpg"
+
+
+@pytest.mark.parametrize("vector_mode", VECTOR_MODES)
+def test_k_above_the_image_count_returns_every_image(shared_data, tmp_path, vector_mode):
+    """100 RSICD images (their captions as descriptions), `search -k 1000`: every image comes back
+    in every vector mode. The HNSW graph of this index leaves one text unreachable, so a graph walk
+    alone once returned 99."""
+    import helpers_media as hm
+
+    coco = json.loads((shared_data / "rsicd" / "captions_val.json").read_text())
+    names = {img["id"]: img["file_name"] for img in coco["images"]}
+    caps: dict[str, list[str]] = {}
+    for ann in coco["annotations"]:
+        caps.setdefault(names[ann["image_id"]], []).append(ann["caption"])
+    lines = [json.dumps({"image": n, "variants": caps[n]}) for n in sorted(caps)[:100]]
+    (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n")
+    env = hm.child_env(tmp_path / "cache")
+    index = str(tmp_path / "ix")
+    res = hm.run_cli("index", "--captions", str(tmp_path / "caps.jsonl"), "--index", index, "--batch-size", "50",
+                     "--json", "--no-progress", env=env)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = hm.run_cli("search", "many buildings and green trees", "--index", index, "--json", "-k", "1000",
+                     "--vector-mode", vector_mode, env=env)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    hits = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(hits) == 100 and len({h["image"] for h in hits}) == 100

@@ -203,3 +203,30 @@ def test_tail_merges_into_base_and_dead_rows_compact(tmp_path, monkeypatch):
     assert names == {"store.sqlite", "store.sqlite-wal", "store.sqlite-shm", vindex.MANIFEST_FILE,
                      *vindex.manifest_files(m), *m["previous"]} & (names | {vindex.MANIFEST_FILE})
     assert "rows.1.i64" in m["previous"] and not any(n.startswith("tail.") for n in names)
+
+
+@pytest.mark.parametrize("mode", VECTOR_MODES)
+def test_asking_for_every_vector_returns_every_vector(tmp_path, mode):
+    """HNSW can leave nodes unreachable (a 100-image index once answered `search -k 1000` with 99):
+    asking for as many candidates as there are vectors is answered by brute force, in every mode."""
+    rng = np.random.default_rng(3)
+    vecs = rng.normal(size=(600, DIM)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    st = fill_store(tmp_path, vecs, np.arange(600))
+    build_from(st, tmp_path, "i8")
+    snap = vindex.Snapshot.open(tmp_path)
+    (found,) = snap.search(vecs[:1], len(snap), mode=mode)
+    assert sorted(found.keys.tolist()) == sorted(st.all_vectors()[0].tolist())
+
+
+def test_a_graph_that_comes_back_short_falls_back_to_brute_force(tmp_path, monkeypatch):
+    """Even a whole-graph walk may miss live keys: the k best then come from the exact copy."""
+    vecs, groups = clustered()
+    st = fill_store(tmp_path, vecs, groups)
+    build_from(st, tmp_path, "i8")
+    snap = vindex.Snapshot.open(tmp_path)
+    walk = snap._graph_candidates
+    monkeypatch.setattr(snap, "_graph_candidates", lambda codes, fetch: [(k[:3], d[:3]) for k, d in walk(codes, fetch)])
+    (got,) = snap.search(vecs[:1], 10, mode="hnsw")
+    (want,) = snap.search(vecs[:1], 10, mode="exact")
+    assert got.keys.tolist() == want.keys.tolist()

@@ -18,10 +18,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import sqlite3
 import stat
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,6 +154,27 @@ class _Progress:
     def advance(self, name: str, n: int = 1) -> None:
         if self.bar and name in self.tasks:
             self.bar.advance(self.tasks[name], n)
+
+
+@contextmanager
+def _interrupt_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C until the block is over: a batch's COMMIT and its count in the summary then
+    happen together or not at all. The block is a short run of SQLite writes. Signals reach only
+    the main thread; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        if callable(previous):
+            previous(signal.SIGINT, None)  # e.g. the default handler, which raises KeyboardInterrupt
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
 
 
 class Indexer:
@@ -469,7 +493,7 @@ class Indexer:
 
         t = time.perf_counter()
         texts_added = 0
-        with store.transaction():
+        with _interrupt_deferred(), store.transaction():
             for p in batch:
                 store.remove_path(p.path)  # changed content at a known path
                 w = h = None
@@ -493,14 +517,16 @@ class Indexer:
                 keys = store.add_texts(image_id, [NewText(x.ordinal, x.field, x.variant, x.text, vecs[i]) for i, x in rows])
                 store.note_texts_per_image(len(keys))
                 texts_added += len(keys)
-        summary.texts_added += texts_added
+            # Counted inside the deferral: a Ctrl-C landing right after COMMIT used to skip this
+            # and report "kept 0" for a batch that was kept.
+            summary.texts_added += texts_added
+            for p in batch:
+                if p.error:
+                    summary.failed += 1
+                    summary.failures.append((p.path, p.error))
+                else:
+                    summary.added += 1
         summary.stage_seconds["store"] += time.perf_counter() - t
-        for p in batch:
-            if p.error:
-                summary.failed += 1
-                summary.failures.append((p.path, p.error))
-            else:
-                summary.added += 1
         bar.advance("embed", len(batch))
         if self._stop:
             raise KeyboardInterrupt

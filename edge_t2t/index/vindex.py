@@ -271,17 +271,21 @@ class Snapshot:
         k = min(k, n)
         if n == 0 or k <= 0:
             return [empty_candidates() for _ in q]
-        if mode == "exact":
-            return self._search_exact(q, k)
         want = min(n, k * oversample) if mode == "rescore" else k
+        if mode == "exact" or want >= n:
+            # Asked for every vector: brute force is exact and costs no more than walking the whole graph.
+            return self._search_exact(q, k)
         # Dead keys still sit in the graphs and are dropped here: fetch more until enough live remain.
         fetch = want + min(len(self.dead), want)
         codes = graph_codes(q, self.dtype)
         while True:
             found = self._graph_candidates(codes, fetch)
-            enough = all(len(keys) >= want for keys, _ in found)
-            if enough or fetch >= sum(self.graph_sizes):
+            if all(len(keys) >= want for keys, _ in found):
                 break
+            if fetch >= sum(self.graph_sizes):
+                # HNSW can leave a few nodes unreachable, so even a whole-graph walk may come back
+                # short of `want` live keys; brute force then gives the k best that do exist.
+                return self._search_exact(q, k)
             fetch *= 2
         out = []
         for i, (keys, dists) in enumerate(found):
