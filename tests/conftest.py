@@ -41,3 +41,16 @@ def reference(shared_data: Path) -> tuple[list[str], np.ndarray, dict]:
     assert digest == str(data["rsicd_sha256"]), "../shared RSICD captions differ from those the fixture was made on"
     texts = captions + [str(t) for t in data["own_texts"]]
     return texts, data["vectors"], json.loads(str(data["meta"]))
+
+
+@pytest.fixture(scope="session")
+def vlm_dir(tmp_path_factory) -> Path:
+    """The seeded tiny LLaVA pair, built once per test session (the tests that run llama.cpp)."""
+    import helpers_media as hm
+
+    hm.require("llama_cpp", "llama-cpp-python is a core dependency: run `make setup`")
+    from edge_t2t.describe import testvlm
+
+    out = tmp_path_factory.mktemp("test-vlm")
+    testvlm.build_test_vlm(out, seed=0)
+    return out

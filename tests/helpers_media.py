@@ -391,3 +391,25 @@ def child_main() -> None:
     from edge_t2t.cli import main
 
     sys.exit(main(sys.argv[1:]))
+
+
+# A variant schema with bounded fields: an unbounded string lets a random model write until its token cap.
+BOUNDED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "one_sentence": {"type": "string", "maxLength": 40},
+        "size": {"type": "string", "enum": ["small", "medium", "large"]},
+        "caption": {"type": "string", "maxLength": 60},
+    },
+    "required": ["one_sentence", "size", "caption"],
+}
+
+
+def sample_png(path: Path) -> bytes:
+    """The PNG the caption pipeline hands the VLM (images.to_png_bytes), of an RGB sample."""
+    from PIL import Image
+
+    from edge_t2t.images import to_png_bytes
+
+    with Image.open(path) as im:
+        return to_png_bytes(im.convert("RGB"))

@@ -6,7 +6,6 @@ gibberish, but the grammar, the determinism and the bookkeeping are real)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import helpers_media as hm
 import pytest
@@ -16,38 +15,13 @@ from edge_t2t.describe.captioning import caption_images
 from edge_t2t.describe.captions import CaptionCache
 from edge_t2t.describe.vlm import VLM, VLMConfig
 from edge_t2t.errors import ImageError, ModelError
-from edge_t2t.images import to_png_bytes
 
-# Bounded fields: an unbounded string lets a random model write until the token cap.
-SMALL = {
-    "type": "object",
-    "properties": {
-        "one_sentence": {"type": "string", "maxLength": 40},
-        "size": {"type": "string", "enum": ["small", "medium", "large"]},
-        "caption": {"type": "string", "maxLength": 60},
-    },
-    "required": ["one_sentence", "size", "caption"],
-}
-
-
-@pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory) -> Path:
-    hm.require("llama_cpp", "llama-cpp-python is a core dependency: run `make setup`")
-    out = tmp_path_factory.mktemp("test-vlm")
-    testvlm.build_test_vlm(out, seed=0)
-    return out
-
-
-def _png(path: Path) -> bytes:
-    """The PNG the caption pipeline hands the VLM (images.to_png_bytes), of an RGB sample."""
-    from PIL import Image
-
-    return to_png_bytes(Image.open(path).convert("RGB"))
+SMALL = hm.BOUNDED_SCHEMA
 
 
 @pytest.fixture(scope="module")
 def images(rsicd_samples) -> list[bytes]:
-    return [_png(rsicd_samples / n) for n in ("airport_17.jpg", "sparseresidential_268.jpg")]
+    return [hm.sample_png(rsicd_samples / n) for n in ("airport_17.jpg", "sparseresidential_268.jpg")]
 
 
 @pytest.fixture(scope="module")

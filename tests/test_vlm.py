@@ -7,43 +7,20 @@ import json
 import shutil
 from pathlib import Path
 
+import helpers_media as hm
 import pytest
 
 from edge_t2t.describe import testvlm
 from edge_t2t.describe.gguf_check import check_pair
 from edge_t2t.describe.vlm import FAMILIES, VLM, VLMConfig, infer_family, quantize_gguf, resolve_vlm_paths
 from edge_t2t.errors import ImageError, ModelError
-from edge_t2t.images import to_png_bytes
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        # bounded fields: an unbounded string lets a random model write until max_tokens
-        "one_sentence": {"type": "string", "maxLength": 40},
-        "size": {"type": "string", "enum": ["small", "medium", "large"]},
-        "caption": {"type": "string", "maxLength": 60},
-    },
-    "required": ["one_sentence", "size", "caption"],
-}
-
-
-@pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("test-vlm")
-    testvlm.build_test_vlm(out, seed=0)
-    return out
-
-
-def _png(path: Path) -> bytes:
-    """The PNG the caption pipeline hands the VLM (images.to_png_bytes), of an RGB sample."""
-    from PIL import Image
-
-    return to_png_bytes(Image.open(path).convert("RGB"))
+SCHEMA = hm.BOUNDED_SCHEMA
 
 
 @pytest.fixture(scope="module")
 def images(rsicd_samples) -> dict[str, bytes]:
-    return {name: _png(rsicd_samples / name) for name in ("airport_17.jpg", "sparseresidential_268.jpg")}
+    return {name: hm.sample_png(rsicd_samples / name) for name in ("airport_17.jpg", "sparseresidential_268.jpg")}
 
 
 @pytest.fixture(scope="module")
