@@ -28,6 +28,7 @@ import numpy as np
 from _common import peak_rss_mib, percentile_ms, write_results
 
 from edge_t2t.demo import scenes as S
+from edge_t2t.modes import RETRIEVAL_MODES
 from edge_t2t.query import retrieval
 
 TUNE_SEEDS = (4, 5)
@@ -175,13 +176,13 @@ def rsicd(rsicd_index: Path | None, precision: str) -> list[dict]:
         return np.stack([cache[t] for t in texts])
 
     rows = []
-    for mode in retrieval.MODES:
+    for mode in RETRIEVAL_MODES:
         res = ev.oracle_eval(ann, embed, dtype="f32", mode=mode).to_json()
         rows.append({"source": "oracle", "mode": mode, "mR": res["mR"], "mR_nodup": res["mR_nodup"],
                      "t2i_nodup": res["t2i_nodup"], "i2t_nodup": res["i2t_nodup"]})
         print(f"rsicd oracle {mode}: mR {res['mR']:.2f} nodup {res['mR_nodup']:.2f}", flush=True)
     if rsicd_index is not None:
-        for mode in retrieval.MODES:
+        for mode in RETRIEVAL_MODES:
             stored = ev.load_index_vectors(rsicd_index, ann, identity=emb.identity, with_texts=True)
             res = ev.index_eval(ann, stored.vectors, embed, dtype="f32", exact=True, mode=mode,
                                 image_texts=stored.texts).to_json()

@@ -203,11 +203,12 @@ def _int(args, name: str, default: int | None = None, lo: int = 1, hi: int = MAX
 
 
 def _search_params(args) -> dict:
+    from .modes import RETRIEVAL_MODES
     from .query import retrieval
 
     mode = args.get("mode") or retrieval.DEFAULT_MODE
-    if mode not in retrieval.MODES:
-        raise InputError(f"mode must be one of {', '.join(retrieval.MODES)}, got {mode[:40]!r}")
+    if mode not in RETRIEVAL_MODES:
+        raise InputError(f"mode must be one of {', '.join(RETRIEVAL_MODES)}, got {mode[:40]!r}")
     min_score = None
     if args.get("min_score"):
         try:

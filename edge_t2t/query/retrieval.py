@@ -26,11 +26,9 @@ from functools import lru_cache
 import numpy as np
 
 from ..index.store import Store
-from ..modes import RETRIEVAL_MODES
 from ..records import Feature
 from . import lexical, query_parse
 
-MODES = RETRIEVAL_MODES  # the names live in modes.py, with the other modes
 # dense stays the default: hybrid won on the synthetic scenes without structure and on the RSICD
 # oracle (+2.0 mR without duplicates), but lost 0.56 / 0.44 points on the RSICD index source and,
 # with structure, 0.005 held-out MRR (bench/results/retrieval_modes.md, README "Retrieval modes").

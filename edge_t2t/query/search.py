@@ -145,7 +145,7 @@ def search(
     explain: bool = False,
     min_score: float | None = None,
 ) -> list[Hit]:
-    """The top k images for a text query. `mode` is the retrieval mode (retrieval.MODES; default
+    """The top k images for a text query. `mode` is the retrieval mode (modes.RETRIEVAL_MODES; default
     retrieval.DEFAULT_MODE); an old vector mode (hnsw/rescore/exact) passed as `mode` still means
     dense search with that vector mode. Hits scoring under `min_score` are left out."""
     from . import retrieval
