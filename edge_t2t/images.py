@@ -125,6 +125,31 @@ def _utf8_name(path: Path) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class ImageBytes:
+    """One image file's bytes, read once, and their sha256: the hash a record keeps is of the very
+    bytes that were decoded and described. `path` names where they came from (for chips, the chip's
+    name); nothing here touches the disk again."""
+
+    path: Path
+    data: bytes = field(repr=False)
+    sha256: str
+
+    @classmethod
+    def of(cls, path: str | os.PathLike, data: bytes) -> ImageBytes:
+        return cls(Path(path), data, sha256_bytes(data))
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> ImageBytes:
+        """One open and one read of the whole file; ImageError (naming the file) when it cannot be read."""
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise _fail(path, f"cannot read file ({exc.strerror or exc})") from None
+        return cls.of(path, data)
+
+
 @dataclass
 class LoadedImage:
     path: Path
@@ -256,7 +281,7 @@ def _raw_tiff_bands(im, data: bytes):
 
 
 def load_image(
-    path: str | os.PathLike,
+    source: str | os.PathLike | ImageBytes,
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
     bands: tuple[int, int, int] | None = None,
     background: str = "black",
@@ -264,6 +289,8 @@ def load_image(
 ) -> LoadedImage:
     """Read, hash and decode one image into 8-bit RGB of at most `max_megapixels`.
 
+    `source` is a path (read here, once) or an ImageBytes already read and hashed (decoded as is,
+    with no further disk access).
     `bands` picks three 0-based bands of a multi-band image as R, G, B (default: the first three).
     Transparent pixels are composited on `background` (black suits no-data areas of imagery).
     Images declaring more than `hard_limit_megapixels` (default 4 x max_megapixels) are refused.
@@ -272,18 +299,15 @@ def load_image(
     from PIL import Image as PILImage
     from PIL import ImageOps
 
-    path = Path(path)
     if max_megapixels <= 0:
         raise ImageError(f"--max-megapixels must be positive, got {max_megapixels}")
     max_pixels = int(max_megapixels * 1_000_000)
     hard_limit = int(hard_limit_megapixels * 1_000_000) if hard_limit_megapixels else max_pixels * BOMB_FACTOR
-    try:
-        data = path.read_bytes()  # read once: hash and pixels come from the same bytes
-    except OSError as exc:
-        raise _fail(path, f"cannot read file ({exc.strerror or exc})") from None
+    # read once: hash and pixels come from the same bytes
+    read = source if isinstance(source, ImageBytes) else ImageBytes.read(source)
+    path, data, digest = read.path, read.data, read.sha256
     if not data:
         raise _fail(path, "empty file (0 bytes)")
-    digest = sha256_bytes(data)
 
     notes: list[str] = []
     # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; we make both errors. The

@@ -16,6 +16,7 @@ from a grid of small windows, so neighbouring chips look alike to the model.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -137,15 +138,16 @@ def _has_geotiff_tags(path: Path) -> bool:
         return False
 
 
-def scene_size(path: str | os.PathLike) -> tuple[int, int] | None:
+def scene_size(path: str | os.PathLike, data: bytes | None = None) -> tuple[int, int] | None:
     """(width, height) from the header only, or None when it cannot be told. Pillow first (a header
-    read, fast: every file an index run looks at passes here), then rasterio for what Pillow cannot open."""
+    read, fast: every file an index run looks at passes here), then rasterio for what Pillow cannot open.
+    `data`: the file's bytes, already read (the indexer's one read), so the file is not opened again."""
     from PIL import Image
 
     path = Path(path)
     previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # a size question, not a decode
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
             return im.size
     except Exception:  # Pillow cannot open it (its plugins raise many classes): ask rasterio
         pass
@@ -157,6 +159,9 @@ def scene_size(path: str | os.PathLike) -> tuple[int, int] | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if data is not None:
+                with rio.MemoryFile(data) as mem, mem.open() as ds:
+                    return ds.width, ds.height
             with rio.open(path) as ds:
                 return ds.width, ds.height
     except Exception:  # rasterio/GDAL errors (RasterioIOError, CPLE_*): the size cannot be told
