@@ -361,7 +361,8 @@ class Indexer:
             else:
                 p.record = by_name.get(p.path) or by_sha.get(p.sha256)
                 plan.pending.append(p)
-                continue
+                if p.record is None:
+                    continue  # to be described: its bytes stay until then
             p.image = None  # its descriptions exist already: the bytes are not needed
         # A moved or copied content can land on a path that held other content (e.g. two files
         # swapped): that path's old record makes way (removed after copies have read their sources).
