@@ -104,7 +104,8 @@ def test_scene_size_from_bytes_or_path(tmp_path: Path) -> None:
 
     good = hm.make_png(tmp_path / "good.png", 1)
     assert scene_size(good) == scene_size(good, good.read_bytes()) == (48, 48)
-    assert scene_size(tmp_path / "x.png", b"not an image") is None  # Pillow's and rasterio's errors, narrowed
+    for data in (b"not an image", b"", b"II*\x00" + b"\x00" * 20):  # Pillow's and rasterio's errors, narrowed
+        assert scene_size(tmp_path / "x.tif", data) is None
 
 
 def test_half_built_vlm_destructor_is_quiet() -> None:

@@ -178,7 +178,9 @@ def scene_size(path: str | os.PathLike, data: bytes | None = None) -> tuple[int,
                     return ds.width, ds.height
             with rio.open(path) as ds:
                 return ds.width, ds.height
-    except (OSError, rio.errors.RasterioError):  # RasterioIOError (GDAL's errors, wrapped): the size cannot be told
+    # RasterioIOError (GDAL's errors, wrapped); ValueError from MemoryFile.open on empty bytes ("'driver'
+    # is required", it takes them for a new file): the size cannot be told
+    except (OSError, ValueError, rio.errors.RasterioError):
         return None
 
 
