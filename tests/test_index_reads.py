@@ -9,9 +9,11 @@ times: hashed while planning, read again by the caption pipeline, and its header
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import sys
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -106,3 +108,29 @@ def test_each_new_image_is_read_once_and_unchanged_files_never(tmp_path: Path, v
         assert (s.added, s.moved, s.skipped) == (2, 1, 4), s.to_dict()
         assert counted == {"img_1.png": 1, "new.png": 1, "moved.png": 1}, counted
         assert _rows(ix)["img_1.png"][1] == hashlib.sha256(files[1].read_bytes()).hexdigest()
+
+
+def test_bytes_are_held_one_batch_at_a_time(tmp_path: Path, vlm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory stays bounded: each call to the caption pipeline gets at most one batch of images, and
+    the bytes of every earlier batch are gone (nothing keeps them alive) by the time the next starts."""
+    cfg, _ = vlm
+    d = tmp_path / "imgs"
+    for i in range(7):
+        hm.make_png(d / f"img_{i}.png", seed=i)
+    real = captioning.caption_sources
+    earlier: list[weakref.ref] = []
+    sizes: list[int] = []
+
+    def watching(items, *args, **kwargs):
+        gc.collect()
+        alive = [r for r in earlier if r() is not None]
+        assert not alive, f"{len(alive)} image(s) of an earlier batch still held"
+        sizes.append(len(items))
+        earlier.extend(weakref.ref(image) for _, image in items)
+        return real(items, *args, **kwargs)
+
+    monkeypatch.setattr(captioning, "caption_sources", watching)
+    s = Indexer(tmp_path / "ix", embedder=FakeEmbedder(), vlm_cfg=cfg, n_variants=1, batch_size=3).run([d])
+    assert (s.added, s.failed) == (7, 0) and sizes == [3, 3, 1]
+    gc.collect()
+    assert all(r() is None for r in earlier)  # and none after the run

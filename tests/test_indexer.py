@@ -147,13 +147,11 @@ class FakeCaptioner:
         self.stop_after = stop_after
         self.fail = fail
         self.done = 0
-        self.seen: list[ImageBytes] = []
 
     def __call__(self, items, vlm_cfg, n_variants, settings, on_result, vlm_factory=None):
         out = FakeSummary()
         for tag, image in items:
             assert isinstance(image, ImageBytes) and sha256_bytes(image.data) == image.sha256
-            self.seen.append(image)
             if self.stop_after is not None and self.done >= self.stop_after:
                 out.interrupted = True
                 break
