@@ -7,6 +7,11 @@ indexed under a path that disappeared -> a move, its descriptions follow it; con
 elsewhere -> a copy, its descriptions and vectors are reused. Stored files under the scanned
 folders that no longer exist are removed with their vectors.
 
+Each changed file is opened and read once: the walk only stats, then one batch of files at a time
+is read, hashed, sorted (touched, moved, copied, new) and its new images described from the very
+bytes that were hashed (images.ImageBytes through captioning.caption_sources), then the bytes go.
+Without a VLM nothing is described: every file is read in one pass and no bytes are kept.
+
 Work is committed in batches (one SQLite transaction each), so an interrupted run keeps every
 finished batch and the next run resumes from there. The vector snapshot is brought up to date
 with SQLite and saved at the end of the run and at most every 60 s during it (indexdir.py); a
