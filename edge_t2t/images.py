@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import struct
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +37,12 @@ if TYPE_CHECKING:  # Pillow is imported inside functions so `edge-t2t --help` st
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"})
 DEFAULT_MAX_MEGAPIXELS = 4.0
 BOMB_FACTOR = 4  # refuse images whose declared size exceeds BOMB_FACTOR x max_megapixels
+# What Pillow raises on a damaged or unsupported file, read from its sources (13.0: ImageFile.load
+# and the PNG/JPEG/TIFF/WebP plugins raise OSError, UnidentifiedImageError (an OSError),
+# SyntaxError, ValueError and EOFError, and unpack headers with struct, so struct.error and
+# IndexError escape). 13,500 randomly damaged PNG/JPEG/TIFF/WebP/GIF/BMP files raised only OSError
+# and DecompressionBombError, which callers name on their own where a size limit is set.
+PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError)
 
 
 def _report_to_stderr(path: Path, reason: str) -> None:
@@ -125,6 +132,31 @@ def _utf8_name(path: Path) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class ImageBytes:
+    """One image file's bytes, read once, and their sha256: the hash a record keeps is of the very
+    bytes that were decoded and described. `path` names where they came from (for chips, the chip's
+    name); nothing here touches the disk again."""
+
+    path: Path
+    data: bytes = field(repr=False)
+    sha256: str
+
+    @classmethod
+    def of(cls, path: str | os.PathLike, data: bytes) -> ImageBytes:
+        return cls(Path(path), data, sha256_bytes(data))
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> ImageBytes:
+        """One open and one read of the whole file; ImageError (naming the file) when it cannot be read."""
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise _fail(path, f"cannot read file ({exc.strerror or exc})") from None
+        return cls.of(path, data)
+
+
 @dataclass
 class LoadedImage:
     path: Path
@@ -197,7 +229,7 @@ def _to_rgb8(im, path: Path, bands: tuple[int, int, int] | None, background: str
     # Multi-band (RGBA with chosen bands) or high bit depth (I;16*, I, F): via numpy.
     try:
         array = np.asarray(im)
-    except Exception as exc:  # Pillow modes numpy cannot view
+    except (KeyError, *PIL_ERRORS) as exc:  # a mode ImageMode does not know (KeyError), or its pixels fail
         raise _fail(path, f"unsupported pixel mode {mode} ({exc})") from None
     return _array_to_rgb(array, path, bands, notes)
 
@@ -256,7 +288,7 @@ def _raw_tiff_bands(im, data: bytes):
 
 
 def load_image(
-    path: str | os.PathLike,
+    source: str | os.PathLike | ImageBytes,
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
     bands: tuple[int, int, int] | None = None,
     background: str = "black",
@@ -264,6 +296,8 @@ def load_image(
 ) -> LoadedImage:
     """Read, hash and decode one image into 8-bit RGB of at most `max_megapixels`.
 
+    `source` is a path (read here, once) or an ImageBytes already read and hashed (decoded as is,
+    with no further disk access).
     `bands` picks three 0-based bands of a multi-band image as R, G, B (default: the first three).
     Transparent pixels are composited on `background` (black suits no-data areas of imagery).
     Images declaring more than `hard_limit_megapixels` (default 4 x max_megapixels) are refused.
@@ -272,18 +306,15 @@ def load_image(
     from PIL import Image as PILImage
     from PIL import ImageOps
 
-    path = Path(path)
     if max_megapixels <= 0:
         raise ImageError(f"--max-megapixels must be positive, got {max_megapixels}")
     max_pixels = int(max_megapixels * 1_000_000)
     hard_limit = int(hard_limit_megapixels * 1_000_000) if hard_limit_megapixels else max_pixels * BOMB_FACTOR
-    try:
-        data = path.read_bytes()  # read once: hash and pixels come from the same bytes
-    except OSError as exc:
-        raise _fail(path, f"cannot read file ({exc.strerror or exc})") from None
+    # read once: hash and pixels come from the same bytes
+    read = source if isinstance(source, ImageBytes) else ImageBytes.read(source)
+    path, data, digest = read.path, read.data, read.sha256
     if not data:
         raise _fail(path, "empty file (0 bytes)")
-    digest = sha256_bytes(data)
 
     notes: list[str] = []
     # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; we make both errors. The
@@ -335,7 +366,7 @@ def load_image(
         raise _fail(path, f"not a readable image{hint}") from None
     except MemoryError:
         raise _fail(path, "too large to decode in memory; lower --max-megapixels") from None
-    except Exception as exc:  # Pillow plugins raise OSError, SyntaxError, ValueError, struct.error...
+    except PIL_ERRORS as exc:  # a damaged file (and _raw_tiff_bands' ValueError for cut strips)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise _fail(path, f"cannot decode ({reason})") from None
     finally:

@@ -30,6 +30,7 @@ import io
 import ipaddress
 import json
 import os
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -130,14 +131,19 @@ class Index:
 
         if self._ix is not None and self._state(self._ix) == self._seen:
             return
+        from .index.vindex import SNAPSHOT_READ_ERRORS
+
         ix = IndexDir.open_reader(self.dir)
         try:
             seen = self._state(ix)  # before reading: a commit landing during the open is seen next time
             vectors = ix.search_vectors(self.warn)
-        except BaseException:
+        except (sqlite3.Error, *SNAPSHOT_READ_ERRORS):  # a writer mid-save; a Ctrl-C is not swallowed here
             ix.close()
             if self._ix is not None:  # keep answering from what was open
                 return
+            raise
+        except BaseException:
+            ix.close()
             raise
         old, self._ix, self.vectors, self._seen = self._ix, ix, vectors, seen
         if old is not None:
@@ -482,10 +488,8 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
         """The file of an indexed image may be gone from this machine, or unreadable now: 404."""
         try:
             return make()
-        except (ImageError, StoreError, OSError):
+        except (ImageError, StoreError, OSError):  # a scene reader's rasterio errors arrive as ImageError (tiling.py)
             flask.abort(404, "the image file is not available on this machine")
-        except Exception as exc:  # a scene reader's own errors (rasterio) when the scene moved away
-            flask.abort(404, f"the image cannot be read here ({type(exc).__name__})")
 
     return app
 

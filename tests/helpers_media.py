@@ -279,7 +279,8 @@ def has_traceback(text: str) -> bool:
 #   commit_after   right after COMMIT, before the vector files are saved
 #   save_npy       after an .npy temp file is written, before it replaces the old one
 #   save_usearch   before the usearch graph is written (the two .npy files are already new)
-#   hashed         after the indexer hashed a file (action 'rewrite' replaces that file's content)
+#   hashed         after a file was read and hashed (ImageBytes.read; action 'rewrite' replaces
+#                  that file's content)
 #   lock_busy      a try to take a lock found it held by another process (before --wait's sleep)
 # "at" may be "*": every time. Action "stop" pauses the process right there (SIGSTOP to itself) with
 # everything it holds (the index lock, an open transaction) until the test sends SIGCONT; see
@@ -306,7 +307,7 @@ def child_main() -> None:
 
     from edge_t2t.describe import vlm
     from edge_t2t.embed import embedder
-    from edge_t2t.index import indexdir, indexer, store, vindex
+    from edge_t2t.index import indexdir, store, vindex
 
     # Both caption paths: generate() (sequential) and describe_parallel() (the default).
     def reaching_caption(orig):
@@ -366,14 +367,16 @@ def child_main() -> None:
 
     vindex._write_manifest = write_manifest
 
-    orig_sha = indexer.sha256_file
+    from edge_t2t.images import ImageBytes
 
-    def sha(path):
-        digest = orig_sha(path)
+    orig_read = ImageBytes.read.__func__
+
+    def read(cls, path):
+        image = orig_read(cls, path)  # read and hashed: the bytes the indexer will describe
         reach("hashed", str(path))
-        return digest
+        return image
 
-    indexer.sha256_file = sha
+    ImageBytes.read = classmethod(read)
 
     import fcntl
 

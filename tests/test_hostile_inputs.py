@@ -184,8 +184,10 @@ def test_caption_command_survives_broken_files(media: dict) -> None:
 
 
 def test_file_rewritten_between_hash_and_caption(media: dict, tmp_path: Path) -> None:
-    """The first file the indexer hashes is rewritten right after its hash (fault injection in the
-    child process): the store must not pair the old hash with a description of the new pixels."""
+    """The first file the indexer reads is rewritten right after its read and hash (fault injection in
+    the child process). The indexer describes the bytes it read, not the file as it is now: the row
+    keeps the hash of those bytes (and their 48 px size, where the rewrite is 40 px), never the old
+    hash beside a description of the new pixels. The next run sees the changed mtime and converges."""
     d = tmp_path / "imgs"
     hm.make_png(d / "a.png", 21)
     hm.make_png(d / "b.png", 22)
@@ -204,13 +206,20 @@ def test_file_rewritten_between_hash_and_caption(media: dict, tmp_path: Path) ->
     rows = _rows(index)
     assert set(rows) == {str(p) for p in before}, rows
     for path, (status, err, sha) in rows.items():
-        # the seeded test VLM describes both pictures (old and new): every row is ok, and its sha256
-        # is that of the bytes as they are now, never the hash taken before the rewrite
+        # one read per file: each row is ok and carries the hash of the bytes that were read and
+        # described, which for the rewritten file is its content BEFORE the rewrite
         assert status == "ok", f"{path}: {err}"
-        assert sha == now[Path(path)], f"{path}: stored sha256 {sha[:12]} is not that of the described bytes"
-    # Whatever the first run did, a second run must converge on the file as it is now.
+        assert sha == before[Path(path)], f"{path}: stored sha256 {sha[:12]} is not that of the bytes described"
+    conn = sqlite3.connect(index / "store.sqlite")
+    try:
+        sizes = dict(conn.execute("SELECT path, width FROM images").fetchall())
+    finally:
+        conn.close()
+    assert sizes == {str(p): 48 for p in before}, sizes  # the described bytes' size, not the rewrite's 40 px
+    # The next run sees the rewritten file's new mtime, reads it again and converges on it as it is now.
     res2 = hm.run_cli(*args, env=media["env"])
     assert res2.returncode == 0, res2.stderr[-2000:]
+    assert json.loads(res2.stdout)["added"] == 1, res2.stdout
     for path, (status, _err, sha) in _rows(index).items():
         assert status == "ok" and sha == hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

@@ -15,6 +15,8 @@ from PIL import Image
 from edge_t2t.describe import captioning
 from edge_t2t.describe.vlm import VLMConfig
 from edge_t2t.errors import StoreError
+from edge_t2t.hashing import sha256_bytes
+from edge_t2t.images import ImageBytes
 from edge_t2t.index import vindex
 from edge_t2t.index.indexer import Indexer
 from edge_t2t.index.store import IndexLock, Store
@@ -138,26 +140,30 @@ class FakeSummary:
 FAKE_VLM = VLMConfig(model=Path("no-such-model.gguf"), mmproj=Path("no-such-mmproj.gguf"))
 
 class FakeCaptioner:
-    """Stands in for captioning.caption_images: records from the file name; can stop early."""
+    """Stands in for captioning.caption_sources: records from the file name; can stop early. It gets
+    the bytes the indexer read and hashed, and hands each outcome back with the item's tag."""
 
     def __init__(self, stop_after: int | None = None, fail: str = ""):
         self.stop_after = stop_after
         self.fail = fail
         self.done = 0
 
-    def __call__(self, paths, vlm_cfg, *, n_variants=5, on_record=None, **kw):
+    def __call__(self, items, vlm_cfg, n_variants, settings, on_result, vlm_factory=None):
         out = FakeSummary()
-        for p in paths:
+        for tag, image in items:
+            assert isinstance(image, ImageBytes) and sha256_bytes(image.data) == image.sha256
             if self.stop_after is not None and self.done >= self.stop_after:
                 out.interrupted = True
                 break
-            if self.fail and p.name == self.fail:
-                out.failures.append(captioning.Failure(str(p), "model produced nothing"))
+            if self.fail and image.path.name == self.fail:
+                failure = captioning.Failure(str(image.path), "model produced nothing")
+                out.failures.append(failure)
+                on_result(tag, failure)
                 continue
             self.done += 1
-            on_record(CaptionRecord(
-                image=str(p), sha256="", model="test.gguf", mmproj="mm.gguf", family="test",
-                prompt_version="p1", variants=[Variant(f"{p.stem} variant {i}") for i in range(n_variants)],
+            on_result(tag, CaptionRecord(
+                image=str(image.path), sha256=image.sha256, model="test.gguf", mmproj="mm.gguf", family="test",
+                prompt_version="p1", variants=[Variant(f"{image.path.stem} variant {i}") for i in range(n_variants)],
                 test_model=True,
             ))  # fmt: skip
         return out
@@ -173,7 +179,7 @@ def five_images(tmp_path):
 
 def test_vlm_path_records_provenance_and_failures(tmp_path, monkeypatch):
     d = five_images(tmp_path)
-    monkeypatch.setattr(captioning, "caption_images", FakeCaptioner(fail="c.png"))
+    monkeypatch.setattr(captioning, "caption_sources", FakeCaptioner(fail="c.png"))
     s = Indexer(tmp_path / "ix", embedder=FakeEmbedder(), vlm_cfg=FAKE_VLM, n_variants=3).run([d])
     assert (s.added, s.failed) == (4, 1) and "model produced nothing" in s.failures[0][1]
     with Store(tmp_path / "ix") as st:
@@ -186,16 +192,16 @@ def test_vlm_path_records_provenance_and_failures(tmp_path, monkeypatch):
 def test_interrupted_run_keeps_finished_batches_and_resumes_to_the_same_state(tmp_path, monkeypatch):
     d = five_images(tmp_path)
     emb = FakeEmbedder()
-    monkeypatch.setattr(captioning, "caption_images", FakeCaptioner())
+    monkeypatch.setattr(captioning, "caption_sources", FakeCaptioner())
     Indexer(tmp_path / "clean", embedder=emb, vlm_cfg=FAKE_VLM, batch_size=2).run([d])
 
-    monkeypatch.setattr(captioning, "caption_images", FakeCaptioner(stop_after=3))  # Ctrl-C in batch 2
+    monkeypatch.setattr(captioning, "caption_sources", FakeCaptioner(stop_after=3))  # Ctrl-C in batch 2
     s = Indexer(tmp_path / "ix", embedder=emb, vlm_cfg=FAKE_VLM, batch_size=2).run([d])
     assert s.interrupted and s.added == 3 and consistent(tmp_path / "ix")
     with Store(tmp_path / "ix") as st:
         assert st.last_run()["status"] == "interrupted"
 
-    monkeypatch.setattr(captioning, "caption_images", FakeCaptioner())
+    monkeypatch.setattr(captioning, "caption_sources", FakeCaptioner())
     s = Indexer(tmp_path / "ix", embedder=emb, vlm_cfg=FAKE_VLM, batch_size=2).run([d])
     assert (s.added, s.skipped, s.interrupted) == (2, 3, False)
     assert texts_of(tmp_path / "ix") == texts_of(tmp_path / "clean") and consistent(tmp_path / "ix")
@@ -214,7 +220,7 @@ def test_ctrl_c_mid_batch_rolls_that_batch_back(tmp_path, monkeypatch):
         return real_embed(texts)
 
     emb.embed = embed_then_interrupt
-    monkeypatch.setattr(captioning, "caption_images", FakeCaptioner())
+    monkeypatch.setattr(captioning, "caption_sources", FakeCaptioner())
     s = Indexer(tmp_path / "ix", embedder=emb, vlm_cfg=FAKE_VLM, batch_size=2).run([d])
     assert s.interrupted and s.added == 2
     assert len(texts_of(tmp_path / "ix")) == 2 and consistent(tmp_path / "ix")
@@ -307,7 +313,7 @@ def test_a_run_saves_at_its_end_and_at_most_every_checkpoint_interval(tmp_path, 
     from edge_t2t.index import indexdir
 
     d = five_images(tmp_path)
-    monkeypatch.setattr(captioning, "caption_images", FakeCaptioner())
+    monkeypatch.setattr(captioning, "caption_sources", FakeCaptioner())
     Indexer(tmp_path / "once", embedder=FakeEmbedder(), vlm_cfg=FAKE_VLM, batch_size=1).run([d])
     # one save when the (empty) snapshot is created, one at the end: not one per batch
     assert vindex.read_manifest(tmp_path / "once")["generation"] == 2

@@ -179,6 +179,27 @@ def test_cli_keeps_the_which_vlm_message(models_home, vlm_dir, tmp_path, capsys,
     assert "several text models" in err and "--vlm" in err
 
 
+def test_serve_starts_without_a_vlm_but_keeps_the_which_vlm_message(models_home, vlm_dir):
+    """serve runs without a VLM when none is installed (search by example then covers indexed images
+    only), but two text models in models/vlm are the precise 'pick one with --vlm' error, as for
+    index and search: its narrowed except catches NoVLMError only."""
+    from types import SimpleNamespace
+
+    from edge_t2t.cli.serve import _vlm_config
+
+    args = SimpleNamespace(vlm=None, mmproj=None)
+    assert _vlm_config(args) is None  # models/vlm does not exist
+    user = models_home / "vlm"
+    user.mkdir(parents=True)
+    assert _vlm_config(args) is None  # exists, empty
+    shutil.copy(vlm_dir / testvlm.MODEL_FILE, user / "b.gguf")
+    shutil.copy(vlm_dir / testvlm.MMPROJ_FILE, user / "a.gguf")
+    assert _vlm_config(args).model == user / "b.gguf"
+    shutil.copy(vlm_dir / testvlm.QUANT_FILES["Q8_0"], user / "c.gguf")
+    with pytest.raises(ModelError, match="several text models .*pick one with --vlm"):
+        _vlm_config(args)
+
+
 def test_resolve_without_any_model_explains_how(models_home):
     with pytest.raises(ModelError) as info:
         resolve_vlm_paths(None, None)

@@ -32,15 +32,16 @@ def register(subparsers) -> None:
 
 def _vlm_config(args):
     """The configured VLM, or None: search by example then works only for images already indexed."""
-    try:
-        from ..describe.vlm import VLMConfig, resolve_vlm_paths
+    from ..describe.vlm import VLMConfig, resolve_vlm_paths
+    from ..errors import NoVLMError
 
+    try:
         model, mmproj = resolve_vlm_paths(args.vlm, args.mmproj)
-        return VLMConfig(model=model, mmproj=mmproj)
-    except Exception:
+    except NoVLMError:  # none installed: serve without it. Several, or a broken one: say which, as index does
         if args.vlm or args.mmproj:
             raise
         return None
+    return VLMConfig(model=model, mmproj=mmproj)
 
 
 def run(args: argparse.Namespace) -> int:

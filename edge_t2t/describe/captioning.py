@@ -18,15 +18,15 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import EdgeT2TError, ImageError, ModelError
 from ..hashing import file_sha256
-from ..images import DEFAULT_MAX_MEGAPIXELS, LoadedImage, find_images, load_image, to_png_bytes
+from ..images import DEFAULT_MAX_MEGAPIXELS, ImageBytes, LoadedImage, find_images, load_image, to_png_bytes
 from ..records import CaptionRecord, Variant
 from . import prompts
 from .captions import CacheKey, CaptionCache
@@ -36,6 +36,9 @@ if TYPE_CHECKING:  # llama_cpp is imported by vlm.py only when a model loads; th
     from .vlm import VLMConfig
 
 RETRY_TEMPERATURE = 0.7
+
+T = TypeVar("T")  # what a caller pairs with each image, handed back with its outcome
+ImageSource = Path | ImageBytes  # a file read when its turn comes, or bytes already read and hashed
 
 
 @dataclass
@@ -133,15 +136,20 @@ class CaptionSettings:
     callbacks: Callbacks | None = None
 
 
-def caption_with(paths: Iterable[str | os.PathLike], vlm_cfg: VLMConfig | None, n_variants: int, settings: CaptionSettings,
-                 on_record: Callable[[CaptionRecord], None], vlm_factory: Callable[[Any], Any] | None = None) -> CaptionSummary:  # fmt: skip
-    """caption_images with a run's CaptionSettings."""
-    return caption_images(
-        paths, vlm_cfg, n_variants=n_variants, prompt_file=settings.prompt_file,
-        max_megapixels=settings.max_megapixels or DEFAULT_MAX_MEGAPIXELS, cache=settings.cache,
-        max_tokens=settings.max_tokens, on_record=on_record, callbacks=settings.callbacks,
-        vlm_factory=vlm_factory, cluster=settings.cluster,
-    )  # fmt: skip
+def caption_sources(items: Sequence[tuple[T, ImageBytes]], vlm_cfg: VLMConfig | None, n_variants: int,
+                    settings: CaptionSettings, on_result: Callable[[T, CaptionRecord | Failure], None],
+                    vlm_factory: Callable[[Any], Any] | None = None) -> CaptionSummary:  # fmt: skip
+    """Describe images whose bytes the caller already read and hashed (the indexer, scene chips), with a
+    run's CaptionSettings. Each item is (tag, bytes); every outcome, a record or a Failure, goes to
+    `on_result` with the tag of the item that asked, so nothing is matched by name. No file is opened:
+    the sha256 a record carries is that of these bytes. Items not reached before Ctrl-C get no outcome
+    (the summary says `interrupted`)."""
+    resolved = caption_options(vlm_cfg, n_variants=n_variants, prompt_file=settings.prompt_file,
+                               max_megapixels=settings.max_megapixels or DEFAULT_MAX_MEGAPIXELS,
+                               max_tokens=settings.max_tokens)  # fmt: skip
+    items = list(items)
+    return _caption_items(items, resolved.vlm_cfg, resolved.options, settings.cache, settings.callbacks or Callbacks(),
+                          on_result, vlm_factory, settings.cluster, CaptionSummary(total=len(items)))  # fmt: skip
 
 
 def generation_params(vlm_cfg: VLMConfig, *, n_variants: int, max_tokens: int, temperature: float,
@@ -168,6 +176,32 @@ def _default_vlm_factory(cfg: VLMConfig) -> Any:
     return VLM(cfg)
 
 
+@dataclass(frozen=True)
+class _Resolved:
+    vlm_cfg: VLMConfig
+    options: CaptionOptions
+
+
+def caption_options(vlm_cfg: VLMConfig | None, *, n_variants: int, prompt_file: str | os.PathLike | None,
+                    max_megapixels: float, max_tokens: int | None, bands: tuple[int, int, int] | None = None,
+                    temperature: float = 0.0) -> _Resolved:  # fmt: skip
+    """The VLM to use (`vlm_cfg`, or the one named by $EDGE_T2T_VLM/$EDGE_T2T_MMPROJ or found in
+    models/vlm/, else a ModelError that says how to supply one) and the CaptionOptions of a run."""
+    if vlm_cfg is None:
+        from .vlm import VLMConfig, resolve_vlm_paths
+
+        vlm_cfg = VLMConfig(*resolve_vlm_paths(None, None))
+    prompt = prompts.build_prompt(n_variants, prompt_file)
+    variant_prompts = prompts.build_variant_prompts(n_variants, prompt_file)
+    max_tokens = max_tokens or prompts.default_max_tokens(n_variants)
+    params = generation_params(
+        vlm_cfg, n_variants=n_variants, max_tokens=max_tokens, temperature=temperature,
+        max_megapixels=max_megapixels, bands=bands,
+    )  # fmt: skip
+    return _Resolved(vlm_cfg, CaptionOptions(prompt, prompts.schema(n_variants), params, max_megapixels, bands,
+                                             variant_prompts))  # fmt: skip
+
+
 def caption_images(
     paths: Iterable[str | os.PathLike],
     vlm_cfg: VLMConfig | None,
@@ -184,7 +218,7 @@ def caption_images(
     vlm_factory: Callable[[Any], Any] | None = None,
     cluster: Any | None = None,
 ) -> CaptionSummary:
-    """Caption every image under `paths`; return counts and failures.
+    """Caption every image under `paths` (`edge-t2t caption`); return counts and failures.
 
     `vlm_cfg` is an edge_t2t.describe.vlm.VLMConfig (model, mmproj, family, threads, ...), or None for the
     one named by $EDGE_T2T_VLM/$EDGE_T2T_MMPROJ or found in models/vlm/. `cache=None`
@@ -193,40 +227,55 @@ def caption_images(
     caller writing JSONL loses nothing on Ctrl-C). A bad image is a Failure, never an exception.
     Ctrl-C stops after the current image and returns with `interrupted=True`.
     `cluster` (a cluster.ClusterSession) sends the images that miss the cache to Dask workers.
+    Each file is read once, when its turn comes (ImageBytes.read), so only one image's bytes are held.
     """
-    if vlm_cfg is None:  # env or models/vlm/, else a ModelError that says how to supply one
-        from .vlm import VLMConfig, resolve_vlm_paths
-
-        vlm_cfg = VLMConfig(*resolve_vlm_paths(None, None))
+    resolved = caption_options(vlm_cfg, n_variants=n_variants, prompt_file=prompt_file, max_megapixels=max_megapixels,
+                               max_tokens=max_tokens, bands=bands, temperature=temperature)  # fmt: skip
     cb = callbacks or Callbacks()
-    emit_record = on_record or cb.on_record or (lambda r: None)
-    prompt = prompts.build_prompt(n_variants, prompt_file)
-    variant_prompts = prompts.build_variant_prompts(n_variants, prompt_file)
-    max_tokens = max_tokens or prompts.default_max_tokens(n_variants)
-    json_schema = prompts.schema(n_variants)
-    params = generation_params(
-        vlm_cfg, n_variants=n_variants, max_tokens=max_tokens, temperature=temperature,
-        max_megapixels=max_megapixels, bands=bands,
-    )  # fmt: skip
-    opts = CaptionOptions(prompt, json_schema, params, max_megapixels, bands, variant_prompts)
     summary = CaptionSummary()
-    started = time.perf_counter()
-
-    def fail(path: Path | str, reason: str) -> None:
-        failure = Failure(str(path), reason)
-        summary.failed += 1
-        summary.failures.append(failure)
-        if cb.on_failure:
-            cb.on_failure(failure)
-
-    image_paths = list(find_images(paths, on_error=fail))
+    image_paths = list(find_images(paths, on_error=lambda path, reason: _fail(summary, cb, path, reason)))
     summary.total = len(image_paths)
     if cb.on_total:
         cb.on_total(summary.total)
 
+    emit_record = on_record or cb.on_record or (lambda r: None)
+
+    def on_result(_path: Path, outcome: CaptionRecord | Failure) -> None:
+        if isinstance(outcome, CaptionRecord):
+            emit_record(outcome)
+
+    return _caption_items([(path, path) for path in image_paths], resolved.vlm_cfg, resolved.options, cache, cb,
+                          on_result, vlm_factory, cluster, summary)  # fmt: skip
+
+
+def _fail(summary: CaptionSummary, cb: Callbacks, path: Path | str, reason: str) -> Failure:
+    failure = Failure(str(path), reason)
+    summary.failed += 1
+    summary.failures.append(failure)
+    if cb.on_failure:
+        cb.on_failure(failure)
+    return failure
+
+
+def _caption_items(items: list[tuple[T, ImageSource]], vlm_cfg: VLMConfig, opts: CaptionOptions,
+                   cache: CaptionCache | None, cb: Callbacks, on_result: Callable[[T, CaptionRecord | Failure], None],
+                   vlm_factory: Callable[[Any], Any] | None, cluster: Any | None,
+                   summary: CaptionSummary) -> CaptionSummary:  # fmt: skip
+    """The pipeline both entry points share: for each (tag, source) in order, load (a path is read
+    here, once; ImageBytes are decoded as they are), look up the cache, describe on a miss, put.
+    Outcomes go to `on_result(tag, record | Failure)`; failures also to the Callbacks' on_failure."""
+    started = time.perf_counter()
+
+    def done(tag: T, record: CaptionRecord) -> None:
+        summary.add(record)
+        on_result(tag, record)
+
+    def fail(tag: T, path: Path | str, reason: str) -> None:
+        on_result(tag, _fail(summary, cb, path, reason))
+
     vlm = None
     model_sha = mmproj_sha = ""
-    if cache is not None and image_paths:
+    if cache is not None and items:
         try:
             model_sha = file_sha256(vlm_cfg.model, cache)
             mmproj_sha = file_sha256(vlm_cfg.mmproj, cache)
@@ -235,7 +284,7 @@ def caption_images(
     if cluster is not None:  # the same run on Dask workers; only this process writes (cluster.py)
         from .cluster import caption_on_cluster
 
-        caption_on_cluster(cluster, image_paths, vlm_cfg, opts, cache, summary, emit_record, fail,
+        caption_on_cluster(cluster, items, vlm_cfg, opts, cache, summary, done, fail,
                            cb.on_notice or (lambda msg: None), (model_sha, mmproj_sha))  # fmt: skip
         summary.seconds = time.perf_counter() - started
         return summary
@@ -257,26 +306,26 @@ def caption_images(
     notice = cb.on_notice or (lambda msg: None)
     try:
         with _stop_after_current(notice) as flag:
-            for path in image_paths:
+            for tag, source in items:
+                path = source_path(source)
                 if flag["stop"]:
                     summary.interrupted = True
                     break
                 try:
-                    record = _caption_one(path, get_vlm, cache, lambda: (model_sha, mmproj_sha), opts,
+                    record = _caption_one(source, get_vlm, cache, lambda: (model_sha, mmproj_sha), opts,
                                           model_files=(vlm_cfg.model, vlm_cfg.mmproj))  # fmt: skip
                 except ImageError as exc:
-                    fail(path, str(exc).removeprefix(f"{path}: "))
+                    fail(tag, path, str(exc).removeprefix(f"{path}: "))
                     continue
                 except UnusableAnswer as exc:
                     summary.retries += exc.retried
-                    fail(path, str(exc))
+                    fail(tag, path, str(exc))
                     continue
                 except KeyboardInterrupt:  # second Ctrl-C, mid-image: drop this one
                     summary.interrupted = True
                     break
                 summary.retries += bool(record.extra.get("retried")) and not record.cached
-                summary.add(record)
-                emit_record(record)
+                done(tag, record)
             else:
                 summary.interrupted = summary.interrupted or flag["stop"]
     except KeyboardInterrupt:  # outside the per-image try (e.g. between images, in a callback)
@@ -289,6 +338,16 @@ def caption_images(
                 close()
         summary.seconds = time.perf_counter() - started
     return summary
+
+
+def source_path(source: ImageSource) -> Path:
+    """The path an image source names (an ImageBytes keeps the one it was read from)."""
+    return source.path if isinstance(source, ImageBytes) else Path(source)
+
+
+def load_source(source: ImageSource, opts: CaptionOptions) -> LoadedImage:
+    """Decode a source for the model: a path is read now (once); ImageBytes are decoded as they are."""
+    return load_image(source, max_megapixels=opts.max_megapixels, bands=opts.bands)
 
 
 class UnusableAnswer(EdgeT2TError):
@@ -325,7 +384,7 @@ def _model_files(model: Any, mmproj: Any, model_sha: str, mmproj_sha: str) -> di
 
 
 def _caption_one(
-    path: Path,
+    source: ImageSource,
     get_vlm: Callable[[], Any],
     cache: CaptionCache | None,
     shas: Callable[[], tuple[str, str]],
@@ -334,7 +393,8 @@ def _caption_one(
     model_files: tuple[Any, Any],
 ) -> CaptionRecord:
     t0 = time.perf_counter()
-    loaded: LoadedImage = load_image(path, max_megapixels=opts.max_megapixels, bands=opts.bands)
+    loaded = load_source(source, opts)
+    path = loaded.path
     key = None
     model_sha, mmproj_sha = shas()
     prompt, params = opts.prompt, opts.params

@@ -54,6 +54,7 @@ class CaptionCache:
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path else config.cache_dir() / CACHE_FILENAME
+        self._db: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: autocommit; we open explicit transactions where needed.
@@ -80,12 +81,16 @@ class CaptionCache:
             )
             found = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
         except sqlite3.Error as exc:
+            self._close_db()  # e.g. a file that is not a database: the connection opened, the schema failed
             raise StoreError(
                 f"{self.path}: cannot open the caption cache ({exc}); delete it to start afresh, "
                 "or pick another with --cache-dir / EDGE_T2T_CACHE_DIR"
             ) from None
+        except BaseException:
+            self._close_db()
+            raise
         if found != str(_SCHEMA_VERSION):
-            self._db.close()
+            self._close_db()
             raise StoreError(
                 f"{self.path}: caption cache schema version {found}, this edge-t2t reads {_SCHEMA_VERSION}; "
                 "use the edge-t2t that wrote it, or pick another cache with --cache-dir / EDGE_T2T_CACHE_DIR"
@@ -131,7 +136,12 @@ class CaptionCache:
             self._db.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", (path, size, mtime_ns, digest))
 
     def close(self) -> None:
-        self._db.close()
+        self._close_db()
+
+    def _close_db(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
 
     def __enter__(self) -> CaptionCache:
         return self

@@ -37,16 +37,18 @@ from typing import Any
 from .. import config
 from ..errors import ClusterError, ImageError, InputError, ModelError
 from ..hashing import sha256_bytes, sha256_file
-from ..images import load_image
 from ..records import CaptionRecord
 from .captioning import (
     CaptionOptions,
     CaptionSummary,
     ImageInput,
+    ImageSource,
     UnusableAnswer,
     _stop_after_current,
     describe_image,
+    load_source,
     serve_cached,
+    source_path,
 )
 from .captions import CacheKey, CaptionCache, canonical_json
 
@@ -210,7 +212,11 @@ class ClusterSession:
         client, local, self._client, self._local = self._client, self._local, None, None
         if client is not None:
             if self._plugin is not None:  # free the workers' models on a long-lived cluster
-                with contextlib.suppress(Exception):
+                # distributed 2026.8 (tried): ValueError when the plugin is gone already (another
+                # client), RuntimeError on a closed client, OSError (CommClosedError, TimeoutError)
+                # when the scheduler went away; it re-raises a worker's teardown error, and ours
+                # (_VLMHolder.teardown) only closes the VLM.
+                with contextlib.suppress(ValueError, RuntimeError, OSError):
                     client.unregister_worker_plugin(PLUGIN_NAME)
             client.close()
         if local is not None:
@@ -340,41 +346,40 @@ def _failure_reason(exc: BaseException | None) -> str:
 
 def caption_on_cluster(
     session: ClusterSession,
-    image_paths: list[Path],
+    items: list[tuple[Any, ImageSource]],
     vlm_cfg: Any,
     opts: CaptionOptions,
     cache: CaptionCache | None,
     summary: CaptionSummary,
-    emit: Callable[[CaptionRecord], None],
-    fail: Callable[[Path | str, str], None],
+    done: Callable[[Any, CaptionRecord], None],
+    fail: Callable[[Any, Path | str, str], None],
     notice: Callable[[str], None],
     shas: tuple[str, str],
 ) -> None:
-    """The cluster half of captioning.caption_images: same inputs, same records, same summary."""
+    """The cluster half of captioning._caption_items: the same (tag, source) items, the same records
+    handed to `done(tag, record)` (which counts them), failures to `fail(tag, path, reason)`. Each
+    source is loaded once, here; a task's members are the (tag, path) pairs that share its bytes."""
     from .gguf_check import check_pair
 
     model = Path(vlm_cfg.model).expanduser().absolute()
     mmproj = Path(vlm_cfg.mmproj).expanduser().absolute()
     model_files = (vlm_cfg.model, vlm_cfg.mmproj)
     model_sha, mmproj_sha = shas
-    state: dict[str, Any] = {"plugin": False, "next": iter(image_paths), "done": not image_paths}
-    inflight: dict[str, tuple[Any, CacheKey, list[Path]]] = {}  # task key -> (future, cache key, paths)
+    state: dict[str, Any] = {"plugin": False, "next": iter(items), "done": not items}
+    # task key -> (future, cache key, the image sent, its members: (tag, path) of each image with these bytes)
+    inflight: dict[str, tuple[Any, CacheKey, ImageInput, list[tuple[Any, Path]]]] = {}
     # Images whose workers died under them. A dying worker takes every task queued on it along, so
     # an innocent image can share a crash image's deaths: each is retried alone at the end, where a
-    # death has one cause, and only then reported failed.
-    suspects: list[tuple[CacheKey, list[Path]]] = []
+    # death has one cause, and only then reported failed. The image sent is kept, so nothing is read again.
+    suspects: list[tuple[CacheKey, ImageInput, list[tuple[Any, Path]]]] = []
     finished: queue.Queue = queue.Queue()
 
-    def record_done(record: CaptionRecord) -> None:
-        summary.add(record)
-        emit(record)
-
-    def submit(path: Path, loaded: Any, key: CacheKey, suffix: str = "") -> None:
+    def submit(member: tuple[Any, Path], image: ImageInput, key: CacheKey, suffix: str = "") -> None:
         if not state["plugin"]:  # first miss: check the files here, then connect and ship the recipe
             nonlocal model_sha, mmproj_sha
             check_pair(model, mmproj)
             model_sha, mmproj_sha = model_sha or sha256_file(model), mmproj_sha or sha256_file(mmproj)
-            key = CacheKey.make(loaded.sha256, model_sha, mmproj_sha, opts.prompt.version, opts.params)
+            key = CacheKey.make(image.sha256, model_sha, mmproj_sha, opts.prompt.version, opts.params)
             was_connected = session.connected
             session.ensure_plugin(dataclasses.replace(vlm_cfg, model=model, mmproj=mmproj),
                                   {"model": (str(model), model_sha), "mmproj": (str(mmproj), mmproj_sha)})  # fmt: skip
@@ -383,10 +388,10 @@ def caption_on_cluster(
             state["plugin"] = True
         tkey = task_key(key) + suffix
         if tkey in inflight:  # the same bytes twice: one task, both paths get its record
-            inflight[tkey][2].append(path)
+            inflight[tkey][3].append(member)
             return
-        future = session.client.submit(describe_task, ImageInput.from_loaded(loaded), opts, key=tkey)
-        inflight[tkey] = (future, key, [path])
+        future = session.client.submit(describe_task, image, opts, key=tkey)
+        inflight[tkey] = (future, key, image, [member])
         future.add_done_callback(finished.put)
 
     def fill(stop: dict[str, bool]) -> None:
@@ -396,54 +401,56 @@ def caption_on_cluster(
                 window = window or max(IN_FLIGHT_PER_THREAD, IN_FLIGHT_PER_THREAD * session.worker_threads())
                 if len(inflight) >= window:
                     return
-            path = next(state["next"], None)
-            if path is None:
+            item = next(state["next"], None)
+            if item is None:
                 state["done"] = True
                 return
+            tag, source = item
+            path = source_path(source)
             try:
-                loaded = load_image(path, max_megapixels=opts.max_megapixels, bands=opts.bands)
+                loaded = load_source(source, opts)
             except ImageError as exc:
-                fail(path, str(exc).removeprefix(f"{path}: "))
+                fail(tag, path, str(exc).removeprefix(f"{path}: "))
                 continue
             key = CacheKey.make(loaded.sha256, model_sha, mmproj_sha, opts.prompt.version, opts.params)
             hit = cache.get(key) if cache is not None and model_sha else None
             if hit is not None:  # never sent
-                record_done(serve_cached(hit, path, model_files, model_sha, mmproj_sha))
+                done(tag, serve_cached(hit, path, model_files, model_sha, mmproj_sha))
             else:
-                submit(path, loaded, key)
+                submit((tag, path), ImageInput.from_loaded(loaded), key)
 
     def collect(future: Any) -> None:
         entry = inflight.pop(future.key, None)
         if entry is None:
             return
-        _, key, paths = entry
+        _, key, image, members = entry
         if future.status == "finished":
             record = future.result()
             summary.model_loaded = True
             summary.model_calls += 1 + bool(record.extra.get("retried"))
             summary.retries += bool(record.extra.get("retried"))
-            record.image = str(paths[0])
+            record.image = str(members[0][1])
             if cache is not None:
                 cache.put(key, record)
-            record_done(record)
-            for other in paths[1:]:  # as the local path gives them: a cache hit, or (no cache) a fresh copy
+            done(members[0][0], record)
+            for tag, other in members[1:]:  # as the local path gives them: a cache hit, or (no cache) a fresh copy
                 twin = serve_cached(CaptionRecord.from_dict(record.to_dict()), other, model_files, model_sha, mmproj_sha)
                 twin.cached = cache is not None
-                record_done(twin)
+                done(tag, twin)
         elif future.status == "error":
             exc = future.exception()
             if isinstance(exc, WorkerRefused):
                 raise ClusterError(str(exc))
             if type(exc).__name__ == "KilledWorker" and not state.get("alone"):
-                suspects.append((key, paths))
+                suspects.append((key, image, members))
                 future.release()
                 return
             summary.retries += bool(getattr(exc, "retried", False))
-            for p in paths:
-                fail(p, _failure_reason(exc))
+            for tag, p in members:
+                fail(tag, p, _failure_reason(exc))
         else:  # cancelled by someone else, or lost with the scheduler
-            for p in paths:
-                fail(p, f"the Dask scheduler dropped this image ({future.status}); run the same command again")
+            for tag, p in members:
+                fail(tag, p, f"the Dask scheduler dropped this image ({future.status}); run the same command again")
         future.release()
 
     stop_message = "interrupt: cancelling the images not described yet, keeping the finished ones (Ctrl-C again to stop now)"
@@ -458,17 +465,11 @@ def caption_on_cluster(
                 except queue.Empty:
                     continue
             state["alone"] = True
-            for key, paths in suspects:
+            for key, image, members in suspects:
                 if stop["stop"]:
                     break
-                try:
-                    loaded = load_image(paths[0], max_megapixels=opts.max_megapixels, bands=opts.bands)
-                except ImageError as exc:
-                    for p in paths:
-                        fail(p, str(exc).removeprefix(f"{p}: "))
-                    continue
-                submit(paths[0], loaded, key, suffix="-alone")
-                inflight[task_key(key) + "-alone"][2].extend(paths[1:])
+                submit(members[0], image, key, suffix="-alone")
+                inflight[task_key(key) + "-alone"][3].extend(members[1:])
                 while inflight and not stop["stop"]:
                     try:
                         collect(finished.get(timeout=0.5))
@@ -484,12 +485,12 @@ def caption_on_cluster(
 
 def _wind_down(session: ClusterSession, inflight: dict, collect: Callable[[Any], None]) -> None:
     """Keep what already finished, cancel the rest (Ctrl-C, or a refusal that ends the run)."""
-    for future, _, _ in list(inflight.values()):
+    for future, *_ in list(inflight.values()):
         if future.status == "finished":
             with contextlib.suppress(ClusterError):
                 collect(future)
-    left = [future for future, _, _ in inflight.values()]
+    left = [future for future, *_ in inflight.values()]
     inflight.clear()
     if left:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(RuntimeError, OSError):  # a closed client; a lost scheduler (CommClosedError)
             session.client.cancel(left)

@@ -11,6 +11,7 @@ clip_n_mmproj_embd).
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,6 @@ class _Header:
     before llama.cpp was even reached. This walks past long arrays by their lengths instead."""
 
     def __init__(self, buf: Any):
-        import struct
-
         self._buf, self._pos, self._unpack = buf, 0, struct.unpack_from
         magic, version = self._read("<4sI")
         if version < 2:
@@ -133,8 +132,6 @@ class _Header:
         self.data_offset = -(-self._pos // align) * align
 
     def _read(self, fmt: str) -> tuple:
-        import struct
-
         values = self._unpack(fmt, self._buf, self._pos)
         self._pos += struct.calcsize(fmt)
         return values
@@ -161,8 +158,6 @@ class _Header:
             return None
         if etype not in _SCALARS:
             raise ValueError(f"unsupported GGUF array element type {etype}")
-        import struct
-
         width = struct.calcsize(_SCALARS[etype])
         if n > _SHORT_ARRAY:
             self._pos += n * width
@@ -208,7 +203,10 @@ def inspect_gguf(path: Path) -> GGUFInfo:
                 default=header.data_offset,
             )
             del buf  # no view may outlive the map
-    except Exception as exc:  # struct.error, ValueError, KeyError: a cut or damaged header
+    # A cut or damaged header: struct.error (short read), ValueError (our checks, and gguf's enum for an
+    # unknown tensor type), OverflowError (a huge count), KeyError/TypeError (a type without a size, an
+    # alignment that is not a number). 6,000 mutated headers of the test VLM raised the first three.
+    except (OSError, struct.error, ValueError, OverflowError, KeyError, TypeError) as exc:
         raise ModelError(
             f"{path}: truncated or corrupt GGUF ({size} bytes; {type(exc).__name__}: {exc}); "
             "download or copy the file again"

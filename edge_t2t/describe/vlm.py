@@ -801,7 +801,9 @@ class VLM:
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:  # noqa: BLE001 - a destructor must not raise, whatever close() hits at exit
+        # A destructor must not raise: a VLM whose __init__ failed has no _llama yet (AttributeError);
+        # at interpreter exit llama_cpp's ctypes globals may already be None (TypeError when called).
+        except (AttributeError, TypeError, OSError):
             pass
 
 

@@ -19,6 +19,15 @@ import numpy as np
 from .. import config
 from ..errors import ModelError
 
+
+def _onnxruntime_errors() -> tuple[type[Exception], ...]:
+    """The exception classes onnxruntime's C++ core raises (Fail, InvalidArgument, NoSuchFile,
+    InvalidProtobuf, ...). They derive from Exception directly, not from RuntimeError, so they are
+    collected from the module that defines them."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(c for c in vars(state).values() if isinstance(c, type) and issubclass(c, Exception))
+
 PRECISIONS = ("fp32", "int8")
 _BUILD_HINT = "run `edge-t2t models build-embedder`"
 
@@ -72,7 +81,9 @@ class Embedder:
             raise ModelError(f"{path} is missing; {_BUILD_HINT}")
         try:
             tok = Tokenizer.from_file(str(path))
-        except Exception as exc:  # tokenizers raises a bare Exception on a bad file
+        # tokenizers 0.x raises a bare Exception (no subclass) from Tokenizer.from_file for a file that
+        # is not JSON, empty, binary or of the wrong shape (each tried): nothing narrower to catch.
+        except Exception as exc:
             raise ModelError(f"{path} is not a valid tokenizer file ({exc}); {_BUILD_HINT} --force") from exc
         tok.no_padding()
         tok.enable_truncation(max_length=self.max_tokens)
@@ -99,7 +110,7 @@ class Embedder:
         opts.log_severity_level = 3  # keep onnxruntime's warnings off the user's terminal
         try:
             session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/... classes
+        except _onnxruntime_errors() as exc:  # e.g. InvalidProtobuf (cut or garbage file), InvalidArgument (empty)
             raise ModelError(
                 f"{path} could not be loaded by onnxruntime ({type(exc).__name__}: {str(exc)[:200]}); "
                 f"the file is corrupt or incomplete: {_BUILD_HINT} --force"

@@ -7,6 +7,11 @@ indexed under a path that disappeared -> a move, its descriptions follow it; con
 elsewhere -> a copy, its descriptions and vectors are reused. Stored files under the scanned
 folders that no longer exist are removed with their vectors.
 
+Each changed file is opened and read once: the walk only stats, then one batch of files at a time
+is read, hashed, sorted (touched, moved, copied, new) and its new images described from the very
+bytes that were hashed (images.ImageBytes through captioning.caption_sources), then the bytes go.
+Without a VLM nothing is described: every file is read in one pass and no bytes are kept.
+
 Work is committed in batches (one SQLite transaction each), so an interrupted run keeps every
 finished batch and the next run resumes from there. The vector snapshot is brought up to date
 with SQLite and saved at the end of the run and at most every 60 s during it (indexdir.py); a
@@ -30,8 +35,9 @@ from pathlib import Path
 
 from ..describe.captioning import CaptionSettings
 from ..embed.texts import PlannedText, plan_texts
-from ..errors import InputError, StoreError
-from ..hashing import sha256_bytes, sha256_file
+from ..errors import ImageError, InputError, StoreError
+from ..hashing import sha256_bytes
+from ..images import ImageBytes
 from ..modes import DEFAULT_TEXT_MODE, DTYPES, TEXT_MODES
 from ..records import CaptionRecord
 from .indexdir import IndexDir
@@ -39,6 +45,9 @@ from .store import MODEL_FILE_COLUMNS, NewText, Store
 
 DEFAULT_DTYPE = "i8"
 STAGES = ("scan", "caption", "embed", "store", "index_save")
+# Files up to this size are read whole once and their header probed from memory; a larger one may be
+# a multi-GB scene, so its header is probed from disk first (a second open, for such files only).
+READ_WHOLE_MAX_BYTES = 64 << 20
 
 
 @dataclass
@@ -79,20 +88,38 @@ class _Pending:
     size: int | None = None
     mtime_ns: int | None = None
     sha256: str = ""
+    width: int | None = None  # from the header of the bytes read (no second open)
+    height: int | None = None
+    image: ImageBytes | None = None  # the bytes read and hashed, kept only until they are described
     record: CaptionRecord | None = None
     error: str = ""
     from_vlm: bool = False
     dropped: bool = False  # not reached before Ctrl-C: left for the next run
 
 
-def _image_size(path: Path) -> tuple[int | None, int | None]:
-    from PIL import Image, UnidentifiedImageError
+@dataclass
+class _Listing:
+    """What the walk and the store tell before any file is read: the changed files (stat only) and
+    the stored rows whose files are gone (for move detection, known before any hashing)."""
 
-    try:
-        with Image.open(path) as im:  # reads the header only
-            return im.size
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
-        return None, None
+    stored: dict
+    changed: list[_Pending]
+    gone: dict
+    gone_by_sha: dict  # shrinks as moves are found
+    moved_ids: set[int] = field(default_factory=set)
+
+    def unmoved(self) -> list[int]:
+        """The gone rows no changed file turned out to be a move of (call once every chunk is planned)."""
+        return [row.id for row in self.gone.values() if row.id not in self.moved_ids]
+
+
+@dataclass
+class _ChunkPlan:
+    pending: list[_Pending] = field(default_factory=list)  # new content: to describe, embed and store
+    touched: list[tuple[int, _Pending]] = field(default_factory=list)  # same content, new file facts
+    moves: list[tuple[object, _Pending]] = field(default_factory=list)
+    copies: list[tuple[object, _Pending]] = field(default_factory=list)
+    removals: list[int] = field(default_factory=list)
 
 
 def _out_of_space(exc: BaseException) -> bool:
@@ -154,6 +181,13 @@ class _Progress:
     def advance(self, name: str, n: int = 1) -> None:
         if self.bar and name in self.tasks:
             self.bar.advance(self.tasks[name], n)
+
+    def shrink(self, name: str, n: int) -> None:
+        """Lower a bar's total by `n` items that turned out to need no work in that stage."""
+        if self.bar and name in self.tasks and n:
+            task = self.tasks[name]
+            total = self.bar.tasks[[t.id for t in self.bar.tasks].index(task)].total or 0
+            self.bar.update(task, total=max(0, total - n))
 
 
 @contextmanager
@@ -250,14 +284,16 @@ class Indexer:
         return int(meta["dim"]), meta["dtype"], meta["text_mode"]
 
     # -- planning -----------------------------------------------------------------------------
-    def _plan_files(self, store: Store, paths: list[Path], summary: IndexSummary, by_name: dict, by_sha: dict):
-        """Return (pending, moves, copies, removals) for the files under `paths`."""
+    def _list_files(self, store: Store, paths: list[Path], summary: IndexSummary) -> _Listing:
+        """Walk `paths` and stat each file; nothing is read yet. A file whose size and mtime match
+        the store is skipped here, never opened."""
         from ..images import find_images
 
         roots = [p.expanduser().resolve() for p in paths]
         stored = store.images()
         seen: set[str] = set()
         changed: list[_Pending] = []
+
         def missing(path: Path, why: str) -> None:
             summary.failed += 1
             summary.failures.append((str(path), why))
@@ -279,36 +315,64 @@ class Indexer:
             if old and old.status == "ok" and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
                 summary.skipped += 1
                 continue
-            if self.tiling.is_scene(f):  # issue 13: tiled and indexed by scene_index after the plain images
-                self._scene_files.append(f)
-                continue
             changed.append(_Pending(key, f, st.st_size, st.st_mtime_ns))
         gone = {p: row for p, row in stored.items() if p not in seen and _under(p, roots)}
         gone_by_sha = {row.sha256: row for row in gone.values() if row.status == "ok" and row.sha256}
-        pending, touched, moves, copies = [], [], [], []
-        for p in changed:
-            try:
-                p.sha256 = sha256_file(p.file)
-            except OSError as exc:
-                p.error = f"cannot read file ({exc.strerror or exc})"
-                pending.append(p)
+        return _Listing(stored, changed, gone, gone_by_sha)
+
+    def _read(self, p: _Pending, keep_bytes: bool) -> bool:
+        """Read p's file: one open, one read of its bytes, hashed and header-probed in memory. Returns
+        False when the file is a scene (left for scene_index, which tiles it from disk). The bytes stay
+        on p only when `keep_bytes` (they will be described): what was hashed is what is described."""
+        from ..scene.tiling import scene_size
+
+        # issue 13: a scene is tiled and indexed by scene_index after the plain images
+        if p.size and p.size > READ_WHOLE_MAX_BYTES and self.tiling.is_scene(p.file):
+            return False
+        try:
+            image = ImageBytes.read(p.file)
+        except ImageError as exc:
+            p.error = str(exc).removeprefix(f"{p.file}: ")
+            return True
+        size = scene_size(p.file, image.data)
+        if len(image.data) <= READ_WHOLE_MAX_BYTES and self.tiling.is_scene_of_size(p.file, size, len(image.data)):
+            return False
+        p.sha256 = image.sha256
+        p.width, p.height = size or (None, None)
+        p.image = image if keep_bytes else None
+        return True
+
+    def _plan_chunk(self, store: Store, chunk: list[_Pending], listing: _Listing, by_name: dict, by_sha: dict,
+                    keep_bytes: bool) -> _ChunkPlan:  # fmt: skip
+        """Read and hash the files of one chunk and sort them: touched, moved, copied, or new."""
+        plan = _ChunkPlan()
+        stored, gone = listing.stored, listing.gone
+        for p in chunk:
+            if not self._read(p, keep_bytes):
+                self._scene_files.append(p.file)
+                continue
+            if p.error:
+                plan.pending.append(p)
                 continue
             old = stored.get(p.path)
             if old and old.status == "ok" and old.sha256 == p.sha256:
-                touched.append((old.id, p))  # touched, content unchanged
-            elif p.sha256 in gone_by_sha:
-                moves.append((gone_by_sha.pop(p.sha256), p))
+                plan.touched.append((old.id, p))  # touched, content unchanged
+            elif p.sha256 in listing.gone_by_sha:
+                row = listing.gone_by_sha.pop(p.sha256)
+                listing.moved_ids.add(row.id)
+                plan.moves.append((row, p))
             elif (src := store.ok_image_with_sha(p.sha256, exclude_ids=[r.id for r in gone.values()])) is not None:
-                copies.append((src, p))
+                plan.copies.append((src, p))
             else:
                 p.record = by_name.get(p.path) or by_sha.get(p.sha256)
-                pending.append(p)
-        moved_ids = {row.id for row, _ in moves}
-        removals = [row.id for row in gone.values() if row.id not in moved_ids]
+                plan.pending.append(p)
+                if p.record is None:
+                    continue  # to be described: its bytes stay until then
+            p.image = None  # its descriptions exist already: the bytes are not needed
         # A moved or copied content can land on a path that held other content (e.g. two files
         # swapped): that path's old record makes way (removed after copies have read their sources).
-        removals += [stored[p.path].id for _, p in moves + copies if p.path in stored]
-        return pending, touched, moves, copies, removals
+        plan.removals = [stored[p.path].id for _, p in plan.moves + plan.copies if p.path in stored]
+        return plan
 
     def _plan_records(self, store: Store, records: list[CaptionRecord], summary: IndexSummary) -> list[_Pending]:
         """Captions-only import: names are kept as given; re-import only when the text changed. Only
@@ -391,34 +455,74 @@ class Indexer:
                 by_name.setdefault(str((root / rec.image).resolve()), rec)
             if rec.sha256:
                 by_sha.setdefault(rec.sha256, rec)
-        if paths:
-            pending, touched, moves, copies, removals = self._plan_files(store, paths, summary, by_name, by_sha)
-        else:
-            pending, touched, moves, copies, removals = self._plan_records(store, records, summary), [], [], [], []
+        listing = self._list_files(store, paths, summary) if paths else _Listing({}, [], {}, {})
         summary.stage_seconds["scan"] += time.perf_counter() - t
 
-        # Bookkeeping that needs no model: one transaction (its vectors reach the snapshot at the
-        # next checkpoint, read back by key).
+        # Files are read, hashed and sorted one chunk at a time, and each chunk's new images are
+        # described from the bytes just read, then dropped: memory holds one chunk's bytes, never the
+        # archive's. Without a VLM nothing is described, so one chunk holds every file (one read each,
+        # no bytes kept) and a missing VLM is reported before any batch.
+        changed = listing.changed
+        keep_bytes = self.vlm_cfg is not None
+        chunk_size = self.batch_size if keep_bytes else max(1, len(changed))
+        show = self.progress and bool(changed or (records and not paths))
+        with _Progress(show) as bar:
+            if not paths:
+                pending = self._plan_records(store, records, summary)
+                bar.add("embed", len(pending))
+                self._describe_embed_store(ix, pending, records, mode, summary, bar)
+            else:
+                if keep_bytes:
+                    bar.add("caption", len(changed))
+                bar.add("embed", len(changed))
+                for start in range(0, len(changed), chunk_size):
+                    t = time.perf_counter()
+                    chunk = changed[start : start + chunk_size]
+                    plan = self._plan_chunk(store, chunk, listing, by_name, by_sha, keep_bytes)
+                    summary.stage_seconds["scan"] += time.perf_counter() - t
+                    if start + chunk_size >= len(changed):  # every move is known now: the other gone rows go
+                        plan.removals += listing.unmoved()
+                    self._bookkeep(store, plan, summary)
+                    settled = len(chunk) - len(plan.pending)  # touched, moved, copied, or scenes
+                    bar.shrink("embed", settled)
+                    bar.shrink("caption", settled + sum(p.record is not None or bool(p.error) for p in plan.pending))
+                    self._describe_embed_store(ix, plan.pending, records, mode, summary, bar)
+                if not changed:  # nothing to read, but files may have been deleted
+                    self._bookkeep(store, _ChunkPlan(removals=listing.unmoved()), summary)
+        if paths:  # issue 13: scenes found by the plan (and scenes gone from under `paths`)
+            from ..scene.scene_index import index_scenes
+
+            index_scenes(self, store, ix, self._scene_files, [p.expanduser().resolve() for p in paths],
+                         records, summary, mode)  # fmt: skip
+        self._checkpoint(ix, summary, force=True)
+
+    def _bookkeep(self, store: Store, plan: _ChunkPlan, summary: IndexSummary) -> None:
+        """Bookkeeping that needs no model: one transaction (its vectors reach the snapshot at the
+        next checkpoint, read back by key)."""
+        if not (plan.touched or plan.moves or plan.copies or plan.removals):
+            return
         t = time.perf_counter()
-        with store.transaction():
-            for image_id, p in touched:
+        with _interrupt_deferred(), store.transaction():
+            for image_id, p in plan.touched:
                 store.update_image_file(image_id, path=p.path, size=p.size, mtime_ns=p.mtime_ns)
-            copied = [(src, p, store.read_texts(src.id), store.description_of(src.id)) for src, p in copies]
-            store.remove_images(removals)
-            for row, p in moves:
+            copied = [(src, p, store.read_texts(src.id), store.description_of(src.id)) for src, p in plan.copies]
+            store.remove_images(plan.removals)
+            for row, p in plan.moves:
                 store.update_image_file(row.id, path=p.path, size=p.size, mtime_ns=p.mtime_ns)
             for src, p, rows, (desc_id, desc_hash) in copied:
-                w, h = _image_size(p.file)
-                new_id = store.put_image(p.path, size=p.size, mtime_ns=p.mtime_ns, sha256=p.sha256, width=w, height=h,
-                                         source=src.source, desc_hash=desc_hash, description_id=desc_id)
+                new_id = store.put_image(p.path, size=p.size, mtime_ns=p.mtime_ns, sha256=p.sha256, width=p.width,
+                                         height=p.height, source=src.source, desc_hash=desc_hash,
+                                         description_id=desc_id)  # fmt: skip
                 keys, _ = store.insert_texts(new_id, rows)
                 store.note_texts_per_image(len(keys))
-        summary.skipped += len(touched)
-        summary.moved += len(moves)
-        summary.reused += len(copies)
-        summary.removed += len(removals)
+            summary.skipped += len(plan.touched)
+            summary.moved += len(plan.moves)
+            summary.reused += len(plan.copies)
+            summary.removed += len(plan.removals)
         summary.stage_seconds["store"] += time.perf_counter() - t
 
+    def _describe_embed_store(self, ix: IndexDir, pending: list[_Pending], records: list[CaptionRecord], mode: str,
+                              summary: IndexSummary, bar: _Progress) -> None:  # fmt: skip
         need_vlm = [p for p in pending if p.record is None and not p.error]
         if need_vlm and records and self.vlm_cfg is None:
             for p in need_vlm:
@@ -428,19 +532,9 @@ class Indexer:
                 f"{len(need_vlm)} image(s) need descriptions: pass --vlm MODEL.gguf --mmproj MMPROJ.gguf "
                 f"(or --captions FILE); e.g. {need_vlm[0].path}"
             )
-        with _Progress(self.progress and bool(pending)) as bar:
-            if self.vlm_cfg is not None and need_vlm:
-                bar.add("caption", len(need_vlm))
-            bar.add("embed", len(pending))
-            for start in range(0, len(pending), self.batch_size):
-                self._batch(store, pending[start : start + self.batch_size], mode, summary, bar)
-                self._checkpoint(ix, summary, force=False)
-        if paths:  # issue 13: scenes found by the plan (and scenes gone from under `paths`)
-            from ..scene.scene_index import index_scenes
-
-            index_scenes(self, store, ix, self._scene_files, [p.expanduser().resolve() for p in paths],
-                         records, summary, mode)  # fmt: skip
-        self._checkpoint(ix, summary, force=True)
+        for start in range(0, len(pending), self.batch_size):
+            self._batch(ix.store, pending[start : start + self.batch_size], mode, summary, bar)
+            self._checkpoint(ix, summary, force=False)
 
     @staticmethod
     def _checkpoint(ix: IndexDir, summary: IndexSummary, force: bool) -> None:
@@ -452,25 +546,28 @@ class Indexer:
         todo = [p for p in batch if p.record is None and not p.error]
         if not todo or self.vlm_cfg is None:
             return
-        from ..describe.captioning import caption_with
+        from ..describe import captioning
 
-        by_path = {str(p.file): p for p in todo}
-
-        def on_record(rec: CaptionRecord) -> None:
-            p = by_path.get(str(Path(rec.image).resolve())) or by_path.get(rec.image)
-            if p is not None:
-                p.record = rec
-                p.from_vlm = True
+        def on_result(p: _Pending, outcome: CaptionRecord | captioning.Failure) -> None:
+            if isinstance(outcome, captioning.Failure):
+                p.error = outcome.reason
+            else:
+                p.record, p.from_vlm = outcome, True
             bar.advance("caption")
 
-        result = caption_with([p.file for p in todo], self.vlm_cfg, self.n_variants, self.caption, on_record)
-        reasons = {str(Path(f.path).resolve()): f.reason for f in result.failures}
+        try:
+            result = captioning.caption_sources([(p, p.image) for p in todo], self.vlm_cfg, self.n_variants,
+                                                self.caption, on_result)  # fmt: skip
+        finally:
+            for p in todo:
+                p.image = None  # described (or not): the bytes are dropped with the batch
         for p in todo:
-            if p.record is None and result.interrupted and p.path not in reasons:
-                p.dropped = True  # its caption run was stopped by Ctrl-C; commit the others first
-            elif p.record is None:
-                p.error = reasons.get(p.path, "the VLM returned no description")
-                bar.advance("caption")
+            if p.record is None and not p.error:
+                if result.interrupted:
+                    p.dropped = True  # its caption run was stopped by Ctrl-C; commit the others first
+                else:
+                    p.error = "the VLM returned no description"
+                    bar.advance("caption")
         if result.interrupted:
             self._stop = True
 
@@ -496,18 +593,16 @@ class Indexer:
         with _interrupt_deferred(), store.transaction():
             for p in batch:
                 store.remove_path(p.path)  # changed content at a known path
-                w = h = None
-                if p.file is not None:
-                    w, h = _image_size(p.file)
+                w, h = p.width, p.height
                 if p.error:
                     store.put_image(p.path, size=p.size, mtime_ns=p.mtime_ns, sha256=p.sha256, width=w, height=h,
                                     status="failed", error=p.error)
                     continue
                 rec = p.record
-                # A VLM record carries the sha256 of the very bytes it described; if the file changed
-                # after our own hash, that is the one to keep (the stale size/mtime then make the
-                # next run look at the file again).
-                sha = rec.sha256 if p.from_vlm and rec.sha256 else (p.sha256 or rec.sha256)
+                # The VLM described the very bytes we hashed (p.image), so p.sha256 is theirs. If the
+                # file changed after that read, the size/mtime taken before it are stale and make the
+                # next run look at the file again.
+                sha = p.sha256 or rec.sha256
                 image_id = store.put_image(
                     p.path, size=p.size, mtime_ns=p.mtime_ns, sha256=sha, width=w, height=h,
                     source="vlm" if p.from_vlm else "captions",

@@ -291,16 +291,23 @@ class Store:
                     f"'edge-t2t index PATH --index {self.dir}' or point --index / EDGE_T2T_INDEX at one"
                 )
             self.dir.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per batch.
         try:
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per batch.
             self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path} is not a readable edge-t2t store ({exc}): delete {self.dir} and re-index") from exc
+        try:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA foreign_keys=ON")
             self.conn.execute("PRAGMA busy_timeout=30000")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             migrate(self.conn)
         except sqlite3.DatabaseError as exc:
+            self.conn.close()  # the file opened but is not a store (or a newer one): nothing stays open
             raise StoreError(f"{self.path} is not a readable edge-t2t store ({exc}): delete {self.dir} and re-index") from exc
+        except BaseException:
+            self.conn.close()
+            raise
 
     def close(self) -> None:
         self.conn.close()

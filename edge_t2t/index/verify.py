@@ -294,7 +294,7 @@ def _check_vectors(index_dir: Path, meta: dict, sql, m: dict | None, deletions: 
     if not corrupt:
         try:
             snap = vindex.Snapshot(index_dir, m)
-        except Exception as exc:  # usearch raises RuntimeError / ValueError on a damaged file
+        except vindex.SNAPSHOT_READ_ERRORS as exc:
             corrupt.append(f"{index_dir}: a snapshot file is unreadable ({exc})")
     if corrupt:
         info["state"] = "corrupt"

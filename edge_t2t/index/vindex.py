@@ -43,6 +43,11 @@ from ..modes import DTYPES, VECTOR_MODES
 from .quantise import exact_dtype, graph_codes
 
 MANIFEST_FILE = "manifest.json"
+# What opening a damaged (or half-replaced) snapshot raises, each tried on a damaged file: usearch's
+# restore RuntimeError ("File is corrupted...") or ValueError ("Not a dense USearch index!", "End of
+# file reached!"); np.load EOFError / ValueError; np.memmap OSError / ValueError; an unusable graph
+# view is our StoreError.
+SNAPSHOT_READ_ERRORS = (RuntimeError, ValueError, EOFError, OSError, StoreError)
 # The files of the single-snapshot layout that came before generations: removed by a rebuild.
 LEGACY_FILES = ("vectors.usearch", "exact.npy", "keys.npy")
 FORMAT = 1

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from ..errors import ImageError
 from ..fileio import atomic_write_text
 from .search import Hit
 
@@ -81,7 +82,7 @@ def _thumbnail(image: str) -> str:
         from ..images import thumbnail_data_uri
 
         return thumbnail_data_uri(path, THUMB_SIZE)
-    except Exception:  # an unreadable image still gets its row, with a placeholder
+    except (ImageError, OSError):  # an unreadable image (load_image names it) still gets its row, with a placeholder
         return ""
 
 

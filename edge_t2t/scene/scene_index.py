@@ -10,7 +10,6 @@ scene stays 'partial' and the next run describes only the chips still missing.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -59,7 +58,11 @@ class TilingOptions:
         return int(mp * 1_000_000)
 
     def is_scene(self, path: Path) -> bool:
-        size = scene_size(path)
+        return self.is_scene_of_size(path, scene_size(path))
+
+    def is_scene_of_size(self, path: Path, size: tuple[int, int] | None, file_bytes: int | None = None) -> bool:
+        """Whether a file of `size` pixels (tiling.scene_size) is a scene; `file_bytes`, its length when
+        already known (else it is stat'ed)."""
         if size is None or size[0] * size[1] <= self.threshold_pixels():
             return False
         # A few KB of PNG/JPEG claiming gigapixels is a decompression bomb, not a scene: it stays on
@@ -67,9 +70,10 @@ class TilingOptions:
         # 1000:1; GeoTIFFs are exempt (sparse tiled files legitimately omit empty blocks).
         if path.suffix.lower() not in (".tif", ".tiff"):
             try:
-                return size[0] * size[1] * 3 / max(1, path.stat().st_size) <= MAX_COMPRESSION
+                length = file_bytes if file_bytes is not None else path.stat().st_size
             except OSError:
                 return False
+            return size[0] * size[1] * 3 / max(1, length) <= MAX_COMPRESSION
         return True
 
     def chip_size(self, vlm_cfg) -> int:
@@ -129,25 +133,24 @@ class ChipDescriber:
         return self._vlm
 
     def describe(self, named_images: list[tuple[str, object]]) -> tuple[dict[str, CaptionRecord], dict[str, str], bool]:
-        """(records by chip name, failures by chip name, interrupted)."""
-        from ..describe.captioning import caption_with
-        from ..images import to_png_bytes
+        """(records by chip name, failures by chip name, interrupted). Each chip goes to the pipeline
+        as the PNG bytes the model sees, named by the chip and hashed once (the cache keys the same
+        pixels alike); its outcome comes back paired with that name."""
+        from ..describe.captioning import Failure, caption_sources
+        from ..images import ImageBytes, to_png_bytes
 
-        with tempfile.TemporaryDirectory(prefix="edge-t2t-chips-") as tmp:
-            by_file: dict[str, str] = {}
-            for i, (name, image) in enumerate(named_images):
-                f = Path(tmp) / f"chip{i:05d}.png"
-                f.write_bytes(to_png_bytes(image))  # lossless: the cache keys the same pixels alike
-                by_file[str(f)] = name
-            records: dict[str, CaptionRecord] = {}
+        records: dict[str, CaptionRecord] = {}
+        failures: dict[str, str] = {}
 
-            def keep(rec: CaptionRecord) -> None:
-                name = by_file[str(Path(rec.image))]
-                rec.image = name
-                records[name] = rec
+        def keep(name: str, outcome: CaptionRecord | Failure) -> None:
+            if isinstance(outcome, Failure):
+                failures[name] = outcome.reason
+            else:
+                outcome.image = name
+                records[name] = outcome
 
-            result = caption_with(list(by_file), self.vlm_cfg, self.n_variants, self.caption, keep, self._factory)
-            failures = {by_file.get(f.path, f.path): f.reason for f in result.failures}
+        items = [(name, ImageBytes.of(name, to_png_bytes(image))) for name, image in named_images]
+        result = caption_sources(items, self.vlm_cfg, self.n_variants, self.caption, keep, self._factory)
         return records, failures, result.interrupted
 
     def close(self) -> None:

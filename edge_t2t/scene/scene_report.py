@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
+from ..errors import ImageError
 from ..query.search import Hit
 from .chipstore import ChipInfo
 from .geo import feature, footprint
@@ -87,7 +88,11 @@ class ChipPictures:
     def _scene(self, path: str):
         if path not in self._overviews:
             scene = open_scene(path)
-            self._overviews[path] = (scene, scene.overview(OVERVIEW_SIDE))
+            try:
+                self._overviews[path] = (scene, scene.overview(OVERVIEW_SIDE))
+            except BaseException:
+                scene.close()
+                raise
         return self._overviews[path]
 
     def __call__(self, hit: Hit) -> str | None:
@@ -98,7 +103,7 @@ class ChipPictures:
 
         try:
             chip, ov = self.chip_and_overview(info)
-        except Exception:  # the scene is not on this machine (or unreadable): say so, keep the row
+        except ImageError:  # the scene is not on this machine (or unreadable): say so, keep the row
             return '<div class="ph">scene not<br>available here</div>'
         w: Window = info.window
         alt = html.escape(hit.image, quote=True)

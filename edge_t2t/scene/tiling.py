@@ -16,6 +16,7 @@ from a grid of small windows, so neighbouring chips look alike to the model.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -126,28 +127,43 @@ def _rasterio():
     return rasterio
 
 
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged scene raises: Pillow's errors (images.PIL_ERRORS) and, with the geo
+    extra, rasterio's RasterioError. Tried on truncated, bit-flipped, empty and garbage GeoTIFFs:
+    rasterio 1.4 wraps GDAL's CPLE_* errors into RasterioIOError on open, read and MemoryFile alike."""
+    from ..images import PIL_ERRORS
+
+    rio = _rasterio()
+    return (*PIL_ERRORS, rio.errors.RasterioError) if rio is not None else PIL_ERRORS
+
+
 def _has_geotiff_tags(path: Path) -> bool:
     from PIL import Image
+
+    from ..images import PIL_ERRORS
 
     try:
         with Image.open(path) as im:
             tags = getattr(im, "tag_v2", None)
             return bool(tags) and any(t in tags for t in _GEOTIFF_TAGS)
-    except Exception:  # Pillow's plugins raise OSError, SyntaxError, struct.error...: not a GeoTIFF we can read
+    except (*PIL_ERRORS, Image.DecompressionBombError):  # not a GeoTIFF Pillow can read
         return False
 
 
-def scene_size(path: str | os.PathLike) -> tuple[int, int] | None:
+def scene_size(path: str | os.PathLike, data: bytes | None = None) -> tuple[int, int] | None:
     """(width, height) from the header only, or None when it cannot be told. Pillow first (a header
-    read, fast: every file an index run looks at passes here), then rasterio for what Pillow cannot open."""
+    read, fast: every file an index run looks at passes here), then rasterio for what Pillow cannot open.
+    `data`: the file's bytes, already read (the indexer's one read), so the file is not opened again."""
     from PIL import Image
+
+    from ..images import PIL_ERRORS
 
     path = Path(path)
     previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # a size question, not a decode
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
             return im.size
-    except Exception:  # Pillow cannot open it (its plugins raise many classes): ask rasterio
+    except PIL_ERRORS:  # Pillow cannot open it: ask rasterio
         pass
     finally:
         Image.MAX_IMAGE_PIXELS = previous
@@ -157,9 +173,14 @@ def scene_size(path: str | os.PathLike) -> tuple[int, int] | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if data is not None:
+                with rio.MemoryFile(data) as mem, mem.open() as ds:
+                    return ds.width, ds.height
             with rio.open(path) as ds:
                 return ds.width, ds.height
-    except Exception:  # rasterio/GDAL errors (RasterioIOError, CPLE_*): the size cannot be told
+    # RasterioIOError (GDAL's errors, wrapped); ValueError from MemoryFile.open on empty bytes ("'driver'
+    # is required", it takes them for a new file): the size cannot be told
+    except (OSError, ValueError, rio.errors.RasterioError):
         return None
 
 
@@ -238,9 +259,7 @@ class SceneFile:
         the file cannot give them, e.g. a truncated GeoTIFF."""
         try:
             return self._read_raw(window, out_shape)
-        except ImageError:
-            raise
-        except Exception as exc:
+        except _read_errors() as exc:
             raise ImageError(f"{self.path}: cannot read window {window.name()} ({_first_line(exc)})") from None
 
     def _read_raw(self, window: Window, out_shape: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -276,7 +295,7 @@ class SceneFile:
 
             try:
                 mask = self._ds.read_masks(1, window=RioWindow(window.x, window.y, window.w, window.h))
-            except Exception as exc:
+            except _read_errors() as exc:
                 raise ImageError(f"{self.path}: cannot read window {window.name()} ({_first_line(exc)})") from None
             return float(np.mean(mask == 0))
         return float(np.mean(~self._read(window)[1]))
@@ -315,9 +334,12 @@ def open_scene(path: str | os.PathLike, bands: tuple[int, int, int] | None = Non
     except ImageError:
         scene.close()
         raise
-    except Exception as exc:  # a truncated or corrupt file fails on its first read
+    except _read_errors() as exc:  # e.g. no valid pixel to sample (ValueError from numpy)
         scene.close()
         raise ImageError(f"{path}: cannot read pixels ({_first_line(exc)})") from None
+    except BaseException:
+        scene.close()
+        raise
     return scene
 
 
@@ -330,7 +352,7 @@ def _open_rasterio(rio, path: Path) -> SceneFile:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # NotGeoreferencedWarning: handled below, with a note
             ds = rio.open(path)
-    except Exception as exc:
+    except _read_errors() as exc:
         raise ImageError(f"{path}: not a readable raster ({_first_line(exc)})") from None
     notes = []
     crs = ds.crs.to_wkt() if ds.crs else None
@@ -355,7 +377,7 @@ def _open_pillow(path: Path) -> SceneFile:
     try:
         im = Image.open(path)
         im.load()  # Pillow cannot read windows: the whole frame, once per scene
-    except Exception as exc:
+    except (*_read_errors(), MemoryError) as exc:
         raise ImageError(f"{path}: not a readable image ({_first_line(exc)}); for GeoTIFFs {GEO_EXTRA_HINT}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous
