@@ -309,17 +309,38 @@ def lexical_similarity(
     return normalise_rows(raw, mask)
 
 
+def competition_ranks(scores: np.ndarray, found: np.ndarray | None = None) -> np.ndarray:
+    """Each column's rank within its row: how many columns score strictly higher (0 = best, equal
+    scores share a rank), as retrieval.side_ranks ranks one side of a search; inf where `found`
+    is False (the side did not find that image)."""
+    s = np.asarray(scores, dtype=np.float64)
+    srt = np.sort(s, axis=1)
+    out = np.empty(s.shape, dtype=np.float64)
+    for r in range(len(s)):
+        out[r] = s.shape[1] - np.searchsorted(srt[r], s[r], side="right")
+    return out if found is None else np.where(found, out, np.inf)
+
+
 def mode_parts(mode: str, **weights) -> tuple[tuple[str, ...], Callable]:
     """The score parts a retrieval mode needs and the function that mixes their per-image values:
-    retrieval.fused, the search's own rule (linear mix; reciprocal-rank fusion is a bench-only
-    option of the search, not a mode)."""
+    retrieval.fused, the search's own rule. With fusion="rrf" (reciprocal-rank fusion, measured
+    beside the linear mix) the parts must be whole (queries x images) rows: each side's ranks are
+    competition ranks over every image (the search ranks only its candidate pools, which hold the
+    top ranks), an image without a shared word being absent from the lexical side."""
     from ..query.retrieval import fused
 
     names = {"dense": ("dense",), "lexical": ("lexical",), "hybrid": ("dense", "lexical")}[mode]
+    rrf = weights.get("fusion") == "rrf" and mode == "hybrid"
 
     def combine(*values, structure=None):
         parts = dict(zip(names, values, strict=True))
-        return fused(parts.get("dense", 0.0), parts.get("lexical", 0.0), structure, mode, **weights)
+        ranks = {}
+        if rrf:
+            d, lx = np.asarray(parts["dense"]), np.asarray(parts["lexical"])
+            if d.ndim != 2:
+                raise ValueError("reciprocal-rank fusion needs whole rows of scores (eval --source index)")
+            ranks = {"dense_rank": competition_ranks(d), "lexical_rank": competition_ranks(lx, lx > 0)}
+        return fused(parts.get("dense", 0.0), parts.get("lexical", 0.0), structure, mode, **weights, **ranks)
 
     return names, combine
 

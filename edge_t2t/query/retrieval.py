@@ -11,8 +11,12 @@ Scores (what `--min-score` compares against):
   dense    the best cosine over an image's texts (the paper's rule);
   lexical  the image's best BM25, divided by the query's best BM25 among the candidates (0..1),
            over the query's rarer words only (lexical.select_terms);
-  hybrid   linear: dense + LEXICAL_WEIGHT * lexical; or reciprocal-rank fusion of the two image
-           rankings (fusion="rrf", bench only: with structure on, the linear mix won on the tuning seeds);
+  hybrid   linear: dense + LEXICAL_WEIGHT * min(1, lexical / LEXICAL_CAP); or reciprocal-rank
+           fusion of the two image rankings (fusion="rrf", bench and eval only: it lost on the
+           held-in data). The cap makes every text within LEXICAL_CAP of the query's best BM25
+           score the same lexical 1, so the dense score orders them: BM25 is not greatest at a
+           text's own words (it rewards a repeated word and a shorter text), so without the cap
+           a near-copy beat a query's own text (README "Retrieval modes");
   plus STRUCTURE_WEIGHT * (mean constraint score of the image's best variant) when the query
   states places, relations or sizes. A query with none ranks as without structure.
 """
@@ -40,6 +44,7 @@ FUSIONS = ("linear", "rrf")
 # structure every weight scores about 1.0, so that grid cannot choose. Each image's parts are mixed
 # (its best cosine + weight x its best normalised BM25), in search and in eval alike.
 LEXICAL_WEIGHT = 0.3
+LEXICAL_CAP = 1.0
 STRUCTURE_WEIGHT = 1.0
 RRF_K = 60
 MIN_POOL = 50  # images fused/re-scored per query: the right one must be among them to be lifted
@@ -204,6 +209,8 @@ def combine(
     fusion: str = "linear",
     lexical_weight: float = LEXICAL_WEIGHT,
     structure_weight: float = STRUCTURE_WEIGHT,
+    lexical_cap: float = LEXICAL_CAP,
+    rrf_k: int = RRF_K,
 ) -> list[Candidate]:
     """The top k of a pool under one mode's scoring (see the module's docstring), best first,
     ties by image path. The pool is left as it was, so one pool can be combined many ways."""
@@ -213,14 +220,15 @@ def combine(
         members = set(pool.lex_order)
     else:
         members = set(pool.dense_order) | set(pool.lex_order)
-    d_rank = {img: r for r, img in enumerate(pool.dense_order)}
-    l_rank = {img: r for r, img in enumerate(pool.lex_order)}
     cands = [c for c in pool.cands if c.image in members]
+    by_image = {c.image: c for c in pool.cands}
+    d_rank = side_ranks({img: by_image[img].dense for img in pool.dense_order})
+    l_rank = side_ranks({img: by_image[img].lexical for img in pool.lex_order})
     scores = fused(
         np.array([c.dense if c.dense is not None else 0.0 for c in cands], dtype=np.float64),
         np.array([c.lexical for c in cands], dtype=np.float64),
         np.array([c.structure for c in cands], dtype=np.float64) if structure and pool.parsed else None,
-        mode, fusion, lexical_weight, structure_weight,
+        mode, fusion, lexical_weight, structure_weight, lexical_cap, rrf_k,
         dense_rank=np.array([d_rank.get(c.image, np.inf) for c in cands], dtype=np.float64),
         lexical_rank=np.array([l_rank.get(c.image, np.inf) for c in cands], dtype=np.float64),
     )
@@ -231,6 +239,17 @@ def combine(
     return out[:k]
 
 
+def side_ranks(scores: dict[str, float]) -> dict[str, int]:
+    """Each image's competition rank on one side: how many of that side's images score strictly
+    higher (0 = best; equal scores share a rank, so a tie is never broken by fetch order). eval
+    ranks whole rows the same way (evaluate.competition_ranks)."""
+    ordered = sorted(scores.values(), reverse=True)
+    first = {}
+    for r, s in enumerate(ordered):
+        first.setdefault(s, r)
+    return {img: first[s] for img, s in scores.items()}
+
+
 def fused(
     dense: np.ndarray,
     lexical: np.ndarray,
@@ -239,6 +258,8 @@ def fused(
     fusion: str = "linear",
     lexical_weight: float = LEXICAL_WEIGHT,
     structure_weight: float = STRUCTURE_WEIGHT,
+    lexical_cap: float = LEXICAL_CAP,
+    rrf_k: int = RRF_K,
     dense_rank: np.ndarray | None = None,
     lexical_rank: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -246,15 +267,17 @@ def fused(
     candidates of a search, or a queries x images matrix in `eval`, which calls this too, so the
     two cannot drift apart). dense: best cosine; lexical: normalised best BM25; structure: best
     variant's constraint score (None: the query states none, or structure is off); ranks are
-    0-based positions on each side, inf where a side did not find the image (rrf only)."""
+    0-based competition ranks on each side (side_ranks), inf where a side did not find the
+    image (rrf only). lexical_cap: see the module's docstring (1.0: no cap)."""
     if mode == "dense":
         score = np.asarray(dense, dtype=np.float64)
     elif mode == "lexical":
         score = np.asarray(lexical, dtype=np.float64)
     elif fusion == "rrf":
-        score = sum(1.0 / (RRF_K + 1 + np.asarray(r, dtype=np.float64)) for r in (dense_rank, lexical_rank))
+        score = sum(1.0 / (rrf_k + 1 + np.asarray(r, dtype=np.float64)) for r in (dense_rank, lexical_rank))
     else:
-        score = np.asarray(dense, dtype=np.float64) + lexical_weight * np.asarray(lexical, dtype=np.float64)
+        lex = np.minimum(1.0, np.asarray(lexical, dtype=np.float64) / lexical_cap)
+        score = np.asarray(dense, dtype=np.float64) + lexical_weight * lex
     if structure is not None:
         score = score + structure_weight * np.asarray(structure, dtype=np.float64)
     return score
@@ -274,6 +297,7 @@ def rank(
     structure_weight: float = STRUCTURE_WEIGHT,
     pool: int | None = None,
     exclude_image_ids=(),
+    lexical_cap: float = LEXICAL_CAP,
 ) -> list[Candidate]:
     """The top k candidates for one text query, best first (ties by image path). Without
     constraints in the query, dense mode fetches exactly k images: the paper's ranking."""
@@ -282,7 +306,7 @@ def rank(
     size = max(k, pool or MIN_POOL) if fused else k
     sides = {"dense": ("dense",), "lexical": ("lexical",), "hybrid": ("dense", "lexical")}[mode]
     p = gather(store, vectors, query, query_vec, size, sides, vector_mode, parsed, exclude_image_ids, k=k)
-    return combine(p, k, mode, structure, fusion, lexical_weight, structure_weight)
+    return combine(p, k, mode, structure, fusion, lexical_weight, structure_weight, lexical_cap)
 
 
 def to_hits(store: Store, cands: list[Candidate], explain: bool = False):
