@@ -467,3 +467,25 @@ def test_eval_i8_exact_scores_equal_an_i8_index_searched_exactly(tmp_path):
         np.testing.assert_allclose(mine, cand.scores, rtol=0, atol=1e-6)
     # and the i8 index's exact scores are not the f32 ones (its exact copy is float16)
     assert not np.array_equal(eval_scores, ev.stored_scores(queries, stacked, "f32"))
+
+
+def test_halves_are_disjoint_cover_every_image_and_follow_the_file_name():
+    import random
+
+    from edge_t2t.evaluation.dataset import from_lists
+
+    names = [f"img_{i}.jpg" for i in range(200)]
+    ann = from_lists(names, [(i, f"caption {i} {j}") for i in range(200) for j in range(2)])
+    tune, report = ann.half("tune"), ann.half("report")
+    assert set(tune.images).isdisjoint(report.images) and set(tune.images) | set(report.images) == set(names)
+    assert 60 < tune.n_images < 140  # a hash, not a cut at a position
+    for part in (tune, report):  # each image keeps its own captions
+        assert part.n_captions == 2 * part.n_images
+        assert all(c.split()[1] == part.images[i].split("_")[1].split(".")[0]
+                   for c, i in zip(part.captions, part.caption_image, strict=True))
+    shuffled = names[:]
+    random.Random(1).shuffle(shuffled)
+    again = from_lists([f"/elsewhere/{n}" for n in shuffled], [(i, "x") for i in range(200)]).half("tune")
+    assert {n.rsplit("/", 1)[1] for n in again.images} == set(tune.images)  # by name, not order or folder
+    with pytest.raises(Exception, match="unknown half"):
+        ann.half("test")

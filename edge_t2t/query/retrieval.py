@@ -298,6 +298,7 @@ def rank(
     pool: int | None = None,
     exclude_image_ids=(),
     lexical_cap: float = LEXICAL_CAP,
+    rrf_k: int = RRF_K,
 ) -> list[Candidate]:
     """The top k candidates for one text query, best first (ties by image path). Without
     constraints in the query, dense mode fetches exactly k images: the paper's ranking."""
@@ -306,7 +307,7 @@ def rank(
     size = max(k, pool or MIN_POOL) if fused else k
     sides = {"dense": ("dense",), "lexical": ("lexical",), "hybrid": ("dense", "lexical")}[mode]
     p = gather(store, vectors, query, query_vec, size, sides, vector_mode, parsed, exclude_image_ids, k=k)
-    return combine(p, k, mode, structure, fusion, lexical_weight, structure_weight, lexical_cap)
+    return combine(p, k, mode, structure, fusion, lexical_weight, structure_weight, lexical_cap, rrf_k)
 
 
 def to_hits(store: Store, cands: list[Candidate], explain: bool = False):
