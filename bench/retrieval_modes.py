@@ -157,7 +157,7 @@ def tune(work: Path, emb) -> dict:
 
 # Candidate fusion rules for --calibrate: retrieval.combine / evaluate.mode_parts keyword arguments.
 CAL_WEIGHTS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
-CAL_CAPS = (1.0, 0.9, 0.8, 0.7, 0.5)
+CAL_CAPS = (None, 1.0, 0.9, 0.8, 0.7, 0.5)  # None: no cap (the rule before)
 CAL_RRF_KS = (10, 30, 60)
 # The criterion, fixed before any report figure was looked at: a rule is eligible when no held-in
 # figure is below dense's by more than 0.5 point (mR, 0-100) or 0.005 (MRR, 0-1); among eligible
@@ -255,7 +255,7 @@ def calibrate(work: Path, emb, rsicd_index: Path | None) -> dict:
         print(f"calibrate {name}: {table[name]}", flush=True)
     ok = [n for n in rules if table[n]["eligible"]]
     chosen = min(ok, key=lambda n: (-table[n]["objective"], rules[n].get("lexical_weight", 9),
-                                    -rules[n].get("lexical_cap", 0))) if ok else None
+                                    -(rules[n].get("lexical_cap") or 9))) if ok else None
     print(f"calibrate dense: {figures['dense']}\ncalibrate chosen: {chosen} {rules.get(chosen)}", flush=True)
     return {"dense": base, "rules": table, "chosen": chosen, "chosen_rule": rules.get(chosen)}
 

@@ -44,7 +44,7 @@ FUSIONS = ("linear", "rrf")
 # structure every weight scores about 1.0, so that grid cannot choose. Each image's parts are mixed
 # (its best cosine + weight x its best normalised BM25), in search and in eval alike.
 LEXICAL_WEIGHT = 0.3
-LEXICAL_CAP = 1.0
+LEXICAL_CAP = None
 STRUCTURE_WEIGHT = 1.0
 RRF_K = 60
 MIN_POOL = 50  # images fused/re-scored per query: the right one must be among them to be lifted
@@ -209,7 +209,7 @@ def combine(
     fusion: str = "linear",
     lexical_weight: float = LEXICAL_WEIGHT,
     structure_weight: float = STRUCTURE_WEIGHT,
-    lexical_cap: float = LEXICAL_CAP,
+    lexical_cap: float | None = LEXICAL_CAP,
     rrf_k: int = RRF_K,
 ) -> list[Candidate]:
     """The top k of a pool under one mode's scoring (see the module's docstring), best first,
@@ -258,7 +258,7 @@ def fused(
     fusion: str = "linear",
     lexical_weight: float = LEXICAL_WEIGHT,
     structure_weight: float = STRUCTURE_WEIGHT,
-    lexical_cap: float = LEXICAL_CAP,
+    lexical_cap: float | None = LEXICAL_CAP,
     rrf_k: int = RRF_K,
     dense_rank: np.ndarray | None = None,
     lexical_rank: np.ndarray | None = None,
@@ -268,7 +268,8 @@ def fused(
     two cannot drift apart). dense: best cosine; lexical: normalised best BM25; structure: best
     variant's constraint score (None: the query states none, or structure is off); ranks are
     0-based competition ranks on each side (side_ranks), inf where a side did not find the
-    image (rrf only). lexical_cap: see the module's docstring (1.0: no cap)."""
+    image (rrf only). lexical_cap: see the module's docstring (None: no cap; eval's oracle
+    can give a query's own text a lexical part above 1, which any cap clips to 1)."""
     if mode == "dense":
         score = np.asarray(dense, dtype=np.float64)
     elif mode == "lexical":
@@ -276,7 +277,9 @@ def fused(
     elif fusion == "rrf":
         score = sum(1.0 / (rrf_k + 1 + np.asarray(r, dtype=np.float64)) for r in (dense_rank, lexical_rank))
     else:
-        lex = np.minimum(1.0, np.asarray(lexical, dtype=np.float64) / lexical_cap)
+        lex = np.asarray(lexical, dtype=np.float64)
+        if lexical_cap is not None:
+            lex = np.minimum(1.0, lex / lexical_cap)
         score = np.asarray(dense, dtype=np.float64) + lexical_weight * lex
     if structure is not None:
         score = score + structure_weight * np.asarray(structure, dtype=np.float64)
@@ -297,7 +300,7 @@ def rank(
     structure_weight: float = STRUCTURE_WEIGHT,
     pool: int | None = None,
     exclude_image_ids=(),
-    lexical_cap: float = LEXICAL_CAP,
+    lexical_cap: float | None = LEXICAL_CAP,
     rrf_k: int = RRF_K,
 ) -> list[Candidate]:
     """The top k candidates for one text query, best first (ties by image path). Without
