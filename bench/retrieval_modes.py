@@ -200,14 +200,11 @@ class _CachedEmbed:
 
 def rsicd_figures(ann, embed, stored, mode: str, **rule) -> dict:
     """mR / mR without duplicates on the oracle and (with `stored`, an index's vectors and texts)
-    the index source, through the functions `edge-t2t eval` calls. rrf has no oracle figure: the
-    leave-one-out scoring has no whole rows to rank."""
+    the index source, through the functions `edge-t2t eval` calls."""
     from edge_t2t.evaluation import evaluate as ev
 
-    out = {}
-    if rule.get("fusion") != "rrf":
-        res = ev.oracle_eval(ann, embed, dtype="f32", mode=mode, **rule).to_json()
-        out.update({"oracle_mR": res["mR"], "oracle_mR_nodup": res["mR_nodup"]})
+    res = ev.oracle_eval(ann, embed, dtype="f32", mode=mode, **rule).to_json()
+    out = {"oracle_mR": res["mR"], "oracle_mR_nodup": res["mR_nodup"]}
     if stored is not None:
         res = ev.index_eval(ann, stored.vectors, embed, dtype="f32", exact=True, mode=mode,
                             image_texts=stored.texts, **rule).to_json()
