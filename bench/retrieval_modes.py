@@ -6,15 +6,21 @@ Three measurements, each through the product's own code:
 1. synthetic scenes (edge_t2t.demo.scenes, exact ground truth): an index per seed built by
    `edge-t2t index --captions` (int8 embedder, i8 index, default text mode), then
    retrieval.rank for every template query one scene satisfies (k = all scenes). R@1, R@5, MRR
-   with 95% bootstrap intervals, and the paired MRR gain over dense. Seeds 4-5 tune the weights
-   (--tune prints the grid); seeds 1-3 are held out and reported; seed 0 (the demo's) apart;
+   with 95% bootstrap intervals, and the paired MRR gain over dense. Seeds 4-5 are held in
+   (--calibrate, --tune); seeds 1-3 are held out and reported; seed 0 (the demo's) apart;
 2. the demo's 18 fixed directional queries per seed: how often the expected scene is first / top 5;
 3. RSICD validation captions through the functions `edge-t2t eval` calls (oracle and, with
-   --rsicd-index DIR, an index of those captions): mR and mR without verbatim duplicates;
+   --rsicd-index DIR, an index of those captions): mR and mR without verbatim duplicates, on two
+   fixed halves of the images (Annotations.half, by a hash of the file name): "tune" is held in,
+   "report" is not, and on all of them;
+--calibrate chooses the hybrid's fusion rule (linear weight and lexical cap, or reciprocal-rank
+fusion and its k) on the held-in data only, by a criterion written down before any report figure
+was seen (CAL_TOLERANCE), and writes bench/results/retrieval_modes_calibration.*;
 4. with --latency DIR (an index of ~100k texts): p50/p99 of search.search and retrieval.rank per
    mode, 10 results, modes interleaved, with ratios to dense in the same run.
 
-    .venv/bin/python bench/retrieval_modes.py [--work DIR] [--tune] [--rsicd-index DIR] [--latency DIR]
+    .venv/bin/python bench/retrieval_modes.py [--work DIR] [--calibrate | --tune] [--rsicd-index DIR]
+        [--rsicd-halves report,all,tune] [--latency DIR]
 """
 
 from __future__ import annotations
@@ -41,10 +47,12 @@ CONFIGS = {
     "lexical": dict(mode="lexical", structure=False),
     "hybrid": dict(mode="hybrid", structure=False),
     "hybrid-rrf": dict(mode="hybrid", structure=False, fusion="rrf"),
+    "hybrid, uncapped (the rule before)": dict(mode="hybrid", structure=False, lexical_weight=0.3, lexical_cap=None),
     "dense+structure": dict(mode="dense", structure=True),
     "lexical+structure": dict(mode="lexical", structure=True),
     "hybrid+structure": dict(mode="hybrid", structure=True),
     "hybrid-rrf+structure": dict(mode="hybrid", structure=True, fusion="rrf", structure_weight=0.02),  # tuned scale
+    "hybrid, uncapped+structure": dict(mode="hybrid", structure=True, lexical_weight=0.3, lexical_cap=None),
 }
 BASELINE = "dense"
 
@@ -257,40 +265,33 @@ def calibrate(work: Path, emb, rsicd_index: Path | None) -> dict:
     return {"dense": base, "rules": table, "chosen": chosen, "chosen_rule": rules.get(chosen)}
 
 
-def rsicd(rsicd_index: Path | None, precision: str) -> list[dict]:
-    """mR and mR without duplicates per mode, via the functions `edge-t2t eval` calls."""
-    from edge_t2t.embed.embedder import Embedder
+# RSICD rows: name -> (mode, fusion rule); "hybrid" is the search's own rule (retrieval's constants)
+RSICD_CONFIGS = {
+    **{mode: (mode, {}) for mode in RETRIEVAL_MODES},
+    "hybrid, uncapped (w=0.3, the rule before)": ("hybrid", dict(lexical_weight=0.3, lexical_cap=None)),
+    "hybrid-rrf": ("hybrid", dict(fusion="rrf")),
+}
+RSICD_HALVES = ("report", "all", "tune")  # tune: held-in (the calibration's), shown apart
+
+
+def rsicd(rsicd_index: Path | None, precision: str, halves=RSICD_HALVES) -> list[dict]:
+    """mR and mR without duplicates per mode and half of the validation images (Annotations.half),
+    oracle and index source, via the functions `edge-t2t eval` calls."""
     from edge_t2t.evaluation import evaluate as ev
-    from edge_t2t.evaluation.dataset import load_annotations
 
-    path = _common.ROOT.parent / "shared" / "data" / "rsicd" / "captions_val.json"
-    if not path.is_file():
-        print(f"no {path}: RSICD part skipped")
-        return []
-    ann = load_annotations(path)
-    emb = Embedder(precision=precision)
-    cache: dict[str, np.ndarray] = {}
-
-    def embed(texts):
-        todo = [t for t in dict.fromkeys(texts) if t not in cache]
-        if todo:
-            cache.update(zip(todo, emb.embed(todo), strict=True))
-        return np.stack([cache[t] for t in texts])
-
+    embed = _CachedEmbed(precision)
     rows = []
-    for mode in RETRIEVAL_MODES:
-        res = ev.oracle_eval(ann, embed, dtype="f32", mode=mode).to_json()
-        rows.append({"source": "oracle", "mode": mode, "mR": res["mR"], "mR_nodup": res["mR_nodup"],
-                     "t2i_nodup": res["t2i_nodup"], "i2t_nodup": res["i2t_nodup"]})
-        print(f"rsicd oracle {mode}: mR {res['mR']:.2f} nodup {res['mR_nodup']:.2f}", flush=True)
-    if rsicd_index is not None:
-        for mode in RETRIEVAL_MODES:
-            stored = ev.load_index_vectors(rsicd_index, ann, identity=emb.identity, with_texts=True)
-            res = ev.index_eval(ann, stored.vectors, embed, dtype="f32", exact=True, mode=mode,
-                                image_texts=stored.texts).to_json()
-            rows.append({"source": "index", "mode": mode, "mR": res["mR"], "mR_nodup": res["mR_nodup"],
-                         "t2i_nodup": res["t2i_nodup"], "i2t_nodup": res["i2t_nodup"]})
-            print(f"rsicd index {mode}: mR {res['mR']:.2f} nodup {res['mR_nodup']:.2f}", flush=True)
+    for half in halves:
+        ann = rsicd_annotations(half)
+        if ann is None:
+            print("no RSICD captions: RSICD part skipped")
+            return []
+        stored = ev.load_index_vectors(rsicd_index, ann, identity=embed.emb.identity, with_texts=True) \
+            if rsicd_index else None
+        for name, (mode, rule) in RSICD_CONFIGS.items():
+            fig = rsicd_figures(ann, embed, stored, mode, **rule)
+            rows.append({"half": half, "images": ann.n_images, "config": name, **fig})
+            print(f"rsicd {half} {name}: {fig}", flush=True)
     return rows
 
 
@@ -422,6 +423,9 @@ def main() -> int:
     ap.add_argument("--rsicd-index", type=Path, default=None,
                     help="an index of ../shared/data/rsicd/captions_val.json (fp32 embedder) for --source index")
     ap.add_argument("--rsicd-precision", default="fp32", choices=["fp32", "int8"])
+    ap.add_argument("--rsicd-halves", type=lambda v: v.split(","), default=list(RSICD_HALVES), metavar="LIST",
+                    help="which RSICD images to report, comma-separated: report (never used to calibrate), "
+                         "all, tune (held-in); default: %(default)s")
     ap.add_argument("--latency", type=Path, default=None, metavar="INDEX", help="an index of ~100k texts")
     ap.add_argument("--latency-queries", type=int, default=60)
     ap.add_argument("--build-latency-index", type=int, default=0, metavar="N_SCENES",
@@ -480,7 +484,7 @@ def main() -> int:
         if args.latency is None:
             raise SystemExit("--build-latency-index needs --latency DIR")
         args.latency = build_large_index(args.latency, args.build_latency_index)
-    rsicd_rows = rsicd(args.rsicd_index, args.rsicd_precision) if not args.skip_rsicd else []
+    rsicd_rows = rsicd(args.rsicd_index, args.rsicd_precision, args.rsicd_halves) if not args.skip_rsicd else []
     latency_rows = latency(args.latency, args.latency_queries) if args.latency else []
 
     lines = []
@@ -503,10 +507,14 @@ def main() -> int:
             cells = [f"{d['first']} / {d['top5']}" for d in directional if d["config"] == name]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if rsicd_rows:
-        lines += ["", f"RSICD validation captions ({args.rsicd_precision} embedder, exact scoring):", "",
-                  "| source | mode | mR | mR without duplicates |", "|---|---|---|---|"]
+        lines += ["", f"RSICD validation captions ({args.rsicd_precision} embedder, exact scoring), mR / mR without "
+                  "duplicates, by half of the images (a hash of the file name: `tune` was used to calibrate, "
+                  "`report` was not):", "",
+                  "| half (images) | config | oracle mR | oracle no dup | index mR | index no dup |",
+                  "|---|---|---:|---:|---:|---:|"]
         for r in rsicd_rows:
-            lines.append(f"| {r['source']} | {r['mode']} | {r['mR']:.2f} | {r['mR_nodup']:.2f} |")
+            cells = [f"{r[f]:.2f}" if f in r else "–" for f in ("oracle_mR", "oracle_mR_nodup", "index_mR", "index_mR_nodup")]
+            lines.append(f"| {r['half']} ({r['images']}) | {r['config']} | " + " | ".join(cells) + " |")
     if latency_rows:
         lines += ["", f"search.search latency, k = 10, {latency_rows[0]['texts']} texts, {latency_rows[0]['queries']} queries "
                   "(modes interleaved). search.search is the CLI's call (opens the index, embeds the query); "
@@ -520,14 +528,16 @@ def main() -> int:
                   f"query it matched {t['matched_words_mean']} on average; {t['queries_matching_nothing']} queries had "
                   f"only common words (hybrid adds nothing lexical there); texts holding the matched words: "
                   f"median {t['postings_p50']:.0f}, at most {t['postings_max']}."]
-    lines += ["", f"Weights: lexical {retrieval.LEXICAL_WEIGHT}, structure {retrieval.STRUCTURE_WEIGHT} "
-              f"(tuned on seeds {', '.join(map(str, TUNE_SEEDS))}, not reported); the machine was shared with other "
-              "work, so latencies are noisy and their ratios are the meaningful part."]
+    lines += ["", f"Hybrid: dense + {retrieval.LEXICAL_WEIGHT} x min(1, lexical / {retrieval.LEXICAL_CAP}) (no cap when "
+              f"None), structure weight {retrieval.STRUCTURE_WEIGHT}: chosen by `--calibrate` on held-in data only "
+              f"(seeds {', '.join(map(str, TUNE_SEEDS))} and the RSICD tune half, not reported above but the tune rows); "
+              "the machine was shared with other work, so latencies are noisy and their ratios are the meaningful part."]
     table = "\n".join(lines)
     only_latency = args.skip_scenes and args.skip_rsicd
     write_results("retrieval_modes_latency" if only_latency else "retrieval_modes", {
         "tune_seeds": TUNE_SEEDS, "report_seeds": REPORT_SEEDS, "demo_seed": DEMO_SEED, "scenes_per_seed": N_SCENES,
-        "lexical_weight": retrieval.LEXICAL_WEIGHT, "structure_weight": retrieval.STRUCTURE_WEIGHT,
+        "lexical_weight": retrieval.LEXICAL_WEIGHT, "lexical_cap": retrieval.LEXICAL_CAP,
+        "structure_weight": retrieval.STRUCTURE_WEIGHT,
         "scenes": rows, "gains": gains, "directional": directional, "rsicd": rsicd_rows, "latency": latency_rows,
         "seconds": round(time.perf_counter() - t_start, 1), "peak_rss_mib": round(peak_rss_mib(), 1),
     }, table)
