@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..modes import EVAL_HALVES
 from ..records import CaptionRecord, Variant
 
 # the default split of each command (README "Caption datasets")
@@ -98,7 +99,7 @@ class Annotations:
         )
 
 
-HALVES = ("tune", "report")
+HALVES = EVAL_HALVES
 
 
 def _half_of(file_name: str) -> str:
