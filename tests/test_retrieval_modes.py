@@ -187,7 +187,7 @@ def test_hybrid_mixes_both_scores_and_min_score_cuts(index, emb):
     assert names(hits)[0] == "depot.jpg"
     for h in hits:  # the lexical part is capped: within LEXICAL_CAP of the query's best BM25 counts as 1
         lex = min(1.0, h.parts["lexical"] / retrieval.LEXICAL_CAP)
-        assert h.score == pytest.approx(h.parts["dense"] + retrieval.LEXICAL_WEIGHT * lex)
+        assert h.score == pytest.approx(h.parts["dense"] + retrieval.LEXICAL_WEIGHT * lex, abs=1e-5)  # parts: 6 digits
     cut = S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid", min_score=top.score - 1e-9)
     assert names(cut) == ["depot.jpg"]
     assert S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid", min_score=9.0) == []
