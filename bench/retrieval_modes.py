@@ -295,6 +295,44 @@ def rsicd(rsicd_index: Path | None, precision: str, halves=RSICD_HALVES) -> list
     return rows
 
 
+def index_source_losses(rsicd_index: Path, precision: str) -> dict:
+    """Why a hybrid can lose on the RSICD index source (every caption is itself indexed): per T2I
+    query, its own image's dense part is 1 (the caption itself), so dense loses rank only to
+    verbatim copies in other images; count the queries each hybrid rule ranks worse or better
+    than dense, and how often the caption's own text is not its best lexical match."""
+    from edge_t2t.evaluation import evaluate as ev
+
+    ann, embed = rsicd_annotations("all"), _CachedEmbed(precision)
+    stored = ev.load_index_vectors(rsicd_index, ann, identity=embed.emb.identity, with_texts=True)
+    texts, ids = ev.distinct_texts(ann.captions)
+    have = [i for i, v in enumerate(stored.vectors) if v is not None]
+    owner = np.concatenate([np.full(len(stored.vectors[i]), i) for i in have])
+    dense_t = ev.stored_scores(embed(texts), np.concatenate([stored.vectors[i] for i in have]), "f32")
+    lex_t = ev.lexical_similarity(texts, [t for i in have for t in stored.texts[i]], keep_one=False)
+    col = np.full(ann.n_images, -1)
+    col[have] = np.arange(len(have))
+    own = col[ann.caption_image]
+    dense, lex = (ev.group_max(p, owner, ann.n_images)[:, have][ids] for p in (dense_t, lex_t))
+    at = (np.arange(len(ids)), own)
+
+    def t2i_ranks(score):
+        ge = score >= score[at][:, None]
+        ge[at] = False
+        return ge.sum(axis=1)
+
+    base = t2i_ranks(dense)
+    out = {"queries": len(ids), "own_dense_is_1": int((dense[at] >= 1 - 1e-6).sum()),
+           "dense_rank_above_0": int((base > 0).sum()),
+           "own_text_not_lexical_best": int((lex[at] < 1 - 1e-9).sum()), "own_lexical_min": round(float(lex[at].min()), 3)}
+    for name, cap in (("uncapped", None), ("capped", retrieval.LEXICAL_CAP)):
+        r = t2i_ranks(retrieval.fused(dense, lex, None, "hybrid", lexical_cap=cap))
+        out[name] = {"worse": int((r > base).sum()), "better": int((r < base).sum()),
+                     "lost_R@1": int(((base == 0) & (r > 0)).sum()),
+                     "worse_with_own_lexical_below_1": int(((r > base) & (lex[at] < 1 - 1e-9)).sum())}
+    print(f"index-source losses: {out}", flush=True)
+    return out
+
+
 def build_large_index(out: Path, n_scenes: int) -> Path:
     """An index of n_scenes synthetic scene descriptions (about 57 texts each), imported with
     `edge-t2t index --captions` (fp32 embedder: batched, the fast one for bulk). Only the layouts
@@ -485,6 +523,7 @@ def main() -> int:
             raise SystemExit("--build-latency-index needs --latency DIR")
         args.latency = build_large_index(args.latency, args.build_latency_index)
     rsicd_rows = rsicd(args.rsicd_index, args.rsicd_precision, args.rsicd_halves) if not args.skip_rsicd else []
+    losses = index_source_losses(args.rsicd_index, args.rsicd_precision) if rsicd_rows and args.rsicd_index else {}
     latency_rows = latency(args.latency, args.latency_queries) if args.latency else []
 
     lines = []
@@ -515,6 +554,16 @@ def main() -> int:
         for r in rsicd_rows:
             cells = [f"{r[f]:.2f}" if f in r else "–" for f in ("oracle_mR", "oracle_mR_nodup", "index_mR", "index_mR_nodup")]
             lines.append(f"| {r['half']} ({r['images']}) | {r['config']} | " + " | ".join(cells) + " |")
+        if losses:
+            u, c = losses["uncapped"], losses["capped"]
+            lines += ["", f"Index source, all images, T2I: of {losses['queries']} queries, the own image's dense part is 1 "
+                      f"in {losses['own_dense_is_1']} (the caption is indexed); dense ranks {losses['dense_rank_above_0']} "
+                      f"below first (verbatim copies in other images tie, and ties count against). The caption's own "
+                      f"text is not its best lexical match in {losses['own_text_not_lexical_best']} (lowest normalised "
+                      f"BM25 {losses['own_lexical_min']}). Uncapped w=0.3 ranks {u['worse']} queries worse than dense "
+                      f"({u['lost_R@1']} lose R@1; all {u['worse_with_own_lexical_below_1']} with the own text below the "
+                      f"lexical best) and {u['better']} better; capped at {retrieval.LEXICAL_CAP}: {c['worse']} worse, "
+                      f"{c['better']} better."]
     if latency_rows:
         lines += ["", f"search.search latency, k = 10, {latency_rows[0]['texts']} texts, {latency_rows[0]['queries']} queries "
                   "(modes interleaved). search.search is the CLI's call (opens the index, embeds the query); "
@@ -538,7 +587,7 @@ def main() -> int:
         "tune_seeds": TUNE_SEEDS, "report_seeds": REPORT_SEEDS, "demo_seed": DEMO_SEED, "scenes_per_seed": N_SCENES,
         "lexical_weight": retrieval.LEXICAL_WEIGHT, "lexical_cap": retrieval.LEXICAL_CAP,
         "structure_weight": retrieval.STRUCTURE_WEIGHT,
-        "scenes": rows, "gains": gains, "directional": directional, "rsicd": rsicd_rows, "latency": latency_rows,
+        "scenes": rows, "gains": gains, "directional": directional, "rsicd": rsicd_rows, "index_source_losses": losses, "latency": latency_rows,
         "seconds": round(time.perf_counter() - t_start, 1), "peak_rss_mib": round(peak_rss_mib(), 1),
     }, table)
     print(table)
