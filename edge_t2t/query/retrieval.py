@@ -224,16 +224,17 @@ def combine(
     else:
         members = set(pool.dense_order) | set(pool.lex_order)
     cands = [c for c in pool.cands if c.image in members]
-    by_image = {c.image: c for c in pool.cands}
-    d_rank = side_ranks({img: by_image[img].dense for img in pool.dense_order})
-    l_rank = side_ranks({img: by_image[img].lexical for img in pool.lex_order})
+    ranks = {}
+    if fusion == "rrf" and mode == "hybrid":  # the linear mix needs no ranks
+        by_image = {c.image: c for c in pool.cands}
+        for side, order, part in (("dense_rank", pool.dense_order, "dense"), ("lexical_rank", pool.lex_order, "lexical")):
+            r = side_ranks({img: getattr(by_image[img], part) for img in order})
+            ranks[side] = np.array([r.get(c.image, np.inf) for c in cands], dtype=np.float64)
     scores = fused(
         np.array([c.dense if c.dense is not None else 0.0 for c in cands], dtype=np.float64),
         np.array([c.lexical for c in cands], dtype=np.float64),
         np.array([c.structure for c in cands], dtype=np.float64) if structure and pool.parsed else None,
-        mode, fusion, lexical_weight, structure_weight, lexical_cap, rrf_k,
-        dense_rank=np.array([d_rank.get(c.image, np.inf) for c in cands], dtype=np.float64),
-        lexical_rank=np.array([l_rank.get(c.image, np.inf) for c in cands], dtype=np.float64),
+        mode, fusion, lexical_weight, structure_weight, lexical_cap, rrf_k, **ranks,
     )
     out = [replace(c, score=float(score), lexical=c.lexical if mode != "dense" else 0.0,
                    matched=c.matched if structure else [], structure=c.structure if structure else 0.0)
