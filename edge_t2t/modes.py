@@ -6,6 +6,8 @@ value use these tuples, so a new mode is added in one place.
 - RETRIEVAL_MODES: how an image's score is made from its texts (retrieval; `search --mode`).
 - TEXT_MODES: which texts of a description are embedded (texts.variant_texts; `index --text-mode`).
 - PRECISIONS: the ONNX embedder's precision (embedder; `--precision`).
+- EVAL_HALVES: the two fixed halves of an annotation file's images (dataset.Annotations.half;
+  `eval --half`): "tune" calibrates retrieval weights, "report" is reported.
 """
 
 from __future__ import annotations
@@ -21,3 +23,4 @@ TEXT_MODES = ("joined", "fields", "sentences")
 DEFAULT_TEXT_MODE = "sentences"
 PRECISIONS = ("fp32", "int8")
 DEFAULT_PRECISION = "int8"
+EVAL_HALVES = ("tune", "report")

@@ -467,3 +467,62 @@ def test_eval_i8_exact_scores_equal_an_i8_index_searched_exactly(tmp_path):
         np.testing.assert_allclose(mine, cand.scores, rtol=0, atol=1e-6)
     # and the i8 index's exact scores are not the f32 ones (its exact copy is float16)
     assert not np.array_equal(eval_scores, ev.stored_scores(queries, stacked, "f32"))
+
+
+def test_halves_are_disjoint_cover_every_image_and_follow_the_file_name():
+    import random
+
+    from edge_t2t.evaluation.dataset import from_lists
+
+    names = [f"img_{i}.jpg" for i in range(200)]
+    ann = from_lists(names, [(i, f"caption {i} {j}") for i in range(200) for j in range(2)])
+    tune, report = ann.half("tune"), ann.half("report")
+    assert set(tune.images).isdisjoint(report.images) and set(tune.images) | set(report.images) == set(names)
+    assert 60 < tune.n_images < 140  # a hash, not a cut at a position
+    for part in (tune, report):  # each image keeps its own captions
+        assert part.n_captions == 2 * part.n_images
+        assert all(c.split()[1] == part.images[i].split("_")[1].split(".")[0]
+                   for c, i in zip(part.captions, part.caption_image, strict=True))
+    shuffled = names[:]
+    random.Random(1).shuffle(shuffled)
+    again = from_lists([f"/elsewhere/{n}" for n in shuffled], [(i, "x") for i in range(200)]).half("tune")
+    assert {n.rsplit("/", 1)[1] for n in again.images} == set(tune.images)  # by name, not order or folder
+    with pytest.raises(Exception, match="unknown half"):
+        ann.half("test")
+
+
+@pytest.mark.parametrize("rule", [dict(fusion="rrf", rrf_k=2), dict(lexical_cap=0.7, lexical_weight=0.5)])
+def test_oracle_t2i_fusion_by_brute_force(rule):
+    """The oracle's T2I rank under a fusion rule, recomputed caption by caption: the own image is
+    represented by its other captions, every other image by all of them; each part is an image's
+    best, the parts are ranked (competition ranks) or mixed as retrieval.fused does."""
+    from edge_t2t.evaluation.dataset import from_lists
+    from edge_t2t.query import retrieval
+
+    caps = [(0, "storage tanks by a port"), (0, "white tanks near the water"), (1, "a port with ships"),
+            (1, "ships moored at a pier"), (2, "a stadium with a green field"), (2, "a green field and tanks"),
+            (3, "houses along a road"), (3, "a road with white houses")]
+    ann = from_lists(["a", "b", "c", "d"], caps)
+    rng = np.random.default_rng(3)
+    table = {t: tuple(rng.normal(size=6)) for _, t in caps}
+    result = ev.oracle_eval(ann, fake_embedder(table), mode="hybrid", **rule)
+    texts = [t for _, t in caps]
+    vec = ev.unit(np.asarray([table[t] for t in texts]))
+    dense = vec.astype(np.float64) @ vec.T.astype(np.float64)
+    lex = ev.lexical_similarity(texts, texts, exclude_self=True, keep_one=False)
+    owner = np.asarray([i for i, _ in caps])
+    expected = []
+    for q, (i, _) in enumerate(caps):
+        d, lx = np.zeros(4), np.zeros(4)
+        for a in range(4):
+            cols = [c for c in np.flatnonzero(owner == a) if c != q]
+            d[a], lx[a] = dense[q, cols].max(), lex[q, cols].max()
+        if rule.get("fusion") == "rrf":
+            rd = np.array([(d > x).sum() for x in d], dtype=float)
+            rl = np.array([(lx > x).sum() if x > 0 else np.inf for x in lx])
+            score = 1 / (rule["rrf_k"] + 1 + rd) + 1 / (rule["rrf_k"] + 1 + rl)
+        else:
+            score = retrieval.fused(d, lx, None, "hybrid", **rule)
+        expected.append(int(sum(score[a] >= score[i] for a in range(4) if a != i)))
+    assert result.t2i.ranks.tolist() == expected
+    assert any(lex[q, c] > 0 for q in range(8) for c in range(8) if q != c)  # the lexical part has a say

@@ -185,7 +185,9 @@ def test_hybrid_mixes_both_scores_and_min_score_cuts(index, emb):
     hits = S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid")
     top = hits[0]
     assert names(hits)[0] == "depot.jpg"
-    assert top.score == pytest.approx(top.parts["dense"] + retrieval.LEXICAL_WEIGHT * top.parts["lexical"])
+    for h in hits:  # the lexical part is capped: within LEXICAL_CAP of the query's best BM25 counts as 1
+        lex = min(1.0, h.parts["lexical"] / retrieval.LEXICAL_CAP)
+        assert h.score == pytest.approx(h.parts["dense"] + retrieval.LEXICAL_WEIGHT * lex, abs=1e-5)  # parts: 6 digits
     cut = S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid", min_score=top.score - 1e-9)
     assert names(cut) == ["depot.jpg"]
     assert S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid", min_score=9.0) == []
@@ -254,3 +256,50 @@ def test_eval_ranks_each_caption_as_search_does(index, emb, tmp_path, mode, max_
     assert result.t2i.ranks.tolist() == expected
     if mode != "lexical":
         assert expected[0] == 0 and expected[2] == 0  # east/west told apart by structure in eval too
+
+
+@pytest.mark.parametrize("rule", [dict(fusion="rrf"), dict(fusion="rrf", rrf_k=5), dict(lexical_cap=0.5),
+                                  dict(lexical_weight=1.0, lexical_cap=0.8)])
+def test_eval_fusion_rules_rank_as_search_does(index, emb, tmp_path, rule, monkeypatch):
+    """Reciprocal-rank fusion and the lexical cap score the same in eval as in the search's ranking
+    (retrieval.rank, exact vectors): each caption's T2I rank is its target's place there."""
+    from edge_t2t.evaluation import evaluate as ev
+    from edge_t2t.evaluation.dataset import load_annotations
+
+    monkeypatch.setattr(lexical, "MAX_DF", 1.0)  # every word matched, so the lexical side has ranks to fuse
+    names_ = list(CAPTIONS)
+    coco = {"images": [{"id": i, "file_name": n} for i, n in enumerate(names_)],
+            "annotations": [{"image_id": i, "caption": c} for i, n in enumerate(names_) for c in CAPTIONS[n]]}
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    ann = load_annotations(tmp_path / "ann.json")
+    stored = ev.load_index_vectors(index, ann, with_texts=True)
+    result = ev.index_eval(ann, stored.vectors, emb.embed, dtype="f32", mode="hybrid", image_texts=stored.texts,
+                           **rule)
+    store, vectors = S.open_for_search(index)
+    expected, scores_seen = [], set()
+    try:
+        for n in names_:
+            for c in CAPTIONS[n]:
+                cands = retrieval.rank(store, vectors, c, emb.embed([c]), len(names_), "hybrid", "exact",
+                                       structure=False, **rule)
+                scores = {cd.image.rsplit("/", 1)[-1]: cd.score for cd in cands}
+                scores_seen.update(round(s, 9) for s in scores.values())
+                expected.append(sum(1 for img, s in scores.items() if img != n and s >= scores[n]))
+    finally:
+        store.close()
+    assert result.t2i.ranks.tolist() == expected
+    assert len(scores_seen) > 3  # the rule does rank: not every image tied
+
+
+def test_rrf_ranks_ties_alike_and_caps_saturate():
+    assert retrieval.side_ranks({"a": 0.9, "b": 0.5, "c": 0.9, "d": 0.1}) == {"a": 0, "c": 0, "b": 2, "d": 3}
+    from edge_t2t.evaluation.evaluate import competition_ranks
+
+    got = competition_ranks(np.array([[0.9, 0.5, 0.9, 0.1]]), np.array([[True, True, True, False]]))
+    assert got.tolist() == [[0, 2, 0, np.inf]]
+    s = retrieval.fused(np.array([0.9, 0.8]), np.array([0.85, 1.0]), None, "hybrid", lexical_weight=0.5,
+                        lexical_cap=0.8)
+    assert s.tolist() == pytest.approx([1.4, 1.3])  # both lexical parts within the cap: dense decides
+    s = retrieval.fused(np.array([0.9, 0.8]), np.array([0.4, 1.0]), None, "hybrid", lexical_weight=0.5,
+                        lexical_cap=0.8)
+    assert s.tolist() == pytest.approx([0.9 + 0.25, 1.3])

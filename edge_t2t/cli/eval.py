@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..modes import DTYPES, PRECISIONS, RETRIEVAL_MODES, VECTOR_MODES
+from ..modes import DTYPES, EVAL_HALVES, PRECISIONS, RETRIEVAL_MODES, VECTOR_MODES
 
 # eval asks for exact scoring with --exact, not a vector mode
 EVAL_VECTOR_MODES = tuple(m for m in VECTOR_MODES if m != "exact")
@@ -71,6 +71,9 @@ def register(subparsers) -> None:
                         "--exact, when --dtype is the index's (default: rescore)")
     p.add_argument("--split", metavar="NAME", default=None,
                    help="split to evaluate (default: 'test' when the file has one, else all images)")
+    p.add_argument("--half", choices=EVAL_HALVES, default=None,
+                   help="only one fixed half of the images, chosen by a hash of each file name: tune (the "
+                        "half retrieval weights were calibrated on) or report (the other)")
     p.add_argument("--max-images", type=int, default=None, metavar="N",
                    help="only the first N images of the file (quick checks)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
     request = EvalRequest(
         annotations=args.annotations, source=args.source, index=args.index, precision=args.precision,
-        dtype=args.dtype, exact=args.exact, mode=args.mode, vector_mode=args.vector_mode, split=args.split,
+        dtype=args.dtype, exact=args.exact, mode=args.mode, vector_mode=args.vector_mode, split=args.split, half=args.half,
         max_images=args.max_images, threads=args.threads, structure=not args.no_structure,
     )  # fmt: skip
     result = run_eval(request)

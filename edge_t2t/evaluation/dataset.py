@@ -17,6 +17,7 @@ files under the same rules:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..modes import EVAL_HALVES
 from ..records import CaptionRecord, Variant
 
 # the default split of each command (README "Caption datasets")
@@ -57,6 +59,28 @@ class Annotations:
     def n_captions(self) -> int:
         return len(self.captions)
 
+    def half(self, name: str) -> Annotations:
+        """One of two fixed halves of the images, chosen by a hash of each file name (not its
+        position or its captions), so the same image falls in the same half in any file and
+        any order: "tune" (first byte of sha256(file name) even) or "report" (odd). The bench
+        calibrates retrieval weights on "tune" and reports on "report"."""
+        if name not in HALVES:
+            raise InputError(f"unknown half {name!r}: use one of {', '.join(HALVES)}")
+        keep = [i for i, n in enumerate(self.images) if _half_of(n) == name]
+        new_index = np.full(self.n_images, -1, dtype=np.int64)
+        new_index[keep] = np.arange(len(keep))
+        mask = new_index[self.caption_image] >= 0
+        return Annotations(
+            images=[self.images[i] for i in keep],
+            captions=[c for c, k in zip(self.captions, mask, strict=True) if k],
+            caption_image=new_index[self.caption_image[mask]],
+            source=self.source,
+            format=self.format,
+            split=self.split,
+            notes=[*self.notes, f"{name} half only ({len(keep)} of {self.n_images} images)"],
+            image_ids=[self.image_ids[i] for i in keep] if self.image_ids is not None else None,
+        )
+
     def captions_per_image(self) -> np.ndarray:
         return np.bincount(self.caption_image, minlength=self.n_images)
 
@@ -73,6 +97,14 @@ class Annotations:
             notes=[*self.notes, f"first {n_images} images only"],
             image_ids=self.image_ids[:n_images] if self.image_ids is not None else None,
         )
+
+
+HALVES = EVAL_HALVES
+
+
+def _half_of(file_name: str) -> str:
+    """"tune" or "report" for an image, from its base name alone (see Annotations.half)."""
+    return HALVES[hashlib.sha256(Path(file_name).name.encode("utf-8")).digest()[0] % 2]
 
 
 def from_lists(images: list[str], captions: list[tuple[int, str]], source: str = "<memory>") -> Annotations:

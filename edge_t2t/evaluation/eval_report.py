@@ -46,6 +46,7 @@ class EvalRequest:
     mode: str = "dense"
     vector_mode: str = "rescore"
     split: str | None = None
+    half: str | None = None  # "tune" or "report": one fixed half of the images (Annotations.half)
     max_images: int | None = None
     threads: int | None = None
     structure: bool = True  # score the places/relations/sizes a caption states (--source index)
@@ -66,6 +67,8 @@ def run_eval(args: EvalRequest) -> dict:
         raise InputError("--index is only used with --source index; drop it or add --source index")
     started = time.perf_counter()
     ann = load_annotations(args.annotations, split=args.split)
+    if args.half is not None:
+        ann = ann.half(args.half)
     if args.max_images is not None:
         ann = ann.subset(args.max_images)
     embedder = Embedder(precision=args.precision, threads=args.threads)
@@ -113,6 +116,7 @@ def run_eval(args: EvalRequest) -> dict:
         "annotations": str(args.annotations),
         "format": ann.format,
         "split": ann.split,
+        "half": args.half,
         "max_images": args.max_images,
         "precision": args.precision,
         "embedder": embedder.name,
@@ -145,7 +149,7 @@ def markdown_table(result: dict) -> str:
         f"{c['captions']} captions ({c['distinct_captions']} distinct); T2I queries {c['t2i_queries']} "
         f"({c['t2i_queries_dup']} dup), I2T queries {c['i2t_queries']} ({c['i2t_queries_dup']} dup); "
         f"images without captions {c['images_without_captions']}; {cfg['annotations']}"
-        + (f" split {cfg['split']}" if cfg.get("split") else "") + ".",
+        + (f" split {cfg['split']}" if cfg.get("split") else "") + (f", {cfg['half']} half" if cfg.get("half") else "") + ".",
     ]
     return "\n".join(lines) + "\n"
 

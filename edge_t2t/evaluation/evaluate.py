@@ -214,9 +214,6 @@ def oracle_ranks(
     parts = [sim] if isinstance(sim, np.ndarray) else list(sim)
     combine = combine if len(parts) > 1 else None
 
-    def fused_max(reduce):
-        return _max_then_fuse(parts, combine, reduce)
-
     n_img = ann.n_images
     img = np.asarray(ann.caption_image, dtype=np.int64)
     n_text = parts[0].shape[0]
@@ -230,33 +227,40 @@ def oracle_ranks(
         texts_of[i].append(t)
     has_caption = np.bincount(img, minlength=n_img) > 0
 
-    # T2I. best[u, a] = max cosine of text u against all of image a's captions.
-    valid, own, dup = [], [], []
+    # T2I. best[u, a] = max cosine (each part's max) of text u against all of image a's captions;
+    # the query's own image is represented by its OTHER captions (own_parts), put in its column
+    # before the parts are mixed, so a rank-based mix (rrf) ranks whole rows too.
+    valid, own_parts, dup = [], [], []
     for c in range(len(img)):
         i, u = int(img[c]), int(text_ids[c])
         if mult[i * n_text + u] >= 2:  # the same text stays among the other captions
-            own.append(fused_max(lambda p, u=u, i=i: p[u, texts_of[i]].max()))
+            own_parts.append([p[u, texts_of[i]].max() for p in parts])
             dup.append(True)
         else:
             others = [t for t in texts_of[i] if t != u]
             if not others:  # a single-caption image: nothing represents it under LOO
                 continue
-            own.append(fused_max(lambda p, u=u, others=others: p[u, others].max()))
+            own_parts.append([p[u, others].max() for p in parts])
             dup.append(False)
         valid.append(c)
     valid_a = np.asarray(valid, dtype=np.int64)
-    own_a = np.asarray(own, dtype=np.float64)
+    own_a = np.asarray(own_parts, dtype=np.float64).reshape(len(valid_a), len(parts))
     t2i_rank = np.zeros(len(valid_a), dtype=np.int64)
     candidates = np.flatnonzero(has_caption)
     for start in range(0, len(valid_a), 1024):  # bounded memory on large caption sets
         block = valid_a[start : start + 1024]
         u_rows = np.unique(text_ids[block], return_inverse=True)
-        best = fused_max(lambda p, u_rows=u_rows: group_max(p[u_rows[0]][:, pair_text], pair_img, n_img))
-        rows = best[u_rows[1]][:, candidates]
-        ge = rows >= own_a[start : start + 1024, None]
-        # the query's own image is the target, not a competitor
         own_col = np.searchsorted(candidates, img[block])
-        ge[np.arange(len(block)), own_col] = False
+        at = (np.arange(len(block)), own_col)
+        part_rows = []
+        for n, p in enumerate(parts):
+            r = group_max(p[u_rows[0]][:, pair_text], pair_img, n_img)[u_rows[1]][:, candidates]
+            r[at] = own_a[start : start + 1024, n]
+            part_rows.append(r)
+        rows = part_rows[0] if combine is None else combine(*part_rows)
+        ge = rows >= rows[at][:, None]
+        # the query's own image is the target, not a competitor
+        ge[at] = False
         t2i_rank[start : start + len(block)] = ge.sum(axis=1)
     t2i = Ranks(t2i_rank, np.asarray(dup, dtype=bool))
 
@@ -277,7 +281,10 @@ def oracle_ranks(
             if m < 2 and len(ts) == 1:
                 continue  # single caption: empty query set
             query_rows = rows if m >= 2 else [np.delete(r, n, axis=0) for r in rows]
-            score = _max_then_fuse(query_rows, combine, lambda r: r.max(axis=0))
+            # texts that are no candidate (only image i's other captions) are left out of the
+            # parts, so a rank-based mix ranks the candidates alone
+            out = (not_i == 0) & (np.arange(n_text) != t)
+            score = _max_then_fuse(query_rows, combine, lambda r, out=out: np.where(out, -np.inf, r.max(axis=0)))
             rank = int(not_i[score >= score[t]].sum())
             i2t_rank.extend([rank] * m)  # every copy of caption j gives the same query
             i2t_dup.extend([m >= 2] * m)
@@ -309,17 +316,38 @@ def lexical_similarity(
     return normalise_rows(raw, mask)
 
 
+def competition_ranks(scores: np.ndarray, found: np.ndarray | None = None) -> np.ndarray:
+    """Each column's rank within its row: how many columns score strictly higher (0 = best, equal
+    scores share a rank), as retrieval.side_ranks ranks one side of a search; inf where `found`
+    is False (the side did not find that image)."""
+    s = np.asarray(scores, dtype=np.float64)
+    srt = np.sort(s, axis=1)
+    out = np.empty(s.shape, dtype=np.float64)
+    for r in range(len(s)):
+        out[r] = s.shape[1] - np.searchsorted(srt[r], s[r], side="right")
+    return out if found is None else np.where(found, out, np.inf)
+
+
 def mode_parts(mode: str, **weights) -> tuple[tuple[str, ...], Callable]:
     """The score parts a retrieval mode needs and the function that mixes their per-image values:
-    retrieval.fused, the search's own rule (linear mix; reciprocal-rank fusion is a bench-only
-    option of the search, not a mode)."""
+    retrieval.fused, the search's own rule. With fusion="rrf" (reciprocal-rank fusion, measured
+    beside the linear mix) the parts are whole rows (a query's score for every candidate): each
+    side's ranks are competition ranks over every candidate (the search ranks only its candidate
+    pools, which hold the top ranks), one without a shared word being absent from the lexical side."""
     from ..query.retrieval import fused
 
     names = {"dense": ("dense",), "lexical": ("lexical",), "hybrid": ("dense", "lexical")}[mode]
+    rrf = weights.get("fusion") == "rrf" and mode == "hybrid"
 
     def combine(*values, structure=None):
         parts = dict(zip(names, values, strict=True))
-        return fused(parts.get("dense", 0.0), parts.get("lexical", 0.0), structure, mode, **weights)
+        ranks = {}
+        if rrf:
+            d, lx = np.atleast_2d(parts["dense"]), np.atleast_2d(parts["lexical"])
+            shape = np.shape(parts["dense"])
+            ranks = {"dense_rank": competition_ranks(d).reshape(shape),
+                     "lexical_rank": competition_ranks(lx, lx > 0).reshape(shape)}
+        return fused(parts.get("dense", 0.0), parts.get("lexical", 0.0), structure, mode, **weights, **ranks)
 
     return names, combine
 
