@@ -254,22 +254,29 @@ def test_query_image_is_described_by_the_vlm_unless_already_indexed(index, emb, 
     from edge_t2t.describe import captioning
     from edge_t2t.records import CaptionRecord
 
-    calls = []
+    from edge_t2t.images import ImageBytes
 
-    def fake_caption_images(paths, vlm_cfg, *, n_variants=5, cache=None, on_record=None, **kw):
-        calls.append(paths)
-        on_record(CaptionRecord(image=str(paths[0]), sha256="", model="m", mmproj="p", family="f",
-                                prompt_version="1", variants=[Variant("boats moored at a pier")]))  # fmt: skip
+    calls, reads = [], []
+
+    def fake_caption_sources(items, vlm_cfg, n_variants, settings, on_result, **kw):
+        calls.append(items)
+        tag, image = items[0]
+        on_result(tag, CaptionRecord(image=str(image.path), sha256=image.sha256, model="m", mmproj="p", family="f",
+                                     prompt_version="1", variants=[Variant("boats moored at a pier")]))  # fmt: skip
         return captioning.CaptionSummary()
 
-    monkeypatch.setattr(captioning, "caption_images", fake_caption_images)
+    real_read = ImageBytes.read.__func__
+    monkeypatch.setattr(captioning, "caption_sources", fake_caption_sources)
+    monkeypatch.setattr(ImageBytes, "read", classmethod(lambda cls, p: reads.append(p) or real_read(cls, p)))
     monkeypatch.setenv("EDGE_T2T_CACHE_DIR", str(tmp_path / "cache"))
     img = tmp_path / "query.png"
     Image.new("RGB", (8, 8), (10, 20, 30)).save(img)
     with pytest.raises(StoreError, match="--vlm"):
         S.query_image_variants(index, img, vlm_cfg=None)
+    reads.clear()
     variants, sha = S.query_image_variants(index, img, vlm_cfg=object())
     assert calls and variants[0].one_sentence == "boats moored at a pier" and len(sha) == 64
+    assert len(reads) == 1 and calls[0][0][1].sha256 == sha  # read once; the bytes hashed are the bytes described
     hits = S.search_by_variants(index, variants, k=1, embedder=emb, mode="exact")
     assert hits[0].image == "harbour.jpg"
 

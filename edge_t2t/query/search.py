@@ -230,10 +230,11 @@ def search_by_variants_open(store: Store, vectors: SearchVectors, variants: list
 def query_image_variants(index_dir, image_path: str | os.PathLike, vlm_cfg=None, n_variants: int = 5) -> tuple[list[Variant], str]:
     """Descriptions of a query image and its sha256: reused from the index when the same file
     content is already there, else written by the configured VLM (through the caption cache)."""
-    from ..images import load_image
+    from ..images import ImageBytes, load_image
 
     path = Path(image_path)
-    loaded = load_image(path)
+    image = ImageBytes.read(path)  # one read: the hash, the check that it is an image, the description
+    loaded = load_image(image)
     with Store(index_dir) as store:
         row = store.ok_image_with_sha(loaded.sha256)
         if row is not None:
@@ -244,13 +245,14 @@ def query_image_variants(index_dir, image_path: str | os.PathLike, vlm_cfg=None,
         raise StoreError(
             f"{path} is not in the index, so it must be described first: pass --vlm MODEL.gguf --mmproj MMPROJ.gguf"
         )
-    from ..describe.captioning import caption_images
+    from ..describe.captioning import CaptionSettings, Failure, caption_sources
     from ..describe.captions import CaptionCache
 
-    records = []
+    outcomes = []
     with CaptionCache() as cache:  # a query image described once is not described again
-        summary = caption_images([path], vlm_cfg, n_variants=n_variants, cache=cache, on_record=records.append)
-    if not records:
-        reasons = "; ".join(f.reason for f in summary.failures) or "no description"
-        raise StoreError(f"{path} could not be described by the VLM ({reasons}); try another --vlm model")
-    return records[0].variants, loaded.sha256
+        caption_sources([(path, image)], vlm_cfg, n_variants, CaptionSettings(cache=cache),
+                        lambda _path, outcome: outcomes.append(outcome))  # fmt: skip
+    if not outcomes or isinstance(outcomes[0], Failure):
+        reason = outcomes[0].reason if outcomes else "no description"
+        raise StoreError(f"{path} could not be described by the VLM ({reason}); try another --vlm model")
+    return outcomes[0].variants, loaded.sha256
