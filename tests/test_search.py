@@ -252,9 +252,8 @@ def test_query_image_is_described_by_the_vlm_unless_already_indexed(index, emb, 
     from PIL import Image
 
     from edge_t2t.describe import captioning
-    from edge_t2t.records import CaptionRecord
-
     from edge_t2t.images import ImageBytes
+    from edge_t2t.records import CaptionRecord
 
     calls, reads = [], []
 
