@@ -219,43 +219,81 @@ class ParallelResult:
     prompt_tokens: int = 0  # prompt positions decoded (image embeddings, shared text, suffixes)
     prompt_s: float = 0.0  # decoding them (encoding excluded)
     gen_s: float = 0.0  # the batched generation loop
+    gen_decode_s: float = 0.0  # of which in llama_decode (the rest: sampling, grammar, Python)
+    gen_steps: int = 0  # llama_decode calls in the generation loop
     gen_tokens: int = 0
+    # CPU seconds of this process per phase: on a machine shared with other work, wall time mostly
+    # measures the others.
+    encode_cpu_s: float = 0.0
+    prompt_cpu_s: float = 0.0
+    gen_cpu_s: float = 0.0
 
     @property
     def tokens_per_image(self) -> list[int]:
         return [sum(t) for t in self.tokens]
 
 
-class _ParallelContext:
-    """A llama_context of its own with a unified KV cache and room for n_seq sequences.
+@dataclass(frozen=True)
+class ParallelSettings:
+    """How the parallel path's llama.cpp context is made.
 
-    The Llama object's context stays for the sequential path; this one is created on the first
-    parallel call and grown (never shrunk) when a call needs more room. Its size does not change
-    the numbers: llama.cpp attends over the cells in use, not over n_ctx.
+    kv_unified: one KV buffer for all sequences (the shared prefix lives once; seq_cp only tags
+    its cells) but every query then attends over every cell in use, the other sequences' tokens
+    masked; False gives each sequence a stream of its own (the prefix copied into each) and
+    attention over its own cells only. flash_attn: llama.cpp's fused attention kernel (on the CPU
+    it skips masked cells). Both change the floating-point order of the attention, so they are
+    part of the caption cache key (captioning.generation_params).
     """
 
-    def __init__(self, llama: Any, n_threads: int):
+    kv_unified: bool = True
+    flash_attn: bool = False
+    n_ubatch: int = 512
+
+    @property
+    def key(self) -> str:
+        return f"{'unified' if self.kv_unified else 'streams'}{'+fa' if self.flash_attn else ''}"
+
+
+class _ParallelContext:
+    """A llama_context of its own with room for n_seq sequences (see ParallelSettings).
+
+    The Llama object's context stays for the sequential path; this one is created on the first
+    parallel call and grown (never shrunk) when a call needs more room. With a unified KV cache
+    its size does not change the numbers (llama.cpp attends over the cells in use, not over
+    n_ctx); with one stream per sequence each stream holds n_ctx / n_seq cells.
+    """
+
+    def __init__(self, llama: Any, n_threads: int, settings: ParallelSettings):
         self.llama = llama
         self.n_threads = n_threads
+        self.settings = settings
         self.ctx: Any = None
         self.batch: Any = None
         self.n_ctx = self.n_seq = self.n_batch = 0
 
-    def ensure(self, n_ctx: int, n_seq: int, n_batch: int) -> Any:
+    def ensure(self, per_seq: int, total: int, n_seq: int, n_batch: int) -> Any:
+        """Room for n_seq sequences of up to per_seq cells each, `total` cells in all."""
         import llama_cpp
 
-        if self.ctx is not None and n_ctx <= self.n_ctx and n_seq <= self.n_seq and n_batch <= self.n_batch:
+        unified = self.settings.kv_unified
+        if self.ctx is not None and n_seq <= self.n_seq and n_batch <= self.n_batch and (
+                total <= self.n_ctx if unified else per_seq <= self.n_ctx // self.n_seq):  # fmt: skip
             return self.ctx
         self.close()
-        n_ctx = -(-max(n_ctx, self.n_ctx) // 1024) * 1024
         n_seq, n_batch = max(n_seq, self.n_seq), max(n_batch, self.n_batch, 512)
+        if unified:
+            n_ctx = -(-max(total, self.n_ctx) // 1024) * 1024
+        else:  # llama.cpp gives each stream n_ctx / n_seq_max cells, and copies whole streams
+            n_ctx = -(-max(per_seq, self.n_ctx // max(self.n_seq, 1)) // 256) * 256 * n_seq
         params = llama_cpp.llama_context_default_params()
         base = self.llama.context_params
-        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, 512
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, min(self.settings.n_ubatch, n_batch)
         params.n_seq_max = n_seq
-        params.kv_unified = True  # the shared prefix lives once; seq_cp only tags its cells
+        params.kv_unified = unified
         params.n_threads = params.n_threads_batch = self.n_threads
-        params.flash_attn_type, params.type_k, params.type_v = base.flash_attn_type, base.type_k, base.type_v
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.settings.flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)  # fmt: skip
+        params.type_k, params.type_v = base.type_k, base.type_v
         params.offload_kqv = base.offload_kqv
         params.no_perf = False
         ctx = llama_cpp.llama_init_from_model(self.llama.model, params)
@@ -435,6 +473,7 @@ class VLM:
         self._llama: Any = None
         self._handler: Any = None
         self._parallel: _ParallelContext | None = None
+        self._parallel_settings = ParallelSettings()
         self.calls = 0
         self.last_tokens_generated = 0
         if cfg.variant_mode not in VARIANT_MODES:
@@ -583,6 +622,18 @@ class VLM:
 
     # ---- parallel variants ------------------------------------------------------------------------
 
+    @property
+    def parallel_settings(self) -> ParallelSettings:
+        return self._parallel_settings
+
+    @parallel_settings.setter
+    def parallel_settings(self, settings: ParallelSettings) -> None:
+        """Another context for the parallel path (made on the next call); benches compare them."""
+        if settings != self._parallel_settings and self._parallel is not None:
+            self._parallel.close()
+            self._parallel = None
+        self._parallel_settings = settings
+
     def _render_split(self, prompt: str, uri: str) -> tuple[str, str]:
         """The family's chat prompt for (image, prompt + SPLIT), cut at SPLIT: (shared head, tail).
 
@@ -654,26 +705,28 @@ class VLM:
                 n = ctypes.c_size_t()
                 ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
                 toks = [ptr[j] for j in range(n.value)]
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for j in range(0, len(toks), pc.n_batch):
                     part = toks[j : j + pc.n_batch]
                     pc.decode([(t, n_past + j + k, seq, False) for k, t in enumerate(part)])
                 res.prompt_s += time.perf_counter() - t0
+                res.prompt_cpu_s += time.process_time() - c0
                 n_past += len(toks)
                 res.prompt_tokens += len(toks)
                 continue
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if mtmd.mtmd_encode_chunk(mctx, chunk) != 0:
                 raise ModelError(f"{self.model_path}: the vision encoder failed on this image{_log_hint()}")
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             new_past = lc.llama_pos(0)
             rc = mtmd.mtmd_helper_decode_image_chunk(mctx, pc.ctx, chunk, mtmd.mtmd_get_output_embd(mctx), n_past,
                                                      seq, pc.n_batch, ctypes.byref(new_past),
                                                      mtmd.mtmd_helper_post_decode_callback(), None)  # fmt: skip
             if rc != 0:
                 raise ModelError(f"{self.model_path}: decoding the image embeddings failed (code {rc}){_log_hint()}")
-            res.encode_s += t1 - t0
+            res.encode_s, res.encode_cpu_s = res.encode_s + t1 - t0, res.encode_cpu_s + c1 - c0
             res.prompt_s += time.perf_counter() - t1
+            res.prompt_cpu_s += time.process_time() - c1
             res.prompt_tokens += int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
             n_past = new_past.value
         return n_past
@@ -725,9 +778,11 @@ class VLM:
             per_image = sum(map(len, suffix_toks)) + n_var * max_tokens
             n_seq = len(images) * n_var
             if self._parallel is None:
-                self._parallel = _ParallelContext(llama, self.n_threads)
+                self._parallel = _ParallelContext(llama, self.n_threads, self._parallel_settings)
             pc = self._parallel
-            pc.ensure(sum(prefix) + len(images) * per_image + 16, n_seq, len(images) * sum(map(len, suffix_toks)) + n_seq)
+            per_seq = max(prefix) + max(map(len, suffix_toks)) + max_tokens + 16
+            pc.ensure(per_seq, sum(prefix) + len(images) * per_image + 16, n_seq,
+                      len(images) * sum(map(len, suffix_toks)) + n_seq)  # fmt: skip
             lc.llama_memory_clear(lc.llama_get_memory(pc.ctx), True)
             mem = lc.llama_get_memory(pc.ctx)
             pos: list[int] = []
@@ -744,16 +799,17 @@ class VLM:
                 entries += [(t, pos[s] + k, s, k == len(toks) - 1) for k, t in enumerate(toks)]
                 out_idx.append(len(entries) - 1)
                 pos[s] += len(toks)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             pc.decode(entries)
             res.prompt_s += time.perf_counter() - t0
+            res.prompt_cpu_s += time.process_time() - c0
             res.prompt_tokens += len(entries)
             n_vocab = lc.llama_vocab_n_tokens(vocab)
             samplers = [_SequenceSampler(vocab, n_vocab, gbnf, temps[s % n_var], self.cfg.seed + s % n_var)
                         for s in range(n_seq)]  # fmt: skip
             generated: list[list[int]] = [[] for _ in range(n_seq)]
             active = list(range(n_seq))
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             while active:
                 entries, still = [], []
                 for s in active:
@@ -769,8 +825,11 @@ class VLM:
                     still.append(s)
                 active = still
                 if entries:
+                    t1 = time.perf_counter()
                     pc.decode(entries)
-            res.gen_s = time.perf_counter() - t0
+                    res.gen_decode_s += time.perf_counter() - t1
+                    res.gen_steps += 1
+            res.gen_s, res.gen_cpu_s = time.perf_counter() - t0, time.process_time() - c0
         finally:
             for sm in samplers:
                 sm.free()
