@@ -27,21 +27,20 @@ import sys
 import time
 
 from _common import write_results
-from caption_speed import _ParTimer, _pngs
+from caption_speed import _ParTimer, _pngs, _SeqTimer
 
 from edge_t2t import config
 from edge_t2t.describe import prompts
 
-ARMS = ("unified", "unified+fa", "streams", "streams+fa")
+ARMS = ("seq", "seq+fa", "unified", "unified+fa", "streams", "streams+fa")
 
 
-def settings_for(arm: str):
-    from edge_t2t.describe.vlm import ParallelSettings
-
+def parse_arm(arm: str) -> tuple[str, bool]:
+    """(path or KV layout, flash attention) of an arm name."""
     base, _, fa = arm.partition("+")
-    if base not in ("unified", "streams") or fa not in ("", "fa"):
+    if base not in ("seq", "unified", "streams") or fa not in ("", "fa"):
         raise SystemExit(f"unknown arm {arm!r}; choose from: {', '.join(ARMS)}")
-    return ParallelSettings(kv_unified=base == "unified", flash_attn=fa == "fa")
+    return base, fa == "fa"
 
 
 def main() -> None:
@@ -59,6 +58,7 @@ def main() -> None:
     from edge_t2t.describe import vlm as vlm_mod
     from edge_t2t.describe.captioning import _run_parallel
     from edge_t2t.describe.testvlm import shape_files
+    from edge_t2t.describe.vlm import ParallelSettings
 
     names = shape_files(args.shape)
     d = config.test_vlm_dir() / args.shape
@@ -78,19 +78,34 @@ def main() -> None:
         steps.append((time.process_time() - c, time.perf_counter() - t))
 
     vlm_mod._ParallelContext.decode = timed
-    vlm = vlm_mod.VLM(vlm_mod.VLMConfig(model, mmproj, n_threads=args.threads, seed=0,
-                                        image_max_tokens=args.image_max_tokens or None))  # fmt: skip
-    par = _ParTimer(vlm)  # keeps the ParallelResult (phase timings) of each call
+    # One VLM per flash-attention setting (it also sets the vision encoder's and the sequential
+    # context's); loaded for the sequential path, which describe_parallel can share.
+    vlms, timers = {}, {}
+    for fa in sorted({parse_arm(a)[1] for a in arms}):
+        vlms[fa] = vlm_mod.VLM(vlm_mod.VLMConfig(model, mmproj, n_threads=args.threads, seed=0, variant_mode="sequential",
+                                                 image_max_tokens=args.image_max_tokens or None, flash_attn=fa))  # fmt: skip
+        timers[fa] = (_SeqTimer(vlms[fa]._llama), _ParTimer(vlms[fa]))  # phase timings of each call
+    prompt = prompts.build_prompt(prompts.DEFAULT_VARIANTS)
     rows: dict[str, list[dict]] = {a: [] for a in arms}
     for rep in range(args.reps):
         for arm in arms if rep % 2 == 0 else arms[::-1]:
-            vlm.parallel_settings = settings_for(arm)
+            base, fa = parse_arm(arm)
+            vlm = vlms[fa]
             steps.clear()
             load = os.getloadavg()[0]
             t, c = time.perf_counter(), time.process_time()
+            if base == "seq":
+                text = vlm.generate(png, prompt.text, json_schema=schema, max_tokens=max_tokens, temperature=0.0)
+                wall, cpu, perf = time.perf_counter() - t, time.process_time() - c, timers[fa][0].last
+                rows[arm].append({"s": wall, "cpu_s": cpu, "load_avg_1m": load, **perf,
+                                  "text_sha": hashlib.sha256(text.encode()).hexdigest()[:12]})  # fmt: skip
+                print(f"  {arm:11s} {wall:6.1f}s wall, CPU {cpu:.1f}s, {perf['gen_tokens']} tokens, "
+                      f"gen {perf['gen_tokens'] / perf['gen_s']:.1f} tok/s wall, load {load:.1f}", file=sys.stderr, flush=True)  # fmt: skip
+                continue
+            vlm.parallel_settings = ParallelSettings(kv_unified=base == "unified", flash_attn=fa)
             _run_parallel(vlm, png, vp, schema, True, {"max_tokens": max_tokens}, 0.0)
             wall, cpu = time.perf_counter() - t, time.process_time() - c
-            res = par.last
+            res = timers[fa][1].last
             gen = [c for c, _ in steps[-res.gen_steps:]] if res.gen_steps else []  # CPU s per step
             q = [statistics.mean(part) * 1000 if part else 0.0 for part in _quarters(gen)]
             row = {
@@ -106,16 +121,25 @@ def main() -> None:
                   f"gen {res.gen_cpu_s:.1f} (decode {sum(gen):.1f}), {res.gen_tokens} tokens, decode CPU ms/step by "
                   f"quarter {' '.join(f'{x:.0f}' for x in q)}, text {row['text_sha']}, load {load:.1f}",
                   file=sys.stderr, flush=True)  # fmt: skip
-    vlm.close()
+    for v in vlms.values():
+        v.close()
 
-    base = rows[arms[0]][0]["text_sha"]
+    table = ""
+    for arm in [a for a in arms if parse_arm(a)[0] == "seq"]:
+        m = {k: statistics.mean(r[k] for r in rows[arm]) for k in ("s", "cpu_s", "prompt_s", "prompt_tokens", "gen_s", "gen_tokens")}
+        table += (f"| {arm} (sequential path) | {m['s']:.1f} | {m['cpu_s']:.1f} | prompt incl. image {m['prompt_s']:.1f} s wall "
+                  f"| gen {m['gen_s']:.1f} s wall ({m['gen_tokens'] / m['gen_s']:.1f} tok/s, llama.cpp's counters) "
+                  f"| | | | | {m['gen_tokens']:.0f} | |\n")  # fmt: skip
+    arms = [a for a in arms if parse_arm(a)[0] != "seq"]
+    base = rows[arms[0]][0]["text_sha"] if arms else ""
     table = ("| arm | wall s/image | CPU s/image | encode CPU s | prompt CPU s (tok/CPU s) | gen CPU s (tok/CPU s) | "
              "of it llama_decode | sampling etc. CPU ms/step | decode CPU ms/step by quarter of the generation | "
-             f"tokens | same text as {arms[0]} |\n|---|---:|---:|---:|---|---|---:|---:|---|---:|---|\n")  # fmt: skip
+             f"tokens | same text as {arms[0] if arms else '-'} |\n|---|---:|---:|---:|---|---|---:|---:|---|---:|---|\n") + table  # fmt: skip
     keys = ("s", "cpu_s", "encode_cpu_s", "prompt_cpu_s", "prompt_tokens", "gen_cpu_s", "gen_decode_cpu_s",
             "gen_tokens", "gen_steps")  # fmt: skip
     summary = {}
-    for arm, rs in rows.items():
+    for arm in arms:
+        rs = rows[arm]
         m = {k: statistics.mean(r[k] for r in rs) for k in keys}
         m["step_ms_quarters"] = [statistics.mean(r["step_ms_quarters"][i] for r in rs) for i in range(4)]
         m["same_text"] = all(r["text_sha"] == base for r in rs)
@@ -132,8 +156,8 @@ def main() -> None:
               f"{max_tokens} per image ({max(16, max_tokens // 5)} per variant), image_max_tokens "
               f"{args.image_max_tokens or 'the mmproj default'}, {args.reps} round(s), arms interleaved; load average "
               f"{min(loads):.1f}-{max(loads):.1f} on a machine shared with other work: ratios between arms are the "
-              "meaningful figures, and CPU seconds (1 thread: the work itself) more than wall seconds. unified = one KV buffer for all sequences; streams = one KV stream per "
-              "sequence (prefix copied); +fa = flash attention. The product's path (captioning._run_parallel).\n")  # fmt: skip
+              "meaningful figures, and CPU seconds (1 thread: the work itself) more than wall seconds. seq = the sequential path (one call writes all variants); unified = one KV buffer for all sequences; streams = one KV stream per "
+              "sequence (prefix copied); +fa = flash attention in the text model and the vision encoder. The product's calls (captioning._run_parallel, VLM.generate).\n")  # fmt: skip
     out = args.name or f"parallel_context_{args.shape}_{args.precision}"
     write_results(out, {"args": vars(args), "rows": rows, "summary": summary}, table)
     print(table)

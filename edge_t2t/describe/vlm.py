@@ -71,6 +71,9 @@ class VLMConfig:
     # upscale small images: SmolVLM (idefics3) makes a 224 px image 16 tiles + an overview (1,088
     # tokens, 17 encoder passes); a cap of 64 gives 1 tile + the overview (128 tokens, 2 passes).
     image_max_tokens: int | None = None
+    # llama.cpp's fused attention kernel, in the text model (both variant paths) and the vision
+    # encoder. It changes the floating-point order of the attention, so it is in the cache key.
+    flash_attn: bool = False
 
 
 def infer_family(model_info: GGUFInfo, mmproj_info: GGUFInfo) -> str:
@@ -473,7 +476,7 @@ class VLM:
         self._llama: Any = None
         self._handler: Any = None
         self._parallel: _ParallelContext | None = None
-        self._parallel_settings = ParallelSettings()
+        self._parallel_settings = ParallelSettings(flash_attn=cfg.flash_attn)
         self.calls = 0
         self.last_tokens_generated = 0
         if cfg.variant_mode not in VARIANT_MODES:
@@ -547,6 +550,7 @@ class VLM:
                 n_threads=self.n_threads,
                 n_threads_batch=self.n_threads,
                 n_gpu_layers=self.cfg.n_gpu_layers,
+                flash_attn=self.cfg.flash_attn,  # the handler's mtmd context (vision encoder) follows it
                 seed=self.cfg.seed,
                 verbose=False,
             )
