@@ -13,7 +13,7 @@ import pytest
 from edge_t2t.describe import prompts, testvlm
 from edge_t2t.describe.captioning import caption_images
 from edge_t2t.describe.captions import CaptionCache
-from edge_t2t.describe.vlm import VLM, VLMConfig
+from edge_t2t.describe.vlm import VLM, ParallelSettings, VLMConfig
 from edge_t2t.errors import ImageError, ModelError
 
 SMALL = hm.BOUNDED_SCHEMA
@@ -127,3 +127,40 @@ def test_grammar_checked_on_the_chosen_token_picks_what_the_full_grammar_pass_pi
     monkeypatch.setattr(vlm_module, "_SequenceSampler", FullPass)
     reference = model.describe_parallel(images[:1], vp.shared, vp.suffixes, **kw)
     assert fast.texts == reference.texts and fast.tokens == reference.tokens
+
+
+def test_sampling_threads_pick_the_same_tokens(vlm_dir, images, monkeypatch):
+    """With more than one thread the sequences' samplers run side by side; each is independent of
+    the others, so the texts equal those of the samplers run one after another."""
+    from edge_t2t.describe import vlm as vlm_module
+
+    vp = prompts.build_variant_prompts(3)
+    kw = {"json_schema": prompts.variant_schema(), "max_tokens": 150}
+    with VLM(VLMConfig(vlm_dir / testvlm.MODEL_FILE, vlm_dir / testvlm.MMPROJ_FILE, n_threads=2)) as v:
+        pooled = v.describe_parallel(images, vp.shared, vp.suffixes, **kw)
+        assert v._pool is not None  # the threads were used
+        monkeypatch.setattr(vlm_module.VLM, "_sampling_pool", lambda self: None)
+        serial = v.describe_parallel(images, vp.shared, vp.suffixes, **kw)
+    assert pooled.texts == serial.texts and pooled.tokens == serial.tokens
+
+
+@pytest.mark.parametrize("settings", [ParallelSettings(kv_unified=False), ParallelSettings(flash_attn=True),
+                                      ParallelSettings(kv_unified=False, flash_attn=True)], ids=lambda s: s.key)  # fmt: skip
+def test_every_context_setting_is_deterministic_and_follows_the_grammar(model, images, settings):
+    """One KV stream per sequence (the prefix copied across streams by seq_cp) and flash attention:
+    each variant still a schema-valid object, the same texts on a second call and with a second
+    image in the same context (its sequences in streams of their own)."""
+    vp = prompts.build_variant_prompts(3)
+    kw = {"json_schema": SMALL, "max_tokens": 120}
+    before = model.parallel_settings
+    model.parallel_settings = settings
+    try:
+        a = model.describe_parallel(images[:1], vp.shared, vp.suffixes, **kw)
+        assert model._parallel.settings == settings
+        assert model.describe_parallel(images[:1], vp.shared, vp.suffixes, **kw).texts == a.texts
+        both = model.describe_parallel(images, vp.shared, vp.suffixes, **kw)
+    finally:
+        model.parallel_settings = before
+    for obj in (json.loads(t) for t in a.texts[0]):
+        assert set(SMALL["required"]) <= set(obj)
+    assert both.texts[0] == a.texts[0] and len(set(a.texts[0])) == 3

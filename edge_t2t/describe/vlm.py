@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import concurrent.futures
 import ctypes
 import functools
 import json
@@ -477,6 +478,7 @@ class VLM:
         self._handler: Any = None
         self._parallel: _ParallelContext | None = None
         self._parallel_settings = ParallelSettings(flash_attn=cfg.flash_attn)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.calls = 0
         self.last_tokens_generated = 0
         if cfg.variant_mode not in VARIANT_MODES:
@@ -813,11 +815,15 @@ class VLM:
                         for s in range(n_seq)]  # fmt: skip
             generated: list[list[int]] = [[] for _ in range(n_seq)]
             active = list(range(n_seq))
+            pool = self._sampling_pool()
             t0, c0 = time.perf_counter(), time.process_time()
             while active:
                 entries, still = [], []
-                for s in active:
-                    tok = samplers[s].sample(pc.ctx, out_idx[s])
+                if pool is not None and len(active) > 1:
+                    picked = list(pool.map(lambda s: samplers[s].sample(pc.ctx, out_idx[s]), active))
+                else:
+                    picked = [samplers[s].sample(pc.ctx, out_idx[s]) for s in active]
+                for s, tok in zip(active, picked, strict=True):
                     if lc.llama_vocab_is_eog(vocab, tok):
                         continue
                     generated[s].append(tok)
@@ -847,7 +853,20 @@ class VLM:
         self.last_tokens_generated = res.gen_tokens
         return res
 
+    def _sampling_pool(self) -> concurrent.futures.ThreadPoolExecutor | None:
+        """Threads for the sequences' samplers when llama.cpp has more than one: between two decode
+        steps the other cores are idle, and llama.cpp's grammar pass (ctypes) and numpy release the
+        GIL. Each sampler is independent of the others, so the tokens are the same either way."""
+        if self.n_threads < 2:
+            return None
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.n_threads, thread_name_prefix="edge-t2t-sampler")
+        return self._pool
+
     def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
         parallel, self._parallel = self._parallel, None
         if parallel is not None:
             parallel.close()  # before the model it was made from
