@@ -164,3 +164,23 @@ def test_every_context_setting_is_deterministic_and_follows_the_grammar(model, i
     for obj in (json.loads(t) for t in a.texts[0]):
         assert set(SMALL["required"]) <= set(obj)
     assert both.texts[0] == a.texts[0] and len(set(a.texts[0])) == 3
+
+
+def test_flash_attention_settings_are_in_the_cache_key_and_the_encoder_runs_either_way(vlm_dir, images):
+    """The vision encoder's flash attention (on by default) and the text model's (off) reorder the
+    attention's sums, so records made with and without them get different cache keys; each
+    setting still gives schema-valid, repeatable answers."""
+    from edge_t2t.describe.captioning import generation_params
+
+    m, p = vlm_dir / testvlm.MODEL_FILE, vlm_dir / testvlm.MMPROJ_FILE
+    kw = {"n_variants": 2, "max_tokens": 100, "temperature": 0.0, "max_megapixels": 4.0, "bands": None}
+    default = generation_params(VLMConfig(m, p), **kw)
+    assert default["vision_flash_attn"] is True and "flash_attn" not in default
+    assert "vision_flash_attn" not in generation_params(VLMConfig(m, p, vision_flash_attn=False), **kw)
+    assert generation_params(VLMConfig(m, p, flash_attn=True), **kw)["flash_attn"] is True
+    vp = prompts.build_variant_prompts(2)
+    for cfg in (VLMConfig(m, p, vision_flash_attn=False), VLMConfig(m, p, flash_attn=True)):
+        with VLM(cfg) as v:
+            a = v.describe_parallel(images[:1], vp.shared, vp.suffixes, json_schema=SMALL, max_tokens=120)
+            assert v.describe_parallel(images[:1], vp.shared, vp.suffixes, json_schema=SMALL, max_tokens=120).texts == a.texts
+        assert all(set(SMALL["required"]) <= set(json.loads(t)) for t in a.texts[0])
