@@ -99,12 +99,20 @@ def test_pipeline_records_say_which_path_wrote_them(vlm_dir, rsicd_samples, tmp_
     assert fresh[0].variants == par.variants and fresh[0].tokens_generated == par.tokens_generated
 
 
-def test_grammar_checked_on_the_chosen_token_picks_what_the_full_grammar_pass_picks(model, images, monkeypatch):
-    """The one-token grammar check is a speed-up only: under greedy decoding the tokens equal those
-    of llama.cpp's usual chain (penalty, grammar over the whole vocabulary, greedy)."""
+@pytest.mark.parametrize("stages", [(1024, 8192), (8, 64), (64, 256)])
+def test_grammar_checked_on_the_chosen_token_picks_what_the_full_grammar_pass_picks(model, images, monkeypatch, stages):
+    """The one-token grammar check, and after a refusal the grammar pass on the best-scoring
+    candidates first, are speed-ups only: under greedy decoding the tokens equal those of
+    llama.cpp's usual chain (penalty, grammar over the whole vocabulary, greedy). The tiny model's
+    vocabulary is 1,024 tokens, so small stages make the staged pass run (and hit) here."""
     import llama_cpp as lc
 
     from edge_t2t.describe import vlm as vlm_module
+
+    monkeypatch.setattr(vlm_module._SequenceSampler, "STAGES", stages)
+    hits = []
+    staged = vlm_module._SequenceSampler._greedy_allowed
+    monkeypatch.setattr(vlm_module._SequenceSampler, "_greedy_allowed", lambda self, lg: hits.append(1) or staged(self, lg))
 
     class FullPass(vlm_module._SequenceSampler):
         def __init__(self, vocab, n_vocab, gbnf, temperature, seed):
@@ -127,6 +135,7 @@ def test_grammar_checked_on_the_chosen_token_picks_what_the_full_grammar_pass_pi
     monkeypatch.setattr(vlm_module, "_SequenceSampler", FullPass)
     reference = model.describe_parallel(images[:1], vp.shared, vp.suffixes, **kw)
     assert fast.texts == reference.texts and fast.tokens == reference.tokens
+    assert hits  # the grammar refused some greedy tokens, so the staged pass ran
 
 
 def test_sampling_threads_pick_the_same_tokens(vlm_dir, images, monkeypatch):
