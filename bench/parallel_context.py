@@ -32,15 +32,20 @@ from caption_speed import _ParTimer, _pngs, _SeqTimer
 from edge_t2t import config
 from edge_t2t.describe import prompts
 
-ARMS = ("seq", "seq+fa", "unified", "unified+fa", "streams", "streams+fa")
+ARMS = ("seq", "seq+fa", "seq-before", "before", "unified", "unified+fa", "streams", "streams+fa")
 
 
-def parse_arm(arm: str) -> tuple[str, bool]:
-    """(path or KV layout, flash attention) of an arm name."""
+def parse_arm(arm: str) -> tuple[str, bool, bool]:
+    """(path or KV layout, the text model's flash attention, the vision encoder's) of an arm name.
+    `before` is the parallel path as it was before these settings were measured: unified KV, no
+    flash attention anywhere, the grammar's full pass on every refused greedy token; `seq-before`
+    the sequential path with the vision encoder as it was (no flash attention)."""
+    if arm in ("before", "seq-before"):
+        return "unified" if arm == "before" else "seq", False, False
     base, _, fa = arm.partition("+")
     if base not in ("seq", "unified", "streams") or fa not in ("", "fa"):
         raise SystemExit(f"unknown arm {arm!r}; choose from: {', '.join(ARMS)}")
-    return base, fa == "fa"
+    return base, fa == "fa", True
 
 
 def main() -> None:
@@ -81,22 +86,25 @@ def main() -> None:
     # One VLM per flash-attention setting (it also sets the vision encoder's and the sequential
     # context's); loaded for the sequential path, which describe_parallel can share.
     vlms, timers = {}, {}
-    for fa in sorted({parse_arm(a)[1] for a in arms}):
-        vlms[fa] = vlm_mod.VLM(vlm_mod.VLMConfig(model, mmproj, n_threads=args.threads, seed=0, variant_mode="sequential",
-                                                 image_max_tokens=args.image_max_tokens or None, flash_attn=fa))  # fmt: skip
-        timers[fa] = (_SeqTimer(vlms[fa]._llama), _ParTimer(vlms[fa]))  # phase timings of each call
+    stages = vlm_mod._SequenceSampler.STAGES
+    for fa, vfa in sorted({parse_arm(a)[1:] for a in arms}):
+        v = vlm_mod.VLM(vlm_mod.VLMConfig(model, mmproj, n_threads=args.threads, seed=0, variant_mode="sequential",
+                                          image_max_tokens=args.image_max_tokens or None, flash_attn=fa,
+                                          vision_flash_attn=vfa))  # fmt: skip
+        vlms[fa, vfa], timers[fa, vfa] = v, (_SeqTimer(v._llama), _ParTimer(v))  # phase timings of each call
     prompt = prompts.build_prompt(prompts.DEFAULT_VARIANTS)
     rows: dict[str, list[dict]] = {a: [] for a in arms}
     for rep in range(args.reps):
         for arm in arms if rep % 2 == 0 else arms[::-1]:
-            base, fa = parse_arm(arm)
-            vlm = vlms[fa]
+            base, fa, vfa = parse_arm(arm)
+            vlm = vlms[fa, vfa]
+            vlm_mod._SequenceSampler.STAGES = () if arm == "before" else stages
             steps.clear()
             load = os.getloadavg()[0]
             t, c = time.perf_counter(), time.process_time()
             if base == "seq":
                 text = vlm.generate(png, prompt.text, json_schema=schema, max_tokens=max_tokens, temperature=0.0)
-                wall, cpu, perf = time.perf_counter() - t, time.process_time() - c, timers[fa][0].last
+                wall, cpu, perf = time.perf_counter() - t, time.process_time() - c, timers[fa, vfa][0].last
                 rows[arm].append({"s": wall, "cpu_s": cpu, "load_avg_1m": load, **perf,
                                   "text_sha": hashlib.sha256(text.encode()).hexdigest()[:12]})  # fmt: skip
                 print(f"  {arm:11s} {wall:6.1f}s wall, CPU {cpu:.1f}s, {perf['gen_tokens']} tokens, "
@@ -105,7 +113,7 @@ def main() -> None:
             vlm.parallel_settings = ParallelSettings(kv_unified=base == "unified", flash_attn=fa)
             _run_parallel(vlm, png, vp, schema, True, {"max_tokens": max_tokens}, 0.0)
             wall, cpu = time.perf_counter() - t, time.process_time() - c
-            res = timers[fa][1].last
+            res = timers[fa, vfa][1].last
             gen = [c for c, _ in steps[-res.gen_steps:]] if res.gen_steps else []  # CPU s per step
             q = [statistics.mean(part) * 1000 if part else 0.0 for part in _quarters(gen)]
             row = {
