@@ -125,7 +125,9 @@ def run_one(model: Path, mmproj: Path, *, threads: int, n_images: int, variants:
         r = par_t.last
         return {"s": time.perf_counter() - t, "cpu_s": time.process_time() - c, "tokens": tokens,
                 "variants": len(vs), "encode_s": r.encode_s,
-                "prompt_tokens": r.prompt_tokens, "prompt_s": r.prompt_s, "gen_tokens": r.gen_tokens, "gen_s": r.gen_s}  # fmt: skip
+                "prompt_tokens": r.prompt_tokens, "prompt_s": r.prompt_s, "gen_tokens": r.gen_tokens, "gen_s": r.gen_s,
+                "gen_decode_s": r.gen_decode_s, "encode_cpu_s": r.encode_cpu_s, "prompt_cpu_s": r.prompt_cpu_s,
+                "gen_cpu_s": r.gen_cpu_s}  # fmt: skip
 
     arms = {"sequential": sequential, "parallel": parallel}
     if warm_up:  # untimed: the first calls pay one-off allocation and page-in costs
@@ -200,6 +202,8 @@ def summarise(res: dict, variants: int, max_tokens: int) -> dict:
         "seq_prompt_tok_s": _rate(seq, "prompt_tokens", "prompt_s"),
         "seq_gen_tok_s": _rate(seq, "gen_tokens", "gen_s"),
         "par_gen_tok_s": _rate(par, "gen_tokens", "gen_s"),
+        # the parallel generation's time outside llama_decode: sampling, grammar, Python
+        "par_gen_sampling_share": 1 - sum(r.get("gen_decode_s", 0.0) for r in par) / max(sum(r["gen_s"] for r in par), 1e-9),
         "seq_gen_tokens": statistics.mean(r["gen_tokens"] for r in seq),
         "par_gen_tokens": statistics.mean(r["gen_tokens"] for r in par),
         "seq_s_per_image": s_seq,

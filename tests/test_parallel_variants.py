@@ -13,7 +13,7 @@ import pytest
 from edge_t2t.describe import prompts, testvlm
 from edge_t2t.describe.captioning import caption_images
 from edge_t2t.describe.captions import CaptionCache
-from edge_t2t.describe.vlm import VLM, VLMConfig
+from edge_t2t.describe.vlm import VLM, ParallelSettings, VLMConfig
 from edge_t2t.errors import ImageError, ModelError
 
 SMALL = hm.BOUNDED_SCHEMA
@@ -99,12 +99,20 @@ def test_pipeline_records_say_which_path_wrote_them(vlm_dir, rsicd_samples, tmp_
     assert fresh[0].variants == par.variants and fresh[0].tokens_generated == par.tokens_generated
 
 
-def test_grammar_checked_on_the_chosen_token_picks_what_the_full_grammar_pass_picks(model, images, monkeypatch):
-    """The one-token grammar check is a speed-up only: under greedy decoding the tokens equal those
-    of llama.cpp's usual chain (penalty, grammar over the whole vocabulary, greedy)."""
+@pytest.mark.parametrize("stages", [(1024, 8192), (8, 64), (64, 256)])
+def test_grammar_checked_on_the_chosen_token_picks_what_the_full_grammar_pass_picks(model, images, monkeypatch, stages):
+    """The one-token grammar check, and after a refusal the grammar pass on the best-scoring
+    candidates first, are speed-ups only: under greedy decoding the tokens equal those of
+    llama.cpp's usual chain (penalty, grammar over the whole vocabulary, greedy). The tiny model's
+    vocabulary is 1,024 tokens, so small stages make the staged pass run (and hit) here."""
     import llama_cpp as lc
 
     from edge_t2t.describe import vlm as vlm_module
+
+    monkeypatch.setattr(vlm_module._SequenceSampler, "STAGES", stages)
+    hits = []
+    staged = vlm_module._SequenceSampler._greedy_allowed
+    monkeypatch.setattr(vlm_module._SequenceSampler, "_greedy_allowed", lambda self, lg: hits.append(1) or staged(self, lg))
 
     class FullPass(vlm_module._SequenceSampler):
         def __init__(self, vocab, n_vocab, gbnf, temperature, seed):
@@ -127,3 +135,61 @@ def test_grammar_checked_on_the_chosen_token_picks_what_the_full_grammar_pass_pi
     monkeypatch.setattr(vlm_module, "_SequenceSampler", FullPass)
     reference = model.describe_parallel(images[:1], vp.shared, vp.suffixes, **kw)
     assert fast.texts == reference.texts and fast.tokens == reference.tokens
+    assert hits  # the grammar refused some greedy tokens, so the staged pass ran
+
+
+def test_sampling_threads_pick_the_same_tokens(vlm_dir, images, monkeypatch):
+    """With more than one thread the sequences' samplers run side by side; each is independent of
+    the others, so the texts equal those of the samplers run one after another."""
+    from edge_t2t.describe import vlm as vlm_module
+
+    vp = prompts.build_variant_prompts(3)
+    kw = {"json_schema": prompts.variant_schema(), "max_tokens": 150}
+    with VLM(VLMConfig(vlm_dir / testvlm.MODEL_FILE, vlm_dir / testvlm.MMPROJ_FILE, n_threads=2)) as v:
+        pooled = v.describe_parallel(images, vp.shared, vp.suffixes, **kw)
+        assert v._pool is not None  # the threads were used
+        monkeypatch.setattr(vlm_module.VLM, "_sampling_pool", lambda self: None)
+        serial = v.describe_parallel(images, vp.shared, vp.suffixes, **kw)
+    assert pooled.texts == serial.texts and pooled.tokens == serial.tokens
+
+
+@pytest.mark.parametrize("settings", [ParallelSettings(kv_unified=False), ParallelSettings(flash_attn=True),
+                                      ParallelSettings(kv_unified=False, flash_attn=True)], ids=lambda s: s.key)  # fmt: skip
+def test_every_context_setting_is_deterministic_and_follows_the_grammar(model, images, settings):
+    """One KV stream per sequence (the prefix copied across streams by seq_cp) and flash attention:
+    each variant still a schema-valid object, the same texts on a second call and with a second
+    image in the same context (its sequences in streams of their own)."""
+    vp = prompts.build_variant_prompts(3)
+    kw = {"json_schema": SMALL, "max_tokens": 120}
+    before = model.parallel_settings
+    model.parallel_settings = settings
+    try:
+        a = model.describe_parallel(images[:1], vp.shared, vp.suffixes, **kw)
+        assert model._parallel.settings == settings
+        assert model.describe_parallel(images[:1], vp.shared, vp.suffixes, **kw).texts == a.texts
+        both = model.describe_parallel(images, vp.shared, vp.suffixes, **kw)
+    finally:
+        model.parallel_settings = before
+    for obj in (json.loads(t) for t in a.texts[0]):
+        assert set(SMALL["required"]) <= set(obj)
+    assert both.texts[0] == a.texts[0] and len(set(a.texts[0])) == 3
+
+
+def test_flash_attention_settings_are_in_the_cache_key_and_the_encoder_runs_either_way(vlm_dir, images):
+    """The vision encoder's flash attention (on by default) and the text model's (off) reorder the
+    attention's sums, so records made with and without them get different cache keys; each
+    setting still gives schema-valid, repeatable answers."""
+    from edge_t2t.describe.captioning import generation_params
+
+    m, p = vlm_dir / testvlm.MODEL_FILE, vlm_dir / testvlm.MMPROJ_FILE
+    kw = {"n_variants": 2, "max_tokens": 100, "temperature": 0.0, "max_megapixels": 4.0, "bands": None}
+    default = generation_params(VLMConfig(m, p), **kw)
+    assert default["vision_flash_attn"] is True and "flash_attn" not in default
+    assert "vision_flash_attn" not in generation_params(VLMConfig(m, p, vision_flash_attn=False), **kw)
+    assert generation_params(VLMConfig(m, p, flash_attn=True), **kw)["flash_attn"] is True
+    vp = prompts.build_variant_prompts(2)
+    for cfg in (VLMConfig(m, p, vision_flash_attn=False), VLMConfig(m, p, flash_attn=True)):
+        with VLM(cfg) as v:
+            a = v.describe_parallel(images[:1], vp.shared, vp.suffixes, json_schema=SMALL, max_tokens=120)
+            assert v.describe_parallel(images[:1], vp.shared, vp.suffixes, json_schema=SMALL, max_tokens=120).texts == a.texts
+        assert all(set(SMALL["required"]) <= set(json.loads(t)) for t in a.texts[0])

@@ -167,6 +167,12 @@ def generation_params(vlm_cfg: VLMConfig, *, n_variants: int, max_tokens: int, t
     }
     if vlm_cfg.image_max_tokens:  # only when set, so existing cache keys stay valid
         params["image_max_tokens"] = int(vlm_cfg.image_max_tokens)
+    # Flash attention reorders the attention's floating-point sums, so greedy decoding may pick
+    # other tokens: records made with and without it are told apart.
+    if vlm_cfg.vision_flash_attn:
+        params["vision_flash_attn"] = True
+    if vlm_cfg.flash_attn:
+        params["flash_attn"] = True
     return params
 
 

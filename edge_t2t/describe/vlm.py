@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import concurrent.futures
 import ctypes
 import functools
 import json
@@ -71,6 +72,13 @@ class VLMConfig:
     # upscale small images: SmolVLM (idefics3) makes a 224 px image 16 tiles + an overview (1,088
     # tokens, 17 encoder passes); a cap of 64 gives 1 tile + the overview (128 tokens, 2 passes).
     image_max_tokens: int | None = None
+    # llama.cpp's fused attention kernel in the vision encoder and in the text model. Both change
+    # the floating-point order of the attention, so both are in the caption cache key. Measured
+    # (bench/parallel_decode_step.py, bench/parallel_context.py): in the encoder it saves ~30%; in
+    # the text model it makes prompt processing ~18% faster but each decode step 30-50% slower
+    # on the CPU, so it is off there.
+    vision_flash_attn: bool = True
+    flash_attn: bool = False
 
 
 def infer_family(model_info: GGUFInfo, mmproj_info: GGUFInfo) -> str:
@@ -219,43 +227,81 @@ class ParallelResult:
     prompt_tokens: int = 0  # prompt positions decoded (image embeddings, shared text, suffixes)
     prompt_s: float = 0.0  # decoding them (encoding excluded)
     gen_s: float = 0.0  # the batched generation loop
+    gen_decode_s: float = 0.0  # of which in llama_decode (the rest: sampling, grammar, Python)
+    gen_steps: int = 0  # llama_decode calls in the generation loop
     gen_tokens: int = 0
+    # CPU seconds of this process per phase: on a machine shared with other work, wall time mostly
+    # measures the others.
+    encode_cpu_s: float = 0.0
+    prompt_cpu_s: float = 0.0
+    gen_cpu_s: float = 0.0
 
     @property
     def tokens_per_image(self) -> list[int]:
         return [sum(t) for t in self.tokens]
 
 
-class _ParallelContext:
-    """A llama_context of its own with a unified KV cache and room for n_seq sequences.
+@dataclass(frozen=True)
+class ParallelSettings:
+    """How the parallel path's llama.cpp context is made.
 
-    The Llama object's context stays for the sequential path; this one is created on the first
-    parallel call and grown (never shrunk) when a call needs more room. Its size does not change
-    the numbers: llama.cpp attends over the cells in use, not over n_ctx.
+    kv_unified: one KV buffer for all sequences (the shared prefix lives once; seq_cp only tags
+    its cells) but every query then attends over every cell in use, the other sequences' tokens
+    masked; False gives each sequence a stream of its own (the prefix copied into each) and
+    attention over its own cells only. flash_attn: llama.cpp's fused attention kernel (on the CPU
+    it skips masked cells). Both change the floating-point order of the attention, so they are
+    part of the caption cache key (captioning.generation_params).
     """
 
-    def __init__(self, llama: Any, n_threads: int):
+    kv_unified: bool = True
+    flash_attn: bool = False
+    n_ubatch: int = 512
+
+    @property
+    def key(self) -> str:
+        return f"{'unified' if self.kv_unified else 'streams'}{'+fa' if self.flash_attn else ''}"
+
+
+class _ParallelContext:
+    """A llama_context of its own with room for n_seq sequences (see ParallelSettings).
+
+    The Llama object's context stays for the sequential path; this one is created on the first
+    parallel call and grown (never shrunk) when a call needs more room. With a unified KV cache
+    its size does not change the numbers (llama.cpp attends over the cells in use, not over
+    n_ctx); with one stream per sequence each stream holds n_ctx / n_seq cells.
+    """
+
+    def __init__(self, llama: Any, n_threads: int, settings: ParallelSettings):
         self.llama = llama
         self.n_threads = n_threads
+        self.settings = settings
         self.ctx: Any = None
         self.batch: Any = None
         self.n_ctx = self.n_seq = self.n_batch = 0
 
-    def ensure(self, n_ctx: int, n_seq: int, n_batch: int) -> Any:
+    def ensure(self, per_seq: int, total: int, n_seq: int, n_batch: int) -> Any:
+        """Room for n_seq sequences of up to per_seq cells each, `total` cells in all."""
         import llama_cpp
 
-        if self.ctx is not None and n_ctx <= self.n_ctx and n_seq <= self.n_seq and n_batch <= self.n_batch:
+        unified = self.settings.kv_unified
+        if self.ctx is not None and n_seq <= self.n_seq and n_batch <= self.n_batch and (
+                total <= self.n_ctx if unified else per_seq <= self.n_ctx // self.n_seq):  # fmt: skip
             return self.ctx
         self.close()
-        n_ctx = -(-max(n_ctx, self.n_ctx) // 1024) * 1024
         n_seq, n_batch = max(n_seq, self.n_seq), max(n_batch, self.n_batch, 512)
+        if unified:
+            n_ctx = -(-max(total, self.n_ctx) // 1024) * 1024
+        else:  # llama.cpp gives each stream n_ctx / n_seq_max cells, and copies whole streams
+            n_ctx = -(-max(per_seq, self.n_ctx // max(self.n_seq, 1)) // 256) * 256 * n_seq
         params = llama_cpp.llama_context_default_params()
         base = self.llama.context_params
-        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, 512
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, min(self.settings.n_ubatch, n_batch)
         params.n_seq_max = n_seq
-        params.kv_unified = True  # the shared prefix lives once; seq_cp only tags its cells
+        params.kv_unified = unified
         params.n_threads = params.n_threads_batch = self.n_threads
-        params.flash_attn_type, params.type_k, params.type_v = base.flash_attn_type, base.type_k, base.type_v
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.settings.flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)  # fmt: skip
+        params.type_k, params.type_v = base.type_k, base.type_v
         params.offload_kqv = base.offload_kqv
         params.no_perf = False
         ctx = llama_cpp.llama_init_from_model(self.llama.model, params)
@@ -346,9 +392,15 @@ class _SequenceSampler:
         return self.lc.llama_token_data_array(data=self.buf.ctypes.data_as(self.lc.llama_token_data_p),
                                               size=self.n_vocab, selected=-1, sorted=False)  # fmt: skip
 
-    def _greedy(self, logits: Any) -> int:
+    # After the grammar refuses the greedy token, it sees the best-scoring candidates first (the
+    # top 1,024, then the top 8,192) and the whole vocabulary only if none of them is allowed.
+    # A full pass costs ~20 ms at a 49k vocabulary and ~45 ms at 152k (5 sequences, often several
+    # per step); a real model's allowed token is nearly always near the top.
+    STAGES = (1024, 8192)
+
+    def _penalized(self, logits: Any) -> Any:
         """llama.cpp's penalties (repeat 1.1 over the last 64 accepted tokens; a logit <= 0 is
-        multiplied, a positive one divided, in float32) then greedy (the first highest logit)."""
+        multiplied, a positive one divided, in float32), on a copy."""
         import numpy as np
 
         x = np.array(logits, dtype=np.float32, copy=True)
@@ -356,7 +408,39 @@ class _SequenceSampler:
             ids = np.fromiter(set(self.recent), dtype=np.int64)
             v = x[ids]
             x[ids] = np.where(v <= 0, v * np.float32(_REPEAT_PENALTY), v / np.float32(_REPEAT_PENALTY))
-        return int(np.argmax(x))
+        return x
+
+    def _greedy(self, logits: Any) -> int:
+        """Penalties, then greedy (the first highest logit)."""
+        import numpy as np
+
+        return int(np.argmax(self._penalized(logits)))
+
+    def _greedy_allowed(self, logits: Any) -> int:
+        """The token the full grammar pass then greedy would pick, with the pass run on the
+        best-scoring candidates first. The grammar only masks tokens, so when a candidate whose
+        penalized logit is >= t is allowed, the best of them beats every token below t; the cut is
+        by value, so ties at t are all inside, and the lowest id wins a tie as in np.argmax."""
+        import numpy as np
+
+        lc = self.lc
+        x = self._penalized(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)))
+        for k in self.STAGES:
+            if k >= self.n_vocab:
+                break
+            t = np.partition(x, self.n_vocab - k)[self.n_vocab - k]
+            ids = np.flatnonzero(x >= t)
+            part = self.buf[: len(ids)]  # a view: the full pass below rewrites the whole buffer
+            part["id"], part["logit"], part["p"] = ids, x[ids], 0.0
+            cur = lc.llama_token_data_array(data=part.ctypes.data_as(lc.llama_token_data_p),
+                                            size=len(ids), selected=-1, sorted=False)  # fmt: skip
+            lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+            ok = part["logit"] > -np.inf
+            if ok.any():
+                return int(ids[np.argmax(np.where(ok, x[ids], -np.inf))])
+        cur = self._candidates(logits)
+        lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+        return self._greedy(self.buf["logit"])
 
     def _pick(self, logits: Any, cur: Any | None) -> int:
         """One token from the raw logits, or from `cur` (the candidates after the grammar pass)."""
@@ -377,7 +461,9 @@ class _SequenceSampler:
             single = lc.llama_token_data_array(data=self.one.ctypes.data_as(lc.llama_token_data_p),
                                                size=1, selected=-1, sorted=False)  # fmt: skip
             lc.llama_sampler_apply(self.grammar, ctypes.byref(single))
-            if not self.one["logit"][0] > float("-inf"):  # refused: the full grammar pass, then the chain
+            if not self.one["logit"][0] > float("-inf") and self.greedy:  # refused: the grammar first
+                tok = self._greedy_allowed(logits)
+            elif not self.one["logit"][0] > float("-inf"):  # refused: the full grammar pass, then the chain
                 cur = self._candidates(logits)
                 lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
                 tok = self._pick(logits, cur)
@@ -394,17 +480,20 @@ class _SequenceSampler:
         self.chain = self.grammar = None
 
 
-def _init_mtmd_capped(handler: Any, llama: Any, image_max_tokens: int) -> None:
-    """The handler's mtmd context, made as its own _init_mtmd_context makes it but with mtmd's
-    image_max_tokens set (the handler has no parameter for it). Both variant paths use it."""
+def _init_mtmd(handler: Any, llama: Any, image_max_tokens: int | None, flash_attn: bool) -> None:
+    """The handler's mtmd context (the vision encoder), made as its own _init_mtmd_context makes it
+    but with mtmd's image_max_tokens and the encoder's flash attention chosen here (the handler
+    only copies the text model's flash-attention setting). Both variant paths use it."""
     import llama_cpp
 
     mtmd = handler._mtmd_cpp
     params = mtmd.mtmd_context_params_default()
     params.use_gpu, params.print_timings, params.n_threads = True, False, llama.n_threads
-    enabled = llama.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if enabled else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    params.image_max_tokens = image_max_tokens
+    # AUTO: libmtmd enables it where the backend supports it (every CPU build) and falls back
+    # otherwise; measured ~30% less encoder time on the SmolVLM shape (the same image, interleaved).
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    if image_max_tokens:
+        params.image_max_tokens = image_max_tokens
     ctx = mtmd.mtmd_init_from_file(handler.clip_model_path.encode(), llama.model, params)
     if ctx is None:
         raise ValueError(f"Failed to load mtmd context from: {handler.clip_model_path}")
@@ -416,6 +505,8 @@ def _init_mtmd_capped(handler: Any, llama: Any, image_max_tokens: int) -> None:
             handler.mtmd_ctx = None
 
     llama._stack.callback(free)
+    if not mtmd.mtmd_support_vision(ctx):
+        raise ValueError(f"{handler.clip_model_path} has no vision encoder")
 
 
 @functools.lru_cache(maxsize=8)
@@ -435,6 +526,8 @@ class VLM:
         self._llama: Any = None
         self._handler: Any = None
         self._parallel: _ParallelContext | None = None
+        self._parallel_settings = ParallelSettings(flash_attn=cfg.flash_attn)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.calls = 0
         self.last_tokens_generated = 0
         if cfg.variant_mode not in VARIANT_MODES:
@@ -508,13 +601,12 @@ class VLM:
                 n_threads=self.n_threads,
                 n_threads_batch=self.n_threads,
                 n_gpu_layers=self.cfg.n_gpu_layers,
+                flash_attn=self.cfg.flash_attn,
                 seed=self.cfg.seed,
                 verbose=False,
             )
             # libmtmd loads lazily on the first chat call; load it now so a bad mmproj fails here.
-            if self.cfg.image_max_tokens:
-                _init_mtmd_capped(handler, self._llama, int(self.cfg.image_max_tokens))
-            handler._init_mtmd_context(self._llama)  # a no-op when the capped context is in place
+            _init_mtmd(handler, self._llama, self.cfg.image_max_tokens, self.cfg.vision_flash_attn)
             self._handler = handler
         except (ValueError, RuntimeError, OSError) as exc:
             self.close()
@@ -582,6 +674,18 @@ class VLM:
         return out["choices"][0]["message"]["content"] or ""
 
     # ---- parallel variants ------------------------------------------------------------------------
+
+    @property
+    def parallel_settings(self) -> ParallelSettings:
+        return self._parallel_settings
+
+    @parallel_settings.setter
+    def parallel_settings(self, settings: ParallelSettings) -> None:
+        """Another context for the parallel path (made on the next call); benches compare them."""
+        if settings != self._parallel_settings and self._parallel is not None:
+            self._parallel.close()
+            self._parallel = None
+        self._parallel_settings = settings
 
     def _render_split(self, prompt: str, uri: str) -> tuple[str, str]:
         """The family's chat prompt for (image, prompt + SPLIT), cut at SPLIT: (shared head, tail).
@@ -654,26 +758,28 @@ class VLM:
                 n = ctypes.c_size_t()
                 ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
                 toks = [ptr[j] for j in range(n.value)]
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for j in range(0, len(toks), pc.n_batch):
                     part = toks[j : j + pc.n_batch]
                     pc.decode([(t, n_past + j + k, seq, False) for k, t in enumerate(part)])
                 res.prompt_s += time.perf_counter() - t0
+                res.prompt_cpu_s += time.process_time() - c0
                 n_past += len(toks)
                 res.prompt_tokens += len(toks)
                 continue
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if mtmd.mtmd_encode_chunk(mctx, chunk) != 0:
                 raise ModelError(f"{self.model_path}: the vision encoder failed on this image{_log_hint()}")
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             new_past = lc.llama_pos(0)
             rc = mtmd.mtmd_helper_decode_image_chunk(mctx, pc.ctx, chunk, mtmd.mtmd_get_output_embd(mctx), n_past,
                                                      seq, pc.n_batch, ctypes.byref(new_past),
                                                      mtmd.mtmd_helper_post_decode_callback(), None)  # fmt: skip
             if rc != 0:
                 raise ModelError(f"{self.model_path}: decoding the image embeddings failed (code {rc}){_log_hint()}")
-            res.encode_s += t1 - t0
+            res.encode_s, res.encode_cpu_s = res.encode_s + t1 - t0, res.encode_cpu_s + c1 - c0
             res.prompt_s += time.perf_counter() - t1
+            res.prompt_cpu_s += time.process_time() - c1
             res.prompt_tokens += int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
             n_past = new_past.value
         return n_past
@@ -725,9 +831,11 @@ class VLM:
             per_image = sum(map(len, suffix_toks)) + n_var * max_tokens
             n_seq = len(images) * n_var
             if self._parallel is None:
-                self._parallel = _ParallelContext(llama, self.n_threads)
+                self._parallel = _ParallelContext(llama, self.n_threads, self._parallel_settings)
             pc = self._parallel
-            pc.ensure(sum(prefix) + len(images) * per_image + 16, n_seq, len(images) * sum(map(len, suffix_toks)) + n_seq)
+            per_seq = max(prefix) + max(map(len, suffix_toks)) + max_tokens + 16
+            pc.ensure(per_seq, sum(prefix) + len(images) * per_image + 16, n_seq,
+                      len(images) * sum(map(len, suffix_toks)) + n_seq)  # fmt: skip
             lc.llama_memory_clear(lc.llama_get_memory(pc.ctx), True)
             mem = lc.llama_get_memory(pc.ctx)
             pos: list[int] = []
@@ -744,20 +852,25 @@ class VLM:
                 entries += [(t, pos[s] + k, s, k == len(toks) - 1) for k, t in enumerate(toks)]
                 out_idx.append(len(entries) - 1)
                 pos[s] += len(toks)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             pc.decode(entries)
             res.prompt_s += time.perf_counter() - t0
+            res.prompt_cpu_s += time.process_time() - c0
             res.prompt_tokens += len(entries)
             n_vocab = lc.llama_vocab_n_tokens(vocab)
             samplers = [_SequenceSampler(vocab, n_vocab, gbnf, temps[s % n_var], self.cfg.seed + s % n_var)
                         for s in range(n_seq)]  # fmt: skip
             generated: list[list[int]] = [[] for _ in range(n_seq)]
             active = list(range(n_seq))
-            t0 = time.perf_counter()
+            pool = self._sampling_pool()
+            t0, c0 = time.perf_counter(), time.process_time()
             while active:
                 entries, still = [], []
-                for s in active:
-                    tok = samplers[s].sample(pc.ctx, out_idx[s])
+                if pool is not None and len(active) > 1:
+                    picked = list(pool.map(lambda s: samplers[s].sample(pc.ctx, out_idx[s]), active))
+                else:
+                    picked = [samplers[s].sample(pc.ctx, out_idx[s]) for s in active]
+                for s, tok in zip(active, picked, strict=True):
                     if lc.llama_vocab_is_eog(vocab, tok):
                         continue
                     generated[s].append(tok)
@@ -769,8 +882,11 @@ class VLM:
                     still.append(s)
                 active = still
                 if entries:
+                    t1 = time.perf_counter()
                     pc.decode(entries)
-            res.gen_s = time.perf_counter() - t0
+                    res.gen_decode_s += time.perf_counter() - t1
+                    res.gen_steps += 1
+            res.gen_s, res.gen_cpu_s = time.perf_counter() - t0, time.process_time() - c0
         finally:
             for sm in samplers:
                 sm.free()
@@ -784,7 +900,20 @@ class VLM:
         self.last_tokens_generated = res.gen_tokens
         return res
 
+    def _sampling_pool(self) -> concurrent.futures.ThreadPoolExecutor | None:
+        """Threads for the sequences' samplers when llama.cpp has more than one: between two decode
+        steps the other cores are idle, and llama.cpp's grammar pass (ctypes) and numpy release the
+        GIL. Each sampler is independent of the others, so the tokens are the same either way."""
+        if self.n_threads < 2:
+            return None
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.n_threads, thread_name_prefix="edge-t2t-sampler")
+        return self._pool
+
     def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
         parallel, self._parallel = self._parallel, None
         if parallel is not None:
             parallel.close()  # before the model it was made from
