@@ -32,16 +32,20 @@ from caption_speed import _ParTimer, _pngs, _SeqTimer
 from edge_t2t import config
 from edge_t2t.describe import prompts
 
-ARMS = ("seq", "seq+fa", "seq-before", "before", "unified", "unified+fa", "streams", "streams+fa")
+ARMS = ("seq", "seq+fa", "seq-before", "before", "unified", "unified-novfa", "unified+fa", "streams", "streams+fa")
 
 
 def parse_arm(arm: str) -> tuple[str, bool, bool]:
     """(path or KV layout, the text model's flash attention, the vision encoder's) of an arm name.
     `before` is the parallel path as it was before these settings were measured: unified KV, no
-    flash attention anywhere, the grammar's full pass on every refused greedy token; `seq-before`
-    the sequential path with the vision encoder as it was (no flash attention)."""
+    flash attention anywhere, the grammar's full pass on every refused greedy token, the sequences'
+    samplers run one after another; `seq-before`
+    the sequential path with the vision encoder as it was (no flash attention); `unified-novfa` the
+    parallel path as it is but with the vision encoder's flash attention off (the encoder's A/B)."""
     if arm in ("before", "seq-before"):
         return "unified" if arm == "before" else "seq", False, False
+    if arm == "unified-novfa":
+        return "unified", False, False
     base, _, fa = arm.partition("+")
     if base not in ("seq", "unified", "streams") or fa not in ("", "fa"):
         raise SystemExit(f"unknown arm {arm!r}; choose from: {', '.join(ARMS)}")
@@ -99,6 +103,10 @@ def main() -> None:
             base, fa, vfa = parse_arm(arm)
             vlm = vlms[fa, vfa]
             vlm_mod._SequenceSampler.STAGES = () if arm == "before" else stages
+            if arm == "before":  # the samplers one after another, as before
+                vlm._sampling_pool = lambda: None
+            else:
+                vlm.__dict__.pop("_sampling_pool", None)
             steps.clear()
             load = os.getloadavg()[0]
             t, c = time.perf_counter(), time.process_time()
