@@ -74,8 +74,8 @@ class VLMConfig:
     image_max_tokens: int | None = None
     # llama.cpp's fused attention kernel in the vision encoder and in the text model. Both change
     # the floating-point order of the attention, so both are in the caption cache key. Measured
-    # (bench/parallel_decode_step.py, bench/parallel_context.py): in the encoder it saves ~30%; in
-    # the text model it makes prompt processing ~18% faster but each decode step 30-50% slower
+    # (bench/parallel_decode_step.py, bench/parallel_context.py): in the encoder it saves 19-30% of
+    # the CPU time (SmolVLM, nanoLLaVA shapes); in the text model it makes prompt processing ~18% faster but each decode step 30-50% slower
     # on the CPU, so it is off there.
     vision_flash_attn: bool = True
     flash_attn: bool = False
@@ -490,7 +490,7 @@ def _init_mtmd(handler: Any, llama: Any, image_max_tokens: int | None, flash_att
     params = mtmd.mtmd_context_params_default()
     params.use_gpu, params.print_timings, params.n_threads = True, False, llama.n_threads
     # AUTO: libmtmd enables it where the backend supports it (every CPU build) and falls back
-    # otherwise; measured ~30% less encoder time on the SmolVLM shape (the same image, interleaved).
+    # otherwise; measured 19% (SmolVLM shape) and 30% (nanoLLaVA) less encoder CPU time.
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     if image_max_tokens:
         params.image_max_tokens = image_max_tokens
