@@ -64,8 +64,8 @@ class Annotations:
         position or its captions), so the same image falls in the same half in any file and
         any order: "tune" (first byte of sha256(file name) even) or "report" (odd). The bench
         calibrates retrieval weights on "tune" and reports on "report"."""
-        if name not in HALVES:
-            raise InputError(f"unknown half {name!r}: use one of {', '.join(HALVES)}")
+        if name not in EVAL_HALVES:
+            raise InputError(f"unknown half {name!r}: use one of {', '.join(EVAL_HALVES)}")
         keep = [i for i, n in enumerate(self.images) if _half_of(n) == name]
         new_index = np.full(self.n_images, -1, dtype=np.int64)
         new_index[keep] = np.arange(len(keep))
@@ -99,12 +99,9 @@ class Annotations:
         )
 
 
-HALVES = EVAL_HALVES
-
-
 def _half_of(file_name: str) -> str:
     """"tune" or "report" for an image, from its base name alone (see Annotations.half)."""
-    return HALVES[hashlib.sha256(Path(file_name).name.encode("utf-8")).digest()[0] % 2]
+    return EVAL_HALVES[hashlib.sha256(Path(file_name).name.encode("utf-8")).digest()[0] % 2]
 
 
 def from_lists(images: list[str], captions: list[tuple[int, str]], source: str = "<memory>") -> Annotations:
