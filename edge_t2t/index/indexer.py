@@ -156,6 +156,7 @@ class _Progress:
     def __init__(self, enabled: bool):
         self.bar = None
         self.tasks: dict[str, int] = {}
+        self.totals: dict[str, int] = {}  # each bar's total as set here (shrink lowers it)
         if enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -177,6 +178,7 @@ class _Progress:
     def add(self, name: str, total: int) -> None:
         if self.bar:
             self.tasks[name] = self.bar.add_task(name, total=total)
+            self.totals[name] = total
 
     def advance(self, name: str, n: int = 1) -> None:
         if self.bar and name in self.tasks:
@@ -185,9 +187,8 @@ class _Progress:
     def shrink(self, name: str, n: int) -> None:
         """Lower a bar's total by `n` items that turned out to need no work in that stage."""
         if self.bar and name in self.tasks and n:
-            task = self.tasks[name]
-            total = self.bar.tasks[[t.id for t in self.bar.tasks].index(task)].total or 0
-            self.bar.update(task, total=max(0, total - n))
+            self.totals[name] = max(0, self.totals[name] - n)
+            self.bar.update(self.tasks[name], total=self.totals[name])
 
 
 @contextmanager
