@@ -99,23 +99,33 @@ def test_pipeline_records_say_which_path_wrote_them(vlm_dir, rsicd_samples, tmp_
     assert fresh[0].variants == par.variants and fresh[0].tokens_generated == par.tokens_generated
 
 
-@pytest.mark.parametrize("stages", [(1024, 8192), (8, 64), (64, 256)])
-def test_grammar_checked_on_the_chosen_token_picks_what_the_full_grammar_pass_picks(model, images, monkeypatch, stages):
+@pytest.mark.parametrize("first_chars", [True, False], ids=["first-char pass", "no first-char pass"])
+@pytest.mark.parametrize("stages", [(1024,), (8, 64), (64, 256), ()])
+def test_grammar_checked_on_the_chosen_token_picks_what_the_full_grammar_pass_picks(
+    model, images, monkeypatch, stages, first_chars
+):
     """The one-token grammar check, and after a refusal the grammar pass on the best-scoring
-    candidates first, are speed-ups only: under greedy decoding the tokens equal those of
-    llama.cpp's usual chain (penalty, grammar over the whole vocabulary, greedy). The tiny model's
-    vocabulary is 1,024 tokens, so small stages make the staged pass run (and hit) here."""
+    candidates first, then on the tokens whose first character the grammar allows, are speed-ups
+    only: under greedy decoding the tokens equal those of llama.cpp's usual chain (penalty, grammar
+    over the whole vocabulary, greedy). The tiny model's vocabulary is 1,024 tokens, so small
+    stages make the staged pass run (and hit) here, and (1024,) goes straight to the first-character
+    pass."""
     import llama_cpp as lc
 
     from edge_t2t.describe import vlm as vlm_module
 
     monkeypatch.setattr(vlm_module._SequenceSampler, "STAGES", stages)
-    hits = []
+    if not first_chars:
+        monkeypatch.setattr(vlm_module.VLM, "_first_char_index", lambda self, vocab, n: None)
+    hits, fc_hits = [], []
     staged = vlm_module._SequenceSampler._greedy_allowed
     monkeypatch.setattr(vlm_module._SequenceSampler, "_greedy_allowed", lambda self, lg: hits.append(1) or staged(self, lg))
+    by_first = vlm_module._SequenceSampler._allowed_first_char_tokens
+    monkeypatch.setattr(vlm_module._SequenceSampler, "_allowed_first_char_tokens",
+                        lambda self: fc_hits.append(1) or by_first(self))  # fmt: skip
 
     class FullPass(vlm_module._SequenceSampler):
-        def __init__(self, vocab, n_vocab, gbnf, temperature, seed):
+        def __init__(self, vocab, n_vocab, gbnf, temperature, seed, first_chars=None):
             super().__init__(vocab, n_vocab, None, temperature, seed)
             self.reference = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
             for smp in (lc.llama_sampler_init_penalties(n_vocab, 64, 1.1, 0.0, 0.0),
@@ -136,6 +146,58 @@ def test_grammar_checked_on_the_chosen_token_picks_what_the_full_grammar_pass_pi
     reference = model.describe_parallel(images[:1], vp.shared, vp.suffixes, **kw)
     assert fast.texts == reference.texts and fast.tokens == reference.tokens
     assert hits  # the grammar refused some greedy tokens, so the staged pass ran
+    if not first_chars:
+        assert not fc_hits
+    elif stages in ((1024,), ()):  # no stage below the 1,024-token vocabulary: every refusal reaches it
+        assert len(fc_hits) == len(hits)
+
+
+def test_first_character_pass_never_leaves_out_an_allowed_token(model, images, monkeypatch):
+    """At every refusal in a generation, each token the grammar allows over the whole vocabulary is
+    among the tokens the first-character pass hands on (the property that makes it exact)."""
+    import ctypes
+
+    import llama_cpp as lc
+    import numpy as np
+
+    from edge_t2t.describe import vlm as vlm_module
+
+    monkeypatch.setattr(vlm_module._SequenceSampler, "STAGES", ())
+    sizes: list[tuple[int, int]] = []
+    by_first = vlm_module._SequenceSampler._allowed_first_char_tokens
+
+    def checked(self):
+        ids = by_first(self)
+        buf = np.zeros(self.n_vocab, dtype=self.buf.dtype)
+        buf["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        cur = lc.llama_token_data_array(data=buf.ctypes.data_as(lc.llama_token_data_p), size=self.n_vocab,
+                                        selected=-1, sorted=False)  # fmt: skip
+        lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))  # masks only; the state is unchanged
+        allowed = set(np.flatnonzero(buf["logit"] > -np.inf).tolist())
+        assert allowed <= set(ids.tolist())
+        sizes.append((len(allowed), len(ids)))
+        return ids
+
+    monkeypatch.setattr(vlm_module._SequenceSampler, "_allowed_first_char_tokens", checked)
+    vp = prompts.build_variant_prompts(3)
+    model.describe_parallel(images[:1], vp.shared, vp.suffixes, json_schema=prompts.variant_schema(), max_tokens=150)
+    assert len(sizes) > 20
+    # outside free strings the grammar allows few first characters, so most passes look at a part
+    assert sum(n for _, n in sizes) < 0.5 * len(sizes) * model._first_chars.n_vocab
+
+
+def test_utf8_tail_and_first_character():
+    from edge_t2t.describe.vlm import _first_char, utf8_incomplete_tail
+
+    assert utf8_incomplete_tail(b"abc") == b""
+    assert utf8_incomplete_tail("é".encode()) == b""
+    assert utf8_incomplete_tail(b"ab\xc3") == b"\xc3"
+    assert utf8_incomplete_tail(b"a\xe2\x82") == b"\xe2\x82"
+    assert utf8_incomplete_tail("€".encode()) == b""
+    assert utf8_incomplete_tail(b"\xf0\x9f\x98") == b"\xf0\x9f\x98"
+    assert utf8_incomplete_tail(b"") == b""
+    assert _first_char(b"north") == "n" and _first_char("éast".encode()) == "é"
+    assert _first_char(b"\xe2\x82") is None and _first_char(b"\x82ab") is None
 
 
 def test_sampling_threads_pick_the_same_tokens(vlm_dir, images, monkeypatch):

@@ -337,6 +337,76 @@ class _ParallelContext:
                              "use --variant-mode sequential")  # fmt: skip
 
 
+def utf8_incomplete_tail(data: bytes) -> bytes:
+    """The bytes at the end of `data` that start a UTF-8 character not finished yet (b"" if none).
+    llama.cpp's grammar carries such a partial character into the next token's first bytes."""
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b & 0xC0 == 0x80:  # a continuation byte: look further back for the lead byte
+            continue
+        need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
+        return data[-back:] if need > back else b""
+    return b""
+
+
+class _FirstCharIndex:
+    """The vocabulary grouped by the first character of each token's text, for the grammar.
+
+    llama.cpp's grammar accepts a token only if it accepts the token's first character as the next
+    character, and it accepts a one-character token exactly when it accepts that character. So one
+    grammar pass over the one-character tokens (probes) tells which first characters are allowed
+    now, and only the tokens starting with one of them can be allowed. Where the JSON grammar is
+    outside a free string, that is a small part of the vocabulary. Tokens whose first character has
+    no one-character token, or whose text does not start with a whole UTF-8 character, are always
+    checked; end-of-generation tokens too (the grammar allows them when its answer is complete).
+    Tokens with empty text are never allowed by the grammar and are left out.
+    """
+
+    def __init__(self, vocab: Any, n_vocab: int):
+        import llama_cpp as lc
+        import numpy as np
+
+        buf = ctypes.create_string_buffer(256)
+        self.pieces: list[bytes] = []
+        buckets: dict[str, list[int]] = {}
+        probes: dict[str, int] = {}
+        always: list[int] = []
+        for tok in range(n_vocab):
+            # special=True: the text llama.cpp's grammar sees (its token-to-piece cache)
+            n = lc.llama_token_to_piece(vocab, tok, buf, len(buf), 0, True)
+            piece = buf.raw[:n] if n > 0 else b""
+            self.pieces.append(piece)
+            if lc.llama_vocab_is_eog(vocab, tok):
+                always.append(tok)
+                continue
+            if not piece or piece[0] == 0:
+                continue
+            first = _first_char(piece)
+            if first is None:
+                always.append(tok)
+                continue
+            buckets.setdefault(first, []).append(tok)
+            if piece == first.encode("utf-8"):
+                probes.setdefault(first, tok)
+        for ch in [c for c in buckets if c not in probes]:
+            always.extend(buckets.pop(ch))
+        self.probe_chars = list(probes)
+        self.probe_ids = np.array([probes[c] for c in self.probe_chars], dtype=np.int32)
+        self.buckets = {c: np.array(ids, dtype=np.int32) for c, ids in buckets.items()}
+        self.always = np.array(sorted(always), dtype=np.int32)
+        self.n_vocab = n_vocab
+
+
+def _first_char(piece: bytes) -> str | None:
+    """The first character of a token's text, or None if it does not start with a whole one."""
+    for n in (1, 2, 3, 4):
+        try:
+            return piece[:n].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return None
+
+
 _PENALTY_LAST_N, _REPEAT_PENALTY = 64, 1.1  # create_chat_completion's defaults
 
 
@@ -352,11 +422,14 @@ class _SequenceSampler:
     scales them), so this changes speed, not output.
     """
 
-    def __init__(self, vocab: Any, n_vocab: int, gbnf: bytes | None, temperature: float, seed: int):
+    def __init__(self, vocab: Any, n_vocab: int, gbnf: bytes | None, temperature: float, seed: int,
+                 first_chars: _FirstCharIndex | None = None):  # fmt: skip
         import llama_cpp as lc
         import numpy as np
 
         self.lc, self.n_vocab = lc, n_vocab
+        self.first_chars = first_chars
+        self.pending = b""  # an unfinished UTF-8 character at the end of the text so far
         self.chain = self.grammar = None
         # Greedy decoding runs in numpy: llama.cpp's penalty and greedy samplers walk the whole
         # vocabulary through a hash map, measured at ~3 ms a token at a 49k vocabulary (5 sequences:
@@ -393,10 +466,14 @@ class _SequenceSampler:
                                               size=self.n_vocab, selected=-1, sorted=False)  # fmt: skip
 
     # After the grammar refuses the greedy token, it sees the best-scoring candidates first (the
-    # top 1,024, then the top 8,192) and the whole vocabulary only if none of them is allowed.
-    # A full pass costs ~20 ms at a 49k vocabulary and ~45 ms at 152k (5 sequences, often several
-    # per step); a real model's allowed token is nearly always near the top.
-    STAGES = (1024, 8192)
+    # top 1,024), then only the tokens whose first character it allows now (_FirstCharIndex), and
+    # the whole vocabulary only if none of those is allowed. A full pass costs ~20 ms at a 49k
+    # vocabulary and ~45 ms at 152k (5 sequences, often several per step); a real model's allowed
+    # token is nearly always near the top. Where it is not (outside a free string, where the JSON
+    # grammar allows a few characters), the top 8,192 rarely held one either (measured on the
+    # nanoLLaVA shape: 225 of 250 refusals went on to the full pass), while the first-character
+    # pass looks at the few tokens that can be allowed.
+    STAGES: tuple[int, ...] = (1024,)
 
     def _penalized(self, logits: Any) -> Any:
         """llama.cpp's penalties (repeat 1.1 over the last 64 accepted tokens; a logit <= 0 is
@@ -438,9 +515,34 @@ class _SequenceSampler:
             ok = part["logit"] > -np.inf
             if ok.any():
                 return int(ids[np.argmax(np.where(ok, x[ids], -np.inf))])
+        if self.first_chars is not None and not self.pending:
+            ids = self._allowed_first_char_tokens()
+            if len(ids):
+                part = self.buf[: len(ids)]
+                part["id"], part["logit"], part["p"] = ids, x[ids], 0.0
+                cur = lc.llama_token_data_array(data=part.ctypes.data_as(lc.llama_token_data_p),
+                                                size=len(ids), selected=-1, sorted=False)  # fmt: skip
+                lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+                ok = part["logit"] > -np.inf
+                if ok.any():  # ids ascend, so a tie goes to the lowest id, as np.argmax over all
+                    return int(ids[np.argmax(np.where(ok, x[ids], -np.inf))])
         cur = self._candidates(logits)
         lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
         return self._greedy(self.buf["logit"])
+
+    def _allowed_first_char_tokens(self) -> Any:
+        """Ascending ids of the tokens whose first character the grammar allows now, plus the
+        tokens always checked (see _FirstCharIndex)."""
+        import numpy as np
+
+        lc, fc = self.lc, self.first_chars
+        part = self.buf[: len(fc.probe_ids)]
+        part["id"], part["logit"], part["p"] = fc.probe_ids, 0.0, 0.0
+        cur = lc.llama_token_data_array(data=part.ctypes.data_as(lc.llama_token_data_p),
+                                        size=len(fc.probe_ids), selected=-1, sorted=False)  # fmt: skip
+        lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+        allowed = np.flatnonzero(part["logit"] > -np.inf)
+        return np.sort(np.concatenate([fc.always, *(fc.buckets[fc.probe_chars[i]] for i in allowed)]))
 
     def _pick(self, logits: Any, cur: Any | None) -> int:
         """One token from the raw logits, or from `cur` (the candidates after the grammar pass)."""
@@ -468,6 +570,8 @@ class _SequenceSampler:
                 lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
                 tok = self._pick(logits, cur)
             lc.llama_sampler_accept(self.grammar, tok)
+            if self.first_chars is not None:
+                self.pending = utf8_incomplete_tail(self.pending + self.first_chars.pieces[tok])
         if self.chain is not None:
             lc.llama_sampler_accept(self.chain, tok)
         self.recent.append(tok)
@@ -528,6 +632,7 @@ class VLM:
         self._parallel: _ParallelContext | None = None
         self._parallel_settings = ParallelSettings(flash_attn=cfg.flash_attn)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._first_chars: _FirstCharIndex | None = None
         self.calls = 0
         self.last_tokens_generated = 0
         if cfg.variant_mode not in VARIANT_MODES:
@@ -858,7 +963,8 @@ class VLM:
             res.prompt_cpu_s += time.process_time() - c0
             res.prompt_tokens += len(entries)
             n_vocab = lc.llama_vocab_n_tokens(vocab)
-            samplers = [_SequenceSampler(vocab, n_vocab, gbnf, temps[s % n_var], self.cfg.seed + s % n_var)
+            first_chars = self._first_char_index(vocab, n_vocab) if gbnf is not None else None
+            samplers = [_SequenceSampler(vocab, n_vocab, gbnf, temps[s % n_var], self.cfg.seed + s % n_var, first_chars)
                         for s in range(n_seq)]  # fmt: skip
             generated: list[list[int]] = [[] for _ in range(n_seq)]
             active = list(range(n_seq))
@@ -899,6 +1005,12 @@ class VLM:
         res.gen_tokens = sum(map(len, generated))
         self.last_tokens_generated = res.gen_tokens
         return res
+
+    def _first_char_index(self, vocab: Any, n_vocab: int) -> _FirstCharIndex:
+        """Built once per loaded model (a pass over the vocabulary: ~0.3 s at 152k tokens)."""
+        if self._first_chars is None:
+            self._first_chars = _FirstCharIndex(vocab, n_vocab)
+        return self._first_chars
 
     def _sampling_pool(self) -> concurrent.futures.ThreadPoolExecutor | None:
         """Threads for the sequences' samplers when llama.cpp has more than one: between two decode
