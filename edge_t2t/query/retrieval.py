@@ -11,14 +11,17 @@ Scores (what `--min-score` compares against):
   dense    the best cosine over an image's texts (the paper's rule);
   lexical  the image's best BM25, divided by the query's best BM25 among the candidates (0..1),
            over the query's rarer words only (lexical.select_terms);
-  hybrid   linear: dense + LEXICAL_WEIGHT * min(1, lexical / LEXICAL_CAP); or reciprocal-rank
-           fusion of the two image rankings (fusion="rrf", bench and eval only: it lost on the
-           held-in data). The cap makes every text within LEXICAL_CAP of the query's best BM25
-           score the same lexical 1, so the dense score orders them: BM25 is not greatest at a
-           text's own words (it rewards a repeated word and a shorter text), so without the cap
-           a near-copy beat a query's own text (README "Retrieval modes");
+  hybrid   linear: (dense + LEXICAL_WEIGHT * min(1, lexical / LEXICAL_CAP)) / (1 + LEXICAL_WEIGHT),
+           0..1 like the other modes' text scores; or reciprocal-rank fusion of the two image
+           rankings (fusion="rrf", bench and eval only: it lost on the held-in data). The cap
+           makes every text within LEXICAL_CAP of the query's best BM25 score the same lexical 1,
+           so the dense score orders them: BM25 is not greatest at a text's own words (it rewards
+           a repeated word and a shorter text), so without the cap a near-copy beat a query's own
+           text (README "Retrieval modes");
   plus STRUCTURE_WEIGHT * (mean constraint score of the image's best variant) when the query
-  states places, relations or sizes. A query with none ranks as without structure.
+  states places, relations or sizes. A query with none ranks as without structure. Because
+  every linear text score spans 0..1, the structure weighs the same against it whatever the
+  lexical weight (it used to be added to a 0..1+w score, so a larger w silently weakened it).
 """
 
 from __future__ import annotations
@@ -273,7 +276,9 @@ def fused(
     variant's constraint score (None: the query states none, or structure is off); ranks are
     0-based competition ranks on each side (side_ranks), inf where a side did not find the
     image (rrf only). lexical_cap: see the module's docstring (None: no cap; eval's oracle
-    can give a query's own text a lexical part above 1, which any cap clips to 1)."""
+    can give a query's own text a lexical part above 1, which any cap clips to 1).
+    RRF scores keep their own scale (at most 2 / (rrf_k + 1)): their range does not grow with
+    a weight, so a structure weight keeps one meaning there; the bench gives RRF its own."""
     if mode == "dense":
         score = np.asarray(dense, dtype=np.float64)
     elif mode == "lexical":
@@ -284,7 +289,11 @@ def fused(
         lex = np.asarray(lexical, dtype=np.float64)
         if lexical_cap is not None:
             lex = np.minimum(1.0, lex / lexical_cap)
-        score = np.asarray(dense, dtype=np.float64) + lexical_weight * lex
+        # divided by the mix's range (1 + w) so the text score spans 0..1 as dense and lexical
+        # do, and the structure below counts the same whatever the weight; the order without
+        # structure is unchanged. Uncapped, search's lexical part is also at most 1 (the query's
+        # best); only eval's oracle can exceed it (its own text), where no structure is scored.
+        score = (np.asarray(dense, dtype=np.float64) + lexical_weight * lex) / (1.0 + lexical_weight)
     if structure is not None:
         score = score + structure_weight * np.asarray(structure, dtype=np.float64)
     return score
