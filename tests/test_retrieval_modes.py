@@ -187,8 +187,9 @@ def test_hybrid_mixes_both_scores_and_min_score_cuts(index, emb):
     hits = S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid")
     top = hits[0]
     assert names(hits)[0] == "depot.jpg"
-    for h in hits:  # the lexical part is capped: within LEXICAL_CAP of the query's best BM25 counts as 1
-        lex = min(1.0, h.parts["lexical"] / retrieval.LEXICAL_CAP)
+    cap = retrieval.LEXICAL_CAP  # when set, within the cap of the query's best BM25 counts as 1
+    for h in hits:
+        lex = h.parts["lexical"] if cap is None else min(1.0, h.parts["lexical"] / cap)
         w = retrieval.LEXICAL_WEIGHT  # the mix divided by its range, 1 + w (parts: 6 digits)
         assert h.score == pytest.approx((h.parts["dense"] + w * lex) / (1 + w), abs=1e-5)
     cut = S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid", min_score=top.score - 1e-9)

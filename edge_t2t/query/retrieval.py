@@ -46,11 +46,16 @@ FUSIONS = ("linear", "rrf")
 # Chosen on held-in data only (bench/retrieval_modes.py --calibrate: synthetic seeds 4-5 and the
 # RSICD validation "tune" half, oracle and index source), by a criterion fixed beforehand: no held-in
 # figure below dense's by more than 0.5 point (0.005 MRR), then the best mean normalised gain. Of 33
-# rules (weights 0.05-1.0 x caps none/1.0-0.5, RRF k 10/30/60), w 0.3 with cap 0.8 won; uncapped 0.3
-# lost 0.33 index mR on the tune half, RRF 2.1. Each image's parts are mixed (its best cosine +
-# weight x its capped best normalised BM25), in search and in eval alike.
-LEXICAL_WEIGHT = 0.3
-LEXICAL_CAP = 0.8
+# rules (weights 0.05-1.0 x caps none/1.0-0.5, RRF k 10/30/60), w 0.05 uncapped won (0.0246; next
+# w 1.0 cap 0.9, 0.0240), re-run once the text score was divided by its range (issue 14): the
+# structure no longer weakens as w grows, so rules up to w 1.0 became eligible. The same run before
+# that change, on the same indexes, also chose w 0.05 uncapped; the earlier w 0.3 cap 0.8 came from
+# another machine and the models before their rebuild. RRF lost 2.2 index mR on the tune half.
+# Each image's parts are mixed (its best cosine + weight x its best normalised BM25, capped when
+# LEXICAL_CAP is set), in search and in eval alike. At w 0.05 a near-copy's higher BM25 (the reason
+# for a cap) moves the score by at most 0.05 / 1.05.
+LEXICAL_WEIGHT = 0.05
+LEXICAL_CAP = None
 STRUCTURE_WEIGHT = 1.0
 RRF_K = 60
 MIN_POOL = 50  # images fused/re-scored per query: the right one must be among them to be lifted
