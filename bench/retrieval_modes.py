@@ -589,8 +589,10 @@ def main() -> int:
                   f"query it matched {t['matched_words_mean']} on average; {t['queries_matching_nothing']} queries had "
                   f"only common words (hybrid adds nothing lexical there); texts holding the matched words: "
                   f"median {t['postings_p50']:.0f}, at most {t['postings_max']}."]
-    lines += ["", f"Hybrid: (dense + {retrieval.LEXICAL_WEIGHT} x min(1, lexical / {retrieval.LEXICAL_CAP})) / "
-              f"{1 + retrieval.LEXICAL_WEIGHT:g} (no cap when None), structure weight {retrieval.STRUCTURE_WEIGHT}: chosen by `--calibrate` on held-in data only "
+    cap = retrieval.LEXICAL_CAP
+    lex = "lexical" if cap is None else f"min(1, lexical / {cap})"
+    lines += ["", f"Hybrid: (dense + {retrieval.LEXICAL_WEIGHT} x {lex}) / {1 + retrieval.LEXICAL_WEIGHT:g}, "
+              f"structure weight {retrieval.STRUCTURE_WEIGHT}: chosen by `--calibrate` on held-in data only "
               f"(seeds {', '.join(map(str, TUNE_SEEDS))} and the RSICD tune half, not reported above but the tune rows); "
               "the machine was shared with other work, so latencies are noisy and their ratios are the meaningful part."]
     table = "\n".join(lines)

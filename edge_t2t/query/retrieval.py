@@ -11,13 +11,14 @@ Scores (what `--min-score` compares against):
   dense    the best cosine over an image's texts (the paper's rule);
   lexical  the image's best BM25, divided by the query's best BM25 among the candidates (0..1),
            over the query's rarer words only (lexical.select_terms);
-  hybrid   linear: (dense + LEXICAL_WEIGHT * min(1, lexical / LEXICAL_CAP)) / (1 + LEXICAL_WEIGHT),
-           0..1 like the other modes' text scores; or reciprocal-rank fusion of the two image
-           rankings (fusion="rrf", bench and eval only: it lost on the held-in data). The cap
-           makes every text within LEXICAL_CAP of the query's best BM25 score the same lexical 1,
-           so the dense score orders them: BM25 is not greatest at a text's own words (it rewards
-           a repeated word and a shorter text), so without the cap a near-copy beat a query's own
-           text (README "Retrieval modes");
+  hybrid   linear: (dense + LEXICAL_WEIGHT * lexical) / (1 + LEXICAL_WEIGHT), 0..1 like the
+           other modes' text scores, the lexical part taken as min(1, lexical / LEXICAL_CAP) when
+           a cap is set (the chosen rule has none); or reciprocal-rank fusion of the two image
+           rankings (fusion="rrf", bench and eval only: it lost on the held-in data). A cap makes
+           every text within LEXICAL_CAP of the query's best BM25 score the same lexical 1, so the
+           dense score orders them: BM25 is not greatest at a text's own words (it rewards a
+           repeated word and a shorter text), so at weight 0.3 without a cap a near-copy beat a
+           query's own text (README "Retrieval modes");
   plus STRUCTURE_WEIGHT * (mean constraint score of the image's best variant) when the query
   states places, relations or sizes. A query with none ranks as without structure. Because
   every linear text score spans 0..1, the structure weighs the same against it whatever the
@@ -48,9 +49,10 @@ FUSIONS = ("linear", "rrf")
 # figure below dense's by more than 0.5 point (0.005 MRR), then the best mean normalised gain. Of 33
 # rules (weights 0.05-1.0 x caps none/1.0-0.5, RRF k 10/30/60), w 0.05 uncapped won (0.0246; next
 # w 1.0 cap 0.9, 0.0240), re-run once the text score was divided by its range (issue 14): the
-# structure no longer weakens as w grows, so rules up to w 1.0 became eligible. The same run before
-# that change, on the same indexes, also chose w 0.05 uncapped; the earlier w 0.3 cap 0.8 came from
-# another machine and the models before their rebuild. RRF lost 2.2 index mR on the tune half.
+# structure no longer weakens as w grows, so capped rules up to w 1.0 became eligible. The same
+# run before that change, on the same indexes, also chose w 0.05 uncapped: the first calibration's
+# w 0.3 cap 0.8 came from another machine, whose figures this one does not reproduce (README).
+# RRF lost 2.2 index mR on the tune half.
 # Each image's parts are mixed (its best cosine + weight x its best normalised BM25, capped when
 # LEXICAL_CAP is set), in search and in eval alike. At w 0.05 a near-copy's higher BM25 (the reason
 # for a cap) moves the score by at most 0.05 / 1.05.
