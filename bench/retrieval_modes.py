@@ -416,7 +416,7 @@ def latency(index: Path, repeats: int) -> list[dict]:
             times[name].append(time.perf_counter() - t)
     # The ranking alone (retrieval.rank on an open index, query embedded beforehand): what the modes
     # add, without the index open and the query embedding that every mode pays alike.
-    from edge_t2t import query_parse  # noqa: F401  (imported before timing)
+    from edge_t2t.query import query_parse  # noqa: F401  (imported before timing)
     from edge_t2t.query.search import open_for_search
 
     store, vectors = open_for_search(index)
