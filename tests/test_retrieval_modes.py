@@ -165,7 +165,9 @@ def test_common_words_are_not_matched_and_cost_nothing(index, emb, monkeypatch):
     hybrid = S.search(index, "a runway with tanks", k=5, embedder=emb, mode="hybrid")
     assert all(h.parts["lexical"] == 0 for h in hybrid)  # nothing rare to match
     dense = S.search(index, "a runway with tanks", k=5, embedder=emb, mode="dense")
-    assert [(h.image, h.score) for h in hybrid] == [(h.image, h.score) for h in dense]
+    # the dense order, each score the dense one over the mix's range (1 + w)
+    assert [h.image for h in hybrid] == [h.image for h in dense]
+    assert [h.score for h in hybrid] == pytest.approx([h.score / (1 + retrieval.LEXICAL_WEIGHT) for h in dense])
 
 
 def test_structure_tells_east_from_west(index, emb):
@@ -185,9 +187,11 @@ def test_hybrid_mixes_both_scores_and_min_score_cuts(index, emb):
     hits = S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid")
     top = hits[0]
     assert names(hits)[0] == "depot.jpg"
-    for h in hits:  # the lexical part is capped: within LEXICAL_CAP of the query's best BM25 counts as 1
-        lex = min(1.0, h.parts["lexical"] / retrieval.LEXICAL_CAP)
-        assert h.score == pytest.approx(h.parts["dense"] + retrieval.LEXICAL_WEIGHT * lex, abs=1e-5)  # parts: 6 digits
+    cap = retrieval.LEXICAL_CAP  # when set, within the cap of the query's best BM25 counts as 1
+    for h in hits:
+        lex = h.parts["lexical"] if cap is None else min(1.0, h.parts["lexical"] / cap)
+        w = retrieval.LEXICAL_WEIGHT  # the mix divided by its range, 1 + w (parts: 6 digits)
+        assert h.score == pytest.approx((h.parts["dense"] + w * lex) / (1 + w), abs=1e-5)
     cut = S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid", min_score=top.score - 1e-9)
     assert names(cut) == ["depot.jpg"]
     assert S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid", min_score=9.0) == []
@@ -299,7 +303,25 @@ def test_rrf_ranks_ties_alike_and_caps_saturate():
     assert got.tolist() == [[0, 2, 0, np.inf]]
     s = retrieval.fused(np.array([0.9, 0.8]), np.array([0.85, 1.0]), None, "hybrid", lexical_weight=0.5,
                         lexical_cap=0.8)
-    assert s.tolist() == pytest.approx([1.4, 1.3])  # both lexical parts within the cap: dense decides
+    assert s.tolist() == pytest.approx([1.4 / 1.5, 1.3 / 1.5])  # both lexical parts within the cap: dense decides
     s = retrieval.fused(np.array([0.9, 0.8]), np.array([0.4, 1.0]), None, "hybrid", lexical_weight=0.5,
                         lexical_cap=0.8)
-    assert s.tolist() == pytest.approx([0.9 + 0.25, 1.3])
+    assert s.tolist() == pytest.approx([(0.9 + 0.25) / 1.5, 1.3 / 1.5])
+
+
+@pytest.mark.parametrize("cap", [None, 0.8])
+def test_structure_weighs_the_same_whatever_the_lexical_weight(cap):
+    """The linear hybrid's text score spans 0..1 for every lexical weight, so one structure point
+    is worth the same against it: an image with the full text score and no structure ties one with
+    no text score and full structure (structure weight 1), under every weight, capped or not."""
+    dense, lex = np.array([1.0, 0.0, 0.6, 0.5]), np.array([1.0, 0.0, 0.0, 0.9])
+    structure = np.array([0.0, 1.0, 0.0, 0.2])
+    for w in (0.05, 0.3, 1.0, 3.0):
+        text = retrieval.fused(dense, lex, None, "hybrid", lexical_weight=w, lexical_cap=cap)
+        assert text[0] == pytest.approx(1.0) and text[1] == 0.0  # the range is 0..1, not 0..1 + w
+        s = retrieval.fused(dense, lex, structure, "hybrid", lexical_weight=w, lexical_cap=cap, structure_weight=1.0)
+        assert s[0] == pytest.approx(s[1])
+        assert s.tolist() == pytest.approx((text + structure).tolist())
+    # dense and lexical score exactly as before: the bare part, plus the structure
+    assert retrieval.fused(dense, lex, structure, "dense").tolist() == pytest.approx((dense + structure).tolist())
+    assert retrieval.fused(dense, lex, structure, "lexical").tolist() == pytest.approx((lex + structure).tolist())

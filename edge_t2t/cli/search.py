@@ -38,7 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--explain", action="store_true",
                    help="show, per hit, the score's parts and which of the query's constraints matched")
     p.add_argument("--min-score", type=float, default=None, metavar="S",
-                   help="leave out hits scoring under S (the score shown; its scale depends on --mode)")
+                   help="leave out hits scoring under S (the score shown: a text score up to 1 in every "
+                        "mode, plus up to 1 when the query states places, relations or sizes)")
     p.add_argument("--precision", choices=PRECISIONS, default="int8", help="ONNX embedder to use (default: int8)")
     p.add_argument("--vlm", metavar="GGUF", help="with --image: the VLM's text model")
     p.add_argument("--mmproj", metavar="GGUF", help="with --image: the VLM's vision projector")
