@@ -215,11 +215,20 @@ def summarise(res: dict, variants: int, max_tokens: int) -> dict:
     out["cpu_ratio"] = out["seq_cpu_s"] / out["par_cpu_s"]
     # Per (rep, image) pair, since one image's figure moves by up to a quarter between runs.
     out["ratio_by_image"] = [a["s"] / b["s"] for a, b in zip(seq, par, strict=True)]
+    # Random weights can make one path write twice the other's tokens for the same image; at equal
+    # work, the parallel path's generation scaled to the sequential path's token count (its own rate).
+    out["ratio_equal_work_by_image"] = [
+        a["s"] / (b["s"] - b["gen_s"] + b["gen_s"] * a["gen_tokens"] / max(b["gen_tokens"], 1))
+        for a, b in zip(seq, par, strict=True)
+    ]
+    out["ratio_equal_work"] = statistics.mean(out["ratio_equal_work_by_image"])
     # The most the parallel path could give if its sampling (grammar, penalties, Python: the
-    # generation time outside llama_decode) took no time: encoding, prompt and batched decode alone.
-    no_sampling = statistics.mean(r["s"] - (r["gen_s"] - r.get("gen_decode_s", r["gen_s"])) for r in par)
-    out["par_s_without_sampling"] = no_sampling
-    out["ratio_ceiling"] = s_seq / no_sampling
+    # generation time outside llama_decode) took no time: encoding, prompt and batched decode alone,
+    # at equal work as above.
+    no_sampling = [b["s"] - b["gen_s"] + b.get("gen_decode_s", b["gen_s"]) * a["gen_tokens"] / max(b["gen_tokens"], 1)
+                   for a, b in zip(seq, par, strict=True)]  # fmt: skip
+    out["par_s_without_sampling"] = statistics.mean(no_sampling)
+    out["ratio_ceiling"] = statistics.mean(a["s"] / x for a, x in zip(seq, no_sampling, strict=True))
     if multi:
         out["multi_images"] = multi[0]["images"]
         out["multi_s_per_image"] = statistics.mean(r["s"] for r in multi)
@@ -293,15 +302,18 @@ def _write(results: list[dict], args: argparse.Namespace, max_tokens: int) -> st
                   f"| {s['seq_cpu_s']:.0f} → {s['par_cpu_s']:.0f} ({s['cpu_ratio']:.2f}×) | {multi} | {r['peak_rss_mib']:.0f} "
                   f"| {la.get('min', 0):.1f}–{la.get('max', 0):.1f} |\n")  # fmt: skip
     table += ("\nPer image pair, and the ceiling: par ÷ seq if the parallel path's sampling (the generation time "
-              "outside llama_decode) took no time, i.e. encoding, prompt and batched decode alone:\n\n"
-              "| shape | precision | par ÷ seq, each image pair | s/image par without sampling | ceiling |\n"
-              "|---|---|---|---:|---:|\n")  # fmt: skip
+              "outside llama_decode) took no time, i.e. encoding, prompt and batched decode alone (mean over the pairs, "
+              "at equal work). At equal work: the parallel path's generation time scaled to the sequential path's "
+              "token count:\n\n"
+              "| shape | precision | par ÷ seq, each image pair | same at equal work (mean) | s/image par without "
+              "sampling | ceiling |\n|---|---|---|---|---:|---:|\n")  # fmt: skip
     for r in results:
         s = r.get("summary", {})
         if "ratio_ceiling" in s:
             pairs = ", ".join(f"{x:.2f}×" for x in s["ratio_by_image"])
-            table += (f"| {r['shape']} | {r['precision']} | {pairs} | {s['par_s_without_sampling']:.1f} "
-                      f"| {s['ratio_ceiling']:.2f}× |\n")  # fmt: skip
+            equal = ", ".join(f"{x:.2f}×" for x in s["ratio_equal_work_by_image"])
+            table += (f"| {r['shape']} | {r['precision']} | {pairs} | {equal} ({s['ratio_equal_work']:.2f}×) "
+                      f"| {s['par_s_without_sampling']:.1f} | {s['ratio_ceiling']:.2f}× |\n")  # fmt: skip
     proj = [r for r in results if "summary" in r and "projected_full_cap" in r["summary"]]
     if proj:
         table += f"\nProjected to the default cap ({prompts.default_max_tokens(args.variants)} tokens per image), from the rates above:\n\n"
@@ -390,7 +402,9 @@ def main() -> None:
 
     if args.combine:  # several runs' results (e.g. one per shape, run side by side) in one table
         runs = [json.loads((ROOT / "bench" / "results" / f"{n}.json").read_text()) for n in args.combine.split(",")]
-        results = [r for run in runs for r in run["results"]]
+        # summaries again from the raw rows, so an older run gains the columns added since
+        results = [{**r, "summary": summarise(r, run["args"]["variants"], run["max_tokens"])} if "rows" in r else r
+                   for run in runs for r in run["results"]]  # fmt: skip
         caps = {run["args"].get("image_max_tokens") for run in runs}
         cap = caps.pop() if len(caps) == 1 else "per shape (see the image tokens column)"
         merged = argparse.Namespace(**{**runs[0]["args"], "name": args.name, "image_max_tokens": cap})
