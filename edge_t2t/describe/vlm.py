@@ -374,6 +374,9 @@ class _FirstCharIndex:
         for tok in range(n_vocab):
             # special=True: the text llama.cpp's grammar sees (its token-to-piece cache)
             n = lc.llama_token_to_piece(vocab, tok, buf, len(buf), 0, True)
+            if n < 0:  # longer than the buffer: -n is the length it needs
+                buf = ctypes.create_string_buffer(-n)
+                n = lc.llama_token_to_piece(vocab, tok, buf, len(buf), 0, True)
             piece = buf.raw[:n] if n > 0 else b""
             self.pieces.append(piece)
             if lc.llama_vocab_is_eog(vocab, tok):
@@ -497,51 +500,51 @@ class _SequenceSampler:
         """The token the full grammar pass then greedy would pick, with the pass run on the
         best-scoring candidates first. The grammar only masks tokens, so when a candidate whose
         penalized logit is >= t is allowed, the best of them beats every token below t; the cut is
-        by value, so ties at t are all inside, and the lowest id wins a tie as in np.argmax."""
+        by value, so ties at t are all inside, and the lowest id wins a tie as in np.argmax. Then
+        on the tokens whose first character the grammar allows: every allowed token is among them."""
         import numpy as np
 
-        lc = self.lc
         x = self._penalized(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)))
         for k in self.STAGES:
             if k >= self.n_vocab:
                 break
             t = np.partition(x, self.n_vocab - k)[self.n_vocab - k]
-            ids = np.flatnonzero(x >= t)
-            part = self.buf[: len(ids)]  # a view: the full pass below rewrites the whole buffer
-            part["id"], part["logit"], part["p"] = ids, x[ids], 0.0
-            cur = lc.llama_token_data_array(data=part.ctypes.data_as(lc.llama_token_data_p),
-                                            size=len(ids), selected=-1, sorted=False)  # fmt: skip
-            lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
-            ok = part["logit"] > -np.inf
-            if ok.any():
-                return int(ids[np.argmax(np.where(ok, x[ids], -np.inf))])
+            best = self._best_allowed(np.flatnonzero(x >= t), x)
+            if best is not None:
+                return best
         if self.first_chars is not None and not self.pending:
-            ids = self._allowed_first_char_tokens()
-            if len(ids):
-                part = self.buf[: len(ids)]
-                part["id"], part["logit"], part["p"] = ids, x[ids], 0.0
-                cur = lc.llama_token_data_array(data=part.ctypes.data_as(lc.llama_token_data_p),
-                                                size=len(ids), selected=-1, sorted=False)  # fmt: skip
-                lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
-                ok = part["logit"] > -np.inf
-                if ok.any():  # ids ascend, so a tie goes to the lowest id, as np.argmax over all
-                    return int(ids[np.argmax(np.where(ok, x[ids], -np.inf))])
+            best = self._best_allowed(self._allowed_first_char_tokens(), x)
+            if best is not None:
+                return best
         cur = self._candidates(logits)
-        lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+        self.lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
         return self._greedy(self.buf["logit"])
+
+    def _grammar_allows(self, ids: Any, logits: Any) -> Any:
+        """The grammar's verdict (a bool per id) on these token ids, handed these logits."""
+        lc = self.lc
+        part = self.buf[: len(ids)]  # a view: the full pass rewrites the whole buffer
+        part["id"], part["logit"], part["p"] = ids, logits, 0.0
+        cur = lc.llama_token_data_array(data=part.ctypes.data_as(lc.llama_token_data_p),
+                                        size=len(ids), selected=-1, sorted=False)  # fmt: skip
+        lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+        return part["logit"] > float("-inf")
+
+    def _best_allowed(self, ids: Any, x: Any) -> int | None:
+        """The allowed id of ascending `ids` with the highest penalized logit (the lowest id on a
+        tie, as np.argmax over the whole vocabulary), or None if the grammar allows none."""
+        import numpy as np
+
+        ok = self._grammar_allows(ids, x[ids])
+        return int(ids[np.argmax(np.where(ok, x[ids], -np.inf))]) if ok.any() else None
 
     def _allowed_first_char_tokens(self) -> Any:
         """Ascending ids of the tokens whose first character the grammar allows now, plus the
         tokens always checked (see _FirstCharIndex)."""
         import numpy as np
 
-        lc, fc = self.lc, self.first_chars
-        part = self.buf[: len(fc.probe_ids)]
-        part["id"], part["logit"], part["p"] = fc.probe_ids, 0.0, 0.0
-        cur = lc.llama_token_data_array(data=part.ctypes.data_as(lc.llama_token_data_p),
-                                        size=len(fc.probe_ids), selected=-1, sorted=False)  # fmt: skip
-        lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
-        allowed = np.flatnonzero(part["logit"] > -np.inf)
+        fc = self.first_chars
+        allowed = np.flatnonzero(self._grammar_allows(fc.probe_ids, 0.0))
         return np.sort(np.concatenate([fc.always, *(fc.buckets[fc.probe_chars[i]] for i in allowed)]))
 
     def _pick(self, logits: Any, cur: Any | None) -> int:
@@ -1007,7 +1010,7 @@ class VLM:
         return res
 
     def _first_char_index(self, vocab: Any, n_vocab: int) -> _FirstCharIndex:
-        """Built once per loaded model (a pass over the vocabulary: ~0.3 s at 152k tokens)."""
+        """Built once per loaded model (a pass over the vocabulary: ~1 s at 152k tokens)."""
         if self._first_chars is None:
             self._first_chars = _FirstCharIndex(vocab, n_vocab)
         return self._first_chars
