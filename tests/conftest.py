@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,12 @@ import pytest
 from edge_t2t import config
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# A shell without job control starts a background command (`make test &`, nohup) with SIGINT
+# ignored, and Python keeps an ignored SIGINT, as do the CLI processes the tests start. The Ctrl-C
+# tests then deliver nothing. Catching it here gives this process Python's KeyboardInterrupt and
+# the children the default disposition (a caught signal resets on exec, an ignored one does not).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
