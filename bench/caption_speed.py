@@ -192,6 +192,12 @@ def _rate(rows: list[dict], tok: str, sec: str) -> float:
     return t / s if s else 0.0
 
 
+def _par_s_at_equal_work(seq_row: dict, par_row: dict, gen_s: float) -> float:
+    """A parallel row's seconds with its generation part (gen_s of its gen_tokens) scaled to the
+    sequential row's token count, at the parallel row's own rate."""
+    return par_row["s"] - par_row["gen_s"] + gen_s * seq_row["gen_tokens"] / max(par_row["gen_tokens"], 1)
+
+
 def summarise(res: dict, variants: int, max_tokens: int) -> dict:
     seq, par, multi = res["rows"]["sequential"], res["rows"]["parallel"], res["rows"]["multi"]
     s_seq, s_par = statistics.mean(r["s"] for r in seq), statistics.mean(r["s"] for r in par)
@@ -213,22 +219,19 @@ def summarise(res: dict, variants: int, max_tokens: int) -> dict:
         "par_cpu_s": statistics.mean(r["cpu_s"] for r in par),
     }
     out["cpu_ratio"] = out["seq_cpu_s"] / out["par_cpu_s"]
+    pairs = list(zip(seq, par, strict=True))
     # Per (rep, image) pair, since one image's figure moves by up to a quarter between runs.
-    out["ratio_by_image"] = [a["s"] / b["s"] for a, b in zip(seq, par, strict=True)]
+    out["ratio_by_image"] = [a["s"] / b["s"] for a, b in pairs]
     # Random weights can make one path write twice the other's tokens for the same image; at equal
     # work, the parallel path's generation scaled to the sequential path's token count (its own rate).
-    out["ratio_equal_work_by_image"] = [
-        a["s"] / (b["s"] - b["gen_s"] + b["gen_s"] * a["gen_tokens"] / max(b["gen_tokens"], 1))
-        for a, b in zip(seq, par, strict=True)
-    ]
+    out["ratio_equal_work_by_image"] = [a["s"] / _par_s_at_equal_work(a, b, b["gen_s"]) for a, b in pairs]
     out["ratio_equal_work"] = statistics.mean(out["ratio_equal_work_by_image"])
     # The most the parallel path could give if its sampling (grammar, penalties, Python: the
     # generation time outside llama_decode) took no time: encoding, prompt and batched decode alone,
     # at equal work as above.
-    no_sampling = [b["s"] - b["gen_s"] + b.get("gen_decode_s", b["gen_s"]) * a["gen_tokens"] / max(b["gen_tokens"], 1)
-                   for a, b in zip(seq, par, strict=True)]  # fmt: skip
+    no_sampling = [_par_s_at_equal_work(a, b, b.get("gen_decode_s", b["gen_s"])) for a, b in pairs]
     out["par_s_without_sampling"] = statistics.mean(no_sampling)
-    out["ratio_ceiling"] = statistics.mean(a["s"] / x for a, x in zip(seq, no_sampling, strict=True))
+    out["ratio_ceiling"] = statistics.mean(a["s"] / x for (a, _), x in zip(pairs, no_sampling, strict=True))
     if multi:
         out["multi_images"] = multi[0]["images"]
         out["multi_s_per_image"] = statistics.mean(r["s"] for r in multi)
