@@ -4,7 +4,7 @@ Why it exists: the parallel path batches the 5 variants, but at F16 its generati
 1.8-2.1x the sequential path's tokens/s, while a bare decode loop with a short prompt gave
 2.7-3.4x. Our prompts are long (nanoLLaVA: 1,367 prompt tokens), and with a unified KV cache
 every sequence's query attends over every cell in use, the other sequences' tokens masked. This
-bench runs the product's parallel call (captioning._run_parallel -> VLM.describe_parallel) on one
+bench runs the product's parallel call (describer._run_parallel -> VLM.describe_parallel) on one
 image with each ParallelSettings arm and reports, per arm:
 
 - prompt (image embeddings + shared text) and generation tokens/s;
@@ -65,7 +65,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from edge_t2t.describe import vlm as vlm_mod
-    from edge_t2t.describe.captioning import _run_parallel
+    from edge_t2t.describe.describer import _run_parallel
     from edge_t2t.describe.testvlm import shape_files
     from edge_t2t.describe.vlm import ParallelSettings
     from edge_t2t.describe.vlm_parallel import ParallelContext
@@ -175,7 +175,7 @@ def main() -> None:
               f"{args.image_max_tokens or 'the mmproj default'}, {args.reps} round(s), arms interleaved; load average "
               f"{min(loads):.1f}-{max(loads):.1f} on a machine shared with other work: ratios between arms are the "
               "meaningful figures, and CPU seconds (1 thread: the work itself) more than wall seconds. seq = the sequential path (one call writes all variants); unified = one KV buffer for all sequences; streams = one KV stream per "
-              "sequence (prefix copied); +fa = flash attention in the text model and the vision encoder. The product's calls (captioning._run_parallel, VLM.generate).\n")  # fmt: skip
+              "sequence (prefix copied); +fa = flash attention in the text model and the vision encoder. The product's calls (describer._run_parallel, VLM.generate).\n")  # fmt: skip
     out = args.name or f"parallel_context_{args.shape}_{args.precision}"
     write_results(out, {"args": vars(args), "rows": rows, "summary": summary}, table)
     print(table)

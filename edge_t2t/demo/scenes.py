@@ -481,7 +481,7 @@ class GroundTruthDescriber:
         self._by_sha = {sha256_bytes(to_png_bytes(s.image)): s for s in scenes}
 
     def describe(self, image, options) -> CaptionRecord:
-        from ..describe.captioning import UnusableAnswer
+        from ..describe.describer import UnusableAnswer
 
         scene = self._by_sha.get(sha256_bytes(image.png))
         if scene is None:
