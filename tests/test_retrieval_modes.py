@@ -12,6 +12,7 @@ import pytest
 from fake_embedder import FakeEmbedder
 from helpers_search import text_search
 
+from edge_t2t.index import schema
 from edge_t2t.index import store as store_mod
 from edge_t2t.index.indexer import Indexer
 from edge_t2t.index.store import NewText, Store
@@ -64,13 +65,13 @@ def test_v2_store_migrates_and_its_texts_become_searchable(tmp_path):
     ix = tmp_path / "ix"
     ix.mkdir()
     conn = sqlite3.connect(ix / store_mod.STORE_FILE, isolation_level=None)
-    assert store_mod.migrate(conn, store_mod.MIGRATIONS[:2]) == 2
+    assert schema.migrate(conn, schema.MIGRATIONS[:2]) == 2
     conn.execute("INSERT INTO images(id, path, status, indexed_at) VALUES (1, '/x/a.jpg', 'ok', 1.0)")
     conn.execute("INSERT INTO variants(image_id, ordinal, field, one_sentence, features, caption, text, vector) "
                  "VALUES (1, 0, 'sentence', 's', '[]', '', 'large storage tanks by the quay', x'00')")
     conn.close()
     with Store(ix) as st:
-        assert st.conn.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
+        assert st.conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
         keys, scores = lexical.search_texts(st.conn, "a tank", 5)  # porter stemming: tank ~ tanks
         assert keys.tolist() == [1] and scores[0] > 0
 
@@ -97,7 +98,7 @@ def test_verify_finds_an_fts_out_of_step_and_repair_rebuilds_it(index):
         image_id = st.put_image("/x/late.jpg")
         st.add_texts(image_id, [NewText(0, "one_sentence", Variant("a lone lighthouse"), "a lone lighthouse",
                                         np.ones(64, np.float32) / 8)])
-        conn.execute(store_mod._V4.split("CREATE TRIGGER variants_fts_delete")[0].split("INSERT INTO variants_fts(variants_fts) VALUES ('rebuild');")[1])
+        conn.execute(schema._V4.split("CREATE TRIGGER variants_fts_delete")[0].split("INSERT INTO variants_fts(variants_fts) VALUES ('rebuild');")[1])
     rep = verify_index(index, check_models=False)
     assert not rep.ok and rep.checks["fts"]["ok"] is False
     assert any("full-text index" in p and "--repair" in p for p in rep.problems)
@@ -235,6 +236,7 @@ def test_eval_ranks_each_caption_as_search_does(index, emb, tmp_path, mode, max_
     `search --mode M` (structure on, exact vectors): one rule, not two implementations."""
     from edge_t2t.evaluation import evaluate as ev
     from edge_t2t.evaluation.dataset import load_annotations
+    from edge_t2t.evaluation.index_source import load_index_vectors
 
     monkeypatch.setattr(lexical, "MAX_DF", max_df)
 
@@ -243,7 +245,7 @@ def test_eval_ranks_each_caption_as_search_does(index, emb, tmp_path, mode, max_
             "annotations": [{"image_id": i, "caption": c} for i, n in enumerate(names_) for c in CAPTIONS[n]]}
     (tmp_path / "ann.json").write_text(json.dumps(coco))
     ann = load_annotations(tmp_path / "ann.json")
-    stored = ev.load_index_vectors(index, ann, with_texts=True, with_features=True)
+    stored = load_index_vectors(index, ann, with_texts=True, with_features=True)
     result = ev.index_eval(ann, stored.vectors, emb.embed, dtype="f32", mode=mode,
                            image_texts=stored.texts, image_features=stored.features)
     assert result.config["structure"] is True  # "east of", "in the north" are scored on the features
@@ -268,6 +270,7 @@ def test_eval_fusion_rules_rank_as_search_does(index, emb, tmp_path, rule, monke
     (retrieval.rank, exact vectors): each caption's T2I rank is its target's place there."""
     from edge_t2t.evaluation import evaluate as ev
     from edge_t2t.evaluation.dataset import load_annotations
+    from edge_t2t.evaluation.index_source import load_index_vectors
 
     monkeypatch.setattr(lexical, "MAX_DF", 1.0)  # every word matched, so the lexical side has ranks to fuse
     names_ = list(CAPTIONS)
@@ -275,7 +278,7 @@ def test_eval_fusion_rules_rank_as_search_does(index, emb, tmp_path, rule, monke
             "annotations": [{"image_id": i, "caption": c} for i, n in enumerate(names_) for c in CAPTIONS[n]]}
     (tmp_path / "ann.json").write_text(json.dumps(coco))
     ann = load_annotations(tmp_path / "ann.json")
-    stored = ev.load_index_vectors(index, ann, with_texts=True)
+    stored = load_index_vectors(index, ann, with_texts=True)
     result = ev.index_eval(ann, stored.vectors, emb.embed, dtype="f32", mode="hybrid", image_texts=stored.texts,
                            **rule)
     searcher = Searcher(index).open()

@@ -190,7 +190,8 @@ def test_hit_json_contract():
 def test_search_sees_commits_made_after_the_last_save(index, emb, tmp_path):
     """An index run saves its snapshot at most every 60 s: a search in between reads the newer
     texts by key and the deleted ones drop out at row lookup, with k results still."""
-    from edge_t2t.index.store import IndexLock, NewText
+    from edge_t2t.index.lock import IndexLock
+    from edge_t2t.index.store import NewText
 
     before = {p.name: p.stat().st_mtime_ns for p in index.iterdir() if p.name != "store.sqlite"}
     with IndexLock(index), Store(index) as st, st.transaction():  # committed, not yet saved

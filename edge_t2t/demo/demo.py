@@ -210,10 +210,11 @@ def run_demo(opts: DemoOptions, console=None, on_step: Callable[[Step], None] | 
         console.print(s.note, highlight=False)
 
     def vlm_path(s: Step) -> None:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError as exc:
-            s.status, s.note = "skipped", f"llama-cpp-python is not importable ({exc}); run 'make setup'"
+        from ..describe.vlm import llama_cpp_import_error
+
+        missing = llama_cpp_import_error()
+        if missing:
+            s.status, s.note = "skipped", f"llama-cpp-python is not importable ({missing}); run 'make setup'"
             console.print(s.note, highlight=False)
             return
         cfg, is_test, what = _resolve_vlm(console)

@@ -466,6 +466,15 @@ def llama_system_info() -> dict:
     return {"llama_cpp_python": llama_cpp.__version__, "system_info": text, "features": features}
 
 
+def llama_cpp_import_error() -> str:
+    """Why llama-cpp-python cannot be imported ("" when it can): the demo skips its VLM step then."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        return str(exc)
+    return ""
+
+
 # ---- quantization --------------------------------------------------------------------------------
 
 QUANT_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")

@@ -24,7 +24,8 @@ import numpy as np
 from ..errors import StoreError, warn
 from ..modes import VECTOR_MODES
 from . import vindex
-from .store import IndexLock, Store
+from .lock import IndexLock
+from .store import Store
 
 # An `index` run saves its snapshot at the end and at most this often while it runs.
 CHECKPOINT_EVERY_S = 60.0
