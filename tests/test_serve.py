@@ -162,7 +162,8 @@ def _hrefs(html: str) -> list[str]:
 
 def test_docs_are_served_as_html_and_every_link_stays_inside(client):
     """Crawl from /docs/: every page renders, every link is a /docs/ page that answers, or an
-    anchor on the page; none points at a .md file or another host. The README's pages are all there."""
+    anchor on the page (or an example of serve's own loopback address); none points at a .md file
+    or another host. Every guide is reached."""
     from html import unescape
 
     home = client.get("/docs/")
@@ -177,6 +178,8 @@ def test_docs_are_served_as_html_and_every_link_stays_inside(client):
         body = page.get_data(as_text=True)
         for href in map(unescape, _hrefs(body)):
             target, _, anchor = href.partition("#")
+            if target.startswith("http://127.0.0.1:"):  # the docs' examples of serve's own address
+                continue
             assert target == "" or target.startswith("/docs/"), (url, href)
             assert not target.endswith(".md"), (url, href)
             if target and target not in seen and not target.endswith(".css"):
@@ -195,7 +198,7 @@ def test_docs_pages_are_found_by_name_only(client):
     assert client.get("/docs/results/quant_cost").status_code == 200  # a bench record
     for url in ("/docs/docs/search.md", "/docs/search.md", "/docs/../pyproject.toml", "/docs/%2e%2e/README.md",
                 "/docs/results/../../README", "/docs/nope", "/docs//etc/passwd"):
-        r = client.get(url)
+        r = client.get(url, follow_redirects=True)  # werkzeug redirects "//" to "/" first
         assert r.status_code == 404 and "error" in r.get_json(), url
 
 
