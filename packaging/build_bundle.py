@@ -15,7 +15,7 @@ The archive unpacks into one directory holding:
     doc/                  the user documentation: README.md, docs/*.md, bench/results/*.md, each with .html
 
 and, beside it, dist/optional/edge-t2t-<version>-<platform>-optional.tar.gz: the fp32 embedder and
-the users' extras (geo, cluster) as wheels. It unpacks into the same top directory, adding
+the users' extras (geo, cluster, web) as wheels. It unpacks into the same top directory, adding
 wheels/optional/, models/embedder/<name>.fp32.onnx and SHA256SUMS.optional; install.sh installs
 them when they are there. The main archive alone is the default tool (int8 embedder); the split
 keeps it under 150 MB, which no lossless packing of the fp32 weights (22.7M float32 values, 71.7
