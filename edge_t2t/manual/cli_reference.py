@@ -107,7 +107,6 @@ def generate() -> str:
     lines = [HEADER, "| command | what it does |", "|---|---|"]
     lines += [f"| [`edge-t2t {name}`](#edge-t2t-{name}) | {_cell(h)} |" for name, _, h in commands]
     lines.append("")
-    parser.formatter_class = functools.partial(argparse.HelpFormatter, width=WIDTH)
     lines += ["Global options: `--help`, `--version`.", ""]
     for name, sub, help_text in commands:
         lines += _section(f"edge-t2t {name}", sub, help_text, 2)

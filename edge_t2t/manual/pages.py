@@ -41,7 +41,7 @@ def page_name(relpath: str) -> str | None:
         return ""
     folder, _, file = relpath.rpartition("/")
     for section, prefix in SECTIONS:
-        if folder == section and file.endswith(".md") and "/" not in file:
+        if folder == section and file.endswith(".md"):
             return prefix + file[:-3]
     return None
 
