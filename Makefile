@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 EMBEDDER_MANIFEST := models/embedder/manifest.json
 TEST_VLM_MANIFEST := models/test-vlm/manifest.json
 
-.PHONY: setup models test lint demo bench clean-models bundle
+.PHONY: setup models test lint demo bench clean-models bundle cli-docs
 
 setup: $(STAMP)
 
@@ -46,6 +46,10 @@ demo: models
 
 bench: models
 	$(PY) bench/embed_throughput.py
+
+# docs/cli.md is generated from the argparse parsers; tests/test_docs.py fails while it is stale.
+cli-docs: $(STAMP)
+	$(PY) -m edge_t2t.manual.cli_reference
 
 clean-models:
 	rm -rf models/embedder models/test-vlm

@@ -1,7 +1,7 @@
 """Shared plumbing for bench scripts: machine facts, git commit, peak RSS, and result files.
 
 Every bench writes bench/results/<name>.json and bench/results/<name>.md, stamped with the
-machine and commit, so a figure in the README can always be traced to the run that made it.
+machine and commit, so a figure in the docs (docs/performance.md) can always be traced to the run that made it.
 """
 
 from __future__ import annotations

@@ -33,6 +33,18 @@ def models_dir() -> Path:
     return data_home / "edge-t2t" / "models"
 
 
+def docs_dir() -> Path | None:
+    """The user documentation (README.md, docs/, bench/results/): $EDGE_T2T_DOCS, the clone's root,
+    or the bundle install's <venv>/share/doc/edge-t2t (packaging/install.sh); None when absent."""
+    explicit = _env_path("EDGE_T2T_DOCS")
+    if explicit:
+        return explicit
+    for root in (PACKAGE_DIR.parent, Path(sys.prefix) / "share" / "doc" / "edge-t2t"):
+        if (root / "README.md").is_file() and (root / "docs").is_dir():
+            return root
+    return None
+
+
 def embedder_dir() -> Path:
     """The built ONNX embedder: $EDGE_T2T_EMBEDDER or <models>/embedder."""
     return _env_path("EDGE_T2T_EMBEDDER") or models_dir() / "embedder"

@@ -10,6 +10,7 @@ JSON API below, which calls the same functions as `edge-t2t search` and `info`:
   GET  /api/info                       what `edge-t2t info --json` prints
   GET  /api/export.csv|.geojson?q=..   the current results (q=... or like=ID) as a file
   GET  /thumb/ID, /image/ID, /image/ID/scene    pictures, by image id only
+  GET  /docs/, /docs/NAME              the user documentation (edge_t2t/manual/web.py)
 
 Safety: pictures are found by integer id in the index, never by a path from the request, and
 anything else is 404. Uploads are capped (MAX_UPLOAD_MB), checked by images.load_image (its
@@ -47,8 +48,8 @@ MAX_K = 500
 THUMB_SIDE = 256
 FULL_MEGAPIXELS = 4.0  # what the VLM saw at most (images.DEFAULT_MAX_MEGAPIXELS)
 THUMB_DIR = "thumbnails"  # inside the index directory: made once, reused by every later serve
-CSV_COLUMNS = ("rank", "score", "image", "variant", "text", "dense", "lexical", "structure", "scene", "window",
-               "lon", "lat")
+CSV_COLUMNS = ("rank", "score", "image", "variant", "text", "dense", "lexical", "structure", "text_score", "scene",
+               "window", "lon", "lat")
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 STATIC = {"": ("index.html", "text/html; charset=utf-8"), "app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -369,6 +370,9 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
     app.add_url_rule("/", "page", lambda: static_file(""))
     app.add_url_rule("/app.js", "js", lambda: static_file("app.js"))
     app.add_url_rule("/app.css", "css", lambda: static_file("app.css"))
+    from .manual.web import add_docs_routes
+
+    add_docs_routes(app)  # /docs: the user documentation, for a machine with no web
 
     def answer(title: str, dicts: list[dict], **extra):
         return flask.jsonify({"query": title, "count": len(dicts), "generation": ix.generation, "hits": dicts, **extra})

@@ -12,9 +12,10 @@ The archive unpacks into one directory holding:
     wheels/llama-compat/    llama-cpp-python with AVX/AVX2/FMA/F16C/BMI2 off (any x86-64 with SSE4.2)
     models/embedder/      the built ONNX embedder (fp32 + int8, tokenizer, manifest)
     models/vlm/           optional: the user's GGUF files (BUNDLE_VLM=DIR)
+    doc/                  the user documentation: README.md, docs/*.md, bench/results/*.md, each with .html
 
 and, beside it, dist/optional/edge-t2t-<version>-<platform>-optional.tar.gz: the fp32 embedder and
-the users' extras (geo, cluster) as wheels. It unpacks into the same top directory, adding
+the users' extras (geo, cluster, web) as wheels. It unpacks into the same top directory, adding
 wheels/optional/, models/embedder/<name>.fp32.onnx and SHA256SUMS.optional; install.sh installs
 them when they are there. The main archive alone is the default tool (int8 embedder); the split
 keeps it under 150 MB, which no lossless packing of the fp32 weights (22.7M float32 values, 71.7
@@ -284,7 +285,8 @@ def oldest_glibc(wheels: list[Path]) -> str:
 
 def inputs_key(embedder: Path, vlm_dir: Path | None, llama: dict[str, dict]) -> str:
     h = hashlib.sha256(platform_tag().encode())
-    sources = [ROOT / "pyproject.toml", *sorted((ROOT / "edge_t2t").rglob("*.py")), *sorted(HERE.iterdir())]
+    sources = [ROOT / "pyproject.toml", *sorted((ROOT / "edge_t2t").rglob("*.py")), *sorted(HERE.iterdir()),
+               ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "bench" / "results").glob("*.md"))]
     for p in sources:
         if p.is_file():
             h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes())
@@ -310,6 +312,18 @@ def copy_embedder(src: Path, dst: Path) -> list[str]:
         shutil.copy2(src / name, dst / name)
     shutil.copy2(manifest_path, dst / "manifest.json")
     return sorted(manifest["files"])
+
+
+def copy_docs(dest: Path) -> list[str]:
+    """The user documentation (README.md, docs/, bench/results/*.md) as Markdown, with HTML rendered
+    beside each page (markdown-it-py, which rich requires, so it is in this build's environment);
+    install.sh puts it in TARGET/share/doc/edge-t2t/."""
+    from edge_t2t.manual.pages import export
+
+    files = export(ROOT, dest)
+    if not any(f.endswith(".html") for f in files):
+        log("markdown-it-py is not installed: the bundle carries the docs as Markdown only")
+    return files
 
 
 def write_sums(top: Path, name: str = "SHA256SUMS") -> int:
@@ -397,6 +411,7 @@ def build(out_dir: Path, vlm_dir: Path | None, force: bool, single: bool = False
         split = None if single else split_optional(top, opt_top, proj)
         if vlm_dir:
             shutil.copytree(vlm_dir, top / "models" / "vlm", symlinks=False)
+        docs = copy_docs(top / "doc")
         shutil.copy2(HERE / "install.sh", top / "install.sh")
         os.chmod(top / "install.sh", 0o755)
         (top / "bundle.env").write_text(
@@ -420,6 +435,7 @@ def build(out_dir: Path, vlm_dir: Path | None, force: bool, single: bool = False
             "models": {"embedder": models, "vlm": sorted(str(p.relative_to(vlm_dir)) for p in vlm_dir.rglob("*")
                                                          if p.is_file()) if vlm_dir else []},
             "optional_archive": ({**split, "archive": f"optional/{optional.name}"} if split else None),
+            "docs": len(docs),
         }
         (top / "BUILDINFO.json").write_text(json.dumps(buildinfo, indent=2) + "\n")
         n = write_sums(top)

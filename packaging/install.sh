@@ -8,7 +8,8 @@
 # 3. picks the llama.cpp build from the CPU's flags (portable needs AVX2/FMA/F16C/BMI2; compat
 #    needs only SSE4.2); EDGE_T2T_LLAMA_BUILD=portable|compat overrides;
 # 4. creates the virtualenv TARGET and installs with pip --no-index from the bundle's wheels;
-# 5. copies the models to TARGET/share/edge-t2t/models, where the installed tool looks;
+# 5. copies the models to TARGET/share/edge-t2t/models, where the installed tool looks, and the
+#    documentation to TARGET/share/doc/edge-t2t (open README.html, or `edge-t2t serve` -> /docs);
 # 6. runs `TARGET/bin/edge-t2t doctor`.
 # Environment: PYTHON (interpreter to use), EDGE_T2T_LLAMA_BUILD.
 set -euo pipefail
@@ -17,7 +18,7 @@ say() { printf 'install.sh: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 2; }
 
 if [[ $# -ne 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     [[ $# -eq 1 ]] && exit 0 || exit 2
 fi
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -113,6 +114,9 @@ fi
 share=$TARGET/share/edge-t2t
 mkdir -p "$share"
 cp -R "$HERE/models" "$share/models" || fail "could not copy the models"
+if [[ -d $HERE/doc ]]; then
+    mkdir -p "$TARGET/share/doc" && cp -R "$HERE/doc" "$TARGET/share/doc/edge-t2t" || fail "could not copy the documentation"
+fi
 "$TARGET/bin/python" - "$share/install.json" "$build" "$BUNDLE_NAME" <<'PYEOF'
 import json, sys, time
 path, build, bundle = sys.argv[1:]
@@ -120,7 +124,7 @@ json.dump({"llama_build": build, "bundle": bundle, "installed_at": time.strftime
           open(path, "w"), indent=2)
 PYEOF
 trap - INT TERM
-say "installed into $TARGET in $(( $(date +%s) - t0 )) s; models in $share/models"
+say "installed into $TARGET in $(( $(date +%s) - t0 )) s; models in $share/models, documentation in $TARGET/share/doc/edge-t2t"
 
 # --- 6. doctor ---------------------------------------------------------------------------------
 if "$TARGET/bin/edge-t2t" doctor; then

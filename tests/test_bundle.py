@@ -59,6 +59,8 @@ echo "INSTALL_SECONDS=$(( ($(date +%s%N) - t0) / 1000000 ))e-3"
 captions=$("$WORK/target/bin/python" -c "import sys; from edge_t2t.demo.scenes import write_scene_set; print(write_scene_set(sys.argv[1], n=40)[1])" "$WORK/scenes")
 "$WORK/target/bin/edge-t2t" index --captions "$captions" --index "$WORK/idx" --json --no-progress > "$WORK/index.json"
 "$WORK/target/bin/edge-t2t" search "$QUERY" --index "$WORK/idx" --json -k 10 > "$WORK/search.jsonl"
+# the documentation, where install.sh put it and where the installed tool looks (issue 27)
+"$WORK/target/bin/python" -c "from edge_t2t import config; print(config.docs_dir())" > "$WORK/docs_dir.txt"
 # the main archive alone carries no fp32 model: asking for it names the optional archive
 "$WORK/target/bin/edge-t2t" embed "a river" --precision fp32 2> "$WORK/fp32.err" && exit 9 || true
 '''
@@ -155,6 +157,13 @@ def test_install_and_search_with_no_network(archive: Path, tmp_path: Path, capsy
     hits = [json.loads(line) for line in (tmp_path / "search.jsonl").read_text().splitlines() if line.strip()]
     assert len(hits) == 10 and expected in [Path(h["image"]).stem for h in hits], (query, expected, hits)
     assert "not installed: it comes in the bundle's optional archive" in (tmp_path / "fp32.err").read_text()
+    docs = tmp_path / "target" / "share" / "doc" / "edge-t2t"
+    assert (tmp_path / "docs_dir.txt").read_text().strip() == str(docs)
+    guides = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
+    assert sorted(p.name for p in (docs / "docs").glob("*.md")) == guides
+    for md in [docs / "README.md", *(docs / "docs").glob("*.md")]:  # each page rendered beside itself
+        page = md.with_suffix(".html").read_text(encoding="utf-8")
+        assert page.startswith("<!DOCTYPE html>") and 'href="' in page and ".md\"" not in page, md
     assert "no optional archive here" in res.stderr
     seconds = re.search(r"INSTALL_SECONDS=([\d.e-]+)", res.stdout)
     with capsys.disabled():

@@ -1,4 +1,4 @@
-"""Every family in vlm.FAMILIES (the README's family table) runs: a tiny generated model of that
+"""Every family in vlm.FAMILIES (the family table in docs/models.md) runs: a tiny generated model of that
 family's text architecture and projector type goes through the family's real llama-cpp-python
 chat handler and gives output that is valid under the caption schema."""
 

@@ -103,7 +103,7 @@ def _index_and_search(argv_prefix: list[str], rsicd_samples: Path, tmp_path: Pat
 
 
 def test_index_and_search_in_a_network_namespace(rsicd_samples: Path, tmp_path: Path) -> None:
-    """The README's claim: the whole job runs in a network namespace without interfaces. This fails
+    """docs/reliability.md's claim: the whole job runs in a network namespace without interfaces. This fails
     (never skips) when the namespace cannot be made: CI runs as root with util-linux, and a skip
     here would be a green run that proved nothing about the offline guarantee."""
     prefix, why = _isolation_and_why()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 import socket
 import tempfile
@@ -153,6 +154,83 @@ def test_bookmarkable_page_and_static_files(client):
     assert page.status_code == 200 and b'<script src="/app.js"' in page.data
     assert client.get("/app.js").mimetype == "text/javascript"
     assert client.get("/app.css").mimetype == "text/css"
+
+
+# -- the documentation at /docs (issue 27) ---------------------------------------------------------
+def _hrefs(html: str) -> list[str]:
+    return re.findall(r'href="([^"]*)"', html)
+
+
+def test_docs_are_served_as_html_and_every_link_stays_inside(client):
+    """Crawl from /docs/: every page renders, every link is a /docs/ page that answers, or an
+    anchor on the page (or an example of serve's own loopback address); none points at a .md file
+    or another host. Every guide is reached."""
+    from html import unescape
+
+    home = client.get("/docs/")
+    assert home.status_code == 200 and home.mimetype == "text/html"
+    assert "default-src 'self'" in home.headers["Content-Security-Policy"]
+    assert client.get("/docs").status_code in (301, 302, 308)
+    seen, todo = set(), ["/docs/"]
+    while todo:
+        url = todo.pop()
+        page = client.get(url)
+        assert page.status_code == 200 and page.mimetype == "text/html", url
+        body = page.get_data(as_text=True)
+        for href in map(unescape, _hrefs(body)):
+            target, _, anchor = href.partition("#")
+            if target.startswith("http://127.0.0.1:"):  # the docs' examples of serve's own address
+                continue
+            assert target == "" or target.startswith("/docs/"), (url, href)
+            assert not target.endswith(".md"), (url, href)
+            if target and target not in seen and not target.endswith(".css"):
+                seen.add(target)
+                todo.append(target)
+            if anchor and target:
+                assert f'id="{anchor}"' in client.get(target).get_data(as_text=True), (url, href)
+    guides = {f"/docs/{p.stem}" for p in (Path(__file__).resolve().parent.parent / "docs").glob("*.md")}
+    assert guides <= seen, guides - seen
+    css = client.get("/docs/style.css")
+    assert css.status_code == 200 and css.mimetype == "text/css"
+
+
+def test_docs_pages_are_found_by_name_only(client):
+    assert "Searching" in client.get("/docs/search").get_data(as_text=True)
+    assert client.get("/docs/results/quant_cost").status_code == 200  # a bench record
+    for url in ("/docs/docs/search.md", "/docs/search.md", "/docs/../pyproject.toml", "/docs/%2e%2e/README.md",
+                "/docs/results/../../README", "/docs/nope", "/docs//etc/passwd"):
+        r = client.get(url, follow_redirects=True)  # werkzeug redirects "//" to "/" first
+        assert r.status_code == 404 and "error" in r.get_json(), url
+
+
+def test_docs_without_a_renderer_come_as_markdown_text(client, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "markdown_it", None)  # `import markdown_it` now raises ImportError
+    r = client.get("/docs/search")
+    assert r.status_code == 200 and r.mimetype == "text/plain"
+    text = r.get_data(as_text=True)
+    assert text == (Path(__file__).resolve().parent.parent / "docs" / "search.md").read_text(encoding="utf-8")
+
+
+def test_docs_not_installed_say_where_they_come_from(client, monkeypatch):
+    monkeypatch.setattr(config, "docs_dir", lambda: None)
+    r = client.get("/docs/")
+    assert r.status_code == 404 and "EDGE_T2T_DOCS" in r.get_json()["error"]
+
+
+def test_a_score_above_one_comes_with_its_parts(client, demo):
+    """1.74 alone says nothing: the hit carries text_score, and score = text_score + structure. In
+    dense mode the text part is the best cosine (dense), so the split is checked against that."""
+    hits = client.get(f"/api/search?q={quote(demo['query'])}&k=5").get_json()["hits"]
+    top = hits[0]
+    assert top["score"] > 1 and top["structure"] == 1.0
+    for h in hits:
+        assert h["text_score"] == pytest.approx(h["dense"], abs=1e-6)
+        assert h["score"] == pytest.approx(h["text_score"] + h["structure"], abs=2e-6)
+    rows = list(csv.DictReader(io.StringIO(client.get(f"/api/export.csv?q={quote(demo['query'])}&k=5")
+                                            .get_data(as_text=True))))  # fmt: skip
+    assert float(rows[0]["text_score"]) == pytest.approx(top["text_score"], abs=1e-6)
 
 
 # -- hostile requests --------------------------------------------------------------------------------
@@ -522,6 +600,16 @@ def test_page_in_headless_chromium(browser, live_server, demo):
     rows = list(csv.DictReader(io.StringIO(text)))
     assert [r["image"] for r in rows] == [c.get_attribute("data-image") for c in _cards(d)]
 
+    # a score above 1 is shown as text + place, with a line saying what the parts are (issue 27)
+    top = json.loads(urlopen(f"{live_server}/api/search?q={quote(demo['query'])}&k=10").read())["hits"][0]
+    d.get(f"{live_server}/?q={quote(demo['query'])}&k=10")
+    _wait(d, lambda d: _cards(d), what="results again")
+    meta = _cards(d)[0].find_element(By.CSS_SELECTOR, ".meta").text
+    score, text, place = map(float, re.fullmatch(r"#1\s+score ([\d.]+) = text ([\d.]+) \+ place ([\d.]+)", meta).groups())
+    assert score == pytest.approx(top["score"], abs=1e-4) and text == pytest.approx(top["dense"], abs=1e-3)
+    assert place == pytest.approx(top["structure"], abs=1e-3) and score == pytest.approx(text + place, abs=2e-3)
+    assert d.find_element(By.ID, "score-legend").is_displayed()
+
     d.get(f"{live_server}/?q={quote(demo['query'])}&k=5")  # a bookmark
     _wait(d, lambda d: len(_cards(d)) == 5, what="bookmarked results")
     assert Path(_cards(d)[0].get_attribute("data-image")).name == demo["expected"]
@@ -533,6 +621,15 @@ def test_page_in_headless_chromium(browser, live_server, demo):
     assert hosts and all(h.startswith(live_server + "/") for h in hosts), hosts
     with urlopen(live_server + "/") as resp:
         assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
+
+    # the documentation, from the page's footer link, styled and with nothing fetched elsewhere
+    d.find_element(By.LINK_TEXT, "Documentation").click()
+    _wait(d, lambda d: d.current_url == live_server + "/docs/", what="the docs")
+    d.find_element(By.PARTIAL_LINK_TEXT, "docs/search.md").click()
+    _wait(d, lambda d: d.find_element(By.TAG_NAME, "h1").text == "Searching", what="the search guide")
+    assert d.execute_script("return getComputedStyle(document.querySelector('nav')).backgroundColor") != "rgba(0, 0, 0, 0)"
+    hosts = d.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert all(h.startswith(live_server + "/") for h in hosts), hosts
 
 
 def test_page_maps_the_outlines_of_chips(browser, geo_app):

@@ -19,7 +19,7 @@ Exit status: 0 when every image was captioned, 1 when some images failed (each i
 others are still written), 2 on a usage or model error, 130 on Ctrl-C (finished captions kept).
 Ctrl-C once finishes the current image and stops; twice stops at once.
 
---cluster ADDRESS or --workers N describe on Dask workers (README: Describing on several machines):
+--cluster ADDRESS or --workers N describe on Dask workers (docs/cluster.md):
 only this process writes the cache and --out; cached images are never sent; lines come in the order
 images finish.
 """

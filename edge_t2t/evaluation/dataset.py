@@ -29,7 +29,7 @@ from ..errors import InputError
 from ..modes import EVAL_HALVES
 from ..records import CaptionRecord, Variant
 
-# the default split of each command (README "Caption datasets")
+# the default split of each command (docs/indexing.md "Captions made elsewhere")
 EVAL_DEFAULT_SPLIT = "test"
 INDEX_DEFAULT_SPLIT = None
 

@@ -451,8 +451,9 @@ class Indexer:
                 p.error = "not described in the --captions file"
         elif need_vlm and self.vlm_cfg is None:
             raise StoreError(
-                f"{len(need_vlm)} image(s) need descriptions: pass --vlm MODEL.gguf --mmproj MMPROJ.gguf "
-                f"(or --captions FILE); e.g. {need_vlm[0].path}"
+                f"{len(need_vlm)} image(s) need descriptions and no VLM is configured: install one with "
+                f"`edge-t2t models add MODEL.gguf MMPROJ.gguf` (docs/models.md), or pass --vlm MODEL.gguf "
+                f"--mmproj MMPROJ.gguf (or --captions FILE); e.g. {need_vlm[0].path}"
             )
         for start in range(0, len(pending), self.batch_size):
             self._batch(ix.store, pending[start : start + self.batch_size], mode, summary, bar)

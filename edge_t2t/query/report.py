@@ -13,6 +13,7 @@ from typing import TextIO
 
 from ..errors import ImageError
 from ..fileio import atomic_write_text
+from .retrieval import LEXICAL_WEIGHT, STRUCTURE_WEIGHT
 from .search import Hit
 
 THUMB_SIZE = 160
@@ -33,10 +34,37 @@ def _shorten(text: str, limit: int = TABLE_TEXT_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
+# What a score is made of, for the table's caption and the HTML page (docs/search.md "Scores").
+SCORE_LEGEND = (
+    "score = text + place. text, 0 to 1: how well the image's best description matches the words "
+    "(dense: its cosine; lexical: its BM25 divided by the best hit's; hybrid: (dense + "
+    f"{LEXICAL_WEIGHT:g} x lexical) / {1 + LEXICAL_WEIGHT:g}). place, 0 to {STRUCTURE_WEIGHT:g}: the share of "
+    "the query's places, relations and sizes that description meets. So a score runs up to "
+    f"{1 + STRUCTURE_WEIGHT:g} when the query names places."
+)
+
+
+def score_terms(h: Hit) -> tuple[float, float] | None:
+    """(text, place) parts of a hit's score, or None where the search gives no parts (by image,
+    within a place)."""
+    text = (h.parts or {}).get("text_score")
+    return None if text is None else (text, max(0.0, h.score - text))  # text_score is rounded to 1e-6
+
+
+def shows_places(hits: Sequence[Hit]) -> bool:
+    """Whether any hit's score has a place part, so the breakdown is worth a column."""
+    return any((h.parts or {}).get("structure", 0) > 0 for h in hits)
+
+
+def terms_text(h: Hit) -> str:
+    t = score_terms(h)
+    return "" if t is None else f"text {t[0]:.3f} + place {t[1]:.3f}"
+
+
 def explain_text(h: Hit) -> str:
     """The score's parts and each query constraint with its score, in one line (--explain)."""
     parts = h.parts or {}
-    shown = [f"{k} {v:.3f}" for k, v in parts.items() if v is not None]
+    shown = [f"{k} {v:.3f}" for k, v in parts.items() if v is not None and k != "text_score"]
     for m in h.matched:
         mark = "yes" if m["score"] >= 1 else "partly" if m["score"] > 0 else "no"
         shown.append(f"{m['constraint']}: {mark}")
@@ -55,17 +83,26 @@ def print_table(hits: Sequence[Hit], query: str = "", console=None, explain: boo
     table.add_column("#", justify="right")
     table.add_column("score", justify="right")
     table.add_column("image", overflow="fold")
+    places = shows_places(hits)
+    if places:  # a score above 1: say what it is made of (SCORE_LEGEND, under the table)
+        table.add_column("text + place", justify="right")
     table.add_column("best-matching description", overflow="fold")
     if explain:
         table.add_column("why", overflow="fold")
     for h in hits:
         # Texts come from files and models: keep rich from reading [brackets] as markup.
-        row = [str(h.rank), f"{h.score:.4f}", escape(_short_path(h.image)), escape(_shorten(h.text))]
+        row = [str(h.rank), f"{h.score:.4f}", escape(_short_path(h.image))]
+        if places:
+            text, place = score_terms(h) or (h.score, 0.0)
+            row.append(f"{text:.3f} + {place:.3f}")
+        row.append(escape(_shorten(h.text)))
         table.add_row(*row, *([escape(explain_text(h))] if explain else []))
     if not hits:
         console.print("no results")
         return
     console.print(table)
+    if places:
+        console.print(SCORE_LEGEND, highlight=False)
 
 
 def write_jsonl(hits: Sequence[Hit], out: TextIO = sys.stdout) -> None:
@@ -98,6 +135,7 @@ font-size:12px;text-align:center}
 def render_html(hits: Sequence[Hit], query: str, index_dir: str = "", explain: bool = False, picture=None) -> str:
     """`picture(hit)` may give a hit's picture cell as HTML (scene chips: chip + outlined overview)."""
     rows = []
+    places = shows_places(hits)
     for h in hits:
         custom = picture(h) if picture else None
         uri = _thumbnail(h.image) if custom is None else ""
@@ -107,7 +145,8 @@ def render_html(hits: Sequence[Hit], query: str, index_dir: str = "", explain: b
             else '<div class="ph">image not<br>available here</div>'
         )
         rows.append(
-            f"<tr><td>{h.rank}</td><td>{thumb}</td><td>{h.score:.4f}</td>"
+            f"<tr><td>{h.rank}</td><td>{thumb}</td><td>{h.score:.4f}"
+            + (f"<br><small>= {terms_text(h)}</small>" if places else "") + "</td>"
             f'<td><div class="path">{html.escape(h.image)}</div><p>{html.escape(h.text)}</p>'
             f"<small>variant {h.variant}, {html.escape(h.field)}</small>"
             + (f"<p><small>{html.escape(explain_text(h))}</small></p>" if explain else "")
@@ -118,7 +157,8 @@ def render_html(hits: Sequence[Hit], query: str, index_dir: str = "", explain: b
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>edge-t2t: {html.escape(query)}</title><style>{_CSS}</style></head><body>"
         f"<h1>{html.escape(query)}</h1><p>Index {html.escape(str(index_dir))}, {len(hits)} results, {stamp}.</p>"
-        "<table><tr><th>#</th><th>image</th><th>score</th><th>best-matching description</th></tr>"
+        + (f"<p><small>{html.escape(SCORE_LEGEND)}</small></p>" if places else "")
+        + "<table><tr><th>#</th><th>image</th><th>score</th><th>best-matching description</th></tr>"
         + "\n".join(rows)
         + "</table></body></html>\n"
     )

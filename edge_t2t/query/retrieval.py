@@ -18,7 +18,7 @@ Scores (what `--min-score` compares against):
            every text within LEXICAL_CAP of the query's best BM25 score the same lexical 1, so the
            dense score orders them: BM25 is not greatest at a text's own words (it rewards a
            repeated word and a shorter text), so at weight 0.3 without a cap a near-copy beat a
-           query's own text (README "Retrieval modes");
+           query's own text (bench/results/retrieval_modes_notes.md);
   plus STRUCTURE_WEIGHT * (mean constraint score of the image's best variant) when the query
   states places, relations or sizes. A query with none ranks as without structure. Because
   every linear text score spans 0..1, the structure weighs the same against it whatever the
@@ -38,7 +38,7 @@ from ..records import Feature
 from . import lexical, query_parse
 from .search import Hit, rank_images
 
-# dense stays the default. Held out (bench/results/retrieval_modes.md, README "Retrieval modes"),
+# dense stays the default. Held out (bench/results/retrieval_modes.md, docs/performance.md),
 # hybrid (w 0.05, no cap) is below dense on no figure, ties it with structure on the synthetic
 # seeds (MRR 1.000, 18/18 directional) and gains +0.012 synthetic MRR without it, but gains only
 # +0.72 mR without duplicates on the RSICD oracle (+0.76 on the report half; goal +2).
@@ -52,7 +52,8 @@ FUSIONS = ("linear", "rrf")
 # w 1.0 cap 0.9, 0.0240), re-run once the text score was divided by its range (issue 14): the
 # structure no longer weakens as w grows, so capped rules up to w 1.0 became eligible. The same
 # run before that change, on the same indexes, also chose w 0.05 uncapped: the first calibration's
-# w 0.3 cap 0.8 came from another machine, whose figures this one does not reproduce (README).
+# w 0.3 cap 0.8 came from another machine, whose figures this one does not reproduce
+# (bench/results/retrieval_modes_notes.md).
 # RRF lost 2.2 index mR on the tune half.
 # Each image's parts are mixed (its best cosine + weight x its best normalised BM25, capped when
 # LEXICAL_CAP is set), in search and in eval alike. At w 0.05 a near-copy's higher BM25 (the reason
@@ -72,6 +73,7 @@ class Candidate:
     lexical: float = 0.0
     structure: float = 0.0
     score: float = 0.0
+    text_score: float = 0.0  # the score without the structure part: score = text_score + weight x structure
     key: int = -1  # the text shown: the dense best, else the lexical best
     matched: list = field(default_factory=list)  # query_parse.ConstraintResult of the best variant
     structure_variant: int = -1
@@ -239,15 +241,16 @@ def combine(
         for side, order, part in (("dense_rank", pool.dense_order, "dense"), ("lexical_rank", pool.lex_order, "lexical")):
             r = side_ranks({img: getattr(by_image[img], part) for img in order})
             ranks[side] = np.array([r.get(c.image, np.inf) for c in cands], dtype=np.float64)
-    scores = fused(
-        np.array([c.dense if c.dense is not None else 0.0 for c in cands], dtype=np.float64),
-        np.array([c.lexical for c in cands], dtype=np.float64),
-        np.array([c.structure for c in cands], dtype=np.float64) if structure and pool.parsed else None,
-        mode, fusion, lexical_weight, structure_weight, lexical_cap, rrf_k, **ranks,
-    )
-    out = [replace(c, score=float(score), lexical=c.lexical if mode != "dense" else 0.0,
+    dense = np.array([c.dense if c.dense is not None else 0.0 for c in cands], dtype=np.float64)
+    lex = np.array([c.lexical for c in cands], dtype=np.float64)
+    structs = np.array([c.structure for c in cands], dtype=np.float64) if structure and pool.parsed else None
+    weights = (fusion, lexical_weight, structure_weight, lexical_cap, rrf_k)
+    scores = fused(dense, lex, structs, mode, *weights, **ranks)
+    # the same rule without the structure: what a score above 1 is made of (report.score_terms)
+    texts = scores if structs is None else fused(dense, lex, None, mode, *weights, **ranks)
+    out = [replace(c, score=float(score), text_score=float(text), lexical=c.lexical if mode != "dense" else 0.0,
                    matched=c.matched if structure else [], structure=c.structure if structure else 0.0)
-           for c, score in zip(cands, scores, strict=True)]
+           for c, score, text in zip(cands, scores, texts, strict=True)]
     out.sort(key=lambda c: (-c.score, c.image))
     return out[:k]
 
@@ -345,7 +348,7 @@ def to_hits(store: Store, cands: list[Candidate], explain: bool = False):
             row = rows.get(c.key)
             variant, text, fld = (row.ordinal, row.text, row.field) if row else (-1, "", "")
         parts = {"dense": None if c.dense is None else round(float(c.dense), 6), "lexical": round(c.lexical, 6),
-                 "structure": round(c.structure, 6)}
+                 "structure": round(c.structure, 6), "text_score": round(c.text_score, 6)}
         matched = tuple(m.to_dict() for m in c.matched) if explain else ()
         out.append(Hit(rank=r + 1, score=c.score, image=c.image, variant=variant, text=text, field=fld,
                        parts=parts, matched=matched))

@@ -30,12 +30,14 @@ class Hit:
     variant: int  # ordinal of the best-matching variant of that image
     text: str  # the text of that variant (or field) that matched best
     field: str = "joined"
-    parts: dict | None = None  # dense / lexical / structure parts of the score (edge_t2t.query.retrieval)
+    # dense / lexical / structure parts of the score and text_score, the score without its
+    # structure part (edge_t2t.query.retrieval): score = text_score + structure
+    parts: dict | None = None
     matched: tuple = ()  # with --explain: each query constraint and its score on the best variant
 
     def to_dict(self) -> dict:
-        """The JSON-lines contract: rank, score, image, variant, text (plus the score's parts and,
-        with --explain, the constraints matched)."""
+        """The JSON-lines contract: rank, score, image, variant, text (plus the score's parts,
+        dense, lexical, structure and text_score, and, with --explain, the constraints matched)."""
         out = {"rank": self.rank, "score": round(self.score, 6), "image": self.image, "variant": self.variant, "text": self.text}
         if self.parts is not None:
             out.update(self.parts)

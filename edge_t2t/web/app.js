@@ -55,9 +55,20 @@ function explainText(h) {
   return parts.join("; ");
 }
 
+// A score above 1 is text + place (docs/search.md "Scores"): say so on each card when any hit has a
+// place part. text_score is the score without its place part (search --json's field).
+function scoreText(h, places) {
+  const score = `score ${Number(h.score).toFixed(4)}`;
+  if (!places || h.text_score === undefined) return score;
+  const place = Math.max(0, h.score - h.text_score);
+  return `${score} = text ${Number(h.text_score).toFixed(3)} + place ${place.toFixed(3)}`;
+}
+
 function showHits(title, data, kind, params) {
   current = { kind, params, hits: data.hits };
   $("results-title").textContent = `${title}: ${data.count} result${data.count === 1 ? "" : "s"}`;
+  const places = data.hits.some((h) => h.structure > 0);
+  $("score-legend").hidden = !places;
   const grid = $("results");
   grid.replaceChildren();
   for (const h of data.hits) {
@@ -66,7 +77,7 @@ function showHits(title, data, kind, params) {
     thumb.addEventListener("error", () => thumb.replaceWith(el("div", { class: "ph", text: "image not available here" })));
     const card = el("div", { class: "hit", "data-id": String(h.id), "data-image": h.image, tabindex: "0" },
       thumb,
-      el("div", { class: "meta", text: `#${h.rank}  score ${Number(h.score).toFixed(4)}` }),
+      el("div", { class: "meta", text: `#${h.rank}  ${scoreText(h, places)}` }),
       el("div", { class: "path", text: h.scene ? `${h.scene} chip ${h.window.join(",")}` : h.image }),
       el("div", { class: "text", text: h.text }),
       params && params.get("explain") === "1" ? el("div", { class: "why", text: explainText(h) }) : null);

@@ -88,3 +88,29 @@ def test_image_query_refuses_lexical(index):
     tmp, ix = index
     proc = cli(tmp, "search", "--image", tmp / "nothing.jpg", "--index", ix, "--mode", "lexical", code=2)
     assert "dense" in proc.stderr
+
+
+def test_a_score_above_one_is_shown_as_text_plus_place(index):
+    """Issue 27: a score of 1.74 alone says nothing. The table, the HTML page and --json say what it is
+    made of. Expected parts come from the documented rules, not from the display code: in dense mode
+    the text part is the best cosine; in hybrid it is (dense + 0.05 x lexical) / 1.05; the place part is
+    the structure score."""
+    tmp, ix = index
+    query = "a forest east of a runway"
+    top = hits(cli(tmp, "search", query, "--index", ix, "-k", "2", "--json"))[0]
+    assert top["score"] > 1 and top["structure"] == 1.0
+    assert top["text_score"] == pytest.approx(top["dense"], abs=1e-6)
+    assert top["score"] == pytest.approx(top["dense"] + top["structure"], abs=2e-6)
+    hyb = hits(cli(tmp, "search", query, "--index", ix, "-k", "2", "--json", "--mode", "hybrid"))[0]
+    assert hyb["text_score"] == pytest.approx((hyb["dense"] + 0.05 * hyb["lexical"]) / 1.05, abs=2e-6)
+    assert hyb["score"] == pytest.approx(hyb["text_score"] + hyb["structure"], abs=2e-6)
+
+    table = cli(tmp, "search", query, "--index", ix, "-k", "2", "--html", tmp / "parts.html").stdout
+    assert "text + place" in table and f"{top['dense']:.3f} + 1.000" in table
+    assert "score = text + place" in table  # the legend under the table
+    page = (tmp / "parts.html").read_text()
+    assert f"= text {top['dense']:.3f} + place 1.000" in page and "score = text + place" in page
+
+    plain = cli(tmp, "search", "boats in a harbour", "--index", ix, "-k", "2", "--html", tmp / "plain.html").stdout
+    assert "text + place" not in plain and "score = text + place" not in plain  # no place asked for: no parts
+    assert "score = text + place" not in (tmp / "plain.html").read_text()
