@@ -593,10 +593,12 @@ class HTTPServer:
             self._server.close()
 
 
-def serve(app, host: str, port: int, threads: int = 4, tls=None) -> None:
-    """Run the app until Ctrl-C."""
+def serve(app, host: str, port: int, threads: int = 4, tls=None, ready: Callable[[], None] | None = None) -> None:
+    """Run the app until Ctrl-C; `ready` is called once it listens."""
     server = HTTPServer(app, host, port, threads, tls)
     try:
+        if ready is not None:
+            ready()
         server.run()
         # run() returns (or raises KeyboardInterrupt) only on Ctrl-C: nothing else closes it here.
         raise KeyboardInterrupt

@@ -158,6 +158,8 @@ def protect(app, gate: Gate | None) -> None:
         return flask.Response(json.dumps({"error": message}), status=status, mimetype="application/json",
                               headers=headers or {})  # fmt: skip
 
+    challenge = {"WWW-Authenticate": 'Bearer realm="edge-t2t"'}  # RFC 6750; browsers show no dialog for it
+
     def bearer() -> str | None:
         kind, _, value = request.headers.get("Authorization", "").partition(" ")
         return value.strip() if kind.lower() == "bearer" and value.strip() else None
@@ -173,8 +175,8 @@ def protect(app, gate: Gate | None) -> None:
         """401: JSON, except that a browser opening the page gets the sign-in page."""
         if request.path == "/" and request.method in ("GET", "HEAD"):
             page = resources.files("edge_t2t.web").joinpath("login.html").read_bytes()
-            return flask.Response(page, status=401, mimetype="text/html", headers={"Cache-Control": "no-store"})
-        return refuse(401, message)
+            return flask.Response(page, status=401, mimetype="text/html", headers={"Cache-Control": "no-store", **challenge})
+        return refuse(401, message, challenge)
 
     def wrong(address: str, presented: str, by_cookie: bool):
         gate.failed(address, presented)

@@ -93,17 +93,20 @@ def run(args: argparse.Namespace) -> int:
         if not loopback and tls is None:
             print(f"edge-t2t: WARNING: plain HTTP on {args.host}: the token, the searches and the pictures cross "
                   "the network unencrypted; give --cert and --key for HTTPS (README: Serving a team)", file=sys.stderr)
-        print(f"edge-t2t: serving {index_dir} at {url} "
-              f"({'VLM ' + str(vlm_cfg.model) if vlm_cfg else 'no VLM: search by example takes indexed images only'}); "
-              "Ctrl-C stops", file=sys.stderr)
-        if token and not args.token_file:
-            # Shown this once, nowhere else: the URL that signs a browser in (the token is the part after #token=).
-            print("edge-t2t: every request needs the access token made for this run: open the URL on standard "
-                  "output; scripts send 'Authorization: Bearer' with the part after #token=", file=sys.stderr)
-            print(f"{url}#token={quote(token, safe='')}", flush=True)
-        elif token:
-            print(f"edge-t2t: every request needs the access token in {args.token_file}", file=sys.stderr)
-        web.serve(app, args.host, args.port, threads=args.threads, tls=tls)
+
+        def ready() -> None:  # listening now: the URL printed works
+            print(f"edge-t2t: serving {index_dir} at {url} "
+                  f"({'VLM ' + str(vlm_cfg.model) if vlm_cfg else 'no VLM: search by example takes indexed images only'}); "
+                  "Ctrl-C stops", file=sys.stderr, flush=True)
+            if token and not args.token_file:
+                # Shown this once, nowhere else: the URL that signs a browser in (the token is the part after #token=).
+                print("edge-t2t: every request needs the access token made for this run: open the URL on standard "
+                      "output; scripts send 'Authorization: Bearer' with the part after #token=", file=sys.stderr)
+                print(f"{url}#token={quote(token, safe='')}", flush=True)
+            elif token:
+                print(f"edge-t2t: every request needs the access token in {args.token_file}", file=sys.stderr)
+
+        web.serve(app, args.host, args.port, threads=args.threads, tls=tls, ready=ready)
     except KeyboardInterrupt:
         print("edge-t2t: stopped", file=sys.stderr)
         return 130
