@@ -92,7 +92,7 @@ class Reader:
     thread that opened it) and the vectors of one whole snapshot, plus the texts committed since."""
 
     def __init__(self, index: Index, ixdir, vectors, state: tuple):
-        self.index, self._ixdir, self.vectors, self.state = index, ixdir, vectors, state
+        self._ixdir, self.vectors, self.state = ixdir, vectors, state
         self.store = ixdir.store
         self.generation = state[0]
         # what the work functions below read through their reader
