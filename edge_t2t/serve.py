@@ -531,8 +531,6 @@ def tls_adapter(cert: str | os.PathLike, key: str | os.PathLike):
     """HTTPS for `serve --cert --key`: cheroot's adapter over Python's ssl module, with the pair
     loaded now, so a wrong file is one line before anything starts. (waitress is plain HTTP only:
     its authors leave TLS to a proxy in front; cheroot is the WSGI server of CherryPy.)"""
-    import ssl
-
     try:
         from cheroot.ssl.builtin import BuiltinSSLAdapter
     except ImportError as exc:
@@ -551,7 +549,7 @@ def tls_adapter(cert: str | os.PathLike, key: str | os.PathLike):
     try:
         # a key with a passphrase: ask for none (the server may have no terminal), fail instead
         return Adapter(str(cert), str(key), private_key_password=lambda: "")
-    except (ssl.SSLError, ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # ssl.SSLError is an OSError (this package imports no network module)
         raise InputError(f"cannot use --cert {cert} with --key {key} ({exc}): give a PEM certificate and its "
                          f"unencrypted PEM key, e.g. made with {MAKE_CERT}") from None
 
