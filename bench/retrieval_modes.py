@@ -85,9 +85,10 @@ def seed_ranks(ix: Path, queries: dict, emb, configs: dict) -> dict[tuple[str, s
     (dense and lexical sides, structure scores) is gathered once by retrieval.gather, then every
     config ranks it with retrieval.combine: the two halves of retrieval.rank, the product's call."""
     from edge_t2t.query import query_parse
-    from edge_t2t.query.search import open_for_search
+    from edge_t2t.query.searcher import Searcher
 
-    store, vectors = open_for_search(ix)
+    searcher = Searcher(ix).open()
+    store, vectors = searcher.store, searcher.vectors
     out = {}
     try:
         for qset, qs in queries.items():
@@ -102,7 +103,7 @@ def seed_ranks(ix: Path, queries: dict, emb, configs: dict) -> dict[tuple[str, s
             for name, r in ranks.items():
                 out[(name, qset)] = np.asarray(r)
     finally:
-        store.close()
+        searcher.close()
     return out
 
 
@@ -389,10 +390,15 @@ class _DistinctTexts:
 
 
 def latency(index: Path, repeats: int) -> list[dict]:
-    """search.search (the CLI's call) per mode on a large index; queries from the scene templates."""
+    """A whole search (the CLI's: index opened, query embedded, ranked) per mode on a large index;
+    queries from the scene templates."""
     from edge_t2t.embed.embedder import Embedder
     from edge_t2t.index.store import Store
-    from edge_t2t.query.search import search
+    from edge_t2t.query.searcher import Searcher
+
+    def search(index, q, k, embedder, **kw):
+        with Searcher(index, embedder=embedder) as searcher:
+            return searcher.text(q, k, **kw)
 
     with Store(index) as st:
         texts = st.counts()["texts"]
@@ -417,9 +423,9 @@ def latency(index: Path, repeats: int) -> list[dict]:
     # The ranking alone (retrieval.rank on an open index, query embedded beforehand): what the modes
     # add, without the index open and the query embedding that every mode pays alike.
     from edge_t2t.query import query_parse  # noqa: F401  (imported before timing)
-    from edge_t2t.query.search import open_for_search
 
-    store, vectors = open_for_search(index)
+    searcher = Searcher(index).open()
+    store, vectors = searcher.store, searcher.vectors
     qvecs = emb.embed(queries)
     ranking: dict[str, list[float]] = {name: [] for name, _ in modes}
     try:
@@ -429,7 +435,7 @@ def latency(index: Path, repeats: int) -> list[dict]:
                 retrieval.rank(store, vectors, q, v[None, :], 10, **kw)
                 ranking[name].append(time.perf_counter() - t)
     finally:
-        store.close()
+        searcher.close()
     # How many of each query's content words the lexical side matched (the rest are common: see
     # lexical.select_terms), and how many texts hold the words it matched: its work per query.
     from edge_t2t.query import lexical

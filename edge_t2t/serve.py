@@ -88,26 +88,24 @@ class NoSuchImage(LookupError):
 
 
 class Reader:
-    """One thread's view of the index: its own SQLite connection (a connection belongs to the
-    thread that opened it) and the vectors of one whole snapshot, plus the texts committed since."""
+    """One thread's view of the index: a query.searcher.Searcher (its own SQLite connection, as a
+    connection belongs to the thread that opened it, and the vectors of one whole snapshot plus the
+    texts committed since) and the state of the index it was opened at."""
 
-    def __init__(self, index: Index, ixdir, vectors, state: tuple):
-        self._ixdir, self.vectors, self.state = ixdir, vectors, state
-        self.store = ixdir.store
+    def __init__(self, searcher, state: tuple):
+        self.searcher, self.state = searcher, state
+        self.store = searcher.store
         self.generation = state[0]
-        # what the work functions below read through their reader
-        self.dir, self.embedder, self.vlm_cfg, self.warn = index.dir, index.embedder, index.vlm_cfg, index.warn
 
     def close(self) -> None:
-        self._ixdir.close()
+        self.searcher.close()
 
     def hit_dicts(self, hits) -> list[dict]:
         """search --json's fields (scene_report.hit_dicts), plus the image id and a chip's outline."""
-        from .scene.chipstore import chip_info
         from .scene.scene_report import hit_dicts
 
         paths = [h.image for h in hits]
-        chips = chip_info(self.store, paths)
+        chips = self.searcher.chips(hits)
         rows = self.store.images_named(paths)
         out = []
         for h, d in zip(hits, hit_dicts(hits, chips), strict=True):
@@ -148,13 +146,10 @@ class Index:
             embedder = Embedder(precision=precision, threads=1)
         self.embedder = embedder
         try:
-            r = self.reader()  # a missing or empty index fails here, before the server starts
-            r.store.check_identity(self.embedder.identity)
-            # One search at start-up, so the first user's request does not pay the lazy imports
-            # and the vectors' first read.
-            from .query.search import search_open
-
-            search_open(r.store, r.vectors, "warm up", self.embedder, 1, "dense", warn=lambda _: None)
+            # A missing or empty index, or one of another embedder, fails here, before the server
+            # starts. One search at start-up, so the first user's request does not pay the lazy
+            # imports and the vectors' first read.
+            self.reader().searcher.text("warm up", 1, mode="dense")
         except BaseException:
             self.close()
             raise
@@ -163,25 +158,25 @@ class Index:
         """This thread's reader, reopened (O(1), no lock) when an `index` run saved a snapshot or
         committed since this thread last looked: the snapshot's generation and SQLite's
         data_version say so. A snapshot caught mid-save keeps the last whole one answering."""
-        from .index.indexdir import IndexDir
         from .index.vindex import SNAPSHOT_READ_ERRORS
+        from .query.searcher import Searcher
 
         old: Reader | None = getattr(self._local, "reader", None)
         if old is not None and self._state(old.store) == old.state:
             return old
-        ixdir = IndexDir.open_reader(self.dir)
+        searcher = Searcher(self.dir, embedder=self.embedder, warn=self.warn)
         try:
-            state = self._state(ixdir.store)  # before reading: a commit landing during the open is seen next time
-            vectors = ixdir.search_vectors(self.warn)
+            state = self._state(searcher.store)  # before reading: a commit landing during the open is seen next time
+            searcher.open()
         except (sqlite3.Error, *SNAPSHOT_READ_ERRORS):  # a writer mid-save; a Ctrl-C is not swallowed here
-            ixdir.close()
+            searcher.close()
             if old is not None:  # keep answering from what was open
                 return old
             raise
         except BaseException:
-            ixdir.close()
+            searcher.close()
             raise
-        self._local.reader = Reader(self, ixdir, vectors, state)
+        self._local.reader = Reader(searcher, state)
         if old is not None:
             old.close()
         return self._local.reader
@@ -235,41 +230,32 @@ def _search_params(args) -> dict:
 
 
 def _text_hits(r: Reader, query: str, p: dict):
-    from .query.search import search_open
-
     if not query.strip():
         raise InputError("the query is empty: give some words to search for")
-    hits = search_open(r.store, r.vectors, query, r.embedder, p["k"], p["mode"], structure=p["structure"],
-                       explain=p["explain"], min_score=p["min_score"], warn=r.warn)  # fmt: skip
+    hits = r.searcher.text(query, p["k"], mode=p["mode"], structure=p["structure"], explain=p["explain"],
+                           min_score=p["min_score"])  # fmt: skip
     return hits, r.hit_dicts(hits)
 
 
 def _similar_hits(r: Reader, image_id: int, k: int, min_score: float | None = None):
-    from .query.search import search_by_variants_open
-
     if r.image_row(image_id) is None:
         raise NoSuchImage(image_id)
-    hits = search_by_variants_open(r.store, r.vectors, r.store.variants_of(image_id), r.embedder, k,
-                                   exclude_image_ids=[image_id])  # fmt: skip
-    hits = [h for h in hits if min_score is None or h.score >= min_score]
+    hits = r.searcher.variants(r.store.variants_of(image_id), k, exclude_image_ids=[image_id], min_score=min_score)
     return hits, r.hit_dicts(hits)
 
 
 def describe_upload(index: Index, path: Path) -> list:
     """The descriptions of an uploaded image: its stored ones when the index holds the same bytes,
     else the VLM's. One VLM at a time (a second upload waits for the first, as a laptop has memory
-    for one model); it holds no reader, so searches go on meanwhile."""
-    from .query.search import query_image_variants
-
+    for one model). It runs in its request's thread, on that thread's own reader: the other
+    threads go on searching meanwhile."""
     with index.describing:
-        variants, _ = query_image_variants(index.dir, path, index.vlm_cfg)
+        variants, _ = index.reader().searcher.image_variants(path, index.vlm_cfg)
     return variants
 
 
 def _example_hits(r: Reader, variants: list, k: int):
-    from .query.search import search_by_variants_open
-
-    hits = search_by_variants_open(r.store, r.vectors, variants, r.embedder, k)
+    hits = r.searcher.variants(variants, k)
     return hits, r.hit_dicts(hits)
 
 

@@ -10,6 +10,7 @@ import sqlite3
 import numpy as np
 import pytest
 from fake_embedder import FakeEmbedder
+from helpers_search import text_search
 
 from edge_t2t.index import store as store_mod
 from edge_t2t.index.indexer import Indexer
@@ -17,6 +18,7 @@ from edge_t2t.index.store import NewText, Store
 from edge_t2t.index.verify import verify_index
 from edge_t2t.query import lexical, retrieval
 from edge_t2t.query import search as S
+from edge_t2t.query.searcher import Searcher
 from edge_t2t.records import Variant
 
 SCENES = {
@@ -118,19 +120,16 @@ def names(hits):
 
 
 def test_dense_without_place_words_ranks_as_rank_images(index, emb):
-    hits = S.search(index, "boats in a harbour", k=5, embedder=emb, mode="dense")
-    store, vectors = S.open_for_search(index)
-    try:
-        plain = S.rank_images(store, vectors, emb.embed(["boats in a harbour"]), 5)
-    finally:
-        store.close()
+    hits = text_search(index, "boats in a harbour", k=5, embedder=emb, mode="dense")
+    with Searcher(index) as searcher:
+        plain = S.rank_images(searcher.store, searcher.vectors, emb.embed(["boats in a harbour"]), 5)
     assert [(h.image, h.score, h.text) for h in hits] == [(h.image, h.score, h.text) for h in plain]
     assert all(h.parts["structure"] == 0 and h.parts["lexical"] == 0 for h in hits)
 
 
 def test_lexical_finds_exact_words(index, emb, monkeypatch):
     monkeypatch.setattr(lexical, "MAX_DF", 1.0)  # every word matched, however common
-    hits = S.search(index, "tank 42", k=5, embedder=emb, mode="lexical")
+    hits = text_search(index, "tank 42", k=5, embedder=emb, mode="lexical")
     assert names(hits)[0] == "depot.jpg" and hits[0].score == pytest.approx(1.0)
     assert all(0 < h.score <= 1 for h in hits)
     # the port's feature text says "storage tanks" (one word shared); the town's texts share none
@@ -160,31 +159,31 @@ def test_common_words_are_not_matched_and_cost_nothing(index, emb, monkeypatch):
         assert lexical.select_terms(st.conn, "runway tank 42", keep_one=False) == []
         monkeypatch.setattr(lexical, "MAX_DF", 2.5 / n)
         monkeypatch.setattr(lexical, "POSTINGS_BUDGET", 10**9)
-    hits = S.search(index, "tank 42", k=5, embedder=emb, mode="lexical")
+    hits = text_search(index, "tank 42", k=5, embedder=emb, mode="lexical")
     assert names(hits) == ["depot.jpg"]  # "tank" no longer matched: only the text with "42"
-    hybrid = S.search(index, "a runway with tanks", k=5, embedder=emb, mode="hybrid")
+    hybrid = text_search(index, "a runway with tanks", k=5, embedder=emb, mode="hybrid")
     assert all(h.parts["lexical"] == 0 for h in hybrid)  # nothing rare to match
-    dense = S.search(index, "a runway with tanks", k=5, embedder=emb, mode="dense")
+    dense = text_search(index, "a runway with tanks", k=5, embedder=emb, mode="dense")
     # the dense order, each score the dense one over the mix's range (1 + w)
     assert [h.image for h in hybrid] == [h.image for h in dense]
     assert [h.score for h in hybrid] == pytest.approx([h.score / (1 + retrieval.LEXICAL_WEIGHT) for h in dense])
 
 
 def test_structure_tells_east_from_west(index, emb):
-    a = S.search(index, "a forest east of a runway", k=2, embedder=emb, mode="dense", explain=True)
-    b = S.search(index, "a forest west of a runway", k=2, embedder=emb, mode="dense", explain=True)
+    a = text_search(index, "a forest east of a runway", k=2, embedder=emb, mode="dense", explain=True)
+    b = text_search(index, "a forest west of a runway", k=2, embedder=emb, mode="dense", explain=True)
     assert names(a)[0] == "airfield_a.jpg" and names(b)[0] == "airfield_b.jpg"
     assert a[0].matched == ({"constraint": "forest east of runway", "score": 1.0},)
     assert a[0].score == pytest.approx(a[0].parts["dense"] + retrieval.STRUCTURE_WEIGHT)
-    every = S.search(index, "a forest west of a runway", k=5, embedder=emb, mode="dense", explain=True)
+    every = text_search(index, "a forest west of a runway", k=5, embedder=emb, mode="dense", explain=True)
     reverse = every[names(every).index("airfield_a.jpg")]
     assert reverse.matched[0]["score"] == 0.0 and reverse.parts["structure"] == 0.0  # the reverse relation
-    flat = S.search(index, "a forest west of a runway", k=2, embedder=emb, mode="dense", structure=False)
+    flat = text_search(index, "a forest west of a runway", k=2, embedder=emb, mode="dense", structure=False)
     assert all(h.parts["structure"] == 0 and not h.matched for h in flat)
 
 
 def test_hybrid_mixes_both_scores_and_min_score_cuts(index, emb):
-    hits = S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid")
+    hits = text_search(index, "fuel tank", k=5, embedder=emb, mode="hybrid")
     top = hits[0]
     assert names(hits)[0] == "depot.jpg"
     cap = retrieval.LEXICAL_CAP  # when set, within the cap of the query's best BM25 counts as 1
@@ -192,19 +191,19 @@ def test_hybrid_mixes_both_scores_and_min_score_cuts(index, emb):
         lex = h.parts["lexical"] if cap is None else min(1.0, h.parts["lexical"] / cap)
         w = retrieval.LEXICAL_WEIGHT  # the mix divided by its range, 1 + w (parts: 6 digits)
         assert h.score == pytest.approx((h.parts["dense"] + w * lex) / (1 + w), abs=1e-5)
-    cut = S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid", min_score=top.score - 1e-9)
+    cut = text_search(index, "fuel tank", k=5, embedder=emb, mode="hybrid", min_score=top.score - 1e-9)
     assert names(cut) == ["depot.jpg"]
-    assert S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid", min_score=9.0) == []
+    assert text_search(index, "fuel tank", k=5, embedder=emb, mode="hybrid", min_score=9.0) == []
     d = top.to_dict()
     assert {"rank", "score", "image", "variant", "text", "dense", "lexical", "structure"} <= set(d)
 
 
 def test_old_vector_modes_still_mean_dense(index, emb):
-    a = S.search(index, "houses", k=3, embedder=emb, mode="exact")
-    b = S.search(index, "houses", k=3, embedder=emb, mode="dense", vector_mode="exact")
+    a = text_search(index, "houses", k=3, embedder=emb, mode="exact")
+    b = text_search(index, "houses", k=3, embedder=emb, mode="dense", vector_mode="exact")
     assert [(h.image, h.score) for h in a] == [(h.image, h.score) for h in b]
     with pytest.raises(Exception, match="unknown search mode"):
-        S.search(index, "houses", k=3, embedder=emb, mode="fuzzy")
+        text_search(index, "houses", k=3, embedder=emb, mode="fuzzy")
 
 
 def test_help_names_the_default_mode():
@@ -251,7 +250,7 @@ def test_eval_ranks_each_caption_as_search_does(index, emb, tmp_path, mode, max_
     expected = []
     for n in names_:
         for c in CAPTIONS[n]:
-            hits = S.search(index, c, k=len(names_), embedder=emb, mode=mode, vector_mode="exact")
+            hits = text_search(index, c, k=len(names_), embedder=emb, mode=mode, vector_mode="exact")
             scores = {h.image.rsplit("/", 1)[-1]: h.score for h in hits}
             # ties count against the query; a target search did not return ties with every image
             # it did not return either (lexical: all score 0), so it ranks behind all the others
@@ -279,7 +278,8 @@ def test_eval_fusion_rules_rank_as_search_does(index, emb, tmp_path, rule, monke
     stored = ev.load_index_vectors(index, ann, with_texts=True)
     result = ev.index_eval(ann, stored.vectors, emb.embed, dtype="f32", mode="hybrid", image_texts=stored.texts,
                            **rule)
-    store, vectors = S.open_for_search(index)
+    searcher = Searcher(index).open()
+    store, vectors = searcher.store, searcher.vectors
     expected, scores_seen = [], set()
     try:
         for n in names_:
@@ -290,7 +290,7 @@ def test_eval_fusion_rules_rank_as_search_does(index, emb, tmp_path, rule, monke
                 scores_seen.update(round(s, 9) for s in scores.values())
                 expected.append(sum(1 for img, s in scores.items() if img != n and s >= scores[n]))
     finally:
-        store.close()
+        searcher.close()
     assert result.t2i.ranks.tolist() == expected
     assert len(scores_seen) > 3  # the rule does rank: not every image tied
 

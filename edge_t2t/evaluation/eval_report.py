@@ -94,10 +94,10 @@ def run_eval(args: EvalRequest) -> dict:
         t2i_search = None
         if not args.exact and args.mode == "dense" and dtype == index_facts.get("index_dtype"):
             # T2I through the index's own vector snapshot (plus any texts committed after it)
-            from ..query.search import open_for_search
+            from ..query.searcher import Searcher
 
-            store, vectors = open_for_search(index_dir)
-            store.close()
+            with Searcher(index_dir) as searcher:
+                vectors = searcher.vectors  # they stay readable once the store is closed
             foreign = index_facts["index_vectors"] - sum(len(v) for v in stored.vectors if v is not None)
 
             def search(queries, k):

@@ -16,23 +16,18 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import StoreError, warn
 from ..modes import VECTOR_MODES
 from . import vindex
 from .store import IndexLock, Store
 
 # An `index` run saves its snapshot at the end and at most this often while it runs.
 CHECKPOINT_EVERY_S = 60.0
-
-
-def _warn(msg: str) -> None:
-    print(f"edge-t2t: {msg}", file=sys.stderr)
 
 
 class SearchVectors:
@@ -113,7 +108,7 @@ class IndexDir:
             return None
         return snap
 
-    def search_vectors(self, warn=_warn) -> SearchVectors:
+    def search_vectors(self, warn=warn) -> SearchVectors:
         """The vectors a search ranks; O(1) plus the texts committed since the last save."""
         snap = self.snapshot()
         if snap is None and self.store.get_meta("dim") is not None:

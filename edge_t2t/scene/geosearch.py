@@ -1,4 +1,5 @@
-"""Search by place: `search --within` / `--near` filter BEFORE ranking.
+"""Search by place: `search --within` / `--near` filter BEFORE ranking (searcher.Searcher.text with
+a place).
 
 The R*Tree (chipstore.images_in_place) gives the chips whose WGS84 outline meets the place; only
 their texts are scored, exactly, from the float32 vectors in SQLite (the store of record). So k
@@ -8,15 +9,11 @@ would sit, and the cost grows with the number of chips in the place, not with th
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from ..errors import StoreError
 from ..index.store import Store
-from ..query.search import Hit, _load_embedder
-from . import chipstore
-from .geo import PlaceFilter
+from ..query.search import Hit
 
 
 def rank_in_place(store: Store, query_vecs: np.ndarray, image_ids: list[int], k: int) -> list[Hit]:
@@ -44,17 +41,3 @@ def rank_in_place(store: Store, query_vecs: np.ndarray, image_ids: list[int], k:
         Hit(rank=r + 1, score=s, image=row.image, variant=row.ordinal, text=row.text, field=row.field)
         for r, (s, row) in enumerate(found[:k])
     ]
-
-
-def search_in_place(index_dir: str | os.PathLike, query: str, place: PlaceFilter, k: int = 10, embedder=None,
-                    precision: str = "int8") -> list[Hit]:  # fmt: skip
-    """The top k chips inside `place` for a text query."""
-    if not query or not query.strip():
-        raise StoreError("the query is empty: give some words to search for")
-    with Store(index_dir) as store:
-        emb = _load_embedder(embedder, precision)
-        store.check_identity(emb.identity)
-        ids = chipstore.images_in_place(store, place)
-        if not ids:
-            return []
-        return rank_in_place(store, emb.embed([query]), ids, k)
