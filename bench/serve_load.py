@@ -123,11 +123,17 @@ def start_server(index_dir: Path, audit: Path) -> tuple[subprocess.Popen, int]:
 
 
 def proc_stats(pid: int) -> dict:
-    status = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in ln)
+    """RSS (which counts a file page once per mapping: each server thread maps the snapshot's
+    files), PSS (each page once) and the anonymous part, in MiB; CPU seconds so far."""
+    def kib(path: str) -> dict[str, int]:
+        return {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in Path(path).read_text().splitlines()
+                                                   if ln.endswith(" kB"))}  # fmt: skip
+
+    status, rollup = kib(f"/proc/{pid}/status"), kib(f"/proc/{pid}/smaps_rollup")
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
-    return {"rss_mib": int(status["VmRSS"].split()[0]) / 1024, "peak_rss_mib": int(status["VmHWM"].split()[0]) / 1024,
-            "cpu_s": (int(fields[11]) + int(fields[12])) / ticks}
+    return {"rss_mib": status["VmRSS"] / 1024, "peak_rss_mib": status["VmHWM"] / 1024, "pss_mib": rollup["Pss"] / 1024,
+            "anon_mib": rollup["Anonymous"] / 1024, "cpu_s": (int(fields[11]) + int(fields[12])) / ticks}
 
 
 # -- the clients -------------------------------------------------------------------------------------
@@ -236,6 +242,7 @@ def window(port: int, server: subprocess.Popen, n_clients: int, seconds: float, 
         "p99_ms": percentile_ms(every, 99), "per_kind": per_kind, "errors": len(errors), "error_samples": errors[:10],
         "generations_seen": gens, "writer_runs_so_far": len(writer.runs),
         "server_cpu_s": after["cpu_s"] - before["cpu_s"], "server_rss_mib": after["rss_mib"],
+        "server_pss_mib": after["pss_mib"], "server_anon_mib": after["anon_mib"],
         "server_peak_rss_mib": after["peak_rss_mib"], "client_cpu_s": time.process_time() - cpu0,
         "load_before": load_before, "load_after": os.getloadavg()[0],
         "_hits": set().union(*(c.hits for c in clients)),
@@ -324,7 +331,7 @@ def main() -> int:
     goals = {"throughput_4_over_1 >= 1.6": ratio >= 1.6, "p99_at_4 <= 100 ms": p99_4 <= 100, "errors == 0": errors == 0}
     rows = [f"| {w['clients']} | {w['throughput_rps']:.1f} | {w['p50_ms']:.1f} | {w['p99_ms']:.1f} | {w['errors']} | "
             f"{len(w['generations_seen'])} | {w['writer_runs']} | {w['server_cpu_s'] / w['seconds']:.2f} | "
-            f"{w['server_rss_mib']:.0f} | {w['load_before']:.2f} |" for w in windows]
+            f"{w['server_rss_mib']:.0f} / {w['server_pss_mib']:.0f} | {w['load_before']:.2f} |" for w in windows]
     table = "\n".join([
         f"Index of {args.texts:,} texts (5 per image, joined, i8); `edge-t2t serve` (4 threads) on loopback; each "
         f"window {args.seconds:.0f} s while `edge-t2t index` (nice {args.writer_nice}, 1 thread) adds {args.batch} "
@@ -332,7 +339,7 @@ def main() -> int:
         "keep-alive connections.",
         "",
         "| clients | requests/s | p50 ms | p99 ms | errors | snapshot generations answered from | index runs "
-        "| server CPU (cores) | server RSS MiB | load average at start |",
+        "| server CPU (cores) | server RSS / PSS MiB | load average at start |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
@@ -341,7 +348,8 @@ def main() -> int:
         f"(goal ≤ 100: **{'met' if goals['p99_at_4 <= 100 ms'] else 'not met'}**); errors **{errors}** "
         f"(goal 0: **{'met' if goals['errors == 0'] else 'not met'}**): {len(hits):,} distinct hit texts all equal "
         f"to the store's ({len(bad_hits)} not), {len(writer_runs)} index runs ({len(writer_failures)} failed), "
-        f"audit log {audit_lines:,} lines for {sent:,} requests. Server peak RSS {final['peak_rss_mib']:.0f} MiB; "
+        f"audit log {audit_lines:,} lines for {sent:,} requests. Server peak RSS {final['peak_rss_mib']:.0f} MiB "
+        "(RSS counts the snapshot's file pages once per thread that maps them; PSS counts each page once); "
         f"index runs used {writer_cpu:.0f} CPU s. Whole run {time.perf_counter() - t_all:.0f} s.",
     ])
     write_results(args.name, {"texts": args.texts, "seconds_per_window": args.seconds, "batch": args.batch,
