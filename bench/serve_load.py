@@ -111,15 +111,28 @@ class Writer(threading.Thread):
 
 
 # -- the server --------------------------------------------------------------------------------------
-def start_server(index_dir: Path, audit: Path) -> tuple[subprocess.Popen, int]:
+def start_server(index_dir: Path, audit: Path) -> tuple[subprocess.Popen, int, list[str]]:
+    """The server process, its port, and its standard error as it comes (read by a thread to the
+    end: a pipe left unread fills, and waitress's event loop then blocks in its own warnings)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "edge_t2t", "serve", "--index", str(index_dir), "--port", str(port),
                              "--audit-log", str(audit)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
-    for line in proc.stderr:  # serve prints this line once it listens
-        if "serving" in line:
-            return proc, port
-    raise SystemExit(f"serve exited {proc.wait()} before listening")
+    lines: list[str] = []
+    listening = threading.Event()
+
+    def drain() -> None:
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            if "serving" in line:  # serve prints this line once it listens
+                listening.set()
+        listening.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    listening.wait()
+    if proc.poll() is not None:
+        raise SystemExit(f"serve exited {proc.returncode} before listening: {lines[-5:]}")
+    return proc, port, lines
 
 
 def proc_stats(pid: int) -> dict:
@@ -293,7 +306,7 @@ def main() -> int:
         print(f"index: {args.texts:,} seeded texts + {len(pictured)} pictures; {len(batches)} batches of "
               f"{args.batch} ready for the writer ({time.perf_counter() - t_all:.0f} s)", flush=True)
         audit = work / "audit.log"
-        server, port = start_server(index_dir, audit)
+        server, port, server_err = start_server(index_dir, audit)
         windows, hits, writer_runs, writer_failures, writer_cpu = [], set(), [], [], 0.0
         try:
             for n in counts:
@@ -319,6 +332,7 @@ def main() -> int:
             server.terminate()
             server.wait(timeout=60)
         audit_lines = len(audit.read_text().splitlines())
+        queue_warnings = sum("Task queue depth" in line for line in server_err)
         bad_hits = check_hits(index_dir, hits)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -356,7 +370,7 @@ def main() -> int:
                               "writer_nice": args.writer_nice, "windows": windows, "ratio_4_over_1": ratio,
                               "goals": goals, "errors_total": errors, "bad_hits": bad_hits[:20],
                               "writer_failures": writer_failures[:5], "writer_runs": writer_runs,
-                              "audit_lines": audit_lines, "requests_sent": sent,
+                              "audit_lines": audit_lines, "requests_sent": sent, "waitress_queue_warnings": queue_warnings,
                               "server_peak_rss_mib": final["peak_rss_mib"]}, table)  # fmt: skip
     print(table)
     return 0 if errors == 0 else 1
