@@ -67,8 +67,10 @@ def get(port: int, path: str, timeout: float = 60.0) -> tuple[int, bytes, float]
 def start_server(index_dir: Path) -> tuple[subprocess.Popen, int, float]:
     port = free_port()
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "edge_t2t", "serve", "--index", str(index_dir), "--port", str(port)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The audit log (a line per request) goes to a file: on the stderr pipe, unread, it would fill it.
+    proc = subprocess.Popen([sys.executable, "-m", "edge_t2t", "serve", "--index", str(index_dir), "--port", str(port),
+                             "--audit-log", str(index_dir.parent / "audit.log")],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     while True:
         if proc.poll() is not None:
             raise SystemExit(f"serve exited {proc.returncode}: {proc.stderr.read()[-2000:]}")

@@ -17,11 +17,18 @@ anything else is 404. Uploads are capped (MAX_UPLOAD_MB), checked by images.load
 decompression-bomb guard included) and written only inside a temporary directory. Every response
 carries a Content-Security-Policy that lets the page reach nothing but this server.
 
-One thread owns the open index and the embedder (an SQLite connection belongs to the thread that
-opened it), so requests queue for it; on 2 cores that costs nothing. Before each request it checks
-the snapshot's manifest generation and SQLite's data_version and reopens the reader (O(1), no
-lock) when either moved, so a running `index` is seen as its commits land, and until then the
-page answers from the last whole snapshot.
+Requests are answered side by side (the server's threads, 4 by default). Each thread reads through
+its own Reader: its own SQLite connection (a connection belongs to the thread that opened it) and
+the vectors of one whole snapshot, opened in O(1) (memory maps). Before each request the thread
+compares the snapshot's manifest generation and SQLite's data_version with what it has open and
+reopens when either moved, so a running `index` is seen as its commits land, and until then the
+thread answers from the last whole snapshot. The embedder is one onnxruntime session, run from
+many threads. Describing an upload holds only its own request's thread (and one lock, so one VLM
+runs at a time); thumbnails are cached by atomic writes.
+
+Off loopback, and wherever --token-file is given, every request needs the access token; POSTs
+from other sites are always refused; one audit line is written per request (serve_access.py).
+HTTPS (`--cert`, `--key`) runs under cheroot, since waitress speaks plain HTTP only.
 """
 
 from __future__ import annotations
@@ -37,7 +44,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -52,6 +58,9 @@ CSV_COLUMNS = ("rank", "score", "image", "variant", "text", "dense", "lexical", 
                "window", "lon", "lat")
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+TLS_HANDSHAKE_S = 5.0
+MAKE_CERT = ("openssl req -x509 -newkey rsa:3072 -nodes -days 365 -keyout key.pem -out cert.pem "
+             "-subj /CN=HOST -addext subjectAltName=DNS:HOST,IP:ADDRESS")
 STATIC = {"": ("index.html", "text/html; charset=utf-8"), "app.js": ("app.js", "text/javascript; charset=utf-8"),
           "app.css": ("app.css", "text/css; charset=utf-8")}
 
@@ -79,95 +88,25 @@ class NoSuchImage(LookupError):
     """An id that is not an image of this index: 404."""
 
 
-class Index:
-    """The open index and embedder, owned by one thread; `call(fn)` runs fn(self) there."""
+class Reader:
+    """One thread's view of the index: a query.searcher.Searcher (its own SQLite connection, as a
+    connection belongs to the thread that opened it, and the vectors of one whole snapshot plus the
+    texts committed since) and the state of the index it was opened at."""
 
-    def __init__(self, index_dir: str | os.PathLike, embedder=None, precision: str = "int8", vlm_cfg=None,
-                 warn: Callable[[str], None] | None = None):
-        self.dir = Path(index_dir)
-        self.vlm_cfg = vlm_cfg
-        self.warn = warn or (lambda msg: print(f"edge-t2t: {msg}", file=sys.stderr))
-        self._owner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-t2t-index")
-        self.searcher = None  # query.searcher.Searcher over the index as last seen (_refresh)
-        self._seen = None
-        self.generation = None
-        self.embedder = embedder
-        self._precision = precision
-        try:
-            self.call(Index._load)  # a missing or empty index fails here, before the server starts
-        except BaseException:
-            self._owner.shutdown()
-            raise
-
-    def call(self, fn, *args):
-        return self._owner.submit(self._run, fn, *args).result()
-
-    def _run(self, fn, *args):
-        self._refresh()
-        return fn(self, *args)
-
-    def _load(self) -> None:
-        self.embedder = self.searcher.embedder  # loaded once (unless given) and checked against the index
-        # One search at start-up, so the first user's request does not pay the lazy imports and the
-        # vectors' first read.
-        self.searcher.text("warm up", 1, mode="dense")
-
-    def _state(self, ix) -> tuple:
-        """(the snapshot's generation, SQLite's data_version on ix's connection): either moves when
-        an `index` run saves or commits."""
-        from .index import vindex
-
-        manifest = vindex.read_manifest(self.dir)
-        return (manifest or {}).get("generation"), ix.store.conn.execute("PRAGMA data_version").fetchone()[0]
-
-    def _refresh(self) -> None:
-        """Reopen the reader when a commit or a new snapshot landed since the last request."""
-        from .query.searcher import Searcher
-
-        if self.searcher is not None and self._state(self.searcher) == self._seen:
-            return
-        from .index.vindex import SNAPSHOT_READ_ERRORS
-
-        searcher = Searcher(self.dir, embedder=self.embedder, precision=self._precision, warn=self.warn)
-        try:
-            seen = self._state(searcher)  # before reading: a commit landing during the open is seen next time
-            searcher.open()
-        except (sqlite3.Error, *SNAPSHOT_READ_ERRORS):  # a writer mid-save; a Ctrl-C is not swallowed here
-            searcher.close()
-            if self.searcher is not None:  # keep answering from what was open
-                return
-            raise
-        except BaseException:
-            searcher.close()
-            raise
-        old, self.searcher, self._seen = self.searcher, searcher, seen
-        if old is not None:
-            old.close()
-        self.generation = seen[0]
-
-    @property
-    def store(self):
-        return self.searcher.store
+    def __init__(self, searcher, state: tuple):
+        self.searcher, self.state = searcher, state
+        self.store = searcher.store
+        self.generation = state[0]
 
     def close(self) -> None:
-        def shut(_):
-            if self.searcher is not None:
-                self.searcher.close()
-                self.searcher = None
+        self.searcher.close()
 
-        try:
-            self._owner.submit(shut, self).result()
-        finally:
-            self._owner.shutdown()
-
-    # -- work done in the owner thread --------------------------------------------------------
     def hit_dicts(self, hits) -> list[dict]:
         """search --json's fields (scene_report.hit_dicts), plus the image id and a chip's outline."""
-        from .scene.chipstore import chip_info
         from .scene.scene_report import hit_dicts
 
         paths = [h.image for h in hits]
-        chips = chip_info(self.store, paths)
+        chips = self.searcher.chips(hits)
         rows = self.store.images_named(paths)
         out = []
         for h, d in zip(hits, hit_dicts(hits, chips), strict=True):
@@ -186,6 +125,77 @@ class Index:
         from .scene.chipstore import chip_info
 
         return chip_info(self.store, [path]).get(path)
+
+
+class Index:
+    """The index directory and the embedder, shared by the server's threads. Each thread reads
+    through its own Reader (`reader()`), so requests are answered side by side; an upload being
+    described by the VLM holds only its own thread (and `describing`, so one VLM runs at a time)."""
+
+    def __init__(self, index_dir: str | os.PathLike, embedder=None, precision: str = "int8", vlm_cfg=None,
+                 warn: Callable[[str], None] | None = None):
+        self.dir = Path(index_dir)
+        self.vlm_cfg = vlm_cfg
+        self.warn = warn or (lambda msg: print(f"edge-t2t: {msg}", file=sys.stderr))
+        self.describing = threading.Lock()
+        self._local = threading.local()
+        if embedder is None:
+            from .embed.embedder import Embedder
+
+            # One onnxruntime thread per query: the requests are the parallelism, and a query of a
+            # few words gains nothing from a second thread (ORT runs one session from many threads).
+            embedder = Embedder(precision=precision, threads=1)
+        self.embedder = embedder
+        try:
+            # A missing or empty index, or one of another embedder, fails here, before the server
+            # starts. One search at start-up, so the first user's request does not pay the lazy
+            # imports and the vectors' first read.
+            self.reader().searcher.text("warm up", 1, mode="dense")
+        except BaseException:
+            self.close()
+            raise
+
+    def reader(self) -> Reader:
+        """This thread's reader, reopened (O(1), no lock) when an `index` run saved a snapshot or
+        committed since this thread last looked: the snapshot's generation and SQLite's
+        data_version say so. A snapshot caught mid-save keeps the last whole one answering."""
+        from .index.vindex import SNAPSHOT_READ_ERRORS
+        from .query.searcher import Searcher
+
+        old: Reader | None = getattr(self._local, "reader", None)
+        if old is not None and self._state(old.store) == old.state:
+            return old
+        searcher = Searcher(self.dir, embedder=self.embedder, warn=self.warn)
+        try:
+            state = self._state(searcher.store)  # before reading: a commit landing during the open is seen next time
+            searcher.open()
+        except (sqlite3.Error, *SNAPSHOT_READ_ERRORS):  # a writer mid-save; a Ctrl-C is not swallowed here
+            searcher.close()
+            if old is not None:  # keep answering from what was open
+                return old
+            raise
+        except BaseException:
+            searcher.close()
+            raise
+        self._local.reader = Reader(searcher, state)
+        if old is not None:
+            old.close()
+        return self._local.reader
+
+    def _state(self, store) -> tuple:
+        """(the snapshot's generation, SQLite's data_version on this connection): either moves when
+        an `index` run saves or commits."""
+        from .index import vindex
+
+        manifest = vindex.read_manifest(self.dir)
+        return (manifest or {}).get("generation"), store.conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def close(self) -> None:
+        """Close this thread's reader; the server's worker threads close theirs as they end."""
+        r = getattr(self._local, "reader", None)
+        if r is not None:
+            self._local.reader = None
+            r.close()
 
 
 def _int(args, name: str, default: int | None = None, lo: int = 1, hi: int = MAX_K) -> int:
@@ -220,33 +230,43 @@ def _search_params(args) -> dict:
             "explain": args.get("explain") in ("1", "true", "on"), "structure": args.get("structure") not in ("0", "false")}
 
 
-def _text_hits(ix: Index, query: str, p: dict):
+def _text_hits(r: Reader, query: str, p: dict):
     if not query.strip():
         raise InputError("the query is empty: give some words to search for")
-    hits = ix.searcher.text(query, p["k"], mode=p["mode"], structure=p["structure"], explain=p["explain"],
-                            min_score=p["min_score"])  # fmt: skip
-    return hits, ix.hit_dicts(hits)
+    hits = r.searcher.text(query, p["k"], mode=p["mode"], structure=p["structure"], explain=p["explain"],
+                           min_score=p["min_score"])  # fmt: skip
+    return hits, r.hit_dicts(hits)
 
 
-def _similar_hits(ix: Index, image_id: int, k: int, min_score: float | None = None):
-    if ix.image_row(image_id) is None:
+def _similar_hits(r: Reader, image_id: int, k: int, min_score: float | None = None):
+    if r.image_row(image_id) is None:
         raise NoSuchImage(image_id)
-    hits = ix.searcher.variants(ix.store.variants_of(image_id), k, exclude_image_ids=[image_id], min_score=min_score)
-    return hits, ix.hit_dicts(hits)
+    hits = r.searcher.variants(r.store.variants_of(image_id), k, exclude_image_ids=[image_id], min_score=min_score)
+    return hits, r.hit_dicts(hits)
 
 
-def _example_hits(ix: Index, path: Path, k: int):
-    hits = ix.searcher.image(path, k, vlm_cfg=ix.vlm_cfg)
-    return hits, ix.hit_dicts(hits)
+def describe_upload(index: Index, path: Path) -> list:
+    """The descriptions of an uploaded image: its stored ones when the index holds the same bytes,
+    else the VLM's. One VLM at a time (a second upload waits for the first, as a laptop has memory
+    for one model). It runs in its request's thread, on that thread's own reader: the other
+    threads go on searching meanwhile."""
+    with index.describing:
+        variants, _ = index.reader().searcher.image_variants(path, index.vlm_cfg)
+    return variants
 
 
-def _image_details(ix: Index, image_id: int) -> dict:
-    row = ix.image_row(image_id)
+def _example_hits(r: Reader, variants: list, k: int):
+    hits = r.searcher.variants(variants, k)
+    return hits, r.hit_dicts(hits)
+
+
+def _image_details(r: Reader, image_id: int) -> dict:
+    row = r.image_row(image_id)
     if row is None:
         raise NoSuchImage(image_id)
     path = row[0]
-    chip = ix.chip(path)
-    out = {"id": image_id, "image": path, "variants": [v.to_dict() for v in ix.store.variants_of(image_id)],
+    chip = r.chip(path)
+    out = {"id": image_id, "image": path, "variants": [v.to_dict() for v in r.store.variants_of(image_id)],
            "chip": None}
     if chip is not None:
         out["chip"] = {**chip.to_dict(), "outline": chip.outline}
@@ -274,7 +294,6 @@ class Pictures:
         except OSError:  # a read-only index (e.g. on a DVD): cache in a temp dir for this run
             self._tmp = tempfile.TemporaryDirectory(prefix="edge-t2t-thumbs-")
             self.cache = Path(self._tmp.name)
-        self._lock = threading.Lock()
 
     def picture(self, path: str, chip, side: int | None, scene: bool = False):
         """A Pillow image: the image (or chip) itself, or for scene=True the chip's scene overview."""
@@ -309,11 +328,12 @@ class Pictures:
         data = _jpeg(self.picture(path, chip, THUMB_SIDE))
         from .fileio import atomic_write_bytes
 
-        with self._lock:
-            try:
-                atomic_write_bytes(cached, data)
-            except OSError:
-                pass  # no room or no permission: serve it uncached
+        # Two threads may make the same thumbnail at once: each writes its own temp file and
+        # replaces the cached one whole, so a reader sees one of two equal files, never half of one.
+        try:
+            atomic_write_bytes(cached, data)
+        except OSError:
+            pass  # no room or no permission: serve it uncached
         return data
 
 
@@ -324,10 +344,14 @@ def _jpeg(img, quality: int = 85) -> bytes:
 
 
 def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = "int8", vlm_cfg=None,
-               max_upload_mb: float = MAX_UPLOAD_MB):
-    """The Flask app over one index. The index is opened (and the embedder loaded) here, once."""
+               max_upload_mb: float = MAX_UPLOAD_MB, gate=None, audit: Callable[[str], None] | None = None):
+    """The Flask app over one index. The index is opened (and the embedder loaded) here, once.
+    `gate` (serve_access.Gate): every request needs its token; `audit`: called with one line per
+    request (serve_access.audited). Cross-site POSTs are refused either way."""
     flask = require_web()
     from werkzeug.exceptions import HTTPException
+
+    from .serve_access import audited, protect
 
     ix = Index(index_dir, embedder=embedder, precision=precision, vlm_cfg=vlm_cfg)
     pictures = Pictures(ix.dir)
@@ -335,6 +359,9 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
     app.extensions["edge_t2t_index"] = ix
     request = flask.request
+    protect(app, gate)
+    if audit is not None:
+        app.wsgi_app = audited(app.wsgi_app, audit)
 
     def error(status: int, message: str):
         return flask.jsonify({"error": message}), status
@@ -374,17 +401,19 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
 
     add_docs_routes(app)  # /docs: the user documentation, for a machine with no web
 
-    def answer(title: str, dicts: list[dict], **extra):
-        return flask.jsonify({"query": title, "count": len(dicts), "generation": ix.generation, "hits": dicts, **extra})
+    def answer(r: Reader, title: str, dicts: list[dict], **extra):
+        """The hits, and the generation of the snapshot they all came from."""
+        return flask.jsonify({"query": title, "count": len(dicts), "generation": r.generation, "hits": dicts, **extra})
 
     @app.get("/api/search")
     def api_search():
         p = _search_params(request.args)
         q = request.args.get("q", "")
         t0 = time.perf_counter()
-        _, dicts = ix.call(_text_hits, q, p)
-        resp = answer(q, dicts, mode=p["mode"], k=p["k"])
-        # The search itself (queue, embed, rank, rows), so a client can tell it from HTTP's share.
+        r = ix.reader()
+        _, dicts = _text_hits(r, q, p)
+        resp = answer(r, q, dicts, mode=p["mode"], k=p["k"])
+        # The search itself (open, embed, rank, rows), so a client can tell it from HTTP's share.
         resp.headers["Server-Timing"] = f"search;dur={(time.perf_counter() - t0) * 1000:.2f}"
         return resp
 
@@ -392,8 +421,9 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
     def api_similar():
         image_id = _int(request.args, "id", lo=1, hi=2**62)
         p = _search_params(request.args)
-        _, dicts = ix.call(_similar_hits, image_id, p["k"], p["min_score"])
-        return answer(f"more like image {image_id}", dicts, like=image_id, k=p["k"])
+        r = ix.reader()
+        _, dicts = _similar_hits(r, image_id, p["k"], p["min_score"])
+        return answer(r, f"more like image {image_id}", dicts, like=image_id, k=p["k"])
 
     @app.post("/api/search-by-image")
     def api_by_image():
@@ -405,12 +435,14 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
         with tempfile.TemporaryDirectory(prefix="edge-t2t-upload-") as tmp:
             path = Path(tmp) / "query-image"
             upload.save(path)
-            _, dicts = ix.call(_example_hits, path, k)
-        return answer("search by example", dicts, k=k)
+            variants = describe_upload(ix, path)
+        r = ix.reader()  # after the description, which may have taken minutes: the index may have moved
+        _, dicts = _example_hits(r, variants, k)
+        return answer(r, "search by example", dicts, k=k)
 
     @app.get("/api/image")
     def api_image():
-        return flask.jsonify(ix.call(_image_details, _int(request.args, "id", lo=1, hi=2**62)))
+        return flask.jsonify(_image_details(ix.reader(), _int(request.args, "id", lo=1, hi=2**62)))
 
     @app.get("/api/info")
     def api_info():
@@ -418,20 +450,20 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
 
         return flask.jsonify(gather(ix.dir))
 
-    def export_dicts():
+    def export_dicts(r: Reader):
         p = _search_params(request.args)
         if request.args.get("like"):
             like = _int(request.args, "like", lo=1, hi=2**62)
             title = f"like-{like}"
-            hits, dicts = ix.call(_similar_hits, like, p["k"], p["min_score"])
+            hits, dicts = _similar_hits(r, like, p["k"], p["min_score"])
         else:
             title = "search"
-            hits, dicts = ix.call(_text_hits, request.args.get("q", ""), p)
+            hits, dicts = _text_hits(r, request.args.get("q", ""), p)
         return title, hits, dicts
 
     @app.get("/api/export.csv")
     def export_csv():
-        title, _, dicts = export_dicts()
+        title, _, dicts = export_dicts(ix.reader())
         return flask.Response(_csv(dicts), mimetype="text/csv",
                               headers={"Content-Disposition": f'attachment; filename="edge-t2t-{title}.csv"'})
 
@@ -440,18 +472,20 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
         from .scene.geo import feature_collection
         from .scene.scene_report import hit_features
 
-        title, hits, _ = export_dicts()
-        chips = ix.call(lambda i: {h.image: c for h in hits if (c := i.chip(h.image)) is not None})
+        r = ix.reader()
+        title, hits, _ = export_dicts(r)
+        chips = {h.image: c for h in hits if (c := r.chip(h.image)) is not None}
         features, left_out = hit_features(hits, chips)
         body = {**feature_collection(features), "left_out": left_out}
         return flask.Response(json.dumps(body), mimetype="application/geo+json",
                               headers={"Content-Disposition": f'attachment; filename="edge-t2t-{title}.geojson"'})
 
     def lookup(image_id: int):
-        row, chip = ix.call(lambda i: (r := i.image_row(image_id), i.chip(r[0]) if r else None))
+        r = ix.reader()
+        row = r.image_row(image_id)
         if row is None:
             flask.abort(404)
-        return row, chip
+        return row, r.chip(row[0])
 
     def picture_response(data: bytes):
         return flask.Response(data, mimetype="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
@@ -483,17 +517,78 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
     return app
 
 
-def serve(app, host: str, port: int, threads: int = 4) -> None:
-    """Run the app under waitress until Ctrl-C."""
-    from waitress import create_server
+def tls_adapter(cert: str | os.PathLike, key: str | os.PathLike):
+    """HTTPS for `serve --cert --key`: cheroot's adapter over Python's ssl module, with the pair
+    loaded now, so a wrong file is one line before anything starts. (waitress is plain HTTP only:
+    its authors leave TLS to a proxy in front; cheroot is the WSGI server of CherryPy.)"""
+    try:
+        from cheroot.ssl.builtin import BuiltinSSLAdapter
+    except ImportError as exc:
+        raise InputError(f"--cert needs the web extra ({exc.name} is missing): pip install 'edge-t2t[web]'") from None
+    for flag, path in (("--cert", cert), ("--key", key)):
+        if not Path(path).is_file():
+            raise InputError(f"{flag} {path} does not exist: make a pair with {MAKE_CERT} (README: Serving a team)")
+
+    class Adapter(BuiltinSSLAdapter):
+        # cheroot shakes hands on its accepting thread: bound it, so a client that connects and
+        # says nothing holds new connections up for TLS_HANDSHAKE_S, not for the whole socket timeout.
+        def wrap(self, sock):
+            sock.settimeout(TLS_HANDSHAKE_S)
+            return super().wrap(sock)
 
     try:
-        server = create_server(app, host=host, port=port, threads=threads, clear_untrusted_proxy_headers=True)
-    except OSError as exc:
-        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pass another --port") from None
+        # a key with a passphrase: ask for none (the server may have no terminal), fail instead
+        return Adapter(str(cert), str(key), private_key_password=lambda: "")
+    except (ValueError, OSError) as exc:  # ssl.SSLError is an OSError (this package imports no network module)
+        raise InputError(f"cannot use --cert {cert} with --key {key} ({exc}): give a PEM certificate and its "
+                         f"unencrypted PEM key, e.g. made with {MAKE_CERT}") from None
+
+
+class HTTPServer:
+    """The app listening on host:port: waitress for HTTP, cheroot (with `tls`, a tls_adapter) for
+    HTTPS; `threads` requests are answered at once. Bound on creation; run() serves until Ctrl-C
+    or close()."""
+
+    def __init__(self, app, host: str, port: int, threads: int = 4, tls=None):
+        self.tls = tls is not None
+        try:
+            if tls is None:
+                from waitress import create_server
+
+                self._server = create_server(app, host=host, port=port, threads=threads,
+                                             clear_untrusted_proxy_headers=True)  # fmt: skip
+                self.port = self._server.effective_port
+            else:
+                from cheroot import wsgi
+
+                self._server = wsgi.Server((host, port), app, numthreads=threads, server_name=host)
+                self._server.ssl_adapter = tls
+                self._server.prepare()
+                self.port = self._server.bind_addr[1]
+        except OSError as exc:
+            raise InputError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pass another --port") from None
+
+    def run(self) -> None:
+        if self.tls:
+            self._server.serve()
+        else:
+            self._server.run()  # waitress catches Ctrl-C itself and returns
+
+    def close(self) -> None:
+        if self.tls:
+            self._server.stop()
+        else:
+            self._server.close()
+
+
+def serve(app, host: str, port: int, threads: int = 4, tls=None, ready: Callable[[], None] | None = None) -> None:
+    """Run the app until Ctrl-C; `ready` is called once it listens."""
+    server = HTTPServer(app, host, port, threads, tls)
     try:
+        if ready is not None:
+            ready()
         server.run()
-        # waitress catches Ctrl-C itself and returns from run(); nothing else makes it return here.
+        # run() returns (or raises KeyboardInterrupt) only on Ctrl-C: nothing else closes it here.
         raise KeyboardInterrupt
     finally:
         server.close()

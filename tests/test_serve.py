@@ -377,7 +377,7 @@ def test_missing_web_extra_names_it(monkeypatch):
 
 def test_non_loopback_host_warns(demo, capsys, monkeypatch):
     served = []
-    monkeypatch.setattr(web, "serve", lambda app, host, port: served.append((host, port)))
+    monkeypatch.setattr(web, "serve", lambda app, host, port, **_: served.append((host, port)))
     assert main(["serve", "--index", str(demo["index"]), "--host", "0.0.0.0", "--port", "9999"]) == 0
     assert "WARNING" in capsys.readouterr().err and served == [("0.0.0.0", 9999)]
     assert main(["serve", "--index", str(demo["index"])]) == 0

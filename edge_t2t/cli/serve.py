@@ -15,18 +15,32 @@ def register(subparsers) -> None:
             "thumbnails with scores, open an image and its descriptions, 'more like this', search by an "
             "uploaded image, map and export the hits of georeferenced scenes. The embedder and the index "
             "are loaded once. The JSON API: GET /api/search?q=TEXT&k=N (the fields of 'search --json'). "
-            "It listens on 127.0.0.1 only, unless --host says otherwise."
+            "It listens on 127.0.0.1 only, unless --host says otherwise. Off loopback every request needs an "
+            "access token (--token-file, or one made at start and printed once with the URL that carries it): "
+            "scripts send 'Authorization: Bearer TOKEN', the page signs in once. One audit line per request "
+            "goes to standard error (or --audit-log)."
         ),
     )
     p.add_argument("--index", metavar="DIR", help="index directory (default: $EDGE_T2T_INDEX or ./.edge-t2t)")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default: 127.0.0.1, this machine only; anything else prints a warning)")
+                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every address, "
+                        "for a team, with an access token)")
     p.add_argument("--port", type=int, default=8765, help="port (default: 8765)")
     p.add_argument("--precision", choices=["fp32", "int8"], default="int8", help="ONNX embedder to use (default: int8)")
     p.add_argument("--vlm", metavar="GGUF", help="VLM text model for search by an uploaded image (default: as 'index')")
     p.add_argument("--mmproj", metavar="GGUF", help="the VLM's vision projector")
     p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB",
                    help="largest image upload accepted (default: 20)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="the access token every request must carry (one line, at least 16 characters; make one "
+                        "with: openssl rand -base64 32 > FILE). Off loopback without it, a token is made and "
+                        "printed once; on loopback it turns the check on")
+    p.add_argument("--cert", metavar="PEM", help="serve HTTPS with this certificate (PEM; with --key)")
+    p.add_argument("--key", metavar="PEM", help="the certificate's private key (PEM, unencrypted)")
+    p.add_argument("--audit-log", metavar="FILE",
+                   help="append one line per request (time, address, method, path, status, ms) to FILE "
+                        "(default: standard error)")
+    p.add_argument("--threads", type=int, default=4, metavar="N", help="requests answered at once (default: 4)")
     p.set_defaults(func=run)
 
 
@@ -45,8 +59,11 @@ def _vlm_config(args):
 
 
 def run(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
     from .. import config
     from .. import serve as web
+    from .. import serve_access as access
     from ..errors import InputError
 
     web.require_web()  # before loading anything: one line if the extra is missing
@@ -54,19 +71,45 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_upload_mb <= 0:
         raise InputError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    if args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
+    if bool(args.cert) != bool(args.key):
+        raise InputError(f"--cert and --key go together: give both, or neither (make a pair with {web.MAKE_CERT})")
+    loopback = web.is_loopback(args.host)
+    # Off loopback the server never runs open: the token file's token, else a new one, shown once.
+    if args.token_file:
+        token = access.read_token_file(args.token_file)
+    else:
+        token = None if loopback else access.new_token()
+    tls = web.tls_adapter(args.cert, args.key) if args.cert else None
     index_dir = config.index_dir(args.index)
     vlm_cfg = _vlm_config(args)
-    app = web.create_app(index_dir, precision=args.precision, vlm_cfg=vlm_cfg, max_upload_mb=args.max_upload_mb)
-    if not web.is_loopback(args.host):
-        print(f"edge-t2t: WARNING: listening on {args.host}, not loopback: anyone who can reach this machine "
-              "can search the index and see its images (there is no login)", file=sys.stderr)
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"edge-t2t: serving {index_dir} at http://{shown}:{args.port}/ "
-          f"({'VLM ' + str(vlm_cfg.model) if vlm_cfg else 'no VLM: search by example takes indexed images only'}); "
-          "Ctrl-C stops", file=sys.stderr)
+    audit = access.AuditLog(args.audit_log)
     try:
-        web.serve(app, args.host, args.port)
+        app = web.create_app(index_dir, precision=args.precision, vlm_cfg=vlm_cfg, max_upload_mb=args.max_upload_mb,
+                             gate=access.Gate(token) if token else None, audit=audit)  # fmt: skip
+        shown = f"[{args.host}]" if ":" in args.host else args.host
+        url = f"{'https' if tls else 'http'}://{shown}:{args.port}/"
+        if not loopback and tls is None:
+            print(f"edge-t2t: WARNING: plain HTTP on {args.host}: the token, the searches and the pictures cross "
+                  "the network unencrypted; give --cert and --key for HTTPS (README: Serving a team)", file=sys.stderr)
+
+        def ready() -> None:  # listening now: the URL printed works
+            print(f"edge-t2t: serving {index_dir} at {url} "
+                  f"({'VLM ' + str(vlm_cfg.model) if vlm_cfg else 'no VLM: search by example takes indexed images only'}); "
+                  "Ctrl-C stops", file=sys.stderr, flush=True)
+            if token and not args.token_file:
+                # Shown this once, nowhere else: the URL that signs a browser in (the token is the part after #token=).
+                print("edge-t2t: every request needs the access token made for this run: open the URL on standard "
+                      "output; scripts send 'Authorization: Bearer' with the part after #token=", file=sys.stderr)
+                print(f"{url}#token={quote(token, safe='')}", flush=True)
+            elif token:
+                print(f"edge-t2t: every request needs the access token in {args.token_file}", file=sys.stderr)
+
+        web.serve(app, args.host, args.port, threads=args.threads, tls=tls, ready=ready)
     except KeyboardInterrupt:
         print("edge-t2t: stopped", file=sys.stderr)
         return 130
+    finally:
+        audit.close()
     return 0

@@ -20,6 +20,8 @@ function say(text) { $("message").textContent = text || ""; }
 
 async function getJSON(url, options) {
   const resp = await fetch(url, options);
+  // Signed out (the server restarted with a new token): the page itself then asks for the token.
+  if (resp.status === 401) location.reload();
   let body = null;
   try { body = await resp.json(); } catch (e) { body = null; }
   if (!resp.ok) throw new Error((body && body.error) || `${resp.status} ${resp.statusText}`);
