@@ -266,6 +266,32 @@ def wait_until_stopped(proc: subprocess.Popen, timeout: float = 300, exit_ok: bo
     return False
 
 
+PAUSE_AFTER_EVERY_COMMIT = [{"stage": "commit_after", "at": "*", "action": "stop"}]
+
+
+def pause_once_committed(proc: subprocess.Popen, index: Path, images: int) -> int:
+    """`proc`, an `index` run started with PAUSE_AFTER_EVERY_COMMIT, is resumed through its commits
+    until one has left at least `images` image rows committed, and left stopped right there. Returns
+    the committed image rows: nothing can change them until the test resumes it."""
+    while True:
+        wait_until_stopped(proc)
+        committed = committed_rows(index, "images")
+        if committed >= images:
+            return committed
+        os.kill(proc.pid, signal.SIGCONT)
+
+
+def signal_and_finish(proc: subprocess.Popen, sig: int, timeout: float = 300) -> tuple[str, str]:
+    """Send `sig` to the stopped `proc`, resume it, resume it past any later pause, and collect its
+    output (a SIGKILL needs no resuming: the kernel delivers it to a stopped process)."""
+    os.kill(proc.pid, sig)
+    if sig != signal.SIGKILL:
+        os.kill(proc.pid, signal.SIGCONT)
+        while wait_until_stopped(proc, exit_ok=True):
+            os.kill(proc.pid, signal.SIGCONT)
+    return proc.communicate(timeout=timeout)
+
+
 def has_traceback(text: str) -> bool:
     return "Traceback (most recent call last)" in text
 
@@ -282,6 +308,8 @@ def has_traceback(text: str) -> bool:
 #   hashed         after a file was read and hashed (ImageBytes.read; action 'rewrite' replaces
 #                  that file's content)
 #   lock_busy      a try to take a lock found it held by another process (before --wait's sleep)
+#   record         after `caption --out` wrote (and fsynced) a record
+#   store_open     the store is open (created or migrated), before the run's first transaction
 # "at" may be "*": every time. Action "stop" pauses the process right there (SIGSTOP to itself) with
 # everything it holds (the index lock, an open transaction) until the test sends SIGCONT; see
 # wait_until_stopped().
@@ -391,9 +419,54 @@ def child_main() -> None:
 
     fcntl.flock = flock
 
+    from edge_t2t.describe import captions
+
+    orig_write = captions.JsonlWriter.write
+
+    def write(self, record):
+        orig_write(self, record)
+        reach("record")
+
+    captions.JsonlWriter.write = write
+
+    orig_store_init = store.Store.__init__
+
+    def store_init(self, *a, **k):
+        orig_store_init(self, *a, **k)
+        reach("store_open")
+
+    store.Store.__init__ = store_init
+
     from edge_t2t.cli import main
 
     sys.exit(main(sys.argv[1:]))
+
+
+# Dask workers are processes of their own: the CLI's local cluster spawns them, so child_main's
+# wrappers are not in them. Dask runs this module in each as a preload (DASK_PRELOAD_FAULTS in the
+# CLI's environment), and its faults {"stage": "worker_describe", "images": [NAME, ...],
+# "action": "hold"} make a worker that starts describing one of those images wait there for good:
+# the image is never finished, whatever the timing, until the process is closed.
+DASK_PRELOAD_FAULTS = {"DASK_DISTRIBUTED__WORKER__PRELOAD": json.dumps([str(Path(__file__).resolve())])}
+
+
+def dask_setup(worker) -> None:
+    import threading
+
+    held = {name for f in json.loads(os.environ.get("EDGE_T2T_FAULTS") or "[]")
+            if f["stage"] == "worker_describe" and f["action"] == "hold" for name in f["images"]}  # fmt: skip
+    if not held:
+        return
+    from edge_t2t.describe import cluster
+
+    original = cluster._VLMHolder.describe
+
+    def describe(holder, image, opts):
+        if Path(image.path).name in held:
+            threading.Event().wait()
+        return original(holder, image, opts)
+
+    cluster._VLMHolder.describe = describe
 
 
 # A variant schema with bounded fields: an unbounded string lets a random model write until its token cap.
