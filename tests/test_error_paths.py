@@ -108,8 +108,17 @@ def test_scene_size_from_bytes_or_path(tmp_path: Path) -> None:
         assert scene_size(tmp_path / "x.tif", data) is None
 
 
-def test_half_built_vlm_destructor_is_quiet() -> None:
+def test_half_built_vlm_destructor_is_quiet_and_a_built_one_closes() -> None:
     from edge_t2t.describe.vlm import VLM
 
     vlm = VLM.__new__(VLM)  # as after an __init__ that failed before loading anything
-    vlm.__del__()  # AttributeError inside close() is the narrowed clause's case; must not raise
+    with pytest.raises(AttributeError):  # the narrowed clause's case: close() on a half-built VLM
+        vlm.close()
+    assert vlm.__del__() is None  # ...which the destructor swallows
+
+    closed: list[str] = []
+    built = VLM.__new__(VLM)  # as after a full __init__: the destructor must really close it
+    built._pool, built._parallel = None, None
+    built._llama = type("Llama", (), {"close": lambda self: closed.append("llama")})()
+    built.__del__()
+    assert closed == ["llama"] and built._llama is None
