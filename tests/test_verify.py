@@ -213,7 +213,8 @@ def test_not_a_database(tmp_path: Path) -> None:
     (index / STORE_FILE).write_bytes(b"this is not sqlite at all" * 200)
     rep = verify_index(index)
     assert not rep.ok
-    assert any("not a readable SQLite database" in p or "not a database" in p for p in rep.problems)
+    assert rep.problems == [f"{index / STORE_FILE}: not a readable SQLite database (file is not a database); "
+                            "delete the index directory and re-index"]  # fmt: skip
 
 
 def test_embedder_files_changed_or_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -416,4 +417,4 @@ def test_a_snapshot_of_another_index_or_missing_keys_is_a_problem(tmp_path: Path
     rows[0, 0] = 0  # the file no longer holds key `first`
     rows.flush()
     rep = verify_index(a)
-    assert not rep.ok and any(f"keys {first}" in p or f"keys {first}," in p for p in rep.problems), rep.problems
+    assert not rep.ok and any(f"keys {first}" in p for p in rep.problems), rep.problems
