@@ -269,14 +269,14 @@ def wait_until_stopped(proc: subprocess.Popen, timeout: float = 300, exit_ok: bo
 PAUSE_AFTER_EVERY_COMMIT = [{"stage": "commit_after", "at": "*", "action": "stop"}]
 
 
-def pause_once_committed(proc: subprocess.Popen, index: Path, images: int) -> int:
-    """`proc`, an `index` run started with PAUSE_AFTER_EVERY_COMMIT, is resumed through its commits
-    until one has left at least `images` image rows committed, and left stopped right there. Returns
-    the committed image rows: nothing can change them until the test resumes it."""
+def pause_once_committed(proc: subprocess.Popen, index: Path, at_least: int, table: str = "images") -> int:
+    """`proc`, an `index` run that pauses itself at a stage every time (e.g. PAUSE_AFTER_EVERY_COMMIT),
+    is resumed through its pauses until one finds at least `at_least` rows of `table` committed, and
+    left stopped right there. Returns those rows: nothing can change them until the test resumes it."""
     while True:
         wait_until_stopped(proc)
-        committed = committed_rows(index, "images")
-        if committed >= images:
+        committed = committed_rows(index, table)
+        if committed >= at_least:
             return committed
         os.kill(proc.pid, signal.SIGCONT)
 

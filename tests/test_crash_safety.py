@@ -18,7 +18,6 @@ resumes to the same images, texts and search results as an uninterrupted run wit
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import sqlite3
@@ -278,17 +277,9 @@ def test_sigint_from_outside(setup: dict, tmp_path: Path, stage: str) -> None:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, **extra},
                             cwd=hm.ROOT)  # fmt: skip
     try:
-        while True:
-            hm.wait_until_stopped(proc)
-            if hm.committed_rows(index, "variants"):
-                break
-            os.kill(proc.pid, signal.SIGCONT)
+        hm.pause_once_committed(proc, index, 1, table="variants")
         kept = hm.committed_rows(index, "images")
-        os.kill(proc.pid, signal.SIGINT)
-        os.kill(proc.pid, signal.SIGCONT)
-        while hm.wait_until_stopped(proc, exit_ok=True):  # nothing should pause it again; never leave it stopped
-            os.kill(proc.pid, signal.SIGCONT)
-        out, err = proc.communicate(timeout=300)
+        out, err = hm.signal_and_finish(proc, signal.SIGINT)  # resumed through any later pause
     finally:
         if proc.poll() is None:
             proc.kill()
