@@ -28,7 +28,7 @@ PROBE = (
 
 def _run(args: list[str], env: dict) -> tuple[subprocess.CompletedProcess, bool]:
     res = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, env=env,
-                         cwd=hm.ROOT, timeout=300)  # fmt: skip
+                         cwd=hm.ROOT, timeout=hm.HANG_S)  # fmt: skip
     loaded = "LLAMA_LOADED=True" in res.stderr
     return res, loaded
 
@@ -179,6 +179,6 @@ def test_overwritten_onnx_weights_are_found_by_verify(tmp_path: Path) -> None:
                    "--no-progress", "--json"], env)  # fmt: skip
     assert res.returncode == 0 and json.loads(res.stdout)["added"] == 1, res.stderr[-2000:]
     ver = subprocess.run([sys.executable, "-m", "edge_t2t", "verify", "--index", str(tmp_path / "idx"), "--json"],
-                         capture_output=True, text=True, env=env, cwd=hm.ROOT, timeout=300)  # fmt: skip
+                         capture_output=True, text=True, env=env, cwd=hm.ROOT, timeout=hm.HANG_S)  # fmt: skip
     rep = json.loads(ver.stdout)
     assert ver.returncode == 1 and any("sha256" in p and ".int8.onnx" in p for p in rep["problems"]), ver.stdout

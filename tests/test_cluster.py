@@ -46,7 +46,7 @@ def vlm_cfg():
 @pytest.fixture(scope="module")
 def session():
     with cluster.open_cluster(workers=2) as s:
-        s.client.wait_for_workers(2, timeout=120)
+        s.client.wait_for_workers(2, timeout=hm.HANG_S)
         yield s
 
 
@@ -64,8 +64,8 @@ def _worker_pids(client) -> dict[str, int]:
 
 
 def _healthy(session, n: int = 2) -> None:
-    session.client.wait_for_workers(n, timeout=120)
-    deadline = time.monotonic() + 120
+    session.client.wait_for_workers(n, timeout=hm.HANG_S)
+    deadline = time.monotonic() + hm.HANG_S
     while len(_worker_pids(session.client)) < n and time.monotonic() < deadline:
         time.sleep(0.5)
 
@@ -298,7 +298,7 @@ def test_a_worker_with_a_different_model_file_is_refused(vlm_cfg, images, tmp_pa
                                       stderr=subprocess.DEVNULL, env=env))  # fmt: skip
         res = hm.run_cli("caption", str(images[0]), "--vlm", str(model), "--mmproj", str(vlm_cfg.mmproj),
                          "--variants", "1", "--max-tokens", "1300", "--cluster", address, env=env,
-                         timeout=300)  # fmt: skip
+                         timeout=hm.HANG_S)  # fmt: skip
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -321,7 +321,7 @@ def test_index_describes_on_local_workers(vlm_cfg, images, tmp_path) -> None:
     env = hm.child_env(tmp_path / "cache")
     res = hm.run_cli("index", str(images[0].parent), "--index", str(tmp_path / "idx"), "--vlm", str(vlm_cfg.model),
                      "--mmproj", str(vlm_cfg.mmproj), "--variants", "1", "--max-tokens", "1300", "--workers", "2",
-                     "--json", "--no-progress", env=env, timeout=600)  # fmt: skip
+                     "--json", "--no-progress", env=env, timeout=hm.HANG_S)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout)
     assert summary["added"] == len(images) and summary["failed"] == 0
@@ -348,7 +348,7 @@ def test_ctrl_c_cancels_the_rest_and_keeps_finished_records(vlm_cfg, images, tmp
     try:
         hm.wait_until_stopped(proc)
         os.killpg(proc.pid, signal.SIGINT)  # the local workers ignore it; the CLI takes it when resumed
-        stdout, stderr = hm.signal_and_finish(proc, signal.SIGCONT, timeout=300)
+        stdout, stderr = hm.signal_and_finish(proc, signal.SIGCONT)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # any worker left holding an image

@@ -177,7 +177,7 @@ def _one_run(ctx: dict, index: Path, env: dict, fault: dict, precision: str) -> 
         if committed is not None:
             _out, err = hm.signal_and_finish(proc, signal.SIGKILL)
         else:
-            _out, err = proc.communicate(timeout=600)
+            _out, err = proc.communicate(timeout=hm.HANG_S)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -303,7 +303,7 @@ def _captions_jsonl(shared_data: Path, path: Path, n_images: int) -> Path:
 
 
 def _disk_full_run(argv: list[str], env: dict, preexec=None) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=hm.ROOT, timeout=600, preexec_fn=preexec)
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=hm.ROOT, timeout=hm.HANG_S, preexec_fn=preexec)
 
 
 def _assert_clean_failure(res: subprocess.CompletedProcess) -> None:

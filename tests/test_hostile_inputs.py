@@ -237,7 +237,7 @@ def test_unreadable_file(media: dict, tmp_path: Path) -> None:
         argv = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *argv]
     try:
         res = subprocess.run(argv, capture_output=True, text=True, env=hm.child_env(tmp_path / "cache"),
-                             cwd=hm.ROOT, timeout=600)  # fmt: skip
+                             cwd=hm.ROOT, timeout=hm.HANG_S)  # fmt: skip
     finally:
         locked.chmod(0o644)
     assert not hm.has_traceback(res.stderr), res.stderr[-3000:]

@@ -82,7 +82,7 @@ def _index_and_search(argv_prefix: list[str], rsicd_samples: Path, tmp_path: Pat
         env.pop(var, None)  # nothing may depend on these
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*argv_prefix, *args], capture_output=True, text=True, env=env, cwd=hm.ROOT, timeout=600)
+        return subprocess.run([*argv_prefix, *args], capture_output=True, text=True, env=env, cwd=hm.ROOT, timeout=hm.HANG_S)
 
     index = tmp_path / "idx"
     # one variant and room for the longest schema-valid answer: the seeded test VLM describes every image
@@ -242,7 +242,7 @@ def test_no_sockets_left_open_by_a_search(tmp_path: Path) -> None:
         "        pass\n"
         "print(json.dumps({'rc': rc, 'hits': out.getvalue(), 'fds': links}))\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=hm.ROOT, timeout=300,
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=hm.ROOT, timeout=hm.HANG_S,
                          env=env)  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.splitlines()[-1])

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers_media as hm
 import pytest
 
 from edge_t2t import config
@@ -33,7 +34,7 @@ def embedder_built():
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "edge_t2t", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "edge_t2t", *args], cwd=ROOT, capture_output=True, text=True, timeout=hm.HANG_S
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"edge-t2t {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")

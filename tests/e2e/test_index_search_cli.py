@@ -34,7 +34,7 @@ def _env(tmp: Path) -> dict:
     return env
 
 
-def cli(tmp: Path, *args, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(tmp: Path, *args, ok: bool = True, timeout: float = hm.HANG_S) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "edge_t2t", *map(str, args)],
         capture_output=True, text=True, env=_env(tmp), cwd=tmp, timeout=timeout,
@@ -365,7 +365,7 @@ def test_vlm_incremental_add_touch_rename_delete_and_image_search(tmp_path, rsic
             "--max-tokens", "1024", "--threads", "2", "--json"]  # fmt: skip
 
     def index() -> dict:
-        s = json.loads(cli(tmp_path, *base, timeout=600).stdout)  # exit 0: no image failed
+        s = json.loads(cli(tmp_path, *base).stdout)  # exit 0: no image failed
         assert s["failed"] == 0 and s["failures"] == [], s["failures"]
         return s
 
