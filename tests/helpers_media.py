@@ -314,7 +314,9 @@ def has_traceback(text: str) -> bool:
 #   lock_busy      a try to take a lock found it held by another process (before --wait's sleep)
 #   record         after `caption --out` wrote (and fsynced) a record
 #   store_open     the store is open (created or migrated), before the run's first transaction
-# "at" may be "*": every time. Action "stop" pauses the process right there (SIGSTOP to itself) with
+# "at" may be "*": every time. With "after": [OTHER, M], "at" counts only the times NAME is reached
+# once OTHER has been reached M times (e.g. the first COMMIT after the 2nd batch's embedding: inside
+# that batch's transaction). Action "stop" pauses the process right there (SIGSTOP to itself) with
 # everything it holds (the index lock, an open transaction) until the test sends SIGCONT; see
 # wait_until_stopped().
 def child_main() -> None:
@@ -324,7 +326,15 @@ def child_main() -> None:
     def reach(stage: str, path: str | None = None) -> None:
         counts[stage] = counts.get(stage, 0) + 1
         for f in faults:
-            if f["stage"] == stage and f["at"] in (counts[stage], "*"):
+            if f["stage"] != stage:
+                continue
+            n = counts[stage]
+            if "after" in f:
+                other, m = f["after"]
+                if counts.get(other, 0) < m:
+                    continue
+                n -= f.setdefault("_reached_before", n - 1)  # counted from the time `other` got to m
+            if f["at"] in (n, "*"):
                 act = f.get("action", "kill")
                 if act == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)

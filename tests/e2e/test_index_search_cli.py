@@ -274,30 +274,33 @@ def test_coco_info_counts(coco_index):
 BATCH = 32
 
 
-def _paused_writer(tmp: Path, caps: Path, index: Path) -> subprocess.Popen:
-    """`index --batch-size 32` that stops itself after every COMMIT (the fault hook, helpers_media)."""
+def _paused_writer(tmp: Path, caps: Path, index: Path, faults: list[dict]) -> subprocess.Popen:
+    """`index --batch-size 32` that pauses itself where `faults` say (the fault hook, helpers_media)."""
     argv, faults = hm.cli_argv("index", "--captions", str(caps), "--index", str(index), "--batch-size", str(BATCH),
-                               "--no-progress", "--json", faults=hm.PAUSE_AFTER_EVERY_COMMIT)  # fmt: skip
+                               "--no-progress", "--json", faults=faults)  # fmt: skip
     return subprocess.Popen(argv, env={**_env(tmp), **faults}, cwd=tmp, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def test_ctrl_c_exits_130_and_says_what_was_kept(coco_index, tmp_path):
-    """SIGINT lands while the writer is paused right after its first batch's COMMIT (before the vector
-    snapshot is saved): exactly that batch is kept, counted in the summary and the store."""
+    """SIGINT lands while the writer is paused inside its second batch's transaction (rows written
+    and counted, COMMIT not yet run): the interrupt is held until that block is over, so the batch
+    is committed and counted together. Exactly two batches are kept, in the summary and the store."""
     _, _, caps = coco_index
-    proc = _paused_writer(tmp_path, caps, tmp_path / "ix")
+    inside_batch_2 = [{"stage": "commit_before", "after": ["embed", 2], "at": 1, "action": "stop"}]
+    proc = _paused_writer(tmp_path, caps, tmp_path / "ix", inside_batch_2)
     try:
-        committed = hm.pause_once_committed(proc, tmp_path / "ix", 1)
+        hm.wait_until_stopped(proc)
+        committed = hm.committed_rows(tmp_path / "ix", "images")  # batch 1; batch 2 not committed yet
         _, err = hm.signal_and_finish(proc, signal.SIGINT)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert committed == BATCH and proc.returncode == 130, err
-    assert f"interrupted; kept {BATCH} newly indexed image(s)" in err and "Traceback" not in err
+    assert f"interrupted; kept {2 * BATCH} newly indexed image(s)" in err and "Traceback" not in err
     assert not (tmp_path / "ix" / "index.lock").exists()  # released on the way out
     info = json.loads(cli(tmp_path, "info", "--index", tmp_path / "ix", "--json").stdout)
-    assert info["last_run"]["status"] == "interrupted" and info["counts"]["images_ok"] == BATCH
+    assert info["last_run"]["status"] == "interrupted" and info["counts"]["images_ok"] == 2 * BATCH
     assert info["vectors_consistent"] and info["snapshot"]["texts_not_in_snapshot"] == 0  # saved on the way out
 
 
@@ -306,7 +309,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(coco_index, tm
     the committed rows; the resumed run adds the rest and ends equal to an uninterrupted run."""
     tmp, ix, caps = coco_index
     killed = tmp_path / "killed"
-    proc = _paused_writer(tmp_path, caps, killed)
+    proc = _paused_writer(tmp_path, caps, killed, hm.PAUSE_AFTER_EVERY_COMMIT)
     try:
         committed = hm.pause_once_committed(proc, killed, BATCH + 1)
         hm.signal_and_finish(proc, signal.SIGKILL)
