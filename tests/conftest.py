@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,50 @@ ROOT = Path(__file__).resolve().parent.parent
 # tests then deliver nothing. Catching it here gives this process Python's KeyboardInterrupt and
 # the children the default disposition (a caught signal resets on exec, an ignored one does not).
 signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# -- no skips -----------------------------------------------------------------------------------
+# A missing component fails a test; it never skips it (a skipped test is a green run that checked
+# nothing). The only skips allowed are these platform limits, each a marker a test opts into; any
+# other skip (pytest.skip, importorskip, skipif, an empty parametrization) is turned into a failure.
+# Add a platform here, with why, rather than a skip in a test file.
+PLATFORM_ONLY = {
+    # /proc, mount and network namespaces, the bundle's manylinux wheels
+    "linux_only": (sys.platform == "linux", "Linux only"),
+    # qemu-user emulates an x86-64 CPU without AVX for the bundle's compat llama.cpp build
+    "x86_64_only": (platform.machine() in ("x86_64", "AMD64"), "x86-64 only"),
+}
+_ALLOWED_SKIP = "platform limit (tests/conftest.py PLATFORM_ONLY): "
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, (_ok, what) in PLATFORM_ONLY.items():
+        config.addinivalue_line("markers", f"{name}: runs on {what}; skipped elsewhere (the only allowed skip)")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for name, (ok, what) in PLATFORM_ONLY.items():
+        if not ok and item.get_closest_marker(name):
+            pytest.skip(f"{_ALLOWED_SKIP}{what}")
+
+
+def _fail_a_skip(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if _ALLOWED_SKIP not in reason:
+            report.outcome = "failed"
+            report.longrepr = f"a skip is a failure (tests/conftest.py PLATFORM_ONLY lists the allowed ones): {reason}"
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    return _fail_a_skip((yield))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):  # a skip at import (importorskip)
+    return _fail_a_skip((yield))
 
 
 @pytest.fixture(scope="session")

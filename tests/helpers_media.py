@@ -206,6 +206,10 @@ def require(module: str, fix: str):
 
 
 # -- running the CLI --------------------------------------------------------------------------------
+# How long a CLI run or a wait may take before a test calls it hung. Only a hang may reach it: the
+# suite must give the same verdicts on an idle machine and on one loaded by others (2 cores at a
+# load of 15-20, the e2e RSICD index and eval runs took over 300 s, the old limit).
+HANG_S = 1800.0
 def child_env(cache_dir: Path, **extra: str) -> dict[str, str]:
     """Environment for a CLI subprocess: its own caption cache (never the user's), fixed threads so
     runs are reproducible, and the package importable from the checkout."""
@@ -227,7 +231,7 @@ def cli_argv(*args: str, faults: list[dict] | None = None) -> tuple[list[str], d
     return [sys.executable, "-c", code, *args], {"EDGE_T2T_FAULTS": json.dumps(faults)}
 
 
-def run_cli(*args: str, env: dict[str, str], faults: list[dict] | None = None, timeout: float = 600,
+def run_cli(*args: str, env: dict[str, str], faults: list[dict] | None = None, timeout: float = HANG_S,
             cwd: Path = ROOT) -> subprocess.CompletedProcess:  # fmt: skip
     argv, extra = cli_argv(*args, faults=faults)
     # surrogateescape: a non-UTF-8 byte in the output is kept for the test to judge, not a harness crash
@@ -249,7 +253,7 @@ def committed_rows(index: Path, table: str, timeout: float = 1) -> int:
         return 0
 
 
-def wait_until_stopped(proc: subprocess.Popen, timeout: float = 300, exit_ok: bool = False) -> bool:
+def wait_until_stopped(proc: subprocess.Popen, timeout: float = HANG_S, exit_ok: bool = False) -> bool:
     """Wait until `proc` has stopped itself (fault action "stop") and return True. If it exits
     instead: False when `exit_ok`, else the test fails."""
     import time
@@ -264,6 +268,32 @@ def wait_until_stopped(proc: subprocess.Popen, timeout: float = 300, exit_ok: bo
         time.sleep(0.05)
     assert exit_ok, f"the process exited ({proc.returncode}) before it stopped where asked"
     return False
+
+
+PAUSE_AFTER_EVERY_COMMIT = [{"stage": "commit_after", "at": "*", "action": "stop"}]
+
+
+def pause_once_committed(proc: subprocess.Popen, index: Path, at_least: int, table: str = "images") -> int:
+    """`proc`, an `index` run that pauses itself at a stage every time (e.g. PAUSE_AFTER_EVERY_COMMIT),
+    is resumed through its pauses until one finds at least `at_least` rows of `table` committed, and
+    left stopped right there. Returns those rows: nothing can change them until the test resumes it."""
+    while True:
+        wait_until_stopped(proc)
+        committed = committed_rows(index, table)
+        if committed >= at_least:
+            return committed
+        os.kill(proc.pid, signal.SIGCONT)
+
+
+def signal_and_finish(proc: subprocess.Popen, sig: int, timeout: float = HANG_S) -> tuple[str, str]:
+    """Send `sig` to the stopped `proc`, resume it, resume it past any later pause, and collect its
+    output (a SIGKILL needs no resuming: the kernel delivers it to a stopped process)."""
+    os.kill(proc.pid, sig)
+    if sig != signal.SIGKILL:
+        os.kill(proc.pid, signal.SIGCONT)
+        while wait_until_stopped(proc, exit_ok=True):
+            os.kill(proc.pid, signal.SIGCONT)
+    return proc.communicate(timeout=timeout)
 
 
 def has_traceback(text: str) -> bool:
@@ -282,7 +312,11 @@ def has_traceback(text: str) -> bool:
 #   hashed         after a file was read and hashed (ImageBytes.read; action 'rewrite' replaces
 #                  that file's content)
 #   lock_busy      a try to take a lock found it held by another process (before --wait's sleep)
-# "at" may be "*": every time. Action "stop" pauses the process right there (SIGSTOP to itself) with
+#   record         after `caption --out` wrote (and fsynced) a record
+#   store_open     the store is open (created or migrated), before the run's first transaction
+# "at" may be "*": every time. With "after": [OTHER, M], "at" counts only the times NAME is reached
+# once OTHER has been reached M times (e.g. the first COMMIT after the 2nd batch's embedding: inside
+# that batch's transaction). Action "stop" pauses the process right there (SIGSTOP to itself) with
 # everything it holds (the index lock, an open transaction) until the test sends SIGCONT; see
 # wait_until_stopped().
 def child_main() -> None:
@@ -292,7 +326,15 @@ def child_main() -> None:
     def reach(stage: str, path: str | None = None) -> None:
         counts[stage] = counts.get(stage, 0) + 1
         for f in faults:
-            if f["stage"] == stage and f["at"] in (counts[stage], "*"):
+            if f["stage"] != stage:
+                continue
+            n = counts[stage]
+            if "after" in f:
+                other, m = f["after"]
+                if counts.get(other, 0) < m:
+                    continue
+                n -= f.setdefault("_reached_before", n - 1)  # counted from the time `other` got to m
+            if f["at"] in (n, "*"):
                 act = f.get("action", "kill")
                 if act == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -391,9 +433,54 @@ def child_main() -> None:
 
     fcntl.flock = flock
 
+    from edge_t2t.describe import captions
+
+    orig_write = captions.JsonlWriter.write
+
+    def write(self, record):
+        orig_write(self, record)
+        reach("record")
+
+    captions.JsonlWriter.write = write
+
+    orig_store_init = store.Store.__init__
+
+    def store_init(self, *a, **k):
+        orig_store_init(self, *a, **k)
+        reach("store_open")
+
+    store.Store.__init__ = store_init
+
     from edge_t2t.cli import main
 
     sys.exit(main(sys.argv[1:]))
+
+
+# Dask workers are processes of their own: the CLI's local cluster spawns them, so child_main's
+# wrappers are not in them. Dask runs this module in each as a preload (DASK_PRELOAD_FAULTS in the
+# CLI's environment), and its faults {"stage": "worker_describe", "images": [NAME, ...],
+# "action": "hold"} make a worker that starts describing one of those images wait there for good:
+# the image is never finished, whatever the timing, until the process is closed.
+DASK_PRELOAD_FAULTS = {"DASK_DISTRIBUTED__WORKER__PRELOAD": json.dumps([str(Path(__file__).resolve())])}
+
+
+def dask_setup(worker) -> None:
+    import threading
+
+    held = {name for f in json.loads(os.environ.get("EDGE_T2T_FAULTS") or "[]")
+            if f["stage"] == "worker_describe" and f["action"] == "hold" for name in f["images"]}  # fmt: skip
+    if not held:
+        return
+    from edge_t2t.describe import cluster
+
+    original = cluster._VLMHolder.describe
+
+    def describe(holder, image, opts):
+        if Path(image.path).name in held:
+            threading.Event().wait()
+        return original(holder, image, opts)
+
+    cluster._VLMHolder.describe = describe
 
 
 # A variant schema with bounded fields: an unbounded string lets a random model write until its token cap.

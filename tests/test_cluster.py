@@ -7,6 +7,7 @@ scheduler and a worker in a private mount namespace, where another file sits at 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -45,7 +46,7 @@ def vlm_cfg():
 @pytest.fixture(scope="module")
 def session():
     with cluster.open_cluster(workers=2) as s:
-        s.client.wait_for_workers(2, timeout=120)
+        s.client.wait_for_workers(2, timeout=hm.HANG_S)
         yield s
 
 
@@ -63,8 +64,8 @@ def _worker_pids(client) -> dict[str, int]:
 
 
 def _healthy(session, n: int = 2) -> None:
-    session.client.wait_for_workers(n, timeout=120)
-    deadline = time.monotonic() + 120
+    session.client.wait_for_workers(n, timeout=hm.HANG_S)
+    deadline = time.monotonic() + hm.HANG_S
     while len(_worker_pids(session.client)) < n and time.monotonic() < deadline:
         time.sleep(0.5)
 
@@ -122,57 +123,35 @@ def test_records_equal_a_local_run_and_cached_images_are_never_sent(session, vlm
         assert {r.image: r.variants for r in again} == {r.image: r.variants for r in local}
 
 
-def test_a_worker_killed_mid_image_is_replaced_and_its_image_retried(session, vlm_cfg, images, tmp_path) -> None:
-    client = session.client
-    killed: dict = {}
-
-    def kill_a_busy_worker(record) -> None:
-        if killed:
-            return
-        busy = {addr: keys for addr, keys in client.processing().items() if keys}
-        if not busy:
-            return
-        addr = sorted(busy)[0]
-        pid = _worker_pids(client)[addr]
-        killed.update(addr=addr, pid=pid, keys=list(busy[addr]))
-        os.kill(pid, signal.SIGKILL)
-
-    seen: list = []
-
-    def on_record(record) -> None:
-        seen.append(record.image)
-        kill_a_busy_worker(record)
-
-    with CountingCache(tmp_path / "cache.sqlite") as cache:
-        s = caption_images(images, vlm_cfg, on_record=on_record, cache=cache, executor=session, **KW)
-        assert killed, "no worker was busy when the first record came back; nothing was killed"
-        assert (s.captioned, s.failed, s.interrupted) == (len(images), 0, False), s.failures
-        # Every image described exactly once: one record each, one cache write each.
-        assert sorted(seen) == sorted(map(str, images))
-        assert len(cache) == len(images) and sum(cache.puts.values()) == len(images)
-        assert set(cache.puts.values()) == {1}
-    _healthy(session)
-    assert killed["pid"] not in _worker_pids(client).values()  # the nanny started a new process
-
-
 class _PoisonPlugin(distributed.WorkerPlugin):
-    """Makes a worker process die (os._exit) when it starts describing one given image: a stand-in
-    for an image that crashes llama.cpp. Registered with the scheduler, so restarted workers get it too."""
+    """Makes a worker process die when it starts describing one given image: a stand-in for an image
+    that crashes llama.cpp (os._exit, every time), or with `once` a worker killed mid-image (SIGKILL,
+    the first time only: the worker that gets there creates the marker file, writing its pid in it).
+    Registered with the scheduler, so restarted workers get it too."""
 
     name = "test-poison"
 
-    def __init__(self, sha256: str):
+    def __init__(self, sha256: str, once: Path | None = None):
         self.sha256 = sha256
+        self.once = once
 
     def setup(self, worker) -> None:
         from edge_t2t.describe import cluster as c
 
         original = c._VLMHolder.describe
-        poison = self.sha256
+        poison, once = self.sha256, self.once
 
         def describe(holder, image, opts):
-            if image.sha256 == poison:
+            if image.sha256 == poison and once is None:
                 os._exit(17)
+            if image.sha256 == poison:
+                try:
+                    fd = os.open(once, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+                except FileExistsError:  # the retry, on the replacement process or the other worker
+                    return original(holder, image, opts)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                os.kill(os.getpid(), signal.SIGKILL)
             return original(holder, image, opts)
 
         self._original = original
@@ -182,6 +161,34 @@ class _PoisonPlugin(distributed.WorkerPlugin):
         from edge_t2t.describe import cluster as c
 
         c._VLMHolder.describe = self._original
+
+
+def test_a_worker_killed_mid_image_is_replaced_and_its_image_retried(session, vlm_cfg, images, tmp_path) -> None:
+    """The worker that starts describing the second image SIGKILLs itself there, the first time
+    only: a known point, mid-image. The nanny starts a new process, the scheduler retries the
+    image, and every image is described and cached exactly once."""
+    import cloudpickle
+
+    from edge_t2t.hashing import sha256_file
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    client = session.client
+    marker = tmp_path / "killed-worker.pid"
+    client.register_plugin(_PoisonPlugin(sha256_file(images[1]), once=marker), name=_PoisonPlugin.name)
+    seen: list = []
+    try:
+        with CountingCache(tmp_path / "cache.sqlite") as cache:
+            s = caption_images(images, vlm_cfg, on_record=lambda r: seen.append(r.image), cache=cache,
+                               executor=session, **KW)  # fmt: skip
+            # Every image described exactly once: one record each, one cache write each.
+            assert (s.captioned, s.failed, s.interrupted) == (len(images), 0, False), s.failures
+            assert sorted(seen) == sorted(map(str, images))
+            assert len(cache) == len(images) and set(cache.puts.values()) == {1}
+    finally:
+        _healthy(session)  # the replacement process joined: the plugin's teardown reaches every worker
+        client.unregister_worker_plugin(_PoisonPlugin.name)
+    killed = int(marker.read_text())  # written by the worker just before it killed itself
+    assert killed not in _worker_pids(client).values()  # the nanny started a new process
 
 
 def test_an_image_that_kills_workers_repeatedly_fails_once_and_the_run_goes_on(session, vlm_cfg, images) -> None:
@@ -205,9 +212,9 @@ def test_an_image_that_kills_workers_repeatedly_fails_once_and_the_run_goes_on(s
         s = caption_images(images, vlm_cfg, on_record=records.append, callbacks=Callbacks(on_failure=failures.append),
                            executor=session, **KW)  # fmt: skip
     finally:
+        _healthy(session)  # the replacement processes joined: the plugin's teardown reaches every worker
         client.unregister_worker_plugin(_PoisonPlugin.name)
         client.run_on_scheduler(set_allowed_failures, n=old)
-        _healthy(session)
     assert [f.path for f in failures] == [str(poison)] and [f.path for f in s.failures] == [str(poison)]
     assert "workers died" in failures[0].reason
     assert s.captioned == len(images) - 1 and sorted(r.image for r in records) == sorted(
@@ -255,19 +262,23 @@ def test_the_worker_plugin_refuses_a_file_that_differs_from_the_clients(vlm_cfg,
     assert holder.vlm is None
 
 
-def _unshare_bind_works() -> bool:
+def _require_unshare_bind() -> None:
+    """Fails (never skips) when a private mount namespace cannot be made, naming what to install."""
     if not shutil.which("unshare"):
-        return False
+        pytest.fail("the `unshare` command is missing: apt-get install util-linux")
     probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount --bind /dev/null /dev/null"], capture_output=True,
-                           timeout=30)  # fmt: skip
-    return probe.returncode == 0
+                           text=True, timeout=30)  # fmt: skip
+    if probe.returncode:
+        pytest.fail(f"`unshare -rm` cannot bind-mount here ({probe.stderr.strip()[-200:]}): run as root or enable "
+                    "user namespaces (sysctl kernel.unprivileged_userns_clone=1)")  # fmt: skip
 
 
-@pytest.mark.skipif(not _unshare_bind_works(), reason="needs user and mount namespaces (unshare -rm)")
+@pytest.mark.linux_only
 def test_a_worker_with_a_different_model_file_is_refused(vlm_cfg, images, tmp_path) -> None:
     """A real scheduler and worker started by hand, as on a site's network. The worker runs in its own
     mount namespace where another file is bind-mounted at the model's path: the same path, different
     bytes, as on a machine that got a different copy."""
+    _require_unshare_bind()
     model = tmp_path / "vlm" / "model.gguf"
     model.parent.mkdir()
     shutil.copy(vlm_cfg.model, model)
@@ -287,7 +298,7 @@ def test_a_worker_with_a_different_model_file_is_refused(vlm_cfg, images, tmp_pa
                                       stderr=subprocess.DEVNULL, env=env))  # fmt: skip
         res = hm.run_cli("caption", str(images[0]), "--vlm", str(model), "--mmproj", str(vlm_cfg.mmproj),
                          "--variants", "1", "--max-tokens", "1300", "--cluster", address, env=env,
-                         timeout=300)  # fmt: skip
+                         timeout=hm.HANG_S)  # fmt: skip
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -301,8 +312,8 @@ def test_a_worker_with_a_different_model_file_is_refused(vlm_cfg, images, tmp_pa
     error = [ln for ln in res.stderr.splitlines() if ln.startswith("edge-t2t: error:")]
     assert len(error) == 1, res.stderr
     assert "refused" in error[0] and f"model file {model}" in error[0] and "tcp://127.0.0.1:" in error[0], error[0]
-    cache = tmp_path / "cache" / "captions.sqlite"
-    assert not cache.exists() or sqlite3.connect(cache).execute("SELECT COUNT(*) FROM captions").fetchone()[0] == 0
+    cache = tmp_path / "cache" / "captions.sqlite"  # opened at the start; nothing was written to it
+    assert sqlite3.connect(cache).execute("SELECT COUNT(*) FROM captions").fetchone()[0] == 0
 
 
 def test_index_describes_on_local_workers(vlm_cfg, images, tmp_path) -> None:
@@ -310,7 +321,7 @@ def test_index_describes_on_local_workers(vlm_cfg, images, tmp_path) -> None:
     env = hm.child_env(tmp_path / "cache")
     res = hm.run_cli("index", str(images[0].parent), "--index", str(tmp_path / "idx"), "--vlm", str(vlm_cfg.model),
                      "--mmproj", str(vlm_cfg.mmproj), "--variants", "1", "--max-tokens", "1300", "--workers", "2",
-                     "--json", "--no-progress", env=env, timeout=600)  # fmt: skip
+                     "--json", "--no-progress", env=env, timeout=hm.HANG_S)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout)
     assert summary["added"] == len(images) and summary["failed"] == 0
@@ -320,27 +331,31 @@ def test_index_describes_on_local_workers(vlm_cfg, images, tmp_path) -> None:
 
 
 def test_ctrl_c_cancels_the_rest_and_keeps_finished_records(vlm_cfg, images, tmp_path) -> None:
-    """Ctrl-C as a terminal sends it: SIGINT to the whole process group (the CLI and its local workers)."""
+    """Ctrl-C as a terminal sends it: SIGINT to the whole process group (the CLI and its local workers).
+    Known point: the workers hold every image but the first (a worker preload: the fault hook,
+    helpers_media), so exactly one can finish; the CLI pauses itself right after writing that record,
+    and the SIGINT lands there. The held images are cancelled, the finished one kept."""
     out = tmp_path / "captions.jsonl"
-    argv, _ = hm.cli_argv("caption", str(images[0].parent), "--vlm", str(vlm_cfg.model), "--mmproj",
-                          str(vlm_cfg.mmproj), "--variants", "1", "--max-tokens", "1300", "--workers", "2",
-                          "--out", str(out))  # fmt: skip
-    proc = subprocess.Popen(argv, env=hm.child_env(tmp_path / "cache"), cwd=hm.ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    partial = out.with_name(out.name + ".partial")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if partial.exists() and partial.read_text().count("\n") >= 1:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, "the run ended before the first record could be interrupted"
-    os.killpg(proc.pid, signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    held = [p.name for p in images[1:]]
+    argv, faults = hm.cli_argv("caption", str(images[0].parent), "--vlm", str(vlm_cfg.model), "--mmproj",
+                               str(vlm_cfg.mmproj), "--variants", "1", "--max-tokens", "1300", "--workers", "2",
+                               "--out", str(out),
+                               faults=[{"stage": "record", "at": 1, "action": "stop"},
+                                       {"stage": "worker_describe", "images": held, "action": "hold"}])  # fmt: skip
+    env = {**hm.child_env(tmp_path / "cache"), **faults, **hm.DASK_PRELOAD_FAULTS}
+    proc = subprocess.Popen(argv, env=env, cwd=hm.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        hm.wait_until_stopped(proc)
+        os.killpg(proc.pid, signal.SIGINT)  # the local workers ignore it; the CLI takes it when resumed
+        stdout, stderr = hm.signal_and_finish(proc, signal.SIGCONT)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # any worker left holding an image
     assert proc.returncode == 130, stderr[-3000:]
     assert not hm.has_traceback(stderr), stderr[-3000:]
     lines = [json.loads(ln) for ln in out.read_text().splitlines()]
-    assert 1 <= len(lines) < len(images), "nothing was left to cancel: the interrupt came too late to test"
-    assert len({r["image"] for r in lines}) == len(lines) and all(r["variants"] for r in lines)
-    assert f"kept {len(lines)} finished caption(s)" in stderr
+    assert [r["image"] for r in lines] == [str(images[0])] and lines[0]["variants"]
+    assert "kept 1 finished caption(s)" in stderr
     rows = sqlite3.connect(tmp_path / "cache" / "captions.sqlite").execute("SELECT COUNT(*) FROM captions").fetchone()
-    assert rows[0] == len(lines)  # every finished record is in the cache too, and nothing else
+    assert rows[0] == 1  # the finished record is in the cache too, and nothing else

@@ -108,7 +108,7 @@ def test_search_during_index_sees_committed_state(captions: Path, tmp_path: Path
     finally:
         if writer.poll() is None:
             writer.kill()
-    out, err = writer.communicate(timeout=600)
+    out, err = writer.communicate(timeout=hm.HANG_S)
     assert writer.returncode == 0, err[-2000:]
     assert json.loads(out)["added"] == N_IMAGES
     batches = list(range(SEARCH_BATCH, N_IMAGES + 1, SEARCH_BATCH))
@@ -156,8 +156,8 @@ def test_second_index_refuses_or_waits(captions: Path, tmp_path: Path) -> None:
         os.kill(first.pid, signal.SIGCONT)
         while hm.wait_until_stopped(first, exit_ok=True):  # through its remaining commits
             os.kill(first.pid, signal.SIGCONT)
-        out1, err1 = first.communicate(timeout=600)
-        out2, err2 = waiting.communicate(timeout=600)
+        out1, err1 = first.communicate(timeout=hm.HANG_S)
+        out2, err2 = waiting.communicate(timeout=hm.HANG_S)
     finally:
         for proc in (first, waiting):
             if proc is not None and proc.poll() is None:

@@ -1,23 +1,23 @@
-"""Crash safety of `edge-t2t index`: SIGKILL at 20+ seeded moments, SIGINT, and a full disk.
+"""Crash safety of `edge-t2t index`: SIGKILL at 22 seeded moments, SIGINT, and a full disk.
 
-Kill moments come from two sources, both seeded:
-- named stages, through the fault wrapper in helpers_media (the child process wraps the VLM's
-  generate, Embedder.embed, Store.transaction and the vector snapshot's saves, which it makes
-  happen after every batch, and kills itself at the N-th time it reaches one): captioning,
-  embedding, before and after each SQLite COMMIT, after rows are appended to the vector files,
-  before a graph is saved, and after a manifest is replaced but before SQLite records it;
-- plain timers (SIGKILL from outside after a random delay), which land anywhere, start-up included.
+Kill moments are seeded named stages, through the fault wrapper in helpers_media (the child process
+wraps the store's opening, the VLM's generate, Embedder.embed, Store.transaction and the vector
+snapshot's saves, which it makes happen after every batch): start-up (the store just opened),
+captioning, embedding, before and after each SQLite COMMIT, after rows are appended to the vector
+files, before a graph is saved, and after a manifest is replaced but before SQLite records it. The
+run pauses itself at the N-th time it reaches the stage; the test reads the committed rows there
+and sends SIGKILL. No timer decides where a kill lands, so the whole chain is the same on a fast
+or a slow machine.
 
-After each kill: the store opens, `verify` passes (a snapshot that lags SQLite is allowed: a kill
-between a commit and the save leaves it, searches read the newer rows by key, and the next run
-catches it up), and the kill-chain finally resumes
-to the same images, texts and search results as an uninterrupted run with the cache off.
+After each kill: exactly the rows committed at the pause are kept, the store opens, `verify`
+passes (a snapshot that lags SQLite is allowed: a kill between a commit and the save leaves it,
+searches read the newer rows by key, and the next run catches it up), and the kill-chain finally
+resumes to the same images, texts and search results as an uninterrupted run with the cache off.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import sqlite3
@@ -152,41 +152,48 @@ def _assert_same_as_reference(ctx: dict, index: Path) -> None:
     assert _search(ctx, index) == ctx["ref_search"]
 
 
-STAGE_RANGES = {"caption": 3, "embed": 3, "commit_before": 4, "commit_after": 4, "append": 6, "save_graph": 4,
-                "manifest": 4}
+STAGE_RANGES = {"store_open": 1, "caption": 3, "embed": 3, "commit_before": 4, "commit_after": 4, "append": 6,
+                "save_graph": 4, "manifest": 4}  # fmt: skip
 KILLS_WANTED = 22
 MAX_RUNS = 45
 
 
 def _next_fault(rng: random.Random, run: int) -> dict:
     if run < 4:  # the cache is cold: die while captioning
-        return {"stage": "caption", "at": rng.randint(1, STAGE_RANGES["caption"]), "action": "kill"}
-    if rng.random() < 0.2:
-        return {"delay": round(rng.uniform(0.5, 5.0), 2)}
+        return {"stage": "caption", "at": rng.randint(1, STAGE_RANGES["caption"]), "action": "stop"}
     stage = rng.choice(list(STAGE_RANGES))
-    return {"stage": stage, "at": rng.randint(1, STAGE_RANGES[stage]), "action": "kill"}
+    return {"stage": stage, "at": rng.randint(1, STAGE_RANGES[stage]), "action": "stop"}
 
 
 def _one_run(ctx: dict, index: Path, env: dict, fault: dict, precision: str) -> tuple[int, str]:
-    argv, extra = hm.cli_argv(*_index_args(ctx, index, precision), faults=[fault] if "stage" in fault else None)
+    """One run, paused at `fault` (if it gets there) and SIGKILLed there: then exactly the image rows
+    committed at the pause must be kept (a kill inside a transaction, before its COMMIT, keeps none
+    of it)."""
+    argv, extra = hm.cli_argv(*_index_args(ctx, index, precision), faults=[fault])
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**env, **extra}, cwd=hm.ROOT)  # fmt: skip
-    if "delay" in fault:
-        try:
-            proc.wait(timeout=fault["delay"])
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-    _out, err = proc.communicate(timeout=600)
+    try:
+        committed = hm.committed_rows(index, "images") if hm.wait_until_stopped(proc, exit_ok=True) else None
+        if committed is not None:
+            _out, err = hm.signal_and_finish(proc, signal.SIGKILL)
+        else:
+            _out, err = proc.communicate(timeout=hm.HANG_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if committed is not None:
+        assert hm.committed_rows(index, "images") == committed, f"{fault}: the kill changed the committed rows"
     return proc.returncode, err
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_sigkill_at_random_moments(setup: dict, precision: str) -> None:
-    """One seeded sequence of runs, each killed at a drawn stage/occurrence or after a drawn delay.
-    A run that is not killed completes its index, which is then compared with the reference and
-    replaced by a fresh index directory, so the kills keep landing on real work. Every finished
-    index must hold the same vectors as the uninterrupted run of the same precision."""
+    """One seeded sequence of runs, each killed at a drawn stage and occurrence when it gets there
+    (a resumed run has less to do). A run that is not killed completes its index, which is then
+    compared with the reference and replaced by a fresh index directory, so the kills keep landing
+    on real work. Every finished index must hold the same vectors as the uninterrupted run of the
+    same precision."""
     rng = random.Random(SEED)
     root = setup["root"] / precision
     env = hm.child_env(root / "cache_kill")  # cold at first: the first runs die while captioning
@@ -216,9 +223,9 @@ def test_sigkill_at_random_moments(setup: dict, precision: str) -> None:
             index = root / f"killed_{len(completed)}"
     print(f"\n[crash] {len(killed)} kills in {run + 1} runs, {len(completed)} indexes completed, "
           f"{time.monotonic() - t0:.0f} s")  # fmt: skip
-    assert len(killed) >= 20, f"only {len(killed)} runs were killed: {killed}"
-    stages_hit = {k.get("stage", "timer") for k in killed}
-    assert set(STAGE_RANGES) | {"timer"} <= stages_hit, f"stages never hit: {set(STAGE_RANGES) | {'timer'} - stages_hit}"
+    assert len(killed) == KILLS_WANTED, f"only {len(killed)} of {run + 1} runs were killed: {killed}"
+    stages_hit = {k["stage"] for k in killed}
+    assert set(STAGE_RANGES) <= stages_hit, f"stages never hit: {set(STAGE_RANGES) - stages_hit}"
 
     # The last, interrupted index resumes to the same images, texts and stored vectors.
     res = hm.run_cli(*_index_args(setup, index, precision), env=env)
@@ -270,17 +277,9 @@ def test_sigint_from_outside(setup: dict, tmp_path: Path, stage: str) -> None:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, **extra},
                             cwd=hm.ROOT)  # fmt: skip
     try:
-        while True:
-            hm.wait_until_stopped(proc)
-            if hm.committed_rows(index, "variants"):
-                break
-            os.kill(proc.pid, signal.SIGCONT)
+        hm.pause_once_committed(proc, index, 1, table="variants")
         kept = hm.committed_rows(index, "images")
-        os.kill(proc.pid, signal.SIGINT)
-        os.kill(proc.pid, signal.SIGCONT)
-        while hm.wait_until_stopped(proc, exit_ok=True):  # nothing should pause it again; never leave it stopped
-            os.kill(proc.pid, signal.SIGCONT)
-        out, err = proc.communicate(timeout=300)
+        out, err = hm.signal_and_finish(proc, signal.SIGINT)  # resumed through any later pause
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -304,7 +303,7 @@ def _captions_jsonl(shared_data: Path, path: Path, n_images: int) -> Path:
 
 
 def _disk_full_run(argv: list[str], env: dict, preexec=None) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=hm.ROOT, timeout=600, preexec_fn=preexec)
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=hm.ROOT, timeout=hm.HANG_S, preexec_fn=preexec)
 
 
 def _assert_clean_failure(res: subprocess.CompletedProcess) -> None:
@@ -320,7 +319,7 @@ def test_disk_full_on_tmpfs(shared_data: Path, tmp_path: Path) -> None:
     mnt = tmp_path / "small"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs is not permitted here (the RLIMIT_FSIZE test covers the case)")
+        pytest.fail("cannot mount a tmpfs: run the tests as root (CAP_SYS_ADMIN), as `make test` in CI does")
     try:
         captions = _captions_jsonl(shared_data, tmp_path / "caps.jsonl", 150)
         env = hm.child_env(tmp_path / "cache")

@@ -65,11 +65,18 @@ def test_fp32_matches_sentence_transformers(fp32, reference):
     assert cos.min() >= 0.9999, f"worst text: {texts[int(cos.argmin())]!r} cos={cos.min():.6f}"
 
 
+# Measured on the 60 reference texts (any batch size: the int8 vectors are batch-independent):
+# mean cosine 0.99696, worst 0.98383. The bars sit 0.0005 below, room for another CPU's int8
+# kernels (VNNI vs AVX2 accumulate in another order); a coarser quantisation (per-tensor instead of
+# per-channel weights, activations quantised per batch) falls well below them.
+INT8_MEAN_COS, INT8_MIN_COS = 0.9965, 0.9833
+
+
 def test_int8_close_to_sentence_transformers(int8, reference):
     texts, ref, _ = reference
     cos = _cos(int8.embed(texts), ref)
-    assert cos.mean() >= 0.99, f"mean cos {cos.mean():.4f}"
-    assert cos.min() >= 0.97, f"worst text: {texts[int(cos.argmin())]!r} cos={cos.min():.4f}"
+    assert cos.mean() >= INT8_MEAN_COS, f"mean cos {cos.mean():.5f}"
+    assert cos.min() >= INT8_MIN_COS, f"worst text: {texts[int(cos.argmin())]!r} cos={cos.min():.5f}"
 
 
 def test_identity_is_shared_by_precisions(fp32, int8):

@@ -135,6 +135,7 @@ def test_family_runs_the_parallel_variant_path(key, family_dir, image):
     with VLM(VLMConfig(model, mmproj, n_threads=1)) as vlm:
         assert vlm.variant_mode == "parallel"
         res = vlm.describe_parallel([image], vp.shared, vp.suffixes, json_schema=one, max_tokens=MAX_TOKENS)
-    assert res.encode_s > 0 and len(res.texts[0]) == 2
+    assert len(res.texts[0]) == 2 and res.gen_tokens == sum(res.tokens[0])
+    assert res.gen_steps == max(n if n < MAX_TOKENS else MAX_TOKENS - 1 for n in res.tokens[0])
     for text in res.texts[0]:
         assert _validate(json.loads(text, strict=False), one) == [], text

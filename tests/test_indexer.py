@@ -178,7 +178,9 @@ def five_images(tmp_path):
     return d
 
 
-def test_vlm_path_records_provenance_and_failures(tmp_path, monkeypatch):
+def test_records_from_the_caption_stage_keep_provenance_and_failures(tmp_path, monkeypatch):
+    """The indexer's side of the VLM path with a stand-in caption stage (FakeCaptioner): what it
+    stores of each record and failure. The VLM itself runs in e2e/test_index_search_cli.py."""
     d = five_images(tmp_path)
     monkeypatch.setattr(captioning, "caption_sources", FakeCaptioner(fail="c.png"))
     s = Indexer(tmp_path / "ix", embedder=FakeEmbedder(), vlm_cfg=FAKE_VLM, n_variants=3).run([d])
@@ -315,6 +317,8 @@ def test_a_run_saves_at_its_end_and_at_most_every_checkpoint_interval(tmp_path, 
 
     d = five_images(tmp_path)
     monkeypatch.setattr(captioning, "caption_sources", FakeCaptioner())
+    # An interval no run reaches, however slow the machine (the default 60 s is a matter of the clock)
+    monkeypatch.setattr(indexdir, "CHECKPOINT_EVERY_S", float("inf"))
     Indexer(tmp_path / "once", embedder=FakeEmbedder(), vlm_cfg=FAKE_VLM, batch_size=1).run([d])
     # one save when the (empty) snapshot is created, one at the end: not one per batch
     assert vindex.read_manifest(tmp_path / "once")["generation"] == 2

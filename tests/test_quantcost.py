@@ -120,41 +120,52 @@ def test_reference_recall_matches_evaluate(oracle_report, rsicd100):
             assert ref[d][k] == pytest.approx(direct[d][k], abs=1e-9), (d, k)
 
 
-def test_every_row_is_sane(oracle_report):
+def test_every_row_is_consistent(oracle_report):
     for c in oracle_report["configs"]:
         rec, ag = c["recall"], c["agreement"]
-        for d in ("t2i", "i2t"):
-            assert all(0.0 <= v <= 100.0 for v in rec[d].values()), c["name"]
-        assert 0.0 <= rec["mR"] <= 100.0 and 0.0 <= rec["coarse"]["mR"] <= 100.0
+        assert rec["mR"] == pytest.approx((sum(rec["t2i"].values()) + sum(rec["i2t"].values())) / 6)
         assert ag["delta_mR"] == pytest.approx(rec["mR"] - _row(oracle_report, c["reference"])["recall"]["mR"])
-        for key in ("ref_recall@1", "ref_recall@5", "ref_recall@10", "jaccard@10", "identical_top@10"):
-            assert 0.0 <= ag[key] <= 1.0, (c["name"], key)
-        assert -1.0 <= ag["kendall_tau@10"] <= 1.0
-        # |A∩B|/|A∪B| can never exceed |A∩B|/|B|
-        assert ag["jaccard@10"] <= ag["ref_recall@10"] + 1e-12
         # all-identical lists and perfect overlap + order go together
         if ag["identical_top@10"] == 1.0:
             assert ag["ref_recall@10"] == 1.0 and ag["kendall_tau@10"] == 1.0
-        assert c["search"]["query_ms_p50"] > 0 and c["search"]["peak_rss_mib"] > 0
-        assert c["time"]["index_seconds"] >= c["time"]["build_seconds"] > 0
+        assert {"query_ms_p50", "peak_rss_mib"} <= set(c["search"]) and c["search"]["latency_queries"] == 5
+        assert {"index_seconds", "build_seconds"} <= set(c["time"])
 
 
-# Bounds from the measured figures (100 RSICD validation images, 500 queries; measured on the
-# shared 2-core machine, deterministic apart from the HNSW build): ref_recall@10 was 1.0 for
-# fp32/f32/hnsw and fp32/i8/exact, 0.998 for fp32/i8/hnsw, 0.967-0.968 for the four int8 rows;
-# T2I R@10 was 93.4 in all eight rows. A search returning random neighbours scores about
-# 10/100 = 0.1 ref_recall@10 and R@10 near 10.
-MIN_REF_RECALL_AT_10 = {"fp32": 0.97, "int8": 0.93}
-MIN_T2I_R10 = 88.0
+# Measured (100 RSICD validation images, 500 queries each way; the fixture's matrix, run on the
+# shared 2-core machine): per row, mR and the agreement with the fp32/f32/exact reference
+# (ref_recall@10, jaccard@10, kendall_tau@10). The exact rows are arithmetic on fixed vectors:
+# their mR is pinned within MR_EXACT_TOL. The HNSW rows depend on the graph's build (threads), so
+# each of their figures gets a floor HNSW_TOL below the measurement; one T2I query missed costs
+# 0.2 points of T2I R@k, 0.033 of mR. A search returning random neighbours scores about 10/100 =
+# 0.1 ref_recall@10 and an mR near 10.
+MEASURED = {  # name: (mR, ref_recall@10, jaccard@10, kendall_tau@10)
+    "captions/fp32/f32/exact": (76.77, 1.0, 1.0, 1.0),
+    "captions/fp32/f32/hnsw": (76.77, 1.0, 1.0, 1.0),
+    "captions/fp32/i8/exact": (77.57, 1.0, 1.0, 1.0),
+    "captions/fp32/i8/hnsw": (76.77, 0.9978, 0.996, 0.9942),
+    "captions/int8/f32/exact": (76.73, 0.9704, 0.9476, 0.9271),
+    "captions/int8/f32/hnsw": (76.73, 0.9704, 0.9476, 0.9271),
+    "captions/int8/i8/exact": (77.47, 0.9704, 0.9476, 0.9265),
+    "captions/int8/i8/hnsw": (76.73, 0.9700, 0.9469, 0.9273),
+}
+MR_EXACT_TOL = 0.05
+HNSW_TOL = {"mR": 1.0, "agreement": 0.02}
 
 
-def test_every_row_keeps_the_reference_neighbours(oracle_report):
+def test_every_row_meets_its_measured_figures(oracle_report):
+    assert {c["name"] for c in oracle_report["configs"]} == set(MEASURED)
     for c in oracle_report["configs"]:
-        ag, embedder = c["agreement"], c["config"]["embedder"]
-        assert ag["ref_recall@10"] >= MIN_REF_RECALL_AT_10[embedder], (c["name"], ag)
-        assert ag["ref_recall@1"] >= MIN_REF_RECALL_AT_10[embedder], (c["name"], ag)
-        assert ag["kendall_tau@10"] >= MIN_REF_RECALL_AT_10[embedder] - 0.05, (c["name"], ag)
-        assert c["recall"]["t2i"]["R@10"] >= MIN_T2I_R10, (c["name"], c["recall"]["t2i"])
+        mr, *agreement = MEASURED[c["name"]]
+        ag = c["agreement"]
+        got = (ag["ref_recall@10"], ag["jaccard@10"], ag["kendall_tau@10"])
+        if c["config"]["mode"] == "exact":
+            assert c["recall"]["mR"] == pytest.approx(mr, abs=MR_EXACT_TOL), c["name"]
+            assert got == pytest.approx(tuple(agreement), abs=1e-3), (c["name"], got)
+        else:
+            assert c["recall"]["mR"] >= mr - HNSW_TOL["mR"], (c["name"], c["recall"]["mR"])
+            assert all(g >= m - HNSW_TOL["agreement"] for g, m in zip(got, agreement, strict=True)), (c["name"], got)
+        assert ag["ref_recall@1"] >= 0.99, (c["name"], ag)  # measured 0.996 (int8 rows) to 1.0
 
 
 def test_int8_embedder_is_measured_not_assumed(oracle_report):
@@ -216,7 +227,9 @@ def test_probe_in_a_subprocess(tmp_path):
     vecs = emb.embed(texts)
     qc.build_index(tmp_path / "ix", vecs, np.arange(4), "i8")
     out = qc._run_probe(True, str(tmp_path / "ix"), None, "int8", "rescore", texts, 2)
-    assert out["latency_queries"] == 4 and out["peak_rss_mib"] > 0
+    # the probe process loaded the int8 model, so its peak holds at least that file (in MiB, not KiB or bytes)
+    onnx_mib = (emb.model_dir / emb.manifest["onnx"]["int8"]).stat().st_size / 2**20
+    assert out["latency_queries"] == 4 and onnx_mib <= out["peak_rss_mib"] < 4096, (onnx_mib, out)
     assert out["rss_scope"].startswith("fresh subprocess")
 
 
@@ -255,10 +268,14 @@ def test_vlm_axis_with_the_test_model(rsicd_samples: Path, tmp_path):
     assert ref["agreement"]["delta_mR"] == 0.0
     assert ref["agreement"]["k"] == min(10, len(info["images"]))
     assert q8["reference"] == "F16/fp32/f32/exact"
-    assert 0.0 <= q8["agreement"]["ref_recall@1"] <= 1.0
+    # Measured (the seeded test model, greedy, so deterministic on one llama.cpp build): Q8_0 kept the
+    # F16 top-1 for 3 of the 5 images (ref_recall@1 0.6), mR 79.17 against F16's 83.33. The floors
+    # are one query below (0.2 of ref_recall@1; one I2T query is 8.33 points of mR), for another
+    # CPU's kernels; Q8_0 describing other images, or none, scores below them.
+    assert q8["agreement"]["ref_recall@1"] >= 0.4 and q8["recall"]["mR"] >= 79.17 - 8.34, q8
+    assert ref["recall"]["mR"] >= 83.33 - 8.34, ref["recall"]
     for row in (ref, q8):
-        assert row["recall"]["counts"]["t2i_candidates"] <= len(info["images"])
-        assert all(0.0 <= v <= 100.0 for v in row["recall"]["t2i"].values() if v is not None)
+        assert row["recall"]["counts"]["t2i_candidates"] == len(info["images"]) == len(names)  # distractors too
 
 
 def test_cli_axes_match_the_library():

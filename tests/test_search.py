@@ -252,7 +252,10 @@ def test_reports_table_jsonl_and_html(tmp_path, rsicd_samples):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_query_image_is_described_by_the_vlm_unless_already_indexed(index, emb, tmp_path, monkeypatch):
+def test_query_image_goes_through_the_caption_stage_once_unless_already_indexed(index, emb, tmp_path, monkeypatch):
+    """search's side of an image query with a stand-in caption stage: read and hashed once, the same
+    bytes described, refused without --vlm. The VLM itself describes a new image in test_serve.py
+    (test_search_by_example_of_a_new_image_is_described_by_the_vlm)."""
     from PIL import Image
 
     from edge_t2t.describe import captioning

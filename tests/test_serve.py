@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import quote
 from urllib.request import urlopen
 
+import helpers_media as hm
 import pytest
 
 from edge_t2t import config
@@ -28,7 +29,7 @@ from edge_t2t.cli import main
 from edge_t2t.demo import scenes as S
 from edge_t2t.errors import InputError, StoreError
 
-pytest.importorskip("flask", reason="the web extra: pip install 'edge-t2t[web]' (make test installs it)")
+hm.require("flask", "the web extra is not installed: pip install -e '.[web]' (make test installs it)")
 
 from edge_t2t import serve as web  # noqa: E402
 
@@ -78,7 +79,8 @@ def _strip(hits: list[dict]) -> list[dict]:
 
 # -- the contract -----------------------------------------------------------------------------------
 def test_api_search_gives_the_fields_of_search_json(client, demo, capsys):
-    """The same function builds both: the API's hits are the CLI's JSON lines plus an id."""
+    """The same function builds both: the API's hits are the CLI's JSON lines plus an id (the
+    ranking itself is checked against one worked out independently in the next test)."""
     for extra in ([], ["--explain"], ["--mode", "hybrid"], ["--min-score", "0.5"]):
         args = {"--explain": "explain=1", "--mode": "mode=hybrid", "--min-score": "min_score=0.5"}
         qs = "&".join(args[a] for a in extra if a in args)
@@ -91,6 +93,42 @@ def test_api_search_gives_the_fields_of_search_json(client, demo, capsys):
         assert all(SCHEMA_KEYS <= set(h) and isinstance(h["id"], int) for h in body["hits"])
     first = client.get(f"/api/search?q={quote(demo['query'])}&k=5").get_json()["hits"][0]
     assert Path(first["image"]).name == demo["expected"]
+
+
+def _max_cosine_ranking(index: Path, query: str, embedder) -> list[tuple[str, float]]:
+    """Every image of the index with its best cosine to `query`, best first, worked out here: the
+    stored texts (SQLite, the store of record) embedded afresh and scored in numpy."""
+    import sqlite3
+
+    import numpy as np
+
+    with sqlite3.connect(index / "store.sqlite") as conn:
+        rows = conn.execute("SELECT i.path, v.text FROM variants v JOIN images i ON i.id = v.image_id "
+                            "WHERE i.status = 'ok'").fetchall()  # fmt: skip
+    vecs = embedder.embed([t for _, t in rows] + [query]).astype(np.float64)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    best: dict[str, float] = {}
+    for (path, _), cos in zip(rows, vecs[:-1] @ vecs[-1], strict=True):
+        best[path] = max(best.get(path, -1.0), float(cos))
+    return sorted(best.items(), key=lambda item: -item[1])
+
+
+def test_api_ranks_as_the_max_cosine_worked_out_here(client, demo):
+    """A query without places or sizes (nothing for the structure score): the API's order is the
+    images' best cosines, and each hit's dense score is its image's (the index scores a float16 copy
+    of each vector: 2e-3)."""
+    from edge_t2t.query.query_parse import parse
+
+    query = "a runway"  # the synthetic scenes' texts are templated: this query's top 6 are 3e-3 apart or more
+    assert parse(query).constraints == ()
+    ranking = _max_cosine_ranking(demo["index"], query, demo["embedder"])
+    # no near-tie that the float16 copy could flip
+    assert min(a[1] - b[1] for a, b in zip(ranking[:5], ranking[1:6], strict=True)) > 2e-3
+    want = ranking[:5]
+    hits = client.get(f"/api/search?q={quote(query)}&k=5").get_json()["hits"]
+    assert [h["image"] for h in hits] == [path for path, _ in want]
+    assert [h["dense"] for h in hits] == pytest.approx([cos for _, cos in want], abs=2e-3)
+    assert [h["score"] for h in hits] == [h["dense"] for h in hits]
 
 
 def test_every_response_forbids_other_hosts(client, demo):
@@ -331,7 +369,7 @@ def test_hostile_uploads(client, demo):
 def test_search_by_example_of_a_new_image_is_described_by_the_vlm(demo, app, tmp_path, monkeypatch):
     """The tiny test VLM (random weights: its descriptions are placeholders) proves the path: upload,
     describe, embed the variants, rank. Nothing of the upload stays outside the temp dir."""
-    pytest.importorskip("llama_cpp")
+    hm.require("llama_cpp", "llama-cpp-python is a core dependency: run `make setup`")
     from edge_t2t.describe.testvlm import MMPROJ_FILE, MODEL_FILE, build_test_vlm
     from edge_t2t.describe.vlm import VLMConfig
 
@@ -453,7 +491,7 @@ def test_answers_from_the_last_whole_snapshot_while_index_runs(tmp_path):
 # -- scenes: chips, their place, GeoJSON ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def geo_app(tmp_path_factory, app):
-    pytest.importorskip("rasterio")
+    hm.require("rasterio", "the 'geo' extra is not installed: pip install -e '.[geo]' (make test installs it)")
     from edge_t2t.describe.captions import JsonlWriter
     from edge_t2t.scene.mosaic import write_mosaic
 

@@ -196,12 +196,18 @@ def test_identity_mismatch_names_both_embedders(tmp_path):
         assert "model-a" in str(err.value) and "model-b" in str(err.value)
 
 
-def test_runs_are_recorded(tmp_path):
+def test_runs_are_recorded(tmp_path, monkeypatch):
+    import edge_t2t.index.store as store_mod
+
+    clock = iter([1000.0, 1003.5])  # the start, then the finish: each stamp must land in its own column
+    monkeypatch.setattr(store_mod.time, "time", lambda: next(clock))
     with Store(tmp_path, create=True) as st:
         run = st.start_run({"paths": ["x"]})
         st.finish_run(run, "ok", {"added": 3}, {"embed": 1.5})
+        monkeypatch.undo()
         last = st.last_run()
-        assert last["status"] == "ok" and last["counts"]["added"] == 3 and last["finished"] >= last["started"]
+        assert last["status"] == "ok" and last["counts"]["added"] == 3 and last["stage_seconds"] == {"embed": 1.5}
+        assert (last["started"], last["finished"]) == (1000.0, 1003.5)
 
 
 def test_lock_refuses_a_live_holder_and_names_its_pid(tmp_path):

@@ -215,7 +215,8 @@ def test_not_a_database(tmp_path: Path) -> None:
     (index / STORE_FILE).write_bytes(b"this is not sqlite at all" * 200)
     rep = verify_index(index)
     assert not rep.ok
-    assert any("not a readable SQLite database" in p or "not a database" in p for p in rep.problems)
+    assert rep.problems == [f"{index / STORE_FILE}: not a readable SQLite database (file is not a database); "
+                            "delete the index directory and re-index"]  # fmt: skip
 
 
 def test_embedder_files_changed_or_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -346,20 +347,20 @@ def test_vlm_files_recorded_by_index_changed_or_missing(tmp_path: Path, monkeypa
     mmproj = Path(shutil.copy(src / manifest["mmproj"], vlm_dir / "mmproj.gguf"))
     imgs = tmp_path / "imgs"
     imgs.mkdir()
-    # The 5 real RSICD samples: the random-weight test VLM answers some images with unusable text
-    # (and which ones moves with llama.cpp's floating-point order), so one noise image or two could
-    # leave nothing indexed; on these it describes at least 3 (test_offline asserts the same).
+    # The 5 real RSICD samples, one variant each with room for the longest schema-valid answer: the
+    # seeded test VLM describes every one.
     for p in sorted(rsicd_samples.glob("*.jpg")):
         shutil.copy(p, imgs / p.name)
     index = tmp_path / "idx"
     env = {"EDGE_T2T_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "edge_t2t", "index", str(imgs), "--index", str(index), "--vlm", str(model),
-         "--mmproj", str(mmproj), "--variants", "1", "--threads", "1", "--json", "--no-progress"],
+         "--mmproj", str(mmproj), "--variants", "1", "--max-tokens", "1300", "--threads", "1", "--json",
+         "--no-progress"],
         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **env}, timeout=600,
     )  # fmt: skip
-    assert proc.returncode in (0, 1), proc.stderr  # 1 = an image failed (the test VLM can babble)
-    assert json.loads(proc.stdout)["added"] >= 1, proc.stdout
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["added"] == 5, proc.stdout
 
     with Store(index) as store:
         (prov,) = store.provenance()
@@ -418,4 +419,4 @@ def test_a_snapshot_of_another_index_or_missing_keys_is_a_problem(tmp_path: Path
     rows[0, 0] = 0  # the file no longer holds key `first`
     rows.flush()
     rep = verify_index(a)
-    assert not rep.ok and any(f"keys {first}" in p or f"keys {first}," in p for p in rep.problems), rep.problems
+    assert not rep.ok and any(f"keys {first}" in p for p in rep.problems), rep.problems

@@ -75,6 +75,7 @@ def tiling_options(args):
 
 
 def _print_summary(s, console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=f"Index {s.index_dir}", show_header=False)
@@ -86,8 +87,8 @@ def _print_summary(s, console) -> None:
         c = s.scenes
         t.add_row("scenes tiled", f"{c.scenes} ({c.chips_added} chips added, {c.chips_skipped_nodata} skipped as no-data)")
     console.print(t)
-    for path, why in s.failures[:20]:
-        console.print(f"[red]failed[/red] {path}: {why}", markup=True, highlight=False)
+    for path, why in s.failures[:20]:  # one line each, however long (a log file is not a terminal)
+        console.print(f"[red]failed[/red] {escape(path)}: {escape(why)}", markup=True, highlight=False, soft_wrap=True)
     if len(s.failures) > 20:
         console.print(f"... and {len(s.failures) - 20} more failures (see --json)")
 

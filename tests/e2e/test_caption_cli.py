@@ -96,29 +96,35 @@ def test_caption_samples_then_all_cached(vlm_args: list[str], rsicd_samples: Pat
 
 @pytest.mark.slow
 def test_ctrl_c_keeps_finished_captions(vlm_args: list[str], tmp_path: Path) -> None:
+    """Ctrl-C while the second of three images is being described (the run pauses itself as it
+    hands that image to the VLM: the fault hook, helpers_media): the current image is finished,
+    the third is never started, so exactly two records are kept."""
     folder = tmp_path / "imgs"
     folder.mkdir()
     rng = np.random.default_rng(7)
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"t{i}.png")
     out = tmp_path / "caps.jsonl"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edge_t2t", "caption", str(folder), "--out", str(out), "--json", "--no-cache",
-         *vlm_args, *FAST],
-        env=_env(tmp_path), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    first = proc.stdout.readline()  # the first finished caption
-    assert first, proc.stderr.read()
-    proc.send_signal(signal.SIGINT)
-    rest, err = proc.communicate(timeout=600)
+    argv, faults = hm.cli_argv("caption", str(folder), "--out", str(out), "--json", "--no-cache", *vlm_args, *FAST,
+                               faults=[{"stage": "caption", "at": 2, "action": "stop"}])  # fmt: skip
+    proc = subprocess.Popen(argv, env={**_env(tmp_path), **faults}, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        hm.wait_until_stopped(proc)
+        partial = out.with_name(out.name + ".partial")
+        assert len(partial.read_text().splitlines()) == 1  # the first image is done and written
+        stdout, err = hm.signal_and_finish(proc, signal.SIGINT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     kept = [json.loads(x) for x in out.read_text().splitlines()]
-    assert 1 <= len(kept) < 3 and kept[0] == json.loads(first)
-    assert [json.loads(x) for x in (first + rest).splitlines()] == kept  # --json printed what --out kept
+    assert [Path(r["image"]).name for r in kept] == ["t0.png", "t1.png"]
+    assert [json.loads(x) for x in stdout.splitlines()] == kept  # --json printed what --out kept
     for rec in kept:  # whole records, each of the bytes it names
         _check_record(rec)
-    assert f"kept {len(kept)} finished caption(s)" in err
+    assert "kept 2 finished caption(s)" in err
 
 
 def test_no_vlm_explains_how_to_get_one(tmp_path: Path, rsicd_samples: Path) -> None:

@@ -1,6 +1,9 @@
 """End-to-end: the `index`, `search` and `info` commands as a user runs them (subprocesses), with
 the real ONNX embedder. Search output is compared with snapshots, rclip-style: scores rounded to
-4 decimals; set EDGE_T2T_UPDATE_SNAPSHOTS=1 to rewrite them after an intended change."""
+4 decimals. Each snapshot is first checked against a ranking computed here (the embedder's vectors
+and a numpy max-cosine), so it can only hold what that ranking says; set
+EDGE_T2T_UPDATE_SNAPSHOTS=1 to rewrite them after an intended change (refused under CI=true: CI
+checks snapshots, it never writes them)."""
 
 from __future__ import annotations
 
@@ -11,14 +14,15 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import helpers_media as hm
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAPSHOTS = Path(__file__).resolve().parent / "snapshots"
 UPDATE = os.environ.get("EDGE_T2T_UPDATE_SNAPSHOTS") == "1"
+UNDER_CI = os.environ.get("CI", "").lower() in ("true", "1")
 
 
 def _env(tmp: Path) -> dict:
@@ -30,7 +34,7 @@ def _env(tmp: Path) -> dict:
     return env
 
 
-def cli(tmp: Path, *args, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(tmp: Path, *args, ok: bool = True, timeout: float = hm.HANG_S) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "edge_t2t", *map(str, args)],
         capture_output=True, text=True, env=_env(tmp), cwd=tmp, timeout=timeout,
@@ -92,20 +96,53 @@ def _normalise(hits: list[dict]) -> list[dict]:
             for h in hits]
 
 
+def _max_cosine_ranking(captions: Path, query: str, k: int) -> list[dict]:
+    """The top k images for `query`, worked out here: every text the default text mode makes of each
+    image's variants, embedded with the fp32 embedder, and each image scored by its best cosine
+    (the paper's rule), in numpy; ties broken by name."""
+    import numpy as np
+
+    from edge_t2t.describe.captions import load_captions
+    from edge_t2t.embed.embedder import Embedder
+    from edge_t2t.embed.texts import variant_texts
+    from edge_t2t.modes import DEFAULT_TEXT_MODE
+
+    records = load_captions(captions)
+    # (variant ordinal, text) per image; each distinct text embedded once, so a text repeated in two
+    # variants scores the same in both and the first variant shows it
+    texts = {rec.image: [(i, t) for i, v in enumerate(rec.variants) for _f, t in variant_texts(v, DEFAULT_TEXT_MODE)]
+             for rec in records}  # fmt: skip
+    distinct = sorted({t for pairs in texts.values() for _, t in pairs} | {query})
+    vectors = dict(zip(distinct, Embedder(precision="fp32").embed(distinct).astype(np.float64), strict=True))
+    q = vectors[query] / np.linalg.norm(vectors[query])
+    ranked = []
+    for image, pairs in texts.items():
+        cos = [float(vectors[t] @ q / np.linalg.norm(vectors[t])) for _, t in pairs]
+        best = int(np.argmax(cos))
+        ranked.append({"score": cos[best], "image": image, "variant": pairs[best][0], "text": pairs[best][1]})
+    ranked.sort(key=lambda h: (-h["score"], h["image"]))
+    return [{"rank": r, **h} for r, h in enumerate(ranked[:k], 1)]
+
+
 def test_search_json_matches_snapshot(small_index):
     tmp, ix = small_index
     got = {}
     for q in QUERIES:
         out = cli(tmp, "search", q, "--index", ix, "-k", "3", "--json", "--mode", "exact", "--precision", "fp32").stdout
         got[q] = _normalise(jsonl(out))
+        expected = _max_cosine_ranking(tmp / "captions.jsonl", q, 3)
+        assert [{k: h[k] for k in ("rank", "image", "variant", "text")} for h in got[q]] == \
+               [{k: h[k] for k in ("rank", "image", "variant", "text")} for h in expected], q  # fmt: skip
+        assert [h["score"] for h in got[q]] == pytest.approx([h["score"] for h in expected], abs=1e-4), q
+    # each query finds its own scene first
+    assert [got[q][0]["image"] for q in QUERIES] == ["stadium_1.jpg", "airport_1.jpg", "river_1.jpg", "harbour_1.jpg"]
     snap = SNAPSHOTS / "small_search.json"
-    if UPDATE:
+    if UPDATE:  # only after the checks above: a snapshot cannot take in a ranking they refuse
+        assert not UNDER_CI, "EDGE_T2T_UPDATE_SNAPSHOTS=1 under CI=true: CI checks snapshots, never writes them"
         SNAPSHOTS.mkdir(exist_ok=True)
         snap.write_text(json.dumps(got, indent=2) + "\n")
     assert snap.exists(), f"{snap} missing: run with EDGE_T2T_UPDATE_SNAPSHOTS=1 to create it"
     assert got == json.loads(snap.read_text())
-    # and the snapshot itself is sensible: each query finds its scene first
-    assert [got[q][0]["image"] for q in QUERIES] == ["stadium_1.jpg", "airport_1.jpg", "river_1.jpg", "harbour_1.jpg"]
 
 
 def test_index_json_summary_and_rerun_skips(small_index):
@@ -234,57 +271,55 @@ def test_coco_info_counts(coco_index):
     assert info["dtype"] == "i8" and info["descriptions"][0]["model"] == "imported:coco"
 
 
-def _wait_for_first_commit(proc, index_dir: Path, timeout: float = 120) -> int:
-    """Poll the store (read-only) until a batch is committed and its vectors saved."""
-    committed = 0
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (index_dir / "manifest.json").exists():
-            try:
-                with sqlite3.connect(f"file:{index_dir / 'store.sqlite'}?mode=ro", uri=True, timeout=5) as c:
-                    committed = c.execute("SELECT COUNT(*) FROM images").fetchone()[0]
-            except sqlite3.OperationalError:
-                committed = 0
-            if committed >= 32:
-                break
-        time.sleep(0.05)
-    return committed
+BATCH = 32
+
+
+def _paused_writer(tmp: Path, caps: Path, index: Path, faults: list[dict]) -> subprocess.Popen:
+    """`index --batch-size 32` that pauses itself where `faults` say (the fault hook, helpers_media)."""
+    argv, faults = hm.cli_argv("index", "--captions", str(caps), "--index", str(index), "--batch-size", str(BATCH),
+                               "--no-progress", "--json", faults=faults)  # fmt: skip
+    return subprocess.Popen(argv, env={**_env(tmp), **faults}, cwd=tmp, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def test_ctrl_c_exits_130_and_says_what_was_kept(coco_index, tmp_path):
+    """SIGINT lands while the writer is paused inside its second batch's transaction (rows written
+    and counted, COMMIT not yet run): the interrupt is held until that block is over, so the batch
+    is committed and counted together. Exactly two batches are kept, in the summary and the store."""
     _, _, caps = coco_index
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edge_t2t", "index", "--captions", str(caps), "--index", str(tmp_path / "ix"),
-         "--batch-size", "32", "--no-progress"],
-        env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    committed = _wait_for_first_commit(proc, tmp_path / "ix")
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert committed >= 32 and proc.returncode == 130, err
-    assert "interrupted; kept" in err and "Traceback" not in err
+    inside_batch_2 = [{"stage": "commit_before", "after": ["embed", 2], "at": 1, "action": "stop"}]
+    proc = _paused_writer(tmp_path, caps, tmp_path / "ix", inside_batch_2)
+    try:
+        hm.wait_until_stopped(proc)
+        committed = hm.committed_rows(tmp_path / "ix", "images")  # batch 1; batch 2 not committed yet
+        _, err = hm.signal_and_finish(proc, signal.SIGINT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert committed == BATCH and proc.returncode == 130, err
+    assert f"interrupted; kept {2 * BATCH} newly indexed image(s)" in err and "Traceback" not in err
     assert not (tmp_path / "ix" / "index.lock").exists()  # released on the way out
     info = json.loads(cli(tmp_path, "info", "--index", tmp_path / "ix", "--json").stdout)
-    assert info["last_run"]["status"] == "interrupted" and info["counts"]["images_ok"] % 32 == 0
+    assert info["last_run"]["status"] == "interrupted" and info["counts"]["images_ok"] == 2 * BATCH
+    assert info["vectors_consistent"] and info["snapshot"]["texts_not_in_snapshot"] == 0  # saved on the way out
 
 
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(coco_index, tmp_path):
+    """SIGKILL while the writer is paused after its second batch's COMMIT: the store keeps exactly
+    the committed rows; the resumed run adds the rest and ends equal to an uninterrupted run."""
     tmp, ix, caps = coco_index
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edge_t2t", "index", "--captions", str(caps), "--index", str(killed),
-         "--batch-size", "32", "--no-progress", "--json"],
-        env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = _paused_writer(tmp_path, caps, killed, hm.PAUSE_AFTER_EVERY_COMMIT)
     try:
-        committed = _wait_for_first_commit(proc, killed)
+        committed = hm.pause_once_committed(proc, killed, BATCH + 1)
+        hm.signal_and_finish(proc, signal.SIGKILL)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert 32 <= committed < 1092, "the run should be killed after its first batch commit"
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL and committed == 2 * BATCH
     with sqlite3.connect(killed / "store.sqlite") as c:
         kept = c.execute("SELECT COUNT(*) FROM images").fetchone()[0]
-    assert kept % 32 == 0  # whole batches only: a batch is one transaction
+    assert kept == committed  # whole batches only: a batch is one transaction
     assert (killed / "index.lock").exists()  # the dead writer's lock is left behind (and is stale)
 
     resumed = json.loads(cli(tmp_path, "index", "--captions", caps, "--index", killed, "--json").stdout)
@@ -333,7 +368,7 @@ def test_vlm_incremental_add_touch_rename_delete_and_image_search(tmp_path, rsic
             "--max-tokens", "1024", "--threads", "2", "--json"]  # fmt: skip
 
     def index() -> dict:
-        s = json.loads(cli(tmp_path, *base, timeout=600).stdout)  # exit 0: no image failed
+        s = json.loads(cli(tmp_path, *base).stdout)  # exit 0: no image failed
         assert s["failed"] == 0 and s["failures"] == [], s["failures"]
         return s
 
