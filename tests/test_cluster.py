@@ -16,6 +16,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,6 +26,7 @@ import pytest
 
 from edge_t2t.describe.captioning import Callbacks, caption_images
 from edge_t2t.describe.captions import CaptionCache
+from edge_t2t.errors import ClusterError
 
 distributed = hm.require("distributed", "the 'cluster' extra is not installed: pip install -e '.[cluster]' (make test installs it)")
 
@@ -236,6 +238,44 @@ def test_an_unreachable_scheduler_is_one_line_and_exit_2(vlm_cfg, images, tmp_pa
     assert res.returncode == 2, res.stderr
     assert len(lines) == 1 and lines[0].startswith("edge-t2t: error: cannot reach the Dask scheduler"), res.stderr
     assert "dask scheduler" in lines[0]
+
+
+def test_a_run_left_with_no_worker_ends_with_one_line_and_keeps_the_cache(monkeypatch, vlm_cfg, images, tmp_path) -> None:
+    """Every worker gone mid-run and none restarted: the run ends after the grace period with a
+    ClusterError naming the fix, instead of waiting for a worker forever. The known point: the
+    session has connected (the "describing on" notice) and no image has been sent yet; there the
+    only worker is retired, nanny included, so every image waits on a scheduler with no worker."""
+    monkeypatch.setattr(cluster, "NO_WORKER_GRACE_S", 2.0)
+    with cluster.open_cluster(workers=1) as own:  # connects (and starts its worker) on the first miss
+        retired: list = []
+
+        def on_notice(message: str) -> None:
+            if message.startswith("describing on") and not retired:
+                retired.extend(own.client.retire_workers(close_workers=True, remove=True))
+                assert own.client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.workers)) == 0
+
+        records: list = []
+        outcome: list = []
+        cached: list = []
+
+        def run() -> None:  # in a thread, so a run that would wait forever fails the test instead
+            with CountingCache(tmp_path / "cache.sqlite") as cache:  # SQLite: opened in the thread using it
+                try:
+                    caption_images(images, vlm_cfg, on_record=records.append, cache=cache, executor=own,
+                                   callbacks=Callbacks(on_notice=on_notice), **KW)  # fmt: skip
+                except BaseException as exc:  # noqa: BLE001 -- handed to the test thread
+                    outcome.append(exc)
+                cached.append(len(cache))
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(timeout=120)  # 60x the grace period
+        assert not worker.is_alive(), "the run still waits for a worker"
+        assert len(retired) == 1 and len(outcome) == 1 and isinstance(outcome[0], ClusterError), outcome
+        message = str(outcome[0])
+        assert message.startswith("no Dask worker left on ") and "run the same command again" in message
+        assert "2 image(s) waiting" in message  # the in-flight window of one worker thread
+        assert records == [] and cached == [0]
 
 
 def test_a_missing_cluster_extra_is_one_line_naming_it(monkeypatch, vlm_cfg, images, capsys) -> None:

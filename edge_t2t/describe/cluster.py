@@ -50,6 +50,11 @@ CONNECT_TIMEOUT_S = 10.0
 # client loads the next image, and Ctrl-C cancels little.
 IN_FLIGHT_PER_THREAD = 2
 _WINDOW_REFRESH_S = 2.0
+# How long a run waits, with images in flight, while the scheduler has no worker at all, before it
+# gives up with one line (every worker of a local cluster died and none was restarted, or every
+# remote worker was stopped). Without it the run would wait for a worker forever. Finished images
+# are in the caption cache by then, so the same command resumes where it stopped.
+NO_WORKER_GRACE_S = 120.0
 
 
 class WorkerRefused(ClusterError):
@@ -194,6 +199,10 @@ class ClusterSession:
 
     def caption(self, run: CaptionRun) -> None:
         caption_on_cluster(self, run)
+
+    def workers_present(self) -> int:
+        """Workers the scheduler knows now (the client's view, refreshed every few seconds)."""
+        return len(self.client.scheduler_info().get("workers", {}))
 
     def worker_threads(self) -> int:
         count, when = self._threads
@@ -440,6 +449,14 @@ def caption_on_cluster(session: ClusterSession, run: CaptionRun) -> None:
                 fail(tag, p, f"the Dask scheduler dropped this image ({future.status}); run the same command again")
         future.release()
 
+    watch = _WorkerWatch(session)
+
+    def wait_one() -> None:
+        try:
+            collect(finished.get(timeout=0.5))
+        except queue.Empty:
+            watch.check(len(inflight))
+
     stop_message = "interrupt: cancelling the images not described yet, keeping the finished ones (Ctrl-C again to stop now)"
     with stop_after_current(notice, stop_message) as stop:
         try:
@@ -447,10 +464,7 @@ def caption_on_cluster(session: ClusterSession, run: CaptionRun) -> None:
                 fill(stop)
                 if stop["stop"] or not inflight:
                     break
-                try:
-                    collect(finished.get(timeout=0.5))
-                except queue.Empty:
-                    continue
+                wait_one()
             state["alone"] = True
             for key, image, members in suspects:
                 if stop["stop"]:
@@ -458,16 +472,35 @@ def caption_on_cluster(session: ClusterSession, run: CaptionRun) -> None:
                 submit(members[0], image, key, suffix="-alone")
                 inflight[task_key(key) + "-alone"][3].extend(members[1:])
                 while inflight and not stop["stop"]:
-                    try:
-                        collect(finished.get(timeout=0.5))
-                    except queue.Empty:
-                        continue
+                    wait_one()
         except KeyboardInterrupt:
             stop["stop"] = True
         finally:
             if inflight:
                 _wind_down(session, inflight, collect)
     summary.interrupted = stop["stop"]
+
+
+class _WorkerWatch:
+    """Ends a run that waits on a scheduler with no worker left (see NO_WORKER_GRACE_S)."""
+
+    def __init__(self, session: ClusterSession):
+        self.session = session
+        self.last_seen = self.last_asked = time.monotonic()
+
+    def check(self, waiting: int) -> None:
+        now = time.monotonic()
+        if now - self.last_asked < 1.0:  # the client's view changes every few seconds only
+            return
+        self.last_asked = now
+        if self.session.workers_present():
+            self.last_seen = now
+        elif now - self.last_seen > NO_WORKER_GRACE_S:
+            raise ClusterError(
+                f"no Dask worker left on {self.session.description} for {NO_WORKER_GRACE_S:.0f} s, with {waiting} "
+                "image(s) waiting: start workers (dask worker ADDRESS) or use --workers N, then run the same "
+                "command again (finished images are kept in the caption cache)"
+            )
 
 
 def _wind_down(session: ClusterSession, inflight: dict, collect: Callable[[Any], None]) -> None:
