@@ -335,23 +335,23 @@ def test_caption_and_index_describe_scene_chips_with_the_vlm(tmp_path, capsys, m
 
     # First `index`, with the model failing on one chip (UnusableAnswer, as when its answer is unusable):
     # the other chips are kept and the scene stays 'partial', to be looked at again.
-    from edge_t2t.describe import captioning
+    from edge_t2t.describe import describer
 
-    real_describe, broken = captioning.describe_image, names[1]
+    real_describe, broken = describer.describe_image, names[1]
 
     def fails_on_one_chip(vlm, image, *a, **k):
         if image.path == broken:
-            raise captioning.UnusableAnswer("the model gave no usable description (after one retry)")
+            raise describer.UnusableAnswer("the model gave no usable description (after one retry)")
         return real_describe(vlm, image, *a, **k)
 
-    monkeypatch.setattr(captioning, "describe_image", fails_on_one_chip)
+    monkeypatch.setattr(describer, "describe_image", fails_on_one_chip)
     code, out, err = _cli(capsys, "index", mosaic.path, "--index", ix, "--json", "--no-progress", *flags)
     summary = json.loads(out)
     assert code == 1, err
     assert summary["scenes"]["chips_added"] == len(names) - 1 and [f["image"] for f in summary["failures"]] == [broken]
     with Store(ix) as st:
         assert st.conn.execute("SELECT status FROM scenes").fetchone()[0] == "partial"
-    monkeypatch.setattr(captioning, "describe_image", real_describe)
+    monkeypatch.setattr(describer, "describe_image", real_describe)
 
     # `caption` describes every chip (the failed one now; the others come from the cache)
     code, out, err = _cli(capsys, "caption", mosaic.path, "--json", *flags)
