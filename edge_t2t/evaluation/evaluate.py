@@ -85,11 +85,12 @@ def unit(vectors: np.ndarray) -> np.ndarray:
     return v / np.where(norms > 0, norms, 1.0)
 
 
-def stored_scores(queries: np.ndarray, database: np.ndarray, dtype: str) -> np.ndarray:
+def stored_scores(queries: np.ndarray, database: np.ndarray, dtype: str, exact_copy: bool = True) -> np.ndarray:
     """(queries, database) scores exactly as `exact` search of an index of ``dtype`` gives them:
-    the float32 query against the index's exact copy of each vector (quantise.as_exact: float16
-    beside f16 and i8 graphs), not re-normalised after the cast. In float64."""
-    return unit(queries).astype(np.float64) @ as_exact(unit(database), dtype).T
+    the float32 query against the index's exact values of each vector (quantise.as_exact: float16
+    for f16 graphs and beside i8 ones; an i8 index without that copy: its codes as unit vectors),
+    not re-normalised after the float16 cast. In float64."""
+    return unit(queries).astype(np.float64) @ as_exact(unit(database), dtype, exact_copy).T
 
 
 def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -474,6 +475,7 @@ def index_eval(
     embed: Callable[[list[str]], np.ndarray],
     dtype: str = "f32",
     exact: bool = True,
+    exact_copy: bool = True,
     threads: int = 0,
     t2i_search: tuple[Callable, Sequence[np.ndarray | None], int] | None = None,
     mode: str = "dense",
@@ -506,7 +508,7 @@ def index_eval(
         parts = []
         for name in names:
             if name == "dense":
-                part = stored_scores(raw, stacked, dtype)
+                part = stored_scores(raw, stacked, dtype, exact_copy)
             else:
                 if image_texts is None:
                     raise ValueError(f"mode {mode!r} needs the images' texts")
@@ -520,8 +522,9 @@ def index_eval(
                   "structure": structure is not None}
         return EvalResult(t2i, i2t, {**_base_counts(ann), **counts}, config, i2t_nodup=i2t_nd)
     if exact:
-        t2i_scores = i2t_scores = stored_scores(raw, stacked, dtype)
-        scoring = "exact numpy" + ("" if dtype == "f32" else f", as exact search of a {dtype} index scores (its float16 copy)")
+        t2i_scores = i2t_scores = stored_scores(raw, stacked, dtype, exact_copy)
+        scoring = "exact numpy" + ("" if dtype == "f32" else f", as exact search of a {dtype} index scores "
+                                   f"({'its float16 values' if exact_copy or dtype != 'i8' else 'its int8 codes'})")
     else:
         per_image = int(np.bincount(owner).max())
         # T2I: enough variant vectors that at least 11 distinct images come back (pigeonhole)
@@ -588,10 +591,11 @@ def load_index_vectors(index_dir, ann: Annotations, identity: dict | None = None
         store = ix.store
         if identity is not None:
             store.check_identity(identity)
-        keys, image_ids, vectors = store.all_vectors()
+        keys, image_ids, vectors = ix.search_vectors().live_vectors(store.variant_keys())
         paths = store.image_paths()
         stored_dtype = store.get_meta("dtype", None)
-        text_of = dict(store.conn.execute("SELECT id, text FROM variants")) if with_texts else {}
+        exact_copy = bool(store.get_meta("exact_copy", True))
+        text_of = store.texts_by_key() if with_texts else {}
         if with_features:
             from ..query.retrieval import features_by_image
 
@@ -626,6 +630,7 @@ def load_index_vectors(index_dir, ann: Annotations, identity: dict | None = None
         "index_images_not_annotated": len(set(by_name) - wanted),
         "index_vectors": len(keys),
         "index_dtype": stored_dtype,
+        "index_exact_copy": exact_copy,
     }
     texts = [None if k is None else [text_of[int(x)] for x in k] for k in out_keys] if with_texts else None
     features = None
