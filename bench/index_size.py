@@ -9,9 +9,11 @@ per run), each layout in its own process: the old layout by the code at the bran
 `git worktree` of it, --old), the new ones by this checkout. Every layout gets the same vectors:
 
 - the real int8 embedder (all-MiniLM-L6-v2) on every distinct text of the first `--real-images`
-  images (default 10,000), embedded once and cached in the work directory;
-- past those (the 100k runs), a text the cache lacks gets a real vector of the cache picked by a
-  hash of the text, plus Gaussian noise (sigma 0.02 per component, about cosine 0.87 to it), made
+  images (default 10,000) in sentences mode and of the first `--real-images-long` (2,000) in
+  joined and fields modes (their long texts embed at a few dozen per second on the shared
+  machine), embedded once and cached in the work directory;
+- any other text (the 100k runs; joined and fields past 2,000 images) gets a real vector of the
+  cache picked by a hash of the text, plus Gaussian noise (sigma 0.02 per component, about cosine 0.87 to it), made
   unit length. Sizes do not depend on the values; the timing parts see realistic neighbourhoods.
 
 Queries: 200 of the scenes' template queries, embedded by the real model. Timings are wall
@@ -141,9 +143,9 @@ def write_captions(work: Path, n: int) -> list[Path]:
     return [*files, add]
 
 
-def embed_cache(work: Path, captions: list[Path], queries: list[str]) -> dict:
-    """Real vectors of every distinct text (every mode) of the given captions files, and of the
-    queries; cached (texts.json + vectors.npz) so later runs reuse them."""
+def embed_cache(work: Path, captions: list[Path], queries: list[str], real: dict[str, int]) -> dict:
+    """Real vectors of every distinct text of the first real[mode] images of the captions files in
+    each mode, and of the queries; cached (texts.json + vectors.npz) so later runs reuse them."""
     from edge_t2t.describe.captions import load_captions
     from edge_t2t.embed.embedder import Embedder
     from edge_t2t.embed.texts import description_texts
@@ -153,15 +155,19 @@ def embed_cache(work: Path, captions: list[Path], queries: list[str]) -> dict:
     if (work / "vectors.npz").exists():
         return json.loads((work / "embed_facts.json").read_text())
     texts: dict[str, None] = dict.fromkeys(queries)
-    for caps in captions:
-        for rec in load_captions(caps):
-            for mode in MODES:
-                texts.update(dict.fromkeys(description_texts(rec.variants, mode)))
+    records = [rec for caps in captions for rec in load_captions(caps)]
+    for mode, n in real.items():
+        for rec in records[:n]:
+            texts.update(dict.fromkeys(description_texts(rec.variants, mode)))
     order = list(texts)
     t0, c0 = time.perf_counter(), time.process_time()
-    vecs = np.concatenate([emb.embed(order[i : i + 4096]) for i in range(0, len(order), 4096)])
+    parts = []
+    for i in range(0, len(order), 4096):
+        parts.append(emb.embed(order[i : i + 4096]))
+        print(f"[embed] {i + len(parts[-1]):,} / {len(order):,} texts, {time.perf_counter() - t0:.0f} s", flush=True)
+    vecs = np.concatenate(parts)
     facts = {"distinct_texts": len(order), "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-             "load": os.getloadavg()[0]}
+             "load": os.getloadavg()[0], "real_images": real}
     np.savez(work / "vectors.npz", vectors=vecs.astype(np.float32))
     (work / "texts.json").write_text(json.dumps(order))
     (work / "embed_facts.json").write_text(json.dumps(facts))
@@ -240,6 +246,7 @@ def repair_time(args, n_texts: int) -> dict:
 
 
 def report(args, results: dict, embed_facts: dict, repair: dict | None, seconds: float) -> None:
+    real = embed_facts["real_images"]
     from _common import write_results
 
     lines = ["| images | text mode | texts/image | old layout | new | new, no exact copy | new / old | no copy / old |",
@@ -273,8 +280,9 @@ def report(args, results: dict, embed_facts: dict, repair: dict | None, seconds:
     lines += ["", f"Scenes: `edge_t2t.demo.scenes` seed {SCENE_SEED}, ground-truth descriptions (5 variants each), imported "
               f"with `Indexer.run` in runs of {CHUNK_IMAGES:,} images, each layout in its own process (old: the code at "
               f"the branch point, `{args.old}`). Vectors: the real int8 embedder on the {embed_facts['distinct_texts']:,} "
-              f"distinct texts of the first {args.real_images:,} images (embedded once, {embed_facts['seconds']:.0f} s); "
-              f"texts past them reuse a real vector picked by a hash of the text plus noise (sigma {NOISE} per component). "
+              f"distinct texts of the first {real['sentences']:,} images in sentences mode and the first {real['joined']:,} "
+              f"in joined and fields modes (embedded once, {embed_facts['seconds']:.0f} s); other texts reuse a real "
+              f"vector picked by a hash of the text plus noise (sigma {NOISE} per component). "
               "Add: 100 more images in a new process. Search: 200 template queries, k 10, dense, in-process "
               "(open_for_search + search_open; the query's vector from the same cache). Wall times on a shared 2-core "
               "machine: the load averages are in the JSON; compare the ratios, taken in one run."]
@@ -288,7 +296,9 @@ def main() -> int:
     ap.add_argument("--sizes", default="10000,100000", help="image counts, comma-separated (default 10000,100000)")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--timing-size", type=int, default=None, help="size whose add/search are timed (default: the largest)")
-    ap.add_argument("--real-images", type=int, default=10_000, help="images whose texts get real vectors")
+    ap.add_argument("--real-images", type=int, default=10_000, help="images whose sentences-mode texts get real vectors")
+    ap.add_argument("--real-images-long", type=int, default=2_000,
+                    help="images whose joined- and fields-mode texts (long ones) get real vectors")
     ap.add_argument("--repair-texts", type=int, default=100_000, help="texts of the repair timing (0: skip)")
     ap.add_argument("--old", type=Path, required=False, help="a checkout of the code before the lean layout")
     ap.add_argument("--work", type=Path, default=Path("/tmp/index-size"))
@@ -318,8 +328,10 @@ def main() -> int:
     specs = all_query_specs()
     queries = [specs[i].text for i in np.random.default_rng(0).choice(len(specs), QUERIES, replace=False)]
     (args.work / "queries.json").write_text(json.dumps(queries))
-    real = write_captions(args.work, args.real_images)
-    embed_facts = embed_cache(args.work, real[:-1], queries)
+    real_files = write_captions(args.work, args.real_images)
+    real = {mode: args.real_images if mode == "sentences" else min(args.real_images, args.real_images_long)
+            for mode in MODES}
+    embed_facts = embed_cache(args.work, real_files[:-1], queries, real)
     results: dict = {}
     repair = None
     if args.repair_texts:

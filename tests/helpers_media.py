@@ -282,6 +282,9 @@ def has_traceback(text: str) -> bool:
 #   hashed         after a file was read and hashed (ImageBytes.read; action 'rewrite' replaces
 #                  that file's content)
 #   lock_busy      a try to take a lock found it held by another process (before --wait's sleep)
+#   migrate        the schema v7 upgrade has written everything, before its COMMIT
+#   vacuum         the upgrade is committed, before the VACUUM that gives the space back
+#   vacuum_step    inside that VACUUM (SQLite's progress handler, every 100 virtual-machine steps)
 # "at" may be "*": every time. Action "stop" pauses the process right there (SIGSTOP to itself) with
 # everything it holds (the index lock, an open transaction) until the test sends SIGCONT; see
 # wait_until_stopped().
@@ -366,6 +369,27 @@ def child_main() -> None:
         reach("manifest")  # the new generation is out, SQLite's meta and deletion log not yet updated
 
     vindex._write_manifest = write_manifest
+
+    # The schema v7 upgrade (issue 25): MIGRATIONS holds the step itself, so it is wrapped there.
+    at = store.MIGRATIONS.index(store.lean_layout)
+    orig_lean = store.MIGRATIONS[at]
+
+    def lean_layout(conn):
+        orig_lean(conn)
+        reach("migrate")
+
+    store.MIGRATIONS[at] = lean_layout
+    orig_give_back = store.Store._give_space_back
+
+    def give_space_back(self):
+        reach("vacuum")
+        self.conn.set_progress_handler(lambda: reach("vacuum_step"), 100)
+        try:
+            return orig_give_back(self)
+        finally:
+            self.conn.set_progress_handler(None, 0)
+
+    store.Store._give_space_back = give_space_back
 
     from edge_t2t.images import ImageBytes
 

@@ -102,3 +102,48 @@ def make_old_store(index_dir: Path, version: int, n_images: int = 4, seed: int =
     conn.execute("COMMIT")
     conn.close()
     return old
+
+
+# Meta keys the lean layout (v7) added; a v6 store never had them.
+_V7_META = ("exact_copy", "embedder_precision", "upgrade", store_mod.VACUUM_PENDING)
+
+
+def make_v6_copy(index: Path, dest: Path) -> None:
+    """The index at `index` (schema v7, an i8 index with its float16 copy, snapshot saved) as
+    edge-t2t before the lean layout would have left it: the same images, ids, descriptions and
+    snapshot files, and each text a v6 `variants` row with its variant's fields and its vector
+    (the float16 copy's values as float32: what that snapshot holds) as a blob."""
+    import shutil
+
+    from edge_t2t.index import vindex
+
+    dest.mkdir(parents=True)
+    snap = vindex.Snapshot.open(index)
+    assert snap is not None and snap.exact is not None and len(snap.dead) == 0
+    src = sqlite3.connect(index / store_mod.STORE_FILE)
+    conn = sqlite3.connect(dest / store_mod.STORE_FILE, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    assert store_mod.migrate(conn, store_mod.MIGRATIONS[:6]) == 6
+    conn.execute("BEGIN")
+    for key, value in src.execute("SELECT key, value FROM meta"):
+        if key not in _V7_META:
+            conn.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
+    for table in ("descriptions", "images", "runs", "scenes", "chips"):
+        cols = [r[1] for r in src.execute(f"PRAGMA table_info({table})")]
+        rows = src.execute(f"SELECT {', '.join(cols)} FROM {table}").fetchall()
+        conn.executemany(f"INSERT INTO {table}({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", rows)
+    conn.executemany("INSERT INTO chips_rtree SELECT ?, ?, ?, ?, ?", src.execute("SELECT * FROM chips_rtree").fetchall())
+    rows = src.execute("SELECT t.id, v.image_id, v.ordinal, t.field, v.one_sentence, v.features, v.caption, t.text "
+                       "FROM texts t JOIN variants v ON v.id = t.variant_id ORDER BY t.id").fetchall()
+    at, live = snap.find(np.array([r[0] for r in rows], np.int64))
+    assert live.all()
+    vecs = snap.vectors_at(at)
+    conn.executemany("INSERT INTO variants(id, image_id, ordinal, field, one_sentence, features, caption, text, vector) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(*r, v.tobytes()) for r, v in zip(rows, vecs, strict=True)])
+    seq = src.execute("SELECT seq FROM sqlite_sequence WHERE name = 'texts'").fetchone()[0]
+    conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'variants'", (seq,))
+    conn.execute("COMMIT")
+    conn.close()
+    src.close()
+    for name in [vindex.MANIFEST_FILE, *vindex.manifest_files(snap.manifest)]:
+        shutil.copy(index / name, dest / name)

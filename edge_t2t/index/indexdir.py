@@ -117,6 +117,7 @@ class IndexDir:
         self.lock = lock
         self.writer: vindex.VectorWriter | None = None
         self.rebuilt = False
+        self.embedded_again = 0  # texts the last rebuild embedded again (their vectors were lost)
         self._last_save = time.monotonic()
 
     # -- opening ----------------------------------------------------------------------------
@@ -170,10 +171,16 @@ class IndexDir:
             lag = self.store.pending_in(snap.max_key if snap is not None else 0)
         finally:
             conn.execute("COMMIT")
-        if snap is None and self.store.get_meta("dim") is not None and self.store.text_count() > len(lag[0]):
-            warn(f"{self.path} has no vector snapshot (or one of another index) holding its texts: run "
-                 f"'edge-t2t verify --repair --index {self.path}'")
         vectors = SearchVectors(snap, lag)
+        texts = self.store.text_count()
+        if texts > len(vectors):
+            # The snapshot is gone or another index's: the vectors of the texts it held are lost.
+            lost = (f"the vector snapshot of {self.path} is missing or not this index's, so {texts - len(vectors)} of "
+                    f"its {texts} texts have no vector: run 'edge-t2t verify --repair --index {self.path}' "
+                    "(it embeds them again)")
+            if len(vectors) == 0:
+                raise StoreError(lost)
+            warn(lost + "; searching the others")
         if len(vectors) == 0:
             raise StoreError(
                 f"the index at {self.path} is empty (no described images): add images with "

@@ -293,7 +293,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(coco_index, tm
     def dump(path):
         with sqlite3.connect(path / "store.sqlite") as c:
             return sorted(c.execute(
-                "SELECT i.path, v.ordinal, v.text FROM variants v JOIN images i ON i.id = v.image_id"
+                "SELECT i.path, v.ordinal, t.text FROM texts t JOIN variants v ON v.id = t.variant_id JOIN images i ON i.id = v.image_id"
             ).fetchall())  # fmt: skip
 
     assert dump(killed) == dump(ix)
