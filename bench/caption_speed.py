@@ -1,8 +1,8 @@
 """Seconds per image of the two caption paths, sequential and parallel, per model shape x precision.
 
 For each (shape, precision) a child process loads the VLM once and, image by image in alternating
-order, runs the two paths exactly as `edge-t2t caption` calls them (captioning._run_sequential and
-captioning._run_parallel: one attempt each, the retry left out so both arms do the same work):
+order, runs the two paths exactly as `edge-t2t caption` calls them (describer._run_sequential and
+describer._run_parallel: one attempt each, the retry left out so both arms do the same work):
 
 - sequential: one create_chat_completion writes all N variants under the N-variant schema;
 - parallel: the image encoded once, the shared prompt decoded once, the N variants generated as N
@@ -95,7 +95,7 @@ class _ParTimer:
 def run_one(model: Path, mmproj: Path, *, threads: int, n_images: int, variants: int, max_tokens: int,
             multi: int, reps: int, warm_up: bool, image_max_tokens: int = 0) -> dict:  # fmt: skip
     """One (model, precision): both arms, interleaved; runs in a child process (own peak RSS)."""
-    from edge_t2t.describe.captioning import _run_parallel, _run_sequential
+    from edge_t2t.describe.describer import _run_parallel, _run_sequential
     from edge_t2t.describe.vlm import VLM, VLMConfig
 
     t0 = time.perf_counter()
@@ -343,14 +343,14 @@ def grammar_cost(model: Path, steps: int = 60) -> dict:
     import llama_cpp as lc
     import numpy as np
 
-    from edge_t2t.describe.vlm import _gbnf
+    from edge_t2t.describe.vlm_sampling import json_schema_gbnf
 
     params = lc.llama_model_default_params()
     params.vocab_only = True
     m = lc.llama_model_load_from_file(str(model).encode(), params)
     vocab = lc.llama_model_get_vocab(m)
     n = lc.llama_vocab_n_tokens(vocab)
-    grammar = lc.llama_sampler_init_grammar(vocab, _gbnf(json.dumps(prompts.variant_schema(), sort_keys=True)), b"root")
+    grammar = lc.llama_sampler_init_grammar(vocab, json_schema_gbnf(lc, json.dumps(prompts.variant_schema(), sort_keys=True)), b"root")
     buf = np.zeros(n, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True))
     one = np.zeros(1, dtype=buf.dtype)
     rng = np.random.default_rng(0)

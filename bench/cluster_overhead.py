@@ -33,7 +33,8 @@ from pathlib import Path
 from _common import peak_rss_mib, vlm_pair, write_results
 
 from edge_t2t import config
-from edge_t2t.describe.captioning import ImageInput, caption_images
+from edge_t2t.describe.captioning import caption_images
+from edge_t2t.describe.describer import ImageInput
 from edge_t2t.images import load_image
 
 
@@ -142,7 +143,7 @@ def main() -> None:
         stack[n] = (cm, session)
         t0 = time.perf_counter()
         for _ in range(5):
-            caption_images(warm, cfg, cluster=session, **kw)
+            caption_images(warm, cfg, executor=session, **kw)
             loaded = session.client.run(lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].vlm is not None)
             if len(loaded) == n and all(loaded.values()):
                 break
@@ -166,7 +167,7 @@ def main() -> None:
                 timed.model_s = 0.0
                 session = None if arm == "local" else stack[int(arm.split("=")[1])][1]
                 t0 = time.perf_counter()
-                s = caption_images(images, cfg, on_record=recs.append, cluster=session,
+                s = caption_images(images, cfg, on_record=recs.append, executor=session,
                                    vlm_factory=(lambda c: timed) if session is None else None, **kw)  # fmt: skip
                 wall = time.perf_counter() - t0
                 busy = timed.model_s if session is None else sum(rec.seconds for rec in recs)

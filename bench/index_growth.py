@@ -1,7 +1,7 @@
 """Index growth: what an update and a query cost as an archive grows from 1k to 1M texts.
 
 Everything goes through the code the CLI runs: `Indexer.run` on a captions file (lock, SQLite,
-the vector snapshot's incremental save), `search.open_for_search` + `search.rank_images` (the
+the vector snapshot's incremental save), `searcher.Searcher` + `search.rank_images` (the
 in-process query: open the snapshot, rank, read the winning rows), and `edge-t2t search` as a
 subprocess. Only the embedder is replaced, by a deterministic clustered vector source (each text
 hashes to one of 2,000 cluster centres plus two rows of a fixed noise table), so that a million
@@ -143,10 +143,12 @@ def run_measured(argv: list[str]) -> tuple[float, float, subprocess.CompletedPro
 
 def search_in_process(index_dir: Path, emb, n_queries: int) -> dict:
     from edge_t2t.query import search as S
+    from edge_t2t.query.searcher import Searcher
 
     q = emb.embed([f"query {i}: a runway near a lake in the east" for i in range(n_queries)])
     t_open = time.perf_counter()
-    store, vectors = S.open_for_search(index_dir)
+    searcher = Searcher(index_dir).open()
+    store, vectors = searcher.store, searcher.vectors
     open_s = time.perf_counter() - t_open
     try:
         S.rank_images(store, vectors, q[:1], 10)  # warm: views mapped, page cache
@@ -158,7 +160,7 @@ def search_in_process(index_dir: Path, emb, n_queries: int) -> dict:
             cpu.append(time.process_time() - c0)
             assert len(hits) == 10
     finally:
-        store.close()
+        searcher.close()
     # CPU time as well: on a machine shared by many jobs a query mostly waits for a core.
     return {"open_ms": open_s * 1000, "p50_ms": percentile_ms(seconds, 50), "p99_ms": percentile_ms(seconds, 99),
             "cpu_p50_ms": percentile_ms(cpu, 50), "cpu_p99_ms": percentile_ms(cpu, 99)}

@@ -4,7 +4,7 @@ Why it exists: the parallel path batches the 5 variants, but at F16 its generati
 1.8-2.1x the sequential path's tokens/s, while a bare decode loop with a short prompt gave
 2.7-3.4x. Our prompts are long (nanoLLaVA: 1,367 prompt tokens), and with a unified KV cache
 every sequence's query attends over every cell in use, the other sequences' tokens masked. This
-bench runs the product's parallel call (captioning._run_parallel -> VLM.describe_parallel) on one
+bench runs the product's parallel call (describer._run_parallel -> VLM.describe_parallel) on one
 image with each ParallelSettings arm and reports, per arm:
 
 - prompt (image embeddings + shared text) and generation tokens/s;
@@ -65,9 +65,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from edge_t2t.describe import vlm as vlm_mod
-    from edge_t2t.describe.captioning import _run_parallel
+    from edge_t2t.describe.describer import _run_parallel
     from edge_t2t.describe.testvlm import shape_files
     from edge_t2t.describe.vlm import ParallelSettings
+    from edge_t2t.describe.vlm_parallel import ParallelContext
+    from edge_t2t.describe.vlm_sampling import SequenceSampler
 
     names = shape_files(args.shape)
     d = config.test_vlm_dir() / args.shape
@@ -79,18 +81,18 @@ def main() -> None:
 
     # Bench only: time every llama_decode of the parallel context (prompt and generation steps).
     steps: list[tuple[int, float]] = []
-    inner = vlm_mod._ParallelContext.decode
+    inner = ParallelContext.decode
 
     def timed(self, entries):
         t, c = time.perf_counter(), time.process_time()
         inner(self, entries)
         steps.append((time.process_time() - c, time.perf_counter() - t))
 
-    vlm_mod._ParallelContext.decode = timed
+    ParallelContext.decode = timed
     # One VLM per flash-attention setting (it also sets the vision encoder's and the sequential
     # context's); loaded for the sequential path, which describe_parallel can share.
     vlms, timers = {}, {}
-    stages = vlm_mod._SequenceSampler.STAGES
+    stages = SequenceSampler.STAGES
     for fa, vfa in sorted({parse_arm(a)[1:] for a in arms}):
         v = vlm_mod.VLM(vlm_mod.VLMConfig(model, mmproj, n_threads=args.threads, seed=0, variant_mode="sequential",
                                           image_max_tokens=args.image_max_tokens or None, flash_attn=fa,
@@ -102,7 +104,7 @@ def main() -> None:
         for arm in arms if rep % 2 == 0 else arms[::-1]:
             base, fa, vfa = parse_arm(arm)
             vlm = vlms[fa, vfa]
-            vlm_mod._SequenceSampler.STAGES = () if arm == "before" else stages
+            SequenceSampler.STAGES = () if arm == "before" else stages
             if arm == "before":  # the samplers one after another, as before
                 vlm._sampling_pool = lambda: None
             else:
@@ -173,7 +175,7 @@ def main() -> None:
               f"{args.image_max_tokens or 'the mmproj default'}, {args.reps} round(s), arms interleaved; load average "
               f"{min(loads):.1f}-{max(loads):.1f} on a machine shared with other work: ratios between arms are the "
               "meaningful figures, and CPU seconds (1 thread: the work itself) more than wall seconds. seq = the sequential path (one call writes all variants); unified = one KV buffer for all sequences; streams = one KV stream per "
-              "sequence (prefix copied); +fa = flash attention in the text model and the vision encoder. The product's calls (captioning._run_parallel, VLM.generate).\n")  # fmt: skip
+              "sequence (prefix copied); +fa = flash attention in the text model and the vision encoder. The product's calls (describer._run_parallel, VLM.generate).\n")  # fmt: skip
     out = args.name or f"parallel_context_{args.shape}_{args.precision}"
     write_results(out, {"args": vars(args), "rows": rows, "summary": summary}, table)
     print(table)

@@ -16,7 +16,7 @@ Three measurements, each through the product's own code:
 --calibrate chooses the hybrid's fusion rule (linear weight and lexical cap, or reciprocal-rank
 fusion and its k) on the held-in data only, by a criterion written down before any report figure
 was seen (CAL_TOLERANCE), and writes bench/results/retrieval_modes_calibration.*;
-4. with --latency DIR (an index of ~100k texts): p50/p99 of search.search and retrieval.rank per
+4. with --latency DIR (an index of ~100k texts): p50/p99 of a whole search (a Searcher per query, as the CLI) and retrieval.rank per
    mode, 10 results, modes interleaved, with ratios to dense in the same run.
 
     .venv/bin/python bench/retrieval_modes.py [--work DIR] [--calibrate | --tune] [--rsicd-index DIR]
@@ -85,9 +85,10 @@ def seed_ranks(ix: Path, queries: dict, emb, configs: dict) -> dict[tuple[str, s
     (dense and lexical sides, structure scores) is gathered once by retrieval.gather, then every
     config ranks it with retrieval.combine: the two halves of retrieval.rank, the product's call."""
     from edge_t2t.query import query_parse
-    from edge_t2t.query.search import open_for_search
+    from edge_t2t.query.searcher import Searcher
 
-    store, vectors = open_for_search(ix)
+    searcher = Searcher(ix).open()
+    store, vectors = searcher.store, searcher.vectors
     out = {}
     try:
         for qset, qs in queries.items():
@@ -102,7 +103,7 @@ def seed_ranks(ix: Path, queries: dict, emb, configs: dict) -> dict[tuple[str, s
             for name, r in ranks.items():
                 out[(name, qset)] = np.asarray(r)
     finally:
-        store.close()
+        searcher.close()
     return out
 
 
@@ -223,7 +224,7 @@ def rsicd_figures(ann, embed, stored, mode: str, **rule) -> dict:
 def calibrate(work: Path, emb, rsicd_index: Path | None) -> dict:
     """Choose the hybrid's fusion rule on held-in data only (synthetic seeds 4-5 and the RSICD
     "tune" half, oracle and index source) by the criterion above; prints every candidate."""
-    from edge_t2t.evaluation import evaluate as ev
+    from edge_t2t.evaluation.index_source import load_index_vectors
 
     rules = calibration_rules()
     figures: dict[str, dict] = {name: {} for name in ["dense", *rules]}
@@ -242,7 +243,7 @@ def calibrate(work: Path, emb, rsicd_index: Path | None) -> dict:
     ann = rsicd_annotations("tune")
     if ann is not None:
         embed = _CachedEmbed("fp32")
-        stored = ev.load_index_vectors(rsicd_index, ann, identity=embed.emb.identity, with_texts=True) \
+        stored = load_index_vectors(rsicd_index, ann, identity=embed.emb.identity, with_texts=True) \
             if rsicd_index else None
         figures["dense"].update(rsicd_figures(ann, embed, stored, "dense"))
         for name, kw in rules.items():
@@ -277,7 +278,7 @@ RSICD_HALVES = ("report", "all", "tune")  # tune: held-in (the calibration's), s
 def rsicd(rsicd_index: Path | None, precision: str, halves=RSICD_HALVES) -> list[dict]:
     """mR and mR without duplicates per mode and half of the validation images (Annotations.half),
     oracle and index source, via the functions `edge-t2t eval` calls."""
-    from edge_t2t.evaluation import evaluate as ev
+    from edge_t2t.evaluation.index_source import load_index_vectors
 
     embed = _CachedEmbed(precision)
     rows = []
@@ -286,7 +287,7 @@ def rsicd(rsicd_index: Path | None, precision: str, halves=RSICD_HALVES) -> list
         if ann is None:
             print("no RSICD captions: RSICD part skipped")
             return []
-        stored = ev.load_index_vectors(rsicd_index, ann, identity=embed.emb.identity, with_texts=True) \
+        stored = load_index_vectors(rsicd_index, ann, identity=embed.emb.identity, with_texts=True) \
             if rsicd_index else None
         for name, (mode, rule) in RSICD_CONFIGS.items():
             fig = rsicd_figures(ann, embed, stored, mode, **rule)
@@ -301,9 +302,10 @@ def index_source_losses(rsicd_index: Path, precision: str) -> dict:
     verbatim copies in other images; count the queries each hybrid rule ranks worse or better
     than dense, and how often the caption's own text is not its best lexical match."""
     from edge_t2t.evaluation import evaluate as ev
+    from edge_t2t.evaluation.index_source import load_index_vectors
 
     ann, embed = rsicd_annotations("all"), _CachedEmbed(precision)
-    stored = ev.load_index_vectors(rsicd_index, ann, identity=embed.emb.identity, with_texts=True)
+    stored = load_index_vectors(rsicd_index, ann, identity=embed.emb.identity, with_texts=True)
     texts, ids = ev.distinct_texts(ann.captions)
     have = [i for i, v in enumerate(stored.vectors) if v is not None]
     owner = np.concatenate([np.full(len(stored.vectors[i]), i) for i in have])
@@ -389,10 +391,15 @@ class _DistinctTexts:
 
 
 def latency(index: Path, repeats: int) -> list[dict]:
-    """search.search (the CLI's call) per mode on a large index; queries from the scene templates."""
+    """A whole search (the CLI's: index opened, query embedded, ranked) per mode on a large index;
+    queries from the scene templates."""
     from edge_t2t.embed.embedder import Embedder
     from edge_t2t.index.store import Store
-    from edge_t2t.query.search import search
+    from edge_t2t.query.searcher import Searcher
+
+    def search(index, q, k, embedder, **kw):
+        with Searcher(index, embedder=embedder) as searcher:
+            return searcher.text(q, k, **kw)
 
     with Store(index) as st:
         texts = st.counts()["texts"]
@@ -417,9 +424,9 @@ def latency(index: Path, repeats: int) -> list[dict]:
     # The ranking alone (retrieval.rank on an open index, query embedded beforehand): what the modes
     # add, without the index open and the query embedding that every mode pays alike.
     from edge_t2t.query import query_parse  # noqa: F401  (imported before timing)
-    from edge_t2t.query.search import open_for_search
 
-    store, vectors = open_for_search(index)
+    searcher = Searcher(index).open()
+    store, vectors = searcher.store, searcher.vectors
     qvecs = emb.embed(queries)
     ranking: dict[str, list[float]] = {name: [] for name, _ in modes}
     try:
@@ -429,7 +436,7 @@ def latency(index: Path, repeats: int) -> list[dict]:
                 retrieval.rank(store, vectors, q, v[None, :], 10, **kw)
                 ranking[name].append(time.perf_counter() - t)
     finally:
-        store.close()
+        searcher.close()
     # How many of each query's content words the lexical side matched (the rest are common: see
     # lexical.select_terms), and how many texts hold the words it matched: its work per query.
     from edge_t2t.query import lexical
@@ -444,7 +451,7 @@ def latency(index: Path, repeats: int) -> list[dict]:
              "postings_p50": float(np.percentile(postings, 50)), "postings_max": int(max(postings)),
              "max_df": lexical.MAX_DF, "budget": lexical.POSTINGS_BUDGET}
     print(f"latency lexical terms: {terms}", flush=True)
-    for what, table in (("search.search", times), ("retrieval.rank", ranking)):
+    for what, table in (("Searcher.text", times), ("retrieval.rank", ranking)):
         base = percentile_ms(table["dense"], 50)
         base99 = percentile_ms(table["dense"], 99)
         for name, ts in table.items():
@@ -577,8 +584,8 @@ def main() -> int:
                       f"cap={retrieval.LEXICAL_CAP}): {losses['chosen']['worse']} worse "
                       f"({losses['chosen']['lost_R@1']} lose R@1), {losses['chosen']['better']} better."]
     if latency_rows:
-        lines += ["", f"search.search latency, k = 10, {latency_rows[0]['texts']} texts, {latency_rows[0]['queries']} queries "
-                  "(modes interleaved). search.search is the CLI's call (opens the index, embeds the query); "
+        lines += ["", f"Searcher.text latency, k = 10, {latency_rows[0]['texts']} texts, {latency_rows[0]['queries']} queries "
+                  "(modes interleaved). Searcher.text on a Searcher opened per query is the CLI's call (opens the index, embeds the query); "
                   "retrieval.rank is the ranking alone on an open index:", "",
                   "| call | mode | p50 | p99 | p50 vs dense | p99 vs dense |", "|---|---|---|---|---|---|"]
         for r in latency_rows:

@@ -6,7 +6,7 @@ batches, so the same vectors.
 For every (dtype, mode) it runs the same queries through search.rank_images (query vectors
 embedded once, so only the vector search + per-image max + SQLite row fetch are timed) and
 compares the top-10 *images* with the peer: exact brute force over the same vectors.
-Also times a whole `search()` call (open store, consistency check, embed, rank) per mode.
+Also times a whole search (Searcher opened on the index, consistency check, embed, rank) per mode.
 
 Queries: a seeded sample of the captions with every third word dropped (so they are not verbatim
 index texts), plus a few hand-written ones.
@@ -43,6 +43,7 @@ def main() -> None:
     from edge_t2t.index.indexer import Indexer
     from edge_t2t.index.store import Store
     from edge_t2t.query import search
+    from edge_t2t.query.searcher import Searcher
 
     caps = config.shared_data_dir() / "rsicd" / "captions_val.json"
     coco = json.loads(caps.read_text())
@@ -67,7 +68,8 @@ def main() -> None:
         reference = None
         for dtype in ("f32", "f16", "i8"):
             d = work / dtype
-            store, vectors = search.open_for_search(d)
+            searcher = Searcher(d).open()
+            store, vectors = searcher.store, searcher.vectors
             graph_bytes = vindex.file_sizes(d)["graph_bytes"]
             for mode in ("exact", "hnsw", "rescore"):
                 tops, secs = [], []
@@ -83,7 +85,7 @@ def main() -> None:
                 results.append({"dtype": dtype, "mode": mode, "p50_ms": percentile_ms(secs, 50),
                                 "p99_ms": percentile_ms(secs, 99), "agree_at_10": agree, "top1_same": top1,
                                 "graph_bytes": graph_bytes})  # fmt: skip
-            store.close()
+            searcher.close()
         peer = next(r for r in results if r["dtype"] == "f32" and r["mode"] == "exact")
         for r in results:
             r["p50_vs_exact_f32"] = r["p50_ms"] / peer["p50_ms"]
@@ -96,14 +98,15 @@ def main() -> None:
             secs = []
             for q in queries[:50]:
                 t = time.perf_counter()
-                search.search(base, q, k=10, embedder=emb, mode=mode)
+                with Searcher(base, embedder=emb) as whole_search:
+                    whole_search.text(q, 10, mode=mode)
                 secs.append(time.perf_counter() - t)
             whole[mode] = {"p50_ms": percentile_ms(secs, 50), "p99_ms": percentile_ms(secs, 99)}
 
         table = (
             "| dtype | mode | p50 ms | p99 ms | p50 vs f32 exact | top-10 images vs f32 exact | top-1 same | graph KiB |\n"
             "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
-            "Whole `search()` call on the i8 index (open store + consistency check + embed query + rank), "
+            "Whole search (a Searcher per query, as the CLI opens one) on the i8 index (open store + consistency check + embed query + rank), "
             "50 queries:\n\n| mode | p50 ms | p99 ms |\n|---|---|---|\n"
             + "\n".join(f"| {m} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} |" for m, v in whole.items())
             + f"\n\n{len(queries)} queries, k=10 images, {n_texts} texts from 1,092 images (RSICD val captions, "

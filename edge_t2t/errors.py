@@ -1,6 +1,13 @@
 """Errors a user can cause. The CLI prints them on one line and exits non-zero;
 anything else that escapes is a bug and keeps its traceback."""
 
+import sys
+
+
+def warn(msg: str) -> None:
+    """A warning a user should see: one line on stderr, with the prefix of the CLI's errors."""
+    print(f"edge-t2t: {msg}", file=sys.stderr)
+
 
 class EdgeT2TError(Exception):
     """Base class: the message names the file involved and the fix."""

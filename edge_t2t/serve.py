@@ -87,7 +87,7 @@ class Index:
         self.vlm_cfg = vlm_cfg
         self.warn = warn or (lambda msg: print(f"edge-t2t: {msg}", file=sys.stderr))
         self._owner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-t2t-index")
-        self._ix = None
+        self.searcher = None  # query.searcher.Searcher over the index as last seen (_refresh)
         self._seen = None
         self.generation = None
         self.embedder = embedder
@@ -106,16 +106,10 @@ class Index:
         return fn(self, *args)
 
     def _load(self) -> None:
-        if self.embedder is None:
-            from .embed.embedder import Embedder
-
-            self.embedder = Embedder(precision=self._precision)
-        self.store.check_identity(self.embedder.identity)
+        self.embedder = self.searcher.embedder  # loaded once (unless given) and checked against the index
         # One search at start-up, so the first user's request does not pay the lazy imports and the
         # vectors' first read.
-        from .query.search import search_open
-
-        search_open(self.store, self.vectors, "warm up", self.embedder, 1, "dense", warn=lambda _: None)
+        self.searcher.text("warm up", 1, mode="dense")
 
     def _state(self, ix) -> tuple:
         """(the snapshot's generation, SQLite's data_version on ix's connection): either moves when
@@ -127,38 +121,38 @@ class Index:
 
     def _refresh(self) -> None:
         """Reopen the reader when a commit or a new snapshot landed since the last request."""
-        from .index.indexdir import IndexDir
+        from .query.searcher import Searcher
 
-        if self._ix is not None and self._state(self._ix) == self._seen:
+        if self.searcher is not None and self._state(self.searcher) == self._seen:
             return
         from .index.vindex import SNAPSHOT_READ_ERRORS
 
-        ix = IndexDir.open_reader(self.dir)
+        searcher = Searcher(self.dir, embedder=self.embedder, precision=self._precision, warn=self.warn)
         try:
-            seen = self._state(ix)  # before reading: a commit landing during the open is seen next time
-            vectors = ix.search_vectors(self.warn)
+            seen = self._state(searcher)  # before reading: a commit landing during the open is seen next time
+            searcher.open()
         except (sqlite3.Error, *SNAPSHOT_READ_ERRORS):  # a writer mid-save; a Ctrl-C is not swallowed here
-            ix.close()
-            if self._ix is not None:  # keep answering from what was open
+            searcher.close()
+            if self.searcher is not None:  # keep answering from what was open
                 return
             raise
         except BaseException:
-            ix.close()
+            searcher.close()
             raise
-        old, self._ix, self.vectors, self._seen = self._ix, ix, vectors, seen
+        old, self.searcher, self._seen = self.searcher, searcher, seen
         if old is not None:
             old.close()
         self.generation = seen[0]
 
     @property
     def store(self):
-        return self._ix.store
+        return self.searcher.store
 
     def close(self) -> None:
         def shut(_):
-            if self._ix is not None:
-                self._ix.close()
-                self._ix = None
+            if self.searcher is not None:
+                self.searcher.close()
+                self.searcher = None
 
         try:
             self._owner.submit(shut, self).result()
@@ -226,31 +220,22 @@ def _search_params(args) -> dict:
 
 
 def _text_hits(ix: Index, query: str, p: dict):
-    from .query.search import search_open
-
     if not query.strip():
         raise InputError("the query is empty: give some words to search for")
-    hits = search_open(ix.store, ix.vectors, query, ix.embedder, p["k"], p["mode"], structure=p["structure"],
-                       explain=p["explain"], min_score=p["min_score"], warn=ix.warn)  # fmt: skip
+    hits = ix.searcher.text(query, p["k"], mode=p["mode"], structure=p["structure"], explain=p["explain"],
+                            min_score=p["min_score"])  # fmt: skip
     return hits, ix.hit_dicts(hits)
 
 
 def _similar_hits(ix: Index, image_id: int, k: int, min_score: float | None = None):
-    from .query.search import search_by_variants_open
-
     if ix.image_row(image_id) is None:
         raise NoSuchImage(image_id)
-    hits = search_by_variants_open(ix.store, ix.vectors, ix.store.variants_of(image_id), ix.embedder, k,
-                                   exclude_image_ids=[image_id])  # fmt: skip
-    hits = [h for h in hits if min_score is None or h.score >= min_score]
+    hits = ix.searcher.variants(ix.store.variants_of(image_id), k, exclude_image_ids=[image_id], min_score=min_score)
     return hits, ix.hit_dicts(hits)
 
 
 def _example_hits(ix: Index, path: Path, k: int):
-    from .query.search import query_image_variants, search_by_variants_open
-
-    variants, _ = query_image_variants(ix.dir, path, ix.vlm_cfg)
-    hits = search_by_variants_open(ix.store, ix.vectors, variants, ix.embedder, k)
+    hits = ix.searcher.image(path, k, vlm_cfg=ix.vlm_cfg)
     return hits, ix.hit_dicts(hits)
 
 

@@ -310,7 +310,7 @@ def child_main() -> None:
 
     from edge_t2t.describe import vlm
     from edge_t2t.embed import embedder
-    from edge_t2t.index import indexdir, store, vindex
+    from edge_t2t.index import indexdir, schema, store, vindex
 
     # Both caption paths: generate() (sequential) and describe_parallel() (the default).
     def reaching_caption(orig):
@@ -371,14 +371,14 @@ def child_main() -> None:
     vindex._write_manifest = write_manifest
 
     # The schema v7 upgrade (issue 25): MIGRATIONS holds the step itself, so it is wrapped there.
-    at = store.MIGRATIONS.index(store.lean_layout)
-    orig_lean = store.MIGRATIONS[at]
+    at = schema.MIGRATIONS.index(schema.lean_layout)
+    orig_lean = schema.MIGRATIONS[at]
 
     def lean_layout(conn):
         orig_lean(conn)
         reach("migrate")
 
-    store.MIGRATIONS[at] = lean_layout
+    schema.MIGRATIONS[at] = lean_layout
     orig_give_back = store.Store._give_space_back
 
     def give_space_back(self):

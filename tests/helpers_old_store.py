@@ -1,6 +1,6 @@
 """Stores as older edge-t2t versions left them, for the migration tests.
 
-`make_old_store(index_dir, version)` runs the first `version` schema steps (store.MIGRATIONS[:v],
+`make_old_store(index_dir, version)` runs the first `version` schema steps (schema.MIGRATIONS[:v],
 the very SQL those versions ran) and inserts rows the way that version's code wrote them: each
 embedded text a `variants` row carrying its variant's three fields and a float32 vector blob.
 What went in is returned (OldStore), so a test derives what the migrated store must hold from it,
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_t2t.index import store as store_mod
+from edge_t2t.index import schema
+from edge_t2t.index.store import STORE_FILE
 
 DIM = 8
 IDENTITY = {"name": "fake-embedder", "dim": DIM, "weights_sha256": "ab" * 32, "pooling": "mean"}
@@ -56,13 +57,13 @@ def _unit(rng: np.random.Generator) -> np.ndarray:
 def make_old_store(index_dir: Path, version: int, n_images: int = 4, seed: int = 0) -> OldStore:
     """A store at schema `version` (1..6) with `n_images` images of 2 variants x 3 texts each; the
     last text written is deleted again (its key stays used, so the new sequence must go past it)."""
-    assert 1 <= version < store_mod.SCHEMA_VERSION
+    assert 1 <= version < schema.SCHEMA_VERSION
     index_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    conn = sqlite3.connect(index_dir / store_mod.STORE_FILE, isolation_level=None)
+    conn = sqlite3.connect(index_dir / STORE_FILE, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA foreign_keys=ON")
-    assert store_mod.migrate(conn, store_mod.MIGRATIONS[:version]) == version
+    assert schema.migrate(conn, schema.MIGRATIONS[:version]) == version
     old = OldStore(version)
     conn.execute("BEGIN")
     for key, value in (("dim", DIM), ("dtype", "i8"), ("text_mode", "sentences"), ("embedder_identity", IDENTITY),
@@ -105,7 +106,7 @@ def make_old_store(index_dir: Path, version: int, n_images: int = 4, seed: int =
 
 
 # Meta keys the lean layout (v7) added; a v6 store never had them.
-_V7_META = ("exact_copy", "embedder_precision", "upgrade", store_mod.VACUUM_PENDING)
+_V7_META = ("exact_copy", "embedder_precision", "upgrade", schema.VACUUM_PENDING)
 
 
 def make_v6_copy(index: Path, dest: Path) -> None:
@@ -120,10 +121,10 @@ def make_v6_copy(index: Path, dest: Path) -> None:
     dest.mkdir(parents=True)
     snap = vindex.Snapshot.open(index)
     assert snap is not None and snap.exact is not None and len(snap.dead) == 0
-    src = sqlite3.connect(index / store_mod.STORE_FILE)
-    conn = sqlite3.connect(dest / store_mod.STORE_FILE, isolation_level=None)
+    src = sqlite3.connect(index / STORE_FILE)
+    conn = sqlite3.connect(dest / STORE_FILE, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
-    assert store_mod.migrate(conn, store_mod.MIGRATIONS[:6]) == 6
+    assert schema.migrate(conn, schema.MIGRATIONS[:6]) == 6
     conn.execute("BEGIN")
     for key, value in src.execute("SELECT key, value FROM meta"):
         if key not in _V7_META:

@@ -104,7 +104,7 @@ def test_records_equal_a_local_run_and_cached_images_are_never_sent(session, vlm
 
     remote: list = []
     with CountingCache(tmp_path / "cache.sqlite") as cache:
-        s = caption_images(images, vlm_cfg, on_record=remote.append, cache=cache, cluster=session, **KW)
+        s = caption_images(images, vlm_cfg, on_record=remote.append, cache=cache, executor=session, **KW)
         assert (s.total, s.captioned, s.cached, s.failed, s.interrupted) == (len(images), len(images) - 1, 1, 0, False)
         assert s.test_model and s.model_calls == s_local.model_calls
         # Byte for byte, apart from the timing: same variants, same provenance, same image facts.
@@ -114,7 +114,7 @@ def test_records_equal_a_local_run_and_cached_images_are_never_sent(session, vlm
         # Everything is cached now: the second run sends nothing to the scheduler.
         before = _transitions_when_idle(session.client)
         again: list = []
-        s2 = caption_images(images, vlm_cfg, on_record=again.append, cache=cache, cluster=session, **KW)
+        s2 = caption_images(images, vlm_cfg, on_record=again.append, cache=cache, executor=session, **KW)
         after = _transitions_when_idle(session.client)
         assert (s2.cached, s2.captioned, s2.model_calls) == (len(images), 0, 0)
         assert after == before, "a cached image reached the scheduler"
@@ -144,7 +144,7 @@ def test_a_worker_killed_mid_image_is_replaced_and_its_image_retried(session, vl
         kill_a_busy_worker(record)
 
     with CountingCache(tmp_path / "cache.sqlite") as cache:
-        s = caption_images(images, vlm_cfg, on_record=on_record, cache=cache, cluster=session, **KW)
+        s = caption_images(images, vlm_cfg, on_record=on_record, cache=cache, executor=session, **KW)
         assert killed, "no worker was busy when the first record came back; nothing was killed"
         assert (s.captioned, s.failed, s.interrupted) == (len(images), 0, False), s.failures
         # Every image described exactly once: one record each, one cache write each.
@@ -203,7 +203,7 @@ def test_an_image_that_kills_workers_repeatedly_fails_once_and_the_run_goes_on(s
     try:
         records: list = []
         s = caption_images(images, vlm_cfg, on_record=records.append, callbacks=Callbacks(on_failure=failures.append),
-                           cluster=session, **KW)  # fmt: skip
+                           executor=session, **KW)  # fmt: skip
     finally:
         client.unregister_worker_plugin(_PoisonPlugin.name)
         client.run_on_scheduler(set_allowed_failures, n=old)

@@ -19,7 +19,7 @@ from pathlib import Path
 import helpers_media as hm
 import pytest
 
-from edge_t2t.index.store import LOCK_FILE, IndexLock
+from edge_t2t.index.lock import LOCK_FILE, IndexLock
 from edge_t2t.index.verify import verify_index
 
 N_IMAGES = 300

@@ -37,29 +37,31 @@ def test_directional_queries_with_structure(scene_index):
     demo's 18 queries are all in its grammar and the ground-truth features are exact, so the scene
     that satisfies a query should lead. bench/results/retrieval_modes.md has 18/18 on seed 0; the
     bound leaves room, not a target."""
+    from helpers_search import text_search
+
     from edge_t2t.embed.embedder import Embedder
-    from edge_t2t.query.search import search
 
     index, scenes = scene_index
     emb = Embedder(precision="int8")
     ranks = []
     for query, expected in S.directional_queries(scenes):
-        names = [Path(h.image).name for h in search(index, query, k=40, embedder=emb, explain=True)]
+        names = [Path(h.image).name for h in text_search(index, query, k=40, embedder=emb, explain=True)]
         ranks.append(names.index(f"{expected}.png") + 1)
     assert sum(r == 1 for r in ranks) >= 15, ranks
     assert sum(r <= 5 for r in ranks) == 18, ranks
 
 
 def test_directional_queries_rank_the_right_scene(scene_index):
+    from helpers_search import text_search
+
     from edge_t2t.embed.embedder import Embedder
-    from edge_t2t.query.search import search
 
     index, scenes = scene_index
     queries = S.directional_queries(scenes)
     emb = Embedder(precision="int8")
     ranks = []
     for query, expected in queries:
-        hits = search(index, query, k=40, embedder=emb, mode="dense", structure=False)  # text alone
+        hits = text_search(index, query, k=40, embedder=emb, mode="dense", structure=False)  # text alone
         assert len(hits) == 40, "every scene is in the index"
         names = [Path(h.image).name for h in hits]
         ranks.append(names.index(f"{expected}.png") + 1)
@@ -78,13 +80,14 @@ def test_directional_queries_rank_the_right_scene(scene_index):
 def test_scores_are_max_over_variants(scene_index):
     """A scene's own one-sentence summary, used as the query, finds that scene first, through the
     variant the sentence came from."""
+    from helpers_search import text_search
+
     from edge_t2t.embed.embedder import Embedder
-    from edge_t2t.query.search import search
 
     index, scenes = scene_index
     emb = Embedder(precision="int8")
     for scene in scenes[:5]:
         sentence = S.describe(scene, seed=0).variants[2].one_sentence
-        hits = search(index, sentence, k=3, embedder=emb)
+        hits = text_search(index, sentence, k=3, embedder=emb)
         assert Path(hits[0].image).name == scene.file_name, (sentence, hits[0])
         assert hits[0].variant == 2 and sentence in hits[0].text, hits[0]

@@ -12,6 +12,7 @@ import pytest
 from edge_t2t.errors import InputError
 from edge_t2t.evaluation import evaluate as ev
 from edge_t2t.evaluation.dataset import from_lists, load_annotations
+from edge_t2t.evaluation.index_source import load_index_vectors
 from edge_t2t.index import quantise
 
 
@@ -451,7 +452,7 @@ def test_eval_i8_exact_scores_equal_an_i8_index_searched_exactly(tmp_path):
     ix = tmp_path / "ix"
     Indexer(ix, embedder=emb, dtype="i8", text_mode="joined").run([], captions_file=captions)
     ann = from_lists([r["image"] for r in records], [(0, "an airport runway"), (1, "a park"), (2, "a harbour")])
-    stored = ev.load_index_vectors(ix, ann, identity=emb.identity)
+    stored = load_index_vectors(ix, ann, identity=emb.identity)
     assert stored.facts["index_dtype"] == "i8"
     stacked = np.concatenate(stored.vectors)
     keys = np.concatenate(stored.keys)

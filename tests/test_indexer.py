@@ -19,7 +19,8 @@ from edge_t2t.hashing import sha256_bytes
 from edge_t2t.images import ImageBytes
 from edge_t2t.index import vindex
 from edge_t2t.index.indexer import Indexer
-from edge_t2t.index.store import IndexLock, Store
+from edge_t2t.index.lock import IndexLock
+from edge_t2t.index.store import Store
 from edge_t2t.modes import DEFAULT_TEXT_MODE
 from edge_t2t.records import CaptionRecord, Variant
 

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 from helpers_old_store import DIM, make_old_store
 
-from edge_t2t.index import store as store_mod
-from edge_t2t.index import vindex
+from edge_t2t.index import schema, vindex
 from edge_t2t.index.indexdir import IndexDir
-from edge_t2t.index.store import NewText, Store
+from edge_t2t.index.store import STORE_FILE, NewText, Store
 from edge_t2t.index.verify import verify_index
 from edge_t2t.records import Feature, Variant
 
@@ -26,14 +25,14 @@ def _fts_keys(st: Store, word: str) -> list[int]:
     return sorted(r[0] for r in st.conn.execute("SELECT rowid FROM texts_fts WHERE texts_fts MATCH ?", (word,)))
 
 
-@pytest.mark.parametrize("version", range(1, store_mod.SCHEMA_VERSION))
+@pytest.mark.parametrize("version", range(1, schema.SCHEMA_VERSION))
 def test_every_old_version_upgrades_in_place(tmp_path, version):
     ix = tmp_path / "ix"
     old = make_old_store(ix, version)
     live = old.live()
     with Store(ix) as st:
         c = st.conn
-        assert c.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
+        assert c.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
         assert not c.execute("SELECT name FROM sqlite_master WHERE name IN ('variants_v6', 'variants_fts')").fetchall()
         # each variant once, with the fields its rows repeated
         want_variants = sorted({(r.image_id, r.ordinal, r.one_sentence, r.features, r.caption) for r in live})
@@ -59,8 +58,8 @@ def test_every_old_version_upgrades_in_place(tmp_path, version):
         # space given back: VACUUM ran (incremental auto-vacuum now on) and info's figures are recorded
         assert c.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
         up = st.get_meta("upgrade")
-        assert st.get_meta(store_mod.VACUUM_PENDING) is None
-        assert up["schema"] == store_mod.SCHEMA_VERSION and up["images"] == 4 and up["vectors_kept_pending"] == len(live)
+        assert st.get_meta(schema.VACUUM_PENDING) is None
+        assert up["schema"] == schema.SCHEMA_VERSION and up["images"] == 4 and up["vectors_kept_pending"] == len(live)
         assert up["bytes_before"] > 0 and up["bytes_after"] > 0
         # new texts: keys after every old one; deletes logged and mirrored in the full-text index
         with st.transaction():
@@ -90,7 +89,7 @@ def test_the_snapshot_keeps_the_vectors_it_holds_and_the_others_stay_pending(tmp
     old = make_old_store(ix, 6)
     live = old.live()
     held = live[: len(live) - 4]  # the last 4 texts were committed after the snapshot's save
-    conn = sqlite3.connect(ix / store_mod.STORE_FILE, isolation_level=None)
+    conn = sqlite3.connect(ix / STORE_FILE, isolation_level=None)
     store_id = "s" * 32
     conn.execute("INSERT INTO meta VALUES ('store_id', ?), ('vector_generation', '1')", (json.dumps(store_id),))
     conn.close()

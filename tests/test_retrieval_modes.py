@@ -10,13 +10,16 @@ import sqlite3
 import numpy as np
 import pytest
 from fake_embedder import FakeEmbedder
+from helpers_search import text_search
 
+from edge_t2t.index import schema
 from edge_t2t.index import store as store_mod
 from edge_t2t.index.indexer import Indexer
 from edge_t2t.index.store import NewText, Store
 from edge_t2t.index.verify import verify_index
 from edge_t2t.query import lexical, retrieval
 from edge_t2t.query import search as S
+from edge_t2t.query.searcher import Searcher
 from edge_t2t.records import Variant
 
 SCENES = {
@@ -62,13 +65,13 @@ def test_v2_store_migrates_and_its_texts_become_searchable(tmp_path):
     ix = tmp_path / "ix"
     ix.mkdir()
     conn = sqlite3.connect(ix / store_mod.STORE_FILE, isolation_level=None)
-    assert store_mod.migrate(conn, store_mod.MIGRATIONS[:2]) == 2
+    assert schema.migrate(conn, schema.MIGRATIONS[:2]) == 2
     conn.execute("INSERT INTO images(id, path, status, indexed_at) VALUES (1, '/x/a.jpg', 'ok', 1.0)")
     conn.execute("INSERT INTO variants(image_id, ordinal, field, one_sentence, features, caption, text, vector) "
                  "VALUES (1, 0, 'sentence', 's', '[]', '', 'large storage tanks by the quay', x'00')")
     conn.close()
     with Store(ix) as st:
-        assert st.conn.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
+        assert st.conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
         keys, scores = lexical.search_texts(st.conn, "a tank", 5)  # porter stemming: tank ~ tanks
         assert keys.tolist() == [1] and scores[0] > 0
 
@@ -95,7 +98,7 @@ def test_verify_finds_an_fts_out_of_step_and_repair_rebuilds_it(index):
         image_id = st.put_image("/x/late.jpg")
         st.add_texts(image_id, [NewText(0, "one_sentence", Variant("a lone lighthouse"), "a lone lighthouse",
                                         np.ones(64, np.float32) / 8)])
-        conn.execute(next(sql for sql in store_mod.LEAN_AFTER_VECTORS if "TRIGGER texts_fts_insert" in sql))
+        conn.execute(next(sql for sql in schema.LEAN_AFTER_VECTORS if "TRIGGER texts_fts_insert" in sql))
     rep = verify_index(index, check_models=False)
     assert not rep.ok and rep.checks["fts"]["ok"] is False
     assert any("full-text index" in p and "--repair" in p for p in rep.problems)
@@ -118,19 +121,16 @@ def names(hits):
 
 
 def test_dense_without_place_words_ranks_as_rank_images(index, emb):
-    hits = S.search(index, "boats in a harbour", k=5, embedder=emb, mode="dense")
-    store, vectors = S.open_for_search(index)
-    try:
-        plain = S.rank_images(store, vectors, emb.embed(["boats in a harbour"]), 5)
-    finally:
-        store.close()
+    hits = text_search(index, "boats in a harbour", k=5, embedder=emb, mode="dense")
+    with Searcher(index) as searcher:
+        plain = S.rank_images(searcher.store, searcher.vectors, emb.embed(["boats in a harbour"]), 5)
     assert [(h.image, h.score, h.text) for h in hits] == [(h.image, h.score, h.text) for h in plain]
     assert all(h.parts["structure"] == 0 and h.parts["lexical"] == 0 for h in hits)
 
 
 def test_lexical_finds_exact_words(index, emb, monkeypatch):
     monkeypatch.setattr(lexical, "MAX_DF", 1.0)  # every word matched, however common
-    hits = S.search(index, "tank 42", k=5, embedder=emb, mode="lexical")
+    hits = text_search(index, "tank 42", k=5, embedder=emb, mode="lexical")
     assert names(hits)[0] == "depot.jpg" and hits[0].score == pytest.approx(1.0)
     assert all(0 < h.score <= 1 for h in hits)
     # the port's feature text says "storage tanks" (one word shared); the town's texts share none
@@ -160,31 +160,31 @@ def test_common_words_are_not_matched_and_cost_nothing(index, emb, monkeypatch):
         assert lexical.select_terms(st.conn, "runway tank 42", keep_one=False) == []
         monkeypatch.setattr(lexical, "MAX_DF", 2.5 / n)
         monkeypatch.setattr(lexical, "POSTINGS_BUDGET", 10**9)
-    hits = S.search(index, "tank 42", k=5, embedder=emb, mode="lexical")
+    hits = text_search(index, "tank 42", k=5, embedder=emb, mode="lexical")
     assert names(hits) == ["depot.jpg"]  # "tank" no longer matched: only the text with "42"
-    hybrid = S.search(index, "a runway with tanks", k=5, embedder=emb, mode="hybrid")
+    hybrid = text_search(index, "a runway with tanks", k=5, embedder=emb, mode="hybrid")
     assert all(h.parts["lexical"] == 0 for h in hybrid)  # nothing rare to match
-    dense = S.search(index, "a runway with tanks", k=5, embedder=emb, mode="dense")
+    dense = text_search(index, "a runway with tanks", k=5, embedder=emb, mode="dense")
     # the dense order, each score the dense one over the mix's range (1 + w)
     assert [h.image for h in hybrid] == [h.image for h in dense]
     assert [h.score for h in hybrid] == pytest.approx([h.score / (1 + retrieval.LEXICAL_WEIGHT) for h in dense])
 
 
 def test_structure_tells_east_from_west(index, emb):
-    a = S.search(index, "a forest east of a runway", k=2, embedder=emb, mode="dense", explain=True)
-    b = S.search(index, "a forest west of a runway", k=2, embedder=emb, mode="dense", explain=True)
+    a = text_search(index, "a forest east of a runway", k=2, embedder=emb, mode="dense", explain=True)
+    b = text_search(index, "a forest west of a runway", k=2, embedder=emb, mode="dense", explain=True)
     assert names(a)[0] == "airfield_a.jpg" and names(b)[0] == "airfield_b.jpg"
     assert a[0].matched == ({"constraint": "forest east of runway", "score": 1.0},)
     assert a[0].score == pytest.approx(a[0].parts["dense"] + retrieval.STRUCTURE_WEIGHT)
-    every = S.search(index, "a forest west of a runway", k=5, embedder=emb, mode="dense", explain=True)
+    every = text_search(index, "a forest west of a runway", k=5, embedder=emb, mode="dense", explain=True)
     reverse = every[names(every).index("airfield_a.jpg")]
     assert reverse.matched[0]["score"] == 0.0 and reverse.parts["structure"] == 0.0  # the reverse relation
-    flat = S.search(index, "a forest west of a runway", k=2, embedder=emb, mode="dense", structure=False)
+    flat = text_search(index, "a forest west of a runway", k=2, embedder=emb, mode="dense", structure=False)
     assert all(h.parts["structure"] == 0 and not h.matched for h in flat)
 
 
 def test_hybrid_mixes_both_scores_and_min_score_cuts(index, emb):
-    hits = S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid")
+    hits = text_search(index, "fuel tank", k=5, embedder=emb, mode="hybrid")
     top = hits[0]
     assert names(hits)[0] == "depot.jpg"
     cap = retrieval.LEXICAL_CAP  # when set, within the cap of the query's best BM25 counts as 1
@@ -192,19 +192,19 @@ def test_hybrid_mixes_both_scores_and_min_score_cuts(index, emb):
         lex = h.parts["lexical"] if cap is None else min(1.0, h.parts["lexical"] / cap)
         w = retrieval.LEXICAL_WEIGHT  # the mix divided by its range, 1 + w (parts: 6 digits)
         assert h.score == pytest.approx((h.parts["dense"] + w * lex) / (1 + w), abs=1e-5)
-    cut = S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid", min_score=top.score - 1e-9)
+    cut = text_search(index, "fuel tank", k=5, embedder=emb, mode="hybrid", min_score=top.score - 1e-9)
     assert names(cut) == ["depot.jpg"]
-    assert S.search(index, "fuel tank", k=5, embedder=emb, mode="hybrid", min_score=9.0) == []
+    assert text_search(index, "fuel tank", k=5, embedder=emb, mode="hybrid", min_score=9.0) == []
     d = top.to_dict()
     assert {"rank", "score", "image", "variant", "text", "dense", "lexical", "structure"} <= set(d)
 
 
 def test_old_vector_modes_still_mean_dense(index, emb):
-    a = S.search(index, "houses", k=3, embedder=emb, mode="exact")
-    b = S.search(index, "houses", k=3, embedder=emb, mode="dense", vector_mode="exact")
+    a = text_search(index, "houses", k=3, embedder=emb, mode="exact")
+    b = text_search(index, "houses", k=3, embedder=emb, mode="dense", vector_mode="exact")
     assert [(h.image, h.score) for h in a] == [(h.image, h.score) for h in b]
     with pytest.raises(Exception, match="unknown search mode"):
-        S.search(index, "houses", k=3, embedder=emb, mode="fuzzy")
+        text_search(index, "houses", k=3, embedder=emb, mode="fuzzy")
 
 
 def test_help_names_the_default_mode():
@@ -236,6 +236,7 @@ def test_eval_ranks_each_caption_as_search_does(index, emb, tmp_path, mode, max_
     `search --mode M` (structure on, exact vectors): one rule, not two implementations."""
     from edge_t2t.evaluation import evaluate as ev
     from edge_t2t.evaluation.dataset import load_annotations
+    from edge_t2t.evaluation.index_source import load_index_vectors
 
     monkeypatch.setattr(lexical, "MAX_DF", max_df)
 
@@ -244,14 +245,14 @@ def test_eval_ranks_each_caption_as_search_does(index, emb, tmp_path, mode, max_
             "annotations": [{"image_id": i, "caption": c} for i, n in enumerate(names_) for c in CAPTIONS[n]]}
     (tmp_path / "ann.json").write_text(json.dumps(coco))
     ann = load_annotations(tmp_path / "ann.json")
-    stored = ev.load_index_vectors(index, ann, with_texts=True, with_features=True)
+    stored = load_index_vectors(index, ann, with_texts=True, with_features=True)
     result = ev.index_eval(ann, stored.vectors, emb.embed, dtype="f32", mode=mode,
                            image_texts=stored.texts, image_features=stored.features)
     assert result.config["structure"] is True  # "east of", "in the north" are scored on the features
     expected = []
     for n in names_:
         for c in CAPTIONS[n]:
-            hits = S.search(index, c, k=len(names_), embedder=emb, mode=mode, vector_mode="exact")
+            hits = text_search(index, c, k=len(names_), embedder=emb, mode=mode, vector_mode="exact")
             scores = {h.image.rsplit("/", 1)[-1]: h.score for h in hits}
             # ties count against the query; a target search did not return ties with every image
             # it did not return either (lexical: all score 0), so it ranks behind all the others
@@ -269,6 +270,7 @@ def test_eval_fusion_rules_rank_as_search_does(index, emb, tmp_path, rule, monke
     (retrieval.rank, exact vectors): each caption's T2I rank is its target's place there."""
     from edge_t2t.evaluation import evaluate as ev
     from edge_t2t.evaluation.dataset import load_annotations
+    from edge_t2t.evaluation.index_source import load_index_vectors
 
     monkeypatch.setattr(lexical, "MAX_DF", 1.0)  # every word matched, so the lexical side has ranks to fuse
     names_ = list(CAPTIONS)
@@ -276,10 +278,11 @@ def test_eval_fusion_rules_rank_as_search_does(index, emb, tmp_path, rule, monke
             "annotations": [{"image_id": i, "caption": c} for i, n in enumerate(names_) for c in CAPTIONS[n]]}
     (tmp_path / "ann.json").write_text(json.dumps(coco))
     ann = load_annotations(tmp_path / "ann.json")
-    stored = ev.load_index_vectors(index, ann, with_texts=True)
+    stored = load_index_vectors(index, ann, with_texts=True)
     result = ev.index_eval(ann, stored.vectors, emb.embed, dtype="f32", mode="hybrid", image_texts=stored.texts,
                            **rule)
-    store, vectors = S.open_for_search(index)
+    searcher = Searcher(index).open()
+    store, vectors = searcher.store, searcher.vectors
     expected, scores_seen = [], set()
     try:
         for n in names_:
@@ -290,7 +293,7 @@ def test_eval_fusion_rules_rank_as_search_does(index, emb, tmp_path, rule, monke
                 scores_seen.update(round(s, 9) for s in scores.values())
                 expected.append(sum(1 for img, s in scores.items() if img != n and s >= scores[n]))
     finally:
-        store.close()
+        searcher.close()
     assert result.t2i.ranks.tolist() == expected
     assert len(scores_seen) > 3  # the rule does rank: not every image tied
 

@@ -15,6 +15,7 @@ import pytest
 from edge_t2t.cli import main
 from edge_t2t.describe.captions import JsonlWriter
 from edge_t2t.errors import ImageError
+from edge_t2t.index import schema
 from edge_t2t.index import store as store_mod
 from edge_t2t.index.store import Store
 from edge_t2t.scene import tiling
@@ -297,12 +298,12 @@ def test_v2_store_migrates_to_the_scenes_schema_keeping_rows(tmp_path):
     ix.mkdir()
     conn = sqlite3.connect(ix / store_mod.STORE_FILE, isolation_level=None)
     conn.execute("PRAGMA foreign_keys=ON")
-    v2 = store_mod.MIGRATIONS.index(store_mod.SCENES_MIGRATION)
-    assert store_mod.migrate(conn, store_mod.MIGRATIONS[:v2]) == v2
+    v2 = schema.MIGRATIONS.index(schema.SCENES_MIGRATION)
+    assert schema.migrate(conn, schema.MIGRATIONS[:v2]) == v2
     conn.execute("INSERT INTO images(id, path, sha256, status, source, indexed_at) VALUES (3, '/x/a.jpg', 'aa', 'ok', 'vlm', 1.0)")
     conn.close()
     with Store(ix) as st:
-        assert st.conn.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
+        assert st.conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
         tables = {r[0] for r in st.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"scenes", "chips", "chips_rtree"} <= tables
         assert list(st.images()) == ["/x/a.jpg"]  # plain images are untouched and still listed

@@ -9,6 +9,7 @@ import sqlite3
 import numpy as np
 import pytest
 from fake_embedder import FakeEmbedder
+from helpers_search import text_search, variant_search
 
 from edge_t2t.embed.texts import variant_texts
 from edge_t2t.errors import StoreError
@@ -16,6 +17,7 @@ from edge_t2t.index.indexer import Indexer
 from edge_t2t.index.store import Store
 from edge_t2t.modes import VECTOR_MODES
 from edge_t2t.query import search as S
+from edge_t2t.query.searcher import Searcher
 from edge_t2t.records import Feature, Variant
 
 SCENES = {
@@ -49,7 +51,7 @@ def index(tmp_path, emb):
 
 
 def test_image_score_is_max_cosine_over_its_variants(index, emb):
-    hits = S.search(index, "green field", k=len(SCENES), embedder=emb, mode="exact")
+    hits = text_search(index, "green field", k=len(SCENES), embedder=emb, mode="exact")
     q = emb.embed(["green field"])[0]
     by_image = {h.image: h for h in hits}
     for name, raw in SCENES.items():
@@ -68,18 +70,18 @@ def test_k_distinct_images_survive_many_variants_each(tmp_path, emb):
     ix = tmp_path / "ix"
     Indexer(ix, embedder=emb, dtype="i8").run([], captions_file=write_jsonl(tmp_path / "c.jsonl", scenes))
     for mode in ("hnsw", "rescore", "exact"):
-        hits = S.search(ix, "red roof", k=12, embedder=emb, mode=mode)
+        hits = text_search(ix, "red roof", k=12, embedder=emb, mode=mode)
         assert len(hits) == 12 and len({h.image for h in hits}) == 12
 
 
 def test_ties_are_broken_by_image_path(index, emb):
-    hits = S.search(index, "identical twin scene text", k=2, embedder=emb, mode="exact")
+    hits = text_search(index, "identical twin scene text", k=2, embedder=emb, mode="exact")
     assert [h.image for h in hits] == ["twin_a.jpg", "twin_b.jpg"]
     assert hits[0].score == pytest.approx(hits[1].score)
 
 
 def test_modes_agree_on_the_ranking(index, emb):
-    ranks = {m: [h.image for h in S.search(index, "boats and ships in port", k=3, embedder=emb, mode=m)]
+    ranks = {m: [h.image for h in text_search(index, "boats and ships in port", k=3, embedder=emb, mode=m)]
              for m in ("hnsw", "rescore", "exact")}  # fmt: skip
     assert ranks["exact"][0] == "harbour.jpg"
     assert ranks["rescore"] == ranks["exact"]
@@ -89,28 +91,28 @@ def test_modes_agree_on_the_ranking(index, emb):
 def test_empty_index_gives_a_clear_error(tmp_path, emb):
     Store(tmp_path / "ix", create=True).close()
     with pytest.raises(StoreError, match="empty"):
-        S.search(tmp_path / "ix", "anything", embedder=emb)
+        text_search(tmp_path / "ix", "anything", embedder=emb)
 
 
 def test_missing_index_names_the_fix(tmp_path, emb):
     with pytest.raises(StoreError, match="edge-t2t index"):
-        S.search(tmp_path / "none", "anything", embedder=emb)
+        text_search(tmp_path / "none", "anything", embedder=emb)
 
 
 def test_other_embedder_is_refused_naming_both(index):
     other = FakeEmbedder(name="another-model")
     with pytest.raises(StoreError) as err:
-        S.search(index, "green field", embedder=other)
+        text_search(index, "green field", embedder=other)
     assert "another-model" in str(err.value) and "fake-bow" in str(err.value)
 
 
 def test_long_query_is_truncated_with_a_warning(index, emb):
     warnings = []
     query = "stadium " + " ".join(f"word{i}" for i in range(200))
-    hits = S.search(index, query, k=3, embedder=emb, warn=warnings.append)
+    hits = text_search(index, query, k=3, embedder=emb, warn=warnings.append)
     assert len(hits) == 3
     assert warnings and "longer than" in warnings[0]
-    short = S.search(index, "stadium", k=1, embedder=emb, warn=warnings.append)
+    short = text_search(index, "stadium", k=1, embedder=emb, warn=warnings.append)
     assert len(short) == 1 and len(warnings) == 1  # a short query finds a hit and adds no warning
 
 
@@ -123,22 +125,22 @@ def test_search_without_its_snapshot_says_how_to_repair_and_never_writes(index, 
     (index / vindex.MANIFEST_FILE).unlink()
     before = sorted(p.name for p in index.iterdir())
     with pytest.raises(StoreError, match="verify --repair"):
-        S.search(index, "dense forest trees", k=1, embedder=emb, mode="hnsw")
+        text_search(index, "dense forest trees", k=1, embedder=emb, mode="hnsw")
     assert sorted(p.name for p in index.iterdir()) == before  # a reader never writes
     with IndexDir.open_writer(index) as ix:  # the next writer rebuilds it
         ix.open_vectors(emb.dim, "f32", embed=emb.embed)
         assert ix.embedded_again == ix.store.text_count() > 0
     assert (index / vindex.MANIFEST_FILE).exists()
-    assert S.search(index, "dense forest trees", k=1, embedder=emb, mode="hnsw")[0].image == "forest.jpg"
+    assert text_search(index, "dense forest trees", k=1, embedder=emb, mode="hnsw")[0].image == "forest.jpg"
 
 
 def test_search_by_variants_maxes_over_pairs_and_excludes_self(index, emb):
     with Store(index) as st:
         row = st.images()["stadium.jpg"]
         variants = st.variants_of(row.id)
-    hits = S.search_by_variants(index, variants, k=3, embedder=emb, mode="exact")
+    hits = variant_search(index, variants, k=3, embedder=emb, mode="exact")
     assert hits[0].image == "stadium.jpg" and hits[0].score == pytest.approx(1.0, abs=1e-5)
-    hits = S.search_by_variants(index, variants, k=3, embedder=emb, mode="exact", exclude_path="stadium.jpg")
+    hits = variant_search(index, variants, k=3, embedder=emb, mode="exact", exclude_path="stadium.jpg")
     assert "stadium.jpg" not in [h.image for h in hits] and len(hits) == 3
 
 
@@ -153,7 +155,7 @@ def test_fields_mode_embeds_one_text_per_field(tmp_path, emb):
         fields = [r[0] for r in c.execute("SELECT t.field FROM texts t JOIN variants v ON v.id = t.variant_id JOIN images i ON i.id = v.image_id "
                                           "WHERE i.path = 'a.jpg' ORDER BY t.id")]
     assert fields == ["one_sentence", "features", "caption"]
-    hits = S.search(ix, "long runway in the centre", k=1, embedder=emb, mode="exact")
+    hits = text_search(ix, "long runway in the centre", k=1, embedder=emb, mode="exact")
     assert hits[0].image == "a.jpg" and "runway" in hits[0].text
     assert variant_texts(v, "joined") == [("joined", v.joined_text())]
 
@@ -175,7 +177,7 @@ def test_sentences_mode_embeds_each_short_statement_once(tmp_path, emb):
         stored = [tuple(r) for r in c.execute("SELECT t.field, t.text FROM texts t JOIN variants v ON v.id = t.variant_id JOIN images i ON i.id = v.image_id "
                                                "WHERE i.path = 'a.jpg' ORDER BY t.id")]
     assert stored == pairs
-    hits = S.search(ix, "large tanks in the south", k=1, embedder=emb, mode="exact")
+    hits = text_search(ix, "large tanks in the south", k=1, embedder=emb, mode="exact")
     assert hits[0].image == "a.jpg" and hits[0].text == "large tanks in the south"
 
 
@@ -188,7 +190,8 @@ def test_hit_json_contract():
 def test_search_sees_commits_made_after_the_last_save(index, emb, tmp_path):
     """An index run saves its snapshot at most every 60 s: a search in between reads the newer
     texts by key and the deleted ones drop out at row lookup, with k results still."""
-    from edge_t2t.index.store import IndexLock, NewText
+    from edge_t2t.index.lock import IndexLock
+    from edge_t2t.index.store import NewText
 
     before = {p.name: p.stat().st_mtime_ns for p in index.iterdir() if p.name != "store.sqlite"}
     with IndexLock(index), Store(index) as st, st.transaction():  # committed, not yet saved
@@ -196,9 +199,9 @@ def test_search_sees_commits_made_after_the_last_save(index, emb, tmp_path):
         new_id = st.put_image("lake.jpg", source="captions")
         st.add_texts(new_id, [NewText(0, "joined", Variant("a blue lake"), "a blue lake", emb.embed(["a blue lake"])[0])])
     for mode in VECTOR_MODES:
-        hits = S.search(index, "dense green forest", k=3, embedder=emb, mode=mode)
+        hits = text_search(index, "dense green forest", k=3, embedder=emb, mode=mode)
         assert "forest.jpg" not in [h.image for h in hits] and len(hits) == 3
-        assert S.search(index, "a blue lake", k=1, embedder=emb, mode=mode)[0].image == "lake.jpg"
+        assert text_search(index, "a blue lake", k=1, embedder=emb, mode=mode)[0].image == "lake.jpg"
     after = {p.name: p.stat().st_mtime_ns for p in index.iterdir() if p.name != "store.sqlite"}
     assert {k: v for k, v in after.items() if not k.startswith("store.sqlite")} == \
         {k: v for k, v in before.items() if not k.startswith("store.sqlite")}
@@ -209,7 +212,8 @@ def test_an_image_whose_best_text_was_deleted_falls_back_to_its_next_best(index,
     with Store(index) as st:
         harbour = st.images()["harbour.jpg"].id
         keys = st.text_keys_of([harbour])[0].tolist()
-    store, vectors = S.open_for_search(index)  # the vectors as saved: all harbour texts present
+    searcher = Searcher(index).open()  # the vectors as saved: all harbour texts present
+    store, vectors = searcher.store, searcher.vectors
     try:
         q = emb.embed(["boats moored in a harbour"])
         first = S.rank_images(store, vectors, q, k=len(SCENES), mode="exact")
@@ -218,7 +222,7 @@ def test_an_image_whose_best_text_was_deleted_falls_back_to_its_next_best(index,
             store.conn.execute("DELETE FROM texts WHERE id = ?", (keys[0],))
         hits = S.rank_images(store, vectors, q, k=len(SCENES), mode="exact")
     finally:
-        store.close()
+        searcher.close()
     assert len(hits) == len(SCENES)
     harbour_hit = next(h for h in hits if h.image == "harbour.jpg")
     assert harbour_hit.text.startswith(("a pier with ships and cranes", "container port by the sea"))
@@ -270,13 +274,14 @@ def test_query_image_is_described_by_the_vlm_unless_already_indexed(index, emb, 
     monkeypatch.setenv("EDGE_T2T_CACHE_DIR", str(tmp_path / "cache"))
     img = tmp_path / "query.png"
     Image.new("RGB", (8, 8), (10, 20, 30)).save(img)
-    with pytest.raises(StoreError, match="--vlm"):
-        S.query_image_variants(index, img, vlm_cfg=None)
+    with pytest.raises(StoreError, match="--vlm"), Searcher(index) as searcher:
+        searcher.image_variants(img, vlm_cfg=None)
     reads.clear()
-    variants, sha = S.query_image_variants(index, img, vlm_cfg=object())
+    with Searcher(index) as searcher:
+        variants, sha = searcher.image_variants(img, vlm_cfg=object())
     assert calls and variants[0].one_sentence == "boats moored at a pier" and len(sha) == 64
     assert len(reads) == 1 and calls[0][0][1].sha256 == sha  # read once; the bytes hashed are the bytes described
-    hits = S.search_by_variants(index, variants, k=1, embedder=emb, mode="exact")
+    hits = variant_search(index, variants, k=1, embedder=emb, mode="exact")
     assert hits[0].image == "harbour.jpg"
 
 

@@ -111,15 +111,16 @@ def test_info_is_the_same_data_as_info_command(client, demo):
 
 
 def test_more_like_this_uses_the_stored_descriptions_and_excludes_itself(client, demo):
+    from helpers_search import variant_search
+
     from edge_t2t.index.store import Store
-    from edge_t2t.query.search import search_by_variants
 
     hit = client.get(f"/api/search?q={quote(demo['query'])}&k=1").get_json()["hits"][0]
     body = client.get(f"/api/similar?id={hit['id']}&k=5").get_json()
     assert body["count"] == 5 and hit["id"] not in [h["id"] for h in body["hits"]]
     with Store(demo["index"]) as st:
         variants = st.variants_of(hit["id"])
-    want = search_by_variants(demo["index"], variants, k=5, exclude_path=hit["image"])
+    want = variant_search(demo["index"], variants, k=5, exclude_path=hit["image"])
     assert [h["image"] for h in body["hits"]] == [h.image for h in want]
 
 

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from edge_t2t.errors import StoreError
+from edge_t2t.index import schema
 from edge_t2t.index import store as store_mod
-from edge_t2t.index.store import IndexLock, NewText, Store
+from edge_t2t.index.lock import IndexLock
+from edge_t2t.index.store import NewText, Store
 from edge_t2t.records import Feature, Variant
 
 
@@ -33,7 +35,7 @@ def _add_image(st: Store, path: str, n: int = 2, sha: str = "") -> tuple[int, li
 
 def test_new_store_has_current_schema_wal_and_foreign_keys(tmp_path):
     with Store(tmp_path / "ix", create=True) as st:
-        assert st.conn.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
+        assert st.conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
         assert st.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert st.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
         tables = {r[0] for r in st.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -49,15 +51,15 @@ def test_migrates_from_v0_and_to_a_later_version_keeping_data(tmp_path):
     path = tmp_path / "s.sqlite"
     conn = sqlite3.connect(path, isolation_level=None)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 0  # hand-made v0: an empty file
-    assert store_mod.migrate(conn, store_mod.MIGRATIONS[:1]) == 1
+    assert schema.migrate(conn, schema.MIGRATIONS[:1]) == 1
     conn.execute("INSERT INTO meta VALUES ('k', '1')")
 
     def py_step(c):  # a Python step, as a later schema change would add
         c.execute("ALTER TABLE images ADD COLUMN note TEXT NOT NULL DEFAULT ''")
 
     sql_step = "CREATE TABLE tags (image_id INTEGER, tag TEXT);"  # and an SQL step
-    later = store_mod.SCHEMA_VERSION + 2
-    assert store_mod.migrate(conn, store_mod.MIGRATIONS + [py_step, sql_step]) == later
+    later = schema.SCHEMA_VERSION + 2
+    assert schema.migrate(conn, schema.MIGRATIONS + [py_step, sql_step]) == later
     assert conn.execute("PRAGMA user_version").fetchone()[0] == later
     assert conn.execute("SELECT value FROM meta WHERE key='k'").fetchone()[0] == "1"
     cols = {r[1] for r in conn.execute("PRAGMA table_info(images)")}
@@ -65,7 +67,7 @@ def test_migrates_from_v0_and_to_a_later_version_keeping_data(tmp_path):
     conn.execute("INSERT INTO tags VALUES (1, 'x')")
     # A store newer than this code is refused, not silently used.
     with pytest.raises(StoreError, match="newer edge-t2t"):
-        store_mod.migrate(conn)
+        schema.migrate(conn)
 
 
 def test_v1_store_migrates_to_v2_keeping_rows_and_ids(tmp_path):
@@ -75,7 +77,7 @@ def test_v1_store_migrates_to_v2_keeping_rows_and_ids(tmp_path):
     ix.mkdir()
     conn = sqlite3.connect(ix / store_mod.STORE_FILE, isolation_level=None)
     conn.execute("PRAGMA foreign_keys=ON")
-    assert store_mod.migrate(conn, store_mod.MIGRATIONS[:1]) == 1
+    assert schema.migrate(conn, schema.MIGRATIONS[:1]) == 1
     conn.execute("INSERT INTO meta VALUES ('dim', '8')")
     conn.execute("INSERT INTO descriptions VALUES (7, 'm.gguf', 'p.gguf', 'llava-1.5', 'v1', 0, 1)")
     conn.execute("INSERT INTO descriptions VALUES (9, 'imported:coco', '', '', '', 0, 0)")
@@ -86,7 +88,7 @@ def test_v1_store_migrates_to_v2_keeping_rows_and_ids(tmp_path):
     conn.close()
 
     with Store(ix) as st:
-        assert st.conn.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION >= 2
+        assert st.conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION >= 2
         assert st.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1  # restored after the rebuild
         assert not st.conn.execute("PRAGMA foreign_key_check").fetchall()
         cols = {r[1] for r in st.conn.execute("PRAGMA table_info(descriptions)")}
@@ -114,15 +116,15 @@ def test_v1_store_migrates_to_v2_keeping_rows_and_ids(tmp_path):
 
 def test_failed_migration_rolls_back(tmp_path):
     conn = sqlite3.connect(tmp_path / "s.sqlite", isolation_level=None)
-    store_mod.migrate(conn)
+    schema.migrate(conn)
 
     def broken(c):
         c.execute("CREATE TABLE half (x)")
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        store_mod.migrate(conn, store_mod.MIGRATIONS + [broken])
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
+        schema.migrate(conn, schema.MIGRATIONS + [broken])
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
     assert not conn.execute("SELECT name FROM sqlite_master WHERE name='half'").fetchall()
 
 
@@ -131,14 +133,14 @@ def test_migration_that_leaves_dangling_references_is_refused(tmp_path):
     still refuses one that breaks a reference."""
     conn = sqlite3.connect(tmp_path / "s.sqlite", isolation_level=None)
     conn.execute("PRAGMA foreign_keys=ON")
-    store_mod.migrate(conn)
+    schema.migrate(conn)
 
     def dangling(c):
         c.execute("INSERT INTO images(path, status, description_id, indexed_at) VALUES ('/x', 'ok', 999, 0)")
 
     with pytest.raises(StoreError, match="dangling"):
-        store_mod.migrate(conn, store_mod.MIGRATIONS + [dangling])
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
+        schema.migrate(conn, schema.MIGRATIONS + [dangling])
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
     assert conn.execute("SELECT COUNT(*) FROM images").fetchone()[0] == 0
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
 
@@ -268,7 +270,7 @@ def test_a_lock_file_left_by_a_dead_process_is_no_lock(tmp_path):
 def test_the_kernel_frees_the_lock_of_a_killed_holder(tmp_path):
     """flock on a held descriptor: while the holder lives every other taker is refused (with its
     pid); SIGKILL frees it, with no stale-pid guessing that could let two writers in."""
-    code = ("import sys, time; from edge_t2t.index.store import IndexLock; IndexLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from edge_t2t.index.lock import IndexLock; IndexLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:

@@ -16,7 +16,9 @@ import pytest
 from fake_embedder import FakeEmbedder
 
 from edge_t2t.index import vindex
-from edge_t2t.index.store import LOCK_FILE, SCHEMA_VERSION, STORE_FILE, NewText, Store
+from edge_t2t.index.lock import LOCK_FILE
+from edge_t2t.index.schema import SCHEMA_VERSION
+from edge_t2t.index.store import STORE_FILE, NewText, Store
 from edge_t2t.index.verify import verify_index
 from edge_t2t.records import Feature, Variant
 
@@ -321,7 +323,7 @@ def test_cli_exit_codes_and_json(tmp_path: Path) -> None:
 
 def test_repair_refuses_while_an_index_run_holds_the_lock(tmp_path: Path) -> None:
     index = _build(tmp_path / "idx")
-    from edge_t2t.index.store import IndexLock
+    from edge_t2t.index.lock import IndexLock
 
     (index / vindex.MANIFEST_FILE).unlink()
     with IndexLock(index):  # a live writer (this process)

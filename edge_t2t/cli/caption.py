@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
             summary = caption_images(
                 paths, cfg, n_variants=args.variants, prompt_file=args.prompt_file,
                 max_megapixels=args.max_megapixels, bands=bands, cache=cache, max_tokens=args.max_tokens,
-                callbacks=callbacks, cluster=session,
+                callbacks=callbacks, executor=session,
             ) if paths else None  # fmt: skip
             if scenes:  # issue 13
                 summary = _caption_scenes(scenes, args, cfg, cache, bands, on_record, on_failure, summary, scene_lines)

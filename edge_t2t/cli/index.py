@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         if session is not None and vlm_cfg is not None:
             from ..describe.captioning import Callbacks
 
-            caption.cluster = session
+            caption.executor = session
             caption.callbacks = Callbacks(on_notice=lambda msg: err.print(f"edge-t2t: {msg}", highlight=False))
         indexer = Indexer(
             index_dir, precision=args.precision, dtype=args.dtype, text_mode=args.text_mode,

@@ -57,53 +57,44 @@ def run(args: argparse.Namespace) -> int:
     from .. import config
     from ..errors import InputError, NoVLMError
     from ..query import report
-    from ..query import search as searching
+    from ..query.searcher import Searcher
 
     index_dir = config.index_dir(args.index)
     mode, vector_mode = args.mode, args.vector_mode
     if mode in ("hnsw", "rescore", "exact"):
         mode, vector_mode = "dense", mode
-    if args.image:
-        if args.query:
-            raise InputError("give either a QUERY or --image PATH, not both")
-        if mode not in (None, "dense"):
-            raise InputError(f"--image searches by dense vectors only; drop --mode {mode}")
-        if args.within or args.near:  # issue 13
-            raise InputError("--within/--near filter a text QUERY; they do not work with --image yet")
-        vlm_cfg = None
-        try:
-            from ..describe.vlm import VLMConfig, resolve_vlm_paths
-
-            model, mmproj = resolve_vlm_paths(args.vlm, args.mmproj)
-            vlm_cfg = VLMConfig(model=model, mmproj=mmproj)
-        except NoVLMError:  # none configured: fine when the query image is already indexed
-            if args.vlm or args.mmproj:
-                raise
-        from pathlib import Path
-
-        variants, sha = searching.query_image_variants(index_dir, args.image, vlm_cfg)
-        hits = searching.search_by_variants(
-            index_dir, variants, k=args.k, mode=vector_mode, precision=args.precision,
-            exclude_sha256=sha if args.exclude_self else "",
-            exclude_path=str(Path(args.image).resolve()) if args.exclude_self else "",
-        )  # fmt: skip
-        title = f"image {args.image}"
-    else:
-        if not args.query:
-            raise InputError("give a QUERY (in quotes) or --image PATH")
-        if args.within or args.near:  # issue 13
+    with Searcher(index_dir, precision=args.precision) as searcher:  # the index, opened once
+        if args.image:
+            if args.query:
+                raise InputError("give either a QUERY or --image PATH, not both")
             if mode not in (None, "dense"):
-                raise InputError(f"--within/--near rank by dense vectors only; drop --mode {mode}")
-            hits = _search_in_place(args, index_dir)
+                raise InputError(f"--image searches by dense vectors only; drop --mode {mode}")
+            if args.within or args.near:  # issue 13
+                raise InputError("--within/--near filter a text QUERY; they do not work with --image yet")
+            vlm_cfg = None
+            try:
+                from ..describe.vlm import VLMConfig, resolve_vlm_paths
+
+                model, mmproj = resolve_vlm_paths(args.vlm, args.mmproj)
+                vlm_cfg = VLMConfig(model=model, mmproj=mmproj)
+            except NoVLMError:  # none configured: fine when the query image is already indexed
+                if args.vlm or args.mmproj:
+                    raise
+            hits = searcher.image(args.image, args.k, vlm_cfg=vlm_cfg, exclude_self=args.exclude_self,
+                                  vector_mode=vector_mode, min_score=args.min_score)  # fmt: skip
+            title = f"image {args.image}"
         else:
-            hits = searching.search(
-                index_dir, args.query, k=args.k, mode=mode, vector_mode=vector_mode, precision=args.precision,
-                structure=args.structure, explain=args.explain, min_score=args.min_score,
-            )  # fmt: skip
-        title = args.query
-    if args.min_score is not None and (args.image or args.within or args.near):
-        hits = [h for h in hits if h.score >= args.min_score]
-    chips = _chips_of(index_dir, hits)  # issue 13: where each hit that is a chip of a scene lies
+            if not args.query:
+                raise InputError("give a QUERY (in quotes) or --image PATH")
+            place = None
+            if args.within or args.near:  # issue 13
+                if mode not in (None, "dense"):
+                    raise InputError(f"--within/--near rank by dense vectors only; drop --mode {mode}")
+                place = _place(args)
+            hits = searcher.text(args.query, args.k, mode=mode, vector_mode=vector_mode, structure=args.structure,
+                                 explain=args.explain, min_score=args.min_score, place=place)  # fmt: skip
+            title = args.query
+        chips = searcher.chips(hits)  # issue 13: where each hit that is a chip of a scene lies
     if args.json:
         _write_json(hits, chips)
     else:
@@ -124,25 +115,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 # -- issue 13: scenes ---------------------------------------------------------------------------
-def _search_in_place(args, index_dir):
+def _place(args):
     from ..errors import InputError
     from ..scene.geo import PlaceFilter
-    from ..scene.geosearch import search_in_place
 
     if args.within and args.near:
         raise InputError("give --within or --near, not both")
-    place = PlaceFilter.within(args.within) if args.within else PlaceFilter.near_point(args.near)
-    return search_in_place(index_dir, args.query, place, k=args.k, precision=args.precision)
-
-
-def _chips_of(index_dir, hits) -> dict:
-    from ..index.store import Store
-    from ..scene.chipstore import chip_info
-
-    if not hits:
-        return {}
-    with Store(index_dir) as store:
-        return chip_info(store, [h.image for h in hits])
+    return PlaceFilter.within(args.within) if args.within else PlaceFilter.near_point(args.near)
 
 
 def _write_json(hits, chips) -> None:

@@ -138,7 +138,7 @@ def run_demo(opts: DemoOptions, console=None, on_step: Callable[[Step], None] | 
 
     from ..embed.embedder import Embedder
     from ..query.report import print_table
-    from ..query.search import search
+    from ..query.searcher import Searcher
 
     console = console or Console()
     out = opts.out_dir
@@ -150,6 +150,10 @@ def run_demo(opts: DemoOptions, console=None, on_step: Callable[[Step], None] | 
         if not embedder:
             embedder.append(Embedder(precision="int8"))
         return embedder[0]
+
+    def search(index: Path, query: str, k: int):
+        with Searcher(index, embedder=emb()) as searcher:
+            return searcher.text(query, k)
 
     def step(name: str, fn: Callable[[Step], None]) -> bool:
         console.print(Rule(name))
@@ -184,19 +188,19 @@ def run_demo(opts: DemoOptions, console=None, on_step: Callable[[Step], None] | 
         index = out / "index-text"
         summary = _index(index, emb(), opts.progress, [scene_dir], state["captions"])
         sections, results = [], []
-        for query, expected in _example_queries(state["scenes"]):
-            hits = search(index, query, k=5, embedder=emb())
-            print_table(hits, query, console)
-            rank = _rank_of(search(index, query, k=opts.n_scenes, embedder=emb()), expected)
-            ok = rank == 1
-            console.print(("[green]expected scene ranked first[/green]" if ok else
-                           f"[yellow]expected scene {expected} ranked {rank}, not first[/yellow]"), highlight=False)
-            results.append({"query": query, "expected": expected, "rank": rank})
-            sections.append(_html_section(query, hits, expected, rank, scene_dir / f"{expected}.png"))
-        # All fixed queries, so the three above are seen against the whole list.
-        ranks = []
-        for query, expected in S.directional_queries(state["scenes"]):
-            ranks.append(_rank_of(search(index, query, k=opts.n_scenes, embedder=emb()), expected) or opts.n_scenes)
+        with Searcher(index, embedder=emb()) as searcher:
+            for query, expected in _example_queries(state["scenes"]):
+                hits = searcher.text(query, 5)
+                print_table(hits, query, console)
+                rank = _rank_of(searcher.text(query, opts.n_scenes), expected)
+                ok = rank == 1
+                console.print(("[green]expected scene ranked first[/green]" if ok else
+                               f"[yellow]expected scene {expected} ranked {rank}, not first[/yellow]"), highlight=False)
+                results.append({"query": query, "expected": expected, "rank": rank})
+                sections.append(_html_section(query, hits, expected, rank, scene_dir / f"{expected}.png"))
+            # All fixed queries, so the three above are seen against the whole list.
+            ranks = [_rank_of(searcher.text(query, opts.n_scenes), expected) or opts.n_scenes
+                     for query, expected in S.directional_queries(state["scenes"])]  # fmt: skip
         first, top5 = sum(r == 1 for r in ranks), sum(r <= 5 for r in ranks)
         page = _write_html(out / "demo.html", "edge-t2t demo: synthetic scenes, ground-truth descriptions", sections)
         s.note = (f"indexed {summary.added} new ({summary.skipped} unchanged); all {len(ranks)} fixed directional "
@@ -206,10 +210,11 @@ def run_demo(opts: DemoOptions, console=None, on_step: Callable[[Step], None] | 
         console.print(s.note, highlight=False)
 
     def vlm_path(s: Step) -> None:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError as exc:
-            s.status, s.note = "skipped", f"llama-cpp-python is not importable ({exc}); run 'make setup'"
+        from ..describe.vlm import llama_cpp_import_error
+
+        missing = llama_cpp_import_error()
+        if missing:
+            s.status, s.note = "skipped", f"llama-cpp-python is not importable ({missing}); run 'make setup'"
             console.print(s.note, highlight=False)
             return
         cfg, is_test, what = _resolve_vlm(console)
@@ -222,7 +227,7 @@ def run_demo(opts: DemoOptions, console=None, on_step: Callable[[Step], None] | 
         subset = state["paths"][: opts.vlm_images]
         index = out / ("index-testvlm" if is_test else "index-vlm")
         summary = _index(index, emb(), opts.progress, subset, vlm_cfg=cfg)
-        hits = search(index, VLM_QUERY, k=3, embedder=emb())
+        hits = search(index, VLM_QUERY, 3)
         print_table(hits, VLM_QUERY + (" (TEST VLM: meaningless)" if is_test else ""), console)
         s.note = (f"{'TEST VLM (placeholder captions)' if is_test else 'configured VLM'}: "
                   f"{summary.added} captioned+indexed, {summary.skipped} unchanged, {summary.failed} failed "
@@ -239,7 +244,7 @@ def run_demo(opts: DemoOptions, console=None, on_step: Callable[[Step], None] | 
             return
         index = out / "index-rsicd"
         summary = _index(index, emb(), opts.progress, captions=path)
-        hits = search(index, RSICD_QUERY, k=5, embedder=emb())
+        hits = search(index, RSICD_QUERY, 5)
         print_table(hits, RSICD_QUERY, console)
         s.note = (f"RSICD val captions: {summary.added} new images ({summary.skipped} unchanged) in {index}; "
                   "images themselves are not here, only their captions")
@@ -258,7 +263,7 @@ def run_demo(opts: DemoOptions, console=None, on_step: Callable[[Step], None] | 
               + ("\nTEST VLM: placeholder captions; the ranking below means nothing." if is_test else ""))
         index = out / "index-user"
         summary = _index(index, emb(), opts.progress, [opts.user_images], vlm_cfg=cfg)
-        hits = search(index, opts.user_query, k=5, embedder=emb())
+        hits = search(index, opts.user_query, 5)
         print_table(hits, opts.user_query, console)
         s.note = (f"{'TEST VLM (placeholder captions, ranking meaningless)' if is_test else 'configured VLM'}: "
                   f"{summary.added} new, {summary.skipped} unchanged, {summary.failed} failed in {index}")

@@ -1,15 +1,14 @@
-"""The caption pipeline: find images -> load -> cache lookup -> VLM -> parse and check -> cache put.
+"""The caption pipeline: find images -> load -> cache lookup -> describe -> cache put.
+
+Where the images are described is an Executor that captioning is handed (CaptionSettings.executor,
+caption_images(executor=)): InProcess, the default, loads the VLM in this process; a
+cluster.ClusterSession sends each cache miss to Dask workers. Either gets the whole run as one
+CaptionRun and hands every outcome back through it. One image's description (the VLM call, its
+retry and checks) is describer.py's; the executors call it.
 
 The VLM is loaded lazily, on the first cache miss, so a fully cached run never loads the model.
 Model and mmproj hashes for the cache key come from the cache's file-hash memo instead, so even
 a multi-GB GGUF is hashed once per (path, size, mtime).
-
-Retry policy: an answer with no usable variant at all (unparsable, or cut off before the first
-variant closed) is retried once with temperature 0.7. A greedy retry would give the same bytes,
-so only a sampled one can help; it stays reproducible because the VLM's sampler seed is fixed.
-Answers that parse but have quality problems (too few variants, duplicates, percentages) are
-kept, with the problems in the record's `problems` field: they still carry retrieval signal, and
-re-sampling would double the cost of every such image on a slow model for an uncertain gain.
 """
 
 from __future__ import annotations
@@ -22,20 +21,18 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from ..errors import EdgeT2TError, ImageError, ModelError
+from ..errors import ImageError
 from ..hashing import file_sha256
-from ..images import DEFAULT_MAX_MEGAPIXELS, ImageBytes, LoadedImage, find_images, load_image, to_png_bytes
-from ..records import CaptionRecord, Variant
+from ..images import DEFAULT_MAX_MEGAPIXELS, ImageBytes, LoadedImage, find_images, load_image
+from ..records import CaptionRecord
 from . import prompts
 from .captions import CacheKey, CaptionCache
-from .describer import Describer, VLMDescriber
+from .describer import CaptionOptions, Describer, ImageInput, UnusableAnswer, VLMDescriber, model_file_facts
 
 if TYPE_CHECKING:  # llama_cpp is imported by vlm.py only when a model loads; the config is plain data
     from .vlm import VLMConfig
-
-RETRY_TEMPERATURE = 0.7
 
 T = TypeVar("T")  # what a caller pairs with each image, handed back with its outcome
 ImageSource = Path | ImageBytes  # a file read when its turn comes, or bytes already read and hashed
@@ -100,7 +97,7 @@ class Callbacks:
 
 
 @contextmanager
-def _stop_after_current(notice: Callable[[str], None], message: str = "") -> Iterator[dict[str, bool]]:
+def stop_after_current(notice: Callable[[str], None], message: str = "") -> Iterator[dict[str, bool]]:
     """First Ctrl-C: finish the current image, then stop. Second Ctrl-C: stop at once.
 
     Only the main thread can take signals; elsewhere Ctrl-C stays a plain KeyboardInterrupt.
@@ -132,7 +129,7 @@ class CaptionSettings:
     max_tokens: int | None = None  # None: sized to the schema
     prompt_file: str | os.PathLike | None = None
     max_megapixels: float | None = None  # None: images.DEFAULT_MAX_MEGAPIXELS (chips are already small)
-    cluster: Any | None = None  # a cluster.ClusterSession
+    executor: Executor | None = None  # where images are described (None: InProcess); cluster.ClusterSession
     callbacks: Callbacks | None = None
 
 
@@ -149,7 +146,8 @@ def caption_sources(items: Sequence[tuple[T, ImageBytes]], vlm_cfg: VLMConfig | 
                                max_tokens=settings.max_tokens)  # fmt: skip
     items = list(items)
     return _caption_items(items, resolved.vlm_cfg, resolved.options, settings.cache, settings.callbacks or Callbacks(),
-                          on_result, vlm_factory, settings.cluster, CaptionSummary(total=len(items)))  # fmt: skip
+                          on_result, settings.executor or InProcess(vlm_factory),
+                          CaptionSummary(total=len(items)))  # fmt: skip
 
 
 def generation_params(vlm_cfg: VLMConfig, *, n_variants: int, max_tokens: int, temperature: float,
@@ -222,7 +220,7 @@ def caption_images(
     on_record: Callable[[CaptionRecord], None] | None = None,
     callbacks: Callbacks | None = None,
     vlm_factory: Callable[[Any], Any] | None = None,
-    cluster: Any | None = None,
+    executor: Executor | None = None,
 ) -> CaptionSummary:
     """Caption every image under `paths` (`edge-t2t caption`); return counts and failures.
 
@@ -232,7 +230,8 @@ def caption_images(
     Each finished record goes to `on_record` as soon as it exists (so a
     caller writing JSONL loses nothing on Ctrl-C). A bad image is a Failure, never an exception.
     Ctrl-C stops after the current image and returns with `interrupted=True`.
-    `cluster` (a cluster.ClusterSession) sends the images that miss the cache to Dask workers.
+    `executor` says where the images that miss the cache are described: InProcess(vlm_factory) by
+    default (vlm_factory(cfg) makes the VLM; default vlm.VLM), or a cluster.ClusterSession (Dask).
     Each file is read once, when its turn comes (ImageBytes.read), so only one image's bytes are held.
     """
     resolved = caption_options(vlm_cfg, n_variants=n_variants, prompt_file=prompt_file, max_megapixels=max_megapixels,
@@ -251,7 +250,7 @@ def caption_images(
             emit_record(outcome)
 
     return _caption_items([(path, path) for path in image_paths], resolved.vlm_cfg, resolved.options, cache, cb,
-                          on_result, vlm_factory, cluster, summary)  # fmt: skip
+                          on_result, executor or InProcess(vlm_factory), summary)  # fmt: skip
 
 
 def _fail(summary: CaptionSummary, cb: Callbacks, path: Path | str, reason: str) -> Failure:
@@ -265,11 +264,11 @@ def _fail(summary: CaptionSummary, cb: Callbacks, path: Path | str, reason: str)
 
 def _caption_items(items: list[tuple[T, ImageSource]], vlm_cfg: VLMConfig, opts: CaptionOptions,
                    cache: CaptionCache | None, cb: Callbacks, on_result: Callable[[T, CaptionRecord | Failure], None],
-                   vlm_factory: Callable[[Any], Any] | None, cluster: Any | None,
-                   summary: CaptionSummary) -> CaptionSummary:  # fmt: skip
+                   executor: Executor, summary: CaptionSummary) -> CaptionSummary:  # fmt: skip
     """The pipeline both entry points share: for each (tag, source) in order, load (a path is read
-    here, once; ImageBytes are decoded as they are), look up the cache, describe on a miss, put.
-    Outcomes go to `on_result(tag, record | Failure)`; failures also to the Callbacks' on_failure."""
+    once; ImageBytes are decoded as they are), look up the cache, describe on a miss, put, on the
+    executor. Outcomes go to `on_result(tag, record | Failure)`; failures also to the Callbacks'
+    on_failure."""
     started = time.perf_counter()
 
     def done(tag: T, record: CaptionRecord) -> None:
@@ -279,7 +278,6 @@ def _caption_items(items: list[tuple[T, ImageSource]], vlm_cfg: VLMConfig, opts:
     def fail(tag: T, path: Path | str, reason: str) -> None:
         on_result(tag, _fail(summary, cb, path, reason))
 
-    vlm = None
     model_sha = mmproj_sha = ""
     if cache is not None and items:
         try:
@@ -287,63 +285,112 @@ def _caption_items(items: list[tuple[T, ImageSource]], vlm_cfg: VLMConfig, opts:
             mmproj_sha = file_sha256(vlm_cfg.mmproj, cache)
         except OSError:
             model_sha = mmproj_sha = ""  # unreadable model: leave it to the VLM loader to explain
-    if cluster is not None:  # the same run on Dask workers; only this process writes (cluster.py)
-        from .cluster import caption_on_cluster
-
-        caption_on_cluster(cluster, items, vlm_cfg, opts, cache, summary, done, fail,
-                           cb.on_notice or (lambda msg: None), (model_sha, mmproj_sha))  # fmt: skip
-        summary.seconds = time.perf_counter() - started
-        return summary
-
-    def get_vlm() -> Any:
-        nonlocal vlm, model_sha, mmproj_sha
-        if vlm is None:
-            t0 = time.perf_counter()
-            vlm = (vlm_factory or _default_vlm_factory)(vlm_cfg)
-            summary.load_seconds = time.perf_counter() - t0
-            summary.model_loaded = True
-            summary.test_model = summary.test_model or bool(getattr(vlm, "is_test_model", False))
-            model_sha = model_sha or getattr(vlm, "model_sha256", "") or file_sha256(vlm_cfg.model)
-            mmproj_sha = mmproj_sha or getattr(vlm, "mmproj_sha256", "") or file_sha256(vlm_cfg.mmproj)
-            if cb.on_model_loaded:
-                cb.on_model_loaded(vlm)
-        return vlm
-
-    notice = cb.on_notice or (lambda msg: None)
     try:
-        with _stop_after_current(notice) as flag:
-            for tag, source in items:
-                path = source_path(source)
-                if flag["stop"]:
-                    summary.interrupted = True
-                    break
-                try:
-                    record = _caption_one(source, get_vlm, cache, lambda: (model_sha, mmproj_sha), opts,
-                                          model_files=(vlm_cfg.model, vlm_cfg.mmproj))  # fmt: skip
-                except ImageError as exc:
-                    fail(tag, path, str(exc).removeprefix(f"{path}: "))
-                    continue
-                except UnusableAnswer as exc:
-                    summary.retries += exc.retried
-                    fail(tag, path, str(exc))
-                    continue
-                except KeyboardInterrupt:  # second Ctrl-C, mid-image: drop this one
-                    summary.interrupted = True
-                    break
-                summary.retries += bool(record.extra.get("retried")) and not record.cached
-                done(tag, record)
-            else:
-                summary.interrupted = summary.interrupted or flag["stop"]
-    except KeyboardInterrupt:  # outside the per-image try (e.g. between images, in a callback)
-        summary.interrupted = True
+        executor.caption(CaptionRun(items, vlm_cfg, opts, cache, summary, (model_sha, mmproj_sha), done, fail,
+                                    cb.on_notice or (lambda msg: None), cb.on_model_loaded))  # fmt: skip
     finally:
-        if vlm is not None:
-            summary.model_calls = int(getattr(vlm, "calls", 0))
-            close = getattr(vlm, "close", None)
-            if close:
-                close()
         summary.seconds = time.perf_counter() - started
     return summary
+
+
+@dataclass
+class CaptionRun:
+    """One run's work as an executor gets it: the (tag, source) items in order, what shapes the
+    answers, and where each outcome goes. An executor hands every described or cached record to
+    done(tag, record) and every failure to fail(tag, path, reason); items it did not reach get
+    neither, and it sets summary.interrupted."""
+
+    items: list[tuple[Any, ImageSource]]
+    vlm_cfg: VLMConfig
+    opts: CaptionOptions
+    cache: CaptionCache | None
+    summary: CaptionSummary
+    shas: tuple[str, str]  # the model files' sha256 when the cache's memo knew them, else ""
+    done: Callable[[Any, CaptionRecord], None]
+    fail: Callable[[Any, Path | str, str], None]
+    notice: Callable[[str], None]
+    on_model_loaded: Callable[[Any], None] | None = None
+
+
+class Executor(Protocol):
+    """Where a run's images are described: InProcess (here) or cluster.ClusterSession (Dask)."""
+
+    def caption(self, run: CaptionRun) -> None: ...
+
+
+class InProcess:
+    """Describe in this process. The VLM (vlm_factory(cfg), default vlm.VLM) is loaded on the first
+    image that misses the cache and closed when the run ends; with keep_loaded it stays loaded for
+    the next run until close() (scene chips are described batch by batch with one model)."""
+
+    def __init__(self, vlm_factory: Callable[[Any], Any] | None = None, *, keep_loaded: bool = False):
+        self.vlm_factory = vlm_factory
+        self.keep_loaded = keep_loaded
+        self._kept: Any = None
+
+    def close(self) -> None:
+        vlm, self._kept = self._kept, None
+        if vlm is not None and getattr(vlm, "close", None):
+            vlm.close()
+
+    def _load(self, cfg: VLMConfig) -> Any:
+        if self._kept is not None:
+            return self._kept
+        vlm = (self.vlm_factory or _default_vlm_factory)(cfg)
+        if self.keep_loaded:
+            self._kept = vlm
+        return vlm
+
+    def caption(self, run: CaptionRun) -> None:
+        summary, vlm_cfg = run.summary, run.vlm_cfg
+        vlm = None
+        model_sha, mmproj_sha = run.shas
+
+        def get_vlm() -> Any:
+            nonlocal vlm, model_sha, mmproj_sha
+            if vlm is None:
+                t0 = time.perf_counter()
+                vlm = self._load(vlm_cfg)
+                summary.load_seconds = time.perf_counter() - t0
+                summary.model_loaded = True
+                summary.test_model = summary.test_model or bool(getattr(vlm, "is_test_model", False))
+                model_sha = model_sha or getattr(vlm, "model_sha256", "") or file_sha256(vlm_cfg.model)
+                mmproj_sha = mmproj_sha or getattr(vlm, "mmproj_sha256", "") or file_sha256(vlm_cfg.mmproj)
+                if run.on_model_loaded:
+                    run.on_model_loaded(vlm)
+            return vlm
+
+        try:
+            with stop_after_current(run.notice) as flag:
+                for tag, source in run.items:
+                    path = source_path(source)
+                    if flag["stop"]:
+                        summary.interrupted = True
+                        break
+                    try:
+                        record = _caption_one(source, get_vlm, run.cache, lambda: (model_sha, mmproj_sha), run.opts,
+                                              model_files=(vlm_cfg.model, vlm_cfg.mmproj))  # fmt: skip
+                    except ImageError as exc:
+                        run.fail(tag, path, str(exc).removeprefix(f"{path}: "))
+                        continue
+                    except UnusableAnswer as exc:
+                        summary.retries += exc.retried
+                        run.fail(tag, path, str(exc))
+                        continue
+                    except KeyboardInterrupt:  # second Ctrl-C, mid-image: drop this one
+                        summary.interrupted = True
+                        break
+                    summary.retries += bool(record.extra.get("retried")) and not record.cached
+                    run.done(tag, record)
+                else:
+                    summary.interrupted = summary.interrupted or flag["stop"]
+        except KeyboardInterrupt:  # outside the per-image try (e.g. between images, in a callback)
+            summary.interrupted = True
+        finally:
+            if vlm is not None:
+                summary.model_calls = int(getattr(vlm, "calls", 0))
+                if not self.keep_loaded and getattr(vlm, "close", None):
+                    vlm.close()
 
 
 def source_path(source: ImageSource) -> Path:
@@ -356,37 +403,14 @@ def load_source(source: ImageSource, opts: CaptionOptions) -> LoadedImage:
     return load_image(source, max_megapixels=opts.max_megapixels, bands=opts.bands)
 
 
-class UnusableAnswer(EdgeT2TError):
-    """The model gave no usable variant for one image (after the retry)."""
-
-    def __init__(self, message: str, retried: bool = False):
-        super().__init__(message)
-        self.retried = retried
-
-    def __reduce__(self):  # picklable with its flag: a cluster worker raises it for the client
-        return (type(self), (str(self), self.retried))
-
-
 def serve_cached(hit: CaptionRecord, path: Path | str, model_files: tuple[Any, Any], model_sha: str,
                  mmproj_sha: str) -> CaptionRecord:  # fmt: skip
     """A record from the cache (or another path's answer for the same bytes) as this path's record."""
     hit.image = str(path)  # the same bytes may live under another name now
     hit.cached = True
     # The key's hashes are those of the model files named now (which may have moved since).
-    hit.extra.update(_model_files(*model_files, model_sha, mmproj_sha))
+    hit.extra.update(model_file_facts(*model_files, model_sha, mmproj_sha))
     return hit
-
-
-def _model_files(model: Any, mmproj: Any, model_sha: str, mmproj_sha: str) -> dict[str, str]:
-    """The record's `model_path`/`model_sha256`/`mmproj_path`/`mmproj_sha256` extra keys: the index
-    stores them so `verify` can tell when a model file changed. Absolute paths, as `verify` may run
-    from another directory; the hashes are the ones already computed (cache key or VLM load)."""
-    return {
-        "model_path": str(Path(model).resolve()),
-        "model_sha256": model_sha,
-        "mmproj_path": str(Path(mmproj).resolve()),
-        "mmproj_sha256": mmproj_sha,
-    }
 
 
 def _caption_one(
@@ -428,145 +452,3 @@ def _caption_one(
     if cache is not None and key is not None:
         cache.put(key, record)
     return record
-
-
-@dataclass(frozen=True)
-class CaptionOptions:
-    """What shapes one image's answer besides the image and the model files. Picklable, so a cluster
-    worker describes with exactly the options the client built (cluster.py)."""
-
-    prompt: prompts.Prompt
-    json_schema: dict[str, Any]
-    params: dict[str, Any]  # generation_params(): also the cache key's parameters
-    max_megapixels: float
-    bands: tuple[int, int, int] | None
-    variant_prompts: prompts.VariantPrompts  # the parallel path's shared prompt and per-variant suffixes
-
-
-@dataclass(frozen=True)
-class ImageInput:
-    """What the model needs of one loaded image: the PNG it sees and the facts its record keeps.
-    Small and picklable (the PNG is the downscaled image), so it can travel to another machine."""
-
-    path: str
-    sha256: str
-    width: int
-    height: int
-    notes: tuple[str, ...]
-    png: bytes
-
-    @classmethod
-    def from_loaded(cls, loaded: LoadedImage) -> ImageInput:
-        return cls(str(loaded.path), loaded.sha256, loaded.width, loaded.height, tuple(loaded.notes),
-                   to_png_bytes(loaded.image))  # fmt: skip
-
-
-def describe_image(vlm: Any, image: ImageInput, opts: CaptionOptions, *, model_sha: str, mmproj_sha: str,
-                   model_files: tuple[Any, Any]) -> CaptionRecord:  # fmt: skip
-    """Describe ONE image with a loaded VLM: generate (one sampled retry), parse, check, build the
-    record. No cache, no side effects, so a cluster worker runs exactly this. Raises
-    UnusableAnswer when the model gives no usable variant (its `retried` says whether it retried)."""
-    t0 = time.perf_counter()
-    prompt, params = opts.prompt, opts.params
-    json_schema = opts.json_schema
-    n = prompt.n_variants
-    try:
-        described = describe(vlm, image.png, (prompt, opts.variant_prompts), json_schema, params)
-    except ModelError as exc:  # e.g. this image does not fit the context: fail the image, not the run
-        raise UnusableAnswer(str(exc)) from None
-    if not described.variants:
-        snippet = " ".join(described.raw.split())[:80]
-        raise UnusableAnswer(f"the model gave no usable description (after one retry); it wrote: {snippet!r}",
-                             retried=described.retried)  # fmt: skip
-    variants, retried, constrained = described.variants, described.retried, described.constrained
-    problems = prompts.check_quality(variants, n)
-
-    extra: dict[str, Any] = {
-        **_model_files(getattr(vlm, "model_path", None) or model_files[0],
-                       getattr(vlm, "mmproj_path", None) or model_files[1], model_sha, mmproj_sha),
-        "model_name": getattr(vlm, "model_name", ""),
-        "width": image.width,
-        "height": image.height,
-    }
-    if image.notes:
-        extra["image_notes"] = list(image.notes)
-    if problems:
-        extra["problems"] = problems
-    if retried:
-        extra["retried"] = True
-    return CaptionRecord(
-        image=image.path,
-        sha256=image.sha256,
-        model=Path(getattr(vlm, "model_path", "") or "").name or str(getattr(vlm, "model_name", "")),
-        mmproj=Path(getattr(vlm, "mmproj_path", "") or "").name,
-        family=str(getattr(vlm, "family", "") or params["family"]),
-        prompt_version=prompt.version,
-        variants=variants,
-        seconds=time.perf_counter() - t0,
-        test_model=bool(getattr(vlm, "is_test_model", False)),
-        cached=False,
-        constrained=constrained,
-        variant_mode=described.variant_mode,
-        tokens_generated=described.tokens_generated,
-        extra=extra,
-    )
-
-
-@dataclass
-class Described:
-    """One image's answer: the parsed variants and how they were made."""
-
-    variants: list[Variant]
-    raw: str  # the model's text (the variants' texts joined, on the parallel path)
-    variant_mode: str  # "parallel" or "sequential": the path that wrote it
-    tokens_generated: int
-    constrained: bool
-    retried: bool = False
-
-
-def describe(vlm: Any, png: bytes, prompt_pair: tuple[prompts.Prompt, prompts.VariantPrompts],
-             json_schema: dict[str, Any], params: dict[str, Any]) -> Described:  # fmt: skip
-    """Describe ONE image (PNG bytes) with a loaded VLM: generate, parse, retry once if nothing usable.
-
-    No cache, no files: the per-image step the pipeline (and a cluster worker) builds on. The
-    parallel path (one image encoding, the variants as sequences of one batch) is used when
-    params["variant_mode"] asks for it and the VLM offers it; otherwise one call writes all variants.
-    Raises ModelError (the model failed) or ImageError (llama.cpp could not read the image).
-    """
-    prompt, variant_prompts = prompt_pair
-    constrained = bool(getattr(vlm, "supports_grammar", True))
-    parallel = (params.get("variant_mode", "parallel") == "parallel" and hasattr(vlm, "describe_parallel")
-                and getattr(vlm, "variant_mode", "parallel") == "parallel")  # fmt: skip
-    run = _run_parallel if parallel else _run_sequential
-    what = variant_prompts if parallel else prompt
-    variants, raw, tokens = run(vlm, png, what, json_schema, constrained, params, params["temperature"])
-    retried = False
-    if not variants:
-        retried = True
-        variants, raw, more = run(vlm, png, what, json_schema, constrained, params, RETRY_TEMPERATURE)
-        tokens += more
-    return Described(variants, raw, "parallel" if parallel else "sequential", tokens, constrained, retried)
-
-
-def _run_sequential(vlm: Any, png: bytes, prompt: prompts.Prompt, json_schema: dict[str, Any], constrained: bool,
-                    params: dict[str, Any], temperature: float) -> tuple[list[Variant], str, int]:  # fmt: skip
-    """Today's single call: all variants in one answer. A sampled retry stays reproducible, as the
-    VLM's sampler seed is fixed."""
-    text = vlm.generate(png, prompt.text, json_schema=json_schema if constrained else None,
-                        max_tokens=params["max_tokens"], temperature=temperature, mime="image/png")  # fmt: skip
-    tokens = int(getattr(vlm, "last_tokens_generated", 0) or 0)
-    return prompts.parse_output(text, prompt.n_variants, constrained), text, tokens
-
-
-def _run_parallel(vlm: Any, png: bytes, vp: prompts.VariantPrompts, json_schema: dict[str, Any], constrained: bool,
-                  params: dict[str, Any], temperature: float) -> tuple[list[Variant], str, int]:  # fmt: skip
-    """One sequence per variant, each constrained to ONE variant's schema and capped at an equal
-    share of the image's token budget (so both paths get the same total)."""
-    n = vp.n_variants
-    res = vlm.describe_parallel(
-        [png], vp.shared, vp.suffixes, json_schema=prompts.variant_schema() if constrained else None,
-        max_tokens=max(16, params["max_tokens"] // n), temperatures=temperature, mime="image/png",
-    )  # fmt: skip
-    texts = res.texts[0]
-    variants = [v for t in texts for v in prompts.parse_output(t, 1, constrained)]
-    return variants, "\n".join(texts), res.tokens_per_image[0]

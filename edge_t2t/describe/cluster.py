@@ -2,7 +2,7 @@
 
 One task is one image that missed the caption cache. This process (the client) finds, loads and
 hashes the images, checks the cache and sends each miss as a task: the downscaled PNG the model
-will see plus the caption options (captioning.ImageInput / CaptionOptions). Cached images are never
+will see plus the caption options (describer.ImageInput / CaptionOptions). Cached images are never
 sent. Workers only return records; the client alone writes the cache, the JSON lines and the index.
 
 - A task's key is made from the caption cache key, so a retry or a duplicate (the same bytes under
@@ -38,19 +38,9 @@ from .. import config
 from ..errors import ClusterError, ImageError, InputError, ModelError
 from ..hashing import sha256_bytes, sha256_file
 from ..records import CaptionRecord
-from .captioning import (
-    CaptionOptions,
-    CaptionSummary,
-    ImageInput,
-    ImageSource,
-    UnusableAnswer,
-    _stop_after_current,
-    describe_image,
-    load_source,
-    serve_cached,
-    source_path,
-)
-from .captions import CacheKey, CaptionCache, canonical_json
+from .captioning import CaptionRun, load_source, serve_cached, source_path, stop_after_current
+from .captions import CacheKey, canonical_json
+from .describer import CaptionOptions, ImageInput, UnusableAnswer, describe_image
 
 EXTRA_HINT = "pip install 'edge-t2t[cluster]' (offline: unpack the bundle's optional archive beside it and install again)"
 PLUGIN_NAME = "edge-t2t-vlm"
@@ -173,7 +163,8 @@ def describe_task(image: ImageInput, opts: CaptionOptions) -> CaptionRecord:
 
 
 class ClusterSession:
-    """A connection to a Dask scheduler (or a local cluster, started on first use) for one command."""
+    """A connection to a Dask scheduler (or a local cluster, started on first use) for one command:
+    a captioning.Executor (caption() describes a run's cache misses on the workers)."""
 
     def __init__(self, connect: Callable[[], tuple[Any, Any]], description: str):
         self._connect = connect
@@ -200,6 +191,9 @@ class ClusterSession:
         if self._plugin != wanted:
             self.client.register_plugin(_plugin_class()(vlm_cfg, expected), name=PLUGIN_NAME)
             self._plugin = wanted
+
+    def caption(self, run: CaptionRun) -> None:
+        caption_on_cluster(self, run)
 
     def worker_threads(self) -> int:
         count, when = self._threads
@@ -344,22 +338,15 @@ def _failure_reason(exc: BaseException | None) -> str:
     return f"{name} on the worker: {' '.join(str(exc).split())[:200]}"
 
 
-def caption_on_cluster(
-    session: ClusterSession,
-    items: list[tuple[Any, ImageSource]],
-    vlm_cfg: Any,
-    opts: CaptionOptions,
-    cache: CaptionCache | None,
-    summary: CaptionSummary,
-    done: Callable[[Any, CaptionRecord], None],
-    fail: Callable[[Any, Path | str, str], None],
-    notice: Callable[[str], None],
-    shas: tuple[str, str],
-) -> None:
-    """The cluster half of captioning._caption_items: the same (tag, source) items, the same records
-    handed to `done(tag, record)` (which counts them), failures to `fail(tag, path, reason)`. Each
-    source is loaded once, here; a task's members are the (tag, path) pairs that share its bytes."""
+def caption_on_cluster(session: ClusterSession, run: CaptionRun) -> None:
+    """A run on the cluster (the Executor's caption): the same (tag, source) items as in-process, the
+    same records handed to `run.done(tag, record)` (which counts them), failures to
+    `run.fail(tag, path, reason)`. Each source is loaded once, here; a task's members are the
+    (tag, path) pairs that share its bytes."""
     from .gguf_check import check_pair
+
+    items, vlm_cfg, opts, cache, summary = run.items, run.vlm_cfg, run.opts, run.cache, run.summary
+    done, fail, notice, shas = run.done, run.fail, run.notice, run.shas
 
     model = Path(vlm_cfg.model).expanduser().absolute()
     mmproj = Path(vlm_cfg.mmproj).expanduser().absolute()
@@ -454,7 +441,7 @@ def caption_on_cluster(
         future.release()
 
     stop_message = "interrupt: cancelling the images not described yet, keeping the finished ones (Ctrl-C again to stop now)"
-    with _stop_after_current(notice, stop_message) as stop:
+    with stop_after_current(notice, stop_message) as stop:
         try:
             while True:
                 fill(stop)

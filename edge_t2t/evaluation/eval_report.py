@@ -58,6 +58,7 @@ def run_eval(args: EvalRequest) -> dict:
     from ..embed.embedder import Embedder
     from . import evaluate as ev
     from .dataset import load_annotations
+    from .index_source import load_index_vectors
 
     if args.max_images is not None and args.max_images < 1:
         raise InputError("--max-images must be at least 1")
@@ -87,17 +88,17 @@ def run_eval(args: EvalRequest) -> dict:
         index_facts: dict = {}
     else:
         index_dir = config.index_dir(args.index)
-        stored = ev.load_index_vectors(index_dir, ann, identity=embedder.identity, with_texts=args.mode != "dense",
+        stored = load_index_vectors(index_dir, ann, identity=embedder.identity, with_texts=args.mode != "dense",
                                        with_features=args.structure)
         index_facts = stored.facts
         dtype = args.dtype or index_facts.get("index_dtype") or "f32"
         t2i_search = None
         if not args.exact and args.mode == "dense" and dtype == index_facts.get("index_dtype"):
             # T2I through the index's own vector snapshot (plus any texts committed after it)
-            from ..query.search import open_for_search
+            from ..query.searcher import Searcher
 
-            store, vectors = open_for_search(index_dir)
-            store.close()
+            with Searcher(index_dir) as searcher:
+                vectors = searcher.vectors  # they stay readable once the store is closed
             foreign = index_facts["index_vectors"] - sum(len(v) for v in stored.vectors if v is not None)
 
             def search(queries, k):

@@ -21,28 +21,24 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import StoreError, warn
 from ..modes import VECTOR_MODES
 from . import vindex
+from .lock import IndexLock
 from .quantise import graph_codes
-from .store import IndexLock, Store
+from .store import Store
 
 # Embeds texts again (the recorded embedder's embed()) for a rebuild that finds no vector on disk.
 Embed = Callable[[Sequence[str]], np.ndarray]
 
 # An `index` run saves its snapshot at the end and at most this often while it runs.
 CHECKPOINT_EVERY_S = 60.0
-
-
-def _warn(msg: str) -> None:
-    print(f"edge-t2t: {msg}", file=sys.stderr)
 
 
 class SearchVectors:
@@ -158,7 +154,7 @@ class IndexDir:
         """The saved snapshot, if it belongs to this store and fits its dimension and dtype."""
         return vindex.Snapshot.open_matching(self.path, *self._vector_meta())
 
-    def search_vectors(self, warn=_warn) -> SearchVectors:
+    def search_vectors(self, warn=warn) -> SearchVectors:
         """The vectors a search ranks; O(1) plus the texts committed since the last save."""
         # SQLite's read snapshot is taken before the manifest is read: a writer prunes pending
         # vectors only after the manifest that holds them is out, so whatever this reads, every

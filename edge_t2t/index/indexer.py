@@ -21,27 +21,23 @@ search in between scores the texts committed since the last save exactly.
 from __future__ import annotations
 
 import errno
-import json
 import os
-import signal
 import sqlite3
 import stat
-import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..describe.captioning import CaptionSettings
 from ..embed.texts import PlannedText, plan_texts
 from ..errors import ImageError, InputError, StoreError
-from ..hashing import sha256_bytes
 from ..images import ImageBytes
 from ..modes import DEFAULT_TEXT_MODE, DTYPES, TEXT_MODES
 from ..records import CaptionRecord
 from .indexdir import IndexDir
-from .store import MODEL_FILE_COLUMNS, NewText, Store
+from .run_parts import Progress, interrupt_deferred, provenance, record_hash, under
+from .store import NewText, Store
 
 DEFAULT_DTYPE = "i8"
 STAGES = ("scan", "caption", "embed", "store", "index_save")
@@ -130,90 +126,15 @@ def _out_of_space(exc: BaseException) -> bool:
     return "disk is full" in text or "disk i/o error" in text
 
 
-def _record_hash(rec: CaptionRecord) -> str:
-    data = json.dumps([v.to_dict() for v in rec.variants], sort_keys=True).encode()
-    return sha256_bytes(data)[:16]
-
-
-def _provenance(rec: CaptionRecord) -> dict:
-    # The VLM's file paths and sha256 ride in the record's extra (captioning.py puts them there);
-    # imported captions have none, which the store keeps as NULL.
-    return {
-        "model": rec.model, "mmproj": rec.mmproj, "family": rec.family, "prompt_version": rec.prompt_version,
-        "test_model": rec.test_model, "constrained": rec.constrained,
-        **{c: rec.extra.get(c) or None for c in MODEL_FILE_COLUMNS},
-    }
-
-
-def _under(path: str, roots: list[Path]) -> bool:
-    p = Path(path)
-    return p.is_absolute() and any(p == r or p.is_relative_to(r) for r in roots)
-
-
-class _Progress:
-    """Rich progress bars on stderr, one per stage; a no-op when disabled."""
-
-    def __init__(self, enabled: bool):
-        self.bar = None
-        self.tasks: dict[str, int] = {}
-        self.totals: dict[str, int] = {}  # each bar's total as set here (shrink lowers it)
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(
-                TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                console=Console(stderr=True), transient=False,
-            )
-
-    def __enter__(self):
-        if self.bar:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.__exit__(*exc)
-
-    def add(self, name: str, total: int) -> None:
-        if self.bar:
-            self.tasks[name] = self.bar.add_task(name, total=total)
-            self.totals[name] = total
-
-    def advance(self, name: str, n: int = 1) -> None:
-        if self.bar and name in self.tasks:
-            self.bar.advance(self.tasks[name], n)
-
-    def shrink(self, name: str, n: int) -> None:
-        """Lower a bar's total by `n` items that turned out to need no work in that stage."""
-        if self.bar and name in self.tasks and n:
-            self.totals[name] = max(0, self.totals[name] - n)
-            self.bar.update(self.tasks[name], total=self.totals[name])
-
-
-@contextmanager
-def _interrupt_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C until the block is over: a batch's COMMIT and its count in the summary then
-    happen together or not at all. The block is a short run of SQLite writes. Signals reach only
-    the main thread; elsewhere the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        if callable(previous):
-            previous(signal.SIGINT, None)  # e.g. the default handler, which raises KeyboardInterrupt
-        elif previous != signal.SIG_IGN:
-            raise KeyboardInterrupt
-
-
 class Indexer:
-    """One `index` run over one index directory. Call run(); it holds the index lock throughout."""
+    """One `index` run over one index directory. Call run(); it holds the index lock throughout.
+
+    Scenes are indexed within the run by scene/scene_index.index_scenes, through this public run
+    interface: the settings (tiling, vlm_cfg, n_variants, caption, progress), load_embedder() (the
+    run's embedder, loaded on first use), checkpoint(ix, summary, force) (catch the vector snapshot
+    up and save it, timed as index_save) and stop_requested (set when Ctrl-C stopped describing:
+    the run ends after the current batch). What both share below them is in run_parts.py.
+    """
 
     def __init__(
         self,
@@ -244,7 +165,7 @@ class Indexer:
         self.vlm_cfg = vlm_cfg
         self.n_variants = n_variants
         self.caption = caption or CaptionSettings()
-        self._stop = False
+        self.stop_requested = False
         # issue 13: images above the tiling threshold are scenes, cut into chips (scene_index.py)
         from ..scene.scene_index import TilingOptions
 
@@ -252,7 +173,7 @@ class Indexer:
         self._scene_files: list[Path] = []
 
     # -- set-up -------------------------------------------------------------------------------
-    def _embedder(self):
+    def load_embedder(self):
         if self.embedder is None:
             from ..embed.embedder import Embedder
 
@@ -260,7 +181,7 @@ class Indexer:
         return self.embedder
 
     def _settle_meta(self, store: Store) -> tuple[int, str, str]:
-        emb = self._embedder()
+        emb = self.load_embedder()
         meta = store.meta()
         if "embedder_identity" not in meta:
             dtype = self.dtype or DEFAULT_DTYPE
@@ -327,7 +248,7 @@ class Indexer:
                 summary.skipped += 1
                 continue
             changed.append(_Pending(key, f, st.st_size, st.st_mtime_ns))
-        gone = {p: row for p, row in stored.items() if p not in seen and _under(p, roots)}
+        gone = {p: row for p, row in stored.items() if p not in seen and under(p, roots)}
         gone_by_sha = {row.sha256: row for row in gone.values() if row.status == "ok" and row.sha256}
         return _Listing(stored, changed, gone, gone_by_sha)
 
@@ -396,7 +317,7 @@ class Indexer:
                 continue
             seen.add(rec.image)
             old = stored.get(rec.image)
-            if old and old.status == "ok" and old.desc_hash == _record_hash(rec):
+            if old and old.status == "ok" and old.desc_hash == record_hash(rec):
                 summary.skipped += 1
                 continue
             pending.append(_Pending(rec.image, None, sha256=rec.sha256, record=rec))
@@ -428,7 +349,7 @@ class Indexer:
                 status = "interrupted"
                 if ix.writer is not None:
                     try:  # save what the finished batches added (else the next run does it)
-                        self._checkpoint(ix, summary, force=True)
+                        self.checkpoint(ix, summary, force=True)
                     except KeyboardInterrupt:
                         pass
             except (OSError, sqlite3.OperationalError) as exc:
@@ -479,7 +400,7 @@ class Indexer:
         keep_bytes = self.vlm_cfg is not None
         chunk_size = self.batch_size if keep_bytes else max(1, len(changed))
         show = self.progress and bool(changed or (records and not paths))
-        with _Progress(show) as bar:
+        with Progress(show) as bar:
             if not paths:
                 pending = self._plan_records(store, records, summary)
                 bar.add("embed", len(pending))
@@ -507,7 +428,7 @@ class Indexer:
 
             index_scenes(self, store, ix, self._scene_files, [p.expanduser().resolve() for p in paths],
                          records, summary, mode)  # fmt: skip
-        self._checkpoint(ix, summary, force=True)
+        self.checkpoint(ix, summary, force=True)
 
     def _bookkeep(self, ix: IndexDir, plan: _ChunkPlan, summary: IndexSummary) -> None:
         """Bookkeeping that needs no model: one transaction (a copy's vectors reach the snapshot at
@@ -516,7 +437,7 @@ class Indexer:
             return
         store = ix.store
         t = time.perf_counter()
-        with _interrupt_deferred(), store.transaction():
+        with interrupt_deferred(), store.transaction():
             for image_id, p in plan.touched:
                 store.update_image_file(image_id, path=p.path, size=p.size, mtime_ns=p.mtime_ns)
             copied = []
@@ -539,7 +460,7 @@ class Indexer:
         summary.stage_seconds["store"] += time.perf_counter() - t
 
     def _describe_embed_store(self, ix: IndexDir, pending: list[_Pending], records: list[CaptionRecord], mode: str,
-                              summary: IndexSummary, bar: _Progress) -> None:  # fmt: skip
+                              summary: IndexSummary, bar: Progress) -> None:  # fmt: skip
         need_vlm = [p for p in pending if p.record is None and not p.error]
         if need_vlm and records and self.vlm_cfg is None:
             for p in need_vlm:
@@ -551,15 +472,15 @@ class Indexer:
             )
         for start in range(0, len(pending), self.batch_size):
             self._batch(ix.store, pending[start : start + self.batch_size], mode, summary, bar)
-            self._checkpoint(ix, summary, force=False)
+            self.checkpoint(ix, summary, force=False)
 
     @staticmethod
-    def _checkpoint(ix: IndexDir, summary: IndexSummary, force: bool) -> None:
+    def checkpoint(ix: IndexDir, summary: IndexSummary, force: bool = False) -> None:
         t = time.perf_counter()
         ix.checkpoint(force=force)
         summary.stage_seconds["index_save"] += time.perf_counter() - t
 
-    def _caption(self, batch: list[_Pending], summary: IndexSummary, bar: _Progress) -> None:
+    def _caption(self, batch: list[_Pending], summary: IndexSummary, bar: Progress) -> None:
         todo = [p for p in batch if p.record is None and not p.error]
         if not todo or self.vlm_cfg is None:
             return
@@ -586,7 +507,7 @@ class Indexer:
                     p.error = "the VLM returned no description"
                     bar.advance("caption")
         if result.interrupted:
-            self._stop = True
+            self.stop_requested = True
 
     def _batch(self, store: Store, batch: list[_Pending], mode: str, summary: IndexSummary, bar) -> None:
         t = time.perf_counter()
@@ -602,12 +523,12 @@ class Indexer:
                 if not items:
                     p.error = "its descriptions are empty"
                 texts += items
-        vecs = self._embedder().embed([x.text for x in texts]) if texts else None
+        vecs = self.load_embedder().embed([x.text for x in texts]) if texts else None
         summary.stage_seconds["embed"] += time.perf_counter() - t
 
         t = time.perf_counter()
         texts_added = 0
-        with _interrupt_deferred(), store.transaction():
+        with interrupt_deferred(), store.transaction():
             for p in batch:
                 store.remove_path(p.path)  # changed content at a known path
                 w, h = p.width, p.height
@@ -623,7 +544,7 @@ class Indexer:
                 image_id = store.put_image(
                     p.path, size=p.size, mtime_ns=p.mtime_ns, sha256=sha, width=w, height=h,
                     source="vlm" if p.from_vlm else "captions",
-                    provenance=_provenance(rec), desc_hash=_record_hash(rec),
+                    provenance=provenance(rec), desc_hash=record_hash(rec),
                 )
                 rows = [(i, x) for i, x in enumerate(texts) if x.owner is p]
                 keys = store.add_texts(image_id, [NewText(x.ordinal, x.field, x.variant, x.text, vecs[i]) for i, x in rows])
@@ -640,5 +561,5 @@ class Indexer:
                     summary.added += 1
         summary.stage_seconds["store"] += time.perf_counter() - t
         bar.advance("embed", len(batch))
-        if self._stop:
+        if self.stop_requested:
             raise KeyboardInterrupt

@@ -3,7 +3,7 @@
 What is checked, in order (each check fills one entry of `VerifyReport.checks`):
 
 - sqlite: `PRAGMA integrity_check` and `PRAGMA foreign_key_check` of store.sqlite.
-- schema: the schema version (PRAGMA user_version) equals store.SCHEMA_VERSION, and the tables exist.
+- schema: the schema version (PRAGMA user_version) equals schema.SCHEMA_VERSION, and the tables exist.
 - texts: every pending vector (a text committed since the last snapshot save) has the stored
   dimension, is finite and L2-normalised (a torn or foreign blob fails that); every 'ok' image has
   texts, every 'failed' image has none.
@@ -113,7 +113,7 @@ def _check_sqlite(conn: sqlite3.Connection, rep: VerifyReport, where: Path) -> b
 
 
 def _check_schema(conn: sqlite3.Connection, rep: VerifyReport, where: Path) -> bool:
-    from .store import SCHEMA_VERSION
+    from .schema import SCHEMA_VERSION
 
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -236,7 +236,8 @@ def _check_fts(conn: sqlite3.Connection, rep: VerifyReport, where: Path) -> None
 
 def _repair_fts(index_dir: Path) -> None:
     """Rebuild the full-text index from the stored texts, under the index lock."""
-    from .store import IndexLock, Store
+    from .lock import IndexLock
+    from .store import Store
 
     with IndexLock(index_dir), Store(index_dir) as store, store.transaction() as conn:
         conn.execute("INSERT INTO texts_fts(texts_fts) VALUES ('rebuild')")
@@ -481,7 +482,7 @@ def _check_models(conn, meta: dict, rep: VerifyReport) -> None:
 
 # -- lock and runs --------------------------------------------------------------------------------
 def _check_lock_and_runs(index_dir: Path, conn, rep: VerifyReport) -> None:
-    from .store import IndexLock
+    from .lock import IndexLock
 
     # A kill between a temp write and its os.replace leaves `<file>.tmp`: harmless, never read.
     leftovers = sorted(p.name for p in index_dir.glob("*.tmp"))

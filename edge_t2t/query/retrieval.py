@@ -36,6 +36,7 @@ import numpy as np
 from ..index.store import Store
 from ..records import Feature
 from . import lexical, query_parse
+from .search import Hit, rank_images
 
 # dense stays the default. Held out (bench/results/retrieval_modes.md, README "Retrieval modes"),
 # hybrid (w 0.05, no cap) is below dense on no figure, ties it with structure on the synthetic
@@ -78,8 +79,6 @@ class Candidate:
 
 
 def _dense_candidates(store, vectors, query_vec, k, pool, vector_mode, exclude):
-    from .search import rank_images
-
     return rank_images(store, vectors, query_vec, k, vector_mode, exclude_image_ids=exclude, pool=pool)
 
 
@@ -319,8 +318,6 @@ def rank(
 
 def to_hits(store: Store, cands: list[Candidate], explain: bool = False):
     """search.Hit rows for the chosen candidates, with the text that matched best."""
-    from .search import Hit
-
     keys = [c.key for c in cands if c.key >= 0]
     rows = store.variant_rows(keys) if keys else {}
     out = []

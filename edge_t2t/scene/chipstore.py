@@ -1,4 +1,4 @@
-"""The store's scene and chip tables (schema step store.SCENES_MIGRATION): a small API over them.
+"""The store's scene and chip tables (schema step schema.SCENES_MIGRATION): a small API over them.
 
 A chip is an `images` row named SCENE#x,y,w,h, so everything that ranks, prints or caches images
 handles chips unchanged; its `chips` row says where it is, and `chips_rtree` finds chips by place.

@@ -1,4 +1,5 @@
-"""Search by place: `search --within` / `--near` filter BEFORE ranking.
+"""Search by place: `search --within` / `--near` filter BEFORE ranking (searcher.Searcher.text with
+a place).
 
 The R*Tree (chipstore.images_in_place) gives the chips whose WGS84 outline meets the place; only
 their texts are scored, exactly, from the vectors the index keeps (SearchVectors.vectors_of: the
@@ -9,16 +10,12 @@ with the number of chips in the place, not with the archive.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from ..errors import StoreError
-from ..index.indexdir import IndexDir, SearchVectors
+from ..index.indexdir import SearchVectors
 from ..index.store import Store
-from ..query.search import Hit, _load_embedder
-from . import chipstore
-from .geo import PlaceFilter
+from ..query.search import Hit
 
 
 def rank_in_place(store: Store, vectors: SearchVectors, query_vecs: np.ndarray, image_ids: list[int], k: int) -> list[Hit]:
@@ -43,18 +40,3 @@ def rank_in_place(store: Store, vectors: SearchVectors, query_vecs: np.ndarray, 
         Hit(rank=r + 1, score=s, image=row.image, variant=row.ordinal, text=row.text, field=row.field)
         for r, (s, row) in enumerate(found[:k])
     ]
-
-
-def search_in_place(index_dir: str | os.PathLike, query: str, place: PlaceFilter, k: int = 10, embedder=None,
-                    precision: str = "int8") -> list[Hit]:  # fmt: skip
-    """The top k chips inside `place` for a text query."""
-    if not query or not query.strip():
-        raise StoreError("the query is empty: give some words to search for")
-    with IndexDir.open_reader(index_dir) as ix:
-        store = ix.store
-        emb = _load_embedder(embedder, precision)
-        store.check_identity(emb.identity)
-        ids = chipstore.images_in_place(store, place)
-        if not ids:
-            return []
-        return rank_in_place(store, ix.search_vectors(), emb.embed([query]), ids, k)

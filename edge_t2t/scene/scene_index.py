@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..describe.captioning import CaptionSettings
+from ..describe.captioning import CaptionSettings, InProcess
 from ..embed.texts import plan_texts
 from ..errors import ImageError, ModelError
 from ..hashing import sha256_file
 from ..images import BOMB_FACTOR, DEFAULT_MAX_MEGAPIXELS
+from ..index.run_parts import Progress, provenance, record_hash, under
 from ..index.store import NewText, Store
 from ..records import CaptionRecord
 from . import chipstore
@@ -102,35 +103,17 @@ def record_lookup(records: list[CaptionRecord]) -> dict[tuple[str, Window], Capt
     return out
 
 
-class _KeepOpen:
-    """A VLM that caption_images may 'close' after each batch while the run keeps it loaded."""
-
-    def __init__(self, vlm):
-        self._vlm = vlm
-
-    def __getattr__(self, name):
-        return getattr(self._vlm, name)
-
-    def close(self) -> None:
-        pass
-
-
 class ChipDescriber:
-    """Chip pixels -> CaptionRecords with the configured VLM, through caption_images (its cache,
-    retries and quality checks), the model loaded once for the whole run."""
+    """Chip pixels -> CaptionRecords with the configured VLM, through caption_sources (its cache,
+    retries and quality checks), the model loaded once for the whole run: on the run's executor,
+    else in this process, kept loaded from batch to batch."""
 
     def __init__(self, vlm_cfg, n_variants: int, caption: CaptionSettings):
         self.vlm_cfg = vlm_cfg
         self.n_variants = n_variants
-        self.caption = replace(caption, max_megapixels=None)  # a chip is already the VLM's size
-        self._vlm = None
-
-    def _factory(self, cfg):
-        if self._vlm is None:
-            from ..describe.captioning import _default_vlm_factory
-
-            self._vlm = _KeepOpen(_default_vlm_factory(cfg))
-        return self._vlm
+        self._local = None if caption.executor is not None else InProcess(keep_loaded=True)
+        # a chip is already the VLM's size
+        self.caption = replace(caption, max_megapixels=None, executor=caption.executor or self._local)
 
     def describe(self, named_images: list[tuple[str, object]]) -> tuple[dict[str, CaptionRecord], dict[str, str], bool]:
         """(records by chip name, failures by chip name, interrupted). Each chip goes to the pipeline
@@ -150,13 +133,12 @@ class ChipDescriber:
                 records[name] = outcome
 
         items = [(name, ImageBytes.of(name, to_png_bytes(image))) for name, image in named_images]
-        result = caption_sources(items, self.vlm_cfg, self.n_variants, self.caption, keep, self._factory)
+        result = caption_sources(items, self.vlm_cfg, self.n_variants, self.caption, keep)
         return records, failures, result.interrupted
 
     def close(self) -> None:
-        if self._vlm is not None:
-            self._vlm._vlm.close()
-            self._vlm = None
+        if self._local is not None:
+            self._local.close()
 
 
 @dataclass
@@ -179,20 +161,19 @@ def index_scenes(indexer, store: Store, ix, files: list[Path], roots: list[Path]
     """Tile, describe, embed and store each scene in `files`; drop stored scenes under `roots`
     that are gone. Counts go into the indexer's `summary` (failures one line each). Rows go to
     SQLite only; `ix.checkpoint` (an IndexDir) brings the vector snapshot up to date from them by
-    key and from the deletion log, at most every 60 s and at the end of the run."""
-    from ..index.indexer import _Progress, _provenance, _record_hash, _under
-
+    key and from the deletion log, at most every 60 s and at the end of the run. `indexer` is the
+    running index.indexer.Indexer, used through its public run interface only (see Indexer)."""
     opts: TilingOptions = indexer.tiling
     counts: SceneCounts = summary.scenes
     lookup = record_lookup(records)
     stored = chipstore.scene_rows(store)
     seen = {str(f) for f in files}
-    gone = [row for path, row in stored.items() if path not in seen and _under(path, roots)]
+    gone = [row for path, row in stored.items() if path not in seen and under(path, roots)]
     if gone:
         with store.transaction():
             for row in gone:
                 chipstore.remove_scene(store, row.id)
-        indexer._checkpoint(ix, summary, force=False)
+        indexer.checkpoint(ix, summary, force=False)
         summary.removed += len(gone)
     chip = opts.chip_size(indexer.vlm_cfg)
     describer = ChipDescriber(indexer.vlm_cfg, indexer.n_variants, indexer.caption) if indexer.vlm_cfg else None
@@ -200,7 +181,7 @@ def index_scenes(indexer, store: Store, ix, files: list[Path], roots: list[Path]
         for f in files:
             try:
                 _index_scene(indexer, store, ix, f, stored.get(str(f)), chip, opts, lookup, describer,
-                             summary, mode, _Progress, _provenance, _record_hash)  # fmt: skip
+                             summary, mode)  # fmt: skip
             except ImageError as exc:
                 summary.failed += 1
                 summary.failures.append((str(f), str(exc).removeprefix(f"{f}: ")))
@@ -211,7 +192,7 @@ def index_scenes(indexer, store: Store, ix, files: list[Path], roots: list[Path]
 
 
 def _index_scene(indexer, store, ix, f: Path, old, chip: int, opts: TilingOptions, lookup, describer,
-                 summary, mode, progress_cls, provenance, record_hash) -> None:  # fmt: skip
+                 summary, mode) -> None:  # fmt: skip
     st = f.stat()
     same_plan = old is not None and old.chip == chip and abs(old.overlap - opts.overlap) < 1e-9
     if same_plan and old.status == "ok" and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
@@ -244,22 +225,21 @@ def _index_scene(indexer, store, ix, f: Path, old, chip: int, opts: TilingOption
         skipped = sum(p.skipped for p in plans)
         summary.scenes.chips_skipped_nodata += skipped
         failed = 0
-        with progress_cls(indexer.progress and bool(todo)) as bar:
+        with Progress(indexer.progress and bool(todo)) as bar:
             bar.add("chips", len(todo))
             for batch in _batches(todo, CHIP_BATCH):
-                failed += _chip_batch(indexer, store, ix, scene, scene_id, batch, lookup, describer, summary,
-                                      mode, provenance, record_hash)  # fmt: skip
+                failed += _chip_batch(indexer, store, ix, scene, scene_id, batch, lookup, describer, summary, mode)
                 bar.advance("chips", len(batch))
-                if indexer._stop:
+                if indexer.stop_requested:
                     raise KeyboardInterrupt
         with store.transaction():
             chipstore.finish_scene(store, scene_id, total=len(plans), skipped=skipped, complete=failed == 0)
-        indexer._checkpoint(ix, summary, force=False)
+        indexer.checkpoint(ix, summary, force=False)
     summary.added += 1
 
 
 def _chip_batch(indexer, store, ix, scene: SceneFile, scene_id: int, batch: list[ChipPlan], lookup,
-                describer, summary, mode, provenance, record_hash) -> int:  # fmt: skip
+                describer, summary, mode) -> int:  # fmt: skip
     """Describe, embed and commit one batch of chips; return how many failed."""
     t = time.perf_counter()
     images = {p.window: scene.read_chip(p.window) for p in batch}
@@ -281,7 +261,7 @@ def _chip_batch(indexer, store, ix, scene: SceneFile, scene_id: int, batch: list
             elif names[w] in fails:
                 errors[w] = fails[names[w]]
         if interrupted:
-            indexer._stop = True
+            indexer.stop_requested = True
     elif missing:
         for w in missing:
             errors[w] = "not described in the --captions file (name it SCENE#x,y,w,h) and no --vlm given"
@@ -289,7 +269,7 @@ def _chip_batch(indexer, store, ix, scene: SceneFile, scene_id: int, batch: list
 
     t = time.perf_counter()
     texts = [t for w, rec in found.items() for t in plan_texts(w, rec.variants, mode)]
-    vecs = indexer._embedder().embed([x.text for x in texts]) if texts else None
+    vecs = indexer.load_embedder().embed([x.text for x in texts]) if texts else None
     summary.stage_seconds["embed"] += time.perf_counter() - t
 
     t = time.perf_counter()
@@ -312,7 +292,7 @@ def _chip_batch(indexer, store, ix, scene: SceneFile, scene_id: int, batch: list
             added.append(image_id)
             summary.texts_added += len(keys)
     summary.stage_seconds["store"] += time.perf_counter() - t
-    indexer._checkpoint(ix, summary, force=False)
+    indexer.checkpoint(ix, summary, force=False)
     summary.scenes.chips_added += len(added)
     for w, why in errors.items():
         summary.failures.append((names[w], why))
