@@ -310,7 +310,7 @@ def child_main() -> None:
 
     from edge_t2t.describe import vlm
     from edge_t2t.embed import embedder
-    from edge_t2t.index import indexdir, schema, store, vindex
+    from edge_t2t.index import indexdir, schema, snapshot_writer, store
 
     # Both caption paths: generate() (sequential) and describe_parallel() (the default).
     def reaching_caption(orig):
@@ -345,30 +345,30 @@ def child_main() -> None:
     # Save every batch (not every 60 s), so the kills land on many snapshot saves.
     indexdir.CHECKPOINT_EVERY_S = 0.0
 
-    orig_append = vindex.VectorWriter._append
+    orig_append = snapshot_writer.VectorWriter._append
 
     def append(self, *a, **k):
         out = orig_append(self, *a, **k)
         reach("append")  # rows appended past the manifest's count: cut off by the next writer
         return out
 
-    vindex.VectorWriter._append = append
+    snapshot_writer.VectorWriter._append = append
 
-    orig_save_graph = vindex._save_graph
+    orig_save_graph = snapshot_writer._save_graph
 
     def save_graph(path, graph):
         reach("save_graph")
         return orig_save_graph(path, graph)
 
-    vindex._save_graph = save_graph
+    snapshot_writer._save_graph = save_graph
 
-    orig_manifest = vindex._write_manifest
+    orig_manifest = snapshot_writer._write_manifest
 
     def write_manifest(index_dir, manifest):
         orig_manifest(index_dir, manifest)
         reach("manifest")  # the new generation is out, SQLite's meta and deletion log not yet updated
 
-    vindex._write_manifest = write_manifest
+    snapshot_writer._write_manifest = write_manifest
 
     # The schema v7 upgrade (issue 25): MIGRATIONS holds the step itself, so it is wrapped there.
     at = schema.MIGRATIONS.index(schema.lean_layout)

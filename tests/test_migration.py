@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers_old_store import DIM, make_old_store
 
-from edge_t2t.index import schema, vindex
+from edge_t2t.index import schema, snapshot_writer, vindex
 from edge_t2t.index.indexdir import IndexDir
 from edge_t2t.index.store import STORE_FILE, NewText, Store
 from edge_t2t.index.verify import verify_index
@@ -93,7 +93,7 @@ def test_the_snapshot_keeps_the_vectors_it_holds_and_the_others_stay_pending(tmp
     store_id = "s" * 32
     conn.execute("INSERT INTO meta VALUES ('store_id', ?), ('vector_generation', '1')", (json.dumps(store_id),))
     conn.close()
-    vindex.build(ix, np.array([r.key for r in held]), np.array([r.image_id for r in held]),
+    snapshot_writer.build(ix, np.array([r.key for r in held]), np.array([r.image_id for r in held]),
                  np.stack([r.vector for r in held]), DIM, "i8", store_id=store_id)
     assert vindex.read_manifest(ix)["exact"]  # the old layout: an i8 graph and its float16 copy
     with Store(ix) as st:

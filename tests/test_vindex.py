@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from edge_t2t.index import vindex
+from edge_t2t.index import snapshot_writer, vindex
 from edge_t2t.index.store import NewText, Store
 from edge_t2t.modes import VECTOR_MODES
 from edge_t2t.records import Variant
@@ -37,9 +37,9 @@ def fill_store(path, vecs, groups) -> Store:
     return st
 
 
-def build_from(st: Store, path, dtype="i8", exact_copy=True) -> vindex.VectorWriter:
+def build_from(st: Store, path, dtype="i8", exact_copy=True) -> snapshot_writer.VectorWriter:
     keys, image_ids, vecs = st.pending_in(0)
-    return vindex.build(path, keys, image_ids, vecs, DIM, dtype, exact_copy=exact_copy)
+    return snapshot_writer.build(path, keys, image_ids, vecs, DIM, dtype, exact_copy=exact_copy)
 
 
 def unit(v):
@@ -106,7 +106,7 @@ def test_search_on_empty_and_k_larger_than_n(tmp_path):
         assert len(c.keys) == 4 and len(set(c.keys.tolist())) == 4
     st.close()
     empty = tmp_path / "empty"
-    vindex.build(empty, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, DIM), np.float32), DIM, "i8")
+    snapshot_writer.build(empty, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, DIM), np.float32), DIM, "i8")
     for mode in VECTOR_MODES:
         assert len(vindex.Snapshot.open(empty).search(vecs[:1], 5, mode=mode)[0].keys) == 0
 
@@ -121,7 +121,7 @@ def test_an_update_appends_and_never_disturbs_an_open_reader(tmp_path):
     rows_inode = (tmp_path / old.manifest["rows"]).stat().st_ino
     old_results = all_modes(old, vecs[:3], 5)
 
-    w = vindex.VectorWriter.from_manifest(tmp_path, DIM, "i8")
+    w = snapshot_writer.VectorWriter.from_manifest(tmp_path, DIM, "i8")
     keys, image_ids, _ = st.pending_in(0)
     w.add(np.arange(100, 112), np.full(12, 99), vecs[12:])
     w.remove(keys[:2])
@@ -151,10 +151,10 @@ def test_rows_appended_after_the_manifest_are_cut_off(tmp_path):
     vecs, groups = clustered(3, 2)
     st = fill_store(tmp_path, vecs, groups)
     build_from(st, tmp_path)
-    w = vindex.VectorWriter.from_manifest(tmp_path, DIM, "i8")
+    w = snapshot_writer.VectorWriter.from_manifest(tmp_path, DIM, "i8")
     w.add([50, 51], [7, 7], vecs[:2])  # appended, never saved: the "kill"
     assert len(vindex.Snapshot.open(tmp_path)) == 6
-    w2 = vindex.VectorWriter.from_manifest(tmp_path, DIM, "i8")
+    w2 = snapshot_writer.VectorWriter.from_manifest(tmp_path, DIM, "i8")
     w2.add([60], [8], vecs[2:3])
     w2.save()
     snap = vindex.Snapshot.open(tmp_path)
@@ -168,7 +168,7 @@ def test_a_failed_save_leaves_the_previous_generation(tmp_path, monkeypatch):
     st = fill_store(tmp_path, vecs, groups)
     build_from(st, tmp_path)
     before = (tmp_path / vindex.MANIFEST_FILE).read_bytes()
-    w = vindex.VectorWriter.from_manifest(tmp_path, DIM, "i8")
+    w = snapshot_writer.VectorWriter.from_manifest(tmp_path, DIM, "i8")
     w.remove([1])
     w.add([10], [3], vecs[:1])
     real_replace = os.replace
@@ -197,8 +197,8 @@ def test_tail_merges_into_base_and_dead_rows_compact(tmp_path, monkeypatch, exac
     quantised twice), with no SQLite copy to fall back on."""
     from edge_t2t.index.indexdir import IndexDir
 
-    monkeypatch.setattr(vindex, "TAIL_MAX", 8)
-    monkeypatch.setattr(vindex, "DEAD_MIN", 6)
+    monkeypatch.setattr(snapshot_writer, "TAIL_MAX", 8)
+    monkeypatch.setattr(snapshot_writer, "DEAD_MIN", 6)
     vecs, groups = clustered(10, 4)
     st = fill_store(tmp_path, vecs[:8], groups[:8])
     st.set_meta("dtype", "i8")

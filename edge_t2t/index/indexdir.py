@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import StoreError, warn
 from ..modes import VECTOR_MODES
-from . import vindex
+from . import snapshot_writer, vindex
 from .lock import IndexLock
 from .quantise import graph_codes
 from .store import Store
@@ -111,7 +111,7 @@ class IndexDir:
         self.path = Path(path)
         self.store = store
         self.lock = lock
-        self.writer: vindex.VectorWriter | None = None
+        self.writer: snapshot_writer.VectorWriter | None = None
         self.rebuilt = False
         self.embedded_again = 0  # texts the last rebuild embedded again (their vectors were lost)
         self._last_save = time.monotonic()
@@ -203,13 +203,13 @@ class IndexDir:
         if self.lock is None or not self.lock.held:
             raise StoreError(f"{self.path} is open read-only; writing needs IndexDir.open_writer")
 
-    def open_vectors(self, dim: int, dtype: str, embed: Embed | None = None) -> vindex.VectorWriter:
+    def open_vectors(self, dim: int, dtype: str, embed: Embed | None = None) -> snapshot_writer.VectorWriter:
         """Continue the saved snapshot (or rebuild it when there is none that fits) and bring it up
         to date with SQLite. `embed` re-embeds texts whose vectors are nowhere on disk (rebuild)."""
         self._require_lock()
         store_id = self.store.store_id()
         recorded = int(self.store.get_meta("vector_generation", 0) or 0)
-        w = vindex.VectorWriter.from_manifest(self.path, dim, dtype, store_id)
+        w = snapshot_writer.VectorWriter.from_manifest(self.path, dim, dtype, store_id)
         # A snapshot older than the one SQLite recorded was restored from elsewhere: the deletion
         # log and the pending vectors it would need have been pruned, so it cannot be caught up.
         if w is None or w.generation < recorded:
@@ -277,7 +277,7 @@ class IndexDir:
                     progress(done, total)
                 yield (keys, image_ids, vecs) if values is None else (keys, image_ids, vecs, values)
 
-        self.writer = vindex.build_from(self.path, chunks(), total, dim, dtype, store_id=store_id,
+        self.writer = snapshot_writer.build_from(self.path, chunks(), total, dim, dtype, store_id=store_id,
                                         deletions_seen=last_deletion, generation=recorded,
                                         exact_copy=bool(self.store.get_meta("exact_copy", True)))
         self._record_generation()
