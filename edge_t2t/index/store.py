@@ -33,6 +33,8 @@ from ..records import Feature, Variant
 from .schema import MODEL_FILE_COLUMNS, VACUUM_PENDING, dir_bytes, migrate
 
 STORE_FILE = "store.sqlite"
+# Free pages (pruned pending vectors) are given back to the file system past this share of the file.
+GIVE_BACK_FRACTION = 0.05
 
 
 _IMAGE_COLUMNS = "id, path, size, mtime_ns, sha256, width, height, status, error, source, desc_hash"
@@ -426,8 +428,10 @@ class Store:
             "SELECT key FROM pending_vectors WHERE key <= ? ORDER BY key", (int(upto_key),))), np.int64)
 
     def prune_pending(self, upto_key: int, keep: Iterable[int] = ()) -> None:
-        """Forget the pending vectors a saved snapshot holds (keys <= upto_key, but `keep`), and give
-        their pages back to the file system (the store is in incremental auto-vacuum mode)."""
+        """Forget the pending vectors a saved snapshot holds (keys <= upto_key, but `keep`). Their
+        pages are reused by the next texts; once free pages pass GIVE_BACK_FRACTION of the file they
+        go back to the file system (incremental auto-vacuum), which moves pages, so not every time:
+        a small add to a large index leaves a few free pages rather than paying for the move."""
         keep = {int(k) for k in keep}
         with self.transaction():
             if not keep:
@@ -439,8 +443,10 @@ class Store:
                     self.conn.execute(f"DELETE FROM pending_vectors WHERE key IN ({','.join('?' * len(chunk))})", chunk)
                 gone = len(drop)
         if gone:
-            # executescript() runs it to the end; a cursor stops after its first step (one page)
-            self.conn.executescript("PRAGMA incremental_vacuum;")
+            free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
+            if free > GIVE_BACK_FRACTION * self.conn.execute("PRAGMA page_count").fetchone()[0]:
+                # executescript() runs it to the end; a cursor stops after its first step (one page)
+                self.conn.executescript("PRAGMA incremental_vacuum;")
 
     def deletions_after(self, seq: int) -> tuple[int, np.ndarray]:
         """(last seq, keys) of the texts deleted after deletion number `seq`."""
