@@ -22,6 +22,7 @@ def register(subparsers) -> None:
 
 def gather(index_dir) -> dict:
     from ..index.indexdir import IndexDir
+    from ..index.schema import dir_bytes
 
     with IndexDir.open_reader(index_dir) as ix:
         store = ix.store
@@ -47,7 +48,7 @@ def gather(index_dir) -> dict:
             "vectors_consistent": vectors["snapshot_matches_store"] and vectors["texts_not_in_snapshot"] == 0,
             "snapshot": vectors,
             "files": files,
-            "bytes_per_image": round(sum(files.values()) / images) if counts["images_ok"] else None,
+            "bytes_per_image": round(dir_bytes(index_dir) / images) if counts["images_ok"] else None,
             "exact_copy": vectors["exact_copy"],
             "upgrade": _upgrade(meta.get("upgrade")),
             "last_run": store.last_run(),

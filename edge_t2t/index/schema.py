@@ -275,8 +275,9 @@ def lean_layout(conn: sqlite3.Connection) -> None:
 
 
 def dir_bytes(index_dir: Path) -> int:
-    """Bytes of every file in an index directory (what `info` divides by the images)."""
-    return sum(p.stat().st_size for p in Path(index_dir).iterdir() if p.is_file())
+    """Bytes of the files of an index directory (what `info` divides by the images), without the
+    -shm file: SQLite's shared-memory index exists only while a process has the store open."""
+    return sum(p.stat().st_size for p in Path(index_dir).iterdir() if p.is_file() and not p.name.endswith("-shm"))
 
 
 # Set by a migration that frees much of the file; cleared once VACUUM has given the space back.
