@@ -88,7 +88,6 @@ class SearchVectors:
             found[rest[live]] = True
         return found, out
 
-
     def live_vectors(self, stored_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(keys, image ids, float32 vectors as `rescore`/`exact` score them) of the texts whose
         keys are in `stored_keys` (the store's), by key."""
@@ -249,18 +248,15 @@ class IndexDir:
             nonlocal done
             for keys, image_ids, texts in self.store.iter_texts(0, chunk=16_384):
                 vecs = np.zeros((len(keys), dim), np.float32)
-                values = None
                 have = np.zeros(len(keys), bool)
                 pkeys, _, pvecs = self.store.pending_in(int(keys[0]) - 1, int(keys[-1]))
                 pos = np.searchsorted(keys, pkeys)
                 vecs[pos], have[pos] = pvecs, True
+                from_snap = np.zeros(len(keys), bool)
                 if snap is not None:
                     ok, svecs, svalues = snap.stored(keys, image_ids)
-                    use = ok & ~have
-                    vecs[use] = svecs[use]
-                    values = graph_codes(vecs, dtype)
-                    values[use] = svalues[use]  # the graph's own values: nothing quantised twice
-                    have |= use
+                    from_snap = ok & ~have
+                    vecs[from_snap], have[from_snap] = svecs[from_snap], True
                 if not have.all():
                     if embed is None:
                         raise StoreError(
@@ -269,17 +265,18 @@ class IndexDir:
                             "which embeds them again with the recorded embedder")
                     todo = np.flatnonzero(~have)
                     vecs[todo] = embed([texts[i] for i in todo])
-                    if values is not None:
-                        values[todo] = graph_codes(vecs[todo], dtype)
                     self.embedded_again += len(todo)
+                values = graph_codes(vecs, dtype)
+                if from_snap.any():
+                    values[from_snap] = svalues[from_snap]  # the graph's own values: nothing quantised twice
                 done += len(keys)
                 if progress is not None:
                     progress(done, total)
-                yield (keys, image_ids, vecs) if values is None else (keys, image_ids, vecs, values)
+                yield keys, image_ids, vecs, values
 
         self.writer = snapshot_writer.build_from(self.path, chunks(), total, dim, dtype, store_id=store_id,
-                                        deletions_seen=last_deletion, generation=recorded,
-                                        exact_copy=bool(self.store.get_meta("exact_copy", True)))
+                                                 deletions_seen=last_deletion, generation=recorded,
+                                                 exact_copy=bool(self.store.get_meta("exact_copy", True)))
         self._record_generation()
         self.rebuilt = True
         return len(self.writer)

@@ -166,6 +166,14 @@ class Store:
                 self.conn.execute("ROLLBACK")
             raise
 
+    def _each_in(self, sql: str, values: Iterable) -> Iterator[tuple]:
+        """The rows of `sql` (its `{q}` a list of ? placeholders) for `values`, 500 at a time to stay
+        under SQLite's bound-parameter limit."""
+        values = list(values)
+        for i in range(0, len(values), 500):
+            chunk = values[i : i + 500]
+            yield from self.conn.execute(sql.format(q=",".join("?" * len(chunk))), chunk)
+
     # -- meta ---------------------------------------------------------------------------------
     def meta(self) -> dict:
         return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
@@ -202,17 +210,8 @@ class Store:
 
     def images_named(self, paths: Iterable[str]) -> dict[str, ImageRow]:
         """The stored images among `paths` (by the unique path index)."""
-        paths = list(dict.fromkeys(paths))
-        out: dict[str, ImageRow] = {}
-        for i in range(0, len(paths), 500):  # stay under SQLite's bound-parameter limit
-            chunk = paths[i : i + 500]
-            for r in self.conn.execute(
-                f"SELECT {_IMAGE_COLUMNS} FROM images "
-                f"WHERE path IN ({','.join('?' * len(chunk))})",
-                chunk,
-            ):
-                out[r[1]] = ImageRow(*r)
-        return out
+        return {r[1]: ImageRow(*r) for r in self._each_in(
+            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE path IN ({{q}})", dict.fromkeys(paths))}
 
     def ok_image_with_sha(self, sha256: str, exclude_ids: Iterable[int] = ()) -> ImageRow | None:
         if not sha256:
@@ -336,20 +335,13 @@ class Store:
     def features_of(self, image_ids: list[int]) -> Iterator[tuple[int, int, str]]:
         """(image id, ordinal, features JSON) of each variant of the given images, by image and
         ordinal: one row per variant (the structure score's input)."""
-        for i in range(0, len(image_ids), 500):  # stay under SQLite's bound-parameter limit
-            chunk = image_ids[i : i + 500]
-            yield from self.conn.execute(
-                f"SELECT image_id, ordinal, features FROM variants WHERE image_id IN ({','.join('?' * len(chunk))}) "
-                "ORDER BY image_id, ordinal", chunk)
+        yield from self._each_in("SELECT image_id, ordinal, features FROM variants WHERE image_id IN ({q}) "
+                                 "ORDER BY image_id, ordinal", image_ids)
 
     def text_keys_of(self, image_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """(keys, image ids) of every text of the given images."""
-        rows: list = []
-        for i in range(0, len(image_ids), 500):
-            chunk = image_ids[i : i + 500]
-            rows += self.conn.execute(
-                "SELECT t.id, v.image_id FROM texts t JOIN variants v ON v.id = t.variant_id "
-                f"WHERE v.image_id IN ({','.join('?' * len(chunk))}) ORDER BY t.id", chunk).fetchall()
+        rows = sorted(self._each_in("SELECT t.id, v.image_id FROM texts t JOIN variants v ON v.id = t.variant_id "
+                                    "WHERE v.image_id IN ({q})", image_ids))
         return (np.fromiter((r[0] for r in rows), np.int64, len(rows)),
                 np.fromiter((r[1] for r in rows), np.int64, len(rows)))
 
@@ -414,14 +406,8 @@ class Store:
 
     def pending_vectors(self, keys: np.ndarray) -> dict[int, np.ndarray]:
         """The pending vectors among `keys`."""
-        out: dict[int, np.ndarray] = {}
-        keys = [int(k) for k in keys]
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            for key, blob in self.conn.execute(
-                    f"SELECT key, vector FROM pending_vectors WHERE key IN ({','.join('?' * len(chunk))})", chunk):
-                out[key] = np.frombuffer(blob, dtype=np.float32)
-        return out
+        return {key: np.frombuffer(blob, dtype=np.float32) for key, blob in
+                self._each_in("SELECT key, vector FROM pending_vectors WHERE key IN ({q})", (int(k) for k in keys))}
 
     def pending_keys(self, upto_key: int) -> np.ndarray:
         return np.fromiter((r[0] for r in self.conn.execute(
@@ -438,9 +424,8 @@ class Store:
                 gone = self.conn.execute("DELETE FROM pending_vectors WHERE key <= ?", (int(upto_key),)).rowcount
             else:
                 drop = [int(k) for k in self.pending_keys(upto_key) if int(k) not in keep]
-                for i in range(0, len(drop), 500):
-                    chunk = drop[i : i + 500]
-                    self.conn.execute(f"DELETE FROM pending_vectors WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+                for _ in self._each_in("DELETE FROM pending_vectors WHERE key IN ({q})", drop):
+                    pass
                 gone = len(drop)
         if gone:
             free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
@@ -475,18 +460,10 @@ class Store:
         return str(sid)
 
     def variant_rows(self, keys: Iterable[int]) -> dict[int, VariantRow]:
-        keys = [int(k) for k in keys]
-        out: dict[int, VariantRow] = {}
-        for i in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
-            chunk = keys[i : i + 500]
-            q = ",".join("?" * len(chunk))
-            for r in self.conn.execute(
-                "SELECT t.id, v.image_id, i.path, v.ordinal, t.field, t.text FROM texts t "
-                f"JOIN variants v ON v.id = t.variant_id JOIN images i ON i.id = v.image_id WHERE t.id IN ({q})",
-                chunk,
-            ):
-                out[r[0]] = VariantRow(*r)
-        return out
+        return {r[0]: VariantRow(*r) for r in self._each_in(
+            "SELECT t.id, v.image_id, i.path, v.ordinal, t.field, t.text FROM texts t "
+            "JOIN variants v ON v.id = t.variant_id JOIN images i ON i.id = v.image_id WHERE t.id IN ({q})",
+            (int(k) for k in keys))}
 
     def image_paths(self) -> dict[int, str]:
         return dict(self.conn.execute("SELECT id, path FROM images"))

@@ -73,15 +73,20 @@ SCENES = [
 QUERIES = ["a football pitch with stands and a running track", "planes at an airport terminal", "a bridge over a river", "boats in a harbour"]
 
 
-@pytest.fixture(scope="module")
-def small_index(tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("small")
-    caps = tmp / "captions.jsonl"
+def write_scene_captions(caps: Path) -> Path:
+    """SCENES as an RSRT captions file: each scene's structured variant, and its caption alone."""
     with open(caps, "w") as fh:
         for name, one, feats, cap in SCENES:
             variant = {"one_sentence": one, "features": [{"name": n, "position": p, "size": s} for n, p, s in feats],
                        "caption": cap}  # fmt: skip
             fh.write(json.dumps({"image": name, "variants": [variant, {"one_sentence": cap}]}) + "\n")
+    return caps
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("small")
+    caps = write_scene_captions(tmp / "captions.jsonl")
     cli(tmp, "index", "--captions", caps, "--index", tmp / "ix", "--dtype", "f32", "--precision", "fp32", "--json")
     return tmp, tmp / "ix"
 
@@ -192,12 +197,7 @@ def test_an_index_from_before_the_lean_layout_upgrades_in_place(tmp_path):
     every vector mode return what they returned before."""
     from helpers_old_store import make_v6_copy
 
-    caps = tmp_path / "captions.jsonl"
-    with open(caps, "w") as fh:
-        for name, one, feats, cap in SCENES:
-            variant = {"one_sentence": one, "features": [{"name": n, "position": p, "size": s} for n, p, s in feats],
-                       "caption": cap}  # fmt: skip
-            fh.write(json.dumps({"image": name, "variants": [variant, {"one_sentence": cap}]}) + "\n")
+    caps = write_scene_captions(tmp_path / "captions.jsonl")
     cli(tmp_path, "index", "--captions", caps, "--index", tmp_path / "new", "--precision", "fp32", "--json")
     make_v6_copy(tmp_path / "new", tmp_path / "old")
 
