@@ -354,10 +354,12 @@ def mode_parts(mode: str, **weights) -> tuple[tuple[str, ...], Callable]:
 
 
 def oracle_eval(
-    ann: Annotations, embed: Callable[[list[str]], np.ndarray], dtype: str = "f32", mode: str = "dense", **weights
+    ann: Annotations, embed: Callable[[list[str]], np.ndarray], dtype: str = "f32", mode: str = "dense",
+    exact_copy: bool = True, **weights,
 ) -> EvalResult:
     """Embed each distinct caption once, store it as an index of ``dtype`` keeps it for exact
-    search (quantise.as_exact), and score exactly; both sides are stored texts, so both are cast.
+    search (quantise.as_exact; ``exact_copy=False``: an i8 index without its float16 copy), and
+    score exactly; both sides are stored texts, so both are cast.
     mode lexical/hybrid scores with BM25 over the distinct captions: each image's best BM25 and
     best cosine, mixed as the search mixes them (retrieval.fused). Reference captions have no
     features, so there is no structure part."""
@@ -366,7 +368,7 @@ def oracle_eval(
     parts = []
     for name in names:
         if name == "dense":
-            parts.append(text_similarity(as_exact(unit(embed(texts)), dtype)))
+            parts.append(text_similarity(as_exact(unit(embed(texts)), dtype, exact_copy)))
         else:
             parts.append(lexical_similarity(texts, texts, exclude_self=True, keep_one=mode == "lexical"))
     t2i, i2t, counts = oracle_ranks(ann, parts, ids, combine)
