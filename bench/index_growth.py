@@ -234,11 +234,17 @@ def seed(index_dir: Path, emb, n_texts: int) -> float:
             )
             texts = [(i, j, caption_text(i, j)) for i in ids for j in range(TEXTS_PER_IMAGE)]
             vecs = emb.embed([t for _, _, t in texts])
+            # schema v7: one variant row and one text row per caption (ids in step), its vector
+            # pending until the snapshot below holds it
+            first = st.conn.execute("SELECT IFNULL(MAX(id), 0) FROM variants").fetchone()[0] + 1
             st.conn.executemany(
-                "INSERT INTO variants(image_id, ordinal, field, one_sentence, features, caption, text, vector) "
-                "VALUES (?, ?, 'joined', ?, '[]', '', ?, ?)",
-                ((i + 1, j, t, t, v.tobytes()) for (i, j, t), v in zip(texts, vecs, strict=True)),
+                "INSERT INTO variants(id, image_id, ordinal, one_sentence, features, caption) VALUES (?, ?, ?, ?, '[]', '')",
+                ((first + n, i + 1, j, t) for n, (i, j, t) in enumerate(texts)),
             )
+            st.conn.executemany("INSERT INTO texts(id, variant_id, field, text) VALUES (?, ?, 'joined', ?)",
+                                ((first + n, first + n, t) for n, (_, _, t) in enumerate(texts)))
+            st.conn.executemany("INSERT INTO pending_vectors(key, vector) VALUES (?, ?)",
+                                ((first + n, v.tobytes()) for n, v in enumerate(vecs)))
     t0 = time.perf_counter()
     with IndexDir.open_writer(index_dir) as ix:
         ix.rebuild()
@@ -321,8 +327,7 @@ def force_merge(index_dir: Path) -> float:
     t0 = time.perf_counter()
     with IndexDir.open_writer(index_dir) as ix:
         w = ix.open_vectors(DIM, "i8")
-        chunks = ((keys, vecs) for keys, _, vecs in ix.store.iter_vectors(w.base_max_key, w.max_key))
-        w.merge_tail(chunks, len(w.tail))
+        w.merge_tail()
         w.save()
         ix._record_generation()
     return time.perf_counter() - t0

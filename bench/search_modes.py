@@ -1,7 +1,8 @@
 """Search modes and index dtypes through the product's own search path, on the RSICD captions.
 
 Builds one index from ../shared/data/rsicd/captions_val.json (COCO, 1,092 images) with the int8
-embedder, then writes its vector files in each dtype (f32 / f16 / i8) from the same SQLite vectors.
+embedder, then the same index in each other dtype (f32 / f16 / i8): the same texts embedded in the same
+batches, so the same vectors.
 For every (dtype, mode) it runs the same queries through search.rank_images (query vectors
 embedded once, so only the vector search + per-image max + SQLite row fetch are timed) and
 compares the top-10 *images* with the peer: exact brute force over the same vectors.
@@ -19,7 +20,6 @@ import argparse
 import json
 import random
 import shutil
-import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +40,6 @@ def main() -> None:
     from edge_t2t import config
     from edge_t2t.embed.embedder import Embedder
     from edge_t2t.index import vindex
-    from edge_t2t.index.indexdir import IndexDir
     from edge_t2t.index.indexer import Indexer
     from edge_t2t.index.store import Store
     from edge_t2t.query import search
@@ -59,14 +58,8 @@ def main() -> None:
         t = time.perf_counter()
         Indexer(base, embedder=emb, dtype="i8").run([], captions_file=caps)
         build_s = time.perf_counter() - t
-        for dtype in ("f32", "f16"):
-            d = work / dtype
-            d.mkdir()
-            shutil.copy(base / "store.sqlite", d / "store.sqlite")
-            with sqlite3.connect(d / "store.sqlite") as c:
-                c.execute("UPDATE meta SET value = ? WHERE key = 'dtype'", (json.dumps(dtype),))
-            with IndexDir.open_writer(d, create=False) as ix:
-                ix.rebuild()
+        for dtype in ("f32", "f16"):  # the same texts in the same batches: the same vectors
+            Indexer(work / dtype, embedder=emb, dtype=dtype).run([], captions_file=caps)
         qv = emb.embed(queries)
         with Store(base) as st:
             n_texts = st.counts()["texts"]

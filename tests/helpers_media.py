@@ -314,6 +314,9 @@ def has_traceback(text: str) -> bool:
 #   lock_busy      a try to take a lock found it held by another process (before --wait's sleep)
 #   record         after `caption --out` wrote (and fsynced) a record
 #   store_open     the store is open (created or migrated), before the run's first transaction
+#   migrate        the schema v7 upgrade has written everything, before its COMMIT
+#   vacuum         the upgrade is committed, before the VACUUM that gives the space back
+#   vacuum_step    inside that VACUUM (SQLite's progress handler, every 100 virtual-machine steps)
 # "at" may be "*": every time. With "after": [OTHER, M], "at" counts only the times NAME is reached
 # once OTHER has been reached M times (e.g. the first COMMIT after the 2nd batch's embedding: inside
 # that batch's transaction). Action "stop" pauses the process right there (SIGSTOP to itself) with
@@ -349,7 +352,7 @@ def child_main() -> None:
 
     from edge_t2t.describe import vlm
     from edge_t2t.embed import embedder
-    from edge_t2t.index import indexdir, store, vindex
+    from edge_t2t.index import indexdir, schema, snapshot_writer, store
 
     # Both caption paths: generate() (sequential) and describe_parallel() (the default).
     def reaching_caption(orig):
@@ -384,30 +387,51 @@ def child_main() -> None:
     # Save every batch (not every 60 s), so the kills land on many snapshot saves.
     indexdir.CHECKPOINT_EVERY_S = 0.0
 
-    orig_append = vindex.VectorWriter._append
+    orig_append = snapshot_writer.VectorWriter._append
 
     def append(self, *a, **k):
         out = orig_append(self, *a, **k)
         reach("append")  # rows appended past the manifest's count: cut off by the next writer
         return out
 
-    vindex.VectorWriter._append = append
+    snapshot_writer.VectorWriter._append = append
 
-    orig_save_graph = vindex._save_graph
+    orig_save_graph = snapshot_writer._save_graph
 
     def save_graph(path, graph):
         reach("save_graph")
         return orig_save_graph(path, graph)
 
-    vindex._save_graph = save_graph
+    snapshot_writer._save_graph = save_graph
 
-    orig_manifest = vindex._write_manifest
+    orig_manifest = snapshot_writer._write_manifest
 
     def write_manifest(index_dir, manifest):
         orig_manifest(index_dir, manifest)
         reach("manifest")  # the new generation is out, SQLite's meta and deletion log not yet updated
 
-    vindex._write_manifest = write_manifest
+    snapshot_writer._write_manifest = write_manifest
+
+    # The schema v7 upgrade (issue 25): MIGRATIONS holds the step itself, so it is wrapped there.
+    at = schema.MIGRATIONS.index(schema.lean_layout)
+    orig_lean = schema.MIGRATIONS[at]
+
+    def lean_layout(conn):
+        orig_lean(conn)
+        reach("migrate")
+
+    schema.MIGRATIONS[at] = lean_layout
+    orig_give_back = store.Store._give_space_back
+
+    def give_space_back(self):
+        reach("vacuum")
+        self.conn.set_progress_handler(lambda: reach("vacuum_step"), 100)
+        try:
+            return orig_give_back(self)
+        finally:
+            self.conn.set_progress_handler(None, 0)
+
+    store.Store._give_space_back = give_space_back
 
     from edge_t2t.images import ImageBytes
 

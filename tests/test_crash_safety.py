@@ -85,29 +85,33 @@ def _index_args(ctx: dict, index: Path, precision: str = PRECISION) -> tuple[str
 
 def _vectors(index: Path) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
     """Per stored text, keyed by (path, ordinal, field, text) since keys differ between runs: its
-    float32 vector in SQLite (the store of record) and its row in the saved vector snapshot."""
+    vector as exact search scores it (the float16 copy) and its int8 codes in the graph. A finished
+    run keeps each vector once: no pending copy is left in SQLite."""
     from edge_t2t.index.vindex import Snapshot
 
     conn = sqlite3.connect(index / "store.sqlite")
     try:
-        rows = conn.execute("SELECT v.id, i.path, v.ordinal, v.field, v.text, v.vector "
-                            "FROM variants v JOIN images i ON i.id = v.image_id").fetchall()  # fmt: skip
+        rows = conn.execute("SELECT t.id, i.path, v.ordinal, t.field, t.text FROM texts t "
+                            "JOIN variants v ON v.id = t.variant_id JOIN images i ON i.id = v.image_id").fetchall()
+        assert conn.execute("SELECT COUNT(*) FROM pending_vectors").fetchone()[0] == 0
     finally:
         conn.close()
     snap = Snapshot.open(index)
     assert snap is not None and len(snap) == len(rows), f"{index}: snapshot and SQLite disagree"
-    at = snap.rows_of(np.array([r[0] for r in rows], dtype=np.int64))
-    assert (np.asarray(snap.rows[at, 0]) == [r[0] for r in rows]).all()
-    return {tuple(r[1:5]): (np.frombuffer(r[5], dtype=np.float32), np.asarray(snap.exact[i], dtype=np.float32))
-            for r, i in zip(rows, at, strict=True)}  # fmt: skip
+    keys = np.array([r[0] for r in rows], dtype=np.int64)
+    at, live = snap.find(keys)
+    assert live.all()
+    codes, found = snap.graph_values(keys)
+    assert found.all()
+    return {tuple(r[1:5]): (snap.vectors_at(at[i : i + 1])[0], codes[i].astype(np.float32)) for i, r in enumerate(rows)}
 
 
 def _assert_same_vectors(got: dict, ref: dict, what: str) -> None:
     assert got.keys() == ref.keys(), what
-    sql = max(float(np.abs(got[t][0] - ref[t][0]).max()) for t in ref)
-    snap = max(float(np.abs(got[t][1] - ref[t][1]).max()) for t in ref)
-    print(f"\n[crash] {what}: max |difference| per component, SQLite {sql:.3g}, snapshot {snap:.3g}")
-    assert sql <= 1e-6 and snap <= 1e-6, f"{what}: stored vectors differ from the uninterrupted run's"
+    exact = max(float(np.abs(got[t][0] - ref[t][0]).max()) for t in ref)
+    codes = max(float(np.abs(got[t][1] - ref[t][1]).max()) for t in ref)
+    print(f"\n[crash] {what}: max |difference| per component, exact copy {exact:.3g}, graph codes {codes:.3g}")
+    assert exact <= 1e-6 and codes == 0, f"{what}: stored vectors differ from the uninterrupted run's"
 
 
 def _state(index: Path) -> dict:
@@ -115,7 +119,8 @@ def _state(index: Path) -> dict:
     try:
         images = sorted(conn.execute("SELECT path, sha256, status FROM images"))
         texts = sorted(conn.execute(
-            "SELECT i.path, v.ordinal, v.field, v.text FROM variants v JOIN images i ON i.id = v.image_id"
+            "SELECT i.path, v.ordinal, t.field, t.text FROM texts t JOIN variants v ON v.id = t.variant_id "
+            "JOIN images i ON i.id = v.image_id"
         ))  # fmt: skip
     finally:
         conn.close()
@@ -233,6 +238,71 @@ def test_sigkill_at_random_moments(setup: dict, precision: str) -> None:
     assert verify_index(index).ok
     assert _state(index) == setup["ref_state"]
     _assert_same_vectors(_vectors(index), setup["ref_vectors"][precision], f"{precision} resumed {index.name}")
+
+
+# Where a kill during the in-place upgrade to schema v7 must leave the store: (schema version,
+# whether the VACUUM that gives the space back is still owed).
+UPGRADE_KILLS = {
+    "migrate": (6, False),  # the v7 transaction never committed: the old store, untouched
+    "vacuum": (7, True),  # committed, VACUUM not begun
+    "vacuum_step": (7, True),  # inside the VACUUM: rolled back, still owed
+    "commit_before": (7, True),  # VACUUM done, its marker not yet cleared: done again, harmlessly
+    "commit_after": (7, False),  # marker cleared
+}
+
+
+def _schema_and_owed(index: Path) -> tuple[int, bool]:
+    conn = sqlite3.connect(index / "store.sqlite")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        owed = conn.execute("SELECT 1 FROM meta WHERE key = 'vacuum_pending'").fetchone() is not None
+    finally:
+        conn.close()
+    return version, owed
+
+
+@pytest.mark.slow
+def test_sigkill_across_the_upgrade_to_the_lean_layout(setup: dict, tmp_path: Path) -> None:
+    """An index written before the lean layout (schema v6: every text with its variant's fields and
+    a float32 vector) is upgraded in place by the first command that opens it, here `index`. A kill
+    at each stage of the upgrade, and at seeded moments, leaves a store that opens (finishing the
+    upgrade), verifies clean, and holds the same texts and vectors as the reference index, with the
+    space given back."""
+    import shutil
+
+    from helpers_old_store import make_v6_copy
+
+    old = tmp_path / "v6"
+    make_v6_copy(setup["ref"], old)
+    assert _schema_and_owed(old) == (6, False)
+    rng = random.Random(SEED + 25)
+    faults = [{"stage": stage, "at": 2 if stage == "vacuum_step" else 1, "action": "kill"} for stage in UPGRADE_KILLS]
+    faults += [{"delay": round(rng.uniform(0.3, 3.0), 2)} for _ in range(4)]
+    env = hm.child_env(tmp_path / "cache")
+    killed = []
+    for i, fault in enumerate(faults):
+        index = tmp_path / f"up{i}"
+        shutil.copytree(old, index)
+        rc, err = _one_run(setup, index, env, fault, PRECISION)
+        what = f"upgrade run {i} {fault}"
+        assert not hm.has_traceback(err), f"{what}: {err[-3000:]}"
+        if "stage" in fault:
+            assert rc == -signal.SIGKILL, f"{what}: rc {rc}: {err[-2000:]}"
+            assert _schema_and_owed(index) == UPGRADE_KILLS[fault["stage"]], what
+        else:
+            assert rc in (0, -signal.SIGKILL), f"{what}: rc {rc}: {err[-2000:]}"
+        if rc == -signal.SIGKILL:
+            killed.append(fault)
+        _check_after_interruption(index, what)  # opening it finishes the upgrade; verify is clean
+        assert _schema_and_owed(index) == (7, False), what
+        with Store(index) as store:
+            up = store.get_meta("upgrade")
+            assert store.conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2, what  # VACUUM ran
+        assert up["bytes_after"] < up["bytes_before"] and up["vectors_kept_pending"] == 0, (what, up)
+        assert _state(index) == setup["ref_state"], what
+        _assert_same_vectors(_vectors(index), setup["ref_vectors"][PRECISION], what)
+    print(f"\n[crash] upgrade: {len(killed)} of {len(faults)} runs killed")
+    assert _search(setup, index) == setup["ref_search"]
 
 
 @pytest.mark.parametrize(

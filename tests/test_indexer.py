@@ -34,7 +34,7 @@ def make_image(path, colour):
 def texts_of(ix) -> dict[str, list[str]]:
     with Store(ix) as st:
         rows = st.conn.execute(
-            "SELECT i.path, v.text FROM variants v JOIN images i ON i.id = v.image_id ORDER BY i.path, v.ordinal, v.id"
+            "SELECT i.path, t.text FROM texts t JOIN variants v ON v.id = t.variant_id JOIN images i ON i.id = v.image_id ORDER BY i.path, v.ordinal, t.id"
         ).fetchall()
     out: dict[str, list[str]] = {}
     for path, text in rows:

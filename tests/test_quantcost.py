@@ -184,12 +184,14 @@ def test_sizes_follow_the_dtype(oracle_report):
     f32 = _row(oracle_report, "captions/fp32/f32/hnsw")["size"]
     i8 = _row(oracle_report, "captions/fp32/i8/hnsw")["size"]
     n = _row(oracle_report, "captions/fp32/f32/hnsw")["vectors"]
-    assert i8["graph_bytes"] < f32["graph_bytes"]
-    # exact vectors: float32 beside an f32 graph, float16 beside an i8 one (vindex's rule)
-    assert f32["rescore_bytes"] >= n * 384 * 4 > i8["rescore_bytes"] >= n * 384 * 2
+    assert f32["graph_bytes"] >= n * 384 * 4 > i8["graph_bytes"]
+    # each vector once: a float16 copy beside an i8 graph only; an f32 graph is its own exact copy
+    assert f32["rescore_bytes"] == 0 and n * 384 * 2 <= i8["rescore_bytes"] < n * 384 * 4
     exact = _row(oracle_report, "captions/fp32/f32/exact")["size"]
-    assert exact["index_bytes_for_mode"] == exact["rescore_bytes"] + exact["keys_bytes"]
+    assert exact["index_bytes_for_mode"] == exact["graph_bytes"] + exact["keys_bytes"]
     assert f32["index_bytes_for_mode"] == f32["graph_bytes"] + f32["keys_bytes"]
+    i8_exact = _row(oracle_report, "captions/fp32/i8/exact")["size"]
+    assert i8_exact["index_bytes_for_mode"] == i8_exact["rescore_bytes"] + i8_exact["keys_bytes"]
 
 
 def test_outputs_written_atomically(oracle_report, tmp_path):

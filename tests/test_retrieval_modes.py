@@ -55,7 +55,7 @@ def index(tmp_path, emb):
 
 def fts_rows(ix) -> set[int]:
     with Store(ix) as st:
-        return {r[0] for r in st.conn.execute("SELECT rowid FROM variants_fts WHERE variants_fts MATCH 'tank OR runway OR harbour OR house OR boat'")}
+        return {r[0] for r in st.conn.execute("SELECT rowid FROM texts_fts WHERE texts_fts MATCH 'tank OR runway OR harbour OR house OR boat'")}
 
 
 # -- store ------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def test_v2_store_migrates_and_its_texts_become_searchable(tmp_path):
 def test_fts_follows_inserts_deletes_and_cascades(index):
     with Store(index) as st:
         n_texts = st.counts()["texts"]
-        assert st.conn.execute("SELECT COUNT(*) FROM variants_fts WHERE variants_fts MATCH 'tank'").fetchone()[0] >= 2
+        assert st.conn.execute("SELECT COUNT(*) FROM texts_fts WHERE texts_fts MATCH 'tank'").fetchone()[0] >= 2
         with st.transaction():
             image_id = st.put_image("/x/new.jpg")
             [key] = st.add_texts(image_id, [NewText(0, "one_sentence", Variant("a tiny heliport"), "a tiny heliport",
@@ -94,11 +94,11 @@ def test_fts_follows_inserts_deletes_and_cascades(index):
 
 def test_verify_finds_an_fts_out_of_step_and_repair_rebuilds_it(index):
     with Store(index) as st, st.transaction() as conn:
-        conn.execute("DROP TRIGGER variants_fts_insert")
+        conn.execute("DROP TRIGGER texts_fts_insert")
         image_id = st.put_image("/x/late.jpg")
         st.add_texts(image_id, [NewText(0, "one_sentence", Variant("a lone lighthouse"), "a lone lighthouse",
                                         np.ones(64, np.float32) / 8)])
-        conn.execute(schema._V4.split("CREATE TRIGGER variants_fts_delete")[0].split("INSERT INTO variants_fts(variants_fts) VALUES ('rebuild');")[1])
+        conn.execute(next(sql for sql in schema.LEAN_AFTER_VECTORS if "TRIGGER texts_fts_insert" in sql))
     rep = verify_index(index, check_models=False)
     assert not rep.ok and rep.checks["fts"]["ok"] is False
     assert any("full-text index" in p and "--repair" in p for p in rep.problems)

@@ -116,22 +116,22 @@ def test_long_query_is_truncated_with_a_warning(index, emb):
     assert len(short) == 1 and len(warnings) == 1  # a short query finds a hit and adds no warning
 
 
-def test_search_without_a_snapshot_scores_sqlite_and_never_writes(index, emb, capsys):
+def test_search_without_its_snapshot_says_how_to_repair_and_never_writes(index, emb):
+    """The snapshot holds each vector once: without it a search refuses, naming the repair; the
+    next writer embeds the stored texts again, and the same search works."""
     from edge_t2t.index import vindex
+    from edge_t2t.index.indexdir import IndexDir
 
     (index / vindex.MANIFEST_FILE).unlink()
     before = sorted(p.name for p in index.iterdir())
-    hits = text_search(index, "dense forest trees", k=1, embedder=emb, mode="hnsw")
-    assert hits[0].image == "forest.jpg"
-    assert "no vector snapshot" in capsys.readouterr().err
+    with pytest.raises(StoreError, match="verify --repair"):
+        text_search(index, "dense forest trees", k=1, embedder=emb, mode="hnsw")
     assert sorted(p.name for p in index.iterdir()) == before  # a reader never writes
-    from edge_t2t.index.indexdir import IndexDir
-
     with IndexDir.open_writer(index) as ix:  # the next writer rebuilds it
-        ix.open_vectors(emb.dim, "f32")
+        ix.open_vectors(emb.dim, "f32", embed=emb.embed)
+        assert ix.embedded_again == ix.store.text_count() > 0
     assert (index / vindex.MANIFEST_FILE).exists()
     assert text_search(index, "dense forest trees", k=1, embedder=emb, mode="hnsw")[0].image == "forest.jpg"
-    assert capsys.readouterr().err == ""
 
 
 def test_search_by_variants_maxes_over_pairs_and_excludes_self(index, emb):
@@ -152,8 +152,8 @@ def test_fields_mode_embeds_one_text_per_field(tmp_path, emb):
     ix = tmp_path / "ix"
     Indexer(ix, embedder=emb, text_mode="fields").run([], captions_file=path)
     with sqlite3.connect(ix / "store.sqlite") as c:
-        fields = [r[0] for r in c.execute("SELECT field FROM variants v JOIN images i ON i.id = v.image_id "
-                                          "WHERE i.path = 'a.jpg' ORDER BY v.id")]
+        fields = [r[0] for r in c.execute("SELECT t.field FROM texts t JOIN variants v ON v.id = t.variant_id JOIN images i ON i.id = v.image_id "
+                                          "WHERE i.path = 'a.jpg' ORDER BY t.id")]
     assert fields == ["one_sentence", "features", "caption"]
     hits = text_search(ix, "long runway in the centre", k=1, embedder=emb, mode="exact")
     assert hits[0].image == "a.jpg" and "runway" in hits[0].text
@@ -174,8 +174,8 @@ def test_sentences_mode_embeds_each_short_statement_once(tmp_path, emb):
     ix = tmp_path / "ix"
     Indexer(ix, embedder=emb, text_mode="sentences").run([], captions_file=path)
     with sqlite3.connect(ix / "store.sqlite") as c:
-        stored = [tuple(r) for r in c.execute("SELECT field, text FROM variants v JOIN images i ON i.id = v.image_id "
-                                               "WHERE i.path = 'a.jpg' ORDER BY v.id")]
+        stored = [tuple(r) for r in c.execute("SELECT t.field, t.text FROM texts t JOIN variants v ON v.id = t.variant_id JOIN images i ON i.id = v.image_id "
+                                               "WHERE i.path = 'a.jpg' ORDER BY t.id")]
     assert stored == pairs
     hits = text_search(ix, "large tanks in the south", k=1, embedder=emb, mode="exact")
     assert hits[0].image == "a.jpg" and hits[0].text == "large tanks in the south"
@@ -211,7 +211,7 @@ def test_an_image_whose_best_text_was_deleted_falls_back_to_its_next_best(index,
     """rank_images used to drop such an image and return fewer than k results."""
     with Store(index) as st:
         harbour = st.images()["harbour.jpg"].id
-        keys = [r[0] for r in st.conn.execute("SELECT id FROM variants WHERE image_id = ? ORDER BY id", (harbour,))]
+        keys = st.text_keys_of([harbour])[0].tolist()
     searcher = Searcher(index).open()  # the vectors as saved: all harbour texts present
     store, vectors = searcher.store, searcher.vectors
     try:
@@ -219,7 +219,7 @@ def test_an_image_whose_best_text_was_deleted_falls_back_to_its_next_best(index,
         first = S.rank_images(store, vectors, q, k=len(SCENES), mode="exact")
         assert first[0].image == "harbour.jpg" and first[0].text.startswith("boats moored in a harbour")
         with store.transaction():  # the best text goes between the vector search and the row lookup
-            store.conn.execute("DELETE FROM variants WHERE id = ?", (keys[0],))
+            store.conn.execute("DELETE FROM texts WHERE id = ?", (keys[0],))
         hits = S.rank_images(store, vectors, q, k=len(SCENES), mode="exact")
     finally:
         searcher.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def test_new_store_has_current_schema_wal_and_foreign_keys(tmp_path):
         assert st.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert st.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
         tables = {r[0] for r in st.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert {"meta", "images", "variants", "descriptions", "runs"} <= tables
+        assert {"meta", "images", "variants", "texts", "pending_vectors", "descriptions", "runs"} <= tables
 
 
 def test_missing_store_names_the_directory_and_the_fix(tmp_path):
@@ -149,7 +150,7 @@ def test_texts_and_vectors_round_trip_and_cascade_on_delete(tmp_path):
         st.set_meta("dim", 8)
         a, keys_a = _add_image(st, "/x/a.jpg", 3)
         b, keys_b = _add_image(st, "/x/b.jpg", 2)
-        keys, image_ids, vecs = st.all_vectors()
+        keys, image_ids, vecs = st.pending_in(0)
         assert keys.tolist() == sorted(keys_a + keys_b)
         assert vecs.shape == (5, 8) and vecs.dtype == np.float32
         assert image_ids.tolist().count(a) == 3
@@ -161,22 +162,68 @@ def test_texts_and_vectors_round_trip_and_cascade_on_delete(tmp_path):
         with st.transaction():
             removed = st.remove_images([a])
         assert sorted(removed) == sorted(keys_a)
-        assert st.all_vectors()[0].tolist() == sorted(keys_b)
+        assert st.pending_in(0)[0].tolist() == sorted(keys_b)  # pending vectors go with their texts
+        assert st.conn.execute("SELECT COUNT(*) FROM variants").fetchone()[0] == 2
         # Keys are never reused after a delete (AUTOINCREMENT): a stale vector file cannot alias.
         _, keys_c = _add_image(st, "/x/c.jpg", 1)
         assert keys_c[0] > max(keys_a + keys_b)
 
 
-def test_copy_texts_reuses_descriptions_and_vectors(tmp_path):
+def test_each_variant_and_each_text_is_stored_once(tmp_path):
+    """Schema v7: a variant's fields are one row however many texts it has; a text row holds the
+    text and its variant, nothing repeated."""
+    v = Variant("a harbour", (Feature("tank", "west", "large"), Feature("boat", "east", "small")), "Boats. Tanks.")
+    texts = [NewText(0, "one_sentence", v, "a harbour", np.ones(4, np.float32) / 2),
+             NewText(0, "feature", v, "large tank in the west", np.ones(4, np.float32) / 2),
+             NewText(0, "sentence", v, "Boats.", np.ones(4, np.float32) / 2),
+             NewText(1, "one_sentence", Variant("a port"), "a port", np.ones(4, np.float32) / 2)]
+    with Store(tmp_path, create=True) as st:
+        st.set_meta("dim", 4)
+        with st.transaction():
+            image = st.put_image("/x/a.jpg")
+            keys = st.add_texts(image, texts)
+        assert st.conn.execute("SELECT image_id, ordinal, one_sentence, caption FROM variants ORDER BY ordinal").fetchall() \
+            == [(image, 0, "a harbour", "Boats. Tanks."), (image, 1, "a port", "")]
+        assert [r[0] for r in st.conn.execute("SELECT text FROM texts ORDER BY id")] == [t.text for t in texts]
+        assert {c[1] for c in st.conn.execute("PRAGMA table_info(texts)")} == {"id", "variant_id", "field", "text"}
+        assert st.variants_of(image) == [v, Variant("a port")]
+        assert list(st.features_of([image])) == [(image, 0, json.dumps([
+            {"name": "tank", "position": "west", "size": "large"}, {"name": "boat", "position": "east", "size": "small"}])),
+            (image, 1, "[]")]
+        assert st.text_keys_of([image])[0].tolist() == keys
+
+
+def test_insert_texts_copies_descriptions_under_new_keys(tmp_path):
     with Store(tmp_path, create=True) as st:
         st.set_meta("dim", 8)
-        a, _ = _add_image(st, "/x/a.jpg", 2)
+        a, keys_a = _add_image(st, "/x/a.jpg", 2)
+        vecs = np.eye(8, dtype=np.float32)[:2]
         with st.transaction():
             b = st.put_image("/x/copy.jpg", sha256="/x/a.jpg")
-            keys, vecs = st.copy_texts(a, b)
-        orig = st.all_vectors()
-        assert len(keys) == 2 and np.array_equal(vecs, orig[2][:2])
+            keys = st.insert_texts(b, st.read_texts(a), vecs)
+        assert len(keys) == 2 and min(keys) > max(keys_a)
+        assert np.array_equal(st.pending_in(max(keys_a))[2], vecs)
         assert st.variants_of(b) == st.variants_of(a)
+
+
+def test_pruned_pending_vectors_give_their_pages_back(tmp_path):
+    """A saved snapshot holds the vectors: pruning them shrinks the file (incremental auto-vacuum),
+    except the keys asked to be kept."""
+    with Store(tmp_path, create=True) as st:
+        st.set_meta("dim", 384)
+        rng = np.random.default_rng(0)
+        with st.transaction():
+            image = st.put_image("/x/a.jpg")
+            keys = st.add_texts(image, [NewText(0, "sentence", Variant("v"), f"text {i}", rng.normal(size=384))
+                                        for i in range(2000)])
+        st.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert st.conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+        full = st.path.stat().st_size
+        assert full > 2000 * 384 * 4  # the float32 vectors are in the file
+        st.prune_pending(keys[-1], keep=keys[:2])
+        st.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert st.pending_keys(keys[-1]).tolist() == keys[:2]
+        assert st.path.stat().st_size < full - 1990 * 384 * 4
 
 
 def test_transaction_rolls_back_on_error(tmp_path):
@@ -261,7 +308,7 @@ def test_deleted_texts_are_logged_for_the_vector_snapshot(tmp_path):
             kb = st.add_texts(b, [NewText(0, "joined", Variant("u"), "u", np.ones(4, np.float32) / 2)])
         assert st.deletions_after(0)[0] == 0 and st.deletions_after(0)[1].size == 0
         with st.transaction():
-            st.conn.execute("DELETE FROM variants WHERE id = ?", (ka[0],))
+            st.conn.execute("DELETE FROM texts WHERE id = ?", (ka[0],))
             st.remove_images([b])
             st.put_image("/a.jpg")  # replaces /a.jpg: its remaining texts cascade away
         last, keys = st.deletions_after(0)
@@ -269,7 +316,7 @@ def test_deleted_texts_are_logged_for_the_vector_snapshot(tmp_path):
         assert st.deletions_after(2)[1].tolist() == keys[2:].tolist()
         st.prune_deletions(3)
         assert st.deletions_after(0)[1].tolist() == keys[3:].tolist()
-        keys_in, _, vecs = st.vectors_in(0)
+        keys_in, _, vecs = st.pending_in(0)
         assert keys_in.size == 0 and vecs.shape == (0, 4)
 
 

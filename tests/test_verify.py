@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_embedder import FakeEmbedder
 
 from edge_t2t.index import vindex
 from edge_t2t.index.lock import LOCK_FILE
@@ -23,6 +24,7 @@ from edge_t2t.records import Feature, Variant
 
 ROOT = Path(__file__).resolve().parent.parent
 DIM = 16
+EMB = FakeEmbedder(DIM)  # the "recorded embedder" of these stores: a repair embeds lost vectors with it
 
 
 @pytest.fixture(autouse=True)
@@ -37,24 +39,27 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def _build(index_dir: Path, *, images: int = 6, texts: int = 3, dtype: str = "i8", manifest: dict | None = None) -> Path:
-    """A small sound index: `images` ok images with `texts` texts each, plus one failed image."""
-    rng = np.random.default_rng(0)
+def _build(index_dir: Path, *, images: int = 6, texts: int = 3, dtype: str = "i8", manifest: dict | None = None,
+           exact_copy: bool = True) -> Path:
+    """A small sound index: `images` ok images with `texts` texts each, plus one failed image; the
+    vectors are EMB's, so a repair that embeds them again gets the same ones."""
     with Store(index_dir, create=True) as store:
         with store.transaction():
             store.set_meta("dim", DIM)
             store.set_meta("dtype", dtype)
+            store.set_meta("exact_copy", exact_copy)
             store.set_meta("text_mode", "joined")
-            store.set_meta("embedder_identity", {"name": "fake", "dim": DIM, "weights_sha256": "x" * 64, "pooling": "mean"})
+            store.set_meta("embedder_identity", EMB.identity)
             if manifest is not None:
                 store.set_meta("embedder_manifest", manifest)
             for i in range(images):
                 image_id = store.put_image(f"/data/img{i}.png", size=10, mtime_ns=1, sha256=f"{i:064x}", source="vlm",
                                            provenance={"model": "m.gguf", "mmproj": "p.gguf", "family": "llava-1.5",
                                                        "prompt_version": "v1", "test_model": True})
-                vecs = _unit(rng, texts)
+                names = [f"text {i}.{j} river{i} field{j}" for j in range(texts)]
+                vecs = EMB.embed(names)
                 variant = Variant("a field", (Feature("river", "west", "large"),), "a caption")
-                store.add_texts(image_id, [NewText(j, "joined", variant, f"text {i}.{j}", vecs[j]) for j in range(texts)])
+                store.add_texts(image_id, [NewText(j, "joined", variant, names[j], vecs[j]) for j in range(texts)])
             store.put_image("/data/broken.png", status="failed", error="cannot decode")
     _rebuild(index_dir)
     return index_dir
@@ -89,7 +94,7 @@ def test_sound_index_passes(tmp_path: Path, dtype: str) -> None:
     rep = verify_index(index)
     assert rep.ok, rep.problems
     assert rep.checks["vectors"]["state"] == "match"
-    assert rep.checks["variants"]["texts"] == 18
+    assert rep.checks["texts"]["texts"] == 18 and rep.checks["texts"]["pending_vectors"] == 0
     assert rep.checks["counts"] == {"images_ok": 6, "images_failed": 1}
     assert rep.checks["schema"]["version"] == SCHEMA_VERSION
     # These descriptions name no VLM files (as imported captions), so verify says it checked none.
@@ -116,54 +121,92 @@ def test_stale_vectors_are_a_warning_and_repair_fixes_them(tmp_path: Path) -> No
     assert verify_index(index).checks["vectors"]["state"] == "match"
 
 
-def test_missing_vector_files_are_rebuilt(tmp_path: Path) -> None:
-    index = _build(tmp_path / "idx")
+def _exact_vectors(index: Path) -> np.ndarray:
+    """Every stored vector as exact search scores it, in key order."""
+    snap = vindex.Snapshot.open(index)
+    return snap.vectors_at(np.arange(len(snap.rows)))
+
+
+@pytest.mark.parametrize("exact_copy", [True, False])
+def test_lost_vector_files_are_a_problem_and_repair_embeds_the_texts_again(tmp_path: Path, exact_copy: bool) -> None:
+    """The snapshot holds each vector once: without it only the texts are left. --repair embeds them
+    again with the recorded embedder, giving the vectors the index had."""
+    index = _build(tmp_path / "idx", exact_copy=exact_copy)
+    before = _exact_vectors(index)
     (index / vindex.MANIFEST_FILE).unlink()
     rep = verify_index(index)
-    assert rep.ok and rep.checks["vectors"]["state"] == "missing"
-    assert verify_index(index, repair=True).checks["vectors"]["state"] == "match"
+    assert not rep.ok and rep.checks["vectors"]["state"] == "corrupt"
+    assert any("no vector anywhere" in p and "18 texts" in p for p in rep.problems), rep.problems
+    fixed = verify_index(index, repair=True, embedder=EMB)
+    assert fixed.ok and fixed.checks["vectors"]["state"] == "match", fixed.problems
+    assert fixed.repair["embedded_again"] == 18 and fixed.repair["vectors"] == 18
+    assert np.array_equal(_exact_vectors(index), before)
     assert all((index / name).exists() for name in vindex.manifest_files(vindex.read_manifest(index)))
+
+
+def test_a_snapshot_not_saved_yet_is_a_warning(tmp_path: Path) -> None:
+    """Texts committed before the first save keep their pending vectors: nothing is lost."""
+    index = tmp_path / "idx"
+    with Store(index, create=True) as store, store.transaction():
+        store.set_meta("dim", DIM)
+        store.set_meta("dtype", "i8")
+        store.set_meta("embedder_identity", EMB.identity)
+        image = store.put_image("/data/a.png")
+        store.add_texts(image, [NewText(0, "joined", Variant("x"), "x", EMB.embed(["x"])[0])])
+    rep = verify_index(index)
+    assert rep.ok and rep.checks["vectors"]["state"] == "missing"
+    fixed = verify_index(index, repair=True)  # no embedder needed: the vector is on disk
+    assert fixed.ok and fixed.checks["vectors"]["state"] == "match" and fixed.repair["embedded_again"] == 0
 
 
 def test_garbage_usearch_file_is_a_problem(tmp_path: Path) -> None:
     index = _build(tmp_path / "idx")
+    before = _exact_vectors(index)
     _file(index, "base").write_bytes(b"\x00garbage" * 100)
     rep = verify_index(index)
     assert not rep.ok
     assert rep.checks["vectors"]["state"] == "corrupt"
     assert any("unreadable" in p for p in rep.problems)
-    fixed = verify_index(index, repair=True)
+    fixed = verify_index(index, repair=True, embedder=EMB)
     assert fixed.ok, fixed.problems
-    assert fixed.checks["vectors"]["state"] == "match"
+    assert fixed.checks["vectors"]["state"] == "match" and fixed.repair["embedded_again"] == 18
+    assert np.array_equal(_exact_vectors(index), before)
 
 
 def test_wrong_dtype_and_wrong_vectors_are_problems(tmp_path: Path) -> None:
     index = _build(tmp_path / "idx", dtype="i8")
-    _rebuild(index, "f16")  # files of another dtype than meta says
+    with Store(index) as store:  # files of another dtype than meta says
+        store.set_meta("dtype", "f16")
     rep = verify_index(index)
-    assert not rep.ok and any("dtype f16" in p for p in rep.problems)
+    assert not rep.ok and any("dtype i8" in p for p in rep.problems)
 
-    index2 = _build(tmp_path / "idx2", dtype="f32")
-    exact = np.memmap(_file(index2, "exact"), dtype=np.float32, mode="r+").reshape(-1, DIM)
-    exact[2] = -exact[2]  # same key, other vector: no crash can do that
+    index2 = _build(tmp_path / "idx2", dtype="i8")
+    exact = np.memmap(_file(index2, "exact"), dtype=np.float16, mode="r+").reshape(-1, DIM)
+    exact[2] = -exact[2]  # same key, another vector in the copy than in the graph: no crash can do that
     exact.flush()
     rep2 = verify_index(index2)
     assert not rep2.ok
     keys = _rows(index2)
-    assert any(_file(index2, "exact").name in p and str(int(keys[2, 0])) in p for p in rep2.problems)
+    assert any(_file(index2, "exact").name in p and str(int(keys[2, 0])) in p for p in rep2.problems), rep2.problems
+    # the repair trusts neither of the two: that text is embedded again, the others are kept
+    fixed = verify_index(index2, repair=True, embedder=EMB)
+    assert fixed.ok and fixed.repair["embedded_again"] == 1
 
 
 def test_bad_vector_blobs_are_problems(tmp_path: Path) -> None:
     index = _build(tmp_path / "idx")
+    with Store(index) as store, store.transaction():  # two texts committed after the last save: pending
+        image = store.put_image("/data/late.png")
+        ids = store.add_texts(image, [NewText(j, "joined", Variant("late"), f"late {j}", EMB.embed(["late"])[0])
+                                      for j in range(2)])
     conn = sqlite3.connect(index / STORE_FILE)
-    ids = [r[0] for r in conn.execute("SELECT id FROM variants ORDER BY id LIMIT 2")]
-    conn.execute("UPDATE variants SET vector = ? WHERE id = ?", (b"\x00" * 10, ids[0]))  # torn blob
-    conn.execute("UPDATE variants SET vector = ? WHERE id = ?", (np.full(DIM, 3.0, np.float32).tobytes(), ids[1]))
+    conn.execute("UPDATE pending_vectors SET vector = ? WHERE key = ?", (b"\x00" * 10, ids[0]))  # torn blob
+    conn.execute("UPDATE pending_vectors SET vector = ? WHERE key = ?", (np.full(DIM, 3.0, np.float32).tobytes(), ids[1]))
     conn.commit()
     conn.close()
     rep = verify_index(index)
     assert not rep.ok
-    assert any(f"variant keys {ids[0]}" in p and "lack" in p for p in rep.problems)
+    assert any(f"text keys {ids[0]}" in p and f"not {DIM}-dim float32" in p for p in rep.problems)
     assert any("not finite unit vectors" in p and str(ids[1]) in p for p in rep.problems)
     # SQLite is the source the repair would copy from: verify must refuse to repair from it.
     assert not verify_index(index, repair=True).repaired
@@ -260,7 +303,7 @@ def test_cli_exit_codes_and_json(tmp_path: Path) -> None:
     good = _cli("--index", str(index), "--json")
     assert good.returncode == 0, good.stderr
     out = json.loads(good.stdout)
-    assert out["ok"] is True and out["problems"] == [] and {"sqlite", "schema", "variants", "vectors"} <= set(out["checks"])
+    assert out["ok"] is True and out["problems"] == [] and {"sqlite", "schema", "texts", "vectors"} <= set(out["checks"])
 
     text = _cli("--index", str(index))
     assert text.returncode == 0 and text.stdout.startswith("ok: ")
@@ -272,10 +315,7 @@ def test_cli_exit_codes_and_json(tmp_path: Path) -> None:
     problem_lines = [ln for ln in bad.stdout.splitlines() if ln.startswith("problem: ")]
     assert problem_lines and all(rows.name in ln for ln in problem_lines)
 
-    repaired = _cli("--index", str(index), "--repair", "--json")
-    assert repaired.returncode == 0, repaired.stdout
-    assert json.loads(repaired.stdout)["repaired"] is True
-
+    # (repairing these rows needs the texts embedded again: test_repair_cli_embeds_lost_vectors_again)
     missing = _cli("--index", str(tmp_path / "nowhere"))
     assert missing.returncode == 2
     assert "Traceback" not in missing.stderr
@@ -325,7 +365,8 @@ def test_key_pointing_at_another_image_is_a_problem(tmp_path: Path) -> None:
     assert not rep.ok and rep.checks["vectors"]["state"] == "corrupt"
     name = _file(index, "rows").name
     assert any(name in p and "another image" in p and str(int(rows[0, 0])) in p for p in rep.problems)
-    assert verify_index(index, repair=True).ok
+    fixed = verify_index(index, repair=True, embedder=EMB)
+    assert fixed.ok and fixed.repair["embedded_again"] == 1
 
 
 def test_vlm_files_recorded_by_index_changed_or_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -410,7 +451,7 @@ def test_a_snapshot_of_another_index_or_missing_keys_is_a_problem(tmp_path: Path
         shutil.copy(a / name, b / name)  # same vectors, but another index's snapshot
     rep = verify_index(b)
     assert not rep.ok and any("another index" in p for p in rep.problems)
-    assert verify_index(b, repair=True).ok
+    assert verify_index(b, repair=True, embedder=EMB).ok
 
     # a key at or below the snapshot's last key that the snapshot lacks: no crash leaves that
     with Store(a) as store:

@@ -1,4 +1,5 @@
-"""The usearch index beside the store: dtypes, search modes, atomic saves, rebuilds from SQLite."""
+"""The vector snapshot beside the store: dtypes, exact copy or not, search modes, atomic saves,
+merges and compaction."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from edge_t2t.index import vindex
+from edge_t2t.index import snapshot_writer, vindex
 from edge_t2t.index.store import NewText, Store
 from edge_t2t.modes import VECTOR_MODES
 from edge_t2t.records import Variant
@@ -36,33 +37,54 @@ def fill_store(path, vecs, groups) -> Store:
     return st
 
 
-def build_from(st: Store, path, dtype="i8") -> vindex.VectorWriter:
-    keys, image_ids, vecs = st.all_vectors()
-    return vindex.build(path, keys, image_ids, vecs, DIM, dtype)
+def build_from(st: Store, path, dtype="i8", exact_copy=True) -> snapshot_writer.VectorWriter:
+    keys, image_ids, vecs = st.pending_in(0)
+    return snapshot_writer.build(path, keys, image_ids, vecs, DIM, dtype, exact_copy=exact_copy)
+
+
+def unit(v):
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def stored_as(vecs, dtype, exact_copy):
+    """What exact search scores for a layout, by its definition (vindex docstring): float16 for an
+    i8 index's copy and an f16 graph, float32 for f32, int8 codes (largest component +-127) as unit
+    vectors for an i8 index without the copy."""
+    if dtype == "f32":
+        return vecs
+    if dtype == "i8" and not exact_copy:
+        return unit(np.round(vecs / np.abs(vecs).max(axis=1, keepdims=True) * 127))
+    return vecs.astype(np.float16).astype(np.float32)
 
 
 def all_modes(snap, q, k):
     return {mode: snap.search(q, k, mode=mode) for mode in VECTOR_MODES}
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16", "i8"])
-def test_dtype_round_trip_and_modes_agree(tmp_path, dtype):
+@pytest.mark.parametrize(("dtype", "exact_copy"), [("f32", True), ("f16", True), ("i8", True), ("i8", False)])
+def test_dtype_round_trip_and_modes_agree(tmp_path, dtype, exact_copy):
     vecs, groups = clustered()
     st = fill_store(tmp_path, vecs, groups)
-    keys, image_ids, stored = st.all_vectors()
-    build_from(st, tmp_path, dtype)
+    keys, image_ids, stored = st.pending_in(0)
+    build_from(st, tmp_path, dtype, exact_copy)
     snap = vindex.Snapshot.open(tmp_path)
     assert snap.dtype == dtype and snap.dim == DIM and len(snap) == len(keys) and snap.generation == 1
-    assert snap.exact.dtype == (np.float32 if dtype == "f32" else np.float16)
+    # each vector once: a float16 copy only beside an i8 graph (unless left out)
+    assert (snap.exact is not None) == (dtype == "i8" and exact_copy)
+    files = {p.name.split(".")[0] for p in tmp_path.iterdir()}
+    assert ("exact" in files) == (dtype == "i8" and exact_copy)
+    want = stored_as(vecs, dtype, exact_copy)
+    np.testing.assert_array_equal(snap.vectors_at(np.arange(len(keys))), want)
     q = vecs[::7]
     ex = snap.search(q, 5, mode="exact")
     rs = snap.search(q, 5, mode="rescore")
     hn = snap.search(q, 5, mode="hnsw")
-    truth = q @ vecs.T
+    truth = q @ want.T
     for i in range(len(q)):
-        # exact mode returns the true top 5 with (f16-rounded) exact scores
-        top = np.sort(truth[i])[::-1][:5]
-        np.testing.assert_allclose(ex[i].scores, top, atol=2e-3)
+        # exact mode returns the top 5 of the stored values, with their scores
+        top = np.argsort(-truth[i], kind="stable")[:5]
+        assert ex[i].keys.tolist() == keys[top].tolist()
+        np.testing.assert_allclose(ex[i].scores, truth[i][top], atol=1e-5)
         # re-scoring the graph's candidates gives exact scores for the same keys
         assert rs[i].keys.tolist() == ex[i].keys.tolist()
         np.testing.assert_allclose(rs[i].scores, ex[i].scores, atol=1e-5)
@@ -84,7 +106,7 @@ def test_search_on_empty_and_k_larger_than_n(tmp_path):
         assert len(c.keys) == 4 and len(set(c.keys.tolist())) == 4
     st.close()
     empty = tmp_path / "empty"
-    vindex.build(empty, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, DIM), np.float32), DIM, "i8")
+    snapshot_writer.build(empty, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, DIM), np.float32), DIM, "i8")
     for mode in VECTOR_MODES:
         assert len(vindex.Snapshot.open(empty).search(vecs[:1], 5, mode=mode)[0].keys) == 0
 
@@ -99,8 +121,8 @@ def test_an_update_appends_and_never_disturbs_an_open_reader(tmp_path):
     rows_inode = (tmp_path / old.manifest["rows"]).stat().st_ino
     old_results = all_modes(old, vecs[:3], 5)
 
-    w = vindex.VectorWriter.from_manifest(tmp_path, DIM, "i8")
-    keys, image_ids, _ = st.all_vectors()
+    w = snapshot_writer.VectorWriter.from_manifest(tmp_path, DIM, "i8")
+    keys, image_ids, _ = st.pending_in(0)
     w.add(np.arange(100, 112), np.full(12, 99), vecs[12:])
     w.remove(keys[:2])
     w.save()
@@ -129,10 +151,10 @@ def test_rows_appended_after_the_manifest_are_cut_off(tmp_path):
     vecs, groups = clustered(3, 2)
     st = fill_store(tmp_path, vecs, groups)
     build_from(st, tmp_path)
-    w = vindex.VectorWriter.from_manifest(tmp_path, DIM, "i8")
+    w = snapshot_writer.VectorWriter.from_manifest(tmp_path, DIM, "i8")
     w.add([50, 51], [7, 7], vecs[:2])  # appended, never saved: the "kill"
     assert len(vindex.Snapshot.open(tmp_path)) == 6
-    w2 = vindex.VectorWriter.from_manifest(tmp_path, DIM, "i8")
+    w2 = snapshot_writer.VectorWriter.from_manifest(tmp_path, DIM, "i8")
     w2.add([60], [8], vecs[2:3])
     w2.save()
     snap = vindex.Snapshot.open(tmp_path)
@@ -146,7 +168,7 @@ def test_a_failed_save_leaves_the_previous_generation(tmp_path, monkeypatch):
     st = fill_store(tmp_path, vecs, groups)
     build_from(st, tmp_path)
     before = (tmp_path / vindex.MANIFEST_FILE).read_bytes()
-    w = vindex.VectorWriter.from_manifest(tmp_path, DIM, "i8")
+    w = snapshot_writer.VectorWriter.from_manifest(tmp_path, DIM, "i8")
     w.remove([1])
     w.add([10], [3], vecs[:1])
     real_replace = os.replace
@@ -169,14 +191,18 @@ def test_a_failed_save_leaves_the_previous_generation(tmp_path, monkeypatch):
     st.close()
 
 
-def test_tail_merges_into_base_and_dead_rows_compact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("exact_copy", [True, False])
+def test_tail_merges_into_base_and_dead_rows_compact(tmp_path, monkeypatch, exact_copy):
+    """Merging and compacting move each vector as stored (graph codes and copy alike: nothing is
+    quantised twice), with no SQLite copy to fall back on."""
     from edge_t2t.index.indexdir import IndexDir
 
-    monkeypatch.setattr(vindex, "TAIL_MAX", 8)
-    monkeypatch.setattr(vindex, "DEAD_MIN", 6)
+    monkeypatch.setattr(snapshot_writer, "TAIL_MAX", 8)
+    monkeypatch.setattr(snapshot_writer, "DEAD_MIN", 6)
     vecs, groups = clustered(10, 4)
     st = fill_store(tmp_path, vecs[:8], groups[:8])
     st.set_meta("dtype", "i8")
+    st.set_meta("exact_copy", exact_copy)
     st.close()
     with IndexDir.open_writer(tmp_path) as ix:
         ix.open_vectors(DIM, "i8")
@@ -187,6 +213,9 @@ def test_tail_merges_into_base_and_dead_rows_compact(tmp_path, monkeypatch):
         ix.checkpoint(force=True)  # 32 tail rows > 8: merged into a new base
         m = vindex.read_manifest(tmp_path)
         assert m["base"] != base0 and m["tail"] is None and m["base_count"] == 40
+        assert ix.store.pending_keys(10**6).size == 0  # each vector once: in the snapshot
+        merged = vindex.Snapshot.open(tmp_path)
+        np.testing.assert_array_equal(merged.vectors_at(np.arange(40)), stored_as(vecs, "i8", exact_copy))
         with ix.store.transaction():
             ix.store.remove_images([image])
         ix.checkpoint(force=True)  # 32 dead > max(6, 4): compacted by a rebuild
@@ -196,6 +225,9 @@ def test_tail_merges_into_base_and_dead_rows_compact(tmp_path, monkeypatch):
         assert m["deletions_seen"] == 32 and ix.store.last_deletion() == 0
         assert ix.store.deletions_after(0)[1].size == 0
     snap = vindex.Snapshot.open(tmp_path)
+    np.testing.assert_array_equal(snap.vectors_at(np.arange(8)), stored_as(vecs[:8], "i8", exact_copy))
+    np.testing.assert_array_equal(snap.graph_values(snap.rows[:, 0])[0],
+                                  np.round(vecs[:8] / np.abs(vecs[:8]).max(axis=1, keepdims=True) * 127))
     ex = snap.search(vecs[:8], 3, mode="exact")
     for mode in ("hnsw", "rescore"):
         for a, b in zip(snap.search(vecs[:8], 3, mode=mode), ex, strict=True):
@@ -218,7 +250,7 @@ def test_asking_for_every_vector_returns_every_vector(tmp_path, mode):
     build_from(st, tmp_path, "i8")
     snap = vindex.Snapshot.open(tmp_path)
     (found,) = snap.search(vecs[:1], len(snap), mode=mode)
-    assert sorted(found.keys.tolist()) == sorted(st.all_vectors()[0].tolist())
+    assert sorted(found.keys.tolist()) == sorted(st.pending_in(0)[0].tolist())
 
 
 def test_a_graph_that_comes_back_short_falls_back_to_brute_force(tmp_path, monkeypatch):

@@ -31,8 +31,9 @@ Ties count against the query: a target's rank is the number of other candidates 
   (image, caption text) once, as query and as I2T candidate.
 
 Scoring: oracle is always exact numpy; index is exact with --exact. Exact scores are those of
-`search --vector-mode exact` on an index of --dtype: f16 and i8 indexes keep a float16 copy of each
-vector beside the graph and exact search scores that, so f16 and i8 give the same exact figures.
+`search --vector-mode exact` on an index of --dtype: an f16 graph holds float16 values and an i8
+index keeps a float16 copy beside its graph, which exact search scores, so f16 and i8 give the
+same exact figures (an i8 --source index built with --no-exact-copy: its int8 codes).
 Without --exact, T2I goes through the index's own usearch file and --mode when --dtype is the
 index's dtype (the default), else through an HNSW graph of --dtype built the index's way (i8: the
 index's own per-vector int8 codes); I2T always through such a graph over the captions.

@@ -31,6 +31,10 @@ def register(subparsers) -> None:
     p.add_argument("--index", metavar="DIR", help="index directory (default: $EDGE_T2T_INDEX or ./.edge-t2t)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="vector type of the HNSW index, fixed when the index is created (default: i8)")
+    p.add_argument("--no-exact-copy", dest="exact_copy", action="store_false", default=None,
+                   help="i8 indexes, fixed at creation: keep no float16 copy of the vectors beside the int8 graph. "
+                        "About half the disk; rescore and exact searches then score the int8 codes: the same "
+                        "figures on RSICD val, but near ties can order differently (README: Exact copy)")
     p.add_argument("--precision", choices=PRECISIONS, default="int8", help="ONNX embedder to use (default: int8)")
     p.add_argument("--text-mode", choices=TEXT_MODES, default=None,
                    help="what to embed per variant, fixed at creation: sentences (the default: one per "
@@ -139,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             index_dir, precision=args.precision, dtype=args.dtype, text_mode=args.text_mode,
             batch_size=args.batch_size, wait=args.wait, progress=not args.no_progress,
             vlm_cfg=vlm_cfg, n_variants=args.variants, caption=caption,
-            tiling=tiling_options(args),
+            tiling=tiling_options(args), exact_copy=args.exact_copy,
         )  # fmt: skip
         summary = indexer.run([Path(p) for p in args.paths], captions_file=args.captions)
     if args.json:

@@ -22,6 +22,7 @@ def register(subparsers) -> None:
 
 def gather(index_dir) -> dict:
     from ..index.indexdir import IndexDir
+    from ..index.schema import dir_bytes
 
     with IndexDir.open_reader(index_dir) as ix:
         store = ix.store
@@ -47,9 +48,23 @@ def gather(index_dir) -> dict:
             "vectors_consistent": vectors["snapshot_matches_store"] and vectors["texts_not_in_snapshot"] == 0,
             "snapshot": vectors,
             "files": files,
-            "bytes_per_image": round(sum(files.values()) / images) if counts["images_ok"] else None,
+            "bytes_per_image": round(dir_bytes(index_dir) / images) if counts["images_ok"] else None,
+            "exact_copy": vectors["exact_copy"],
+            "upgrade": _upgrade(meta.get("upgrade")),
             "last_run": store.last_run(),
         }
+
+
+def _upgrade(up: dict | None) -> dict | None:
+    """The in-place upgrade to the lean layout (schema v7), with bytes per image before and after."""
+    if not up:
+        return None
+    images = max(1, int(up.get("images") or 0))
+    out = dict(up)
+    for key in ("bytes_before", "bytes_after"):
+        if up.get(key) is not None:
+            out[key.replace("bytes", "bytes_per_image")] = round(up[key] / images)
+    return out
 
 
 def _when(t) -> str:
@@ -75,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     emb = info["embedder"]
     t.add_row("embedder", f"{emb.get('name', '?')} dim {emb.get('dim', '?')}, {emb.get('pooling', '?')} pooling, "
               f"weights {str(emb.get('weights_sha256', ''))[:12]}")
-    t.add_row("vectors", f"{info['dtype']}, text mode {info['text_mode']}"
+    copy = {True: ", float16 exact copy", False: ", no exact copy"}.get(info["exact_copy"], "")
+    t.add_row("vectors", f"{info['dtype']}{copy}, text mode {info['text_mode']}"
               + ("" if info["vectors_consistent"] else
                  f" ({info['snapshot']['texts_not_in_snapshot']} texts not in the vector snapshot yet: saved by the "
                  "next index run; searches already see them)"))
@@ -87,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
         t.add_row(f"file {escape(name)}", f"{size / 1024:.1f} KiB")
     if info["bytes_per_image"]:
         t.add_row("disk per image", f"{info['bytes_per_image'] / 1024:.1f} KiB")
+    up = info["upgrade"]
+    if up and up.get("bytes_per_image_after") is not None:
+        t.add_row("upgraded", f"to schema v{up['schema']} on {_when(up['at'])}: disk per image "
+                  f"{up['bytes_per_image_before'] / 1024:.1f} KiB before, {up['bytes_per_image_after'] / 1024:.1f} KiB after")
     r = info["last_run"]
     if r:
         counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items())

@@ -82,7 +82,7 @@ def run_eval(args: EvalRequest) -> dict:
         result = ev.oracle_eval(ann, embed, dtype=dtype, mode=args.mode)
         result.config.update({
             "exact": True,
-            "scoring": "exact numpy" + ("" if dtype == "f32" else f", as exact search of a {dtype} index scores (its float16 copy)")
+            "scoring": "exact numpy" + ("" if dtype == "f32" else f", as exact search of a {dtype} index scores (its float16 values)")
             + ("" if args.mode == "dense" else f", {args.mode} (FTS5 BM25)"),
         })
         index_facts: dict = {}
@@ -105,7 +105,9 @@ def run_eval(args: EvalRequest) -> dict:
                 return vectors.search(queries, k, mode=args.vector_mode)
 
             t2i_search = (search, stored.keys, foreign)
-        result = ev.index_eval(ann, stored.vectors, embed, dtype=dtype, exact=args.exact,
+        # The index's own exact values score as they are; another --dtype is modelled with its copy.
+        exact_copy = index_facts["index_exact_copy"] if dtype == index_facts.get("index_dtype") else True
+        result = ev.index_eval(ann, stored.vectors, embed, dtype=dtype, exact=args.exact, exact_copy=exact_copy,
                                threads=args.threads or 0, t2i_search=t2i_search, mode=args.mode,
                                image_texts=stored.texts, image_features=stored.features)
         if t2i_search is not None:

@@ -85,11 +85,12 @@ def unit(vectors: np.ndarray) -> np.ndarray:
     return v / np.where(norms > 0, norms, 1.0)
 
 
-def stored_scores(queries: np.ndarray, database: np.ndarray, dtype: str) -> np.ndarray:
+def stored_scores(queries: np.ndarray, database: np.ndarray, dtype: str, exact_copy: bool = True) -> np.ndarray:
     """(queries, database) scores exactly as `exact` search of an index of ``dtype`` gives them:
-    the float32 query against the index's exact copy of each vector (quantise.as_exact: float16
-    beside f16 and i8 graphs), not re-normalised after the cast. In float64."""
-    return unit(queries).astype(np.float64) @ as_exact(unit(database), dtype).T
+    the float32 query against the index's exact values of each vector (quantise.as_exact: float16
+    for f16 graphs and beside i8 ones; an i8 index without that copy: its codes as unit vectors),
+    not re-normalised after the float16 cast. In float64."""
+    return unit(queries).astype(np.float64) @ as_exact(unit(database), dtype, exact_copy).T
 
 
 def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -353,10 +354,12 @@ def mode_parts(mode: str, **weights) -> tuple[tuple[str, ...], Callable]:
 
 
 def oracle_eval(
-    ann: Annotations, embed: Callable[[list[str]], np.ndarray], dtype: str = "f32", mode: str = "dense", **weights
+    ann: Annotations, embed: Callable[[list[str]], np.ndarray], dtype: str = "f32", mode: str = "dense",
+    exact_copy: bool = True, **weights,
 ) -> EvalResult:
     """Embed each distinct caption once, store it as an index of ``dtype`` keeps it for exact
-    search (quantise.as_exact), and score exactly; both sides are stored texts, so both are cast.
+    search (quantise.as_exact; ``exact_copy=False``: an i8 index without its float16 copy), and
+    score exactly; both sides are stored texts, so both are cast.
     mode lexical/hybrid scores with BM25 over the distinct captions: each image's best BM25 and
     best cosine, mixed as the search mixes them (retrieval.fused). Reference captions have no
     features, so there is no structure part."""
@@ -365,7 +368,7 @@ def oracle_eval(
     parts = []
     for name in names:
         if name == "dense":
-            parts.append(text_similarity(as_exact(unit(embed(texts)), dtype)))
+            parts.append(text_similarity(as_exact(unit(embed(texts)), dtype, exact_copy)))
         else:
             parts.append(lexical_similarity(texts, texts, exclude_self=True, keep_one=mode == "lexical"))
     t2i, i2t, counts = oracle_ranks(ann, parts, ids, combine)
@@ -474,6 +477,7 @@ def index_eval(
     embed: Callable[[list[str]], np.ndarray],
     dtype: str = "f32",
     exact: bool = True,
+    exact_copy: bool = True,
     threads: int = 0,
     t2i_search: tuple[Callable, Sequence[np.ndarray | None], int] | None = None,
     mode: str = "dense",
@@ -506,7 +510,7 @@ def index_eval(
         parts = []
         for name in names:
             if name == "dense":
-                part = stored_scores(raw, stacked, dtype)
+                part = stored_scores(raw, stacked, dtype, exact_copy)
             else:
                 if image_texts is None:
                     raise ValueError(f"mode {mode!r} needs the images' texts")
@@ -520,8 +524,9 @@ def index_eval(
                   "structure": structure is not None}
         return EvalResult(t2i, i2t, {**_base_counts(ann), **counts}, config, i2t_nodup=i2t_nd)
     if exact:
-        t2i_scores = i2t_scores = stored_scores(raw, stacked, dtype)
-        scoring = "exact numpy" + ("" if dtype == "f32" else f", as exact search of a {dtype} index scores (its float16 copy)")
+        t2i_scores = i2t_scores = stored_scores(raw, stacked, dtype, exact_copy)
+        scoring = "exact numpy" + ("" if dtype == "f32" else f", as exact search of a {dtype} index scores "
+                                   f"({'its float16 values' if exact_copy or dtype != 'i8' else 'its int8 codes'})")
     else:
         per_image = int(np.bincount(owner).max())
         # T2I: enough variant vectors that at least 11 distinct images come back (pigeonhole)

@@ -17,7 +17,7 @@ class IndexVectors:
     """What an index holds for each annotated image (None: not in the index)."""
 
     vectors: list[np.ndarray | None]  # (k, dim) float32 variant vectors
-    keys: list[np.ndarray | None]  # their usearch keys (variants.id)
+    keys: list[np.ndarray | None]  # their vector keys (texts.id)
     facts: dict
     texts: list[list[str] | None] | None = None  # their texts, when asked for (lexical modes)
     features: list[list | None] | None = None  # (ordinal, features) per variant, when asked for
@@ -25,8 +25,8 @@ class IndexVectors:
 
 def load_index_vectors(index_dir, ann: Annotations, identity: dict | None = None, with_texts: bool = False,
                        with_features: bool = False) -> IndexVectors:
-    """Each annotated image's stored variant vectors, matched by file name, read from the index's
-    store of record through its owner (indexdir.IndexDir)."""
+    """Each annotated image's stored variant vectors (as `exact` search scores them), matched by
+    file name, read through the index's owner (indexdir.IndexDir)."""
     from pathlib import Path
 
     from ..errors import StoreError
@@ -36,10 +36,11 @@ def load_index_vectors(index_dir, ann: Annotations, identity: dict | None = None
         store = ix.store
         if identity is not None:
             store.check_identity(identity)
-        keys, image_ids, vectors = store.all_vectors()
+        keys, image_ids, vectors = ix.search_vectors().live_vectors(store.variant_keys())
         paths = store.image_paths()
         stored_dtype = store.get_meta("dtype", None)
-        text_of = dict(store.conn.execute("SELECT id, text FROM variants")) if with_texts else {}
+        exact_copy = bool(store.get_meta("exact_copy", True))
+        text_of = store.texts_by_key() if with_texts else {}
         if with_features:
             from ..query.retrieval import features_by_image
 
@@ -74,6 +75,7 @@ def load_index_vectors(index_dir, ann: Annotations, identity: dict | None = None
         "index_images_not_annotated": len(set(by_name) - wanted),
         "index_vectors": len(keys),
         "index_dtype": stored_dtype,
+        "index_exact_copy": exact_copy,
     }
     texts = [None if k is None else [text_of[int(x)] for x in k] for k in out_keys] if with_texts else None
     features = None

@@ -3,7 +3,7 @@
 Axes: embedder precision (fp32 / int8), index dtype (f32 / f16 / i8, as vindex stores them),
 search mode (vindex's exact / hnsw / rescore) and, when a VLM is given, the VLM's GGUF precision.
 Every configuration goes through the product's own code: the Embedder, a vindex directory written
-by vindex.build, Snapshot.search, and evaluate's ranking for recall.
+by snapshot_writer.build, Snapshot.search, and evaluate's ranking for recall.
 
 Two data paths:
 
@@ -240,18 +240,21 @@ def oracle_t2i_topk(ann: Annotations, sim: np.ndarray, text_ids: np.ndarray, k: 
 
 def build_index(index_dir: Path, vectors: np.ndarray, owners: np.ndarray, dtype: str) -> dict:
     """Write a vindex directory (keys = row numbers) and return its build time and file sizes."""
-    from ..index import vindex
+    from ..index import snapshot_writer, vindex
 
     if index_dir.exists():
         shutil.rmtree(index_dir)
     t0 = time.perf_counter()
-    vindex.build(index_dir, np.arange(len(vectors), dtype=np.int64), owners, vectors, vectors.shape[1], dtype)
+    snapshot_writer.build(index_dir, np.arange(len(vectors), dtype=np.int64), owners, vectors, vectors.shape[1], dtype)
     seconds = time.perf_counter() - t0
     return {"build_seconds": seconds, **vindex.file_sizes(index_dir)}
 
 
 def needed_bytes(sizes: dict, mode: str) -> int:
-    """Bytes a search in ``mode`` reads: the graph (hnsw), the exact vectors (exact), or both."""
+    """Bytes a search in ``mode`` reads: the graph (hnsw), the exact vectors (exact), or both. An
+    index without an exact copy (f16, f32 graphs) scores its graph's own vectors in every mode."""
+    if not sizes["rescore_bytes"]:
+        return sizes["graph_bytes"] + sizes["keys_bytes"]
     graph = sizes["graph_bytes"] if mode in ("hnsw", "rescore") else 0
     exact = sizes["rescore_bytes"] if mode in ("exact", "rescore") else 0
     return graph + exact + sizes["keys_bytes"]

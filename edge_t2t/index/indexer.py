@@ -151,12 +151,14 @@ class Indexer:
         n_variants: int = 5,
         caption: CaptionSettings | None = None,
         tiling=None,
+        exact_copy: bool | None = None,
     ):
         self.dir = Path(index_dir)
         self.embedder = embedder
         self.precision = precision
         self.dtype = dtype
         self.text_mode = text_mode
+        self.exact_copy = exact_copy  # None: the index's (a new one keeps it, see vindex.py)
         self.batch_size = max(1, batch_size)
         self.wait = wait
         self.progress = progress
@@ -194,6 +196,10 @@ class Indexer:
                 store.set_meta("dim", int(emb.dim))
                 store.set_meta("dtype", dtype)
                 store.set_meta("text_mode", mode)
+                store.set_meta("exact_copy", self.exact_copy is not False)
+                # The precision the stored vectors were embedded at: what `verify --repair` embeds
+                # with if the vector snapshot is lost (it is not part of the embedder's identity).
+                store.set_meta("embedder_precision", getattr(emb, "precision", self.precision))
                 store.set_meta("created_at", time.time())
             return int(emb.dim), dtype, mode
         store.check_identity(emb.identity)
@@ -203,6 +209,10 @@ class Indexer:
                     f"{self.dir} was created with {flag} {meta[key]}, not {wanted}: drop {flag}, "
                     f"or index into a new --index directory"
                 )
+        if self.exact_copy is not None and self.exact_copy != meta.get("exact_copy", True):
+            have = "with" if meta.get("exact_copy", True) else "without"
+            raise StoreError(f"{self.dir} was created {have} the exact copy of its vectors: drop --no-exact-copy, "
+                             "or index into a new --index directory")
         return int(meta["dim"]), meta["dtype"], meta["text_mode"]
 
     # -- planning -----------------------------------------------------------------------------
@@ -365,7 +375,9 @@ class Indexer:
         dim, dtype, mode = self._settle_meta(store)
         summary.stage_seconds["scan"] += time.perf_counter() - t
         t = time.perf_counter()
-        writer = ix.open_vectors(dim, dtype)  # loads the saved snapshot and catches it up: O(change)
+        # Loads the saved snapshot and catches it up: O(change). Texts whose vectors are nowhere on
+        # disk (the snapshot was deleted) are embedded again.
+        writer = ix.open_vectors(dim, dtype, embed=lambda texts: self._embedder().embed(list(texts)))
         summary.rebuilt_vectors = ix.rebuilt and len(writer) > 0
         summary.stage_seconds["index_save"] += time.perf_counter() - t
         t = time.perf_counter()
@@ -404,13 +416,13 @@ class Indexer:
                     summary.stage_seconds["scan"] += time.perf_counter() - t
                     if start + chunk_size >= len(changed):  # every move is known now: the other gone rows go
                         plan.removals += listing.unmoved()
-                    self._bookkeep(store, plan, summary)
+                    self._bookkeep(ix, plan, summary)
                     settled = len(chunk) - len(plan.pending)  # touched, moved, copied, or scenes
                     bar.shrink("embed", settled)
                     bar.shrink("caption", settled + sum(p.record is not None or bool(p.error) for p in plan.pending))
                     self._describe_embed_store(ix, plan.pending, records, mode, summary, bar)
                 if not changed:  # nothing to read, but files may have been deleted
-                    self._bookkeep(store, _ChunkPlan(removals=listing.unmoved()), summary)
+                    self._bookkeep(ix, _ChunkPlan(removals=listing.unmoved()), summary)
         if paths:  # issue 13: scenes found by the plan (and scenes gone from under `paths`)
             from ..scene.scene_index import index_scenes
 
@@ -418,24 +430,28 @@ class Indexer:
                          records, summary, mode)  # fmt: skip
         self.checkpoint(ix, summary, force=True)
 
-    def _bookkeep(self, store: Store, plan: _ChunkPlan, summary: IndexSummary) -> None:
-        """Bookkeeping that needs no model: one transaction (its vectors reach the snapshot at the
-        next checkpoint, read back by key)."""
+    def _bookkeep(self, ix: IndexDir, plan: _ChunkPlan, summary: IndexSummary) -> None:
+        """Bookkeeping that needs no model: one transaction (a copy's vectors reach the snapshot at
+        the next checkpoint, read back by key)."""
         if not (plan.touched or plan.moves or plan.copies or plan.removals):
             return
+        store = ix.store
         t = time.perf_counter()
         with interrupt_deferred(), store.transaction():
             for image_id, p in plan.touched:
                 store.update_image_file(image_id, path=p.path, size=p.size, mtime_ns=p.mtime_ns)
-            copied = [(src, p, store.read_texts(src.id), store.description_of(src.id)) for src, p in plan.copies]
+            copied = []
+            for src, p in plan.copies:
+                rows = store.read_texts(src.id)
+                copied.append((src, p, rows, ix.vectors_for([r.key for r in rows]), store.description_of(src.id)))
             store.remove_images(plan.removals)
             for row, p in plan.moves:
                 store.update_image_file(row.id, path=p.path, size=p.size, mtime_ns=p.mtime_ns)
-            for src, p, rows, (desc_id, desc_hash) in copied:
+            for src, p, rows, vecs, (desc_id, desc_hash) in copied:
                 new_id = store.put_image(p.path, size=p.size, mtime_ns=p.mtime_ns, sha256=p.sha256, width=p.width,
                                          height=p.height, source=src.source, desc_hash=desc_hash,
                                          description_id=desc_id)  # fmt: skip
-                keys, _ = store.insert_texts(new_id, rows)
+                keys = store.insert_texts(new_id, rows, vecs)
                 store.note_texts_per_image(len(keys))
             summary.skipped += len(plan.touched)
             summary.moved += len(plan.moves)

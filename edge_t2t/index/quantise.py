@@ -1,13 +1,15 @@
 """How the vector index stores a vector of each dtype, defined once for the index (vindex), the
 evaluation (`eval --dtype`) and the quantization report (quantcost).
 
-An index of dtype D keeps each vector twice (vindex.py):
-- the HNSW graph holds `graph_codes(v, D)`: float32 for f32, float32 cast by usearch to float16 for
-  f16, and for i8 int8 codes scaled per vector so the largest component is +-127 and rounded.
-  usearch stores int8 input as given (checked: Index(dtype="i8").get() returns the codes), and
-  queries are encoded the same way, so `hnsw` mode scores are cosines between codes;
-- the exact copy, `as_exact(v, D)`: float32 beside an f32 graph, float16 beside f16 and i8 ones.
-  `rescore` and `exact` modes score the float32 query against it.
+An index of dtype D keeps each vector once in its HNSW graph (vindex.py):
+- the graph holds `graph_codes(v, D)`: float32 for f32, float32 cast by usearch to float16 for
+  f16 (the same values as numpy's cast, checked), and for i8 int8 codes scaled per vector so the
+  largest component is +-127 and rounded. usearch stores int8 input as given (checked:
+  Index(dtype="i8").get() returns the codes), and queries are encoded the same way, so `hnsw`
+  mode scores are cosines between codes;
+- `rescore` and `exact` modes score the float32 query against `as_exact(v, D)`: the float16 copy
+  an i8 index keeps beside its graph (unless built without one: then the codes, as unit
+  vectors), and the graph's own float16 / float32 values for f16 / f32.
 """
 
 from __future__ import annotations
@@ -37,13 +39,30 @@ def graph_codes(vectors: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def exact_dtype(dtype: str):
-    """The numpy dtype of the exact copy kept beside a graph of `dtype`."""
+    """The numpy dtype of the exact values of a graph of `dtype`: its float16 copy (i8), its own
+    values (f16, f32)."""
     _check(dtype)
     return np.float32 if dtype == "f32" else np.float16
 
 
-def as_exact(vectors: np.ndarray, dtype: str) -> np.ndarray:
-    """The vectors as `rescore`/`exact` search of an index of `dtype` scores them (float64)."""
+def graph_dtype(dtype: str):
+    """The numpy dtype a graph of `dtype` holds its vectors in (what usearch's get() returns)."""
+    _check(dtype)
+    return {"f32": np.float32, "f16": np.float16, "i8": np.int8}[dtype]
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """float32 rows scaled to length 1 (a graph's i8 codes as the directions they stand for)."""
+    v = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    return v / np.where(norms > 0, norms, 1.0)
+
+
+def as_exact(vectors: np.ndarray, dtype: str, exact_copy: bool = True) -> np.ndarray:
+    """The vectors as `rescore`/`exact` search of an index of `dtype` scores them (float64):
+    `exact_copy=False` is an i8 index built without its float16 copy (its codes, as unit vectors)."""
+    if dtype == "i8" and not exact_copy:
+        return unit_rows(graph_codes(vectors, dtype)).astype(np.float64)
     return np.asarray(vectors, dtype=np.float32).astype(exact_dtype(dtype)).astype(np.float64)
 
 

@@ -4,8 +4,13 @@ file up to the current version, one transaction per step. store.py opens the fil
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
 
 from ..errors import StoreError
 
@@ -151,10 +156,137 @@ VARIANT_ORDINAL_MIGRATION = """
         CREATE INDEX variants_image_ordinal ON variants(image_id, ordinal);
 """
 
+# v7 (issue 25), the lean layout: each thing stored once. Up to v6 each embedded text was a row of
+# `variants` carrying its variant's three fields (about 760 bytes, repeated on each of a variant's
+# ~11 texts in `sentences` mode) and its float32 vector (1,536 bytes), which the snapshot held twice
+# more. Now `variants` has one row per variant, `texts` one row per embedded text (the text and its
+# variant; ids and the AUTOINCREMENT sequence carried over, so every vector key stays valid), and a
+# text's vector stays in `pending_vectors` only until a saved snapshot holds it. The full-text
+# index and the deletion log move to `texts` (external content must name the table the text
+# lives in). The vectors the current snapshot already holds (same key, image and vector) are
+# dropped; the others become pending, so nothing is lost whatever state the snapshot is in.
+# Space is then given back by a VACUUM (Store._give_space_back; see there for why VACUUM).
+LEAN_TABLES = [
+    "DROP TABLE IF EXISTS variants_fts",
+    "DROP TRIGGER IF EXISTS variants_fts_insert",
+    "DROP TRIGGER IF EXISTS variants_fts_delete",
+    "DROP TRIGGER IF EXISTS variants_fts_update",
+    "DROP TRIGGER IF EXISTS variants_deleted",
+    "ALTER TABLE variants RENAME TO variants_v6",
+    """CREATE TABLE variants (
+        id INTEGER PRIMARY KEY,
+        image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        ordinal INTEGER NOT NULL,
+        one_sentence TEXT NOT NULL, features TEXT NOT NULL, caption TEXT NOT NULL,
+        UNIQUE (image_id, ordinal)
+    )""",
+    # One row per embedded text; its id is the vector key. AUTOINCREMENT so a deleted key is never
+    # reused (a stale snapshot can then never map a key to the wrong text).
+    """CREATE TABLE texts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        variant_id INTEGER NOT NULL REFERENCES variants(id) ON DELETE CASCADE,
+        field TEXT NOT NULL,
+        text TEXT NOT NULL
+    )""",
+    "CREATE INDEX texts_variant ON texts(variant_id)",
+    """CREATE TABLE pending_vectors (
+        key INTEGER PRIMARY KEY REFERENCES texts(id) ON DELETE CASCADE,
+        vector BLOB NOT NULL
+    )""",
+    # Every row of a variant repeated its fields: the first row's are the variant's.
+    """INSERT INTO variants(image_id, ordinal, one_sentence, features, caption)
+        SELECT image_id, ordinal, one_sentence, features, caption FROM variants_v6
+        WHERE id IN (SELECT MIN(id) FROM variants_v6 GROUP BY image_id, ordinal) ORDER BY image_id, ordinal""",
+    """INSERT INTO texts(id, variant_id, field, text)
+        SELECT o.id, n.id, o.field, o.text FROM variants_v6 o
+        JOIN variants n ON n.image_id = o.image_id AND n.ordinal = o.ordinal ORDER BY o.id""",
+    # Keys deleted above the largest kept one were used too: the sequence carries on from theirs.
+    """UPDATE sqlite_sequence SET seq = MAX(seq, IFNULL((SELECT seq FROM sqlite_sequence WHERE name = 'variants_v6'), 0))
+        WHERE name = 'texts'""",
+    """INSERT INTO sqlite_sequence(name, seq) SELECT 'texts', seq FROM sqlite_sequence
+        WHERE name = 'variants_v6' AND NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'texts')""",
+]
+LEAN_AFTER_VECTORS = [
+    "DROP TABLE variants_v6",
+    "DELETE FROM sqlite_sequence WHERE name = 'variants_v6'",
+    """CREATE TRIGGER texts_deleted AFTER DELETE ON texts
+        BEGIN INSERT INTO variant_deletions(key) VALUES (old.id); END""",
+    """CREATE VIRTUAL TABLE texts_fts USING fts5(
+        text, content='texts', content_rowid='id', tokenize='porter unicode61'
+    )""",
+    "INSERT INTO texts_fts(texts_fts) VALUES ('rebuild')",
+    """CREATE TRIGGER texts_fts_insert AFTER INSERT ON texts BEGIN
+        INSERT INTO texts_fts(rowid, text) VALUES (new.id, new.text);
+    END""",
+    """CREATE TRIGGER texts_fts_delete AFTER DELETE ON texts BEGIN
+        INSERT INTO texts_fts(texts_fts, rowid, text) VALUES ('delete', old.id, old.text);
+    END""",
+    """CREATE TRIGGER texts_fts_update AFTER UPDATE OF text ON texts BEGIN
+        INSERT INTO texts_fts(texts_fts, rowid, text) VALUES ('delete', old.id, old.text);
+        INSERT INTO texts_fts(rowid, text) VALUES (new.id, new.text);
+    END""",
+]
+_MIGRATION_CHUNK = 65_536  # vectors compared with the snapshot per step of the v7 migration
+
+
+def lean_layout(conn: sqlite3.Connection) -> None:
+    """Schema v6 -> v7 (see LEAN_TABLES). Runs inside migrate()'s transaction."""
+    from . import vindex
+
+    index_dir = Path(conn.execute("PRAGMA database_list").fetchone()[2]).parent
+    meta = {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta")}
+    bytes_before = dir_bytes(index_dir)
+    for sql in LEAN_TABLES:
+        conn.execute(sql)
+    snap = None
+    if meta.get("dim"):
+        try:
+            snap = vindex.Snapshot.open_matching(index_dir, int(meta["dim"]), str(meta.get("dtype", "i8")),
+                                                 str(meta.get("store_id") or ""), int(meta.get("vector_generation") or 0))
+        except vindex.SNAPSHOT_READ_ERRORS:
+            snap = None  # unreadable: every vector stays, as pending
+    after = 0
+    while True:
+        rows = conn.execute("SELECT id, image_id, vector FROM variants_v6 WHERE id > ? ORDER BY id LIMIT ?",
+                            (after, _MIGRATION_CHUNK)).fetchall()
+        if not rows:
+            break
+        after = rows[-1][0]
+        held = np.zeros(len(rows), bool)
+        if snap is not None:
+            keys = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            image_ids = np.fromiter((r[1] for r in rows), np.int64, len(rows))
+            whole = [len(r[2]) == 4 * snap.dim for r in rows]
+            if all(whole):
+                vecs = np.frombuffer(b"".join(r[2] for r in rows), np.float32).reshape(len(rows), snap.dim)
+                held = snap.holds(keys, image_ids, vecs)
+        conn.executemany("INSERT INTO pending_vectors(key, vector) VALUES (?, ?)",
+                         ((r[0], r[2]) for r, h in zip(rows, held, strict=True) if not h))
+    for sql in LEAN_AFTER_VECTORS:
+        conn.execute(sql)
+    images = conn.execute("SELECT COUNT(*) FROM images WHERE status = 'ok'").fetchone()[0]
+    if not images and not after:
+        return  # a new store (or one without texts): nothing to report, nothing to give back
+    upgrade = {"schema": 7, "at": time.time(), "images": images, "bytes_before": bytes_before,
+               "vectors_kept_pending": conn.execute("SELECT COUNT(*) FROM pending_vectors").fetchone()[0]}
+    conn.execute("INSERT INTO meta(key, value) VALUES ('upgrade', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                 (json.dumps(upgrade),))
+    conn.execute(f"INSERT OR REPLACE INTO meta(key, value) VALUES ('{VACUUM_PENDING}', 'true')")
+
+
+def dir_bytes(index_dir: Path) -> int:
+    """Bytes of the files of an index directory (what `info` divides by the images), without the
+    -shm file: SQLite's shared-memory index exists only while a process has the store open."""
+    return sum(p.stat().st_size for p in Path(index_dir).iterdir() if p.is_file() and not p.name.endswith("-shm"))
+
+
+# Set by a migration that frees much of the file; cleared once VACUUM has given the space back.
+VACUUM_PENDING = "vacuum_pending"
+
 # MIGRATIONS[i] takes a store from schema version i to i + 1 (version 0 = an empty file): an SQL
 # script, or a function of the connection for steps that need Python (e.g. re-encoding blobs).
 Migration = str | Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[Migration] = [_V1, _V2, _V3, _V4, SCENES_MIGRATION, VARIANT_ORDINAL_MIGRATION]
+MIGRATIONS: list[Migration] = [_V1, _V2, _V3, _V4, SCENES_MIGRATION, VARIANT_ORDINAL_MIGRATION, lean_layout]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -177,13 +309,17 @@ def migrate(conn: sqlite3.Connection, migrations: list[Migration] = MIGRATIONS) 
         for target in range(version + 1, len(migrations) + 1):
             step = migrations[target - 1]
             try:
+                conn.execute("BEGIN IMMEDIATE")
+                # Another process may have migrated while this one waited for the write lock.
+                if conn.execute("PRAGMA user_version").fetchone()[0] >= target:
+                    conn.execute("ROLLBACK")
+                    continue
                 if isinstance(step, str):
-                    # executescript() commits first, so the transaction opens inside the script.
-                    conn.executescript(f"BEGIN IMMEDIATE;\n{step}\n;PRAGMA user_version = {target};")
+                    for sql in _statements(step):
+                        conn.execute(sql)
                 else:
-                    conn.execute("BEGIN IMMEDIATE")
                     step(conn)
-                    conn.execute(f"PRAGMA user_version = {target}")
+                conn.execute(f"PRAGMA user_version = {target}")
                 broken = conn.execute("PRAGMA foreign_key_check").fetchall()
                 if broken:
                     raise StoreError(
@@ -200,3 +336,15 @@ def migrate(conn: sqlite3.Connection, migrations: list[Migration] = MIGRATIONS) 
         if fk_was_on:
             conn.execute("PRAGMA foreign_keys=ON")
     return len(migrations)
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of an SQL script, one at a time (executescript() would commit the open
+    transaction first); sqlite3.complete_statement knows a trigger's body from its end."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""

@@ -1,9 +1,14 @@
 """The index's store of record: one SQLite file (`store.sqlite`) inside the index directory.
 
-It holds every image, every embedded variant text and its vector (float32 blob), the embedder's
-identity and the run history. The vector snapshot beside it is a cache of the vectors that can always
-be rebuilt from here (see vindex.py, indexdir.py): vectors live in SQLite because re-embedding would need the
-embedder at rebuild time and could not be verified, while 1.5 KiB per text is cheap.
+It holds every image, each description variant once (`variants`: summary, features, caption),
+each embedded text once (`texts`: a short text and the variant it came from; its id is the vector
+key), the embedder's identity and the run history. Vectors are not kept here at rest: each lives
+once, in the vector snapshot beside the store (vindex.py), in the precision the index searches
+with. Texts committed since the snapshot's last save keep their float32 vector in
+`pending_vectors`, written in the same transaction as the text, until a saved snapshot holds it
+(indexdir.py prunes them then), so a kill never loses a vector and a search sees every committed
+text. If the snapshot is lost, `verify --repair` re-embeds the stored texts with the recorded
+embedder (verify.py).
 
 Writes happen in explicit transactions, one per batch of images, so a Ctrl-C or SIGKILL leaves
 a consistent store and the next `index` run resumes where the last commit stopped.
@@ -25,9 +30,11 @@ import numpy as np
 
 from ..errors import StoreError
 from ..records import Feature, Variant
-from .schema import MODEL_FILE_COLUMNS, migrate
+from .schema import MODEL_FILE_COLUMNS, VACUUM_PENDING, dir_bytes, migrate
 
 STORE_FILE = "store.sqlite"
+# Free pages (pruned pending vectors) are given back to the file system past this share of the file.
+GIVE_BACK_FRACTION = 0.05
 
 
 _IMAGE_COLUMNS = "id, path, size, mtime_ns, sha256, width, height, status, error, source, desc_hash"
@@ -70,15 +77,16 @@ class NewText:
 
 
 class StoredText(NamedTuple):
-    """One row of `variants` as stored (features as JSON, vector as float32 bytes)."""
+    """One stored text with its variant's fields as stored (features as JSON), to copy under
+    another image (insert_texts); `key` is its vector key."""
 
+    key: int
     ordinal: int
     field: str
     one_sentence: str
     features: str
     caption: str
     text: str
-    vector: bytes
 
 
 def _features_json(v: Variant) -> str:
@@ -104,11 +112,16 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a readable edge-t2t store ({exc}): delete {self.dir} and re-index") from exc
         try:
+            # Incremental auto-vacuum: the pages of pruned pending vectors go back to the file
+            # system (prune_pending). Takes effect on a new file, or at the next VACUUM of an old one.
+            self.conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA foreign_keys=ON")
             self.conn.execute("PRAGMA busy_timeout=30000")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             migrate(self.conn)
+            if self.get_meta(VACUUM_PENDING):
+                self._give_space_back()
         except sqlite3.DatabaseError as exc:
             self.conn.close()  # the file opened but is not a store (or a newer one): nothing stays open
             raise StoreError(f"{self.path} is not a readable edge-t2t store ({exc}): delete {self.dir} and re-index") from exc
@@ -118,6 +131,21 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+
+    def _give_space_back(self) -> None:
+        """VACUUM after a migration that freed most of the file (v7). VACUUM rather than a rebuild
+        into a new file swapped in with os.replace: it is one SQLite transaction, so a kill leaves
+        the migrated file whole (the marker, cleared only afterwards, makes the next open run it
+        again), and processes that have the store open keep working, where a file replaced under
+        them (its -wal and -shm belong to the old one) would not. Either way needs free space for
+        a copy of the new, small store. Also turns on incremental auto-vacuum (see __init__)."""
+        self.conn.execute("VACUUM")
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        upgrade = self.get_meta("upgrade") or {}
+        with self.transaction():
+            self.conn.execute("DELETE FROM meta WHERE key = ?", (VACUUM_PENDING,))
+            if upgrade:
+                self.set_meta("upgrade", {**upgrade, "bytes_after": dir_bytes(self.dir)})
 
     def __enter__(self) -> Store:
         return self
@@ -137,6 +165,14 @@ class Store:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise
+
+    def _each_in(self, sql: str, values: Iterable) -> Iterator[tuple]:
+        """The rows of `sql` (its `{q}` a list of ? placeholders) for `values`, 500 at a time to stay
+        under SQLite's bound-parameter limit."""
+        values = list(values)
+        for i in range(0, len(values), 500):
+            chunk = values[i : i + 500]
+            yield from self.conn.execute(sql.format(q=",".join("?" * len(chunk))), chunk)
 
     # -- meta ---------------------------------------------------------------------------------
     def meta(self) -> dict:
@@ -174,17 +210,8 @@ class Store:
 
     def images_named(self, paths: Iterable[str]) -> dict[str, ImageRow]:
         """The stored images among `paths` (by the unique path index)."""
-        paths = list(dict.fromkeys(paths))
-        out: dict[str, ImageRow] = {}
-        for i in range(0, len(paths), 500):  # stay under SQLite's bound-parameter limit
-            chunk = paths[i : i + 500]
-            for r in self.conn.execute(
-                f"SELECT {_IMAGE_COLUMNS} FROM images "
-                f"WHERE path IN ({','.join('?' * len(chunk))})",
-                chunk,
-            ):
-                out[r[1]] = ImageRow(*r)
-        return out
+        return {r[1]: ImageRow(*r) for r in self._each_in(
+            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE path IN ({{q}})", dict.fromkeys(paths))}
 
     def ok_image_with_sha(self, sha256: str, exclude_ids: Iterable[int] = ()) -> ImageRow | None:
         if not sha256:
@@ -251,26 +278,36 @@ class Store:
         )
 
     def remove_images(self, image_ids: Iterable[int]) -> list[int]:
-        """Delete images with their texts; return the removed variant keys."""
+        """Delete images with their variants and texts; return the removed text keys."""
         keys: list[int] = []
         for image_id in image_ids:
-            keys += [r[0] for r in self.conn.execute("SELECT id FROM variants WHERE image_id = ?", (image_id,))]
+            keys += [r[0] for r in self.conn.execute(
+                "SELECT t.id FROM texts t JOIN variants v ON v.id = t.variant_id WHERE v.image_id = ?", (image_id,))]
             self.conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
         return keys
 
-    # -- variants -----------------------------------------------------------------------------
-    def add_texts(self, image_id: int, texts: list[NewText]) -> list[int]:
+    # -- variants and texts -------------------------------------------------------------------
+    def _insert(self, image_id: int, rows: Iterable[tuple[int, str, str, str, str, str]], vectors: np.ndarray) -> list[int]:
+        """(ordinal, field, one_sentence, features JSON, caption, text) rows of one image with their
+        vectors: each variant once, each text once, each vector pending until a snapshot holds it."""
+        variant_ids: dict[int, int] = {}
         keys = []
-        for t in texts:
-            vec = np.ascontiguousarray(t.vector, dtype=np.float32)
-            cur = self.conn.execute(
-                "INSERT INTO variants(image_id, ordinal, field, one_sentence, features, caption, text, vector) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (image_id, t.ordinal, t.field, t.variant.one_sentence, _features_json(t.variant),
-                 t.variant.caption, t.text, vec.tobytes()),
-            )
-            keys.append(int(cur.lastrowid))
+        for (ordinal, field, one, feats, cap, text), vec in zip(rows, vectors, strict=True):
+            if ordinal not in variant_ids:
+                variant_ids[ordinal] = int(self.conn.execute(
+                    "INSERT INTO variants(image_id, ordinal, one_sentence, features, caption) VALUES (?, ?, ?, ?, ?)",
+                    (image_id, ordinal, one, feats, cap)).lastrowid)
+            key = int(self.conn.execute("INSERT INTO texts(variant_id, field, text) VALUES (?, ?, ?)",
+                                        (variant_ids[ordinal], field, text)).lastrowid)
+            self.conn.execute("INSERT INTO pending_vectors(key, vector) VALUES (?, ?)",
+                              (key, np.ascontiguousarray(vec, dtype=np.float32).tobytes()))
+            keys.append(key)
         return keys
+
+    def add_texts(self, image_id: int, texts: list[NewText]) -> list[int]:
+        rows = [(t.ordinal, t.field, t.variant.one_sentence, _features_json(t.variant), t.variant.caption, t.text)
+                for t in texts]
+        return self._insert(image_id, rows, [t.vector for t in texts])
 
     def description_of(self, image_id: int) -> tuple[int | None, str]:
         """(description_id, desc_hash) of an image, to carry over to a copy of it."""
@@ -278,57 +315,75 @@ class Store:
         return (row[0], row[1]) if row else (None, "")
 
     def read_texts(self, image_id: int) -> list[StoredText]:
-        """An image's stored text rows, to re-insert under another image (see insert_texts)."""
+        """An image's stored texts, to re-insert under another image (see insert_texts)."""
         return [StoredText(*r) for r in self.conn.execute(
-            "SELECT ordinal, field, one_sentence, features, caption, text, vector FROM variants "
-            "WHERE image_id = ? ORDER BY id",
+            "SELECT t.id, v.ordinal, t.field, v.one_sentence, v.features, v.caption, t.text "
+            "FROM texts t JOIN variants v ON v.id = t.variant_id WHERE v.image_id = ? ORDER BY t.id",
             (image_id,),
         )]  # fmt: skip
 
-    def insert_texts(self, image_id: int, rows: list[StoredText]) -> tuple[list[int], np.ndarray]:
-        keys = []
-        for r in rows:
-            cur = self.conn.execute(
-                "INSERT INTO variants(image_id, ordinal, field, one_sentence, features, caption, text, vector) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (image_id, *r),
-            )
-            keys.append(int(cur.lastrowid))
-        dim = int(self.get_meta("dim", 0) or 0)
-        vecs = np.stack([np.frombuffer(r.vector, dtype=np.float32) for r in rows]) if rows else np.zeros((0, dim), np.float32)
-        return keys, vecs
-
-    def copy_texts(self, from_image: int, to_image: int) -> tuple[list[int], np.ndarray]:
-        """Reuse another image's descriptions and vectors (same file content elsewhere)."""
-        return self.insert_texts(to_image, self.read_texts(from_image))
+    def insert_texts(self, image_id: int, rows: list[StoredText], vectors: np.ndarray) -> list[int]:
+        """Another image's texts (read_texts) and their vectors under `image_id`: new keys."""
+        return self._insert(image_id, (r[1:] for r in rows), vectors)
 
     def variants_of(self, image_id: int) -> list[Variant]:
-        """The distinct variants stored for an image, by ordinal (for reuse and `search --image`)."""
-        out: dict[int, Variant] = {}
-        for ordinal, one, feats, cap in self.conn.execute(
-            "SELECT ordinal, one_sentence, features, caption FROM variants WHERE image_id = ? ORDER BY ordinal, id",
-            (image_id,),
-        ):
-            if ordinal not in out:
-                out[ordinal] = Variant(one, tuple(Feature.from_any(f) for f in json.loads(feats)), cap)
-        return [out[o] for o in sorted(out)]
+        """The variants stored for an image, by ordinal (for reuse and `search --image`)."""
+        return [Variant(one, tuple(Feature.from_any(f) for f in json.loads(feats)), cap) for one, feats, cap in
+                self.conn.execute("SELECT one_sentence, features, caption FROM variants WHERE image_id = ? "
+                                  "ORDER BY ordinal", (image_id,))]  # fmt: skip
 
-    def all_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(keys int64, image_ids int64, vectors float32 (n, dim)) ordered by key."""
-        return self.vectors_in(0)  # keys start at 1 (AUTOINCREMENT)
+    def features_of(self, image_ids: list[int]) -> Iterator[tuple[int, int, str]]:
+        """(image id, ordinal, features JSON) of each variant of the given images, by image and
+        ordinal: one row per variant (the structure score's input)."""
+        yield from self._each_in("SELECT image_id, ordinal, features FROM variants WHERE image_id IN ({q}) "
+                                 "ORDER BY image_id, ordinal", image_ids)
+
+    def text_keys_of(self, image_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, image ids) of every text of the given images."""
+        rows = sorted(self._each_in("SELECT t.id, v.image_id FROM texts t JOIN variants v ON v.id = t.variant_id "
+                                    "WHERE v.image_id IN ({q})", image_ids))
+        return (np.fromiter((r[0] for r in rows), np.int64, len(rows)),
+                np.fromiter((r[1] for r in rows), np.int64, len(rows)))
+
+    def texts_by_key(self) -> dict[int, str]:
+        return dict(self.conn.execute("SELECT id, text FROM texts"))
+
+    def iter_texts(self, after_key: int = 0, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+        """(keys, image ids, texts) of every text past `after_key`, by key, `chunk` at a time (what
+        a rebuild re-embeds)."""
+        while True:
+            rows = self.conn.execute(
+                "SELECT t.id, v.image_id, t.text FROM texts t JOIN variants v ON v.id = t.variant_id "
+                "WHERE t.id > ? ORDER BY t.id LIMIT ?", (int(after_key), int(chunk))).fetchall()
+            if not rows:
+                return
+            yield (np.fromiter((r[0] for r in rows), np.int64, len(rows)),
+                   np.fromiter((r[1] for r in rows), np.int64, len(rows)), [r[2] for r in rows])
+            after_key = rows[-1][0]
+
+    def text_count(self, after_key: int = 0) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM texts WHERE id > ?", (int(after_key),)).fetchone()[0])
 
     def variant_keys(self) -> np.ndarray:
-        return np.fromiter((r[0] for r in self.conn.execute("SELECT id FROM variants ORDER BY id")), dtype=np.int64)
+        return np.fromiter((r[0] for r in self.conn.execute("SELECT id FROM texts ORDER BY id")), dtype=np.int64)
 
-    def vectors_in(self, after_key: int, upto_key: int | None = None, limit: int | None = None,
+    def last_key(self) -> int:
+        """The largest text key ever handed out (deleted ones included)."""
+        row = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'texts'").fetchone()
+        return int(row[0]) if row else 0
+
+    # -- pending vectors ----------------------------------------------------------------------
+    def pending_in(self, after_key: int, upto_key: int | None = None, limit: int | None = None,
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(keys, image_ids, vectors) of the texts with after_key < key (<= upto_key), by key: a
-        range read on the primary key, so it costs what it returns."""
+        """(keys, image_ids, float32 vectors) of the pending vectors with after_key < key (<=
+        upto_key), by key: a range read on the primary key, so it costs what it returns."""
         dim = int(self.get_meta("dim", 0) or 0)
-        sql, args = "SELECT id, image_id, vector FROM variants WHERE id > ?", [int(after_key)]
+        sql = ("SELECT p.key, v.image_id, p.vector FROM pending_vectors p JOIN texts t ON t.id = p.key "
+               "JOIN variants v ON v.id = t.variant_id WHERE p.key > ?")
+        args = [int(after_key)]
         if upto_key is not None:
-            sql, args = sql + " AND id <= ?", [*args, int(upto_key)]
-        sql += " ORDER BY id"
+            sql, args = sql + " AND p.key <= ?", [*args, int(upto_key)]
+        sql += " ORDER BY p.key"
         if limit is not None:
             sql, args = sql + " LIMIT ?", [*args, int(limit)]
         rows = self.conn.execute(sql, args).fetchall()
@@ -340,14 +395,43 @@ class Store:
             vecs = np.zeros((0, dim), np.float32)
         return keys, image_ids, vecs
 
-    def iter_vectors(self, after_key: int, upto_key: int | None = None, chunk: int = 65_536):
-        """vectors_in() in chunks of `chunk` texts, so a rebuild of a large index stays small."""
+    def iter_pending(self, after_key: int, upto_key: int | None = None, chunk: int = 65_536):
+        """pending_in() in chunks of `chunk` texts, so a rebuild of a large index stays small."""
         while True:
-            keys, image_ids, vecs = self.vectors_in(after_key, upto_key, limit=chunk)
+            keys, image_ids, vecs = self.pending_in(after_key, upto_key, limit=chunk)
             if not len(keys):
                 return
             yield keys, image_ids, vecs
             after_key = int(keys[-1])
+
+    def pending_vectors(self, keys: np.ndarray) -> dict[int, np.ndarray]:
+        """The pending vectors among `keys`."""
+        return {key: np.frombuffer(blob, dtype=np.float32) for key, blob in
+                self._each_in("SELECT key, vector FROM pending_vectors WHERE key IN ({q})", (int(k) for k in keys))}
+
+    def pending_keys(self, upto_key: int) -> np.ndarray:
+        return np.fromiter((r[0] for r in self.conn.execute(
+            "SELECT key FROM pending_vectors WHERE key <= ? ORDER BY key", (int(upto_key),))), np.int64)
+
+    def prune_pending(self, upto_key: int, keep: Iterable[int] = ()) -> None:
+        """Forget the pending vectors a saved snapshot holds (keys <= upto_key, but `keep`). Their
+        pages are reused by the next texts; once free pages pass GIVE_BACK_FRACTION of the file they
+        go back to the file system (incremental auto-vacuum), which moves pages, so not every time:
+        a small add to a large index leaves a few free pages rather than paying for the move."""
+        keep = {int(k) for k in keep}
+        with self.transaction():
+            if not keep:
+                gone = self.conn.execute("DELETE FROM pending_vectors WHERE key <= ?", (int(upto_key),)).rowcount
+            else:
+                drop = [int(k) for k in self.pending_keys(upto_key) if int(k) not in keep]
+                for _ in self._each_in("DELETE FROM pending_vectors WHERE key IN ({q})", drop):
+                    pass
+                gone = len(drop)
+        if gone:
+            free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
+            if free > GIVE_BACK_FRACTION * self.conn.execute("PRAGMA page_count").fetchone()[0]:
+                # executescript() runs it to the end; a cursor stops after its first step (one page)
+                self.conn.executescript("PRAGMA incremental_vacuum;")
 
     def deletions_after(self, seq: int) -> tuple[int, np.ndarray]:
         """(last seq, keys) of the texts deleted after deletion number `seq`."""
@@ -376,18 +460,10 @@ class Store:
         return str(sid)
 
     def variant_rows(self, keys: Iterable[int]) -> dict[int, VariantRow]:
-        keys = [int(k) for k in keys]
-        out: dict[int, VariantRow] = {}
-        for i in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
-            chunk = keys[i : i + 500]
-            q = ",".join("?" * len(chunk))
-            for r in self.conn.execute(
-                "SELECT v.id, v.image_id, i.path, v.ordinal, v.field, v.text FROM variants v "
-                f"JOIN images i ON i.id = v.image_id WHERE v.id IN ({q})",
-                chunk,
-            ):
-                out[r[0]] = VariantRow(*r)
-        return out
+        return {r[0]: VariantRow(*r) for r in self._each_in(
+            "SELECT t.id, v.image_id, i.path, v.ordinal, t.field, t.text FROM texts t "
+            "JOIN variants v ON v.id = t.variant_id JOIN images i ON i.id = v.image_id WHERE t.id IN ({q})",
+            (int(k) for k in keys))}
 
     def image_paths(self) -> dict[int, str]:
         return dict(self.conn.execute("SELECT id, path FROM images"))
@@ -398,7 +474,8 @@ class Store:
         known = self.get_meta("max_texts_per_image")
         if known:
             return int(known)
-        row = self.conn.execute("SELECT MAX(c) FROM (SELECT COUNT(*) c FROM variants GROUP BY image_id)").fetchone()
+        row = self.conn.execute("SELECT MAX(c) FROM (SELECT COUNT(*) c FROM texts t JOIN variants v "
+                                "ON v.id = t.variant_id GROUP BY v.image_id)").fetchone()
         return int(row[0] or 0)
 
     def note_texts_per_image(self, n: int) -> None:
@@ -435,8 +512,8 @@ class Store:
         return {
             "images_ok": q("SELECT COUNT(*) FROM images WHERE status = 'ok'").fetchone()[0],
             "images_failed": q("SELECT COUNT(*) FROM images WHERE status = 'failed'").fetchone()[0],
-            "variants": q("SELECT COUNT(DISTINCT image_id || ':' || ordinal) FROM variants").fetchone()[0],
-            "texts": q("SELECT COUNT(*) FROM variants").fetchone()[0],
+            "variants": q("SELECT COUNT(*) FROM variants").fetchone()[0],
+            "texts": q("SELECT COUNT(*) FROM texts").fetchone()[0],
         }
 
     def provenance(self) -> list[dict]:

@@ -4,12 +4,13 @@ What is checked, in order (each check fills one entry of `VerifyReport.checks`):
 
 - sqlite: `PRAGMA integrity_check` and `PRAGMA foreign_key_check` of store.sqlite.
 - schema: the schema version (PRAGMA user_version) equals schema.SCHEMA_VERSION, and the tables exist.
-- variants: every embedded text has exactly one vector of the stored dimension, finite and
-  L2-normalised (a torn or foreign blob fails that); every 'ok' image has texts, every 'failed'
-  image has none.
+- texts: every pending vector (a text committed since the last snapshot save) has the stored
+  dimension, is finite and L2-normalised (a torn or foreign blob fails that); every 'ok' image has
+  texts, every 'failed' image has none.
 - vectors: the vector snapshot (manifest.json and the files it names) against SQLite: dimension,
   dtype and store, file lengths, every key the snapshot should hold and no key it should not, the
-  image of each key, the exact vectors and the graphs' vectors themselves.
+  image of each key, each graph vector against the exact copy (when kept) and against the pending
+  vector (when both exist), and a vector for every text newer than the snapshot.
 - models: the embedder files recorded in the store's manifest still have their sha256, and so do
   the VLM GGUFs (model and mmproj) that the descriptions table records for the indexed images
   (schema v2; imported captions record none).
@@ -23,9 +24,14 @@ deleted since, as the deletion log says) is expected: searches read the newer ro
 is a problem: a corrupt SQLite file, a wrong schema, a bad vector blob, a snapshot file that is
 missing, short or unreadable (each is fsync'd before the manifest names it), a snapshot of another
 dimension, dtype or index, a key at or below the snapshot's last key that it lacks, a key SQLite
-neither holds nor logged as deleted, a key whose vector or image differs from SQLite's (keys are
-never reused), or a model file whose sha256 changed. A missing model file is a warning: the index
-stays searchable as long as the embedder is present somewhere.
+neither holds nor logged as deleted, a key whose image differs from SQLite's or whose vectors
+disagree (keys are never reused), or a model file whose sha256 changed. A missing model file is a
+warning: the index stays searchable as long as the embedder is present somewhere.
+
+--repair rebuilds the vector snapshot (IndexDir.rebuild): each vector from its pending copy, else
+from the snapshot where that is sound for the key, else by embedding the stored text again with
+the recorded embedder (at the precision the index was built with); the report says how many texts
+were embedded again and how long the rebuild took.
 """
 
 from __future__ import annotations
@@ -33,23 +39,19 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .. import config
 from ..errors import StoreError
-from ..hashing import sha256_file
+from . import model_checks
 from .quantise import exact_dtype
 
-_TABLES = ("meta", "descriptions", "images", "variants", "runs")
+_TABLES = ("meta", "descriptions", "images", "variants", "texts", "pending_vectors", "runs")
 _MAX_LISTED = 10  # keys/rows named per problem line; the count is always given
 _NORM_TOLERANCE = 1e-3
-# exact.npy holds float16 for f16/i8 indexes: its round-off stays well under this per component.
-_EXACT_TOLERANCE = 2e-3
-# An i8 graph keeps about 2 decimal digits; its stored vector must still point the same way.
-_GRAPH_MIN_COSINE = 0.98
 
 
 @dataclass
@@ -59,6 +61,7 @@ class VerifyReport:
     warnings: list[str] = field(default_factory=list)
     checks: dict = field(default_factory=dict)
     repaired: bool = False
+    repair: dict = field(default_factory=dict)  # what --repair did: vectors, texts embedded again, seconds
 
     @property
     def ok(self) -> bool:
@@ -72,6 +75,7 @@ class VerifyReport:
             "warnings": list(self.warnings),
             "checks": self.checks,
             "repaired": self.repaired,
+            "repair": self.repair,
         }
 
 
@@ -149,42 +153,47 @@ def _meta(conn: sqlite3.Connection) -> dict:
     return out
 
 
-def _check_variants(conn, meta: dict, rep: VerifyReport, where: Path):
-    """Check each text's vector blob; return (keys, image_ids, vectors) of the SQLite side."""
+def _check_texts(conn, meta: dict, rep: VerifyReport, where: Path):
+    """Check the texts and their pending vectors; return (keys, image ids, pending keys, pending
+    vectors) of the SQLite side, or None when the stored dimension is unknown."""
     dim = int(meta.get("dim") or 0)
-    rows = conn.execute("SELECT id, image_id, vector FROM variants ORDER BY id").fetchall()
-    info: dict = {"texts": len(rows), "dim": dim}
-    rep.checks["variants"] = info
+    rows = conn.execute("SELECT t.id, v.image_id FROM texts t JOIN variants v ON v.id = t.variant_id ORDER BY t.id").fetchall()
+    keys = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    image_ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
+    pending = conn.execute("SELECT key, vector FROM pending_vectors ORDER BY key").fetchall()
+    info: dict = {"texts": len(rows), "variants": conn.execute("SELECT COUNT(*) FROM variants").fetchone()[0],
+                  "pending_vectors": len(pending), "dim": dim}
+    rep.checks["texts"] = info
     if rows and not dim:
         rep.problems.append(f"{where}: {len(rows)} texts are stored but meta has no 'dim'; re-index into a new directory")
         return None
-    bad_size = [r[0] for r in rows if r[2] is None or len(r[2]) != dim * 4]
+    bad_size = [r[0] for r in pending if r[1] is None or len(r[1]) != dim * 4]
     if bad_size:
         rep.problems.append(
-            f"{where}: {len(bad_size)} text(s) lack a {dim}-dim float32 vector (variant keys {_listed(bad_size)}); "
+            f"{where}: {len(bad_size)} pending vector(s) are not {dim}-dim float32 (text keys {_listed(bad_size)}); "
             "re-index the affected images"
         )
-    good = [r for r in rows if r[2] is not None and len(r[2]) == dim * 4]
-    keys = np.fromiter((r[0] for r in good), dtype=np.int64, count=len(good))
-    image_ids = np.fromiter((r[1] for r in good), dtype=np.int64, count=len(good))
-    vecs = (
-        np.frombuffer(b"".join(r[2] for r in good), dtype=np.float32).reshape(len(good), dim)
+    good = [r for r in pending if r[1] is not None and len(r[1]) == dim * 4]
+    pkeys = np.fromiter((r[0] for r in good), dtype=np.int64, count=len(good))
+    pvecs = (
+        np.frombuffer(b"".join(r[1] for r in good), dtype=np.float32).reshape(len(good), dim)
         if good
         else np.zeros((0, dim), np.float32)
     )
-    finite = np.isfinite(vecs).all(axis=1)
-    norms = np.linalg.norm(np.where(finite[:, None], vecs, 0), axis=1)
-    bad_norm = keys[~finite | (np.abs(norms - 1.0) > _NORM_TOLERANCE)]
+    finite = np.isfinite(pvecs).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], pvecs, 0), axis=1)
+    bad_norm = pkeys[~finite | (np.abs(norms - 1.0) > _NORM_TOLERANCE)]
     if len(bad_norm):
         rep.problems.append(
-            f"{where}: {len(bad_norm)} vector(s) are not finite unit vectors (variant keys {_listed(bad_norm.tolist())}); "
+            f"{where}: {len(bad_norm)} pending vector(s) are not finite unit vectors (text keys {_listed(bad_norm.tolist())}); "
             "re-index the affected images"
         )
     info.update(bad_size=len(bad_size), bad_norm=int(len(bad_norm)))
 
     q = conn.execute
     ok_without = [r[0] for r in q(
-        "SELECT path FROM images i WHERE status = 'ok' AND NOT EXISTS (SELECT 1 FROM variants v WHERE v.image_id = i.id)"
+        "SELECT path FROM images i WHERE status = 'ok' AND NOT EXISTS "
+        "(SELECT 1 FROM variants v JOIN texts t ON t.variant_id = v.id WHERE v.image_id = i.id)"
     )]
     failed_with = [r[0] for r in q(
         "SELECT DISTINCT i.path FROM images i JOIN variants v ON v.image_id = i.id WHERE i.status = 'failed'"
@@ -197,20 +206,20 @@ def _check_variants(conn, meta: dict, rep: VerifyReport, where: Path):
         )
     if failed_with:
         rep.problems.append(f"{where}: {len(failed_with)} failed image(s) still have texts: {_listed(failed_with)}")
-    return keys, image_ids, vecs
+    return keys, image_ids, pkeys, pvecs
 
 
 def _check_fts(conn: sqlite3.Connection, rep: VerifyReport, where: Path) -> None:
-    """Whether the full-text index (variants_fts, schema v4) matches the variant texts. FTS5's
+    """Whether the full-text index (texts_fts, schema v7) matches the stored texts. FTS5's
     integrity-check is an INSERT, so it needs the write lock: with an `index` run writing, the
     check is skipped (a short wait) rather than blocking."""
-    if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'variants_fts'").fetchone():
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'texts_fts'").fetchone():
         rep.checks["fts"] = {"ok": False, "error": "missing"}
         rep.problems.append(f"{where}: the full-text index is missing; run `edge-t2t verify --repair`")
         return
     conn.execute("PRAGMA busy_timeout=2000")
     try:
-        conn.execute("INSERT INTO variants_fts(variants_fts, rank) VALUES ('integrity-check', 1)")
+        conn.execute("INSERT INTO texts_fts(texts_fts, rank) VALUES ('integrity-check', 1)")
         rep.checks["fts"] = {"ok": True}
     except sqlite3.OperationalError as exc:  # locked by a writer: not a fault of the index
         rep.checks["fts"] = {"ok": None, "skipped": str(exc)}
@@ -225,12 +234,12 @@ def _check_fts(conn: sqlite3.Connection, rep: VerifyReport, where: Path) -> None
 
 
 def _repair_fts(index_dir: Path) -> None:
-    """Rebuild the full-text index from the variant texts, under the index lock."""
+    """Rebuild the full-text index from the stored texts, under the index lock."""
     from .lock import IndexLock
     from .store import Store
 
     with IndexLock(index_dir), Store(index_dir) as store, store.transaction() as conn:
-        conn.execute("INSERT INTO variants_fts(variants_fts) VALUES ('rebuild')")
+        conn.execute("INSERT INTO texts_fts(texts_fts) VALUES ('rebuild')")
 
 
 # -- vector files ---------------------------------------------------------------------------------
@@ -266,7 +275,7 @@ def _check_vectors(index_dir: Path, meta: dict, sql, m: dict | None, deletions: 
     manifest's deletions_seen); the snapshot may still hold those."""
     from . import vindex
 
-    keys, image_ids, vecs = sql
+    keys, image_ids, pkeys, pvecs = sql
     dim = int(meta.get("dim") or 0)
     dtype = str(meta.get("dtype") or "")
     info: dict = {"sqlite_count": int(len(keys)), "dim": dim, "dtype": dtype}
@@ -280,13 +289,21 @@ def _check_vectors(index_dir: Path, meta: dict, sql, m: dict | None, deletions: 
         if len(keys) == 0:
             info["state"] = "empty"
             return "empty"
+        lost = np.setdiff1d(keys, pkeys)
+        if len(lost):
+            info["state"] = "corrupt"
+            rep.problems.append(
+                f"{index_dir}: no vector snapshot, and {len(lost)} of {len(keys)} texts have no vector anywhere else "
+                f"(keys {_listed(lost.tolist())}); `edge-t2t verify --repair` embeds them again with the recorded embedder")
+            return "corrupt"
         info["state"] = "missing"
         rep.warnings.append(
             f"{index_dir}: no vector snapshot ({len(keys)} texts in SQLite); searches score SQLite exactly until "
             "the next `edge-t2t index` run or `edge-t2t verify --repair` builds it"
         )
         return "missing"
-    info.update(generation=int(m["generation"]), recorded_generation=meta.get("vector_generation"))
+    info.update(generation=int(m["generation"]), recorded_generation=meta.get("vector_generation"),
+                exact_copy=bool(m.get("exact")))
     corrupt = _snapshot_files_problems(index_dir, m, dim, dtype, str(meta.get("store_id") or ""))
     if int(meta.get("vector_generation") or 0) > int(m["generation"]):
         corrupt.append(f"{manifest_path}: generation {m['generation']} is older than the {meta['vector_generation']} "
@@ -300,7 +317,7 @@ def _check_vectors(index_dir: Path, meta: dict, sql, m: dict | None, deletions: 
     if corrupt:
         info["state"] = "corrupt"
         for line in corrupt:
-            rep.problems.append(f"{line}; rebuild it from SQLite with `edge-t2t verify --repair`")
+            rep.problems.append(f"{line}; rebuild it with `edge-t2t verify --repair`")
         return "corrupt"
 
     file_keys = np.asarray(snap.rows[:, 0])
@@ -308,9 +325,8 @@ def _check_vectors(index_dir: Path, meta: dict, sql, m: dict | None, deletions: 
     problems = []
     if len(file_keys) > 1 and not (np.diff(file_keys) > 0).all():
         problems.append(f"{index_dir / m['rows']}: keys are not in increasing order")
-    graph_counts = [len(g) for g in snap.graphs]
     info.update(snapshot_rows=int(len(file_keys)), snapshot_live=int(live.sum()), dead=int(len(snap.dead)),
-                graph_counts=graph_counts, max_key=snap.max_key)
+                graph_counts=list(snap.graph_sizes), max_key=snap.max_key)
     live_keys = file_keys[live]
     covered = keys[keys <= snap.max_key]  # SQLite texts the snapshot must hold
     missing = np.setdiff1d(covered, live_keys)
@@ -321,144 +337,54 @@ def _check_vectors(index_dir: Path, meta: dict, sql, m: dict | None, deletions: 
     if len(extra):
         problems.append(f"{index_dir / m['rows']}: {len(extra)} key(s) that SQLite neither holds nor logged as deleted "
                         f"(keys {_listed(extra.tolist())})")
-    # Same key, different content: impossible after a crash, because keys are never reused.
-    both = np.flatnonzero(live & np.isin(file_keys, keys))
-    sql_row = np.searchsorted(keys, file_keys[both])
-    wrong_image = file_keys[both][np.asarray(snap.rows[both, 1]) != image_ids[sql_row]]
-    wrong_vec = np.zeros(0, np.int64)
-    if len(both):
-        diff = np.abs(np.asarray(snap.exact[both], dtype=np.float32) - vecs[sql_row]).max(axis=1)
-        wrong_vec = file_keys[both][diff > _EXACT_TOLERANCE]
-    wrong_graph = []
-    for g in snap.graphs:
-        if not len(g):
-            continue
-        gkeys = np.sort(np.asarray(g.keys, dtype=np.int64))
-        common = np.intersect1d(gkeys, file_keys[both])
-        if len(common):
-            got = np.asarray(g.get(common.astype(np.uint64), dtype=np.float32), dtype=np.float32).reshape(len(common), -1)
-            want = vecs[np.searchsorted(keys, common)]
-            cos = (got * want).sum(axis=1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-12)
-            wrong_graph += common[cos < _GRAPH_MIN_COSINE].tolist()
-    in_graphs = np.concatenate([np.asarray(g.keys, dtype=np.int64) for g in snap.graphs if len(g)] or [np.zeros(0, np.int64)])
-    unreachable = np.setdiff1d(live_keys, in_graphs)
+    # Same key, other content: impossible after a crash, because keys are never reused.
+    both = np.intersect1d(live_keys, keys)
+    rows, _ = snap.find(both)
+    wrong_image = both[np.asarray(snap.rows[rows, 1]) != image_ids[np.searchsorted(keys, both)]]
+    _, graph_found = snap.graph_values(live_keys)
+    unreachable = live_keys[~graph_found]
     if len(unreachable):
         problems.append(f"{index_dir}: {len(unreachable)} snapshot key(s) are in no graph (keys {_listed(unreachable.tolist())})")
-    for name, bad, what in ((m["rows"], wrong_image, "image"), (m["exact"], wrong_vec, "vector"),
-                            ("graph", np.asarray(wrong_graph, np.int64), "vector")):
+    ok, stored, _ = snap.stored(both, image_ids[np.searchsorted(keys, both)])
+    disagree = both[~ok & ~np.isin(both, wrong_image) & ~np.isin(both, unreachable)]  # the graph vs the exact copy
+    pending_both = np.intersect1d(pkeys, both)
+    wrong_vec = pending_both[~snap.holds(pending_both, image_ids[np.searchsorted(keys, pending_both)],
+                                        pvecs[np.searchsorted(pkeys, pending_both)])] if len(pending_both) else pending_both
+    wrong_vec = np.setdiff1d(wrong_vec, np.concatenate([wrong_image, unreachable, disagree]))
+    if snap.exact is not None and len(both):
+        finite = np.isfinite(stored[ok]).all(axis=1)
+        bad = both[ok][~finite | (np.abs(np.linalg.norm(np.where(finite[:, None], stored[ok], 0), axis=1) - 1.0) > _NORM_TOLERANCE)]
         if len(bad):
-            problems.append(f"{index_dir / name}: {len(bad)} key(s) have another {what} than SQLite "
+            problems.append(f"{index_dir / m['exact']}: {len(bad)} exact vector(s) are not finite unit vectors "
                             f"(keys {_listed(bad.tolist())})")
+    graphs = " / ".join(n for n in (m.get("base"), m.get("tail")) if n)
+    for name, bad, what in ((m["rows"], wrong_image, "another image than SQLite"),
+                            (m.get("exact") or graphs, disagree, f"another vector than in the graph ({graphs})"),
+                            (graphs, wrong_vec, "another vector than the pending one in SQLite")):
+        if len(bad):
+            problems.append(f"{index_dir / name}: {len(bad)} key(s) have {what} (keys {_listed(bad.tolist())})")
+    newer = keys[keys > snap.max_key]
+    no_vector = np.setdiff1d(newer, pkeys)
+    if len(no_vector):
+        problems.append(f"{index_dir}: {len(no_vector)} text(s) newer than the snapshot have no pending vector "
+                        f"(keys {_listed(no_vector.tolist())}); `edge-t2t verify --repair` embeds them again")
     if problems:
         info["state"] = "corrupt"
         for line in problems:
             rep.problems.append(f"{line}; rebuild with `edge-t2t verify --repair`")
         return "corrupt"
-    newer = int((keys > snap.max_key).sum())
     pending = int(np.isin(live_keys, deletions).sum())
-    info.update(newer_than_snapshot=newer, deleted_since_snapshot=pending)
-    if newer or pending:
+    info.update(newer_than_snapshot=int(len(newer)), deleted_since_snapshot=pending)
+    if len(newer) or pending:
         info["state"] = "stale"
         rep.warnings.append(
-            f"{index_dir}: the vector snapshot (generation {snap.generation}) lags SQLite by {newer} new and {pending} "
+            f"{index_dir}: the vector snapshot (generation {snap.generation}) lags SQLite by {len(newer)} new and {pending} "
             "deleted text(s), as an index run leaves it between saves or after a kill; searches already see them, "
             "and the next `edge-t2t index` (or `edge-t2t verify --repair`) saves them"
         )
         return "stale"
     info["state"] = "match"
     return "match"
-
-
-# -- models ---------------------------------------------------------------------------------------
-def _check_models(conn, meta: dict, rep: VerifyReport) -> None:
-    models: dict = {}
-    rep.checks["models"] = models
-    manifest = meta.get("embedder_manifest") or {}
-    files = manifest.get("files") or {}
-    # The store records the embedder's manifest (file names + sha256), not where it lived; the
-    # directory a search would use now is the one that matters.
-    emb_dir = Path(meta["embedder_dir"]) if meta.get("embedder_dir") else config.embedder_dir()
-    emb: dict = {"dir": str(emb_dir), "dir_recorded": "embedder_dir" in meta, "files": {}}
-    models["embedder"] = emb
-    if not files:
-        emb["status"] = "not_recorded"
-        if meta.get("embedder_identity"):
-            rep.warnings.append("the store records no embedder file hashes (meta 'embedder_manifest'); model files not checked")
-    for name, want in files.items():
-        path = emb_dir / name
-        if not path.is_file():
-            emb["files"][name] = "missing"
-            rep.warnings.append(f"{path}: embedder file recorded in the store is missing; run `edge-t2t models build-embedder`")
-            continue
-        got = sha256_file(path)
-        emb["files"][name] = "ok" if got == want else "changed"
-        if got != want:
-            rep.problems.append(
-                f"{path}: sha256 {got[:12]} differs from the {want[:12]} recorded in the store; "
-                "rebuild it with `edge-t2t models build-embedder --force`, or re-index with the new embedder"
-            )
-    identity = meta.get("embedder_identity") or {}
-    current = config.embedder_dir() / "manifest.json"
-    if identity and current.is_file():
-        try:
-            src_sha = json.loads(current.read_text(encoding="utf-8")).get("source_weights_sha256")
-        except (OSError, ValueError):
-            src_sha = None
-        emb["current_weights_match"] = src_sha == identity.get("weights_sha256")
-        if src_sha and src_sha != identity.get("weights_sha256"):
-            rep.problems.append(
-                f"{current}: built from weights {src_sha[:12]}, the index from {str(identity.get('weights_sha256'))[:12]}; "
-                "searches will be refused: rebuild the embedder from the original weights or re-index"
-            )
-
-    cols = {r[1] for r in conn.execute("PRAGMA table_info(descriptions)")}
-    vlm: dict = {"columns": sorted(cols)}
-    models["vlm"] = vlm
-    pairs = [("model", "model_sha256", "model_path"), ("mmproj", "mmproj_sha256", "mmproj_path")]
-    recorded = [(n, s, p) for n, s, p in pairs if s in cols and p in cols]
-    if not recorded:  # a store older than schema v2 (the schema check reports that too)
-        vlm["status"] = "not_recorded"
-        vlm["missing"] = [c for _, s, p in pairs for c in (s, p) if c not in cols]
-        n_rows = conn.execute("SELECT COUNT(*) FROM descriptions WHERE test_model = 0 OR test_model = 1").fetchone()[0]
-        vlm["descriptions"] = n_rows
-        return
-    # Only description sets some image still uses: a set whose images were all removed says
-    # nothing about the index.
-    used = "EXISTS (SELECT 1 FROM images i WHERE i.description_id = d.id)"
-    vlm["descriptions"] = conn.execute(f"SELECT COUNT(*) FROM descriptions d WHERE {used}").fetchone()[0]
-    vlm["files"] = {}
-    hashes: dict[str, str] = {}  # each file read once, even when several sets name it
-    for name, sha_col, path_col in recorded:
-        rows = conn.execute(
-            f"SELECT DISTINCT {path_col}, {sha_col} FROM descriptions d WHERE {used} "
-            f"AND {path_col} IS NOT NULL AND {path_col} != '' AND {sha_col} IS NOT NULL AND {sha_col} != '' "
-            f"ORDER BY {path_col}"
-        ).fetchall()
-        for path_s, want in rows:
-            path = Path(path_s)
-            if not path.is_file():
-                if vlm["files"].get(path_s) != "missing":
-                    rep.warnings.append(
-                        f"{path}: VLM {name} file recorded in the store is missing; the index stays searchable, "
-                        "but describing new images needs it (restore it, or pass --vlm/--mmproj to `edge-t2t index`)"
-                    )
-                vlm["files"][path_s] = "missing"
-                continue
-            if path_s not in hashes:
-                hashes[path_s] = sha256_file(path)
-            got = hashes[path_s]
-            if got != want:
-                rep.problems.append(
-                    f"{path}: VLM {name} file's sha256 {got[:12]} differs from the {want[:12]} recorded for the "
-                    "indexed descriptions, so new images would be described by another model than the indexed "
-                    "ones: restore the original file, or re-index into a new --index directory with this one"
-                )
-            if vlm["files"].get(path_s) != "changed":
-                vlm["files"][path_s] = "ok" if got == want else "changed"
-    vlm["status"] = "checked" if vlm["files"] else "not_recorded"
-    vlm["without_files"] = conn.execute(
-        f"SELECT COUNT(*) FROM descriptions d WHERE {used} AND (model_path IS NULL OR model_sha256 IS NULL)"
-    ).fetchone()[0]
 
 
 # -- lock and runs --------------------------------------------------------------------------------
@@ -489,9 +415,12 @@ def _check_lock_and_runs(index_dir: Path, conn, rep: VerifyReport) -> None:
 
 
 # -- entry point ----------------------------------------------------------------------------------
-def verify_index(index_dir: str | os.PathLike, *, repair: bool = False, check_models: bool = True) -> VerifyReport:
-    """Check an index directory; with repair=True rebuild its vector files from SQLite (atomically)
-    when they are stale or corrupt and SQLite itself is sound. Raises StoreError if there is no index."""
+def verify_index(index_dir: str | os.PathLike, *, repair: bool = False, check_models: bool = True,
+                 progress: Callable[[int, int], None] | None = None, embedder=None) -> VerifyReport:
+    """Check an index directory; with repair=True rebuild its vector files (atomically) when they
+    are stale or corrupt and SQLite itself is sound; `progress(done, total)` follows the rebuild.
+    `embedder` embeds lost vectors again (default: the recorded one, loaded when needed). Raises
+    StoreError if there is no index."""
     from .store import STORE_FILE
 
     index_dir = Path(index_dir)
@@ -513,9 +442,8 @@ def verify_index(index_dir: str | os.PathLike, *, repair: bool = False, check_mo
         if not _sqlite_is_sound(rep):
             rep.problems.append(f"{store_path}: not repairing the vector files while SQLite itself has problems")
             return rep
-        _repair(index_dir)
-        rep.repaired = True
-        after = VerifyReport(index_dir=str(index_dir), repaired=True)
+        done = _repair(index_dir, progress, embedder)
+        after = VerifyReport(index_dir=str(index_dir), repaired=True, repair=done)
         _verify_once(index_dir, after, check_models)
         return after
     return rep
@@ -524,8 +452,8 @@ def verify_index(index_dir: str | os.PathLike, *, repair: bool = False, check_mo
 def _sqlite_is_sound(rep: VerifyReport) -> bool:
     c = rep.checks
     return bool(c.get("sqlite", {}).get("ok")) and not c.get("schema", {}).get("missing_tables") and \
-        c.get("schema", {}).get("version") == c.get("schema", {}).get("expected") and "variants" in c and \
-        not c["variants"].get("bad_size") and not c["variants"].get("bad_norm")
+        c.get("schema", {}).get("version") == c.get("schema", {}).get("expected") and "texts" in c and \
+        not c["texts"].get("bad_size") and not c["texts"].get("bad_norm")
 
 
 def _verify_once(index_dir: Path, rep: VerifyReport, check_models: bool) -> str | None:
@@ -561,12 +489,12 @@ def _verify_once(index_dir: Path, rep: VerifyReport, check_models: bool) -> str 
                 "images_ok": conn.execute("SELECT COUNT(*) FROM images WHERE status = 'ok'").fetchone()[0],
                 "images_failed": conn.execute("SELECT COUNT(*) FROM images WHERE status = 'failed'").fetchone()[0],
             }
-            sql = _check_variants(conn, meta, rep, store_path)
+            sql = _check_texts(conn, meta, rep, store_path)
             seen = int((manifest or {}).get("deletions_seen", 0))
             deletions = np.fromiter((r[0] for r in conn.execute(
                 "SELECT key FROM variant_deletions WHERE seq > ?", (seen,))), dtype=np.int64)
             if check_models:
-                _check_models(conn, meta, rep)
+                model_checks.check_models(conn, meta, rep)
             _check_lock_and_runs(index_dir, conn, rep)
         finally:
             conn.execute("COMMIT")
@@ -581,12 +509,31 @@ def _verify_once(index_dir: Path, rep: VerifyReport, check_models: bool) -> str 
         conn.close()
 
 
-def _repair(index_dir: Path) -> int:
-    """Rebuild the vector snapshot from SQLite under the index lock (refused while `index` runs)."""
+def _repair(index_dir: Path, progress=None, embedder=None) -> dict:
+    """Rebuild the vector snapshot under the index lock (refused while `index` runs); texts whose
+    vector is nowhere on disk are embedded again with the recorded embedder, loaded only then."""
+    import time
+
     from .indexdir import IndexDir
 
     with IndexDir.open_writer(index_dir, create=False) as ix:
-        n = ix.rebuild()
+        checked = False
+
+        def embed(texts):
+            nonlocal embedder, checked
+            if embedder is None:
+                from ..embed.embedder import Embedder
+                from ..modes import DEFAULT_PRECISION
+
+                embedder = Embedder(precision=ix.store.get_meta("embedder_precision") or DEFAULT_PRECISION)
+            if not checked:
+                ix.store.check_identity(embedder.identity)
+                checked = True
+            return embedder.embed(list(texts))
+
+        t0 = time.perf_counter()
+        n = ix.rebuild(embed=embed, progress=progress)
         for tmp in index_dir.glob("*.tmp"):  # safe under the lock: no save is in flight
             tmp.unlink(missing_ok=True)
-        return n
+        return {"vectors": n, "embedded_again": ix.embedded_again, "seconds": round(time.perf_counter() - t0, 3),
+                "precision": embedder.precision if checked else None}

@@ -1,7 +1,7 @@
 """Lexical search: SQLite FTS5 (BM25) over the stored texts, for exact words an embedding smooths
 over (a place name, "tank", "runway 09").
 
-The index is the store's `variants_fts` table (schema v4, kept in step with `variants` by
+The index is the store's `texts_fts` table (schema v7, kept in step with `texts` by
 triggers). A query becomes an OR of its content words, so a text needs to share only some of them;
 BM25 then weighs rare words above common ones. Scores are FTS5's bm25() negated: higher is better,
 0 means no shared word.
@@ -46,7 +46,7 @@ MAX_TERMS = 16  # a pasted paragraph is cut to its first content words: each ter
 MAX_DF = 0.5
 POSTINGS_BUDGET = 5000
 TOKENIZER = "porter unicode61"
-FTS_TABLE = "variants_fts"
+FTS_TABLE = "texts_fts"
 _VOCAB = "temp.edge_t2t_vocab"  # an fts5vocab view of a connection's FTS table (temp: no schema change)
 
 

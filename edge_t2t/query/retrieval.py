@@ -93,29 +93,11 @@ def _image_ids(store: Store, paths: list[str]) -> dict[str, int]:
     return out
 
 
-def _key_vectors(store: Store, keys: list[int]) -> dict[int, np.ndarray]:
-    out = {}
-    for i in range(0, len(keys), 500):
-        chunk = keys[i : i + 500]
-        q = ",".join("?" * len(chunk))
-        for key, blob in store.conn.execute(f"SELECT id, vector FROM variants WHERE id IN ({q})", chunk):
-            out[key] = np.frombuffer(blob, dtype=np.float32)
-    return out
-
-
 def features_by_image(store: Store, image_ids: list[int]) -> dict[int, list[tuple[int, tuple[Feature, ...]]]]:
-    """(ordinal, features) of each variant of the given images, from the variants table: one row
-    per variant (its first text), found through the (image_id, ordinal) index (schema v6)."""
+    """(ordinal, features) of each variant of the given images (one stored row per variant)."""
     out: dict[int, list] = {}
-    for i in range(0, len(image_ids), 500):
-        chunk = image_ids[i : i + 500]
-        q = ",".join("?" * len(chunk))
-        for image_id, ordinal, feats in store.conn.execute(
-            f"SELECT image_id, ordinal, features FROM variants WHERE id IN (SELECT MIN(id) FROM variants "
-            f"WHERE image_id IN ({q}) GROUP BY image_id, ordinal) ORDER BY image_id, ordinal",
-            chunk,
-        ):
-            out.setdefault(image_id, []).append((ordinal, _parse_features(feats)))
+    for image_id, ordinal, feats in store.features_of(image_ids):
+        out.setdefault(image_id, []).append((ordinal, _parse_features(feats)))
     return out
 
 
@@ -200,10 +182,12 @@ def gather(
             # An image the lexical side found but the dense pool missed: its dense score is the best
             # cosine over its lexically matched texts (a lower bound of its true max).
             missing = [img for img in lex_order if by_image[img].dense is None]
-            vecs = _key_vectors(store, [k_ for img in missing for k_ in lex_keys[img]])
+            want = np.asarray([k_ for img in missing for k_ in lex_keys[img]], np.int64)
+            found, vecs = vectors.vectors_of(want)
             q = np.asarray(query_vec, dtype=np.float32).reshape(-1)
+            score_of = dict(zip(want[found].tolist(), (vecs[found] @ q).tolist(), strict=True))
             for img in missing:
-                by_image[img].dense = max(float(vecs[k_] @ q) for k_ in lex_keys[img] if k_ in vecs)
+                by_image[img].dense = max((score_of[k_] for k_ in lex_keys[img] if k_ in score_of), default=None)
     cands = list(by_image.values())
     if any(c.image_id < 0 for c in cands):
         ids = _image_ids(store, [c.image for c in cands if c.image_id < 0])

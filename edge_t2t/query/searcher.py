@@ -1,7 +1,7 @@
 """The searcher: one index opened once, and every kind of query answered from it.
 
 `Searcher(index_dir)` opens the index's store, its vectors and the embedder each at most once, on
-first use (a lexical query loads no embedder, a place query reads no vectors), and keeps them until
+first use (a lexical query loads no embedder), and keeps them until
 close(). Every query returns search.Hit rows, best first:
 
 - text(query, ...): a text query in any retrieval mode (retrieval.rank: dense, lexical, hybrid,
@@ -124,7 +124,7 @@ class Searcher:
                 raise StoreError(f"a place filter ranks by dense vectors only, not {mode}")
             emb = self.embedder  # loaded and checked before the place is looked up
             ids = chipstore.images_in_place(self.store, place)
-            hits = rank_in_place(self.store, self._query_vector(query, emb), ids, k) if ids else []
+            hits = rank_in_place(self.store, self.vectors, self._query_vector(query, emb), ids, k) if ids else []
         else:
             vectors = self.vectors
             qv = self._query_vector(query, self.embedder) if mode != "lexical" else None

@@ -77,15 +77,20 @@ SCENES = [
 QUERIES = ["a football pitch with stands and a running track", "planes at an airport terminal", "a bridge over a river", "boats in a harbour"]
 
 
-@pytest.fixture(scope="module")
-def small_index(tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("small")
-    caps = tmp / "captions.jsonl"
+def write_scene_captions(caps: Path) -> Path:
+    """SCENES as an RSRT captions file: each scene's structured variant, and its caption alone."""
     with open(caps, "w") as fh:
         for name, one, feats, cap in SCENES:
             variant = {"one_sentence": one, "features": [{"name": n, "position": p, "size": s} for n, p, s in feats],
                        "caption": cap}  # fmt: skip
             fh.write(json.dumps({"image": name, "variants": [variant, {"one_sentence": cap}]}) + "\n")
+    return caps
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("small")
+    caps = write_scene_captions(tmp / "captions.jsonl")
     cli(tmp, "index", "--captions", caps, "--index", tmp / "ix", "--dtype", "f32", "--precision", "fp32", "--json")
     return tmp, tmp / "ix"
 
@@ -201,6 +206,52 @@ def test_info_reports_counts_models_and_files(small_index):
     assert info["last_run"]["status"] == "ok" and info["descriptions"][0]["test_model"] == 0
     text = cli(tmp, "info", "--index", ix).stdout
     assert "images" in text and DEFAULT_TEXT_MODE in text
+
+
+def test_repair_embeds_lost_vectors_again_with_the_recorded_embedder(small_index, tmp_path):
+    """Each vector lives once, in the snapshot: with its files gone, verify names the loss and
+    --repair embeds the stored texts again (the index's own fp32 embedder), after which searches
+    give the committed snapshot again."""
+    tmp, ix = small_index
+    lost = tmp_path / "lost"
+    shutil.copytree(ix, lost, ignore=shutil.ignore_patterns("index.lock"))
+    (lost / "manifest.json").unlink()
+    bad = cli(tmp_path, "verify", "--index", lost, "--skip-models", ok=False)
+    assert bad.returncode == 1 and "no vector anywhere" in bad.stdout and "verify --repair" in bad.stdout
+    texts = json.loads(cli(tmp, "info", "--index", ix, "--json").stdout)["counts"]["texts"]
+    fixed = cli(tmp_path, "verify", "--index", lost, "--skip-models", "--repair")
+    assert f"{texts} vectors, {texts} texts embedded again (fp32 embedder)" in fixed.stdout, fixed.stdout
+    assert fixed.stdout.splitlines()[-1].startswith("ok: ")
+    got = {q: _normalise(jsonl(cli(tmp_path, "search", q, "--index", lost, "-k", "3", "--json", "--mode", "exact",
+                                   "--precision", "fp32").stdout)) for q in QUERIES}  # fmt: skip
+    assert got == json.loads((SNAPSHOTS / "small_search.json").read_text())
+
+
+def test_an_index_from_before_the_lean_layout_upgrades_in_place(tmp_path):
+    """An index as edge-t2t wrote it before schema v7 (every text row with its variant's fields and
+    a float32 vector; an i8 snapshot with its float16 copy) is upgraded by the first command that
+    opens it: info shows the disk per image before and after, verify is clean, and searches in
+    every vector mode return what they returned before."""
+    from helpers_old_store import make_v6_copy
+
+    caps = write_scene_captions(tmp_path / "captions.jsonl")
+    cli(tmp_path, "index", "--captions", caps, "--index", tmp_path / "new", "--precision", "fp32", "--json")
+    make_v6_copy(tmp_path / "new", tmp_path / "old")
+
+    def results(index):
+        return {(q, mode): jsonl(cli(tmp_path, "search", q, "--index", index, "-k", "6", "--json", "--mode", mode,
+                                     "--precision", "fp32").stdout) for q in QUERIES for mode in ("exact", "rescore", "hnsw")}
+
+    want = results(tmp_path / "new")
+    before = sum(p.stat().st_size for p in (tmp_path / "old").iterdir())  # closed: no -wal, no -shm
+    info = json.loads(cli(tmp_path, "info", "--index", tmp_path / "old", "--json").stdout)  # upgrades it
+    up = info["upgrade"]
+    after = sum(p.stat().st_size for p in (tmp_path / "old").iterdir() if not p.name.endswith(("-shm", "-wal")))
+    assert up["bytes_before"] == before and up["bytes_after"] == after
+    assert up["bytes_per_image_after"] < up["bytes_per_image_before"] and up["vectors_kept_pending"] == 0
+    assert "upgraded" in cli(tmp_path, "info", "--index", tmp_path / "old").stdout
+    assert cli(tmp_path, "verify", "--index", tmp_path / "old", "--skip-models").stdout.startswith("ok: ")
+    assert results(tmp_path / "old") == want
 
 
 def test_long_query_is_truncated_with_a_notice(small_index):
@@ -328,7 +379,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(coco_index, tm
     def dump(path):
         with sqlite3.connect(path / "store.sqlite") as c:
             return sorted(c.execute(
-                "SELECT i.path, v.ordinal, v.text FROM variants v JOIN images i ON i.id = v.image_id"
+                "SELECT i.path, v.ordinal, t.text FROM texts t JOIN variants v ON v.id = t.variant_id JOIN images i ON i.id = v.image_id"
             ).fetchall())  # fmt: skip
 
     assert dump(killed) == dump(ix)
