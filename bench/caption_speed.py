@@ -343,14 +343,14 @@ def grammar_cost(model: Path, steps: int = 60) -> dict:
     import llama_cpp as lc
     import numpy as np
 
-    from edge_t2t.describe.vlm import _gbnf
+    from edge_t2t.describe.vlm_sampling import json_schema_gbnf
 
     params = lc.llama_model_default_params()
     params.vocab_only = True
     m = lc.llama_model_load_from_file(str(model).encode(), params)
     vocab = lc.llama_model_get_vocab(m)
     n = lc.llama_vocab_n_tokens(vocab)
-    grammar = lc.llama_sampler_init_grammar(vocab, _gbnf(json.dumps(prompts.variant_schema(), sort_keys=True)), b"root")
+    grammar = lc.llama_sampler_init_grammar(vocab, json_schema_gbnf(lc, json.dumps(prompts.variant_schema(), sort_keys=True)), b"root")
     buf = np.zeros(n, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True))
     one = np.zeros(1, dtype=buf.dtype)
     rng = np.random.default_rng(0)

@@ -29,7 +29,7 @@ def main() -> None:
 
     from edge_t2t.describe import vlm  # silences llama.cpp's log
 
-    vlm._silence_llama_logs()
+    vlm.silence_llama_logs()
     rows: dict[int, list[dict]] = {1: [], 2: []}
     for _ in range(args.rounds):
         for threads in (1, 2):

@@ -68,6 +68,8 @@ def main() -> None:
     from edge_t2t.describe.captioning import _run_parallel
     from edge_t2t.describe.testvlm import shape_files
     from edge_t2t.describe.vlm import ParallelSettings
+    from edge_t2t.describe.vlm_parallel import ParallelContext
+    from edge_t2t.describe.vlm_sampling import SequenceSampler
 
     names = shape_files(args.shape)
     d = config.test_vlm_dir() / args.shape
@@ -79,18 +81,18 @@ def main() -> None:
 
     # Bench only: time every llama_decode of the parallel context (prompt and generation steps).
     steps: list[tuple[int, float]] = []
-    inner = vlm_mod._ParallelContext.decode
+    inner = ParallelContext.decode
 
     def timed(self, entries):
         t, c = time.perf_counter(), time.process_time()
         inner(self, entries)
         steps.append((time.process_time() - c, time.perf_counter() - t))
 
-    vlm_mod._ParallelContext.decode = timed
+    ParallelContext.decode = timed
     # One VLM per flash-attention setting (it also sets the vision encoder's and the sequential
     # context's); loaded for the sequential path, which describe_parallel can share.
     vlms, timers = {}, {}
-    stages = vlm_mod._SequenceSampler.STAGES
+    stages = SequenceSampler.STAGES
     for fa, vfa in sorted({parse_arm(a)[1:] for a in arms}):
         v = vlm_mod.VLM(vlm_mod.VLMConfig(model, mmproj, n_threads=args.threads, seed=0, variant_mode="sequential",
                                           image_max_tokens=args.image_max_tokens or None, flash_attn=fa,
@@ -102,7 +104,7 @@ def main() -> None:
         for arm in arms if rep % 2 == 0 else arms[::-1]:
             base, fa, vfa = parse_arm(arm)
             vlm = vlms[fa, vfa]
-            vlm_mod._SequenceSampler.STAGES = () if arm == "before" else stages
+            SequenceSampler.STAGES = () if arm == "before" else stages
             if arm == "before":  # the samplers one after another, as before
                 vlm._sampling_pool = lambda: None
             else:

@@ -3,7 +3,7 @@ context setting, arms alternating every few steps so that a shared machine's loa
 
 Why it exists: on a 2-core machine shared with other work, whole-image runs of different arms
 differ more by the load they met than by their settings. Here every arm holds its own llama.cpp
-context (made by the product's _ParallelContext) with the same prefix and sequences, and the arms
+context (made by the product's ParallelContext) with the same prefix and sequences, and the arms
 take turns, `--block` decode steps each, so each arm's figure at a given context length was
 measured within seconds of the others'. Tokens are fixed ids: the attention's cost does not
 depend on their values. `single` is one sequence alone (the sequential path's decode step).
@@ -40,15 +40,16 @@ def main() -> None:
     import llama_cpp as lc
 
     from edge_t2t.describe import vlm as vlm_mod
+    from edge_t2t.describe.vlm_parallel import ParallelContext
 
-    vlm_mod._silence_llama_logs()
+    vlm_mod.silence_llama_logs()
     llama = lc.Llama(model_path=args.model, n_ctx=256, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     arms = args.arms.split(",")
     state = {}
     for arm in arms:
         base, _, fa = arm.partition("+")
         n_seq = 1 if base == "single" else args.seqs
-        pc = vlm_mod._ParallelContext(llama, args.threads, vlm_mod.ParallelSettings(kv_unified=base != "streams",
+        pc = ParallelContext(lc, llama, args.threads, vlm_mod.ParallelSettings(kv_unified=base != "streams",
                                                                                      flash_attn=fa == "fa"))  # fmt: skip
         pc.ensure(args.prefix + args.steps + 16, args.prefix + n_seq * args.steps + 16, n_seq, 512)
         t, c = time.perf_counter(), time.process_time()

@@ -113,20 +113,22 @@ def test_grammar_checked_on_the_chosen_token_picks_what_the_full_grammar_pass_pi
     import llama_cpp as lc
 
     from edge_t2t.describe import vlm as vlm_module
+    from edge_t2t.describe import vlm_parallel
+    from edge_t2t.describe.vlm_sampling import SequenceSampler
 
-    monkeypatch.setattr(vlm_module._SequenceSampler, "STAGES", stages)
+    monkeypatch.setattr(SequenceSampler, "STAGES", stages)
     if not first_chars:
         monkeypatch.setattr(vlm_module.VLM, "_first_char_index", lambda self, vocab, n: None)
     hits, fc_hits = [], []
-    staged = vlm_module._SequenceSampler._greedy_allowed
-    monkeypatch.setattr(vlm_module._SequenceSampler, "_greedy_allowed", lambda self, lg: hits.append(1) or staged(self, lg))
-    by_first = vlm_module._SequenceSampler._allowed_first_char_tokens
-    monkeypatch.setattr(vlm_module._SequenceSampler, "_allowed_first_char_tokens",
+    staged = SequenceSampler._greedy_allowed
+    monkeypatch.setattr(SequenceSampler, "_greedy_allowed", lambda self, lg: hits.append(1) or staged(self, lg))
+    by_first = SequenceSampler._allowed_first_char_tokens
+    monkeypatch.setattr(SequenceSampler, "_allowed_first_char_tokens",
                         lambda self: fc_hits.append(1) or by_first(self))  # fmt: skip
 
-    class FullPass(vlm_module._SequenceSampler):
-        def __init__(self, vocab, n_vocab, gbnf, temperature, seed, first_chars=None):
-            super().__init__(vocab, n_vocab, None, temperature, seed)
+    class FullPass(SequenceSampler):
+        def __init__(self, bindings, vocab, n_vocab, gbnf, temperature, seed, first_chars=None):
+            super().__init__(bindings, vocab, n_vocab, None, temperature, seed)
             self.reference = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
             for smp in (lc.llama_sampler_init_penalties(n_vocab, 64, 1.1, 0.0, 0.0),
                         lc.llama_sampler_init_grammar(vocab, gbnf, b"root"), lc.llama_sampler_init_greedy()):  # fmt: skip
@@ -142,7 +144,7 @@ def test_grammar_checked_on_the_chosen_token_picks_what_the_full_grammar_pass_pi
     vp = prompts.build_variant_prompts(3)
     kw = {"json_schema": prompts.variant_schema(), "max_tokens": 150}
     fast = model.describe_parallel(images[:1], vp.shared, vp.suffixes, **kw)
-    monkeypatch.setattr(vlm_module, "_SequenceSampler", FullPass)
+    monkeypatch.setattr(vlm_parallel, "SequenceSampler", FullPass)
     reference = model.describe_parallel(images[:1], vp.shared, vp.suffixes, **kw)
     assert fast.texts == reference.texts and fast.tokens == reference.tokens
     assert hits  # the grammar refused some greedy tokens, so the staged pass ran
@@ -160,11 +162,11 @@ def test_first_character_pass_never_leaves_out_an_allowed_token(model, images, m
     import llama_cpp as lc
     import numpy as np
 
-    from edge_t2t.describe import vlm as vlm_module
+    from edge_t2t.describe.vlm_sampling import SequenceSampler
 
-    monkeypatch.setattr(vlm_module._SequenceSampler, "STAGES", ())
+    monkeypatch.setattr(SequenceSampler, "STAGES", ())
     sizes: list[tuple[int, int]] = []
-    by_first = vlm_module._SequenceSampler._allowed_first_char_tokens
+    by_first = SequenceSampler._allowed_first_char_tokens
 
     def checked(self):
         ids = by_first(self)
@@ -178,7 +180,7 @@ def test_first_character_pass_never_leaves_out_an_allowed_token(model, images, m
         sizes.append((len(allowed), len(ids)))
         return ids
 
-    monkeypatch.setattr(vlm_module._SequenceSampler, "_allowed_first_char_tokens", checked)
+    monkeypatch.setattr(SequenceSampler, "_allowed_first_char_tokens", checked)
     vp = prompts.build_variant_prompts(3)
     model.describe_parallel(images[:1], vp.shared, vp.suffixes, json_schema=prompts.variant_schema(), max_tokens=150)
     assert len(sizes) > 20
@@ -187,7 +189,7 @@ def test_first_character_pass_never_leaves_out_an_allowed_token(model, images, m
 
 
 def test_utf8_tail_and_first_character():
-    from edge_t2t.describe.vlm import _first_char, utf8_incomplete_tail
+    from edge_t2t.describe.vlm_sampling import _first_char, utf8_incomplete_tail
 
     assert utf8_incomplete_tail(b"abc") == b""
     assert utf8_incomplete_tail("é".encode()) == b""

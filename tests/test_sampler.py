@@ -6,7 +6,7 @@ import ctypes
 
 import numpy as np
 
-from edge_t2t.describe import vlm as vlm_module
+from edge_t2t.describe.vlm_sampling import SequenceSampler
 
 N_VOCAB = 3000
 
@@ -20,7 +20,7 @@ def test_numpy_greedy_picks_what_llama_cpps_penalty_and_greedy_chain_picks():
     import llama_cpp as lc
 
     rng = np.random.default_rng(0)
-    ours = vlm_module._SequenceSampler(None, N_VOCAB, None, 0.0, 0)
+    ours = SequenceSampler(lc, None, N_VOCAB, None, 0.0, 0)
     ref = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
     lc.llama_sampler_chain_add(ref, lc.llama_sampler_init_penalties(N_VOCAB, 64, 1.1, 0.0, 0.0))
     lc.llama_sampler_chain_add(ref, lc.llama_sampler_init_greedy())
@@ -49,8 +49,10 @@ def test_numpy_greedy_picks_what_llama_cpps_penalty_and_greedy_chain_picks():
 
 def test_sampled_tokens_come_from_the_top_k_of_the_current_logits():
     """top-k sorts the candidates in place; the next step must not read permuted ids."""
+    import llama_cpp as lc
+
     rng = np.random.default_rng(1)
-    s = vlm_module._SequenceSampler(None, N_VOCAB, None, 0.8, 7)
+    s = SequenceSampler(lc, None, N_VOCAB, None, 0.8, 7)
     try:
         for _ in range(50):
             x, ptr = _logits(rng)

@@ -66,8 +66,8 @@ def _file_entry(info, stored: Path, digest: str, source: Path) -> dict:
 def add_vlm(model: Path, mmproj: Path, name: str | None = None, *, family: str | None = None,
             link: bool = False, force: bool = False) -> dict:  # fmt: skip
     """Check a GGUF pair, then copy (or link) it into models/vlm/NAME/ with a manifest."""
+    from .families import FAMILIES, infer_family
     from .gguf_check import check_pair
-    from .vlm import FAMILIES, infer_family
 
     model, mmproj = Path(model).expanduser().resolve(), Path(mmproj).expanduser().resolve()
     m, p = check_pair(model, mmproj)

@@ -671,7 +671,7 @@ def write_shape_text_model(path: Path, shape, seed: int = 0, progress=None) -> P
     w = _test_model_writer(tmp, t.arch, f"edge-t2t TEST MODEL {shape.name} (random weights, seed {seed})", seed)
     w.add_string("edge_t2t.shape", shape.name)
     w.add_string("edge_t2t.shape_source", shape.model_card)
-    w.add_string("edge_t2t.family", shape.family)  # vlm.infer_family reads it for test models
+    w.add_string("edge_t2t.family", shape.family)  # families.infer_family reads it for test models
     w.add_vocab_size(t.n_vocab)
     w.add_context_length(t.n_ctx_train)
     w.add_embedding_length(t.n_embd)

@@ -4,18 +4,22 @@ A VLM is a GGUF text model plus an mmproj (vision projector). Both are checked b
 before llama.cpp is reached, because llama.cpp aborts or segfaults on some bad files. One image
 goes in per call, always as a base64 data: URI (llama-cpp-python fetches any other URL over the
 network), and the raw text comes back; parsing is the caller's business.
+
+Beside it: vlm_parallel.py (several images' variants in one batch) and vlm_sampling.py (each
+sequence's sampler and the grammar). They do not import llama_cpp; VLM hands them the llama_cpp
+module it imported, with its loaded Llama and chat handler. Passing the module is the plainest way
+to keep this file the one place that loads the native library, without a circle back to it. The
+chat families and their inference from GGUF metadata live in families.py (no llama.cpp needed).
 """
 
 from __future__ import annotations
 
 import base64
-import collections
 import concurrent.futures
 import ctypes
 import functools
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,29 +27,12 @@ from typing import Any
 from .. import config
 from ..errors import ImageError, ModelError, NoVLMError
 from ..hashing import file_sha256
+from . import vlm_log
+from .families import FAMILIES, Family, infer_family
 from .gguf_check import GGUFInfo, check_pair, inspect_gguf
 from .model_files import named_pair, named_vlms, require_named
-
-
-@dataclass(frozen=True)
-class Family:
-    handler: str  # class name in llama_cpp.llama_chat_format
-    supports_grammar: bool  # whether response_format / a JSON grammar reaches the sampler
-    image_tokens: int  # context one image may take (upper estimate for tiling models)
-    note: str = ""
-
-
-FAMILIES: dict[str, Family] = {
-    "llava-1.5": Family("Llava15ChatHandler", True, 576, "LLaVA-1.5 7B/13B, vicuna prompt"),
-    "llava-1.6": Family("Llava16ChatHandler", True, 2880, "LLaVA-NeXT: up to 4 tiles + overview"),
-    "bakllava": Family("Llava15ChatHandler", True, 576, "BakLLaVA-1 (Mistral + LLaVA-1.5 projector)"),
-    "obsidian": Family("ObsidianChatHandler", True, 576, "Nous Obsidian 3B (ChatML with ###)"),
-    "moondream2": Family("MoondreamChatHandler", True, 729, "moondream2 (SigLIP 378px)"),
-    "nanollava": Family("NanoLlavaChatHandler", True, 729, "nanoLLaVA (Qwen1.5 0.5B + SigLIP)"),
-    "minicpm-v-2.6": Family("MiniCPMv26ChatHandler", True, 640, "MiniCPM-V 2.6 (64 tokens/slice)"),
-    "qwen2.5-vl": Family("Qwen25VLChatHandler", True, 1296, "Qwen2.5-VL (dynamic resolution)"),
-    "mtmd": Family("MTMDChatHandler", True, 1024, "generic libmtmd, prompt from the GGUF chat template"),
-}
+from .vlm_parallel import ParallelGenerator, ParallelResult, ParallelSettings
+from .vlm_sampling import FirstCharIndex, json_schema_gbnf
 
 # Room for the prompt and the answer on top of the image tokens when n_ctx is not given: the
 # caption prompt (~1.4k chars) plus five JSON variants (~1.9k tokens of max_tokens) must fit.
@@ -79,37 +66,6 @@ class VLMConfig:
     # on the CPU, so it is off there.
     vision_flash_attn: bool = True
     flash_attn: bool = False
-
-
-def infer_family(model_info: GGUFInfo, mmproj_info: GGUFInfo) -> str:
-    """Pick a chat-handler family from GGUF metadata; "mtmd" (the GGUF's own template) if unsure."""
-    md = {**mmproj_info.metadata, **model_info.metadata}
-    text = " ".join(
-        str(md.get(k) or "")
-        for k in ("general.name", "general.basename", "general.finetune", "general.base_model.0.name")
-    )
-    text = f"{text} {model_info.name} {mmproj_info.name} {model_info.path.name} {mmproj_info.path.name}".lower()
-    proj = mmproj_info.projector_type or ""
-    if model_info.is_test_model:  # shape-true and per-family test models name their family
-        return str(md.get("edge_t2t.family") or "llava-1.5")
-    if proj == "resampler":
-        return "minicpm-v-2.6" if mmproj_info.minicpmv_version in (None, 3) else "mtmd"
-    if proj == "qwen2.5vl_merger" or "qwen2.5-vl" in text or "qwen2_5_vl" in text:
-        return "qwen2.5-vl"
-    if "moondream" in text:
-        return "moondream2"
-    if "nanollava" in text:
-        return "nanollava"
-    if "bakllava" in text:
-        return "bakllava"
-    if "obsidian" in text:
-        return "obsidian"
-    tiled = "clip.vision.image_grid_pinpoints" in md or md.get("clip.vision.mm_patch_merge_type") == "spatial_unpad"
-    if tiled or any(k in text for k in ("llava-v1.6", "llava-1.6", "llava-next", "llava_next")):
-        return "llava-1.6"
-    if proj in ("mlp", "mlp_norm", "ldp", "ldpv2") and ("llava" in text or not model_info.chat_template):
-        return "llava-1.5"
-    return "mtmd"
 
 
 def _classify_dir(directory: Path) -> tuple[list[Path], list[Path], list[str]]:
@@ -179,13 +135,12 @@ def _only_one(directory: Path, found: list[Path], broken: list[str], plural: str
     return found[0]
 
 
-# ---- llama.cpp logging: silenced, but the last lines are kept for error messages ----------------
+# ---- llama.cpp logging: silenced, but the last lines are kept for error messages (vlm_log) --------
 
-_LOG_TAIL: collections.deque[str] = collections.deque(maxlen=20)
 _LOG_CALLBACK: Any = None  # kept referenced: llama.cpp calls it from C for the process lifetime
 
 
-def _silence_llama_logs() -> None:
+def silence_llama_logs() -> None:
     global _LOG_CALLBACK
     if _LOG_CALLBACK is not None:
         return
@@ -195,7 +150,7 @@ def _silence_llama_logs() -> None:
     @llama_cpp.llama_log_callback
     def _drop(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         if level in (3, 4) and text:  # GGML_LOG_LEVEL_WARN/ERROR: keep for the error message
-            _LOG_TAIL.append(text.decode("utf-8", "replace").strip())
+            vlm_log.TAIL.append(text.decode("utf-8", "replace").strip())
 
     _LOG_CALLBACK = _drop
     llama_cpp.llama_log_set(_drop, ctypes.c_void_p(0))
@@ -203,388 +158,7 @@ def _silence_llama_logs() -> None:
     mtmd_cpp.mtmd_helper_log_set(_drop, ctypes.c_void_p(0))
 
 
-def _log_hint() -> str:
-    lines = [x for x in _LOG_TAIL if x]
-    return f" (llama.cpp said: {' | '.join(lines[-3:])})" if lines else ""
-
-
-# ---- parallel variants: one image encoding, N sequences in one batch -----------------------------
-
 VARIANT_MODES = ("parallel", "sequential")
-
-# Splits the rendered chat prompt into the part shared by all variants (image included) and the
-# template's tail (e.g. "ASSISTANT:"), which follows each variant's own suffix.
-_SPLIT = "\u241eEDGE-T2T-VARIANT\u241e"
-
-
-@dataclass
-class ParallelResult:
-    """What one parallel call produced: texts[i][v] is image i's variant v (raw JSON text)."""
-
-    texts: list[list[str]]
-    tokens: list[list[int]]  # tokens generated per sequence
-    encode_s: float = 0.0  # vision encoder, all images
-    prompt_tokens: int = 0  # prompt positions decoded (image embeddings, shared text, suffixes)
-    prompt_s: float = 0.0  # decoding them (encoding excluded)
-    gen_s: float = 0.0  # the batched generation loop
-    gen_decode_s: float = 0.0  # of which in llama_decode (the rest: sampling, grammar, Python)
-    gen_steps: int = 0  # llama_decode calls in the generation loop
-    gen_tokens: int = 0
-    # CPU seconds of this process per phase: on a machine shared with other work, wall time mostly
-    # measures the others.
-    encode_cpu_s: float = 0.0
-    prompt_cpu_s: float = 0.0
-    gen_cpu_s: float = 0.0
-
-    @property
-    def tokens_per_image(self) -> list[int]:
-        return [sum(t) for t in self.tokens]
-
-
-@dataclass(frozen=True)
-class ParallelSettings:
-    """How the parallel path's llama.cpp context is made.
-
-    kv_unified: one KV buffer for all sequences (the shared prefix lives once; seq_cp only tags
-    its cells) but every query then attends over every cell in use, the other sequences' tokens
-    masked; False gives each sequence a stream of its own (the prefix copied into each) and
-    attention over its own cells only. flash_attn: llama.cpp's fused attention kernel (on the CPU
-    it skips masked cells). Both change the floating-point order of the attention, so they are
-    part of the caption cache key (captioning.generation_params).
-    """
-
-    kv_unified: bool = True
-    flash_attn: bool = False
-    n_ubatch: int = 512
-
-    @property
-    def key(self) -> str:
-        return f"{'unified' if self.kv_unified else 'streams'}{'+fa' if self.flash_attn else ''}"
-
-
-class _ParallelContext:
-    """A llama_context of its own with room for n_seq sequences (see ParallelSettings).
-
-    The Llama object's context stays for the sequential path; this one is created on the first
-    parallel call and grown (never shrunk) when a call needs more room. With a unified KV cache
-    its size does not change the numbers (llama.cpp attends over the cells in use, not over
-    n_ctx); with one stream per sequence each stream holds n_ctx / n_seq cells.
-    """
-
-    def __init__(self, llama: Any, n_threads: int, settings: ParallelSettings):
-        self.llama = llama
-        self.n_threads = n_threads
-        self.settings = settings
-        self.ctx: Any = None
-        self.batch: Any = None
-        self.n_ctx = self.n_seq = self.n_batch = 0
-
-    def ensure(self, per_seq: int, total: int, n_seq: int, n_batch: int) -> Any:
-        """Room for n_seq sequences of up to per_seq cells each, `total` cells in all."""
-        import llama_cpp
-
-        unified = self.settings.kv_unified
-        if self.ctx is not None and n_seq <= self.n_seq and n_batch <= self.n_batch and (
-                total <= self.n_ctx if unified else per_seq <= self.n_ctx // self.n_seq):  # fmt: skip
-            return self.ctx
-        self.close()
-        n_seq, n_batch = max(n_seq, self.n_seq), max(n_batch, self.n_batch, 512)
-        if unified:
-            n_ctx = -(-max(total, self.n_ctx) // 1024) * 1024
-        else:  # llama.cpp gives each stream n_ctx / n_seq_max cells, and copies whole streams
-            n_ctx = -(-max(per_seq, self.n_ctx // max(self.n_seq, 1)) // 256) * 256 * n_seq
-        params = llama_cpp.llama_context_default_params()
-        base = self.llama.context_params
-        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, min(self.settings.n_ubatch, n_batch)
-        params.n_seq_max = n_seq
-        params.kv_unified = unified
-        params.n_threads = params.n_threads_batch = self.n_threads
-        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.settings.flash_attn
-                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)  # fmt: skip
-        params.type_k, params.type_v = base.type_k, base.type_v
-        params.offload_kqv = base.offload_kqv
-        params.no_perf = False
-        ctx = llama_cpp.llama_init_from_model(self.llama.model, params)
-        if ctx is None:
-            raise ModelError(f"llama.cpp could not create a {n_ctx}-token context for {n_seq} sequences{_log_hint()}; "
-                             "use --variant-mode sequential or fewer images per batch")  # fmt: skip
-        self.ctx, self.n_ctx, self.n_seq, self.n_batch = ctx, n_ctx, n_seq, n_batch
-        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        return ctx
-
-    def close(self) -> None:
-        import llama_cpp
-
-        if self.batch is not None:
-            llama_cpp.llama_batch_free(self.batch)
-            self.batch = None
-        if self.ctx is not None:
-            llama_cpp.llama_free(self.ctx)
-            self.ctx = None
-
-    def decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
-        """One llama_decode of (token, pos, seq_id, wants_logits) entries, in order."""
-        import llama_cpp
-
-        b = self.batch
-        for i, (tok, pos, seq, logits) in enumerate(entries):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
-            b.seq_id[i][0] = seq
-        b.n_tokens = len(entries)
-        rc = llama_cpp.llama_decode(self.ctx, b)
-        if rc != 0:
-            raise ModelError(f"llama_decode failed (code {rc}) in the parallel path{_log_hint()}; "
-                             "use --variant-mode sequential")  # fmt: skip
-
-
-def utf8_incomplete_tail(data: bytes) -> bytes:
-    """The bytes at the end of `data` that start a UTF-8 character not finished yet (b"" if none).
-    llama.cpp's grammar carries such a partial character into the next token's first bytes."""
-    for back in range(1, min(4, len(data)) + 1):
-        b = data[-back]
-        if b & 0xC0 == 0x80:  # a continuation byte: look further back for the lead byte
-            continue
-        need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
-        return data[-back:] if need > back else b""
-    return b""
-
-
-class _FirstCharIndex:
-    """The vocabulary grouped by the first character of each token's text, for the grammar.
-
-    llama.cpp's grammar accepts a token only if it accepts the token's first character as the next
-    character, and it accepts a one-character token exactly when it accepts that character. So one
-    grammar pass over the one-character tokens (probes) tells which first characters are allowed
-    now, and only the tokens starting with one of them can be allowed. Where the JSON grammar is
-    outside a free string, that is a small part of the vocabulary. Tokens whose first character has
-    no one-character token, or whose text does not start with a whole UTF-8 character, are always
-    checked; end-of-generation tokens too (the grammar allows them when its answer is complete).
-    Tokens with empty text are never allowed by the grammar and are left out.
-    """
-
-    def __init__(self, vocab: Any, n_vocab: int):
-        import llama_cpp as lc
-        import numpy as np
-
-        buf = ctypes.create_string_buffer(256)
-        self.pieces: list[bytes] = []
-        buckets: dict[str, list[int]] = {}
-        probes: dict[str, int] = {}
-        always: list[int] = []
-        for tok in range(n_vocab):
-            # special=True: the text llama.cpp's grammar sees (its token-to-piece cache)
-            n = lc.llama_token_to_piece(vocab, tok, buf, len(buf), 0, True)
-            if n < 0:  # longer than the buffer: -n is the length it needs
-                buf = ctypes.create_string_buffer(-n)
-                n = lc.llama_token_to_piece(vocab, tok, buf, len(buf), 0, True)
-            piece = buf.raw[:n] if n > 0 else b""
-            self.pieces.append(piece)
-            if lc.llama_vocab_is_eog(vocab, tok):
-                always.append(tok)
-                continue
-            if not piece or piece[0] == 0:
-                continue
-            first = _first_char(piece)
-            if first is None:
-                always.append(tok)
-                continue
-            buckets.setdefault(first, []).append(tok)
-            if piece == first.encode("utf-8"):
-                probes.setdefault(first, tok)
-        for ch in [c for c in buckets if c not in probes]:
-            always.extend(buckets.pop(ch))
-        self.probe_chars = list(probes)
-        self.probe_ids = np.array([probes[c] for c in self.probe_chars], dtype=np.int32)
-        self.buckets = {c: np.array(ids, dtype=np.int32) for c, ids in buckets.items()}
-        self.always = np.array(sorted(always), dtype=np.int32)
-        self.n_vocab = n_vocab
-
-
-def _first_char(piece: bytes) -> str | None:
-    """The first character of a token's text, or None if it does not start with a whole one."""
-    for n in (1, 2, 3, 4):
-        try:
-            return piece[:n].decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-    return None
-
-
-_PENALTY_LAST_N, _REPEAT_PENALTY = 64, 1.1  # create_chat_completion's defaults
-
-
-class _SequenceSampler:
-    """One sequence's sampling: the sequential path's chain (repeat penalty, then greedy, in numpy,
-    or top-k/top-p/min-p/temperature/seed) with the grammar checked on the chosen token first.
-
-    llama.cpp's grammar sampler tests every vocabulary entry, which costs more than a small model's
-    decode step (measured: tens of ms per token at a 49k vocabulary). So, as llama.cpp's own
-    common sampler does, the chain picks a token without the grammar, the grammar checks only that
-    token, and the full grammar pass runs only when it is refused. Under greedy decoding the token
-    is the same as with the grammar applied first (the grammar only masks tokens, the penalty only
-    scales them), so this changes speed, not output.
-    """
-
-    def __init__(self, vocab: Any, n_vocab: int, gbnf: bytes | None, temperature: float, seed: int,
-                 first_chars: _FirstCharIndex | None = None):  # fmt: skip
-        import llama_cpp as lc
-        import numpy as np
-
-        self.lc, self.n_vocab = lc, n_vocab
-        self.first_chars = first_chars
-        self.pending = b""  # an unfinished UTF-8 character at the end of the text so far
-        self.chain = self.grammar = None
-        # Greedy decoding runs in numpy: llama.cpp's penalty and greedy samplers walk the whole
-        # vocabulary through a hash map, measured at ~3 ms a token at a 49k vocabulary (5 sequences:
-        # more than a small model's decode step), against ~0.1 ms here. Same arithmetic, same token.
-        self.greedy = temperature <= 0
-        self.recent: collections.deque[int] = collections.deque(maxlen=_PENALTY_LAST_N)
-        if not self.greedy:
-            self.chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-            # create_chat_completion's defaults (repeat_penalty 1.1 over the last 64 tokens), so both
-            # paths sample the same way.
-            lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_penalties(n_vocab, _PENALTY_LAST_N, _REPEAT_PENALTY, 0.0, 0.0))
-            for smp in (lc.llama_sampler_init_top_k(40), lc.llama_sampler_init_top_p(0.95, 1),
-                        lc.llama_sampler_init_min_p(0.05, 1), lc.llama_sampler_init_temp(temperature),
-                        lc.llama_sampler_init_dist(seed)):  # fmt: skip
-                lc.llama_sampler_chain_add(self.chain, smp)
-        if gbnf is not None:
-            self.grammar = lc.llama_sampler_init_grammar(vocab, gbnf, b"root")
-            if not self.grammar:
-                self.free()
-                raise ModelError("llama.cpp refused the variant grammar; use --variant-mode sequential")
-        dtype = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True)
-        self.buf = np.zeros(n_vocab, dtype=dtype)
-        self.buf["id"] = np.arange(n_vocab, dtype=np.int32)
-        self.one = np.zeros(1, dtype=dtype)
-
-    def _candidates(self, logits: Any) -> Any:
-        import numpy as np
-
-        # ids again too: top-k sorts the array in place, so the last call may have permuted them
-        self.buf["id"] = np.arange(self.n_vocab, dtype=np.int32)
-        self.buf["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
-        self.buf["p"] = 0.0
-        return self.lc.llama_token_data_array(data=self.buf.ctypes.data_as(self.lc.llama_token_data_p),
-                                              size=self.n_vocab, selected=-1, sorted=False)  # fmt: skip
-
-    # After the grammar refuses the greedy token, it sees the best-scoring candidates first (the
-    # top 1,024), then only the tokens whose first character it allows now (_FirstCharIndex), and
-    # the whole vocabulary only if none of those is allowed. A full pass costs ~20 ms at a 49k
-    # vocabulary and ~45 ms at 152k (5 sequences, often several per step); a real model's allowed
-    # token is nearly always near the top. Where it is not (outside a free string, where the JSON
-    # grammar allows a few characters), the top 8,192 rarely held one either (measured on the
-    # nanoLLaVA shape: 225 of 250 refusals went on to the full pass), while the first-character
-    # pass looks at the few tokens that can be allowed.
-    STAGES: tuple[int, ...] = (1024,)
-
-    def _penalized(self, logits: Any) -> Any:
-        """llama.cpp's penalties (repeat 1.1 over the last 64 accepted tokens; a logit <= 0 is
-        multiplied, a positive one divided, in float32), on a copy."""
-        import numpy as np
-
-        x = np.array(logits, dtype=np.float32, copy=True)
-        if self.recent:
-            ids = np.fromiter(set(self.recent), dtype=np.int64)
-            v = x[ids]
-            x[ids] = np.where(v <= 0, v * np.float32(_REPEAT_PENALTY), v / np.float32(_REPEAT_PENALTY))
-        return x
-
-    def _greedy(self, logits: Any) -> int:
-        """Penalties, then greedy (the first highest logit)."""
-        import numpy as np
-
-        return int(np.argmax(self._penalized(logits)))
-
-    def _greedy_allowed(self, logits: Any) -> int:
-        """The token the full grammar pass then greedy would pick, with the pass run on the
-        best-scoring candidates first. The grammar only masks tokens, so when a candidate whose
-        penalized logit is >= t is allowed, the best of them beats every token below t; the cut is
-        by value, so ties at t are all inside, and the lowest id wins a tie as in np.argmax. Then
-        on the tokens whose first character the grammar allows: every allowed token is among them."""
-        import numpy as np
-
-        x = self._penalized(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)))
-        for k in self.STAGES:
-            if k >= self.n_vocab:
-                break
-            t = np.partition(x, self.n_vocab - k)[self.n_vocab - k]
-            best = self._best_allowed(np.flatnonzero(x >= t), x)
-            if best is not None:
-                return best
-        if self.first_chars is not None and not self.pending:
-            best = self._best_allowed(self._allowed_first_char_tokens(), x)
-            if best is not None:
-                return best
-        cur = self._candidates(logits)
-        self.lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
-        return self._greedy(self.buf["logit"])
-
-    def _grammar_allows(self, ids: Any, logits: Any) -> Any:
-        """The grammar's verdict (a bool per id) on these token ids, handed these logits."""
-        lc = self.lc
-        part = self.buf[: len(ids)]  # a view: the full pass rewrites the whole buffer
-        part["id"], part["logit"], part["p"] = ids, logits, 0.0
-        cur = lc.llama_token_data_array(data=part.ctypes.data_as(lc.llama_token_data_p),
-                                        size=len(ids), selected=-1, sorted=False)  # fmt: skip
-        lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
-        return part["logit"] > float("-inf")
-
-    def _best_allowed(self, ids: Any, x: Any) -> int | None:
-        """The allowed id of ascending `ids` with the highest penalized logit (the lowest id on a
-        tie, as np.argmax over the whole vocabulary), or None if the grammar allows none."""
-        import numpy as np
-
-        ok = self._grammar_allows(ids, x[ids])
-        return int(ids[np.argmax(np.where(ok, x[ids], -np.inf))]) if ok.any() else None
-
-    def _allowed_first_char_tokens(self) -> Any:
-        """Ascending ids of the tokens whose first character the grammar allows now, plus the
-        tokens always checked (see _FirstCharIndex)."""
-        import numpy as np
-
-        fc = self.first_chars
-        allowed = np.flatnonzero(self._grammar_allows(fc.probe_ids, 0.0))
-        return np.sort(np.concatenate([fc.always, *(fc.buckets[fc.probe_chars[i]] for i in allowed)]))
-
-    def _pick(self, logits: Any, cur: Any | None) -> int:
-        """One token from the raw logits, or from `cur` (the candidates after the grammar pass)."""
-        import numpy as np
-
-        if self.greedy:
-            return self._greedy(self.buf["logit"] if cur is not None else np.ctypeslib.as_array(logits, shape=(self.n_vocab,)))
-        cur = cur if cur is not None else self._candidates(logits)
-        self.lc.llama_sampler_apply(self.chain, ctypes.byref(cur))
-        return int(self.buf["id"][cur.selected])
-
-    def sample(self, ctx: Any, idx: int) -> int:
-        lc = self.lc
-        logits = lc.llama_get_logits_ith(ctx, idx)
-        tok = self._pick(logits, None)
-        if self.grammar is not None:
-            self.one["id"], self.one["logit"], self.one["p"] = tok, 1.0, 0.0
-            single = lc.llama_token_data_array(data=self.one.ctypes.data_as(lc.llama_token_data_p),
-                                               size=1, selected=-1, sorted=False)  # fmt: skip
-            lc.llama_sampler_apply(self.grammar, ctypes.byref(single))
-            if not self.one["logit"][0] > float("-inf") and self.greedy:  # refused: the grammar first
-                tok = self._greedy_allowed(logits)
-            elif not self.one["logit"][0] > float("-inf"):  # refused: the full grammar pass, then the chain
-                cur = self._candidates(logits)
-                lc.llama_sampler_apply(self.grammar, ctypes.byref(cur))
-                tok = self._pick(logits, cur)
-            lc.llama_sampler_accept(self.grammar, tok)
-            if self.first_chars is not None:
-                self.pending = utf8_incomplete_tail(self.pending + self.first_chars.pieces[tok])
-        if self.chain is not None:
-            lc.llama_sampler_accept(self.chain, tok)
-        self.recent.append(tok)
-        return tok
-
-    def free(self) -> None:
-        for smp in (self.chain, self.grammar):
-            if smp:
-                self.lc.llama_sampler_free(smp)
-        self.chain = self.grammar = None
 
 
 def _init_mtmd(handler: Any, llama: Any, image_max_tokens: int | None, flash_attn: bool) -> None:
@@ -616,13 +190,6 @@ def _init_mtmd(handler: Any, llama: Any, image_max_tokens: int | None, flash_att
         raise ValueError(f"{handler.clip_model_path} has no vision encoder")
 
 
-@functools.lru_cache(maxsize=8)
-def _gbnf(schema_json: str) -> bytes:
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    return json_schema_to_gbnf(schema_json).encode("utf-8")
-
-
 class VLM:
     """A loaded GGUF vision-language model. Use as a context manager, or call close()."""
 
@@ -632,10 +199,10 @@ class VLM:
         self.mmproj_path = Path(cfg.mmproj)
         self._llama: Any = None
         self._handler: Any = None
-        self._parallel: _ParallelContext | None = None
+        self._parallel: ParallelGenerator | None = None
         self._parallel_settings = ParallelSettings(flash_attn=cfg.flash_attn)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._first_chars: _FirstCharIndex | None = None
+        self._first_chars: FirstCharIndex | None = None
         self.calls = 0
         self.last_tokens_generated = 0
         if cfg.variant_mode not in VARIANT_MODES:
@@ -689,11 +256,11 @@ class VLM:
         return n
 
     def _load(self, spec: Family) -> None:
-        _silence_llama_logs()
+        silence_llama_logs()
         import llama_cpp
         from llama_cpp import llama_chat_format
 
-        _LOG_TAIL.clear()
+        vlm_log.clear()
         handler_cls = getattr(llama_chat_format, spec.handler)
         try:
             handler = handler_cls(clip_model_path=str(self.mmproj_path), verbose=False)
@@ -719,7 +286,7 @@ class VLM:
         except (ValueError, RuntimeError, OSError) as exc:
             self.close()
             raise ModelError(
-                f"llama.cpp could not load {self.model_path} with {self.mmproj_path}: {exc}{_log_hint()}; "
+                f"llama.cpp could not load {self.model_path} with {self.mmproj_path}: {exc}{vlm_log.hint()}; "
                 "check that both files are complete and belong together (or try another --family)"
             ) from exc
 
@@ -754,7 +321,7 @@ class VLM:
         kwargs: dict[str, Any] = {}
         if json_schema is not None and self.supports_grammar:
             kwargs["response_format"] = {"type": "json_object", "schema": json_schema}
-        _LOG_TAIL.clear()
+        vlm_log.clear()
         self.calls += 1
         try:
             # The handlers reset the context and KV cache before each prompt; a fixed seed and a
@@ -775,9 +342,9 @@ class VLM:
                     f"{self.model_path}: prompt + image do not fit the context ({msg}); "
                     f"raise n_ctx (now {self.n_ctx}) or shorten the prompt"
                 ) from exc
-            raise ModelError(f"{self.model_path}: generation failed: {msg}{_log_hint()}") from exc
+            raise ModelError(f"{self.model_path}: generation failed: {msg}{vlm_log.hint()}") from exc
         except RuntimeError as exc:
-            raise ModelError(f"{self.model_path}: generation failed: {exc}{_log_hint()}") from exc
+            raise ModelError(f"{self.model_path}: generation failed: {exc}{vlm_log.hint()}") from exc
         self.last_tokens_generated = int((out.get("usage") or {}).get("completion_tokens") or 0)
         return out["choices"][0]["message"]["content"] or ""
 
@@ -794,103 +361,6 @@ class VLM:
             self._parallel.close()
             self._parallel = None
         self._parallel_settings = settings
-
-    def _render_split(self, prompt: str, uri: str) -> tuple[str, str]:
-        """The family's chat prompt for (image, prompt + SPLIT), cut at SPLIT: (shared head, tail).
-
-        Rendered exactly as the family's handler renders it for the sequential path (its own
-        template, default system message, media marker), so both paths see the same framing.
-        """
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-        from llama_cpp import llama_chat_format as fmt
-
-        llama, handler = self._llama, self._handler
-        marker = handler._mtmd_cpp.mtmd_default_marker().decode("utf-8")
-        messages: list[dict[str, Any]] = [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": prompt + _SPLIT}]}]  # fmt: skip
-        eos = llama.detokenize([llama.token_eos()])
-        bos = llama.detokenize([llama.token_bos()])
-        if isinstance(handler, fmt.MTMDChatHandler):
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[fmt.Jinja2ChatFormatter.IgnoreGenerationTags])  # fmt: skip
-            env.filters["tojson"] = fmt.Jinja2ChatFormatter.tojson
-            text = env.from_string(handler._get_chat_template(llama)).render(
-                messages=handler._get_template_messages(messages, marker), add_generation_prompt=True,
-                eos_token=handler._decode_token_piece(eos), bos_token=handler._decode_token_piece(bos),
-                strftime_now=fmt.Jinja2ChatFormatter.strftime_now,
-            )  # fmt: skip
-            text = handler._postprocess_template_text(text, [uri], marker)
-        else:
-            if handler.DEFAULT_SYSTEM_MESSAGE is not None:
-                messages.insert(0, {"role": "system", "content": handler.DEFAULT_SYSTEM_MESSAGE})
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            text = env.from_string(handler.CHAT_FORMAT).render(
-                messages=messages, add_generation_prompt=True, eos_token=eos, bos_token=bos
-            ).replace(uri, marker)  # fmt: skip
-        if text.count(_SPLIT) != 1 or marker not in text.split(_SPLIT)[0]:
-            raise ModelError(f"the {self.family} chat template cannot be split for parallel variants; "
-                             "use --variant-mode sequential")  # fmt: skip
-        head, tail = text.split(_SPLIT)
-        return head, tail
-
-    def _image_chunks(self, head: str, image: bytes, mime: str) -> Any:
-        """mtmd chunks (text and image) of the shared head with the image in it; caller frees."""
-        handler, mtmd = self._handler, self._handler._mtmd_cpp
-        try:
-            bitmap = handler._create_bitmap_from_bytes(image)
-        except ValueError as exc:
-            raise ImageError(f"llama.cpp could not decode the image ({mime}): {exc}; pass PNG or JPEG bytes") from exc
-        chunks = mtmd.mtmd_input_chunks_init()
-        try:
-            text = mtmd.mtmd_input_text()
-            raw = head.encode("utf-8")
-            text.text, text.text_len, text.add_special, text.parse_special = raw, len(raw), True, True
-            rc = mtmd.mtmd_tokenize(handler.mtmd_ctx, chunks, ctypes.byref(text),
-                                    (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)  # fmt: skip
-            if rc != 0:
-                mtmd.mtmd_input_chunks_free(chunks)
-                raise ModelError(f"{self.model_path}: mtmd could not tokenize the prompt with its image (code {rc})")
-        finally:
-            mtmd.mtmd_bitmap_free(bitmap)
-        return chunks
-
-    def _eval_prefix(self, pc: _ParallelContext, chunks: Any, seq: int, res: ParallelResult) -> int:
-        """Decode one image's shared prefix into sequence `seq`; returns the next position."""
-        import llama_cpp as lc
-
-        mtmd, mctx = self._handler._mtmd_cpp, self._handler.mtmd_ctx
-        n_past = 0
-        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                n = ctypes.c_size_t()
-                ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                toks = [ptr[j] for j in range(n.value)]
-                t0, c0 = time.perf_counter(), time.process_time()
-                for j in range(0, len(toks), pc.n_batch):
-                    part = toks[j : j + pc.n_batch]
-                    pc.decode([(t, n_past + j + k, seq, False) for k, t in enumerate(part)])
-                res.prompt_s += time.perf_counter() - t0
-                res.prompt_cpu_s += time.process_time() - c0
-                n_past += len(toks)
-                res.prompt_tokens += len(toks)
-                continue
-            t0, c0 = time.perf_counter(), time.process_time()
-            if mtmd.mtmd_encode_chunk(mctx, chunk) != 0:
-                raise ModelError(f"{self.model_path}: the vision encoder failed on this image{_log_hint()}")
-            t1, c1 = time.perf_counter(), time.process_time()
-            new_past = lc.llama_pos(0)
-            rc = mtmd.mtmd_helper_decode_image_chunk(mctx, pc.ctx, chunk, mtmd.mtmd_get_output_embd(mctx), n_past,
-                                                     seq, pc.n_batch, ctypes.byref(new_past),
-                                                     mtmd.mtmd_helper_post_decode_callback(), None)  # fmt: skip
-            if rc != 0:
-                raise ModelError(f"{self.model_path}: decoding the image embeddings failed (code {rc}){_log_hint()}")
-            res.encode_s, res.encode_cpu_s = res.encode_s + t1 - t0, res.encode_cpu_s + c1 - c0
-            res.prompt_s += time.perf_counter() - t1
-            res.prompt_cpu_s += time.process_time() - c1
-            res.prompt_tokens += int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
-            n_past = new_past.value
-        return n_past
 
     def describe_parallel(
         self,
@@ -921,98 +391,26 @@ class VLM:
             raise ImageError("empty image bytes given to VLM.describe_parallel; pass the encoded PNG/JPEG file content")
         n_var = len(suffixes)
         temps = list(temperatures) if isinstance(temperatures, (list, tuple)) else [float(temperatures)] * n_var
-        _LOG_TAIL.clear()
+        vlm_log.clear()
         self.calls += 1
-        llama, vocab = self._llama, self._llama._model.vocab
-        res = ParallelResult(texts=[], tokens=[])
-        uri = f"data:{mime};base64,"  # any unique string: the image travels as a bitmap, not a URL
-        head, tail = self._render_split(prompt, uri + "x")
-        suffix_toks = [llama.tokenize((s + tail).encode("utf-8"), add_bos=False, special=True) for s in suffixes]
-        gbnf = _gbnf(json.dumps(json_schema, sort_keys=True)) if json_schema is not None and self.supports_grammar else None
-        chunk_lists = []
-        samplers: list[Any] = []
-        try:
-            for im in images:
-                chunk_lists.append(self._image_chunks(head, im, mime))
-            mtmd = self._handler._mtmd_cpp
-            prefix = [int(mtmd.mtmd_helper_get_n_tokens(c)) for c in chunk_lists]
-            per_image = sum(map(len, suffix_toks)) + n_var * max_tokens
-            n_seq = len(images) * n_var
-            if self._parallel is None:
-                self._parallel = _ParallelContext(llama, self.n_threads, self._parallel_settings)
-            pc = self._parallel
-            per_seq = max(prefix) + max(map(len, suffix_toks)) + max_tokens + 16
-            pc.ensure(per_seq, sum(prefix) + len(images) * per_image + 16, n_seq,
-                      len(images) * sum(map(len, suffix_toks)) + n_seq)  # fmt: skip
-            lc.llama_memory_clear(lc.llama_get_memory(pc.ctx), True)
-            mem = lc.llama_get_memory(pc.ctx)
-            pos: list[int] = []
-            for i, chunks in enumerate(chunk_lists):
-                base = i * n_var
-                n_past = self._eval_prefix(pc, chunks, base, res)
-                for v in range(1, n_var):
-                    lc.llama_memory_seq_cp(mem, base, base + v, -1, -1)
-                pos.extend([n_past] * n_var)
-            # Every sequence's own suffix, one batch; logits only at each suffix's last token.
-            entries, out_idx = [], []
-            for s in range(n_seq):
-                toks = suffix_toks[s % n_var]
-                entries += [(t, pos[s] + k, s, k == len(toks) - 1) for k, t in enumerate(toks)]
-                out_idx.append(len(entries) - 1)
-                pos[s] += len(toks)
-            t0, c0 = time.perf_counter(), time.process_time()
-            pc.decode(entries)
-            res.prompt_s += time.perf_counter() - t0
-            res.prompt_cpu_s += time.process_time() - c0
-            res.prompt_tokens += len(entries)
-            n_vocab = lc.llama_vocab_n_tokens(vocab)
-            first_chars = self._first_char_index(vocab, n_vocab) if gbnf is not None else None
-            samplers = [_SequenceSampler(vocab, n_vocab, gbnf, temps[s % n_var], self.cfg.seed + s % n_var, first_chars)
-                        for s in range(n_seq)]  # fmt: skip
-            generated: list[list[int]] = [[] for _ in range(n_seq)]
-            active = list(range(n_seq))
-            pool = self._sampling_pool()
-            t0, c0 = time.perf_counter(), time.process_time()
-            while active:
-                entries, still = [], []
-                if pool is not None and len(active) > 1:
-                    picked = list(pool.map(lambda s: samplers[s].sample(pc.ctx, out_idx[s]), active))
-                else:
-                    picked = [samplers[s].sample(pc.ctx, out_idx[s]) for s in active]
-                for s, tok in zip(active, picked, strict=True):
-                    if lc.llama_vocab_is_eog(vocab, tok):
-                        continue
-                    generated[s].append(tok)
-                    if len(generated[s]) >= max_tokens:
-                        continue
-                    out_idx[s] = len(entries)
-                    entries.append((tok, pos[s], s, True))
-                    pos[s] += 1
-                    still.append(s)
-                active = still
-                if entries:
-                    t1 = time.perf_counter()
-                    pc.decode(entries)
-                    res.gen_decode_s += time.perf_counter() - t1
-                    res.gen_steps += 1
-            res.gen_s, res.gen_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-        finally:
-            for sm in samplers:
-                sm.free()
-            for c in chunk_lists:
-                self._handler._mtmd_cpp.mtmd_input_chunks_free(c)
-        for i in range(len(images)):
-            seqs = generated[i * n_var : (i + 1) * n_var]
-            res.texts.append([llama.detokenize(g).decode("utf-8", "replace") for g in seqs])
-            res.tokens.append([len(g) for g in seqs])
-        res.gen_tokens = sum(map(len, generated))
+        if self._parallel is None:
+            self._parallel = ParallelGenerator(lc, self._llama, self._handler, self.n_threads, self._parallel_settings,
+                                               model_path=self.model_path, family=self.family)  # fmt: skip
+        gbnf = json_schema_gbnf(lc, json.dumps(json_schema, sort_keys=True)) if json_schema is not None and self.supports_grammar else None
+        vocab = self._llama._model.vocab
+        first_chars = self._first_char_index(vocab, lc.llama_vocab_n_tokens(vocab)) if gbnf is not None else None
+        res = self._parallel.describe(images, prompt, suffixes, gbnf=gbnf, max_tokens=max_tokens, temperatures=temps,
+                                      seed=self.cfg.seed, mime=mime, first_chars=first_chars,
+                                      pool=self._sampling_pool())  # fmt: skip
         self.last_tokens_generated = res.gen_tokens
         return res
 
-    def _first_char_index(self, vocab: Any, n_vocab: int) -> _FirstCharIndex:
+    def _first_char_index(self, vocab: Any, n_vocab: int) -> FirstCharIndex:
         """Built once per loaded model (a pass over the vocabulary: ~1 s at 152k tokens)."""
         if self._first_chars is None:
-            self._first_chars = _FirstCharIndex(vocab, n_vocab)
+            import llama_cpp
+
+            self._first_chars = FirstCharIndex(llama_cpp, vocab, n_vocab)
         return self._first_chars
 
     def _sampling_pool(self) -> concurrent.futures.ThreadPoolExecutor | None:
@@ -1082,7 +480,7 @@ def quantize_gguf(src: Path, dst: Path, ftype: str) -> Path:
     info = inspect_gguf(src)
     if info.kind != "model":
         raise ModelError(f"{src} is an mmproj; llama.cpp's quantizer only handles text models")
-    _silence_llama_logs()
+    silence_llama_logs()
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -1090,11 +488,11 @@ def quantize_gguf(src: Path, dst: Path, ftype: str) -> Path:
     params.nthread = config.default_threads()
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    _LOG_TAIL.clear()
+    vlm_log.clear()
     try:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0 or not tmp.exists():
-            raise ModelError(f"quantizing {src} to {key} failed (code {rc}){_log_hint()}")
+            raise ModelError(f"quantizing {src} to {key} failed (code {rc}){vlm_log.hint()}")
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
