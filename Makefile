@@ -80,7 +80,7 @@ bundle: models $(BUNDLE_TOOLS)
 # portable build pip made. The compile needs Debian's shader compilers, SPIR-V headers and Vulkan
 # loader (Debian 13's newer Vulkan headers are fetched by build_bundle.py, pinned by sha256); the
 # tests need Mesa's Vulkan drivers. apt-get installs what is missing; make stops if it cannot.
-VULKAN_DEBS  := glslc glslang-tools spirv-headers libvulkan-dev mesa-vulkan-drivers
+VULKAN_DEBS  := glslc glslang-tools spirv-headers libvulkan-dev mesa-vulkan-drivers vulkan-tools
 
 $(VENV)/.vulkan-deps: $(STAMP)
 	@missing=$$(for p in $(VULKAN_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

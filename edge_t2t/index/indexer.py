@@ -35,13 +35,13 @@ from pathlib import Path
 
 from ..describe.captioning import CaptionSettings
 from ..embed.texts import PlannedText, plan_texts
-from ..errors import ImageError, InputError, StoreError
+from ..errors import GPUError, ImageError, InputError, StoreError
 from ..hashing import sha256_bytes
 from ..images import ImageBytes
 from ..modes import DEFAULT_TEXT_MODE, DTYPES, TEXT_MODES
 from ..records import CaptionRecord
 from .indexdir import IndexDir
-from .store import MODEL_FILE_COLUMNS, NewText, Store
+from .store import PROVENANCE_COLUMNS, NewText, Store
 
 DEFAULT_DTYPE = "i8"
 STAGES = ("scan", "caption", "embed", "store", "index_save")
@@ -136,12 +136,12 @@ def _record_hash(rec: CaptionRecord) -> str:
 
 
 def _provenance(rec: CaptionRecord) -> dict:
-    # The VLM's file paths and sha256 ride in the record's extra (captioning.py puts them there);
-    # imported captions have none, which the store keeps as NULL.
+    # The VLM's file paths and sha256, and the backend and device it ran on, ride in the record's
+    # extra (captioning.py puts them there); imported captions have none, which the store keeps as NULL.
     return {
         "model": rec.model, "mmproj": rec.mmproj, "family": rec.family, "prompt_version": rec.prompt_version,
         "test_model": rec.test_model, "constrained": rec.constrained,
-        **{c: rec.extra.get(c) or None for c in MODEL_FILE_COLUMNS},
+        **{c: rec.extra.get(c) or None for c in PROVENANCE_COLUMNS},
     }
 
 
@@ -243,6 +243,7 @@ class Indexer:
         self.n_variants = n_variants
         self.caption = caption or CaptionSettings()
         self._stop = False
+        self._gpu_error: GPUError | None = None  # the device gave out: raised once the batch is committed
         # issue 13: images above the tiling threshold are scenes, cut into chips (scene_index.py)
         from ..scene.scene_index import TilingOptions
 
@@ -413,6 +414,10 @@ class Indexer:
             try:
                 self._run(ix, paths, records, summary)
                 status = "ok" if not summary.failed else "partial"
+            except GPUError:
+                if ix.writer is not None:  # the committed batches reach the vector snapshot now
+                    self._checkpoint(ix, summary, force=True)
+                raise
             except KeyboardInterrupt:
                 summary.interrupted = True
                 status = "interrupted"
@@ -556,20 +561,24 @@ class Indexer:
                 p.record, p.from_vlm = outcome, True
             bar.advance("caption")
 
+        stopped = False
         try:
             result = captioning.caption_sources([(p, p.image) for p in todo], self.vlm_cfg, self.n_variants,
                                                 self.caption, on_result)  # fmt: skip
+            stopped = result.interrupted
+        except GPUError as exc:  # out of GPU memory and the like: every further image would fail too
+            self._gpu_error, stopped = exc, True
         finally:
             for p in todo:
                 p.image = None  # described (or not): the bytes are dropped with the batch
         for p in todo:
             if p.record is None and not p.error:
-                if result.interrupted:
-                    p.dropped = True  # its caption run was stopped by Ctrl-C; commit the others first
+                if stopped:
+                    p.dropped = True  # its caption run was stopped (Ctrl-C, the GPU); commit the others first
                 else:
                     p.error = "the VLM returned no description"
                     bar.advance("caption")
-        if result.interrupted:
+        if stopped:
             self._stop = True
 
     def _batch(self, store: Store, batch: list[_Pending], mode: str, summary: IndexSummary, bar) -> None:
@@ -625,4 +634,4 @@ class Indexer:
         summary.stage_seconds["store"] += time.perf_counter() - t
         bar.advance("embed", len(batch))
         if self._stop:
-            raise KeyboardInterrupt
+            raise self._gpu_error or KeyboardInterrupt

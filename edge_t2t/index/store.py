@@ -100,6 +100,9 @@ _V2 = """
 
 # The provenance columns that v2 added (see _V2), in the order put_image/provenance use them.
 MODEL_FILE_COLUMNS = ("model_path", "model_sha256", "mmproj_path", "mmproj_sha256")
+# v7's (see DEVICE_MIGRATION): where the descriptions were made.
+DEVICE_COLUMNS = ("backend", "device")
+PROVENANCE_COLUMNS = MODEL_FILE_COLUMNS + DEVICE_COLUMNS
 
 # v3: the keys of deleted texts, in order, so an `index` run brings the vector snapshot up to date
 # by reading what changed since its last save (seq > the manifest's deletions_seen) instead of
@@ -172,10 +175,26 @@ VARIANT_ORDINAL_MIGRATION = """
         CREATE INDEX variants_image_ordinal ON variants(image_id, ordinal);
 """
 
+# v7 (issue 22): the llama.cpp backend and device that wrote each description set ("CPU" and "CPU", or
+# e.g. "Vulkan" and "Vulkan0 (NVIDIA GeForce RTX 3060)"), so `info` and `verify` tell CPU-made from
+# GPU-made descriptions. NULL for imported captions and for sets described before v7. Part of a
+# set's identity: the same model on another device is another set (the caption cache still shares
+# the descriptions: its key has no device).
+DEVICE_MIGRATION = """
+        ALTER TABLE descriptions ADD COLUMN backend TEXT;
+        ALTER TABLE descriptions ADD COLUMN device TEXT;
+        DROP INDEX descriptions_identity;
+        CREATE UNIQUE INDEX descriptions_identity ON descriptions (
+            model, mmproj, family, prompt_version, test_model, constrained,
+            IFNULL(model_path, ''), IFNULL(model_sha256, ''), IFNULL(mmproj_path, ''), IFNULL(mmproj_sha256, ''),
+            IFNULL(backend, ''), IFNULL(device, '')
+        );
+"""
+
 # MIGRATIONS[i] takes a store from schema version i to i + 1 (version 0 = an empty file): an SQL
 # script, or a function of the connection for steps that need Python (e.g. re-encoding blobs).
 Migration = str | Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[Migration] = [_V1, _V2, _V3, _V4, SCENES_MIGRATION, VARIANT_ORDINAL_MIGRATION]
+MIGRATIONS: list[Migration] = [_V1, _V2, _V3, _V4, SCENES_MIGRATION, VARIANT_ORDINAL_MIGRATION, DEVICE_MIGRATION]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -399,18 +418,17 @@ class Store:
         values = (
             prov.get("model", ""), prov.get("mmproj", ""), prov.get("family", ""),
             prov.get("prompt_version", ""), int(bool(prov.get("test_model"))), int(bool(prov.get("constrained", True))),
-            *(str(prov[c]) if prov.get(c) else None for c in MODEL_FILE_COLUMNS),
+            *(str(prov[c]) if prov.get(c) else None for c in PROVENANCE_COLUMNS),
         )
         self.conn.execute(
             "INSERT OR IGNORE INTO descriptions(model, mmproj, family, prompt_version, test_model, constrained, "
-            f"{', '.join(MODEL_FILE_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"{', '.join(PROVENANCE_COLUMNS)}) VALUES ({', '.join('?' * len(values))})",
             values,
         )
         # IS, not =: it matches NULL to NULL, as the IFNULL() unique index does.
         return self.conn.execute(
             "SELECT id FROM descriptions WHERE model=? AND mmproj=? AND family=? AND prompt_version=? "
-            "AND test_model=? AND constrained=? AND model_path IS ? AND model_sha256 IS ? "
-            "AND mmproj_path IS ? AND mmproj_sha256 IS ?",
+            f"AND test_model=? AND constrained=? AND {' AND '.join(f'{c} IS ?' for c in PROVENANCE_COLUMNS)}",
             values,
         ).fetchone()[0]
 
@@ -422,7 +440,8 @@ class Store:
         """Insert or replace the image at `path` (its old texts go with it); return its id.
 
         `provenance` names the description set: model, mmproj, family, prompt_version, test_model,
-        constrained, and (when a VLM wrote it) the MODEL_FILE_COLUMNS of its GGUF files."""
+        constrained, and (when a VLM wrote it) the MODEL_FILE_COLUMNS of its GGUF files and the
+        DEVICE_COLUMNS of where it ran."""
         self.conn.execute("DELETE FROM images WHERE path = ?", (path,))
         cur = self.conn.execute(
             "INSERT INTO images(path, size, mtime_ns, sha256, width, height, status, error, source, "
@@ -635,10 +654,10 @@ class Store:
     def provenance(self) -> list[dict]:
         rows = self.conn.execute(
             "SELECT d.model, d.mmproj, d.family, d.prompt_version, d.test_model, d.constrained, "
-            f"{', '.join('d.' + c for c in MODEL_FILE_COLUMNS)}, COUNT(i.id) "
+            f"{', '.join('d.' + c for c in PROVENANCE_COLUMNS)}, COUNT(i.id) "
             "FROM descriptions d JOIN images i ON i.description_id = d.id GROUP BY d.id ORDER BY d.id"
         )
-        keys = ("model", "mmproj", "family", "prompt_version", "test_model", "constrained", *MODEL_FILE_COLUMNS, "images")
+        keys = ("model", "mmproj", "family", "prompt_version", "test_model", "constrained", *PROVENANCE_COLUMNS, "images")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
 
