@@ -10,6 +10,7 @@ act at the chosen one.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -282,6 +283,8 @@ def has_traceback(text: str) -> bool:
 #   hashed         after a file was read and hashed (ImageBytes.read; action 'rewrite' replaces
 #                  that file's content)
 #   lock_busy      a try to take a lock found it held by another process (before --wait's sleep)
+#   gpu_devices    the VLM lists llama.cpp's GPU devices; action "report" overrides what each reports:
+#                  "free_bytes" (its free memory) and "software" (a CPU-type device, never auto's)
 # "at" may be "*": every time. Action "stop" pauses the process right there (SIGSTOP to itself) with
 # everything it holds (the index lock, an open transaction) until the test sends SIGCONT; see
 # wait_until_stopped().
@@ -377,6 +380,20 @@ def child_main() -> None:
         return image
 
     ImageBytes.read = classmethod(read)
+
+    from edge_t2t.describe import vlm_devices
+
+    orig_devices = vlm_devices.gpu_devices
+
+    def gpu_devices(lc):
+        devices, why = orig_devices(lc)
+        for f in faults:
+            if f["stage"] == "gpu_devices" and f.get("action") == "report":
+                devices = [dataclasses.replace(d, free_bytes=int(f.get("free_bytes", d.free_bytes)),
+                                               software=bool(f.get("software", d.software))) for d in devices]  # fmt: skip
+        return devices, why
+
+    vlm_devices.gpu_devices = gpu_devices
 
     import fcntl
 

@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
         print("note: the indexed descriptions record no VLM files (imported captions); no VLM file to check",
               file=sys.stderr)
     made_on = vlm.get("made_on") or []
-    if made_on:
-        print("descriptions made on: " + "; ".join(made_on_text(m) for m in made_on))
+    if any(m["backend"] for m in made_on):  # which descriptions the CPU made and which a GPU
+        print("note: descriptions made on: " + "; ".join(made_on_text(m) for m in made_on), file=sys.stderr)
     counts = rep.checks.get("counts", {})
     texts = rep.checks.get("variants", {}).get("texts", 0)
     state = rep.checks.get("vectors", {}).get("state", "?")
