@@ -89,7 +89,12 @@ if [[ -z $build ]]; then
     # (standard library only). A software device (Mesa's llvmpipe) does not count: slower than the CPU.
     if [[ $build == portable && -d $HERE/wheels/llama-vulkan ]]; then
         own=$(ls "$HERE"/wheels/common/edge_t2t-*.whl)
-        if PYTHONPATH=$own timeout 60 "$PY" -m edge_t2t.describe.vulkan_probe --has-gpu 2>/dev/null; then
+        # The vulkan wheel may ask for a newer glibc than the others (its manylinux tag says which).
+        need=$(ls "$HERE"/wheels/llama-vulkan/ | sed -n 's/.*manylinux_\([0-9]*\)_\([0-9]*\)_.*/\1.\2/p')
+        libc=$("$PY" -c 'import platform; print(platform.libc_ver()[1] or "0")')
+        if ! "$PY" -c 'import sys; a, b = (tuple(map(int, v.split("."))) for v in sys.argv[1:]); sys.exit(a < b)' "$libc" "${need:-0}"; then
+            why="$why; the vulkan build needs glibc $need, this system has $libc"
+        elif PYTHONPATH=$own timeout 60 "$PY" -m edge_t2t.describe.vulkan_probe --has-gpu 2>/dev/null; then
             build=vulkan why="a Vulkan GPU is present"
         else
             why="$why, and no Vulkan GPU was found"
