@@ -60,7 +60,7 @@ def _pngs(n: int) -> list[tuple[str, bytes]]:
 
 
 def run_arm(model: Path, mmproj: Path, *, gpu_layers: str, threads: int, n_images: int, variants: int,
-            max_tokens: int) -> dict:  # fmt: skip
+            max_tokens: int, image_max_tokens: int = 0) -> dict:  # fmt: skip
     """One path (child process): load once, then per image the sequential and the parallel path."""
     from edge_t2t.describe.captioning import _run_parallel, _run_sequential
     from edge_t2t.describe.gpu_offload import parse_gpu_layers
@@ -68,7 +68,7 @@ def run_arm(model: Path, mmproj: Path, *, gpu_layers: str, threads: int, n_image
 
     t0 = time.perf_counter()
     vlm = VLM(VLMConfig(model, mmproj, n_threads=threads, seed=0, variant_mode="sequential",
-                        n_gpu_layers=parse_gpu_layers(gpu_layers)))  # fmt: skip
+                        n_gpu_layers=parse_gpu_layers(gpu_layers), image_max_tokens=image_max_tokens or None))  # fmt: skip
     load_s = time.perf_counter() - t0
     prompt, vp = prompts.build_prompt(variants), prompts.build_variant_prompts(variants)
     schema = prompts.schema(variants)
@@ -136,7 +136,7 @@ def _child(args: argparse.Namespace, model: Path, mmproj: Path, path: str, log: 
     gpu_layers = "0" if path == "cpu" else args.gpu_layers
     cmd = [sys.executable, str(Path(__file__).resolve()), "--arm", str(model), str(mmproj), gpu_layers,
            "--images", str(args.images), "--variants", str(args.variants), "--max-tokens", str(args.max_tokens),
-           "--threads", str(args.threads)]  # fmt: skip
+           "--threads", str(args.threads), "--image-max-tokens", str(args.image_max_tokens)]  # fmt: skip
     if path == "cpu" and args.cpu_cores:  # a 2-core laptop's CPU path, on whatever machine runs the bench
         cores = sorted(os.sched_getaffinity(0))[: args.cpu_cores]
         cmd = ["taskset", "-c", ",".join(map(str, cores)), *cmd]
@@ -174,7 +174,9 @@ def _write(results: list[dict], args: argparse.Namespace) -> str:
                       f"| {_per_hour(arm, 'parallel'):.1f} | {ratio} | {agree} | {prefix} | {arm['load_avg']:.1f} |\n")  # fmt: skip
     table += (f"\n{args.images} RSICD sample image(s) per path, {args.variants} variants, cap {args.max_tokens} tokens "
               f"per image, greedy; CPU arm on {args.cpu_cores or 'all'} core(s), {args.threads} llama.cpp thread(s); "
-              f"GPU arm --gpu-layers {args.gpu_layers}. Random-weight shape models: constrained output runs to the caps.\n")  # fmt: skip
+              f"GPU arm --gpu-layers {args.gpu_layers}"
+              f"{f', --image-max-tokens {args.image_max_tokens}' if args.image_max_tokens else ''}. "
+              "Random-weight shape models: constrained output runs to the caps.\n")  # fmt: skip
     if soft:
         table += ("\n**Software device (Mesa llvmpipe): these figures show only that both paths run and whether their "
                   "outputs agree. llvmpipe executes the GPU code on this same CPU; its speed says nothing about a "
@@ -195,6 +197,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp CPU threads in both arms")
     ap.add_argument("--cpu-cores", type=int, default=2, help="pin the CPU arm to this many cores (0: no pinning)")
     ap.add_argument("--gpu-layers", default="all", help="the GPU arm's --gpu-layers (default all)")
+    ap.add_argument("--image-max-tokens", type=int, default=0,
+                    help="cap one image's tokens, as caption's flag (0: the mmproj's own; SmolVLM: 64 = 2 encoder passes)")  # fmt: skip
     ap.add_argument("--software-device", action="store_true",
                     help="make Mesa's llvmpipe visible to llama.cpp (GGML_VK_VISIBLE_DEVICES=0): no GPU needed, "
                          "no speed meaning")  # fmt: skip
@@ -204,7 +208,8 @@ def main() -> None:
     args.max_tokens = args.max_tokens or prompts.default_max_tokens(args.variants)
     if args.arm:
         print(json.dumps(run_arm(Path(args.arm[0]), Path(args.arm[1]), gpu_layers=args.arm[2], threads=args.threads,
-                                 n_images=args.images, variants=args.variants, max_tokens=args.max_tokens)))  # fmt: skip
+                                 n_images=args.images, variants=args.variants, max_tokens=args.max_tokens,
+                                 image_max_tokens=args.image_max_tokens)))  # fmt: skip
         return
     results = []
     with tempfile.TemporaryDirectory() as tmp:

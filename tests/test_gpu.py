@@ -81,14 +81,16 @@ def _assert_on_the_device(rec: dict, log: str, layers: int, mode: str) -> None:
 
 def test_caption_on_the_device_both_paths_and_repeats_exactly(tiny: dict, tmp_path: Path) -> None:
     """All layers and the projector on the device, on the parallel path twice (the same variants,
-    run to run, in separate processes) and on the sequential path."""
+    run to run, in separate processes) and on the sequential path. The parallel runs have two
+    threads, so the sequences' samplers run on a thread pool: they must not call into the device
+    from there (two threads fetching logits at once deadlocked llama.cpp's Vulkan backend)."""
     image = hm.make_png(tmp_path / "tile.png", seed=3)
     runs = []
-    for i, mode in enumerate(("parallel", "parallel", "sequential")):
+    for i, (mode, threads) in enumerate((("parallel", "2"), ("parallel", "2"), ("sequential", "1"))):
         work = tmp_path / f"run{i}"
         work.mkdir()
         res = hm.run_cli("caption", str(image), *tiny["vlm"], *ARGS, "--gpu-layers", "all", "--variant-mode", mode,
-                         env=gpu_env(work), timeout=1200)  # fmt: skip
+                         "--threads", threads, env=gpu_env(work), timeout=1200)  # fmt: skip
         (rec,) = _records(res)
         _assert_on_the_device(rec, llama_log(work), tiny["layers"], mode)
         runs.append(rec)

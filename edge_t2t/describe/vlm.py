@@ -5,12 +5,13 @@ before llama.cpp is reached, because llama.cpp aborts or segfaults on some bad f
 goes in per call, always as a base64 data: URI (llama-cpp-python fetches any other URL over the
 network), and the raw text comes back; parsing is the caller's business.
 
-Beside it: vlm_parallel.py (several images' variants in one batch) and vlm_sampling.py (each
+Beside it: vlm_parallel.py (several images' variants in one batch), vlm_sampling.py (each
 sequence's sampler and the grammar) and vlm_devices.py (llama.cpp's backends and GPU devices). They
 do not import llama_cpp; VLM hands them the llama_cpp module it imported, with its loaded Llama and
-chat handler. Passing the module is the plainest way
-to keep this file the one place that loads the native library, without a circle back to it. The
-chat families and their inference from GGUF metadata live in families.py (no llama.cpp needed).
+chat handler. Passing the module is the plainest way to keep this file the one place that loads
+the native library, without a circle back to it. The chat families and their inference from GGUF
+metadata live in families.py (no llama.cpp needed). Where the model runs (CPU, or how much of it
+on which GPU) is planned in gpu_offload.py.
 """
 
 from __future__ import annotations
