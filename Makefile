@@ -79,7 +79,8 @@ bundle: models $(BUNDLE_TOOLS)
 # machine (about 10 minutes on 2 cores) into ~/.cache/edge-t2t/wheels and installed over the
 # portable build pip made. The compile needs Debian's shader compilers, SPIR-V headers and Vulkan
 # loader (Debian 13's newer Vulkan headers are fetched by build_bundle.py, pinned by sha256); the
-# tests need Mesa's Vulkan drivers. apt-get installs what is missing; make stops if it cannot.
+# tests need Mesa's Vulkan drivers (llvmpipe) and vulkaninfo (their independent view of the devices).
+# apt-get installs what is missing; make stops if it cannot.
 VULKAN_DEBS  := glslc glslang-tools spirv-headers libvulkan-dev mesa-vulkan-drivers vulkan-tools
 
 $(VENV)/.vulkan-deps: $(STAMP)
