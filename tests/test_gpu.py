@@ -157,32 +157,36 @@ def _n_ctx(tiny: dict) -> int:
 def test_out_of_gpu_memory_stops_keeps_the_finished_and_resumes(tiny: dict, tmp_path: Path) -> None:
     """An index run whose device cannot allocate (ggml-vulkan's buffers forced below what the model
     needs: the allocation fails as it does when the card is full) stops with one line naming the
-    fix, keeps the images it finished, and the same command on the CPU resumes with the rest."""
+    fix and keeps the images it finished; the same command on a device that can resumes with the
+    rest. The index then tells the CPU-made descriptions (from the caption cache, whose key has no
+    device) from the one made on the device: `info` per description set, `verify` in its note."""
     images = tmp_path / "images"
     a, b, c = hm.make_pngs(images, 3, start_seed=10)
     cache = tmp_path / "cache"
     env_cpu = hm.child_env(cache, EDGE_T2T_THREADS="1")
     warm = hm.run_cli("caption", str(a), str(b), *tiny["vlm"], *OPTS, "--json", "--gpu-layers", "0",
                       env=env_cpu, timeout=1200)  # fmt: skip
-    assert len(_records(warm)) == 2  # a and b are in the caption cache now (its key has no device)
+    assert len(_records(warm)) == 2  # a and b are in the caption cache now
     index = tmp_path / "index"
-    env = {**gpu_env(tmp_path), "EDGE_T2T_CACHE_DIR": str(cache), "GGML_VK_FORCE_MAX_BUFFER_SIZE": "4096"}
-    res = hm.run_cli("index", str(images), *tiny["vlm"], *OPTS, "--index", str(index), "--gpu-layers",
-                     "all", "--no-progress", "--json", env=env, timeout=1200)  # fmt: skip
+    env = {**gpu_env(tmp_path), "EDGE_T2T_CACHE_DIR": str(cache)}
+    argv = ("index", str(images), *tiny["vlm"], *OPTS, "--index", str(index), "--gpu-layers", "all", "--no-progress",
+            "--json")  # fmt: skip
+    res = hm.run_cli(*argv, env={**env, "GGML_VK_FORCE_MAX_BUFFER_SIZE": "4096"}, timeout=1200)
     assert res.returncode == 2 and not hm.has_traceback(res.stderr), res.stderr[-3000:]
     (line,) = [x for x in res.stderr.splitlines() if x.startswith("edge-t2t: error:")]
     assert "out of GPU memory on Vulkan0 (llvmpipe" in line and "--gpu-layers 0" in line, line
     assert re.search(r"--gpu-layers \d+\b", line.split("--gpu-layers 0")[0]), line  # fewer layers, named
     info = json.loads(hm.run_cli("info", "--index", str(index), "--json", env=env_cpu).stdout)
     assert info["counts"]["images_ok"] == 2  # a and b were committed before the device gave out
-    again = hm.run_cli("index", str(images), *tiny["vlm"], *OPTS, "--index", str(index), "--gpu-layers",
-                       "0", "--no-progress", "--json", env=env_cpu, timeout=1200)  # fmt: skip
+    again = hm.run_cli(*argv, env=env, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads(again.stdout)
     assert (summary["added"], summary["skipped"]) == (1, 2)
-    made = {d["backend"]: d["images"] for d in json.loads(hm.run_cli("info", "--index", str(index), "--json",
-                                                                      env=env_cpu).stdout)["descriptions"]}  # fmt: skip
-    assert made == {"CPU": 3}
+    info = json.loads(hm.run_cli("info", "--index", str(index), "--json", env=env_cpu).stdout)
+    made = sorted((d["backend"], d["device"].split(" (")[0], d["images"]) for d in info["descriptions"])
+    assert made == [("CPU", "CPU", 2), ("Vulkan", "Vulkan0", 1)], info["descriptions"]
+    checked = hm.run_cli("verify", "--index", str(index), env=env_cpu)
+    assert checked.returncode == 0 and "2 image(s) on the CPU; 1 image(s) on the GPU Vulkan0 (llvmpipe" in checked.stderr
 
 
 def test_doctor_json_names_the_device(tiny: dict, tmp_path: Path) -> None:
