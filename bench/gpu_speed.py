@@ -39,24 +39,12 @@ import time
 from pathlib import Path
 
 from _common import ROOT, write_results
+from caption_speed import _pngs
 
 from edge_t2t import config
 from edge_t2t.describe import prompts
 
 MODES = ("sequential", "parallel")
-
-
-def _pngs(n: int) -> list[tuple[str, bytes]]:
-    import io
-
-    from PIL import Image
-
-    out = []
-    for p in sorted((config.shared_data_dir() / "rsicd" / "samples").glob("*.jpg"))[:n]:
-        buf = io.BytesIO()
-        Image.open(p).convert("RGB").save(buf, format="PNG")
-        out.append((p.name, buf.getvalue()))
-    return out
 
 
 def run_arm(model: Path, mmproj: Path, *, gpu_layers: str, threads: int, n_images: int, variants: int,

@@ -189,7 +189,8 @@ def _gpu(rep: Report) -> None:
                 f"{d['free_bytes'] >> 20} of {d['total_bytes'] >> 20} MiB free{soft}")  # fmt: skip
     hardware = [d for d in used if not d["software"]]
     if hardware:
-        rep.add("gpu", "ok", f"--gpu-layers auto (the default) describes on {hardware[0]['name']}", SWITCH_BUILD)
+        best = max(hardware, key=lambda d: d["free_bytes"])  # auto's choice (gpu_offload.plan_offload)
+        rep.add("gpu", "ok", f"--gpu-layers auto (the default) describes on {best['name']}", SWITCH_BUILD)
     elif unusable:
         rep.add("gpu", "note", f"this machine's GPU is not used: {unusable}", SWITCH_BUILD)
     else:
