@@ -8,6 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EMBEDDER_MANIFEST := models/embedder/manifest.json
 TEST_VLM_MANIFEST := models/test-vlm/manifest.json
+LLAMA_VULKAN := $(VENV)/.llama-vulkan
 
 .PHONY: setup models test lint demo bench clean-models bundle cli-docs
 
@@ -38,7 +39,7 @@ models: $(EMBEDDER_MANIFEST) $(TEST_VLM_MANIFEST)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-test: models lint $(VENV)/.bundle-tools $(VENV)/.browser-deps
+test: models lint $(VENV)/.bundle-tools $(VENV)/.browser-deps $(LLAMA_VULKAN)
 	$(PY) -m pytest
 
 demo: models
@@ -78,6 +79,29 @@ $(BUNDLE_TOOLS): $(STAMP) | $(QEMU_USER)
 
 bundle: models $(BUNDLE_TOOLS)
 	$(PY) packaging/build_bundle.py
+
+# The GPU-capable llama.cpp (README "Describing on a GPU"): packaging/build_bundle.py's vulkan
+# flavour, the CPU and Vulkan backends as modules loaded at run time, so the one build runs every
+# test on the CPU and the GPU tests on Mesa's software Vulkan device (llvmpipe). Compiled once per
+# machine (about 10 minutes on 2 cores) into ~/.cache/edge-t2t/wheels and installed over the
+# portable build pip made. The compile needs Debian's shader compilers, SPIR-V headers and Vulkan
+# loader (Debian 13's newer Vulkan headers are fetched by build_bundle.py, pinned by sha256); the
+# tests need Mesa's Vulkan drivers (llvmpipe) and vulkaninfo (their independent view of the devices).
+# apt-get installs what is missing; make stops if it cannot.
+VULKAN_DEBS  := glslc glslang-tools spirv-headers libvulkan-dev mesa-vulkan-drivers vulkan-tools
+
+$(VENV)/.vulkan-deps: $(STAMP)
+	@missing=$$(for p in $(VULKAN_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; } \
+	  || { echo "make: error: could not install the Debian packages" $$missing "(the Vulkan build and its tests need them): install them as root (apt-get install" $$missing")"; exit 1; }; \
+	fi
+	touch $@
+
+$(LLAMA_VULKAN): $(VENV)/.vulkan-deps $(BUNDLE_TOOLS) packaging/build_bundle.py
+	wheel=$$($(PY) packaging/build_bundle.py --llama-wheel vulkan) && \
+	  $(PY) -m pip install --disable-pip-version-check -q --no-deps --force-reinstall "$$wheel"
+	touch $@
 
 # edge-t2t serve's browser test (tests/test_serve.py) drives Debian's chromium through its chromedriver;
 # installed with apt-get when missing (we run as root, as CI does).

@@ -5,7 +5,7 @@ something the user may want: no VLM yet, no index yet) and "problem" (something 
 line says how to fix it). Only problems make doctor fail.
 
 llama.cpp is probed in a child process: a library compiled for instructions this CPU lacks dies
-with SIGILL, and doctor must live to say so.
+with SIGILL, and doctor must live to say so. So is Vulkan (a broken driver may crash its caller).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ _FEATURE_FLAGS = {
 }  # fmt: skip
 _SHOWN_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f")
 REINSTALL = "reinstall from the bundle (install.sh NEWDIR) or, in a clone, run `make setup`"
+SWITCH_BUILD = ("EDGE_T2T_LLAMA_BUILD=vulkan|portable|compat install.sh NEWDIR installs another llama.cpp build "
+                "from the bundle (in a clone: `make .venv/.llama-vulkan` installs the vulkan one)")  # fmt: skip
 
 
 @dataclass
@@ -116,19 +118,29 @@ def _packages(rep: Report) -> None:
         rep.add("packages", "problem", f"required package {name} is not installed", REINSTALL)
 
 
+def _child(code: str, what: str) -> tuple[subprocess.CompletedProcess | None, str]:
+    """Run `code` in a child Python: (its result, "") or (None, why it did not answer)."""
+    try:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300), ""
+    except subprocess.TimeoutExpired:
+        return None, f"{what} took over 300 s"
+
+
 def _cpu_and_llama(rep: Report) -> None:
     flags = cpu_flags()
     record = install_record()
-    build = (record or {}).get("llama_build", "built from source (pip)")
     rep.facts["cpu_flags"] = sorted(f for f in _SHOWN_FLAGS if f in flags)
-    rep.facts["llama_build"] = build
     shown = " ".join(f if f in flags else f"-{f}" for f in _SHOWN_FLAGS) if flags else "unknown (no /proc/cpuinfo)"
-    rep.add("cpu", "ok", f"CPU flags: {shown}; llama.cpp build: {build}")
     code = "import json\nfrom edge_t2t.describe.vlm import llama_system_info\nprint(json.dumps(llama_system_info()))"
-    try:
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        rep.add("llama.cpp", "problem", "loading llama.cpp took over 300 s", "check the machine's load, then rerun")
+    res, late = _child(code, "loading llama.cpp")
+    info = json.loads(res.stdout) if res is not None and res.returncode == 0 else {}
+    # The bundle's install record names its build; a clone's says what it was compiled with.
+    from_source = "vulkan (built from source)" if "vulkan" in info.get("backend_modules", []) else "built from source (pip)"
+    build = (record or {}).get("llama_build", from_source)
+    rep.facts["llama_build"] = build
+    rep.add("cpu", "ok", f"CPU flags: {shown}; llama.cpp build: {build}")
+    if res is None:
+        rep.add("llama.cpp", "problem", late, "check the machine's load, then rerun")
         return
     if res.returncode < 0:
         sig = signal.Signals(-res.returncode).name
@@ -140,15 +152,49 @@ def _cpu_and_llama(rep: Report) -> None:
         last = (res.stderr.strip().splitlines() or ["?"])[-1]
         rep.add("llama.cpp", "problem", f"llama-cpp-python does not import: {last}", REINSTALL)
         return
-    info = json.loads(res.stdout)
     rep.facts["llama_cpp"] = info
-    rep.add("llama.cpp", "ok", f"llama-cpp-python {info['llama_cpp_python']}: {info['system_info']}")
+    rep.add("llama.cpp", "ok", f"llama-cpp-python {info['llama_cpp_python']}, backends {', '.join(info['backends'])}: "
+            f"{info['system_info']}")
     if flags:
         lacking = [f for f, on in info["features"].items() if on == "1" and f in _FEATURE_FLAGS
                    and _FEATURE_FLAGS[f] not in flags]  # fmt: skip
         if lacking:
             rep.add("llama.cpp", "problem", f"llama.cpp was built for {', '.join(lacking)}, which this CPU lacks "
                     "(expect 'illegal instruction')", "reinstall with EDGE_T2T_LLAMA_BUILD=compat install.sh NEWDIR")
+
+
+def _gpu(rep: Report) -> None:
+    """The Vulkan devices the machine has (name, type, memory, driver), the ones llama.cpp offloads
+    to, and how to get the GPU used when it is not."""
+    res, late = _child("from edge_t2t.describe.vulkan_probe import main\nmain([])", "asking Vulkan for its devices")
+    if res is None or res.returncode != 0:
+        why = late or f"the Vulkan probe failed ({(res.stderr.strip().splitlines() or ['?'])[-1]})"
+        rep.facts["gpu"] = {"vulkan": None, "llama_devices": [], "unusable": why}
+        rep.add("gpu", "note", f"{why}; describing runs on the CPU", "check the GPU driver, then rerun doctor")
+        return
+    vk = json.loads(res.stdout)
+    info = rep.facts.get("llama_cpp", {})
+    used = info.get("gpu_devices", [])
+    unusable = info.get("gpu_unusable", "")
+    rep.facts["gpu"] = {"vulkan": vk, "llama_devices": used, "unusable": unusable}
+    if not vk["loader"] or vk["error"]:
+        rep.add("gpu", "note", f"{vk['error']}: describing runs on the CPU")
+    for d in vk["devices"]:
+        kind = "software device, slower than the CPU: never used by --gpu-layers auto" if d["type"] == "cpu" else d["type"]
+        rep.add("gpu", "ok", f"Vulkan device {d['index']}: {d['name']} ({kind}), {d['memory_bytes'] >> 20} MiB, "
+                f"driver {d['driver']}, Vulkan {d['api_version']}")  # fmt: skip
+    for d in used:
+        soft = ", software: only with --gpu-layers all|N" if d["software"] else ""
+        rep.add("gpu", "ok", f"llama.cpp offloads to {d['name']} ({d['description']}, {d['backend']}): "
+                f"{d['free_bytes'] >> 20} of {d['total_bytes'] >> 20} MiB free{soft}")  # fmt: skip
+    hardware = [d for d in used if not d["software"]]
+    if hardware:
+        best = max(hardware, key=lambda d: d["free_bytes"])  # auto's choice (gpu_offload.plan_offload)
+        rep.add("gpu", "ok", f"--gpu-layers auto (the default) describes on {best['name']}", SWITCH_BUILD)
+    elif unusable:
+        rep.add("gpu", "note", f"this machine's GPU is not used: {unusable}", SWITCH_BUILD)
+    else:
+        rep.add("gpu", "note", "no GPU llama.cpp can use: describing runs on the CPU", SWITCH_BUILD)
 
 
 def _onnxruntime(rep: Report) -> None:
@@ -226,7 +272,7 @@ def _index(rep: Report, index_dir: Path) -> None:
 
 def run_doctor(index_dir: Path) -> Report:
     rep = Report()
-    for check in (_python, _packages, _cpu_and_llama, _onnxruntime, _models):
+    for check in (_python, _packages, _cpu_and_llama, _gpu, _onnxruntime, _models):
         check(rep)
     _index(rep, index_dir)
     return rep

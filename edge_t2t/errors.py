@@ -39,3 +39,9 @@ class StoreError(EdgeT2TError):
 
 class ClusterError(EdgeT2TError):
     """A Dask scheduler cannot be reached, a worker refuses the work, or the cluster extra is missing."""
+
+
+class GPUError(ModelError):
+    """The GPU cannot do what was asked: out of its memory, a driver too old, no device. It stops the
+    run (every further image would fail the same way); the message names the fix, and what was
+    finished is kept."""

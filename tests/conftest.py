@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import signal
 import sys
@@ -21,6 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # tests then deliver nothing. Catching it here gives this process Python's KeyboardInterrupt and
 # the children the default disposition (a caught signal resets on exec, an ignored one does not).
 signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# The suite describes on the CPU whatever GPU the machine has (the default --gpu-layers auto would
+# take one), so its outputs are the same everywhere; tests/test_gpu.py asks for the device itself.
+os.environ["EDGE_T2T_GPU_LAYERS"] = "0"
 
 
 # -- no skips -----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ act at the chosen one.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -317,6 +318,8 @@ def has_traceback(text: str) -> bool:
 #   migrate        the schema v7 upgrade has written everything, before its COMMIT
 #   vacuum         the upgrade is committed, before the VACUUM that gives the space back
 #   vacuum_step    inside that VACUUM (SQLite's progress handler, every 100 virtual-machine steps)
+#   gpu_devices    the VLM lists llama.cpp's GPU devices; action "report" overrides what each reports:
+#                  "free_bytes" (its free memory) and "software" (a CPU-type device, never auto's)
 # "at" may be "*": every time. With "after": [OTHER, M], "at" counts only the times NAME is reached
 # once OTHER has been reached M times (e.g. the first COMMIT after the 2nd batch's embedding: inside
 # that batch's transaction). Action "stop" pauses the process right there (SIGSTOP to itself) with
@@ -443,6 +446,20 @@ def child_main() -> None:
         return image
 
     ImageBytes.read = classmethod(read)
+
+    from edge_t2t.describe import vlm_devices
+
+    orig_devices = vlm_devices.gpu_devices
+
+    def gpu_devices(lc):
+        devices, why = orig_devices(lc)
+        for f in faults:
+            if f["stage"] == "gpu_devices" and f.get("action") == "report":
+                devices = [dataclasses.replace(d, free_bytes=int(f.get("free_bytes", d.free_bytes)),
+                                               software=bool(f.get("software", d.software))) for d in devices]  # fmt: skip
+        return devices, why
+
+    vlm_devices.gpu_devices = gpu_devices
 
     import fcntl
 

@@ -20,6 +20,8 @@ from edge_t2t.index import schema
 from edge_t2t.index.store import STORE_FILE
 
 DIM = 8
+# The schema step that brought the lean layout (v7): the stores made here are the ones before it.
+LEAN_VERSION = schema.MIGRATIONS.index(schema.lean_layout) + 1
 IDENTITY = {"name": "fake-embedder", "dim": DIM, "weights_sha256": "ab" * 32, "pooling": "mean"}
 
 
@@ -57,7 +59,7 @@ def _unit(rng: np.random.Generator) -> np.ndarray:
 def make_old_store(index_dir: Path, version: int, n_images: int = 4, seed: int = 0) -> OldStore:
     """A store at schema `version` (1..6) with `n_images` images of 2 variants x 3 texts each; the
     last text written is deleted again (its key stays used, so the new sequence must go past it)."""
-    assert 1 <= version < schema.SCHEMA_VERSION
+    assert 1 <= version < LEAN_VERSION
     index_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     conn = sqlite3.connect(index_dir / STORE_FILE, isolation_level=None)

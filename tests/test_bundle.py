@@ -66,6 +66,18 @@ captions=$("$WORK/target/bin/python" -c "import sys; from edge_t2t.demo.scenes i
 '''
 
 
+def _expected_build() -> str:
+    """install.sh's choice on this machine, worked out from other sources: the CPU's flags
+    (/proc/cpuinfo) and Debian's vulkaninfo (a device that is not of CPU type is a GPU)."""
+    flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+                .split(":", 1)[1].split())  # fmt: skip
+    if not {"avx", "avx2", "fma", "f16c", "bmi2"} <= flags:
+        return "compat"
+    vk = subprocess.run(["vulkaninfo", "--summary"], capture_output=True, text=True, timeout=120)
+    types = re.findall(r"deviceType\s*=\s*(\w+)", vk.stdout)
+    return "vulkan" if any(t != "PHYSICAL_DEVICE_TYPE_CPU" for t in types) else "portable"
+
+
 def _python() -> str:
     """The interpreter this venv was made from: install.sh must not depend on our virtualenv."""
     exe = Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -149,7 +161,8 @@ def test_install_and_search_with_no_network(archive: Path, tmp_path: Path, capsy
     assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
     doctor = json.loads((tmp_path / "doctor.json").read_text())
     assert doctor["ok"], doctor["problems"]
-    assert doctor["facts"]["llama_build"] in ("portable", "compat")
+    build = _expected_build()
+    assert doctor["facts"]["llama_build"] == build and f"llama.cpp build: {build} (" in res.stderr
     assert any(f["group"] == "embedder" and f["status"] == "ok" for f in doctor["facts"]["model_files"])
     assert Path(doctor["facts"]["models_dir"]) == tmp_path / "target" / "share" / "edge-t2t" / "models"
     summary = json.loads((tmp_path / "index.json").read_text())
@@ -238,6 +251,47 @@ def test_compat_build_installs_and_captions(archive: Path, optional_archive: Pat
     record = json.loads(res.stdout.splitlines()[0])
     # found by itself: the pair added above is the only VLM this installation has
     assert record["test_model"] and record["model"] == model.name and record["variants"]
+
+
+VULKAN_SCRIPT = r'''
+set -euo pipefail
+ip link set lo up
+"$WORK/unpacked/$TOP/install.sh" "$WORK/target"
+"$WORK/target/bin/edge-t2t" models add "$MODEL" "$MMPROJ" --name tiny
+"$WORK/target/bin/edge-t2t" doctor --json > "$WORK/doctor.json" || true
+GGML_VK_VISIBLE_DEVICES=0 EDGE_T2T_LLAMA_LOG="$WORK/llama.log" "$WORK/target/bin/edge-t2t" caption "$IMAGE" \
+    --variants 2 --json --no-cache --gpu-layers all > "$WORK/record.json"
+'''
+
+
+def test_vulkan_build_installs_and_captions_on_the_device(archive: Path, tmp_path: Path) -> None:
+    """The bundle's third flavour (llama.cpp's CPU and Vulkan backends, loaded at run time), chosen
+    with EDGE_T2T_LLAMA_BUILD=vulkan, installs inside a network namespace and captions with every
+    layer and the projector on Mesa's software Vulkan device; llama.cpp's own log says so."""
+    from helpers_media import make_png, test_vlm_files
+
+    prefix = _isolation()
+    if prefix is None:
+        pytest.fail("no network namespace available (unshare -n / -rn refused); this test needs one")
+    model, mmproj = test_vlm_files()
+    top = _unpack(tmp_path / "unpacked", archive)
+    image = make_png(tmp_path / "tile.png", seed=5)
+    shaders = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-t2t" / "mesa-shader-cache"
+    env = _clean_env(tmp_path, EDGE_T2T_LLAMA_BUILD="vulkan", WORK=str(tmp_path), TOP=top.name, MODEL=str(model),
+                     MMPROJ=str(mmproj), IMAGE=str(image), MESA_SHADER_CACHE_DIR=str(shaders), EDGE_T2T_THREADS="1")  # fmt: skip
+    res = subprocess.run([*prefix, "bash", "-c", VULKAN_SCRIPT], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=1800)  # fmt: skip
+    assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
+    assert "llama.cpp build: vulkan (EDGE_T2T_LLAMA_BUILD)" in res.stderr
+    doctor = json.loads((tmp_path / "doctor.json").read_text())
+    assert doctor["facts"]["llama_build"] == "vulkan"
+    assert {"CPU", "Vulkan"} <= set(doctor["facts"]["llama_cpp"]["backends"])
+    log = (tmp_path / "llama.log").read_text(errors="replace")
+    (record,) = [json.loads(x) for x in (tmp_path / "record.json").read_text().splitlines() if x.strip()]
+    layers = record["gpu_layers"].split("/")[1]
+    assert f"offloaded {layers}/{layers} layers to GPU" in log and "CLIP using Vulkan0 backend" in log
+    assert record["backend"] == "Vulkan" and record["device"].startswith("Vulkan0 (llvmpipe")
+    assert record["gpu_layers"] == f"{layers}/{layers}" and len(record["variants"]) == 2
 
 
 # -- the compat build on a CPU without AVX: qemu-user emulating an older CPU ------------------------

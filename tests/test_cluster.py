@@ -302,6 +302,28 @@ def test_the_worker_plugin_refuses_a_file_that_differs_from_the_clients(vlm_cfg,
     assert holder.vlm is None
 
 
+def test_local_workers_spread_over_gpus(vlm_cfg, monkeypatch) -> None:
+    """A local cluster's worker k loads its VLM as GPU worker k of N (gpu_offload.plan_offload then
+    gives it GPU k mod n), N being the cluster's worker count; a worker with a name of its own (a
+    remote `dask worker`) is no one's number and takes its machine's best GPU."""
+    import dataclasses
+
+    from edge_t2t.describe import vlm as vlm_mod
+    from edge_t2t.hashing import sha256_file
+
+    loaded = []
+    monkeypatch.setattr(vlm_mod, "VLM", lambda cfg: loaded.append(cfg) or cfg)
+    expected = {k: (str(p), sha256_file(p)) for k, p in (("model", vlm_cfg.model), ("mmproj", vlm_cfg.mmproj))}
+    with cluster.open_cluster(workers=3) as session:  # not started: no image asked for a worker yet
+        assert session.local_workers == 3
+    cfg = dataclasses.replace(vlm_cfg, gpu_workers=3)
+    for name in (2, "tcp://10.0.0.7:4321"):
+        holder = cluster._VLMHolder(cfg, expected)
+        holder.setup(type("W", (), {"address": "tcp://127.0.0.1:1", "name": name})())
+        holder._loaded()
+    assert [(c.gpu_worker, c.gpu_workers) for c in loaded] == [(2, 3), (None, 3)]
+
+
 def _require_unshare_bind() -> None:
     """Fails (never skips) when a private mount namespace cannot be made, naming what to install."""
     if not shutil.which("unshare"):

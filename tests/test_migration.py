@@ -12,7 +12,7 @@ import sqlite3
 
 import numpy as np
 import pytest
-from helpers_old_store import DIM, make_old_store
+from helpers_old_store import DIM, LEAN_VERSION, make_old_store
 
 from edge_t2t.index import schema, snapshot_writer, vindex
 from edge_t2t.index.indexdir import IndexDir
@@ -25,7 +25,7 @@ def _fts_keys(st: Store, word: str) -> list[int]:
     return sorted(r[0] for r in st.conn.execute("SELECT rowid FROM texts_fts WHERE texts_fts MATCH ?", (word,)))
 
 
-@pytest.mark.parametrize("version", range(1, schema.SCHEMA_VERSION))
+@pytest.mark.parametrize("version", range(1, LEAN_VERSION))
 def test_every_old_version_upgrades_in_place(tmp_path, version):
     ix = tmp_path / "ix"
     old = make_old_store(ix, version)
@@ -59,7 +59,7 @@ def test_every_old_version_upgrades_in_place(tmp_path, version):
         assert c.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
         up = st.get_meta("upgrade")
         assert st.get_meta(schema.VACUUM_PENDING) is None
-        assert up["schema"] == schema.SCHEMA_VERSION and up["images"] == 4 and up["vectors_kept_pending"] == len(live)
+        assert up["schema"] == LEAN_VERSION and up["images"] == 4 and up["vectors_kept_pending"] == len(live)
         assert up["bytes_before"] > 0 and up["bytes_after"] > 0
         # new texts: keys after every old one; deletes logged and mirrored in the full-text index
         with st.transaction():
@@ -107,3 +107,4 @@ def test_the_snapshot_keeps_the_vectors_it_holds_and_the_others_stay_pending(tmp
         assert w.store.pending_keys(10**9).size == 0
     rep = verify_index(ix, check_models=False)
     assert rep.ok and rep.checks["vectors"]["state"] == "match", rep.problems
+

@@ -138,7 +138,7 @@ def test_grammar_checked_on_the_chosen_token_picks_what_the_full_grammar_pass_pi
                         lc.llama_sampler_init_grammar(vocab, gbnf, b"root"), lc.llama_sampler_init_greedy()):  # fmt: skip
                 lc.llama_sampler_chain_add(self.reference, smp)
 
-        def sample(self, ctx, idx):
+        def sample(self, ctx, idx, logits=None):  # llama.cpp's own chain reads the logits itself
             return lc.llama_sampler_sample(self.reference, ctx, idx)
 
         def free(self):

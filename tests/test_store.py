@@ -92,10 +92,10 @@ def test_v1_store_migrates_to_v2_keeping_rows_and_ids(tmp_path):
         assert st.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1  # restored after the rebuild
         assert not st.conn.execute("PRAGMA foreign_key_check").fetchall()
         cols = {r[1] for r in st.conn.execute("PRAGMA table_info(descriptions)")}
-        assert set(store_mod.MODEL_FILE_COLUMNS) <= cols
+        assert set(schema.MODEL_FILE_COLUMNS) <= cols
         prov = {p["model"]: p for p in st.provenance()}
         assert prov["m.gguf"]["images"] == 1 and prov["imported:coco"]["images"] == 1
-        assert all(prov["m.gguf"][c] is None for c in store_mod.MODEL_FILE_COLUMNS)
+        assert all(prov["m.gguf"][c] is None for c in schema.MODEL_FILE_COLUMNS)
         assert st.description_of(3)[0] == 7 and st.description_of(4)[0] == 9
         assert st.counts()["texts"] == 1 and st.get_meta("dim") == 8
         v1 = {"model": "m.gguf", "mmproj": "p.gguf", "family": "llava-1.5", "prompt_version": "v1", "test_model": False}

@@ -26,7 +26,7 @@ images finish.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..describe import cluster
+    from ..describe import cluster, gpu_offload
     from ..describe.prompts import DEFAULT_VARIANTS, MAX_VARIANTS
     from ..images import DEFAULT_MAX_MEGAPIXELS
 
@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"downscale larger images for the VLM; images over 4x this are refused (default {DEFAULT_MAX_MEGAPIXELS:g})")  # fmt: skip
     p.add_argument("--bands", metavar="R,G,B", help="1-based bands of multi-band images to show as RGB, e.g. 4,3,2")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for llama.cpp (default: 1 for models under 64 MiB, else all available CPUs)")
-    p.add_argument("--gpu-layers", type=int, default=0, metavar="N", help="layers to offload to a GPU (default 0)")
+    gpu_offload.add_arguments(p)
     p.add_argument("--max-tokens", type=int, metavar="N",
                    help="cap on generated tokens per image (default: what the schema's longest answer needs, "
                         "about 2000 for 5 variants)")  # fmt: skip
@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from rich.text import Text
 
+    from ..describe import gpu_offload
     from ..describe.captioning import Callbacks, caption_images
     from ..describe.captions import CACHE_FILENAME, CaptionCache, JsonlWriter
     from ..describe.cluster import session_from_args
@@ -113,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise ModelError(f"{path}: no such {kind} file; check --vlm/--mmproj (or $EDGE_T2T_VLM/$EDGE_T2T_MMPROJ)")
     cfg = VLMConfig(model=model, mmproj=mmproj, family=args.family, n_ctx=args.ctx, n_threads=args.threads,
-                    n_gpu_layers=args.gpu_layers, seed=args.seed, variant_mode=args.variant_mode,
-                    image_max_tokens=args.image_max_tokens)  # fmt: skip
+                    seed=args.seed, variant_mode=args.variant_mode, image_max_tokens=args.image_max_tokens,
+                    **gpu_offload.config_kwargs(args))  # fmt: skip
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     cache = None

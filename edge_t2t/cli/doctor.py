@@ -1,5 +1,5 @@
-"""`edge-t2t doctor`: check the installation (Python, packages, CPU and llama.cpp build, onnxruntime,
-models and their checksums, the index) and say how to fix each problem."""
+"""`edge-t2t doctor`: check the installation (Python, packages, CPU and llama.cpp build, GPU devices,
+onnxruntime, models and their checksums, the index) and say how to fix each problem."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ def register(subparsers) -> None:
         help="check the installation and say how to fix each problem",
         description=(
             "Check Python and package versions, the CPU's flags against the installed llama.cpp build "
-            "(and llama.cpp's own system info), onnxruntime's providers, the models found with their "
-            "checksums, and the index directory. One line per finding; each problem names its fix. "
+            "(and llama.cpp's own system info and backends), the Vulkan devices (name, type, memory, "
+            "driver) and the GPUs llama.cpp offloads to, onnxruntime's providers, the models found with "
+            "their checksums, and the index directory. One line per finding; each problem names its fix. "
             "Exit status: 0 all is well, 1 problems found."
         ),
     )

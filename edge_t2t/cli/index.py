@@ -11,7 +11,7 @@ from ..modes import DTYPES, PRECISIONS, TEXT_MODES
 
 
 def register(subparsers) -> None:
-    from ..describe import cluster
+    from ..describe import cluster, gpu_offload
 
     p = subparsers.add_parser(
         "index",
@@ -48,6 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--image-max-tokens", type=int, metavar="N",
                    help="cap one image's tokens in the VLM (as caption's flag; default: the mmproj's own)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for llama.cpp (default: 1 for models under 64 MiB, else all available CPUs)")
+    gpu_offload.add_arguments(p)
     p.add_argument("--cache-dir", metavar="DIR", help="caption cache directory (default: $EDGE_T2T_CACHE_DIR or ~/.cache/edge-t2t)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per commit (default: 32)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the caption cache")
@@ -115,12 +116,13 @@ def run(args: argparse.Namespace) -> int:
     caption = CaptionSettings()
     closing = ExitStack()  # the caption cache, closed whatever happens
     if args.vlm or args.mmproj or not args.captions:
+        from ..describe import gpu_offload
         from ..describe.vlm import VLMConfig, resolve_vlm_paths
 
         try:
             model, mmproj = resolve_vlm_paths(args.vlm, args.mmproj)
             vlm_cfg = VLMConfig(model=model, mmproj=mmproj, n_threads=args.threads,
-                                image_max_tokens=args.image_max_tokens)  # fmt: skip
+                                image_max_tokens=args.image_max_tokens, **gpu_offload.config_kwargs(args))  # fmt: skip
         except NoVLMError:
             if args.vlm or args.mmproj:
                 raise

@@ -97,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
                  "next index run; searches already see them)"))
     for d in info["descriptions"]:
         flag = " [TEST MODEL]" if d["test_model"] else ""
+        where = f", on {'the CPU' if d['backend'] == 'CPU' else d['device']}" if d["backend"] else ""
         t.add_row("descriptions", escape(f"{d['images']} images by {d['model']} ({d['family'] or '-'}), "
-                                         f"prompt {d['prompt_version']}{flag}"))
+                                         f"prompt {d['prompt_version']}{where}{flag}"))
     for name, size in info["files"].items():
         t.add_row(f"file {escape(name)}", f"{size / 1024:.1f} KiB")
     if info["bytes_per_image"]:

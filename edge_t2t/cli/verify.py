@@ -71,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     elif vlm.get("status") == "not_recorded" and vlm.get("descriptions"):
         print("note: the indexed descriptions record no VLM files (imported captions); no VLM file to check",
               file=sys.stderr)
+    made_on = vlm.get("made_on") or []
+    if any(m["backend"] for m in made_on):  # which descriptions the CPU made and which a GPU
+        print("note: descriptions made on: " + "; ".join(made_on_text(m) for m in made_on), file=sys.stderr)
     counts = rep.checks.get("counts", {})
     texts = rep.checks.get("texts", {}).get("texts", 0)
     state = rep.checks.get("vectors", {}).get("state", "?")
@@ -87,3 +90,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"{len(rep.problems)} problem(s) in {index} ({what})")
     return 1
+
+
+def made_on_text(m: dict) -> str:
+    """One description set's device, as verify and info print it."""
+    if m["backend"] is None:
+        return f"{m['images']} image(s) with no device recorded (imported captions, or indexed before it was kept)"
+    where = "the CPU" if m["backend"] == "CPU" else f"the GPU {m['device']} ({m['backend']})"
+    return f"{m['images']} image(s) on {where}"

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config
-from ..errors import ClusterError, ImageError, InputError, ModelError
+from ..errors import ClusterError, GPUError, ImageError, InputError, ModelError
 from ..hashing import sha256_bytes, sha256_file
 from ..records import CaptionRecord
 from .captioning import CaptionRun, load_source, serve_cached, source_path, stop_after_current
@@ -88,6 +88,9 @@ class _VLMHolder:
 
     def setup(self, worker: Any = None) -> None:
         self.where = f"{getattr(worker, 'address', '?')} ({platform.node()})"
+        # A local cluster numbers its workers 0..N-1: worker k takes GPU k mod n (gpu_offload.plan_offload).
+        name = getattr(worker, "name", None)
+        self.number = name if isinstance(name, int) else None
         self.lock = threading.RLock()  # a worker with several threads still has one llama.cpp context
         self.vlm: Any = None
         self.error = ""
@@ -118,7 +121,7 @@ class _VLMHolder:
                 from .vlm import VLM
 
                 try:
-                    self.vlm = VLM(self.vlm_cfg)
+                    self.vlm = VLM(dataclasses.replace(self.vlm_cfg, gpu_worker=self.number))
                 except ModelError as exc:
                     self.error = f"worker {self.where}: {exc}"
         if self.error:
@@ -171,9 +174,10 @@ class ClusterSession:
     """A connection to a Dask scheduler (or a local cluster, started on first use) for one command:
     a captioning.Executor (caption() describes a run's cache misses on the workers)."""
 
-    def __init__(self, connect: Callable[[], tuple[Any, Any]], description: str):
+    def __init__(self, connect: Callable[[], tuple[Any, Any]], description: str, local_workers: int = 1):
         self._connect = connect
         self.description = description
+        self.local_workers = local_workers  # worker processes of a local cluster (they share its GPUs)
         self._client: Any = None
         self._local: Any = None
         self._plugin: tuple | None = None
@@ -304,7 +308,7 @@ def open_cluster(address: str | None = None, workers: int | None = None, *,
             raise InputError(f"--workers {workers}: give 1 or more local worker processes")
         threads = max(1, config.default_threads() // workers)
         session = ClusterSession(lambda: _start_local(workers, threads),
-                                 f"{workers} local Dask worker(s), {threads} CPU thread(s) each")  # fmt: skip
+                                 f"{workers} local Dask worker(s), {threads} CPU thread(s) each", workers)  # fmt: skip
     else:
         session = ClusterSession(lambda: _connect_remote(address, timeout), f"the Dask scheduler at {address}")
         session.client  # noqa: B018 -- connect now: fail fast on a wrong address
@@ -377,7 +381,7 @@ def caption_on_cluster(session: ClusterSession, run: CaptionRun) -> None:
             model_sha, mmproj_sha = model_sha or sha256_file(model), mmproj_sha or sha256_file(mmproj)
             key = CacheKey.make(image.sha256, model_sha, mmproj_sha, opts.prompt.version, opts.params)
             was_connected = session.connected
-            session.ensure_plugin(dataclasses.replace(vlm_cfg, model=model, mmproj=mmproj),
+            session.ensure_plugin(dataclasses.replace(vlm_cfg, model=model, mmproj=mmproj, gpu_workers=session.local_workers),
                                   {"model": (str(model), model_sha), "mmproj": (str(mmproj), mmproj_sha)})  # fmt: skip
             if not was_connected:
                 notice(f"describing on {session.description}")
@@ -435,7 +439,7 @@ def caption_on_cluster(session: ClusterSession, run: CaptionRun) -> None:
                 done(tag, twin)
         elif future.status == "error":
             exc = future.exception()
-            if isinstance(exc, WorkerRefused):
+            if isinstance(exc, WorkerRefused | GPUError):  # every further image there would fail the same way
                 raise ClusterError(str(exc))
             if type(exc).__name__ == "KilledWorker" and not state.get("alone"):
                 suspects.append((key, image, members))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ..errors import EdgeT2TError, ModelError
+from ..errors import EdgeT2TError, GPUError, ModelError
 from ..images import LoadedImage, to_png_bytes
 from ..records import CaptionRecord, Variant
 from . import prompts
@@ -117,6 +117,8 @@ def describe_image(vlm: Any, image: ImageInput, opts: CaptionOptions, *, model_s
     n = prompt.n_variants
     try:
         described = describe(vlm, image.png, (prompt, opts.variant_prompts), json_schema, params)
+    except GPUError:  # every further image would fail the same way: stop the run (finished ones are kept)
+        raise
     except ModelError as exc:  # e.g. this image does not fit the context: fail the image, not the run
         raise UnusableAnswer(str(exc)) from None
     if not described.variants:
@@ -130,6 +132,9 @@ def describe_image(vlm: Any, image: ImageInput, opts: CaptionOptions, *, model_s
         **model_file_facts(getattr(vlm, "model_path", None) or model_files[0],
                        getattr(vlm, "mmproj_path", None) or model_files[1], model_sha, mmproj_sha),
         "model_name": getattr(vlm, "model_name", ""),
+        # Where it was made (backend, device, layers on the GPU): not part of the cache key, so a
+        # description made on the CPU serves a GPU run and the record still says the CPU made it.
+        **(getattr(vlm, "placement", None) or {}),
         "width": image.width,
         "height": image.height,
     }

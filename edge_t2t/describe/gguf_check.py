@@ -77,6 +77,7 @@ class GGUFInfo:
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)  # scalar/string keys only
     tensor_names: frozenset[str] = field(default_factory=frozenset, repr=False)
     tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)  # ggml order
+    tensor_bytes: dict[str, int] = field(default_factory=dict, repr=False)  # data size of each tensor
 
     @property
     def image_tokens_hint(self) -> int | None:
@@ -215,6 +216,7 @@ def inspect_gguf(path: Path) -> GGUFInfo:
     chat_template = metadata.get("tokenizer.chat_template")
     names = frozenset(t[0] for t in header.tensors)
     shapes = {t[0]: t[1] for t in header.tensors}
+    nbytes = {name: _tensor_nbytes(ne, tt) for name, ne, tt, _ in header.tensors}
     if data_end > size:
         raise ModelError(
             f"{path}: truncated GGUF: its tensors need {data_end} bytes but the file has {size}; "
@@ -236,6 +238,7 @@ def inspect_gguf(path: Path) -> GGUFInfo:
         metadata=metadata,
         tensor_names=names,
         tensor_shapes=shapes,
+        tensor_bytes=nbytes,
     )
     if kind == "model":
         info.embedding_length = metadata.get(f"{arch}.embedding_length")

@@ -5,11 +5,13 @@ before llama.cpp is reached, because llama.cpp aborts or segfaults on some bad f
 goes in per call, always as a base64 data: URI (llama-cpp-python fetches any other URL over the
 network), and the raw text comes back; parsing is the caller's business.
 
-Beside it: vlm_parallel.py (several images' variants in one batch) and vlm_sampling.py (each
-sequence's sampler and the grammar). They do not import llama_cpp; VLM hands them the llama_cpp
-module it imported, with its loaded Llama and chat handler. Passing the module is the plainest way
-to keep this file the one place that loads the native library, without a circle back to it. The
-chat families and their inference from GGUF metadata live in families.py (no llama.cpp needed).
+Beside it: vlm_parallel.py (several images' variants in one batch), vlm_sampling.py (each
+sequence's sampler and the grammar) and vlm_devices.py (llama.cpp's backends and GPU devices). They
+do not import llama_cpp; VLM hands them the llama_cpp module it imported, with its loaded Llama and
+chat handler. Passing the module is the plainest way to keep this file the one place that loads
+the native library, without a circle back to it. The chat families and their inference from GGUF
+metadata live in families.py (no llama.cpp needed). Where the model runs (CPU, or how much of it
+on which GPU) is planned in gpu_offload.py.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ import ctypes
 import functools
 import json
 import os
-from dataclasses import dataclass
+import re
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import config
-from ..errors import ImageError, ModelError, NoVLMError
+from ..errors import GPUError, ImageError, ModelError, NoVLMError
 from ..hashing import file_sha256
-from . import vlm_log
+from . import gpu_offload, vlm_devices, vlm_log
 from .families import FAMILIES, Family, infer_family
 from .gguf_check import GGUFInfo, check_pair, inspect_gguf
 from .model_files import named_pair, named_vlms, require_named
@@ -52,7 +56,13 @@ class VLMConfig:
     family: str | None = None
     n_ctx: int | None = None
     n_threads: int | None = None
-    n_gpu_layers: int = 0
+    # --gpu-layers: "auto", "all" or a number (gpu_offload.py); None: $EDGE_T2T_GPU_LAYERS, else "auto"
+    n_gpu_layers: str | int | None = None
+    mmproj_gpu: bool = True  # the projector on the GPU the text model uses, when it fits (--no-mmproj-gpu)
+    # A local Dask worker's number and how many there are: workers spread over several GPUs, and
+    # those sharing one split its free memory (cluster.py sets both).
+    gpu_worker: int | None = None
+    gpu_workers: int = 1
     seed: int = 0
     variant_mode: str = "parallel"  # "parallel" (describe_parallel) or "sequential" (generate)
     # mtmd's cap on one image's tokens (0/None: the mmproj's own preprocessing). Tiling projectors
@@ -138,38 +148,64 @@ def _only_one(directory: Path, found: list[Path], broken: list[str], plural: str
 # ---- llama.cpp logging: silenced, but the last lines are kept for error messages (vlm_log) --------
 
 _LOG_CALLBACK: Any = None  # kept referenced: llama.cpp calls it from C for the process lifetime
+# While a model loads, llama.cpp's info lines are kept here: they say where each part went.
+_LOAD_LOG: list[str] | None = None
 
 
 def silence_llama_logs() -> None:
+    """Route llama.cpp's log (text model, ggml backends, mtmd) through one callback, then load the
+    backends (so their start-up lines are routed too). Warnings and errors are kept for error
+    messages (vlm_log). $EDGE_T2T_LLAMA_LOG=FILE appends every line to FILE: what llama.cpp did,
+    e.g. which device took how many layers."""
     global _LOG_CALLBACK
     if _LOG_CALLBACK is not None:
         return
     import llama_cpp
     import llama_cpp.mtmd_cpp as mtmd_cpp
 
+    log_path = os.environ.get("EDGE_T2T_LLAMA_LOG")
+    log_file = open(log_path, "a", encoding="utf-8", errors="replace") if log_path else None  # noqa: SIM115 -- for the process lifetime
+    warned = {"lost": False}
+
     @llama_cpp.llama_log_callback
     def _drop(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if level in (3, 4) and text:  # GGML_LOG_LEVEL_WARN/ERROR: keep for the error message
-            vlm_log.TAIL.append(text.decode("utf-8", "replace").strip())
+        if not text:
+            return
+        line = text.decode("utf-8", "replace")
+        if log_file is not None:
+            log_file.write(line)
+            log_file.flush()
+        if _LOAD_LOG is not None:
+            _LOAD_LOG.append(line)
+        if level in (3, 4):  # GGML_LOG_LEVEL_WARN/ERROR: keep for the error message
+            vlm_log.TAIL.append(line.strip())
+            # A lost device ends in a C++ exception that aborts the process before Python can
+            # speak: the one line is said here, first.
+            if level == 4 and not warned["lost"] and gpu_offload.classify([line]) == "lost":
+                warned["lost"] = True
+                print(gpu_offload.DEVICE_LOST_MESSAGE, file=sys.stderr, flush=True)
 
     _LOG_CALLBACK = _drop
     llama_cpp.llama_log_set(_drop, ctypes.c_void_p(0))
     mtmd_cpp.mtmd_log_set(_drop, ctypes.c_void_p(0))
     mtmd_cpp.mtmd_helper_log_set(_drop, ctypes.c_void_p(0))
+    vlm_devices.load_backends(llama_cpp)
 
 
 VARIANT_MODES = ("parallel", "sequential")
 
 
-def _init_mtmd(handler: Any, llama: Any, image_max_tokens: int | None, flash_attn: bool) -> None:
+def _init_mtmd(handler: Any, llama: Any, image_max_tokens: int | None, flash_attn: bool, device: int | None) -> None:
     """The handler's mtmd context (the vision encoder), made as its own _init_mtmd_context makes it
-    but with mtmd's image_max_tokens and the encoder's flash attention chosen here (the handler
-    only copies the text model's flash-attention setting). Both variant paths use it."""
+    but with mtmd's image_max_tokens, the encoder's flash attention and its device (ggml's handle;
+    None: the CPU) chosen here (the handler copies the text model's flash-attention setting and
+    takes the first GPU it finds, even at --gpu-layers 0). Both variant paths use it."""
     import llama_cpp
 
     mtmd = handler._mtmd_cpp
     params = mtmd.mtmd_context_params_default()
-    params.use_gpu, params.print_timings, params.n_threads = True, False, llama.n_threads
+    params.use_gpu, params.print_timings, params.n_threads = device is not None, False, llama.n_threads
+    params.device = device
     # AUTO: libmtmd enables it where the backend supports it (every CPU build) and falls back
     # otherwise; measured 19% (SmolVLM shape) and 30% (nanoLLaVA) less encoder CPU time.
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -227,6 +263,9 @@ class VLM:
         self.is_test_model = model_info.is_test_model or mmproj_info.is_test_model
         self.n_threads = cfg.n_threads or self._default_threads(model_info)
         self.n_ctx = cfg.n_ctx or self._default_n_ctx(spec, model_info, mmproj_info)
+        self.offload: gpu_offload.OffloadPlan | None = None
+        # Where llama.cpp put the work, from its own log of the load: the caption records carry it.
+        self.placement: dict[str, str] = {}
         self._load(spec)
 
     # Hashed on first use, not at load: the caption pipeline already has both hashes from its cache
@@ -255,13 +294,24 @@ class VLM:
             n = min(n, int(model_info.context_length))
         return n
 
+    def _plan(self, lc: Any) -> gpu_offload.OffloadPlan:
+        cfg = self.cfg
+        request = cfg.n_gpu_layers if cfg.n_gpu_layers is not None else gpu_offload.default_request()
+        devices, unusable = vlm_devices.gpu_devices(lc)
+        needs = gpu_offload.memory_needs(self.model_info, self.mmproj_info, self.n_ctx)
+        return gpu_offload.plan_offload(request, devices, needs, mmproj_gpu=cfg.mmproj_gpu, worker=cfg.gpu_worker,
+                                        workers=cfg.gpu_workers, unusable=unusable)  # fmt: skip
+
     def _load(self, spec: Family) -> None:
+        global _LOAD_LOG
         silence_llama_logs()
         import llama_cpp
         from llama_cpp import llama_chat_format
 
         vlm_log.clear()
         handler_cls = getattr(llama_chat_format, spec.handler)
+        plan = self.offload = self._plan(llama_cpp)
+        _LOAD_LOG = []
         try:
             handler = handler_cls(clip_model_path=str(self.mmproj_path), verbose=False)
             self._llama = llama_cpp.Llama(
@@ -275,20 +325,36 @@ class VLM:
                 # machine made prompt processing ~100x slower.
                 n_threads=self.n_threads,
                 n_threads_batch=self.n_threads,
-                n_gpu_layers=self.cfg.n_gpu_layers,
+                # One device or none: SPLIT_MODE_NONE keeps llama.cpp on plan.device alone, and
+                # main_gpu -1 leaves it no device at all (else, even at 0 layers, it would use a
+                # GPU it finds for large batches).
+                n_gpu_layers=plan.n_gpu_layers,
+                split_mode=llama_cpp.LLAMA_SPLIT_MODE_NONE,
+                main_gpu=plan.device.index if plan.device else -1,
                 flash_attn=self.cfg.flash_attn,
                 seed=self.cfg.seed,
                 verbose=False,
             )
             # libmtmd loads lazily on the first chat call; load it now so a bad mmproj fails here.
-            _init_mtmd(handler, self._llama, self.cfg.image_max_tokens, self.cfg.vision_flash_attn)
+            mmproj_device = vlm_devices.device_handle(llama_cpp, plan.device.name) if plan.mmproj_on_gpu else None
+            _init_mtmd(handler, self._llama, self.cfg.image_max_tokens, self.cfg.vision_flash_attn, mmproj_device)
             self._handler = handler
         except (ValueError, RuntimeError, OSError) as exc:
             self.close()
+            self._raise_if_gpu(exc, f"loading {self.model_path.name}")
             raise ModelError(
                 f"llama.cpp could not load {self.model_path} with {self.mmproj_path}: {exc}{vlm_log.hint()}; "
                 "check that both files are complete and belong together (or try another --family)"
             ) from exc
+        finally:
+            loaded, _LOAD_LOG = _LOAD_LOG, None
+        self.placement = _placement(plan, "".join(loaded))
+
+    def _raise_if_gpu(self, exc: BaseException, what: str) -> None:
+        """A failure on the GPU as the one-line GPUError that names the fix (else nothing)."""
+        plan = self.offload
+        if plan is not None and plan.on_gpu and gpu_offload.classify(list(vlm_log.TAIL)) == "oom":
+            raise GPUError(gpu_offload.out_of_memory_message(plan, what, vlm_log.hint())) from exc
 
     def generate(
         self,
@@ -334,6 +400,7 @@ class VLM:
                 **kwargs,
             )
         except ValueError as exc:
+            self._raise_if_gpu(exc, "describing an image")
             msg = str(exc)
             if "bitmap" in msg:
                 raise ImageError(f"llama.cpp could not decode the image ({mime}): {msg}; pass PNG or JPEG bytes") from exc
@@ -344,6 +411,7 @@ class VLM:
                 ) from exc
             raise ModelError(f"{self.model_path}: generation failed: {msg}{vlm_log.hint()}") from exc
         except RuntimeError as exc:
+            self._raise_if_gpu(exc, "describing an image")
             raise ModelError(f"{self.model_path}: generation failed: {exc}{vlm_log.hint()}") from exc
         self.last_tokens_generated = int((out.get("usage") or {}).get("completion_tokens") or 0)
         return out["choices"][0]["message"]["content"] or ""
@@ -399,9 +467,13 @@ class VLM:
         gbnf = json_schema_gbnf(lc, json.dumps(json_schema, sort_keys=True)) if json_schema is not None and self.supports_grammar else None
         vocab = self._llama._model.vocab
         first_chars = self._first_char_index(vocab, lc.llama_vocab_n_tokens(vocab)) if gbnf is not None else None
-        res = self._parallel.describe(images, prompt, suffixes, gbnf=gbnf, max_tokens=max_tokens, temperatures=temps,
-                                      seed=self.cfg.seed, mime=mime, first_chars=first_chars,
-                                      pool=self._sampling_pool())  # fmt: skip
+        try:
+            res = self._parallel.describe(images, prompt, suffixes, gbnf=gbnf, max_tokens=max_tokens, temperatures=temps,
+                                          seed=self.cfg.seed, mime=mime, first_chars=first_chars,
+                                          pool=self._sampling_pool())  # fmt: skip
+        except ModelError as exc:
+            self._raise_if_gpu(exc, "describing an image")
+            raise
         self.last_tokens_generated = res.gen_tokens
         return res
 
@@ -449,21 +521,36 @@ class VLM:
             pass
 
 
+def _placement(plan: gpu_offload.OffloadPlan, log: str) -> dict[str, str]:
+    """Where the parts went, as llama.cpp's log of the load says ("offloaded 3/3 layers to GPU",
+    "CLIP using Vulkan0 backend"), falling back on the plan where a line is missing."""
+    layers = re.search(r"offloaded (\d+)/(\d+) layers to GPU", log)
+    n, total = (int(layers[1]), int(layers[2])) if layers else (plan.n_gpu_layers, plan.n_layer + 1)
+    clip = re.search(r"CLIP using (\S+) backend", log)
+    mmproj = clip[1] if clip else (plan.device.name if plan.mmproj_on_gpu and plan.device else "CPU")
+    on_gpu = plan.device is not None and (n > 0 or mmproj != "CPU")
+    return {"backend": plan.device.backend if on_gpu else "CPU", "device": plan.device.label if on_gpu else "CPU",
+            "gpu_layers": f"{n}/{total}", "mmproj_device": mmproj}  # fmt: skip
+
+
 # ---- what the installed llama.cpp is (for `edge-t2t doctor`) ------------------------------------
 
 
 def llama_system_info() -> dict:
-    """llama-cpp-python's version and the CPU features its llama.cpp was compiled with.
+    """llama-cpp-python's version, the CPU features its llama.cpp was compiled with, its backends and
+    the GPU devices it can offload to.
 
     Call it in a child process when unsure of the build: a library compiled for AVX2 can die with
     SIGILL on a CPU without it."""
-    import re
-
+    silence_llama_logs()
     import llama_cpp
 
     text = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
     features = {k: v for k, v in re.findall(r"([A-Z][A-Z0-9_]*) = (\w+)", text)}
-    return {"llama_cpp_python": llama_cpp.__version__, "system_info": text, "features": features}
+    devices, unusable = vlm_devices.gpu_devices(llama_cpp)
+    return {"llama_cpp_python": llama_cpp.__version__, "system_info": text, "features": features,
+            "backends": vlm_devices.backends(llama_cpp), "backend_modules": vlm_devices.dynamic_backends(llama_cpp),
+            "gpu_devices": [asdict(d) for d in devices], "gpu_unusable": unusable}  # fmt: skip
 
 
 def llama_cpp_import_error() -> str:

@@ -328,10 +328,14 @@ class ParallelGenerator:
             t0, c0 = time.perf_counter(), time.process_time()
             while active:
                 entries, still = [], []
+                # The logits are fetched here, on this thread: llama_get_logits_ith synchronizes the
+                # backend and reorders the outputs, which is not safe from several threads at once
+                # (two sampler threads deadlocked on a Vulkan device); the samplers only read them.
+                logits = [lc.llama_get_logits_ith(pc.ctx, out_idx[s]) for s in active]
                 if pool is not None and len(active) > 1:
-                    picked = list(pool.map(lambda s: samplers[s].sample(pc.ctx, out_idx[s]), active))
+                    picked = list(pool.map(lambda s, lg: samplers[s].sample(pc.ctx, out_idx[s], lg), active, logits))
                 else:
-                    picked = [samplers[s].sample(pc.ctx, out_idx[s]) for s in active]
+                    picked = [samplers[s].sample(pc.ctx, out_idx[s], lg) for s, lg in zip(active, logits, strict=True)]
                 for s, tok in zip(active, picked, strict=True):
                     if lc.llama_vocab_is_eog(vocab, tok):
                         continue

@@ -234,9 +234,13 @@ class SequenceSampler:
         self.lc.llama_sampler_apply(self.chain, ctypes.byref(cur))
         return int(self.buf["id"][cur.selected])
 
-    def sample(self, ctx: Any, idx: int) -> int:
+    def sample(self, ctx: Any, idx: int, logits: Any = None) -> int:
+        """The next token from output `idx` of `ctx`. `logits`: its llama_get_logits_ith pointer when
+        the caller fetched it already (that call synchronizes the backend: not safe from several
+        threads, so the parallel path fetches on its own thread and samples on others)."""
         lc = self.lc
-        logits = lc.llama_get_logits_ith(ctx, idx)
+        if logits is None:
+            logits = lc.llama_get_logits_ith(ctx, idx)
         tok = self._pick(logits, None)
         if self.grammar is not None:
             self.one["id"], self.one["logit"], self.one["p"] = tok, 1.0, 0.0

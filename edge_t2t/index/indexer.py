@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..describe.captioning import CaptionSettings
 from ..embed.texts import PlannedText, plan_texts
-from ..errors import ImageError, InputError, StoreError
+from ..errors import GPUError, ImageError, InputError, StoreError
 from ..images import ImageBytes
 from ..modes import DEFAULT_TEXT_MODE, DTYPES, TEXT_MODES
 from ..records import CaptionRecord
@@ -166,6 +166,7 @@ class Indexer:
         self.n_variants = n_variants
         self.caption = caption or CaptionSettings()
         self.stop_requested = False
+        self.gpu_error: GPUError | None = None  # the device gave out: raised once the batch is committed
         # issue 13: images above the tiling threshold are scenes, cut into chips (scene_index.py)
         from ..scene.scene_index import TilingOptions
 
@@ -344,6 +345,10 @@ class Indexer:
             try:
                 self._run(ix, paths, records, summary)
                 status = "ok" if not summary.failed else "partial"
+            except GPUError:
+                if ix.writer is not None:  # the committed batches reach the vector snapshot now
+                    self._checkpoint(ix, summary, force=True)
+                raise
             except KeyboardInterrupt:
                 summary.interrupted = True
                 status = "interrupted"
@@ -494,20 +499,24 @@ class Indexer:
                 p.record, p.from_vlm = outcome, True
             bar.advance("caption")
 
+        stopped = False
         try:
             result = captioning.caption_sources([(p, p.image) for p in todo], self.vlm_cfg, self.n_variants,
                                                 self.caption, on_result)  # fmt: skip
+            stopped = result.interrupted
+        except GPUError as exc:  # out of GPU memory and the like: every further image would fail too
+            self.gpu_error, stopped = exc, True
         finally:
             for p in todo:
                 p.image = None  # described (or not): the bytes are dropped with the batch
         for p in todo:
             if p.record is None and not p.error:
-                if result.interrupted:
-                    p.dropped = True  # its caption run was stopped by Ctrl-C; commit the others first
+                if stopped:
+                    p.dropped = True  # its caption run was stopped (Ctrl-C, the GPU); commit the others first
                 else:
                     p.error = "the VLM returned no description"
                     bar.advance("caption")
-        if result.interrupted:
+        if stopped:
             self.stop_requested = True
 
     def _batch(self, store: Store, batch: list[_Pending], mode: str, summary: IndexSummary, bar) -> None:
@@ -563,4 +572,4 @@ class Indexer:
         summary.stage_seconds["store"] += time.perf_counter() - t
         bar.advance("embed", len(batch))
         if self.stop_requested:
-            raise KeyboardInterrupt
+            raise self.gpu_error or KeyboardInterrupt

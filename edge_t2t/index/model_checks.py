@@ -58,6 +58,12 @@ def check_models(conn, meta: dict, rep) -> None:
     cols = {r[1] for r in conn.execute("PRAGMA table_info(descriptions)")}
     vlm: dict = {"columns": sorted(cols)}
     models["vlm"] = vlm
+    if {"backend", "device"} <= cols:  # schema v8: where the descriptions were made (CPU or which GPU)
+        vlm["made_on"] = [
+            {"backend": b, "device": d, "images": n} for b, d, n in conn.execute(
+                "SELECT d.backend, d.device, COUNT(i.id) FROM descriptions d JOIN images i ON i.description_id = d.id "
+                "GROUP BY d.backend, d.device ORDER BY d.backend IS NULL, d.backend, d.device")
+        ]  # fmt: skip
     pairs = [("model", "model_sha256", "model_path"), ("mmproj", "mmproj_sha256", "mmproj_path")]
     recorded = [(n, s, p) for n, s, p in pairs if s in cols and p in cols]
     if not recorded:  # a store older than schema v2 (the schema check reports that too)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..hashing import sha256_bytes
 from ..records import CaptionRecord
-from .store import MODEL_FILE_COLUMNS
+from .store import PROVENANCE_COLUMNS
 
 
 def record_hash(rec: CaptionRecord) -> str:
@@ -25,12 +25,12 @@ def record_hash(rec: CaptionRecord) -> str:
 
 
 def provenance(rec: CaptionRecord) -> dict:
-    # The VLM's file paths and sha256 ride in the record's extra (describer.py puts them there);
-    # imported captions have none, which the store keeps as NULL.
+    # The VLM's file paths and sha256, and the backend and device it ran on, ride in the record's
+    # extra (describer.py puts them there); imported captions have none, which the store keeps as NULL.
     return {
         "model": rec.model, "mmproj": rec.mmproj, "family": rec.family, "prompt_version": rec.prompt_version,
         "test_model": rec.test_model, "constrained": rec.constrained,
-        **{c: rec.extra.get(c) or None for c in MODEL_FILE_COLUMNS},
+        **{c: rec.extra.get(c) or None for c in PROVENANCE_COLUMNS},
     }
 
 

@@ -84,6 +84,9 @@ _V2 = """
 
 # The provenance columns that v2 added (see _V2), in the order put_image/provenance use them.
 MODEL_FILE_COLUMNS = ("model_path", "model_sha256", "mmproj_path", "mmproj_sha256")
+# v8's (see DEVICE_MIGRATION): where the descriptions were made.
+DEVICE_COLUMNS = ("backend", "device")
+PROVENANCE_COLUMNS = MODEL_FILE_COLUMNS + DEVICE_COLUMNS
 
 # v3: the keys of deleted texts, in order, so an `index` run brings the vector snapshot up to date
 # by reading what changed since its last save (seq > the manifest's deletions_seen) instead of
@@ -280,13 +283,30 @@ def dir_bytes(index_dir: Path) -> int:
     return sum(p.stat().st_size for p in Path(index_dir).iterdir() if p.is_file() and not p.name.endswith("-shm"))
 
 
+# v8 (issue 22): the llama.cpp backend and device that wrote each description set ("CPU" and "CPU", or
+# e.g. "Vulkan" and "Vulkan0 (NVIDIA GeForce RTX 3060)"), so `info` and `verify` tell CPU-made from
+# GPU-made descriptions. NULL for imported captions and for sets described before v8. Part of a
+# set's identity: the same model on another device is another set (the caption cache still shares
+# the descriptions: its key has no device).
+DEVICE_MIGRATION = """
+        ALTER TABLE descriptions ADD COLUMN backend TEXT;
+        ALTER TABLE descriptions ADD COLUMN device TEXT;
+        DROP INDEX descriptions_identity;
+        CREATE UNIQUE INDEX descriptions_identity ON descriptions (
+            model, mmproj, family, prompt_version, test_model, constrained,
+            IFNULL(model_path, ''), IFNULL(model_sha256, ''), IFNULL(mmproj_path, ''), IFNULL(mmproj_sha256, ''),
+            IFNULL(backend, ''), IFNULL(device, '')
+        );
+"""
+
 # Set by a migration that frees much of the file; cleared once VACUUM has given the space back.
 VACUUM_PENDING = "vacuum_pending"
 
 # MIGRATIONS[i] takes a store from schema version i to i + 1 (version 0 = an empty file): an SQL
 # script, or a function of the connection for steps that need Python (e.g. re-encoding blobs).
 Migration = str | Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[Migration] = [_V1, _V2, _V3, _V4, SCENES_MIGRATION, VARIANT_ORDINAL_MIGRATION, lean_layout]
+MIGRATIONS: list[Migration] = [_V1, _V2, _V3, _V4, SCENES_MIGRATION, VARIANT_ORDINAL_MIGRATION, lean_layout,
+                               DEVICE_MIGRATION]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import StoreError
 from ..records import Feature, Variant
-from .schema import MODEL_FILE_COLUMNS, VACUUM_PENDING, dir_bytes, migrate
+from .schema import PROVENANCE_COLUMNS, VACUUM_PENDING, dir_bytes, migrate
 
 STORE_FILE = "store.sqlite"
 # Free pages (pruned pending vectors) are given back to the file system past this share of the file.
@@ -233,18 +233,17 @@ class Store:
         values = (
             prov.get("model", ""), prov.get("mmproj", ""), prov.get("family", ""),
             prov.get("prompt_version", ""), int(bool(prov.get("test_model"))), int(bool(prov.get("constrained", True))),
-            *(str(prov[c]) if prov.get(c) else None for c in MODEL_FILE_COLUMNS),
+            *(str(prov[c]) if prov.get(c) else None for c in PROVENANCE_COLUMNS),
         )
         self.conn.execute(
             "INSERT OR IGNORE INTO descriptions(model, mmproj, family, prompt_version, test_model, constrained, "
-            f"{', '.join(MODEL_FILE_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"{', '.join(PROVENANCE_COLUMNS)}) VALUES ({', '.join('?' * len(values))})",
             values,
         )
         # IS, not =: it matches NULL to NULL, as the IFNULL() unique index does.
         return self.conn.execute(
             "SELECT id FROM descriptions WHERE model=? AND mmproj=? AND family=? AND prompt_version=? "
-            "AND test_model=? AND constrained=? AND model_path IS ? AND model_sha256 IS ? "
-            "AND mmproj_path IS ? AND mmproj_sha256 IS ?",
+            f"AND test_model=? AND constrained=? AND {' AND '.join(f'{c} IS ?' for c in PROVENANCE_COLUMNS)}",
             values,
         ).fetchone()[0]
 
@@ -256,7 +255,8 @@ class Store:
         """Insert or replace the image at `path` (its old texts go with it); return its id.
 
         `provenance` names the description set: model, mmproj, family, prompt_version, test_model,
-        constrained, and (when a VLM wrote it) the MODEL_FILE_COLUMNS of its GGUF files."""
+        constrained, and (when a VLM wrote it) the MODEL_FILE_COLUMNS of its GGUF files and the
+        DEVICE_COLUMNS of where it ran."""
         self.conn.execute("DELETE FROM images WHERE path = ?", (path,))
         cur = self.conn.execute(
             "INSERT INTO images(path, size, mtime_ns, sha256, width, height, status, error, source, "
@@ -519,10 +519,10 @@ class Store:
     def provenance(self) -> list[dict]:
         rows = self.conn.execute(
             "SELECT d.model, d.mmproj, d.family, d.prompt_version, d.test_model, d.constrained, "
-            f"{', '.join('d.' + c for c in MODEL_FILE_COLUMNS)}, COUNT(i.id) "
+            f"{', '.join('d.' + c for c in PROVENANCE_COLUMNS)}, COUNT(i.id) "
             "FROM descriptions d JOIN images i ON i.description_id = d.id GROUP BY d.id ORDER BY d.id"
         )
-        keys = ("model", "mmproj", "family", "prompt_version", "test_model", "constrained", *MODEL_FILE_COLUMNS, "images")
+        keys = ("model", "mmproj", "family", "prompt_version", "test_model", "constrained", *PROVENANCE_COLUMNS, "images")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
 
