@@ -347,7 +347,7 @@ class Indexer:
                 status = "ok" if not summary.failed else "partial"
             except GPUError:
                 if ix.writer is not None:  # the committed batches reach the vector snapshot now
-                    self._checkpoint(ix, summary, force=True)
+                    self.checkpoint(ix, summary, force=True)
                 raise
             except KeyboardInterrupt:
                 summary.interrupted = True
