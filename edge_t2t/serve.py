@@ -527,7 +527,7 @@ def tls_adapter(cert: str | os.PathLike, key: str | os.PathLike):
         raise InputError(f"--cert needs the web extra ({exc.name} is missing): pip install 'edge-t2t[web]'") from None
     for flag, path in (("--cert", cert), ("--key", key)):
         if not Path(path).is_file():
-            raise InputError(f"{flag} {path} does not exist: make a pair with {MAKE_CERT} (README: Serving a team)")
+            raise InputError(f"{flag} {path} does not exist: make a pair with {MAKE_CERT} (docs/web.md: Serving a team)")
 
     class Adapter(BuiltinSSLAdapter):
         # cheroot shakes hands on its accepting thread: bound it, so a client that connects and

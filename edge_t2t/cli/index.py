@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-exact-copy", dest="exact_copy", action="store_false", default=None,
                    help="i8 indexes, fixed at creation: keep no float16 copy of the vectors beside the int8 graph. "
                         "About half the disk; rescore and exact searches then score the int8 codes: the same "
-                        "figures on RSICD val, but near ties can order differently (README: Exact copy)")
+                        "figures on RSICD val, but near ties can order differently (docs/performance.md: Exact copy)")
     p.add_argument("--precision", choices=PRECISIONS, default="int8", help="ONNX embedder to use (default: int8)")
     p.add_argument("--text-mode", choices=TEXT_MODES, default=None,
                    help="what to embed per variant, fixed at creation: sentences (the default: one per "

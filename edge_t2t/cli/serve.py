@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         url = f"{'https' if tls else 'http'}://{shown}:{args.port}/"
         if not loopback and tls is None:
             print(f"edge-t2t: WARNING: plain HTTP on {args.host}: the token, the searches and the pictures cross "
-                  "the network unencrypted; give --cert and --key for HTTPS (README: Serving a team)", file=sys.stderr)
+                  "the network unencrypted; give --cert and --key for HTTPS (docs/web.md: Serving a team)", file=sys.stderr)
 
         def ready() -> None:  # listening now: the URL printed works
             print(f"edge-t2t: serving {index_dir} at {url} "

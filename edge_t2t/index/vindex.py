@@ -13,7 +13,7 @@ store.py). One save writes only what changed since the last one:
   A key lies in the base when it is <= the manifest's base_max_key, else in the tail.
 - `exact.<e>.f16` (i8 indexes, unless built with `--no-exact-copy`): the vectors again in float16,
   row for row, appended; memory-mapped so `rescore` and `exact` searches score float16 vectors, as
-  before the lean layout (issue 25: the README's "Exact copy" gives the figures behind keeping
+  before the lean layout (issue 25: docs/performance.md's "Exact copy" gives the figures behind keeping
   it). Without it, and always for f16 and f32 graphs (whose vectors are the float16 / float32
   values themselves), those modes score the graph's own vectors (`Snapshot.vectors_at`).
   Indexes saved before issue 25 also have `exact.<e>.f16|f32` beside f16 and f32 graphs; they
