@@ -112,7 +112,7 @@ _V7_META = ("exact_copy", "embedder_precision", "upgrade", schema.VACUUM_PENDING
 
 
 def make_v6_copy(index: Path, dest: Path) -> None:
-    """The index at `index` (schema v7, an i8 index with its float16 copy, snapshot saved) as
+    """The index at `index` (the current schema, an i8 index with its float16 copy, snapshot saved) as
     edge-t2t before the lean layout would have left it: the same images, ids, descriptions and
     snapshot files, and each text a v6 `variants` row with its variant's fields and its vector
     (the float16 copy's values as float32: what that snapshot holds) as a blob."""
@@ -132,7 +132,9 @@ def make_v6_copy(index: Path, dest: Path) -> None:
         if key not in _V7_META:
             conn.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
     for table in ("descriptions", "images", "runs", "scenes", "chips"):
-        cols = [r[1] for r in src.execute(f"PRAGMA table_info({table})")]
+        # the columns a v6 table had (later steps added some, e.g. v8's backend and device)
+        old_cols = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        cols = [r[1] for r in src.execute(f"PRAGMA table_info({table})") if r[1] in old_cols]
         rows = src.execute(f"SELECT {', '.join(cols)} FROM {table}").fetchall()
         conn.executemany(f"INSERT INTO {table}({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", rows)
     conn.executemany("INSERT INTO chips_rtree SELECT ?, ?, ?, ?, ?", src.execute("SELECT * FROM chips_rtree").fetchall())
