@@ -334,3 +334,17 @@ def test_wait_blocks_until_the_holder_releases(tmp_path):
     with IndexLock(tmp_path, wait=True, poll_s=0.05):
         got = time.monotonic()
     assert released and got >= released[0]
+
+
+def test_opening_a_store_writes_nothing(tmp_path):
+    """Readers open the store all the time (serve: one per thread): an open must not write, or every
+    other reader sees the store change (PRAGMA data_version) and opens it again, and again."""
+    with Store(tmp_path, create=True) as st, st.transaction():
+        st.put_image("/x/a.jpg")
+    watcher = sqlite3.connect(tmp_path / "store.sqlite", isolation_level=None)
+    before = watcher.execute("PRAGMA data_version").fetchone()[0]
+    for _ in range(3):
+        Store(tmp_path).close()
+    assert watcher.execute("PRAGMA data_version").fetchone()[0] == before
+    assert watcher.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental, set when the file was new
+    watcher.close()

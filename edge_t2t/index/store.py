@@ -113,8 +113,11 @@ class Store:
             raise StoreError(f"{self.path} is not a readable edge-t2t store ({exc}): delete {self.dir} and re-index") from exc
         try:
             # Incremental auto-vacuum: the pages of pruned pending vectors go back to the file
-            # system (prune_pending). Takes effect on a new file, or at the next VACUUM of an old one.
-            self.conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            # system (prune_pending). Set on a new file only (an old one gets it with the VACUUM of
+            # _give_space_back): the pragma writes a page each time it runs, so a reader opening the
+            # store would change it for every other reader.
+            if not self.conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+                self.conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA foreign_keys=ON")
             self.conn.execute("PRAGMA busy_timeout=30000")
@@ -139,6 +142,7 @@ class Store:
         again), and processes that have the store open keep working, where a file replaced under
         them (its -wal and -shm belong to the old one) would not. Either way needs free space for
         a copy of the new, small store. Also turns on incremental auto-vacuum (see __init__)."""
+        self.conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # an old file's mode changes with the VACUUM
         self.conn.execute("VACUUM")
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         upgrade = self.get_meta("upgrade") or {}
