@@ -133,6 +133,9 @@ def test_doctor_reports_a_llama_build_this_cpu_cannot_run(monkeypatch) -> None:
     # build); the compat build has none (nothing to report about AVX2).
     import llama_cpp
 
+    from edge_t2t.describe import vlm_devices
+
+    vlm_devices.load_backends(llama_cpp)  # the vulkan build reports its CPU features once its CPU module is loaded
     avx2_problem = any(x.status == "problem" and "AVX2" in x.detail and "compat" in x.fix for x in rep.lines)
     assert avx2_problem == (b"AVX2 = 1" in llama_cpp.llama_print_system_info()), [x.detail for x in rep.lines]
 

@@ -545,6 +545,8 @@ def llama_system_info() -> dict:
     silence_llama_logs()
     import llama_cpp
 
+    # A build whose backends load at run time reports no CPU features until its CPU module is loaded.
+    vlm_devices.load_backends(llama_cpp)
     text = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
     features = {k: v for k, v in re.findall(r"([A-Z][A-Z0-9_]*) = (\w+)", text)}
     devices, unusable = vlm_devices.gpu_devices(llama_cpp)
