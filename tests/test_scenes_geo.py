@@ -171,6 +171,34 @@ def test_within_and_near_filter_before_ranking(tmp_path, capsys):
     assert code == 2 and "LON1,LAT1,LON2,LAT2" in err
 
 
+def test_a_place_filter_ranks_and_explains_as_the_plain_search_does(tmp_path, capsys):
+    """Under --within the hits are the plain search's hits that lie in the place, in its order, with
+    the same parts and constraints met: --explain says why (it printed an empty "why" column, and
+    the place's hits had no parts)."""
+    mosaic = write_mosaic(tmp_path / "m.tif")
+    ix = _index_gt(tmp_path, capsys, mosaic)
+    query = "a lake in the north"
+    code, out, err = _cli(capsys, "search", query, "--index", ix, "-k", "9", "--json", "--explain", "--vector-mode", "exact")
+    everywhere = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(everywhere) == len(mosaic.placed), err  # every chip, best first
+    # A thin box from the centre of the top row's first chip to the centre of its second: it meets those two only.
+    centres = []
+    for _, w in mosaic.placed[:2]:
+        ring = footprint(w, mosaic.crs, mosaic.transform).outline[:-1]
+        centres.append((sum(p[0] for p in ring) / len(ring), sum(p[1] for p in ring) / len(ring)))
+    box = ",".join(map(str, (min(c[0] for c in centres), min(c[1] for c in centres),
+                             max(c[0] for c in centres), max(c[1] for c in centres))))  # fmt: skip
+    names = {f"{mosaic.path}#{w.name()}" for _, w in mosaic.placed[:2]}
+    want = [{**h, "rank": r + 1} for r, h in enumerate(h for h in everywhere if h["image"] in names)]
+    assert len(want) == 2 and want[0]["matched"] and want[0]["structure"] > 0  # the query's place is read and met
+
+    code, out, err = _cli(capsys, "search", query, "--index", ix, "-k", "2", "--json", "--explain", "--within", box)
+    assert code == 0, err
+    assert [json.loads(line) for line in out.splitlines()] == want
+    code, out, err = _cli(capsys, "search", query, "--index", ix, "-k", "2", "--explain", "--within", box)
+    assert code == 0 and out.count("dense 0.") == 2, out  # the table's "why" column, one per hit
+
+
 def _outline(ix, image):
     with Store(ix) as st:
         row = st.conn.execute("SELECT c.outline FROM chips c JOIN images i ON i.id = c.image_id WHERE i.path = ?",
