@@ -247,10 +247,23 @@ def test_second_writer_is_refused_while_the_lock_is_held(tmp_path, folder):
         Indexer(tmp_path / "ix", embedder=FakeEmbedder()).run([d], captions_file=caps)
 
 
-def test_no_describer_for_new_images_is_a_clear_error(tmp_path):
+def test_no_describer_for_new_images_is_a_clear_error_and_leaves_no_index(tmp_path):
     d = five_images(tmp_path)
-    with pytest.raises(StoreError, match="--vlm"):
+    first = sorted(d.iterdir())[0].resolve()
+    with pytest.raises(StoreError, match=f"^{len(COLOURS)} image\\(s\\) need descriptions .*--vlm.*e.g. {first}$"):
         Indexer(tmp_path / "ix", embedder=FakeEmbedder()).run([d])
+    assert not (tmp_path / "ix").exists()  # not an empty index that doctor would call sound
+
+
+def test_no_describer_for_new_images_leaves_an_index_that_was_there_as_it_was(tmp_path, folder):
+    d, caps = folder
+    ix = tmp_path / "ix"
+    Indexer(ix, embedder=FakeEmbedder()).run([d], captions_file=caps)
+    before = texts_of(ix)
+    make_image(d / "e.png", COLOURS["e"])
+    with pytest.raises(StoreError, match=f"^1 image\\(s\\) need descriptions .*e.g. {d.resolve() / 'e.png'}$"):
+        Indexer(ix, embedder=FakeEmbedder()).run([d])
+    assert texts_of(ix) == before and consistent(ix)
 
 
 def test_an_update_appends_to_the_snapshot_instead_of_rebuilding_it(tmp_path, folder):
