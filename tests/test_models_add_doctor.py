@@ -57,6 +57,27 @@ def test_add_copies_checks_and_lists(pair, models_dir: Path, capsys) -> None:
     assert model_files.add_vlm(model, mmproj, "tiny", force=True)["name"] == "tiny"
 
 
+def test_list_says_what_lies_in_models_vlm(pair, models_dir: Path, capsys) -> None:
+    """`models list`'s line about models/vlm/ holds whatever is there: it said "user GGUF files: none
+    in models/vlm" above the VLM `models add` had just put in models/vlm/NAME/."""
+    model, mmproj = pair
+    vlm_dir = models_dir / "vlm"
+
+    def user_lines() -> list[str]:
+        assert main(["models", "list"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return lines[next(i for i, line in enumerate(lines) if line.startswith("test VLM:")) + 1 :]
+
+    assert user_lines() == [f"user VLMs: none in {vlm_dir}; install one with `edge-t2t models add MODEL.gguf MMPROJ.gguf`"]
+    model_files.add_vlm(model, mmproj, "tiny")
+    lines = user_lines()
+    assert lines[0] == "added VLMs (`edge-t2t models add`):" and lines[1].startswith("  tiny: ") and len(lines) == 2
+    (vlm_dir / "loose.gguf").write_bytes(model.read_bytes())  # a file dropped beside the added folder
+    lines = user_lines()
+    assert lines[0] == f"user GGUF files lying loose in {vlm_dir}:" and lines[1].startswith("  loose.gguf  ")
+    assert lines[2] == "added VLMs (`edge-t2t models add`):" and len(lines) == 4
+
+
 def test_add_refuses_a_swapped_pair_and_bad_names(pair, models_dir: Path) -> None:
     model, mmproj = pair
     with pytest.raises(ModelError, match="give the model file first"):
