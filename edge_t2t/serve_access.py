@@ -6,10 +6,11 @@
   Secure under HTTPS) that `POST /login` sets. Tokens are compared in constant time (of their
   sha256, so not even the length leaks). Wrong or missing: 401 with a JSON error; the page itself
   answers a browser with the sign-in page (web/login.html), still with 401.
-- **Guessing is slowed down.** After FREE_FAILURES distinct wrong tokens from one address, that
-  address must wait 1 s, then 2, 4, ... up to MAX_WAIT_S before any token of it is looked at
-  again (429 with Retry-After, no thread held). The same wrong token sent again (a stale cookie on
-  a page's parallel requests) counts once. One right token clears the address.
+- **Guessing is slowed down.** FREE_FAILURES distinct wrong tokens from one address cost it
+  nothing; after the next one (the 6th), that address must wait 1 s, then 2, 4, ... up to
+  MAX_WAIT_S before any token of it is looked at again (429 with Retry-After, no thread held).
+  The same wrong token sent again (a stale cookie on a page's parallel requests) counts once.
+  One right token clears the address.
 - **No cross-site writes.** A POST whose Origin (or Referer) is not this server is refused (403),
   token or not; so is a POST that names no origin and signs in by cookie, since a browser always
   names one. Scripts (no Origin, a bearer header) are unaffected.
@@ -40,7 +41,7 @@ from .errors import InputError
 
 COOKIE = "edge_t2t_token"
 MIN_TOKEN_CHARS = 16
-FREE_FAILURES = 5  # distinct wrong tokens an address may send before it has to wait
+FREE_FAILURES = 5  # distinct wrong tokens an address may send freely; the wait starts after the next one
 MAX_WAIT_S = 60.0
 TRACKED_ADDRESSES = 4096  # addresses with failures remembered; the oldest is forgotten past this
 SEEN_PER_ADDRESS = 64  # wrong tokens remembered per address (as truncated sha256), to count each once

@@ -3,7 +3,7 @@
 #
 # 1. checks the Python version (the wheels are built for one Python minor version);
 # 2. verifies SHA256SUMS over every file of the bundle (nothing is installed if one differs), and
-#    SHA256SUMS.optional when the optional archive (fp32 embedder, geo/cluster extras) was unpacked
+#    SHA256SUMS.optional when the optional archive (fp32 embedder, geo/cluster/web extras) was unpacked
 #    into the same directory;
 # 3. picks the llama.cpp build: vulkan (the portable CPU build plus llama.cpp's Vulkan backend) when
 #    the CPU suits portable and a Vulkan loader shows a device that is not a CPU (a GPU); else from

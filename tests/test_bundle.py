@@ -124,6 +124,24 @@ def _unpack(dest: Path, *archives: Path) -> Path:
     return top
 
 
+def test_install_help_names_every_extra_the_optional_archive_carries() -> None:
+    """install.sh --help, step 2, says what the optional archive holds: the extras are those
+    build_bundle.py puts there (every user extra of pyproject.toml), not a list written once.
+    Needs no bundle."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_bundle", ROOT / "packaging" / "build_bundle.py")
+    build_bundle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_bundle)
+    extras = build_bundle.project()["extras"]
+    res = subprocess.run(["bash", str(ROOT / "packaging" / "install.sh"), "--help"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    step2 = " ".join(re.search(r"^2\. (.*?)^3\. ", res.stdout, re.S | re.M)[1].split())
+    named = re.search(r"optional archive \(fp32 embedder, ([a-z/]+) extras\)", step2)
+    assert named, step2
+    assert sorted(named[1].split("/")) == extras == ["cluster", "geo", "web"]
+
+
 def test_main_archive_is_under_150_mb(archive: Path, optional_archive: Path) -> None:
     """The issue's goal for the bundle without VLM files; the fp32 embedder and the extras are in
     the optional archive, which unpacks into the same top directory."""

@@ -120,6 +120,28 @@ def test_records_then_fully_cached_run_never_loads_model(env) -> None:
     assert all(r.cached for r in again)
 
 
+def test_a_kept_model_counts_each_runs_calls_and_summaries_add_up(env) -> None:
+    """Scene chips are described batch by batch with one kept model: each batch's summary counts its own
+    model calls (not the model's calls so far), and merging the summaries gives the whole run's counts."""
+    from edge_t2t.describe.captioning import CaptionSummary, InProcess
+
+    _images(env.tmp / "a", 2)
+    _images(env.tmp / "b", 3)  # other pixels (another seed): no cache hits between the two
+    kept = InProcess(env.factory(), keep_loaded=True)
+    try:
+        s1 = caption_images([env.tmp / "a"], env.cfg, n_variants=2, cache=env.cache, executor=kept)
+        s2 = caption_images([env.tmp / "b"], env.cfg, n_variants=2, cache=env.cache, executor=kept)
+    finally:
+        kept.close()
+    assert len(env.made) == 1 and env.made[0].calls == 5
+    assert (s1.model_calls, s2.model_calls) == (2, 3)
+    run = CaptionSummary()
+    run.merge(s1)
+    run.merge(s2)
+    assert (run.total, run.captioned, run.cached, run.model_calls, run.model_loaded) == (5, 5, 0, 5, True)
+    assert run.seconds == s1.seconds + s2.seconds and not run.interrupted
+
+
 def test_records_carry_model_file_paths_and_hashes_fresh_cached_and_uncached(env) -> None:
     _images(env.tmp / "imgs", 2)
     want = {

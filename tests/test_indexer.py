@@ -247,10 +247,40 @@ def test_second_writer_is_refused_while_the_lock_is_held(tmp_path, folder):
         Indexer(tmp_path / "ix", embedder=FakeEmbedder()).run([d], captions_file=caps)
 
 
-def test_no_describer_for_new_images_is_a_clear_error(tmp_path):
+def test_no_describer_for_new_images_is_a_clear_error_and_leaves_no_index(tmp_path):
     d = five_images(tmp_path)
-    with pytest.raises(StoreError, match="--vlm"):
+    first = sorted(d.iterdir())[0].resolve()
+    with pytest.raises(StoreError, match=f"^{len(COLOURS)} image\\(s\\) need descriptions .*--vlm.*e.g. {first}$"):
         Indexer(tmp_path / "ix", embedder=FakeEmbedder()).run([d])
+    assert not (tmp_path / "ix").exists()  # not an empty index that doctor would call sound
+
+
+def test_no_describer_for_new_images_leaves_an_index_that_was_there_as_it_was(tmp_path, folder):
+    d, caps = folder
+    ix = tmp_path / "ix"
+    Indexer(ix, embedder=FakeEmbedder()).run([d], captions_file=caps)
+    before = texts_of(ix)
+    make_image(d / "e.png", COLOURS["e"])
+    with pytest.raises(StoreError, match=f"^1 image\\(s\\) need descriptions .*e.g. {d.resolve() / 'e.png'}$"):
+        Indexer(ix, embedder=FakeEmbedder()).run([d])
+    assert texts_of(ix) == before and consistent(ix)
+
+
+def test_progress_shows_a_bar_only_for_a_stage_with_work(tmp_path, folder, capsys):
+    """One bar per stage that has work; none where a stage has nothing to do (a re-run of a captions
+    file with nothing new printed "embed 0/0", as did files touched but not changed)."""
+    d, caps = folder
+    for ix, paths, n in ((tmp_path / "records", [], 4), (tmp_path / "files", [d], 3)):  # 4 records, 3 files
+        Indexer(ix, embedder=FakeEmbedder(), progress=True).run(paths, captions_file=caps)
+        shown = capsys.readouterr().err.split()
+        assert shown[0] == "embed" and f"{n}/{n}" in shown and "caption" not in shown  # no VLM: no caption stage
+    Indexer(tmp_path / "records", embedder=FakeEmbedder(), progress=True).run(captions_file=caps)
+    assert capsys.readouterr().err == ""
+    for f in d.iterdir():  # a new mtime, the same bytes: each file is read, found unchanged and shrunk off
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    s = Indexer(tmp_path / "files", embedder=FakeEmbedder(), progress=True).run([d], captions_file=caps)
+    assert s.skipped == 3 and s.added == 0
+    assert capsys.readouterr().err.strip() == ""
 
 
 def test_an_update_appends_to_the_snapshot_instead_of_rebuilding_it(tmp_path, folder):

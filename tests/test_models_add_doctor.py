@@ -57,14 +57,54 @@ def test_add_copies_checks_and_lists(pair, models_dir: Path, capsys) -> None:
     assert model_files.add_vlm(model, mmproj, "tiny", force=True)["name"] == "tiny"
 
 
+def test_list_says_what_lies_in_models_vlm(pair, models_dir: Path, capsys) -> None:
+    """`models list`'s line about models/vlm/ holds whatever is there: it said "user GGUF files: none
+    in models/vlm" above the VLM `models add` had just put in models/vlm/NAME/."""
+    model, mmproj = pair
+    vlm_dir = models_dir / "vlm"
+
+    def user_lines() -> list[str]:
+        assert main(["models", "list"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return lines[next(i for i, line in enumerate(lines) if line.startswith("test VLM:")) + 1 :]
+
+    assert user_lines() == [f"user VLMs: none in {vlm_dir}; install one with `edge-t2t models add MODEL.gguf MMPROJ.gguf`"]
+    model_files.add_vlm(model, mmproj, "tiny")
+    lines = user_lines()
+    assert lines[0] == "added VLMs (`edge-t2t models add`):" and lines[1].startswith("  tiny: ") and len(lines) == 2
+    (vlm_dir / "loose.gguf").write_bytes(model.read_bytes())  # a file dropped beside the added folder
+    lines = user_lines()
+    assert lines[0] == f"user GGUF files lying loose in {vlm_dir}:" and lines[1].startswith("  loose.gguf  ")
+    assert lines[2] == "added VLMs (`edge-t2t models add`):" and len(lines) == 4
+
+
 def test_add_refuses_a_swapped_pair_and_bad_names(pair, models_dir: Path) -> None:
     model, mmproj = pair
-    with pytest.raises(ModelError, match="swap"):
+    with pytest.raises(ModelError, match="give the model file first"):
         model_files.add_vlm(mmproj, model, "x")
     with pytest.raises(InputError, match="not a usable folder name"):
         model_files.add_vlm(model, mmproj, "../escape")
     assert not (models_dir / "vlm" / "x").exists()
     assert not list((models_dir / "vlm").glob(".*")), "no temp folder left behind"
+
+
+def test_add_names_the_fix_in_its_own_arguments(pair, models_dir: Path, capsys) -> None:
+    """`models add` takes the pair as two files in order: a mix-up is fixed by their order, not by the
+    --vlm/--mmproj flags of caption and index (whose wording tests/test_gguf_check.py keeps)."""
+    model, mmproj = (p.resolve() for p in pair)  # as add_vlm names them
+    usage = "edge-t2t models add MODEL.gguf MMPROJ.gguf"
+    for files, said in (
+        ((mmproj, model), f"{mmproj} is a vision projector (mmproj) and {model} is a text model: "
+                          f"give the model file first, then the projector: {usage}"),
+        ((mmproj, mmproj), f"{mmproj} is a vision projector (mmproj), not a text model; "
+                           f"give the text model .gguf first and its projector second: {usage}"),
+        ((model, model), f"{model} is a text model, not a vision projector (mmproj); "
+                         f"give the matching mmproj-*.gguf second: {usage}"),
+    ):  # fmt: skip
+        assert main(["models", "add", *map(str, files)]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert said in err and "--vlm" not in err and "--mmproj" not in err, err
+    assert not (models_dir / "vlm").exists() or not any((models_dir / "vlm").iterdir())
 
 
 def test_link_and_verify_catch_a_changed_byte(pair, models_dir: Path, tmp_path: Path, capsys) -> None:

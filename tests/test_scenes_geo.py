@@ -171,6 +171,34 @@ def test_within_and_near_filter_before_ranking(tmp_path, capsys):
     assert code == 2 and "LON1,LAT1,LON2,LAT2" in err
 
 
+def test_a_place_filter_ranks_and_explains_as_the_plain_search_does(tmp_path, capsys):
+    """Under --within the hits are the plain search's hits that lie in the place, in its order, with
+    the same parts and constraints met: --explain says why (it printed an empty "why" column, and
+    the place's hits had no parts)."""
+    mosaic = write_mosaic(tmp_path / "m.tif")
+    ix = _index_gt(tmp_path, capsys, mosaic)
+    query = "a lake in the north"
+    code, out, err = _cli(capsys, "search", query, "--index", ix, "-k", "9", "--json", "--explain", "--vector-mode", "exact")
+    everywhere = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(everywhere) == len(mosaic.placed), err  # every chip, best first
+    # A thin box from the centre of the top row's first chip to the centre of its second: it meets those two only.
+    centres = []
+    for _, w in mosaic.placed[:2]:
+        ring = footprint(w, mosaic.crs, mosaic.transform).outline[:-1]
+        centres.append((sum(p[0] for p in ring) / len(ring), sum(p[1] for p in ring) / len(ring)))
+    box = ",".join(map(str, (min(c[0] for c in centres), min(c[1] for c in centres),
+                             max(c[0] for c in centres), max(c[1] for c in centres))))  # fmt: skip
+    names = {f"{mosaic.path}#{w.name()}" for _, w in mosaic.placed[:2]}
+    want = [{**h, "rank": r + 1} for r, h in enumerate(h for h in everywhere if h["image"] in names)]
+    assert len(want) == 2 and want[0]["matched"] and want[0]["structure"] > 0  # the query's place is read and met
+
+    code, out, err = _cli(capsys, "search", query, "--index", ix, "-k", "2", "--json", "--explain", "--within", box)
+    assert code == 0, err
+    assert [json.loads(line) for line in out.splitlines()] == want
+    code, out, err = _cli(capsys, "search", query, "--index", ix, "-k", "2", "--explain", "--within", box)
+    assert code == 0 and out.count("dense 0.") == 2, out  # the table's "why" column, one per hit
+
+
 def _outline(ix, image):
     with Store(ix) as st:
         row = st.conn.execute("SELECT c.outline FROM chips c JOIN images i ON i.id = c.image_id WHERE i.path = ?",
@@ -371,6 +399,52 @@ def test_caption_and_index_describe_scene_chips_with_the_vlm(tmp_path, capsys, m
         status = st.conn.execute("SELECT status FROM scenes").fetchone()[0]
     assert len(rows) == len(names) and all(src == "vlm" and outline for src, outline in rows)
     assert status == "ok"
+
+
+def test_caption_of_a_scene_ends_with_the_summary_a_plain_run_gives(tmp_path, capsys, monkeypatch):
+    """The closing line counts a scene's chips as it counts plain images: seconds, rate, cache hits and
+    quality notes (the scene path left them at zero: "4 captioned, 0 from cache, 0 failed in 0.0 s")."""
+    import re
+
+    from edge_t2t.describe import describer
+
+    model, mmproj = hm.test_vlm_files()
+    monkeypatch.setenv("EDGE_T2T_CACHE_DIR", str(tmp_path / "cache"))
+    mosaic = write_mosaic(tmp_path / "m.tif", grid=(2, 2), tile=128)
+    noted = f"{mosaic.path}#0,0,128,128"
+    real_describe = describer.describe_image
+
+    def notes_one_chip(vlm, image, *a, **k):  # one chip's answer kept with a quality note
+        record = real_describe(vlm, image, *a, **k)
+        if image.path == noted:
+            record.extra["problems"] = ["variant 0: one_sentence too short"]
+        return record
+
+    monkeypatch.setattr(describer, "describe_image", notes_one_chip)
+    out = tmp_path / "chips.jsonl"
+    flags = ["--tile-above", "0.01", "--chip", "128", "--overlap", "0", "--variants", "1", "--max-tokens", "1300",
+             "--vlm", model, "--mmproj", mmproj, "--out", out]  # fmt: skip
+    line = re.compile(r"(\d+) captioned, (\d+) from cache, (\d+) failed(?:, (\d+) with quality notes)?"
+                      r" in ([\d.]+) s(?: \(([\d.]+) images/min\))? in (.+)")  # fmt: skip
+
+    code, _, err = _cli(capsys, "caption", mosaic.path, *flags)
+    assert code == 0, err
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(recs) == 4 and [r["image"] for r in recs if r.get("problems")] == [noted]
+    got = line.fullmatch(err.strip().splitlines()[-1])
+    assert got, err
+    captioned, cached, failed, noted_count, seconds, rate, where = got.groups()
+    assert (captioned, cached, failed, noted_count, where) == ("4", "0", "0", "1", str(out))
+    # the chips are described one after another within the run: it took at least their seconds
+    assert float(seconds) + 0.05 >= sum(r["seconds"] for r in recs) > 0
+    assert float(rate) == pytest.approx(4 / float(seconds) * 60, rel=0.05)
+
+    # the same again: every chip from the cache (its quality note with it), no rate without new captions
+    code, _, err = _cli(capsys, "caption", mosaic.path, *flags)
+    assert code == 0, err
+    got = line.fullmatch(err.strip().splitlines()[-1])
+    assert got, err
+    assert got.group(1, 2, 3, 4, 6) == ("0", "4", "0", "1", None)
 
 
 def test_a_scene_without_any_describer_is_one_failure_naming_the_fix(tmp_path):

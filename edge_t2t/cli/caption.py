@@ -226,6 +226,8 @@ def _split_scenes(paths: list[str], args) -> tuple[list[Path], list[str]]:
 
 
 def _caption_scenes(scenes, args, cfg, cache, bands, on_record, on_failure, summary, lines):
+    """Caption each scene's chips; their counts join `summary` (the plain images', or None) so the
+    run ends with one summary line whatever it held."""
     from ..describe.captioning import CaptionSettings, CaptionSummary, Failure
     from ..errors import ImageError
     from ..scene.scene_index import chip_records_for
@@ -237,19 +239,15 @@ def _caption_scenes(scenes, args, cfg, cache, bands, on_record, on_failure, summ
     caption = CaptionSettings(cache=cache, max_tokens=args.max_tokens, prompt_file=args.prompt_file)
     for scene in scenes:
         try:
-            done, skipped, failures, interrupted = chip_records_for(scene, opts, cfg, args.variants, caption, on_record)
+            part, skipped = chip_records_for(scene, opts, cfg, args.variants, caption, on_record)
         except ImageError as exc:
-            failures, done, skipped, interrupted = {str(scene): str(exc).removeprefix(f"{scene}: ")}, 0, 0, False
-        for name, why in failures.items():
-            failure = Failure(name, why)
-            summary.failures.append(failure)
+            part, skipped = CaptionSummary(total=1, failed=1), 0
+            part.failures.append(Failure(str(scene), str(exc).removeprefix(f"{scene}: ")))
+        for failure in part.failures:
             on_failure(failure)
-        summary.failed += len(failures)
-        summary.captioned += done
-        summary.total += done + len(failures)
-        lines.append(f"scene {scene}: {done} chip(s) described, {skipped} skipped as mostly no-data")
-        if interrupted:
-            summary.interrupted = True
+        summary.merge(part)
+        lines.append(f"scene {scene}: {part.done} chip(s) described, {skipped} skipped as mostly no-data")
+        if part.interrupted:
             break
     return summary
 

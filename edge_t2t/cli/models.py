@@ -230,14 +230,14 @@ def run_list(args: argparse.Namespace) -> int:
         print(f"test VLM: {', '.join(vlm.get('files') or {})} in {found['test_vlm']['dir']}")
     else:
         print(f"test VLM: not built in {found['test_vlm']['dir']} (run `edge-t2t models build-test-vlm`)")
-    user = found["user_vlm"]["gguf"]
-    if user:
-        print(f"user GGUF files in {found['user_vlm']['dir']}:")
+    user, named, where = found["user_vlm"]["gguf"], found["user_vlm"]["named"], found["user_vlm"]["dir"]
+    if user:  # lying in models/vlm/ itself; an added VLM's files are in a folder of their own (listed next)
+        print(f"user GGUF files lying loose in {where}:")
         for item in user:
             print(f"  {Path(item['file']).name}  {_size(item['size'])}")
-    else:
-        print(f"user GGUF files: none in {found['user_vlm']['dir']}")
-    _list_named(found["user_vlm"]["named"])
+    elif not named:
+        print(f"user VLMs: none in {where}; install one with `edge-t2t models add MODEL.gguf MMPROJ.gguf`")
+    _list_named(named)
     return 0
 
 

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -73,6 +73,14 @@ class CaptionSummary:
         self.test_model = self.test_model or record.test_model
         if record.extra.get("problems"):
             self.with_problems += 1
+
+    def merge(self, other: CaptionSummary) -> None:
+        """Add another run's counts to these (a scene's chips are described batch by batch, and
+        `edge-t2t caption` reports plain images and scenes as one run): numbers add up, failures
+        join, flags are set when either is."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            setattr(self, f.name, (mine or theirs) if isinstance(mine, bool) else mine + theirs)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -344,13 +352,15 @@ class InProcess:
     def caption(self, run: CaptionRun) -> None:
         summary, vlm_cfg = run.summary, run.vlm_cfg
         vlm = None
+        calls_before = 0  # a kept VLM counts its calls over every run; this run's are the difference
         model_sha, mmproj_sha = run.shas
 
         def get_vlm() -> Any:
-            nonlocal vlm, model_sha, mmproj_sha
+            nonlocal vlm, calls_before, model_sha, mmproj_sha
             if vlm is None:
                 t0 = time.perf_counter()
                 vlm = self._load(vlm_cfg)
+                calls_before = int(getattr(vlm, "calls", 0))
                 summary.load_seconds = time.perf_counter() - t0
                 summary.model_loaded = True
                 summary.test_model = summary.test_model or bool(getattr(vlm, "is_test_model", False))
@@ -388,7 +398,7 @@ class InProcess:
             summary.interrupted = True
         finally:
             if vlm is not None:
-                summary.model_calls = int(getattr(vlm, "calls", 0))
+                summary.model_calls = int(getattr(vlm, "calls", 0)) - calls_before
                 if not self.keep_loaded and getattr(vlm, "close", None):
                     vlm.close()
 

@@ -293,26 +293,35 @@ def _missing_mmproj_tensors(info: GGUFInfo) -> list[str]:
     return [n for n in need if n not in names]
 
 
-def check_pair(model: Path, mmproj: Path) -> tuple[GGUFInfo, GGUFInfo]:
-    """Validate a text model + mmproj pair; ModelError (naming the file and the fix) if unusable."""
+@dataclass(frozen=True)
+class PairFixes:
+    """The fix for a pair given the wrong way round, in the terms of the command that gave it."""
+
+    swapped: str  # both files, each in the other's place
+    model_is_mmproj: str  # a projector where the text model goes
+    mmproj_is_model: str  # a text model where the projector goes
+
+
+# caption, index, search --image and the Dask workers take the pair as --vlm/--mmproj (or the environment)
+FLAG_FIXES = PairFixes(
+    swapped="swap --vlm and --mmproj (or EDGE_T2T_VLM and EDGE_T2T_MMPROJ)",
+    model_is_mmproj="pass the model .gguf as --vlm (EDGE_T2T_VLM) and this file as --mmproj",
+    mmproj_is_model="pass the matching mmproj-*.gguf as --mmproj (EDGE_T2T_MMPROJ)",
+)
+
+
+def check_pair(model: Path, mmproj: Path, fixes: PairFixes = FLAG_FIXES) -> tuple[GGUFInfo, GGUFInfo]:
+    """Validate a text model + mmproj pair; ModelError (naming the file and the fix) if unusable.
+    `fixes`: how the command that was run takes the two files (default: --vlm/--mmproj)."""
     model, mmproj = Path(model), Path(mmproj)
     m = inspect_gguf(model)
     p = inspect_gguf(mmproj)
     if m.kind == "mmproj" and p.kind == "model":
-        raise ModelError(
-            f"{model} is a vision projector (mmproj) and {mmproj} is a text model: "
-            "swap --vlm and --mmproj (or EDGE_T2T_VLM and EDGE_T2T_MMPROJ)"
-        )
+        raise ModelError(f"{model} is a vision projector (mmproj) and {mmproj} is a text model: {fixes.swapped}")
     if m.kind == "mmproj":
-        raise ModelError(
-            f"{model} is a vision projector (mmproj), not a text model; pass the model .gguf as --vlm "
-            "(EDGE_T2T_VLM) and this file as --mmproj"
-        )
+        raise ModelError(f"{model} is a vision projector (mmproj), not a text model; {fixes.model_is_mmproj}")
     if p.kind == "model":
-        raise ModelError(
-            f"{mmproj} is a text model, not a vision projector (mmproj); pass the matching "
-            "mmproj-*.gguf as --mmproj (EDGE_T2T_MMPROJ)"
-        )
+        raise ModelError(f"{mmproj} is a text model, not a vision projector (mmproj); {fixes.mmproj_is_model}")
     if not m.embedding_length:
         raise ModelError(
             f"{model}: no {m.architecture or '<arch>'}.embedding_length in its metadata; "

@@ -67,10 +67,14 @@ def add_vlm(model: Path, mmproj: Path, name: str | None = None, *, family: str |
             link: bool = False, force: bool = False) -> dict:  # fmt: skip
     """Check a GGUF pair, then copy (or link) it into models/vlm/NAME/ with a manifest."""
     from .families import FAMILIES, infer_family
-    from .gguf_check import check_pair
+    from .gguf_check import PairFixes, check_pair
 
+    usage = "edge-t2t models add MODEL.gguf MMPROJ.gguf"  # the pair is positional here, not --vlm/--mmproj
+    fixes = PairFixes(swapped=f"give the model file first, then the projector: {usage}",
+                      model_is_mmproj=f"give the text model .gguf first and its projector second: {usage}",
+                      mmproj_is_model=f"give the matching mmproj-*.gguf second: {usage}")  # fmt: skip
     model, mmproj = Path(model).expanduser().resolve(), Path(mmproj).expanduser().resolve()
-    m, p = check_pair(model, mmproj)
+    m, p = check_pair(model, mmproj, fixes)
     if family is not None and family not in FAMILIES:
         raise InputError(f"unknown --family {family!r} for {model}; choose one of: {', '.join(FAMILIES)}")
     name = name or slug(m.name or model.stem)

@@ -37,7 +37,7 @@ from ..modes import DEFAULT_TEXT_MODE, DTYPES, TEXT_MODES
 from ..records import CaptionRecord
 from .indexdir import IndexDir
 from .run_parts import Progress, interrupt_deferred, provenance, record_hash, under
-from .store import NewText, Store
+from .store import STORE_FILE, NewText, Store
 
 DEFAULT_DTYPE = "i8"
 STAGES = ("scan", "caption", "embed", "store", "index_save")
@@ -124,6 +124,14 @@ def _out_of_space(exc: BaseException) -> bool:
         return exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
     text = str(exc).lower()
     return "disk is full" in text or "disk i/o error" in text
+
+
+def _no_vlm_error(count: int, example) -> StoreError:
+    return StoreError(
+        f"{count} image(s) need descriptions and no VLM is configured: install one with "
+        f"`edge-t2t models add MODEL.gguf MMPROJ.gguf` (docs/models.md), or pass --vlm MODEL.gguf "
+        f"--mmproj MMPROJ.gguf (or --captions FILE); e.g. {example}"
+    )
 
 
 class Indexer:
@@ -338,6 +346,18 @@ class Indexer:
             records = load_captions(captions_file)
         if not paths and captions_file is None:
             raise InputError("nothing to index: give image folders/files, or --captions FILE")
+        if self.vlm_cfg is None and captions_file is None and not (self.dir / STORE_FILE).exists():
+            # A new index and nothing to describe its images with: refuse now, before the index is created,
+            # rather than leave an empty one behind (an index that exists may still gain moves and copies).
+            # What the run reports one by one stays its own: files that are no image, scenes (index_scenes).
+            from ..images import find_images
+            from ..scene.tiling import scene_size
+
+            files = find_images([p.expanduser().resolve() for p in paths], on_error=lambda path, why: None)
+            sized = ((f, scene_size(f)) for f in files)
+            plain = [f for f, size in sized if size is not None and not self.tiling.is_scene_of_size(f, size)]
+            if plain:
+                raise _no_vlm_error(len(plain), plain[0])
         with IndexDir.open_writer(self.dir, wait=self.wait) as ix:
             store = ix.store
             run_id = store.start_run({"paths": [str(p) for p in paths], "captions": str(captions_file or "")})
@@ -471,11 +491,7 @@ class Indexer:
             for p in need_vlm:
                 p.error = "not described in the --captions file"
         elif need_vlm and self.vlm_cfg is None:
-            raise StoreError(
-                f"{len(need_vlm)} image(s) need descriptions and no VLM is configured: install one with "
-                f"`edge-t2t models add MODEL.gguf MMPROJ.gguf` (docs/models.md), or pass --vlm MODEL.gguf "
-                f"--mmproj MMPROJ.gguf (or --captions FILE); e.g. {need_vlm[0].path}"
-            )
+            raise _no_vlm_error(len(need_vlm), need_vlm[0].path)
         for start in range(0, len(pending), self.batch_size):
             self._batch(ix.store, pending[start : start + self.batch_size], mode, summary, bar)
             self.checkpoint(ix, summary, force=False)

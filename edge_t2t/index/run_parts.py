@@ -41,10 +41,13 @@ def under(path: str, roots: list[Path]) -> bool:
 
 
 class Progress:
-    """Rich progress bars on stderr, one per stage; a no-op when disabled."""
+    """Rich progress bars on stderr, one per stage; a no-op when disabled. A stage with nothing to do
+    (a total of 0, as set or shrunk) shows no bar, and the display starts with the first stage that
+    has work: a re-run with nothing new prints nothing (it printed "embed 0/0")."""
 
     def __init__(self, enabled: bool):
         self.bar = None
+        self.started = False
         self.tasks: dict[str, int] = {}
         self.totals: dict[str, int] = {}  # each bar's total as set here (shrink lowers it)
         if enabled:
@@ -57,18 +60,19 @@ class Progress:
             )
 
     def __enter__(self):
-        if self.bar:
-            self.bar.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.bar:
-            self.bar.__exit__(*exc)
+        if self.started:
+            self.bar.stop()
 
     def add(self, name: str, total: int) -> None:
         if self.bar:
-            self.tasks[name] = self.bar.add_task(name, total=total)
+            self.tasks[name] = self.bar.add_task(name, total=total, visible=total > 0)
             self.totals[name] = total
+            if total > 0 and not self.started:
+                self.bar.start()
+                self.started = True
 
     def advance(self, name: str, n: int = 1) -> None:
         if self.bar and name in self.tasks:
@@ -78,7 +82,7 @@ class Progress:
         """Lower a bar's total by `n` items that turned out to need no work in that stage."""
         if self.bar and name in self.tasks and n:
             self.totals[name] = max(0, self.totals[name] - n)
-            self.bar.update(self.tasks[name], total=self.totals[name])
+            self.bar.update(self.tasks[name], total=self.totals[name], visible=self.totals[name] > 0)
 
 
 @contextmanager

@@ -28,6 +28,7 @@ Scores (what `--min-score` compares against):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -145,16 +146,21 @@ def gather(
     parsed: query_parse.ParsedQuery | None = None,
     exclude_image_ids=(),
     k: int | None = None,
+    dense_side: Callable[[int], list[Hit]] | None = None,
 ) -> Pool:
     """Up to `pool` best images of each side (dense, lexical) for a query, with their parts, and
     their structure scores when `parsed` states constraints. The dense side's vector search is
-    sized for `k` hits (default: pool) and the pool taken from what it fetched."""
+    sized for `k` hits (default: pool) and the pool taken from what it fetched; `dense_side(n)`,
+    when given, is the dense side instead: the best n images, best first (a place filter's exact
+    ranking of the chips in the place, scene.geosearch.rank_in_place)."""
     parsed = parsed or query_parse.ParsedQuery(query)
     exclude = set(exclude_image_ids)
     by_image: dict[str, Candidate] = {}
     dense_order: list[str] = []
     if "dense" in sides:
-        for h in _dense_candidates(store, vectors, query_vec, k or pool, pool, vector_mode, exclude):
+        dense_hits = (dense_side(max(k or pool, pool)) if dense_side is not None
+                      else _dense_candidates(store, vectors, query_vec, k or pool, pool, vector_mode, exclude))  # fmt: skip
+        for h in dense_hits:
             by_image[h.image] = Candidate(h.image, -1, dense=h.score, key=-1, text_hit=h)
             dense_order.append(h.image)
     lex_order: list[str] = []
@@ -308,14 +314,17 @@ def rank(
     exclude_image_ids=(),
     lexical_cap: float | None = LEXICAL_CAP,
     rrf_k: int = RRF_K,
+    dense_side: Callable[[int], list[Hit]] | None = None,
 ) -> list[Candidate]:
     """The top k candidates for one text query, best first (ties by image path). Without
-    constraints in the query, dense mode fetches exactly k images: the paper's ranking."""
+    constraints in the query, dense mode fetches exactly k images: the paper's ranking.
+    `dense_side`: the dense side's best n images instead of the vector index's (see gather)."""
     parsed = query_parse.parse(query) if structure else query_parse.ParsedQuery(query)
     fused = mode != "dense" or bool(parsed)
     size = max(k, pool or MIN_POOL) if fused else k
     sides = {"dense": ("dense",), "lexical": ("lexical",), "hybrid": ("dense", "lexical")}[mode]
-    p = gather(store, vectors, query, query_vec, size, sides, vector_mode, parsed, exclude_image_ids, k=k)
+    p = gather(store, vectors, query, query_vec, size, sides, vector_mode, parsed, exclude_image_ids, k=k,
+               dense_side=dense_side)
     return combine(p, k, mode, structure, fusion, lexical_weight, structure_weight, lexical_cap, rrf_k)
 
 

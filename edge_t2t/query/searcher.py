@@ -5,8 +5,8 @@ first use (a lexical query loads no embedder), and keeps them until
 close(). Every query returns search.Hit rows, best first:
 
 - text(query, ...): a text query in any retrieval mode (retrieval.rank: dense, lexical, hybrid,
-  with the places, relations and sizes the query states) or, with `place`, only the chips whose
-  scene outline meets the place, scored exactly (scene.geosearch.rank_in_place);
+  with the places, relations and sizes the query states); with `place`, the dense side is only the
+  chips whose scene outline meets the place, scored exactly (scene.geosearch.rank_in_place);
 - image(path, ...): search by example: the query image's descriptions (image_variants: the
   index's own when it holds the same bytes, else the VLM's), each a query (variants);
 - variants(variants, ...): each description variant is a query, and an image scores its best
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 from ..embed.texts import description_texts
@@ -107,9 +108,9 @@ class Searcher:
              place: PlaceFilter | None = None) -> list[Hit]:  # fmt: skip
         """The top k images for a text query. `mode` is the retrieval mode (modes.RETRIEVAL_MODES;
         default retrieval.DEFAULT_MODE); an old vector mode (hnsw/rescore/exact) passed as `mode`
-        still means dense search with that vector mode. With `place`, only the chips in the place
-        are ranked, by exact max cosine (dense only: structure and explain do not apply). Hits
-        scoring under `min_score` are left out."""
+        still means dense search with that vector mode. With `place`, the dense side ranks only the
+        chips in the place, by exact max cosine (dense mode only); the structure and `explain` work
+        as without it. Hits scoring under `min_score` are left out."""
         if not query or not query.strip():
             raise StoreError("the query is empty: give some words to search for")
         if mode in VECTOR_MODES:
@@ -119,17 +120,16 @@ class Searcher:
             raise StoreError(f"unknown search mode {mode!r}: use one of {', '.join(RETRIEVAL_MODES)}")
         if vector_mode not in VECTOR_MODES:
             raise StoreError(f"unknown vector mode {vector_mode!r}: use one of {', '.join(VECTOR_MODES)}")
-        if place is not None:
-            if mode != "dense":
-                raise StoreError(f"a place filter ranks by dense vectors only, not {mode}")
-            emb = self.embedder  # loaded and checked before the place is looked up
-            ids = chipstore.images_in_place(self.store, place)
-            hits = rank_in_place(self.store, self.vectors, self._query_vector(query, emb), ids, k) if ids else []
-        else:
-            vectors = self.vectors
-            qv = self._query_vector(query, self.embedder) if mode != "lexical" else None
-            cands = retrieval.rank(self.store, vectors, query, qv, k, mode, vector_mode, structure=structure)
-            hits = retrieval.to_hits(self.store, cands, explain=explain)
+        if place is not None and mode != "dense":
+            raise StoreError(f"a place filter ranks by dense vectors only, not {mode}")
+        vectors = self.vectors
+        qv = self._query_vector(query, self.embedder) if mode != "lexical" else None
+        in_place = None
+        if place is not None:  # filtered before ranking: only the chips whose outline meets the place
+            in_place = partial(rank_in_place, self.store, vectors, qv, chipstore.images_in_place(self.store, place))
+        cands = retrieval.rank(self.store, vectors, query, qv, k, mode, vector_mode, structure=structure,
+                               dense_side=in_place)  # fmt: skip
+        hits = retrieval.to_hits(self.store, cands, explain=explain)
         return _at_least(hits, min_score)
 
     def _query_vector(self, query: str, emb):

@@ -1,5 +1,6 @@
 """Search by place: `search --within` / `--near` filter BEFORE ranking (searcher.Searcher.text with
-a place).
+a place: rank_in_place is then the dense side of query.retrieval.rank, which adds the structure
+score and the parts --explain shows, as for any text query).
 
 The R*Tree (chipstore.images_in_place) gives the chips whose WGS84 outline meets the place; only
 their texts are scored, exactly, from the vectors the index keeps (SearchVectors.vectors_of: the

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..describe.captioning import CaptionSettings, InProcess
+from ..describe.captioning import CaptionSettings, CaptionSummary, InProcess
 from ..embed.texts import plan_texts
 from ..errors import ImageError, ModelError
 from ..hashing import sha256_file
@@ -114,6 +114,7 @@ class ChipDescriber:
         self._local = None if caption.executor is not None else InProcess(keep_loaded=True)
         # a chip is already the VLM's size
         self.caption = replace(caption, max_megapixels=None, executor=caption.executor or self._local)
+        self.summary = CaptionSummary()  # every batch's counts, added up
 
     def describe(self, named_images: list[tuple[str, object]]) -> tuple[dict[str, CaptionRecord], dict[str, str], bool]:
         """(records by chip name, failures by chip name, interrupted). Each chip goes to the pipeline
@@ -134,6 +135,7 @@ class ChipDescriber:
 
         items = [(name, ImageBytes.of(name, to_png_bytes(image))) for name, image in named_images]
         result = caption_sources(items, self.vlm_cfg, self.n_variants, self.caption, keep)
+        self.summary.merge(result)
         return records, failures, result.interrupted
 
     def close(self) -> None:
@@ -301,29 +303,31 @@ def _chip_batch(indexer, store, ix, scene: SceneFile, scene_id: int, batch: list
 
 
 def chip_records_for(path: str | os.PathLike, opts: TilingOptions, vlm_cfg, n_variants: int, caption: CaptionSettings,
-                     on_record: Callable[[CaptionRecord], None]) -> tuple[int, int, dict[str, str], bool]:  # fmt: skip
-    """`edge-t2t caption` on a scene: one record per described chip, named SCENE#x,y,w,h.
-    Returns (chips described, chips skipped as no-data, failures by chip name, interrupted)."""
+                     on_record: Callable[[CaptionRecord], None]) -> tuple[CaptionSummary, int]:  # fmt: skip
+    """`edge-t2t caption` on a scene: one record per described chip, named SCENE#x,y,w,h, to `on_record`.
+    Returns (the scene's CaptionSummary: its chips' counts, failures by chip name, and the seconds
+    from opening the scene to its last chip; chips skipped as no-data)."""
+    started = time.perf_counter()
     path = Path(path)
     chip = opts.chip_size(vlm_cfg)
     describer = ChipDescriber(vlm_cfg, n_variants, caption)
-    done, failures, interrupted = 0, {}, False
+    skipped = 0
     try:
         with open_scene(path, opts.bands) as scene:
             plans = plan_chips(scene, chip, opts.overlap, opts.max_nodata)
             todo = [p for p in plans if not p.skipped]
+            skipped = len(plans) - len(todo)
             for batch in _batches(todo, CHIP_BATCH):
                 named = [(chip_name(path, p.window), scene.read_chip(p.window)) for p in batch]
-                recs, fails, interrupted = describer.describe(named)
-                for name, _ in named:
+                recs, _, interrupted = describer.describe(named)
+                for name, _chip in named:
                     if name in recs:
                         w = Window.parse(name.rpartition("#")[2])
                         recs[name].extra.update({"scene": str(path), "window": [w.x, w.y, w.w, w.h]})
                         on_record(recs[name])
-                        done += 1
-                failures.update(fails)
                 if interrupted:
                     break
     finally:
         describer.close()
-    return done, len(plans) - len(todo), failures, interrupted
+    describer.summary.seconds = time.perf_counter() - started
+    return describer.summary, skipped
