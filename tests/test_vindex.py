@@ -218,8 +218,12 @@ def test_tail_merges_into_base_and_dead_rows_compact(tmp_path, monkeypatch, exac
         np.testing.assert_array_equal(merged.vectors_at(np.arange(40)), stored_as(vecs, "i8", exact_copy))
         with ix.store.transaction():
             ix.store.remove_images([image])
+        before_compaction = vindex.read_manifest(tmp_path)
         ix.checkpoint(force=True)  # 32 dead > max(6, 4): compacted by a rebuild
         m = vindex.read_manifest(tmp_path)
+        # while the writer works, the previous generation's files stay for readers that read its manifest
+        assert set(m["previous"]) == set(vindex.manifest_files(before_compaction))
+        assert all((tmp_path / n).is_file() for n in m["previous"])
         assert m["dead"] is None and m["n_rows"] == 8 and m["live"] == 8
         # the snapshot applied the 32 deletions and the store forgot them (pruned up to what it saw)
         assert m["deletions_seen"] == 32 and ix.store.last_deletion() == 0
@@ -232,11 +236,46 @@ def test_tail_merges_into_base_and_dead_rows_compact(tmp_path, monkeypatch, exac
     for mode in ("hnsw", "rescore"):
         for a, b in zip(snap.search(vecs[:8], 3, mode=mode), ex, strict=True):
             assert a.keys[0] == b.keys[0]
-    names = {p.name for p in tmp_path.iterdir()}
-    # only this generation's files and the previous one's (for readers that opened it) remain
-    assert names == {"store.sqlite", "store.sqlite-wal", "store.sqlite-shm", vindex.MANIFEST_FILE,
-                     *vindex.manifest_files(m), *m["previous"]} & (names | {vindex.MANIFEST_FILE})
-    assert "rows.1.i64" in m["previous"] and not any(n.startswith("tail.") for n in names)
+    names = {p.name for p in tmp_path.iterdir()} - {"store.sqlite", "store.sqlite-wal", "store.sqlite-shm"}
+    # the writer done, only this generation's files remain: the compaction's old epoch went with it
+    assert names == {vindex.MANIFEST_FILE, *vindex.manifest_files(m)}
+    assert "rows.1.i64" in m["previous"] and "rows.1.i64" not in names
+
+
+def test_a_reader_of_a_released_generation_reads_the_newer_one(tmp_path, monkeypatch):
+    """A reader that read the manifest just before a writer saved and released the previous
+    generation finds its graph gone and opens the newer generation instead of failing."""
+    from edge_t2t.index.indexdir import IndexDir
+
+    monkeypatch.setattr(snapshot_writer, "TAIL_MAX", 8)
+    vecs, groups = clustered(10, 4)
+    fill_store(tmp_path, vecs[:8], groups[:8]).close()
+    with IndexDir.open_writer(tmp_path) as ix:
+        ix.open_vectors(DIM, "i8")
+    seen = vindex.read_manifest(tmp_path)  # the reader's manifest, base graph only
+    with IndexDir.open_writer(tmp_path) as ix:
+        ix.open_vectors(DIM, "i8")
+        with ix.store.transaction():
+            image = ix.store.put_image("/img/new.jpg")
+            ix.store.add_texts(image, [NewText(i, "joined", Variant(f"n{i}"), f"n{i}", v) for i, v in enumerate(vecs[8:])])
+        ix.checkpoint(force=True)  # 32 tail rows > 8: a new base graph
+    assert not (tmp_path / seen["base"]).exists()
+    with pytest.raises(FileNotFoundError):
+        vindex.Snapshot(tmp_path, seen)
+    monkeypatch.setattr(vindex, "read_manifest", _first_then_current(seen, vindex.read_manifest))
+    snap = vindex.Snapshot.open(tmp_path)
+    assert snap.generation > seen["generation"] and len(snap) == 40
+
+
+def _first_then_current(first: dict, read):
+    """read_manifest as a reader sees it when a save lands right after its first read."""
+    calls = []
+
+    def reader(index_dir):
+        calls.append(index_dir)
+        return first if len(calls) == 1 else read(index_dir)
+
+    return reader
 
 
 @pytest.mark.parametrize("mode", VECTOR_MODES)

@@ -132,6 +132,8 @@ class IndexDir:
 
     def close(self) -> None:
         try:
+            if self.writer is not None and not self.writer.dirty:  # saved: nothing unsaved names old files
+                self.writer.release_previous()
             self.store.close()
         finally:
             if self.lock is not None:

@@ -259,6 +259,14 @@ class VectorWriter:
         self.dirty = False
         return manifest
 
+    def release_previous(self) -> None:
+        """Delete the previous generation's files, kept by save() for readers that read its manifest
+        a moment earlier, once the writer is done: a reader that read it then finds a file gone
+        and reads the newer manifest (Snapshot.open), and one that already opened it keeps its
+        maps. Without this, the last merge of a run leaves the old base graph on disk until the
+        next run's save (the size of the whole graph)."""
+        self._remove_unnamed(set(self.previous))
+
     def _remove_unnamed(self, keep: set[str]) -> None:
         """Delete snapshot files (and temp files of a killed save) that neither this generation nor
         the previous one names, and the files of the layout before generations."""

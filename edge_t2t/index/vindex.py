@@ -179,6 +179,8 @@ class Snapshot:
         for name in (manifest.get("base"), manifest.get("tail")):
             view = None
             if name:
+                if not (self.dir / name).is_file():  # removed by a save since the manifest was read:
+                    raise FileNotFoundError(self.dir / name)  # open() reads the newer manifest
                 view = Index.restore(str(self.dir / name), view=True)
                 if view is None:
                     raise StoreError(f"{self.dir / name} is unreadable: run 'edge-t2t verify --repair --index {self.dir}'")
