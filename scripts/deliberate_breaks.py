@@ -55,6 +55,17 @@ SNAPSHOT = f"{E2E_INDEX}::test_search_json_matches_snapshot"
 HOSTILE = "tests/test_hostile_inputs.py"
 SCENES_GEO = "tests/test_scenes_geo.py"
 
+# A batch's count in the summary, inside the block that holds a Ctrl-C until its COMMIT is over
+BATCH_COUNT = (
+    "            summary.texts_added += texts_added\n"
+    "            for p in batch:\n"
+    "                if p.error:\n"
+    "                    summary.failed += 1\n"
+    "                    summary.failures.append((p.path, p.error))\n"
+    "                else:\n"
+    "                    summary.added += 1\n"
+)
+
 # The max-over-variants rule broken: each image keeps its WORST fetched text instead of its best.
 MIN_NOT_MAX = {
     "path": "edge_t2t/query/search.py",
@@ -77,20 +88,8 @@ BREAKS: tuple[Break, ...] = (
         "a batch counted after the deferred block, so a Ctrl-C at its COMMIT keeps it uncounted",
         (CTRL_C_INDEX, "tests/test_crash_safety.py::test_sigint_from_outside[commit_after]"),
         "edge_t2t/index/indexer.py",
-        "            summary.texts_added += texts_added\n"
-        "            for p in batch:\n"
-        "                if p.error:\n"
-        "                    summary.failed += 1\n"
-        "                    summary.failures.append((p.path, p.error))\n"
-        "                else:\n"
-        "                    summary.added += 1\n",
-        "        summary.texts_added += texts_added  # BROKEN: counted outside the deferral\n"
-        "        for p in batch:\n"
-        "            if p.error:\n"
-        "                summary.failed += 1\n"
-        "                summary.failures.append((p.path, p.error))\n"
-        "            else:\n"
-        "                summary.added += 1\n",
+        BATCH_COUNT,
+        "".join(line.removeprefix("    ") for line in BATCH_COUNT.splitlines(keepends=True)),  # BROKEN: one level out
     ),
     Break(
         1, "ctrl-c-no-save",
@@ -331,15 +330,28 @@ def check_copy_is_imported(copy: Path) -> None:
 
 
 # -- running tests -------------------------------------------------------------------------------
-def _outcomes(report: Path, tests: tuple[str, ...]) -> dict[str, dict]:
-    """Per node id: passed / failed / error / skipped / not run, and the first line of its message."""
+def _message(element: ET.Element, scratch: Path) -> str:
+    """What a failure says: pytest's `E` lines from the comparison that failed (`assert ...` and the
+    values it saw), then the start of the assertion's own message; else the first line of the
+    message. The run's temp directory is shortened to <tmp>."""
+    e_lines = [ln[1:].strip() for ln in (element.text or "").splitlines() if ln.startswith("E ")]
+    at = next((i for i, ln in enumerate(e_lines) if ln.startswith("assert ")), None)
+    text = " ".join(e_lines[:3])
+    if at is not None and at > 0:
+        text = " ".join(e_lines[at : at + 3]) + " <- " + e_lines[0][:100]
+    text = text or (element.get("message") or "").strip().split("\n")[0]
+    return " ".join(text.replace(str(scratch / "tmp"), "<tmp>").split())[:300]
+
+
+def _outcomes(report: Path, tests: tuple[str, ...], scratch: Path) -> dict[str, dict]:
+    """Per node id: passed / failed / error / skipped / not run, and what a failure said."""
     cases = {}
     collect_errors = {}
     if report.is_file():
         for case in ET.parse(report).getroot().iter("testcase"):
             bad = [c for c in case if c.tag in ("failure", "error", "skipped")]
             outcome = {"failure": "failed"}.get(bad[0].tag, bad[0].tag) if bad else "passed"
-            message = (bad[0].get("message") or "").strip().splitlines()[0][:200] if bad and bad[0].get("message") else ""
+            message = _message(bad[0], scratch) if bad else ""
             if case.get("classname"):
                 cases[(case.get("classname"), case.get("name"))] = {"outcome": outcome, "message": message}
             else:  # a module that could not be collected: JUnit names it by its dotted path
@@ -366,7 +378,7 @@ def run_tests(copy: Path, tests: tuple[str, ...], env: dict[str, str] | None = N
     except subprocess.TimeoutExpired as exc:
         rc, tail = None, f"timed out after {RUN_TIMEOUT_S} s\n{(exc.stdout or b'')[-4000:]!r}"
     seconds = time.monotonic() - t0
-    outcomes = _outcomes(report, tests)
+    outcomes = _outcomes(report, tests, scratch)
     shutil.rmtree(scratch, ignore_errors=True)
     return {"rc": rc, "seconds": round(seconds, 1), "load_at_start": round(load, 2), "tests": outcomes, "tail": tail}
 
@@ -409,7 +421,7 @@ def markdown(baseline: dict, rows: list[tuple[Break, dict]]) -> str:
     ]
     for b, r in rows:
         for node, t in r["tests"].items():
-            msg = t["message"].replace("|", "\\|")[:120]
+            msg = t["message"].replace("|", "\\|")[:200]
             lines.append(f"| {b.item} | `{b.name}` | {b.what} | `{node.split('::', 1)[1]}` "
                          f"({node.split('::')[0]}) | {r['verdict']} ({t['outcome']}) | {r['seconds']:.0f} | {msg} |")  # fmt: skip
     lines += ["", "Seconds: the break's whole pytest run (fixtures included) on a machine shared with other work; "
