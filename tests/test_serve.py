@@ -103,8 +103,8 @@ def _max_cosine_ranking(index: Path, query: str, embedder) -> list[tuple[str, fl
     import numpy as np
 
     with sqlite3.connect(index / "store.sqlite") as conn:
-        rows = conn.execute("SELECT i.path, v.text FROM variants v JOIN images i ON i.id = v.image_id "
-                            "WHERE i.status = 'ok'").fetchall()  # fmt: skip
+        rows = conn.execute("SELECT i.path, t.text FROM texts t JOIN variants v ON v.id = t.variant_id "
+                            "JOIN images i ON i.id = v.image_id WHERE i.status = 'ok'").fetchall()  # fmt: skip
     vecs = embedder.embed([t for _, t in rows] + [query]).astype(np.float64)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     best: dict[str, float] = {}

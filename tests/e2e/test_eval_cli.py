@@ -52,9 +52,10 @@ def check_contract(out: dict) -> None:
     assert out["t2i_mean"] == pytest.approx(sum(out["t2i"].values()) / 3)
 
 
-def check_by_brute_force(out: dict, annotations: Path, split: str | None = None) -> None:
+def check_by_brute_force(out: dict, annotations: Path, split: str | None = None) -> tuple[list[int], list[int]]:
     """The CLI's six recalls equal the oracle protocol written with loops (test_evaluate's
-    brute_force_oracle) over vectors this test embeds itself, with the precision the CLI used."""
+    brute_force_oracle) over vectors this test embeds itself, with the precision the CLI used.
+    Returns the loops' T2I and I2T ranks."""
     from test_evaluate import brute_force_oracle, recall_by_hand
 
     from edge_t2t.embed.embedder import Embedder
@@ -66,12 +67,19 @@ def check_by_brute_force(out: dict, annotations: Path, split: str | None = None)
     t2i, i2t = brute_force_oracle(ann, vec_of_text)
     for d, ranks in (("t2i", t2i), ("i2t", i2t)):
         assert out[d] == {f"R@{k}": pytest.approx(recall_by_hand(ranks, k), abs=1e-9) for k in (1, 5, 10)}, d
+    return t2i, i2t
 
 
-def karpathy_file(tmp_path: Path) -> Path:
-    def sents(*texts):
-        return [{"raw": t, "tokens": t.split()} for t in texts]
+def sents(*texts: str) -> list[dict]:
+    return [{"raw": t, "tokens": t.split()} for t in texts]
 
+
+# A marina whose captions compete with the harbour's (see test_recalls_match_the_loops_where_targets_rank_second)
+MARINA = {"filename": "marina_7.jpg", "split": "test",
+          "sentences": sents("boats are moored at the piers of a marina .", "a marina full of small boats .")}  # fmt: skip
+
+
+def karpathy_file(tmp_path: Path, *extra_images: dict) -> Path:
     data = {
         "dataset": "toy",
         "images": [
@@ -87,6 +95,7 @@ def karpathy_file(tmp_path: Path) -> Path:
             {"filename": "empty_5.jpg", "split": "test", "sentences": []},
             {"filename": "desert_6.jpg", "split": "train",
              "sentences": sents("yellow sand dunes in a desert .", "a desert with dunes .")},
+            *extra_images,
         ],
     }
     path = tmp_path / "dataset_toy.json"
@@ -114,6 +123,16 @@ def test_json_contract_on_karpathy_file(tmp_path):
     check_contract(train)
     check_by_brute_force(train, path, "train")
     assert (train["counts"]["images"], train["counts"]["captions"]) == (1, 2)
+
+
+def test_recalls_match_the_loops_where_targets_rank_second(tmp_path):
+    """On the toy alone every target ranks first, so R@1 = R@5 = R@10 = 100 whatever the cut-off
+    rule; with the marina some targets rank exactly second (the loops say so), and an off-by-one
+    in R@k would show in R@1."""
+    path = karpathy_file(tmp_path, MARINA)
+    out = json.loads(cli("eval", "--annotations", str(path), "--json").stdout)
+    t2i, i2t = check_by_brute_force(out, path)
+    assert 1 in t2i and 1 in i2t, (t2i, i2t)
 
 
 def test_json_contract_on_rsicd_coco_and_out_files(shared_data, tmp_path):

@@ -352,7 +352,8 @@ def test_ctrl_c_exits_130_and_says_what_was_kept(coco_index, tmp_path):
     assert not (tmp_path / "ix" / "index.lock").exists()  # released on the way out
     info = json.loads(cli(tmp_path, "info", "--index", tmp_path / "ix", "--json").stdout)
     assert info["last_run"]["status"] == "interrupted" and info["counts"]["images_ok"] == 2 * BATCH
-    assert info["vectors_consistent"] and info["snapshot"]["texts_not_in_snapshot"] == 0  # saved on the way out
+    assert info["vectors_consistent"] and info["snapshot"]["texts_not_in_snapshot"] == 0, (
+        info["vectors_consistent"], info["snapshot"])  # saved on the way out
 
 
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(coco_index, tmp_path):
