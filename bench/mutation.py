@@ -103,6 +103,8 @@ DISPOSITIONS = [
      "from its dense hit"),
     ("retrieval.x_gather", {40, 158, 159, 165, 166, 167, 168}, EQUIVALENT, "image ids are >= 1; any "
      "placeholder below that is resolved the same"),
+    ("retrieval.x_gather", {27}, WORK, "the dense fetch sized for the pool instead of k: rank_images returns "
+     "max(k, pool) images either way"),
     ("retrieval.x_gather", {53, 68, 176}, WORK, "a larger lexical fetch (cut to the same pool), or structure "
      "scored for a query without constraints (all 0)"),
     ("retrieval.x_gather", {79, 114, 116, 118}, EQUIVALENT, "BM25 of a match is > 0 (FTS5 floors idf above "
