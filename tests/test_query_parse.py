@@ -47,6 +47,7 @@ def test_synonyms_name_the_same_kind():
     assert not Q.mentions("lake", "meandering river running north-south")
     assert Q.mentions("stadium", "large stadium")  # unknown nouns match by head word
     assert not Q.mentions("stadium", "parking lot")
+    assert Q.mentions("cars", "car park")  # a four-letter plural is singular too
 
 
 def test_relations_on_the_grid():
@@ -84,3 +85,50 @@ def test_full_score_exactly_when_the_scene_satisfies_the_query():
             checked += 1
             satisfied += spec.matches(scene)
     assert checked > 3000 and satisfied > 50  # both outcomes were exercised
+
+
+def test_parse_gives_every_field():
+    """The whole parse, not only its description: each constraint's kind, value and other noun
+    phrases, the query text and the form (expected values read off the grammar in the docstring)."""
+    C, P = Q.Constraint, Q.ParsedQuery
+    q = "a bridge between a river and a road"
+    assert Q.parse(q) == P(q, (C("between", "bridge", "", ("river", "road")),), "between")
+    q = "houses are near the road"
+    assert Q.parse(q) == P(q, (C("near", "houses", "", ("road",)),), "near")
+    q = "a large lake in the north-west with a small runway to the east"  # sizes of both noun phrases kept
+    assert Q.parse(q) == P(q, (C("size", "lake", "large"), C("size", "runway", "small"), C("at", "lake", "north-west"),
+                               C("rel", "runway", "east", ("lake",))), "at_with")
+    for q in ("storage tanks", "runway 09"):  # a bare noun without a size word; no form at all
+        assert Q.parse(q) == P(q)
+
+
+def test_grid_rules_at_their_edges():
+    """Each geometric rule at its boundary, worked out by hand on the 3x3 grid (row 0 north,
+    column 0 west; a river at a single compass word is a line along that column)."""
+    f = Feature
+
+    def score(query, *features):
+        return Q.score_features(Q.parse(query), list(features))[0]
+
+    lake_nw = f("lake", "north-west")
+    # rel: a two-part direction needs both parts (the runway is east of the lake, not north of it)
+    assert score("a runway north-east of a lake", lake_nw, f("runway", "east")) == 0.0
+    assert score("a runway north-east of a lake", f("lake", "west"), f("runway", "north-east")) == 1.0
+    # at: one shared compass part scores half, both ways round; opposite cells, the centre and a
+    # position that is not one of the nine cells score nothing
+    assert score("a lake in the north-west", f("lake", "north")) == 0.5
+    assert score("a lake in the north", f("lake", "south")) == 0.0
+    assert score("a lake in the north", f("lake", "centre")) == 0.0
+    assert score("a lake in the east", f("lake", "east-central")) == 0.0
+    # near: at most one step on each axis; a line is near what lies beside it
+    assert score("a lake next to a runway", lake_nw, f("runway", "north")) == 1.0
+    assert score("a lake next to a runway", f("lake", "south-east"), f("runway", "south")) == 1.0
+    assert score("a lake next to a river", lake_nw, f("river", "centre")) == 1.0
+    assert score("a lake next to a river", lake_nw, f("river", "east")) == 0.0
+    # between: strictly between on the rows or on the columns
+    q = "a lake between a runway and a forest"
+    assert score(q, f("lake", "centre"), f("runway", "north"), f("forest", "south")) == 1.0  # rows only
+    assert score(q, lake_nw, f("runway", "south-west"), f("forest", "north-east")) == 0.0  # at an end, not between
+    assert score(q, f("lake", "south-west"), f("runway", "north-west"), f("forest", "south-east")) == 0.0
+    # a query without constraints scores nothing
+    assert Q.score_features(Q.parse("storage tanks"), [lake_nw]) == (0.0, [])

@@ -17,10 +17,10 @@ from edge_t2t.index import store as store_mod
 from edge_t2t.index.indexer import Indexer
 from edge_t2t.index.store import NewText, Store
 from edge_t2t.index.verify import verify_index
-from edge_t2t.query import lexical, retrieval
+from edge_t2t.query import lexical, query_parse, retrieval
 from edge_t2t.query import search as S
 from edge_t2t.query.searcher import Searcher
-from edge_t2t.records import Variant
+from edge_t2t.records import Feature, Variant
 
 SCENES = {
     # name -> variants (one_sentence, features)
@@ -108,6 +108,46 @@ def test_verify_finds_an_fts_out_of_step_and_repair_rebuilds_it(index):
         assert len(lexical.search_texts(st.conn, "lighthouse", 5)[0]) == 1
 
 
+def test_lexical_arguments_and_edges(index):
+    """The keyword arguments mean what the module constants mean, and one hit asked is one given."""
+    with Store(index) as st:
+        n = st.counts()["texts"]
+        keys, scores = lexical.search_texts(st.conn, "tank 42", 1)
+        assert len(keys) == len(scores) == 1
+        assert lexical.select_terms(st.conn, "tank 42 zeppelin", max_df=2.5 / n) == ["42"]  # "tank": 3 texts
+        assert lexical.select_terms(st.conn, "runway tank 42", max_df=1.0, budget=4) == ["tank", "42"]
+        assert len(lexical.search_texts(st.conn, "tank 42", 5, max_df=2.5 / n)[0]) == 1  # the text with "42"
+
+
+def test_bm25_matrix_term_rules_and_doc_count():
+    texts = ["a tank farm", "a tank depot", "a tank yard", "a runway"]
+    # "tank" is in 3 of 4 texts, more than MAX_DF (half): matched only when the rarest is kept
+    assert (lexical.bm25_matrix(["tank"], texts)[0] > 0).tolist() == [True, True, True, False]
+    assert not lexical.bm25_matrix(["tank"], texts, keep_one=False).any()
+    assert (lexical.bm25_matrix(["tank"], texts, keep_one=False, max_df=1.0)[0] > 0).sum() == 3
+    # exactly half is not more than half: matched (BM25's idf is 0 there, which FTS5 floors above 0)
+    half = lexical.bm25_matrix(["tank"], ["a tank farm", "a tank depot", "a runway", "a road"], keep_one=False)
+    assert (half[0] > 0).tolist() == [True, True, False, False]
+    # a query with no content word scores nothing, and the queries after it are still scored
+    m = lexical.bm25_matrix(["the of", "runway"], texts)
+    assert not m[0].any() and (m[1] > 0).tolist() == [False, False, False, True]
+    # FTS5 keeps its row count as a varint: 300 takes two bytes
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.execute(f"CREATE VIRTUAL TABLE t USING fts5(text, tokenize='{lexical.TOKENIZER}')")
+    conn.executemany("INSERT INTO t(rowid, text) VALUES (?, ?)", ((i, "a word") for i in range(300)))
+    assert lexical.doc_count(conn, "t") == 300
+
+
+def test_normalise_rows_divides_by_the_best_left_in():
+    s = np.array([[2.0, 4.0, 1.0], [0.0, 0.0, 0.0], [0.5, 0.25, 0.0], [0.0, 3.0, 0.0]])
+    assert lexical.normalise_rows(s).tolist() == [[0.5, 1.0, 0.25], [0, 0, 0], [1.0, 0.5, 0.0], [0, 1.0, 0]]
+    # the excluded column (a query's own text) is left out of the maximum, not out of the row; a
+    # row with nothing else above 0 is left as it is
+    ex = np.array([[False, True, False]] * 4)
+    assert lexical.normalise_rows(s, ex).tolist() == [[1.0, 2.0, 0.5], [0, 0, 0], [1.0, 0.5, 0.0], [0, 3.0, 0]]
+    assert lexical.normalise_rows(np.zeros((2, 0))).shape == (2, 0)
+
+
 def test_match_expression_quotes_words():
     assert lexical.match_expression('runway "09" OR NOT tanks*') == '"runway" OR "09" OR "not" OR "tanks"'
     assert lexical.match_expression("the of a") == ""
@@ -135,6 +175,10 @@ def test_lexical_finds_exact_words(index, emb, monkeypatch):
     assert all(0 < h.score <= 1 for h in hits)
     # the port's feature text says "storage tanks" (one word shared); the town's texts share none
     assert names(hits) == ["depot.jpg", "port.jpg"] and hits[1].score < 1
+    assert "tank 42" in hits[0].text  # a lexical-only hit shows its best text too
+    # the best image scores 1 also when its BM25 is below 1 ("runway": in 4 texts, both airfields alike)
+    hits = text_search(index, "runway", k=5, embedder=emb, mode="lexical")
+    assert names(hits) == ["airfield_a.jpg", "airfield_b.jpg"] and [h.parts["lexical"] for h in hits] == [1.0, 1.0]
 
 
 def test_common_words_are_not_matched_and_cost_nothing(index, emb, monkeypatch):
@@ -162,6 +206,9 @@ def test_common_words_are_not_matched_and_cost_nothing(index, emb, monkeypatch):
         monkeypatch.setattr(lexical, "POSTINGS_BUDGET", 10**9)
     hits = text_search(index, "tank 42", k=5, embedder=emb, mode="lexical")
     assert names(hits) == ["depot.jpg"]  # "tank" no longer matched: only the text with "42"
+    # only common words: lexical mode still matches the rarest, and its best image scores 1
+    hits = text_search(index, "the runway tanks", k=5, embedder=emb, mode="lexical")
+    assert sorted(names(hits)) == ["depot.jpg", "port.jpg"] and hits[0].parts["lexical"] == 1.0
     hybrid = text_search(index, "a runway with tanks", k=5, embedder=emb, mode="hybrid")
     assert all(h.parts["lexical"] == 0 for h in hybrid)  # nothing rare to match
     dense = text_search(index, "a runway with tanks", k=5, embedder=emb, mode="dense")
@@ -181,6 +228,81 @@ def test_structure_tells_east_from_west(index, emb):
     assert reverse.matched[0]["score"] == 0.0 and reverse.parts["structure"] == 0.0  # the reverse relation
     flat = text_search(index, "a forest west of a runway", k=2, embedder=emb, mode="dense", structure=False)
     assert all(h.parts["structure"] == 0 and not h.matched for h in flat)
+    # the text score is the score without its structure part; --explain alone adds the constraints
+    assert a[0].parts["text_score"] == pytest.approx(a[0].parts["dense"], abs=1e-6)
+    assert not text_search(index, "a forest east of a runway", k=1, embedder=emb, mode="dense")[0].matched
+    # half a region (the port's tanks are in the north, not the north-east)
+    half = text_search(index, "storage tanks in the north-east", k=5, embedder=emb, mode="dense", explain=True)
+    assert half[names(half).index("port.jpg")].parts["structure"] == 0.5
+
+
+def test_hybrid_text_score_follows_the_weight(index, emb):
+    """retrieval.rank with a non-default lexical weight: every candidate's text score is the mix
+    (dense + w * lexical) / (1 + w) and its score adds the structure (weight 1)."""
+    q = "a forest east of a runway"
+    with Searcher(index) as searcher:
+        cands = retrieval.rank(searcher.store, searcher.vectors, q, emb.embed([q]), 5, "hybrid", "exact",
+                               lexical_weight=1.0)
+    assert any(c.lexical > 0 for c in cands) and any(c.structure > 0 for c in cands)
+    for c in cands:
+        assert c.text_score == pytest.approx((c.dense + c.lexical) / 2) and c.score == pytest.approx(c.text_score + c.structure)
+
+
+def test_hybrid_scores_a_lexical_find_the_dense_pool_missed(index, emb):
+    """With a dense pool of one image, the lexical side still finds the depot ("42"); its dense
+    part is then the cosine of the query with its matched text (computed here from the text)."""
+    q = "boats moored in a harbour 42"
+    qv = emb.embed([q])
+    with Searcher(index) as searcher:
+        pool = retrieval.gather(searcher.store, searcher.vectors, q, qv, 1, vector_mode="exact", k=1)
+        [depot_text] = [t for (t,) in searcher.store.conn.execute(
+            "SELECT t.text FROM texts t JOIN variants v ON v.id = t.variant_id JOIN images i ON i.id = v.image_id "
+            "WHERE i.path = 'depot.jpg' AND t.text LIKE '%42%'")]  # its one text holding a query word
+    by_name = {c.image: c for c in pool.cands}
+    assert pool.dense_order == ["port.jpg"] and "depot.jpg" in pool.lex_order
+    assert by_name["depot.jpg"].dense == pytest.approx(float(emb.embed([depot_text])[0] @ qv[0]), abs=1e-6)
+
+
+def test_k_above_the_image_count_returns_every_image_in_process(index, emb):
+    hits = text_search(index, "a runway", k=50, embedder=emb, mode="dense", vector_mode="exact")
+    assert sorted(names(hits)) == sorted(SCENES) and [h.rank for h in hits] == list(range(1, len(SCENES) + 1))
+
+
+def test_structure_reranks_a_pool_larger_than_k(index, emb, monkeypatch):
+    """Both airfields' best text is their one sentence, the same words, so the dense side ties
+    them, broken by path: airfield_a first. With k=1 the structure (trees west of the runway)
+    still lifts airfield_b from the pool (MIN_POOL), and the dense side searches with the vector
+    mode asked for."""
+    import inspect
+
+    from edge_t2t.index.indexdir import SearchVectors
+
+    modes = []
+
+    def spy(real):
+        def call(*args, **kwargs):
+            modes.append(inspect.signature(real).bind(*args, **kwargs).arguments.get("mode"))
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(retrieval, "rank_images", spy(retrieval.rank_images))
+    monkeypatch.setattr(SearchVectors, "search", spy(SearchVectors.search))
+    q = "an airfield with trees west of a runway"
+    assert names(text_search(index, q, k=1, embedder=emb, mode="dense", structure=False)) == ["airfield_a.jpg"]
+    hits = text_search(index, q, k=1, embedder=emb, mode="dense", vector_mode="exact")
+    assert names(hits) == ["airfield_b.jpg"] and modes[-2:] == ["exact", "exact"]  # rank_images, its search
+
+
+def test_an_image_scores_its_best_variant_and_names_it():
+    """The highest-scoring variant wins wherever it stands; of equal ones the first (whose
+    constraints --explain shows)."""
+    parsed = query_parse.parse("a forest east of a runway")
+    good = (Feature("forest", "east"), Feature("runway", "west"))
+    bad = (Feature("forest", "west"), Feature("runway", "east"))
+    for variants, want in (([(0, bad), (1, good)], (1.0, 1)), ([(0, good), (1, bad)], (1.0, 0)),
+                           ([(0, bad), (1, bad)], (0.0, 0))):
+        score, results, ordinal = retrieval.best_variant_structure(parsed, variants)
+        assert (score, ordinal) == want and [r.score for r in results] == [want[0]]
 
 
 def test_hybrid_mixes_both_scores_and_min_score_cuts(index, emb):
