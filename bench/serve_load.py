@@ -263,14 +263,15 @@ def window(port: int, server: subprocess.Popen, n_clients: int, seconds: float, 
 
 
 def check_hits(index_dir: Path, hits: set[tuple[int, int, str]]) -> list[str]:
-    """Every hit's text is the store's text of that image's variant."""
+    """Every hit's text is one of the store's texts of that image's variant (schema v7: texts -> variants)."""
     conn = sqlite3.connect(f"file:{index_dir / 'store.sqlite'}?mode=ro", uri=True)
     try:
         bad = []
         for image_id, ordinal, text in hits:
-            row = conn.execute("SELECT text FROM variants WHERE image_id = ? AND ordinal = ?", (image_id, ordinal)).fetchone()
-            if row is None or row[0] != text:
-                bad.append(f"image {image_id} variant {ordinal}: the store holds {row[0] if row else None!r}")
+            held = [r[0] for r in conn.execute("SELECT t.text FROM texts t JOIN variants v ON v.id = t.variant_id "
+                                                "WHERE v.image_id = ? AND v.ordinal = ?", (image_id, ordinal))]
+            if text not in held:
+                bad.append(f"image {image_id} variant {ordinal}: the store holds {held!r}")
         return bad
     finally:
         conn.close()
