@@ -79,7 +79,7 @@ class CachedEmbedder:
         return out
 
 
-def _searcher(index: Path, emb):
+def searcher_for(index: Path, emb):
     """search(query, vector_mode) -> hits through the layout's own entry point: the Searcher, or
     before it (the old code) open_for_search + search_open, which did the same work."""
     try:
@@ -159,7 +159,7 @@ def child(args) -> int:
                    load_after_add=os.getloadavg()[0])
     if args.search:
         queries = json.loads(Path(args.search).read_text())
-        search, close = _searcher(index, emb)
+        search, close = searcher_for(index, emb)
         try:
             for vector_mode in ("rescore", "exact"):
                 search(queries[0], vector_mode)  # warm: views mapped

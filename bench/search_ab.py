@@ -38,7 +38,7 @@ def child(code: str, index: str, work: str) -> None:
     import index_size
 
     emb = index_size.CachedEmbedder(Path(work))
-    search, close = index_size._searcher(Path(index), emb)
+    search, close = index_size.searcher_for(Path(index), emb)
     queries = json.loads((Path(work) / "queries.json").read_text())
     out = {}
     try:
