@@ -64,6 +64,31 @@ def percentile_ms(seconds: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(seconds) * 1000.0, q))
 
 
+def process_tree(pid: int) -> dict:
+    """A process and its children together (a server and its search processes): PSS (each shared
+    page counted once, split between the processes that map it; RSS would count the snapshot's
+    file pages once per process) and the anonymous part, in MiB; CPU seconds so far; how many
+    processes; and the parent's own peak RSS."""
+    def kib(path: str) -> dict[str, int]:
+        return {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in Path(path).read_text().splitlines()
+                                                   if ln.endswith(" kB"))}  # fmt: skip
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {"pss_mib": 0.0, "anon_mib": 0.0, "cpu_s": 0.0, "processes": 0}
+    for p in [pid, *(int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]:
+        try:
+            rollup = kib(f"/proc/{p}/smaps_rollup")
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # ended between the listing and the read
+            continue
+        out["pss_mib"] += rollup["Pss"] / 1024
+        out["anon_mib"] += rollup["Anonymous"] / 1024
+        out["cpu_s"] += (int(fields[11]) + int(fields[12])) / ticks
+        out["processes"] += 1
+    out["peak_rss_mib"] = kib(f"/proc/{pid}/status")["VmHWM"] / 1024
+    return out
+
+
 def write_results(name: str, data: dict, table_md: str) -> Path:
     """Write <name>.json and <name>.md (table plus provenance) atomically; return the JSON path."""
     RESULTS.mkdir(parents=True, exist_ok=True)

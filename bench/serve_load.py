@@ -7,8 +7,11 @@ Loopback only; every loop is bounded in time (--seconds per client count) and in
   clustered vectors under the real int8 embedder's identity, 5 texts per image, joined, i8), plus
   one batch of real pictures (synthetic scenes, 128 px) added by `edge-t2t index --captions`, so
   thumbnails can be asked for.
-- The server: `python -m edge_t2t serve --index DIR --port P --audit-log FILE`, its own process on
-  127.0.0.1, 4 threads (the default).
+- The server: `python -m edge_t2t serve --index DIR --port P --audit-log FILE --processes N`, its
+  own process on 127.0.0.1, once per N in --processes (default: serve's default, one search
+  process per core up to 4, then 0: the searches in the server's own 4 threads, the peer it is
+  compared with in the same run). Its CPU and memory are those of the server and its search
+  processes together.
 - The writer: for the whole of each client window, `edge-t2t index BATCH --captions ... --index DIR`
   runs again and again, each run adding --batch new pictures (the real embedder describes nothing:
   the captions are the scenes' ground truth; their texts are embedded) and saving a new snapshot
@@ -27,6 +30,7 @@ line per request sent.
 
     .venv/bin/python bench/serve_load.py                                  # 100k texts, 60 s per client count
     .venv/bin/python bench/serve_load.py --texts 10000 --seconds 10 --name serve_load_smoke
+    .venv/bin/python bench/serve_load.py --processes 0                    # the threads only
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlencode
 
-from _common import ROOT, percentile_ms, write_results
+from _common import ROOT, percentile_ms, process_tree, write_results
 from index_growth import TEXTS_PER_IMAGE, ClusteredVectors, real_identity, seed
 from serve_latency import free_port
 
@@ -111,12 +115,12 @@ class Writer(threading.Thread):
 
 
 # -- the server --------------------------------------------------------------------------------------
-def start_server(index_dir: Path, audit: Path) -> tuple[subprocess.Popen, int, list[str]]:
+def start_server(index_dir: Path, audit: Path, processes: int) -> tuple[subprocess.Popen, int, list[str]]:
     """The server process, its port, and its standard error as it comes (read by a thread to the
     end: a pipe left unread fills, and waitress's event loop then blocks in its own warnings)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "edge_t2t", "serve", "--index", str(index_dir), "--port", str(port),
-                             "--audit-log", str(audit)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             "--audit-log", str(audit), "--processes", str(processes)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
     lines: list[str] = []
     listening = threading.Event()
@@ -133,20 +137,6 @@ def start_server(index_dir: Path, audit: Path) -> tuple[subprocess.Popen, int, l
     if proc.poll() is not None:
         raise SystemExit(f"serve exited {proc.returncode} before listening: {lines[-5:]}")
     return proc, port, lines
-
-
-def proc_stats(pid: int) -> dict:
-    """RSS (which counts a file page once per mapping: each server thread maps the snapshot's
-    files), PSS (each page once) and the anonymous part, in MiB; CPU seconds so far."""
-    def kib(path: str) -> dict[str, int]:
-        return {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in Path(path).read_text().splitlines()
-                                                   if ln.endswith(" kB"))}  # fmt: skip
-
-    status, rollup = kib(f"/proc/{pid}/status"), kib(f"/proc/{pid}/smaps_rollup")
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return {"rss_mib": status["VmRSS"] / 1024, "peak_rss_mib": status["VmHWM"] / 1024, "pss_mib": rollup["Pss"] / 1024,
-            "anon_mib": rollup["Anonymous"] / 1024, "cpu_s": (int(fields[11]) + int(fields[12])) / ticks}
 
 
 # -- the clients -------------------------------------------------------------------------------------
@@ -230,7 +220,7 @@ class Client(threading.Thread):
 def window(port: int, server: subprocess.Popen, n_clients: int, seconds: float, max_requests: int, ids: dict,
            index_dir: Path, writer: Writer) -> dict:  # fmt: skip
     load_before = os.getloadavg()[0]
-    before = proc_stats(server.pid)
+    before = process_tree(server.pid)
     cpu0 = time.process_time()
     lock, budget = threading.Lock(), [max_requests]
     t0 = time.perf_counter()
@@ -240,7 +230,7 @@ def window(port: int, server: subprocess.Popen, n_clients: int, seconds: float, 
     for c in clients:
         c.join(seconds + 120)
     wall = time.perf_counter() - t0
-    after = proc_stats(server.pid)
+    after = process_tree(server.pid)
     every = [s for c in clients for v in c.seconds.values() for s in v]
     errors = [e for c in clients for e in c.errors]
     ok = sum(c.ok for c in clients)
@@ -254,9 +244,9 @@ def window(port: int, server: subprocess.Popen, n_clients: int, seconds: float, 
         "throughput_rps": ok / wall, "p50_ms": percentile_ms(every, 50),
         "p99_ms": percentile_ms(every, 99), "per_kind": per_kind, "errors": len(errors), "error_samples": errors[:10],
         "generations_seen": gens, "writer_runs_so_far": len(writer.runs),
-        "server_cpu_s": after["cpu_s"] - before["cpu_s"], "server_rss_mib": after["rss_mib"],
-        "server_pss_mib": after["pss_mib"], "server_anon_mib": after["anon_mib"],
-        "server_peak_rss_mib": after["peak_rss_mib"], "client_cpu_s": time.process_time() - cpu0,
+        "server_cpu_s": after["cpu_s"] - before["cpu_s"], "server_pss_mib": after["pss_mib"],
+        "server_anon_mib": after["anon_mib"], "server_processes": after["processes"],
+        "client_cpu_s": time.process_time() - cpu0,
         "load_before": load_before, "load_after": os.getloadavg()[0],
         "_hits": set().union(*(c.hits for c in clients)),
     }
@@ -277,18 +267,121 @@ def check_hits(index_dir: Path, hits: set[tuple[int, int, str]]) -> list[str]:
         conn.close()
 
 
+def run_server(index_dir: Path, work: Path, processes: int, counts: list[int], args, batches: list[Path],
+               ids: dict) -> dict:  # fmt: skip
+    """One server configuration through every client count; the writer runs in each window."""
+    audit = work / f"audit-{processes}.log"
+    server, port, server_err = start_server(index_dir, audit, processes)
+    windows, hits, writer_runs, writer_failures, writer_cpu = [], set(), [], [], 0.0
+    try:
+        for n in counts:
+            ids["generation"] = generation(index_dir)
+            writer = Writer(index_dir, batches, args.writer_nice)
+            if not args.no_writer:
+                writer.start()
+            w = window(port, server, n, args.seconds, args.max_requests, ids, index_dir, writer)
+            writer.stop.set()
+            if not args.no_writer:
+                writer.join()
+            hits |= w.pop("_hits")
+            w["writer_runs"] = len(writer.runs)
+            w["writer_cpu_s"] = writer.cpu_s
+            writer_runs += writer.runs
+            writer_failures += writer.failures
+            writer_cpu += writer.cpu_s
+            windows.append(w)
+            print(f"processes {processes}, {n:>2} clients: {w['throughput_rps']:.1f} req/s, p50 {w['p50_ms']:.1f} ms, "
+                  f"p99 {w['p99_ms']:.1f} ms, {w['errors']} errors, server {w['server_cpu_s'] / w['seconds']:.2f} "
+                  f"cores, generations {w['generations_seen'][:1]}..{w['generations_seen'][-1:]}, "
+                  f"{w['writer_runs']} index runs, load {w['load_before']:.2f}", flush=True)  # fmt: skip
+        final = process_tree(server.pid)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    audit_lines = len(audit.read_text().splitlines())
+    sent = sum(w["requests"] for w in windows)
+    bad_hits = check_hits(index_dir, hits)
+    by_n = {w["clients"]: w for w in windows}
+    ratio = by_n[4]["throughput_rps"] / by_n[1]["throughput_rps"] if 1 in by_n and 4 in by_n else float("nan")
+    p99_4 = by_n[4]["p99_ms"] if 4 in by_n else float("nan")
+    errors = sum(w["errors"] for w in windows) + len(bad_hits) + len(writer_failures) + (audit_lines != sent)
+    return {"processes": processes, "windows": windows, "ratio_4_over_1": ratio, "p99_at_4_ms": p99_4,
+            "goals": {"throughput_4_over_1 >= 1.6": ratio >= 1.6, "p99_at_4 <= 100 ms": p99_4 <= 100,
+                      "errors == 0": errors == 0},
+            "errors_total": errors, "distinct_hits": len(hits), "bad_hits": bad_hits[:20],
+            "writer_failures": writer_failures[:5], "writer_runs": writer_runs, "writer_cpu_s": writer_cpu,
+            "audit_lines": audit_lines, "requests_sent": sent,
+            "waitress_queue_warnings": sum("Task queue depth" in line for line in server_err),
+            "server_peak_rss_mib": final["peak_rss_mib"], "server_processes": final["processes"]}  # fmt: skip
+
+
+def report(args, runs: list[dict], seconds: float) -> str:
+    def met(ok: bool) -> str:
+        return "met" if ok else "not met"
+
+    rows, notes = [], []
+    for r in runs:
+        searching = f"{r['processes']} search processes" if r["processes"] else "threads (--processes 0)"
+        rows += [f"| {searching} | {w['clients']} | {w['throughput_rps']:.1f} | {w['p50_ms']:.1f} | {w['p99_ms']:.1f} | "
+                 f"{w['errors']} | {len(w['generations_seen'])} | {w['writer_runs']} | "
+                 f"{w['server_cpu_s'] / w['seconds']:.2f} | {w['server_pss_mib']:.0f} | {w['load_before']:.2f} |"
+                 for w in r["windows"]]  # fmt: skip
+        g = r["goals"]
+        notes.append(
+            f"- **{searching}**: 4 clients ÷ 1 client **{r['ratio_4_over_1']:.2f}×** (goal ≥ 1.6: "
+            f"**{met(g['throughput_4_over_1 >= 1.6'])}**); p99 at 4 clients **{r['p99_at_4_ms']:.1f} ms** (goal ≤ 100: "
+            f"**{met(g['p99_at_4 <= 100 ms'])}**); errors **{r['errors_total']}** (goal 0: **{met(g['errors == 0'])}**): "
+            f"{r['distinct_hits']:,} distinct hit texts all equal to the store's ({len(r['bad_hits'])} not), "
+            f"{len(r['writer_runs'])} index runs ({len(r['writer_failures'])} failed, {r['writer_cpu_s']:.0f} CPU s), "
+            f"audit log {r['audit_lines']:,} lines for {r['requests_sent']:,} requests; {r['server_processes']} "
+            f"processes in all at the end.")  # fmt: skip
+    if len(runs) > 1 and all(1 in {w["clients"] for w in r["windows"]} for r in runs):
+        at = {r["processes"]: {w["clients"]: w["throughput_rps"] for w in r["windows"]} for r in runs}
+        first, peer = runs[0]["processes"], runs[-1]["processes"]
+        p99 = {r["processes"]: {w["clients"]: w["p99_ms"] for w in r["windows"]} for r in runs}
+        notes.append(f"- Same run, {first} search processes ÷ {peer}, requests/s: " + ", ".join(
+            f"{n} client{'s' * (n > 1)} {at[first][n] / at[peer][n]:.2f}×" for n in at[first] if n in at[peer])
+            + "; p99: " + ", ".join(f"{n} client{'s' * (n > 1)} {p99[first][n]:.0f} against {p99[peer][n]:.0f} ms"
+                                    for n in p99[first] if n in p99[peer]) + ".")
+    return "\n".join([
+        f"Index of {args.texts:,} texts (5 per image, joined, i8); `edge-t2t serve` on loopback, each configuration "
+        f"in turn; each window {args.seconds:.0f} s "
+        + ("with nothing else running (--no-writer). " if args.no_writer else
+           f"while `edge-t2t index` (nice {args.writer_nice}, 1 thread) adds {args.batch} pictures per run, again and "
+           "again. ") + "Mix: search 50%, similar 20%, image details 15%, "
+        "thumbnail 15%; keep-alive connections. Server CPU and PSS: the server and its search processes together.",
+        "",
+        "| searching in | clients | requests/s | p50 ms | p99 ms | errors | snapshot generations answered from | "
+        "index runs | server CPU (cores) | server PSS MiB | load average at start |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        *notes,
+        "",
+        f"Whole run {seconds:.0f} s.",
+    ])
+
+
 def main() -> int:
+    from edge_t2t.serve_pool import default_processes
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--texts", type=int, default=100_000, help="seeded texts in the index (default 100,000)")
     ap.add_argument("--clients", default="1,4,16", help="client counts, one window each (default 1,4,16)")
+    ap.add_argument("--processes", default=f"{default_processes()},0",
+                    help="serve --processes values, one server each, in turn (default: serve's default here, "
+                         f"{default_processes()}, then 0)")  # fmt: skip
     ap.add_argument("--seconds", type=float, default=60.0, help="length of each window (default 60)")
     ap.add_argument("--max-requests", type=int, default=200_000, help="requests at most per window")
     ap.add_argument("--batch", type=int, default=40, help="pictures each `index` run adds (default 40)")
     ap.add_argument("--batches", type=int, default=0, help="batches made in advance (default: enough for the run)")
     ap.add_argument("--writer-nice", type=int, default=10, help="nice level of the `index` runs (default 10)")
+    ap.add_argument("--no-writer", action="store_true",
+                    help="no `index` runs beside the clients: what the server does with the cores to itself")
     ap.add_argument("--name", default="serve_load")
     args = ap.parse_args()
     counts = [int(x) for x in args.clients.split(",")]
+    configs = [int(x) for x in args.processes.split(",")]
     t_all = time.perf_counter()
 
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
@@ -296,7 +389,8 @@ def main() -> int:
         identity, manifest = real_identity()
         index_dir = work / "index"
         seed(index_dir, ClusteredVectors(identity, manifest), args.texts)
-        n_batches = args.batches or 1 + int(len(counts) * args.seconds / 2) + 4  # a run takes more than 2 s
+        windows = len(counts) * len(configs)
+        n_batches = args.batches or (1 if args.no_writer else 1 + int(windows * args.seconds / 2) + 4)  # a run: > 2 s
         batches = write_batches(work / "pictures", n_batches, args.batch)
         first = subprocess.run(index_argv(index_dir, batches.pop(0)), cwd=ROOT, capture_output=True, text=True)
         assert first.returncode == 0, first.stderr[-2000:]
@@ -306,75 +400,16 @@ def main() -> int:
         ids = {"seeded": args.texts // TEXTS_PER_IMAGE, "pictured": pictured}
         print(f"index: {args.texts:,} seeded texts + {len(pictured)} pictures; {len(batches)} batches of "
               f"{args.batch} ready for the writer ({time.perf_counter() - t_all:.0f} s)", flush=True)
-        audit = work / "audit.log"
-        server, port, server_err = start_server(index_dir, audit)
-        windows, hits, writer_runs, writer_failures, writer_cpu = [], set(), [], [], 0.0
-        try:
-            for n in counts:
-                ids["generation"] = generation(index_dir)
-                writer = Writer(index_dir, batches, args.writer_nice)
-                writer.start()
-                w = window(port, server, n, args.seconds, args.max_requests, ids, index_dir, writer)
-                writer.stop.set()
-                writer.join()
-                hits |= w.pop("_hits")
-                w["writer_runs"] = len(writer.runs)
-                w["writer_cpu_s"] = writer.cpu_s
-                writer_runs += writer.runs
-                writer_failures += writer.failures
-                writer_cpu += writer.cpu_s
-                windows.append(w)
-                print(f"{n:>2} clients: {w['throughput_rps']:.1f} req/s, p50 {w['p50_ms']:.1f} ms, "
-                      f"p99 {w['p99_ms']:.1f} ms, {w['errors']} errors, generations {w['generations_seen'][:1]}.."
-                      f"{w['generations_seen'][-1:]}, {w['writer_runs']} index runs, load {w['load_before']:.2f}",
-                      flush=True)  # fmt: skip
-            final = proc_stats(server.pid)
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
-        audit_lines = len(audit.read_text().splitlines())
-        queue_warnings = sum("Task queue depth" in line for line in server_err)
-        bad_hits = check_hits(index_dir, hits)
+        runs = [run_server(index_dir, work, processes, counts, args, batches, ids) for processes in configs]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    sent = sum(w["requests"] for w in windows)
-    by_n = {w["clients"]: w for w in windows}
-    ratio = by_n[4]["throughput_rps"] / by_n[1]["throughput_rps"] if 1 in by_n and 4 in by_n else float("nan")
-    p99_4 = by_n[4]["p99_ms"] if 4 in by_n else float("nan")
-    errors = sum(w["errors"] for w in windows) + len(bad_hits) + len(writer_failures) + (audit_lines != sent)
-    goals = {"throughput_4_over_1 >= 1.6": ratio >= 1.6, "p99_at_4 <= 100 ms": p99_4 <= 100, "errors == 0": errors == 0}
-    rows = [f"| {w['clients']} | {w['throughput_rps']:.1f} | {w['p50_ms']:.1f} | {w['p99_ms']:.1f} | {w['errors']} | "
-            f"{len(w['generations_seen'])} | {w['writer_runs']} | {w['server_cpu_s'] / w['seconds']:.2f} | "
-            f"{w['server_rss_mib']:.0f} / {w['server_pss_mib']:.0f} | {w['load_before']:.2f} |" for w in windows]
-    table = "\n".join([
-        f"Index of {args.texts:,} texts (5 per image, joined, i8); `edge-t2t serve` (4 threads) on loopback; each "
-        f"window {args.seconds:.0f} s while `edge-t2t index` (nice {args.writer_nice}, 1 thread) adds {args.batch} "
-        "pictures per run, again and again. Mix: search 50%, similar 20%, image details 15%, thumbnail 15%; "
-        "keep-alive connections.",
-        "",
-        "| clients | requests/s | p50 ms | p99 ms | errors | snapshot generations answered from | index runs "
-        "| server CPU (cores) | server RSS / PSS MiB | load average at start |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *rows,
-        "",
-        f"Throughput at 4 clients ÷ 1 client: **{ratio:.2f}×** (goal ≥ 1.6: "
-        f"**{'met' if goals['throughput_4_over_1 >= 1.6'] else 'not met'}**); p99 at 4 clients **{p99_4:.1f} ms** "
-        f"(goal ≤ 100: **{'met' if goals['p99_at_4 <= 100 ms'] else 'not met'}**); errors **{errors}** "
-        f"(goal 0: **{'met' if goals['errors == 0'] else 'not met'}**): {len(hits):,} distinct hit texts all equal "
-        f"to the store's ({len(bad_hits)} not), {len(writer_runs)} index runs ({len(writer_failures)} failed), "
-        f"audit log {audit_lines:,} lines for {sent:,} requests. Server peak RSS {final['peak_rss_mib']:.0f} MiB "
-        "(RSS counts the snapshot's file pages once per thread that maps them; PSS counts each page once); "
-        f"index runs used {writer_cpu:.0f} CPU s. Whole run {time.perf_counter() - t_all:.0f} s.",
-    ])
+    table = report(args, runs, time.perf_counter() - t_all)
     write_results(args.name, {"texts": args.texts, "seconds_per_window": args.seconds, "batch": args.batch,
-                              "writer_nice": args.writer_nice, "windows": windows, "ratio_4_over_1": ratio,
-                              "goals": goals, "errors_total": errors, "bad_hits": bad_hits[:20],
-                              "writer_failures": writer_failures[:5], "writer_runs": writer_runs,
-                              "audit_lines": audit_lines, "requests_sent": sent, "waitress_queue_warnings": queue_warnings,
-                              "server_peak_rss_mib": final["peak_rss_mib"]}, table)  # fmt: skip
+                              "writer": not args.no_writer, "writer_nice": args.writer_nice, "runs": runs},
+                  table)  # fmt: skip
     print(table)
-    return 0 if errors == 0 else 1
+    return 0 if all(r["errors_total"] == 0 for r in runs) else 1
 
 
 if __name__ == "__main__":

@@ -17,14 +17,13 @@ anything else is 404. Uploads are capped (MAX_UPLOAD_MB), checked by images.load
 decompression-bomb guard included) and written only inside a temporary directory. Every response
 carries a Content-Security-Policy that lets the page reach nothing but this server.
 
-Requests are answered side by side (the server's threads, 4 by default). Each thread reads through
-its own Reader: its own SQLite connection (a connection belongs to the thread that opened it) and
-the vectors of one whole snapshot, opened in O(1) (memory maps). Before each request the thread
-compares the snapshot's manifest generation and SQLite's data_version with what it has open and
-reopens when either moved, so a running `index` is seen as its commits land, and until then the
-thread answers from the last whole snapshot. The embedder is one onnxruntime session, run from
-many threads. Describing an upload holds only its own request's thread (and one lock, so one VLM
-runs at a time); thumbnails are cached by atomic writes.
+What each request answers is worked out by serve_answers.Answers, as plain data. With
+`--processes N` (the command's default: one per core, up to 4) it runs in N search processes
+(serve_pool.py), each with its own interpreter, so N searches run on N cores; with 0 it runs in
+the server's own threads (4 by default), one index reader per thread. Either way each answer comes
+from one whole vector snapshot, reopened in O(1) when an `index` run saves or commits. Describing
+an upload by the VLM stays in the server process, in its request's thread (one VLM at a time),
+and never holds up the searches.
 
 Off loopback, and wherever --token-file is given, every request needs the access token; POSTs
 from other sites are always refused; one audit line is written per request (serve_access.py).
@@ -33,29 +32,19 @@ HTTPS (`--cert`, `--key`) runs under cheroot, since waitress speaks plain HTTP o
 
 from __future__ import annotations
 
-import csv
-import io
 import ipaddress
-import json
 import os
-import sqlite3
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from .errors import EdgeT2TError, ImageError, InputError, StoreError
+from .errors import EdgeT2TError, InputError
+from .serve_answers import Answers, Index, NoSuchImage, PictureGone, describe_upload
 
 MAX_UPLOAD_MB = 20
 MAX_K = 500
-THUMB_SIDE = 256
-FULL_MEGAPIXELS = 4.0  # what the VLM saw at most (images.DEFAULT_MAX_MEGAPIXELS)
-THUMB_DIR = "thumbnails"  # inside the index directory: made once, reused by every later serve
-CSV_COLUMNS = ("rank", "score", "image", "variant", "text", "dense", "lexical", "structure", "text_score", "scene",
-               "window", "lon", "lat")
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 TLS_HANDSHAKE_S = 5.0
@@ -84,120 +73,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class NoSuchImage(LookupError):
-    """An id that is not an image of this index: 404."""
-
-
-class Reader:
-    """One thread's view of the index: a query.searcher.Searcher (its own SQLite connection, as a
-    connection belongs to the thread that opened it, and the vectors of one whole snapshot plus the
-    texts committed since) and the state of the index it was opened at."""
-
-    def __init__(self, searcher, state: tuple):
-        self.searcher, self.state = searcher, state
-        self.store = searcher.store
-        self.generation = state[0]
-
-    def close(self) -> None:
-        self.searcher.close()
-
-    def hit_dicts(self, hits) -> list[dict]:
-        """search --json's fields (scene_report.hit_dicts), plus the image id and a chip's outline."""
-        from .scene.scene_report import hit_dicts
-
-        paths = [h.image for h in hits]
-        chips = self.searcher.chips(hits)
-        rows = self.store.images_named(paths)
-        out = []
-        for h, d in zip(hits, hit_dicts(hits, chips), strict=True):
-            d["id"] = rows[h.image].id if h.image in rows else None
-            if h.image in chips and chips[h.image].outline:
-                d["outline"] = chips[h.image].outline
-            out.append(d)
-        return out
-
-    def image_row(self, image_id: int):
-        rows = self.store.conn.execute("SELECT path, sha256, mtime_ns FROM images WHERE id = ? AND status = 'ok'",
-                                       (image_id,)).fetchall()  # fmt: skip
-        return rows[0] if rows else None
-
-    def chip(self, path: str):
-        from .scene.chipstore import chip_info
-
-        return chip_info(self.store, [path]).get(path)
-
-
-class Index:
-    """The index directory and the embedder, shared by the server's threads. Each thread reads
-    through its own Reader (`reader()`), so requests are answered side by side; an upload being
-    described by the VLM holds only its own thread (and `describing`, so one VLM runs at a time)."""
-
-    def __init__(self, index_dir: str | os.PathLike, embedder=None, precision: str = "int8", vlm_cfg=None,
-                 warn: Callable[[str], None] | None = None):
-        self.dir = Path(index_dir)
-        self.vlm_cfg = vlm_cfg
-        self.warn = warn or (lambda msg: print(f"edge-t2t: {msg}", file=sys.stderr))
-        self.describing = threading.Lock()
-        self._local = threading.local()
-        if embedder is None:
-            from .embed.embedder import Embedder
-
-            # One onnxruntime thread per query: the requests are the parallelism, and a query of a
-            # few words gains nothing from a second thread (ORT runs one session from many threads).
-            embedder = Embedder(precision=precision, threads=1)
-        self.embedder = embedder
-        try:
-            # A missing or empty index, or one of another embedder, fails here, before the server
-            # starts. One search at start-up, so the first user's request does not pay the lazy
-            # imports and the vectors' first read.
-            self.reader().searcher.text("warm up", 1, mode="dense")
-        except BaseException:
-            self.close()
-            raise
-
-    def reader(self) -> Reader:
-        """This thread's reader, reopened (O(1), no lock) when an `index` run saved a snapshot or
-        committed since this thread last looked: the snapshot's generation and SQLite's
-        data_version say so. A snapshot caught mid-save keeps the last whole one answering."""
-        from .index.vindex import SNAPSHOT_READ_ERRORS
-        from .query.searcher import Searcher
-
-        old: Reader | None = getattr(self._local, "reader", None)
-        if old is not None and self._state(old.store) == old.state:
-            return old
-        searcher = Searcher(self.dir, embedder=self.embedder, warn=self.warn)
-        try:
-            state = self._state(searcher.store)  # before reading: a commit landing during the open is seen next time
-            searcher.open()
-        except (sqlite3.Error, *SNAPSHOT_READ_ERRORS):  # a writer mid-save; a Ctrl-C is not swallowed here
-            searcher.close()
-            if old is not None:  # keep answering from what was open
-                return old
-            raise
-        except BaseException:
-            searcher.close()
-            raise
-        self._local.reader = Reader(searcher, state)
-        if old is not None:
-            old.close()
-        return self._local.reader
-
-    def _state(self, store) -> tuple:
-        """(the snapshot's generation, SQLite's data_version on this connection): either moves when
-        an `index` run saves or commits."""
-        from .index import vindex
-
-        manifest = vindex.read_manifest(self.dir)
-        return (manifest or {}).get("generation"), store.conn.execute("PRAGMA data_version").fetchone()[0]
-
-    def close(self) -> None:
-        """Close this thread's reader; the server's worker threads close theirs as they end."""
-        r = getattr(self._local, "reader", None)
-        if r is not None:
-            self._local.reader = None
-            r.close()
-
-
 def _int(args, name: str, default: int | None = None, lo: int = 1, hi: int = MAX_K) -> int:
     raw = args.get(name)
     if raw is None or raw == "":
@@ -213,7 +88,8 @@ def _int(args, name: str, default: int | None = None, lo: int = 1, hi: int = MAX
     return value
 
 
-def _search_params(args) -> dict:
+def search_params(args) -> dict:
+    """The search parameters of a request's query string (or form), checked: InputError says what is wrong."""
     from .modes import RETRIEVAL_MODES
     from .query import retrieval
 
@@ -230,134 +106,39 @@ def _search_params(args) -> dict:
             "explain": args.get("explain") in ("1", "true", "on"), "structure": args.get("structure") not in ("0", "false")}
 
 
-def _text_hits(r: Reader, query: str, p: dict):
-    if not query.strip():
-        raise InputError("the query is empty: give some words to search for")
-    hits = r.searcher.text(query, p["k"], mode=p["mode"], structure=p["structure"], explain=p["explain"],
-                           min_score=p["min_score"])  # fmt: skip
-    return hits, r.hit_dicts(hits)
-
-
-def _similar_hits(r: Reader, image_id: int, k: int, min_score: float | None = None):
-    if r.image_row(image_id) is None:
-        raise NoSuchImage(image_id)
-    hits = r.searcher.variants(r.store.variants_of(image_id), k, exclude_image_ids=[image_id], min_score=min_score)
-    return hits, r.hit_dicts(hits)
-
-
-def describe_upload(index: Index, path: Path) -> list:
-    """The descriptions of an uploaded image: its stored ones when the index holds the same bytes,
-    else the VLM's. One VLM at a time (a second upload waits for the first, as a laptop has memory
-    for one model). It runs in its request's thread, on that thread's own reader: the other
-    threads go on searching meanwhile."""
-    with index.describing:
-        variants, _ = index.reader().searcher.image_variants(path, index.vlm_cfg)
-    return variants
-
-
-def _example_hits(r: Reader, variants: list, k: int):
-    hits = r.searcher.variants(variants, k)
-    return hits, r.hit_dicts(hits)
-
-
-def _image_details(r: Reader, image_id: int) -> dict:
-    row = r.image_row(image_id)
-    if row is None:
-        raise NoSuchImage(image_id)
-    path = row[0]
-    chip = r.chip(path)
-    out = {"id": image_id, "image": path, "variants": [v.to_dict() for v in r.store.variants_of(image_id)],
-           "chip": None}
-    if chip is not None:
-        out["chip"] = {**chip.to_dict(), "outline": chip.outline}
-    return out
-
-
-def _csv(dicts: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(CSV_COLUMNS)
-    for d in dicts:
-        w.writerow([json.dumps(d[c]) if isinstance(d.get(c), list) else d.get(c, "") for c in CSV_COLUMNS])
-    return buf.getvalue()
-
-
-class Pictures:
-    """Thumbnails (cached on disk in the index directory) and full pictures of indexed images."""
-
-    def __init__(self, index_dir: Path):
-        self.cache = index_dir / THUMB_DIR
-        try:
-            self.cache.mkdir(exist_ok=True)
-            probe = tempfile.NamedTemporaryFile(dir=self.cache, delete=True)
-            probe.close()
-        except OSError:  # a read-only index (e.g. on a DVD): cache in a temp dir for this run
-            self._tmp = tempfile.TemporaryDirectory(prefix="edge-t2t-thumbs-")
-            self.cache = Path(self._tmp.name)
-
-    def picture(self, path: str, chip, side: int | None, scene: bool = False):
-        """A Pillow image: the image (or chip) itself, or for scene=True the chip's scene overview."""
-        if chip is not None:
-            from .scene.scene_report import ChipPictures
-
-            pics = ChipPictures({path: chip})
-            try:
-                chip_img, overview = pics.chip_and_overview(chip)
-            finally:
-                pics.close()
-            img = overview if scene else chip_img
-        else:
-            from .images import load_image
-
-            mp = FULL_MEGAPIXELS if side is None else max(0.01, side * side * 4 / 1e6)
-            img = load_image(path, max_megapixels=mp, hard_limit_megapixels=FULL_MEGAPIXELS * 4).image
-        if side is not None:
-            from PIL import Image
-
-            img = img.copy()
-            img.thumbnail((side, side), Image.Resampling.LANCZOS)
-        return img
-
-    def thumbnail(self, image_id: int, path: str, key: str, chip) -> bytes:
-        import hashlib
-
-        tag = hashlib.sha256(f"{path}\0{key}".encode()).hexdigest()[:16]
-        cached = self.cache / f"{image_id}-{tag}.jpg"
-        if cached.is_file():
-            return cached.read_bytes()
-        data = _jpeg(self.picture(path, chip, THUMB_SIDE))
-        from .fileio import atomic_write_bytes
-
-        # Two threads may make the same thumbnail at once: each writes its own temp file and
-        # replaces the cached one whole, so a reader sees one of two equal files, never half of one.
-        try:
-            atomic_write_bytes(cached, data)
-        except OSError:
-            pass  # no room or no permission: serve it uncached
-        return data
-
-
-def _jpeg(img, quality: int = 85) -> bytes:
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = "int8", vlm_cfg=None,
-               max_upload_mb: float = MAX_UPLOAD_MB, gate=None, audit: Callable[[str], None] | None = None):
-    """The Flask app over one index. The index is opened (and the embedder loaded) here, once.
-    `gate` (serve_access.Gate): every request needs its token; `audit`: called with one line per
-    request (serve_access.audited). Cross-site POSTs are refused either way."""
+               max_upload_mb: float = MAX_UPLOAD_MB, gate=None, audit: Callable[[str], None] | None = None,
+               processes: int = 0):  # fmt: skip
+    """The Flask app over one index. The index is opened (and the embedder loaded) here, once:
+    in this process (`processes` 0), or in that many search processes (serve_pool), each its own.
+    `embedder` (a stand-in, for tests) needs processes 0. `gate` (serve_access.Gate): every request
+    needs its token; `audit`: called with one line per request (serve_access.audited). Cross-site
+    POSTs are refused either way. Close with close_app(app)."""
     flask = require_web()
     from werkzeug.exceptions import HTTPException
 
     from .serve_access import audited, protect
 
-    ix = Index(index_dir, embedder=embedder, precision=precision, vlm_cfg=vlm_cfg)
-    pictures = Pictures(ix.dir)
+    if processes and embedder is not None:
+        raise ValueError("a given embedder lives in this process: use processes=0 with it")
+    if processes:
+        from .serve_pool import SearchProcesses
+
+        answers = SearchProcesses(index_dir, processes, precision=precision)
+        try:
+            # This process only describes uploads (and finds their stored descriptions): no embedder here.
+            ix = Index(index_dir, precision=precision, vlm_cfg=vlm_cfg, searching=False)
+        except BaseException:
+            answers.close()
+            raise
+    else:
+        ix = Index(index_dir, embedder=embedder, precision=precision, vlm_cfg=vlm_cfg)
+        answers = Answers(ix)
+    call = answers.call
     app = flask.Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
     app.extensions["edge_t2t_index"] = ix
+    app.extensions["edge_t2t_answers"] = answers
     request = flask.request
     protect(app, gate)
     if audit is not None:
@@ -381,6 +162,19 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
     def not_found(exc):
         return error(404, "no such image in this index")
 
+    @app.errorhandler(PictureGone)
+    def picture_gone(exc):
+        return error(404, str(exc))
+
+    if processes:
+        from .serve_pool import ProcessGone
+
+        @app.errorhandler(ProcessGone)
+        def process_gone(exc):
+            resp, status = error(503, str(exc))
+            resp.headers["Retry-After"] = "1"
+            return resp, status
+
     @app.errorhandler(HTTPException)
     def http_error(exc):
         if exc.code == 413:
@@ -401,29 +195,22 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
 
     add_docs_routes(app)  # /docs: the user documentation, for a machine with no web
 
-    def answer(r: Reader, title: str, dicts: list[dict], **extra):
-        """The hits, and the generation of the snapshot they all came from."""
-        return flask.jsonify({"query": title, "count": len(dicts), "generation": r.generation, "hits": dicts, **extra})
+    def image_id(name: str = "id") -> int:
+        return _int(request.args, name, lo=1, hi=2**62)
 
     @app.get("/api/search")
     def api_search():
-        p = _search_params(request.args)
-        q = request.args.get("q", "")
+        p = search_params(request.args)
         t0 = time.perf_counter()
-        r = ix.reader()
-        _, dicts = _text_hits(r, q, p)
-        resp = answer(r, q, dicts, mode=p["mode"], k=p["k"])
+        resp = flask.jsonify(call("search", request.args.get("q", ""), p))
         # The search itself (open, embed, rank, rows), so a client can tell it from HTTP's share.
         resp.headers["Server-Timing"] = f"search;dur={(time.perf_counter() - t0) * 1000:.2f}"
         return resp
 
     @app.get("/api/similar")
     def api_similar():
-        image_id = _int(request.args, "id", lo=1, hi=2**62)
-        p = _search_params(request.args)
-        r = ix.reader()
-        _, dicts = _similar_hits(r, image_id, p["k"], p["min_score"])
-        return answer(r, f"more like image {image_id}", dicts, like=image_id, k=p["k"])
+        like = image_id()
+        return flask.jsonify(call("similar", like, search_params(request.args)))
 
     @app.post("/api/search-by-image")
     def api_by_image():
@@ -436,13 +223,11 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
             path = Path(tmp) / "query-image"
             upload.save(path)
             variants = describe_upload(ix, path)
-        r = ix.reader()  # after the description, which may have taken minutes: the index may have moved
-        _, dicts = _example_hits(r, variants, k)
-        return answer(r, "search by example", dicts, k=k)
+        return flask.jsonify(call("example", variants, k))
 
     @app.get("/api/image")
     def api_image():
-        return flask.jsonify(_image_details(ix.reader(), _int(request.args, "id", lo=1, hi=2**62)))
+        return flask.jsonify(call("image", image_id()))
 
     @app.get("/api/info")
     def api_info():
@@ -450,71 +235,38 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
 
         return flask.jsonify(gather(ix.dir))
 
-    def export_dicts(r: Reader):
-        p = _search_params(request.args)
-        if request.args.get("like"):
-            like = _int(request.args, "like", lo=1, hi=2**62)
-            title = f"like-{like}"
-            hits, dicts = _similar_hits(r, like, p["k"], p["min_score"])
-        else:
-            title = "search"
-            hits, dicts = _text_hits(r, request.args.get("q", ""), p)
-        return title, hits, dicts
+    def export(kind: str, mimetype: str):
+        p = search_params(request.args)
+        like = image_id("like") if request.args.get("like") else None
+        title, body = call("export", kind, p, request.args.get("q", ""), like)
+        return flask.Response(body, mimetype=mimetype,
+                              headers={"Content-Disposition": f'attachment; filename="edge-t2t-{title}.{kind}"'})
 
-    @app.get("/api/export.csv")
-    def export_csv():
-        title, _, dicts = export_dicts(ix.reader())
-        return flask.Response(_csv(dicts), mimetype="text/csv",
-                              headers={"Content-Disposition": f'attachment; filename="edge-t2t-{title}.csv"'})
-
-    @app.get("/api/export.geojson")
-    def export_geojson():
-        from .scene.geo import feature_collection
-        from .scene.scene_report import hit_features
-
-        r = ix.reader()
-        title, hits, _ = export_dicts(r)
-        chips = {h.image: c for h in hits if (c := r.chip(h.image)) is not None}
-        features, left_out = hit_features(hits, chips)
-        body = {**feature_collection(features), "left_out": left_out}
-        return flask.Response(json.dumps(body), mimetype="application/geo+json",
-                              headers={"Content-Disposition": f'attachment; filename="edge-t2t-{title}.geojson"'})
-
-    def lookup(image_id: int):
-        r = ix.reader()
-        row = r.image_row(image_id)
-        if row is None:
-            flask.abort(404)
-        return row, r.chip(row[0])
+    app.add_url_rule("/api/export.csv", "export_csv", lambda: export("csv", "text/csv"))
+    app.add_url_rule("/api/export.geojson", "export_geojson", lambda: export("geojson", "application/geo+json"))
 
     def picture_response(data: bytes):
         return flask.Response(data, mimetype="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/thumb/<int:image_id>")
     def thumb(image_id: int):
-        (path, sha, mtime), chip = lookup(image_id)
-        return picture_response(_guard(lambda: pictures.thumbnail(image_id, path, f"{sha}:{mtime}", chip)))
+        return picture_response(call("thumbnail", image_id))
 
     @app.get("/image/<int:image_id>")
     def full(image_id: int):
-        (path, _, _), chip = lookup(image_id)
-        return picture_response(_guard(lambda: _jpeg(pictures.picture(path, chip, None))))
+        return picture_response(call("picture", image_id))
 
     @app.get("/image/<int:image_id>/scene")
     def scene(image_id: int):
-        (path, _, _), chip = lookup(image_id)
-        if chip is None:
-            flask.abort(404)
-        return picture_response(_guard(lambda: _jpeg(pictures.picture(path, chip, 512, scene=True))))
-
-    def _guard(make: Callable[[], bytes]) -> bytes:
-        """The file of an indexed image may be gone from this machine, or unreadable now: 404."""
-        try:
-            return make()
-        except (ImageError, StoreError, OSError):  # a scene reader's rasterio errors arrive as ImageError (tiling.py)
-            flask.abort(404, "the image file is not available on this machine")
+        return picture_response(call("picture", image_id, True))
 
     return app
+
+
+def close_app(app) -> None:
+    """Close what create_app opened: the search processes, or this process's readers."""
+    app.extensions["edge_t2t_answers"].close()
+    app.extensions["edge_t2t_index"].close()
 
 
 def tls_adapter(cert: str | os.PathLike, key: str | os.PathLike):
@@ -592,4 +344,4 @@ def serve(app, host: str, port: int, threads: int = 4, tls=None, ready: Callable
         raise KeyboardInterrupt
     finally:
         server.close()
-        app.extensions["edge_t2t_index"].close()
+        close_app(app)

@@ -28,6 +28,7 @@ from edge_t2t import config
 from edge_t2t.cli import main
 from edge_t2t.demo import scenes as S
 from edge_t2t.errors import InputError, StoreError
+from edge_t2t.serve_answers import THUMB_DIR
 
 hm.require("flask", "the web extra is not installed: pip install -e '.[web]' (make test installs it)")
 
@@ -59,7 +60,7 @@ def demo(tmp_path_factory):
 def app(demo):
     app = web.create_app(demo["index"], embedder=demo["embedder"])
     yield app
-    app.extensions["edge_t2t_index"].close()
+    web.close_app(app)
 
 
 @pytest.fixture
@@ -176,7 +177,7 @@ def test_image_details_and_pictures_by_id(client, demo):
 
 def test_thumbnails_are_made_once_and_cached_beside_the_index(client, demo):
     hit = client.get(f"/api/search?q={quote(demo['query'])}&k=1").get_json()["hits"][0]
-    cache = demo["index"] / web.THUMB_DIR
+    cache = demo["index"] / THUMB_DIR
     r = client.get(f"/thumb/{hit['id']}")
     assert r.status_code == 200 and r.mimetype == "image/jpeg"
     files = list(cache.glob(f"{hit['id']}-*.jpg"))
@@ -384,7 +385,7 @@ def test_search_by_example_of_a_new_image_is_described_by_the_vlm(demo, app, tmp
         assert r.status_code == 200, r.get_json()
         assert r.get_json()["count"] == 3 and _leftover_uploads() == before
     finally:
-        with_vlm.extensions["edge_t2t_index"].close()
+        web.close_app(with_vlm)
 
 
 def test_oversized_upload_is_refused_before_it_is_read(demo, app):
@@ -393,7 +394,7 @@ def test_oversized_upload_is_refused_before_it_is_read(demo, app):
         r = _upload(small.test_client(), _png((512, 512)) + b"\0" * 20_000)
         assert r.status_code == 413 and "larger than" in r.get_json()["error"]
     finally:
-        small.extensions["edge_t2t_index"].close()
+        web.close_app(small)
 
 
 def test_missing_index_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
@@ -415,7 +416,12 @@ def test_missing_web_extra_names_it(monkeypatch):
 
 def test_non_loopback_host_warns(demo, capsys, monkeypatch):
     served = []
-    monkeypatch.setattr(web, "serve", lambda app, host, port, **_: served.append((host, port)))
+
+    def fake_serve(app, host, port, **_):
+        served.append((host, port))
+        web.close_app(app)
+
+    monkeypatch.setattr(web, "serve", fake_serve)
     assert main(["serve", "--index", str(demo["index"]), "--host", "0.0.0.0", "--port", "9999"]) == 0
     assert "WARNING" in capsys.readouterr().err and served == [("0.0.0.0", 9999)]
     assert main(["serve", "--index", str(demo["index"])]) == 0
@@ -485,7 +491,7 @@ def test_answers_from_the_last_whole_snapshot_while_index_runs(tmp_path):
         after = c.get("/api/search?q=a+river&k=10").get_json()
         assert after["count"] == 10 and after["generation"] != first["generation"]
     finally:
-        app.extensions["edge_t2t_index"].close()
+        web.close_app(app)
 
 
 # -- scenes: chips, their place, GeoJSON ---------------------------------------------------------------
@@ -505,7 +511,7 @@ def geo_app(tmp_path_factory, app):
                  "--tile-above", "0.1", "--chip", "256", "--overlap", "0", "--no-progress"]) == 0  # fmt: skip
     geo = web.create_app(ix, embedder=app.extensions["edge_t2t_index"].embedder)
     yield geo, ix
-    geo.extensions["edge_t2t_index"].close()
+    web.close_app(geo)
 
 
 def test_chips_show_their_place_and_export_geojson_like_the_cli(geo_app, tmp_path, capsys):

@@ -52,7 +52,7 @@ def plain(demo):  # noqa: F811
     """The ungated app: what a request with the right token must get, byte for byte."""
     app = web.create_app(demo["index"], embedder=demo["embedder"])
     yield app
-    app.extensions["edge_t2t_index"].close()
+    web.close_app(app)
 
 
 def _gated(demo, clock=None):  # noqa: F811
@@ -64,7 +64,7 @@ def _gated(demo, clock=None):  # noqa: F811
 def gated(demo):  # noqa: F811
     app = _gated(demo)
     yield app
-    app.extensions["edge_t2t_index"].close()
+    web.close_app(app)
 
 
 def _upload_body(demo) -> dict:  # noqa: F811
@@ -177,7 +177,7 @@ def test_repeated_wrong_tokens_from_one_address_are_slowed_down(demo):  # noqa: 
         assert get(TOKEN).status_code == 200
         assert get("after-clear-0000000000").status_code == 401  # cleared: free misses again
     finally:
-        app.extensions["edge_t2t_index"].close()
+        web.close_app(app)
 
 
 def test_cross_site_posts_are_refused(gated, plain, demo):  # noqa: F811
@@ -245,7 +245,7 @@ def test_off_loopback_a_token_is_made_and_printed_once(demo, monkeypatch, capsys
         assert c.get("/api/info").status_code == 401
         assert c.get("/api/info", headers={"Authorization": f"Bearer {urls[0]}"}).status_code == 200
     finally:
-        app.extensions["edge_t2t_index"].close()
+        web.close_app(app)
     assert "WARNING: plain HTTP" in err  # the token would cross the network in clear
 
 
@@ -263,8 +263,8 @@ def test_on_loopback_nothing_changes_unless_a_token_file_is_given(demo, monkeypa
         assert gated_app.test_client().get("/api/info").status_code == 401
         assert gated_app.test_client().get("/api/info", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
     finally:
-        open_app.extensions["edge_t2t_index"].close()
-        gated_app.extensions["edge_t2t_index"].close()
+        web.close_app(open_app)
+        web.close_app(gated_app)
 
 
 @pytest.mark.parametrize("argv,why", [

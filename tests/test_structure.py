@@ -53,7 +53,7 @@ LLAMA_ADAPTER = "describe/vlm.py"
 # Highest first. A module may call and import its own layer and the layers below it. Entries are
 # files or folders (ending in "/"); an empty package __init__.py is shared.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("commands", ("cli/", "serve.py", "serve_access.py", "doctor.py", "__main__.py", "web/", "manual/", "demo/demo.py",
+    ("commands", ("cli/", "serve.py", "serve_pool.py", "serve_answers.py", "serve_access.py", "doctor.py", "__main__.py", "web/", "manual/", "demo/demo.py",
                   "evaluation/eval_report.py", "evaluation/evaluate.py", "evaluation/quantcost.py",
                   "evaluation/quant_report.py", "evaluation/index_source.py")),
     ("searcher", ("query/searcher.py",)),

@@ -40,7 +40,12 @@ def register(subparsers) -> None:
     p.add_argument("--audit-log", metavar="FILE",
                    help="append one line per request (time, address, method, path, status, ms) to FILE "
                         "(default: standard error)")
-    p.add_argument("--threads", type=int, default=4, metavar="N", help="requests answered at once (default: 4)")
+    p.add_argument("--processes", type=int, metavar="N",
+                   help="search processes: N searches run at once on N cores, each process with its own embedder "
+                        "(about 150 MiB); 0 searches in the server's own threads, in one process (default: one per "
+                        "core, up to 4)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="requests the server takes at once (default: 4, or twice the search processes + 2 when that is more)")
     p.set_defaults(func=run)
 
 
@@ -64,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import config
     from .. import serve as web
     from .. import serve_access as access
+    from .. import serve_pool as pool
     from ..errors import InputError
 
     web.require_web()  # before loading anything: one line if the extra is missing
@@ -71,7 +77,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_upload_mb <= 0:
         raise InputError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
-    if args.threads < 1:
+    processes = pool.default_processes() if args.processes is None else args.processes
+    if processes < 0:
+        raise InputError(f"--processes must be 0 or more, got {args.processes}")
+    # Each search process holds up to pool.DEPTH requests; two threads more for pages, uploads and the docs.
+    threads = max(4, pool.DEPTH * processes + 2) if args.threads is None else args.threads
+    if threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     if bool(args.cert) != bool(args.key):
         raise InputError(f"--cert and --key go together: give both, or neither (make a pair with {web.MAKE_CERT})")
@@ -87,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     audit = access.AuditLog(args.audit_log)
     try:
         app = web.create_app(index_dir, precision=args.precision, vlm_cfg=vlm_cfg, max_upload_mb=args.max_upload_mb,
-                             gate=access.Gate(token) if token else None, audit=audit)  # fmt: skip
+                             gate=access.Gate(token) if token else None, audit=audit, processes=processes)  # fmt: skip
         shown = f"[{args.host}]" if ":" in args.host else args.host
         url = f"{'https' if tls else 'http'}://{shown}:{args.port}/"
         if not loopback and tls is None:
@@ -95,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
                   "the network unencrypted; give --cert and --key for HTTPS (docs/web.md: Serving a team)", file=sys.stderr)
 
         def ready() -> None:  # listening now: the URL printed works
-            print(f"edge-t2t: serving {index_dir} at {url} "
-                  f"({'VLM ' + str(vlm_cfg.model) if vlm_cfg else 'no VLM: search by example takes indexed images only'}); "
+            searching = f"{processes} search processes" if processes else f"searching in {threads} threads"
+            print(f"edge-t2t: serving {index_dir} at {url} ({searching}; "
+                  f"{'VLM ' + str(vlm_cfg.model) if vlm_cfg else 'no VLM: search by example takes indexed images only'}); "
                   "Ctrl-C stops", file=sys.stderr, flush=True)
             if token and not args.token_file:
                 # Shown this once, nowhere else: the URL that signs a browser in (the token is the part after #token=).
@@ -106,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             elif token:
                 print(f"edge-t2t: every request needs the access token in {args.token_file}", file=sys.stderr)
 
-        web.serve(app, args.host, args.port, threads=args.threads, tls=tls, ready=ready)
+        web.serve(app, args.host, args.port, threads=threads, tls=tls, ready=ready)
     except KeyboardInterrupt:
         print("edge-t2t: stopped", file=sys.stderr)
         return 130
