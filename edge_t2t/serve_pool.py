@@ -55,8 +55,8 @@ class ProcessGone(RuntimeError):
 
 
 def default_processes() -> int:
-    """One per core, up to 4: each holds its own embedder (about 100 MiB), and beyond a few the
-    server's own work is the limit."""
+    """One per core, up to 4: each holds its own embedder (two took 82 MiB more than the server's
+    own threads, bench/results/serve_latency.md), and beyond a few the HTTP side is the limit."""
     return max(1, min(4, os.cpu_count() or 1))
 
 

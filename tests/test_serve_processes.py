@@ -90,6 +90,36 @@ def test_search_by_an_uploaded_indexed_image_goes_through_the_processes(threads_
     assert answers[1] == answers[0] and Path(answers[1]["hits"][0]["image"]).name == demo["expected"]
 
 
+def test_channel_carries_large_messages_whole_and_reports_the_end():
+    """A message larger than a pipe's buffer (a full picture) arrives whole, in order; a closed
+    writer is EOFError, not a hang."""
+    from edge_t2t.serve_pool import Channel
+
+    a_read, b_write = os.pipe()
+    b_read, a_write = os.pipe()
+    a, b = Channel(a_read, a_write), Channel(b_read, b_write)
+    big = os.urandom(3 * 1024 * 1024)
+    sender = threading.Thread(target=lambda: [b.send(m) for m in (("picture", big), {"k": 1}, None)])
+    sender.start()
+    assert a.recv() == ("picture", big) and a.recv() == {"k": 1} and a.recv() is None
+    sender.join(hm.HANG_S)
+    assert not a.poll(0)  # nothing more, and the writer still open
+    b.close()
+    assert a.poll(hm.HANG_S)  # the end can be read
+    with pytest.raises(EOFError):
+        a.recv()
+    a.close()
+
+
+def test_a_bug_in_a_process_is_a_500_with_its_traceback_and_the_process_goes_on(processes_app, demo):  # noqa: F811
+    pool = _pool(processes_app)
+    before = pool.pids()
+    with pytest.raises(RuntimeError, match="(?s)a search process failed on nope:.*no answer named 'nope'"):
+        pool.call("nope")
+    assert processes_app.test_client().get("/api/image?id=2").status_code == 200
+    assert pool.pids() == before
+
+
 def _in_thread(fn, *args):
     box: dict = {}
 

@@ -42,8 +42,8 @@ def register(subparsers) -> None:
                         "(default: standard error)")
     p.add_argument("--processes", type=int, metavar="N",
                    help="search processes: N searches run at once on N cores, each process with its own embedder "
-                        "(about 150 MiB); 0 searches in the server's own threads, in one process (default: one per "
-                        "core, up to 4)")
+                        "(more memory: docs/performance.md); 0 searches in the server's own threads, in one process "
+                        "(default: one per core, up to 4)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="requests the server takes at once (default: 4, or twice the search processes + 2 when that is more)")
     p.set_defaults(func=run)
