@@ -278,6 +278,10 @@ class SearchProcesses:
                 rid, kind, value = p.conn.recv()
             except (EOFError, OSError):
                 break
+            except Exception as exc:  # a message that does not unpickle: the process cannot be trusted now
+                self._warn(f"search process {p.pid} sent a broken answer ({type(exc).__name__}: {exc}); stopping it")
+                p.process.kill()
+                break
             with self._cond:
                 pending = p.held.pop(rid)
                 self._cond.notify()
