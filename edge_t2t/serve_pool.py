@@ -189,6 +189,12 @@ class _Process:
         if kind != "ready":
             raise value
 
+    def discard(self) -> None:
+        """Kill a process that is not wanted (it failed to start, or the pool closed meanwhile)."""
+        self.process.kill()
+        self.exit_code()
+        self.conn.close()
+
     def exit_code(self) -> int | None:
         """Wait for the process to end (asked, or dead), killing it after STOP_S; its exit code
         (negative: the signal that ended it)."""
@@ -221,9 +227,7 @@ class SearchProcesses:
                 p.wait_ready()
         except BaseException:
             for p in started:
-                p.process.kill()
-                p.exit_code()
-                p.conn.close()
+                p.discard()
             raise
         for p in started:
             self._add(p)
@@ -302,10 +306,13 @@ class SearchProcesses:
             self._start_one()
 
     def _start_one(self) -> None:
+        p = None
         try:
             p = _Process(*self._args)
             p.wait_ready()
         except Exception as exc:  # a background thread: say it, and go on with the processes left
+            if p is not None:
+                p.discard()
             self._warn(f"a search process could not be started again ({exc})")
             with self._cond:
                 self._starting -= 1
@@ -315,12 +322,7 @@ class SearchProcesses:
             self._starting -= 1
             closed = self._closed
         if closed:
-            try:
-                p.conn.send(None)
-            except OSError:
-                pass
-            p.exit_code()
-            p.conn.close()
+            p.discard()
             return
         self._add(p)
 
