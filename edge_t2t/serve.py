@@ -195,7 +195,7 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
 
     add_docs_routes(app)  # /docs: the user documentation, for a machine with no web
 
-    def image_id(name: str = "id") -> int:
+    def id_arg(name: str = "id") -> int:
         return _int(request.args, name, lo=1, hi=2**62)
 
     @app.get("/api/search")
@@ -209,7 +209,7 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
 
     @app.get("/api/similar")
     def api_similar():
-        like = image_id()
+        like = id_arg()
         return flask.jsonify(call("similar", like, search_params(request.args)))
 
     @app.post("/api/search-by-image")
@@ -227,7 +227,7 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
 
     @app.get("/api/image")
     def api_image():
-        return flask.jsonify(call("image", image_id()))
+        return flask.jsonify(call("image", id_arg()))
 
     @app.get("/api/info")
     def api_info():
@@ -237,7 +237,7 @@ def create_app(index_dir: str | os.PathLike, *, embedder=None, precision: str = 
 
     def export(kind: str, mimetype: str):
         p = search_params(request.args)
-        like = image_id("like") if request.args.get("like") else None
+        like = id_arg("like") if request.args.get("like") else None
         title, body = call("export", kind, p, request.args.get("q", ""), like)
         return flask.Response(body, mimetype=mimetype,
                               headers={"Content-Disposition": f'attachment; filename="edge-t2t-{title}.{kind}"'})
