@@ -12,6 +12,7 @@ with nothing in flight it goes to the first (serve_pool.SearchProcesses).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import select
@@ -81,8 +82,6 @@ def test_search_by_an_uploaded_indexed_image_goes_through_the_processes(threads_
     image = (demo["images"] / demo["expected"]).read_bytes()
     answers = []
     for app in (threads_app, processes_app):
-        import io
-
         r = app.test_client().post("/api/search-by-image", data={"k": "4", "image": (io.BytesIO(image), "q.png")},
                                    content_type="multipart/form-data")  # fmt: skip
         assert r.status_code == 200, r.get_json()
